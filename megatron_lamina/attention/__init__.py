@@ -1,0 +1,1 @@
+"""Attention-worker side: the paged KV cache and the attention kernels that read it."""

@@ -1,0 +1,42 @@
+"""Paged KV cache of one attention shard (DESIGN.md section 6).
+
+Per layer, K and V are stored as `[num_blocks, block_size, kv_heads_local, head_dim]`.
+The driver's block manager owns the block tables; this class only writes new tokens into
+the slots a block table names and reads a request's context back. Attention workers own one
+of these for their KV-head group and request shard; in the colocated layout each model
+worker owns one for its tensor-parallel heads.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def slot_indices(block_table: list[int], start: int, end: int, block_size: int) -> torch.Tensor:
+    """Flat cache slots of positions start..end-1 of a request with this block table."""
+    positions = torch.arange(start, end)
+    blocks = torch.tensor(block_table, dtype=torch.long)[positions // block_size]
+    return blocks * block_size + positions % block_size
+
+
+class PagedKVCache:
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int,
+                 head_dim: int, dtype: torch.dtype, device: torch.device | str = "cpu"):
+        self.num_blocks, self.block_size = num_blocks, block_size
+        shape = (num_blocks, block_size, kv_heads, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+
+    @staticmethod
+    def bytes_per_block(num_layers: int, block_size: int, kv_heads: int, head_dim: int,
+                        dtype: torch.dtype) -> int:
+        return 2 * num_layers * block_size * kv_heads * head_dim * dtype.itemsize
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v: [tokens, kv_heads, head_dim] stored at flat `slots`."""
+        self.k[layer].view(-1, *k.shape[1:])[slots] = k
+        self.v[layer].view(-1, *v.shape[1:])[slots] = v
+
+    def read(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = self.k[layer], self.v[layer]
+        return k.view(-1, *k.shape[2:])[slots], v.view(-1, *v.shape[2:])[slots]

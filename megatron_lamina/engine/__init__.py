@@ -1,0 +1,1 @@
+"""Driver-side engine: requests, scheduler and block manager, pipeline driver, sampler, LLM API."""

@@ -1,0 +1,137 @@
+"""Start-up of one rank: process groups, its role's objects, and the plan loop of non-drivers.
+
+Every launcher calls `start_rank(cfg)` under torchrun. It validates the layout against the
+checkpoint (one clear line on a mismatch), creates the process groups (topology.py), agrees
+on the KV-cache size across ranks, and builds what this rank's role needs:
+  * model workers: `LlamaModel` with its TP shard of the weights, bound to a `P2PChannel`
+    (disaggregated) or to a `LocalChannel` over a local paged cache (colocated);
+  * attention workers: a `PagedKVCache` and an `AttentionEndpoint`.
+Rank 0 gets an `LLMEngine` to drive; every other rank runs `serve_plans` until the driver
+broadcasts the shutdown plan.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.distributed as dist
+
+from megatron_lamina.architecture import ModelArchitecture, read_architecture
+from megatron_lamina.attention.kv_cache import PagedKVCache
+from megatron_lamina.attention.reference import attend_chunks
+from megatron_lamina.checkpoint.loader import CheckpointShardLoader
+from megatron_lamina.config import LaminaConfig, validate_layout
+from megatron_lamina.engine.attention_runner import AttentionRunner
+from megatron_lamina.engine.model_runner import ModelRunner
+from megatron_lamina.model.llama import LlamaModel
+from megatron_lamina.plan import StepPlan
+from megatron_lamina.topology import ProcessGroups, Topology, init_process_groups
+from megatron_lamina.transport.channel import LocalChannel
+from megatron_lamina.transport.p2p import AttentionEndpoint, P2PChannel
+
+
+@dataclass
+class RankContext:
+    cfg: LaminaConfig
+    arch: ModelArchitecture
+    topology: Topology
+    groups: ProcessGroups
+    rank: int
+    device: torch.device
+    num_blocks: int
+    runner: ModelRunner | AttentionRunner
+
+
+def init_distributed(cfg: LaminaConfig) -> None:
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        raise RuntimeError("start the job with torchrun (e.g. torchrun --nproc-per-node "
+                           f"{cfg.world_size} launcher/generate.py --config ...)")
+    backend = "gloo" if cfg.runtime.device == "cpu" or cfg.runtime.transport == "gloo" else "cpu:gloo,cuda:nccl"
+    dist.init_process_group(backend=backend)
+
+
+def start_rank(cfg: LaminaConfig) -> RankContext:
+    init_distributed(cfg)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    arch = read_architecture(cfg.model.checkpoint)
+    validate_layout(cfg, world, arch)
+    topology = Topology.from_config(cfg, arch.num_kv_heads)
+    groups = init_process_groups(topology, rank)
+    device = _device(cfg)
+    dtype = cfg.torch_dtype
+    holds_cache = topology.colocated or not topology.is_model_worker(rank)
+    kv_heads = arch.num_kv_heads // (topology.tp_size if topology.colocated or topology.is_model_worker(rank)
+                                     else topology.head_groups)
+    num_blocks = _agree_num_blocks(cfg, arch, groups, holds_cache, kv_heads, device)
+    cache = PagedKVCache(arch.num_layers, num_blocks, cfg.kv_cache.block_size, kv_heads,
+                         arch.head_dim, dtype, device) if holds_cache else None
+
+    if topology.is_model_worker(rank):
+        kv_lo, _ = topology.tp_kv_range(rank)
+        if topology.colocated:
+            channel = LocalChannel(partial(attend_chunks, cache))
+        else:
+            channel = P2PChannel(topology.routes_from_tp(rank), kv_lo, arch.queries_per_kv_head)
+        loader = CheckpointShardLoader(cfg.model.checkpoint, rank, topology.tp_size, dtype)
+        model = LlamaModel(arch, dtype, groups.tp, channel, loader.padded_vocab_size)
+        loader.load_into(model)
+        runner = ModelRunner(model.to(device))
+    else:
+        group, shard = topology.attention_coords(rank)
+        kv_lo, _ = topology.group_kv_range(group)
+        endpoint = AttentionEndpoint(topology.routes_to_attention(rank), shard, kv_lo, kv_heads,
+                                     arch.queries_per_kv_head, arch.head_dim, dtype, device)
+        runner = AttentionRunner(endpoint, cache, arch.num_layers)
+    return RankContext(cfg, arch, topology, groups, rank, device, num_blocks, runner)
+
+
+def _device(cfg: LaminaConfig) -> torch.device:
+    if cfg.runtime.device == "cpu":
+        return torch.device("cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def _agree_num_blocks(cfg, arch, groups, holds_cache, kv_heads, device) -> int:
+    """Every cache gets the same block count: the configured one, or the smallest that fits."""
+    if cfg.kv_cache.num_blocks != "auto":
+        return cfg.kv_cache.num_blocks
+    capacity = torch.tensor([2**62], dtype=torch.long)
+    if holds_cache:
+        per_block = PagedKVCache.bytes_per_block(arch.num_layers, cfg.kv_cache.block_size, kv_heads,
+                                                 arch.head_dim, cfg.torch_dtype)
+        capacity[0] = int(_free_bytes(device) * cfg.kv_cache.memory_fraction) // per_block
+    dist.all_reduce(capacity, op=dist.ReduceOp.MIN, group=groups.control)
+    if capacity.item() < 1:
+        raise RuntimeError("kv_cache.num_blocks = auto found no memory for even one KV block; "
+                           "lower the model size or set kv_cache.num_blocks")
+    return int(capacity.item())
+
+
+def _free_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free
+    sharing = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // sharing
+
+
+def broadcast_plan(plan: StepPlan | None, groups: ProcessGroups) -> StepPlan:
+    box = [plan]
+    dist.broadcast_object_list(box, src=0, group=groups.control)
+    return box[0]
+
+
+def serve_plans(ctx: RankContext) -> None:
+    """Non-driver ranks: execute every plan the driver broadcasts, until shutdown."""
+    while True:
+        plan = broadcast_plan(None, ctx.groups)
+        if plan.shutdown:
+            return
+        ctx.runner.run(plan)

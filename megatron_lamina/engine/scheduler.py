@@ -1,0 +1,113 @@
+"""Iteration-level scheduler (driver only), in the manner of nano-vllm's.
+
+Two queues: `waiting` (FIFO; preempted requests go back to its head) and `running` (in
+admission order). `schedule()` builds one step: every running request feeds its pending
+tokens (one for decode, a chunk of the prompt under `max_prefill_tokens` for prefill), then
+waiting requests are admitted on the shard with the most free blocks while the batch and
+the prefill budget allow. When a running request needs a block and its shard has none, the
+youngest running request on that shard is preempted (blocks freed, recomputed later). The
+step's chunks are dealt into `micro_batches` micro-batches of balanced token counts.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from megatron_lamina.engine.block_manager import BlockManager
+from megatron_lamina.engine.request import Request, RequestStatus
+from megatron_lamina.plan import MicroBatch, SequenceChunk, StepPlan
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, max_batch_size: int, max_prefill_tokens: int,
+                 micro_batches: int, max_model_len: int):
+        self.blocks = blocks
+        self.max_batch_size, self.max_prefill_tokens = max_batch_size, max_prefill_tokens
+        self.micro_batches, self.max_model_len = micro_batches, max_model_len
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+
+    def check_fits(self, request: Request) -> None:
+        """Reject a request that could never run: too long for the model or the cache."""
+        n = request.num_tokens
+        if n >= self.max_model_len:
+            raise ValueError(f"prompt has {n} tokens; the model's context is {self.max_model_len} "
+                             "tokens and generation needs at least one more")
+        if self.blocks.blocks_needed(n + 1) > self.blocks.num_blocks:
+            capacity = self.blocks.num_blocks * self.blocks.block_size
+            raise ValueError(f"prompt has {n} tokens; one attention shard's KV cache holds "
+                             f"{capacity} tokens (kv_cache.num_blocks x kv_cache.block_size)")
+
+    def add(self, request: Request) -> None:
+        self.check_fits(request)
+        self.waiting.append(request)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> StepPlan:
+        chunks: list[SequenceChunk] = []
+        budget = self.max_prefill_tokens
+        for request in list(self.running):
+            if request.status is not RequestStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            pending = request.num_tokens - request.num_computed
+            n = 1 if pending == 1 else min(pending, budget)
+            if n == 0 or not self._reserve(request, request.num_computed + n):
+                continue
+            budget -= n if pending > 1 else 0
+            chunks.append(self._chunk(request, n))
+        while self.waiting and len(self.running) < self.max_batch_size and budget > 0:
+            request = self.waiting[0]
+            shard = self.blocks.emptiest_shard()
+            n = min(request.num_tokens, budget)
+            if self.blocks.num_free(shard) < self.blocks.blocks_needed(n):
+                break
+            self.waiting.popleft()
+            request.status, request.shard, request.num_computed = RequestStatus.RUNNING, shard, 0
+            self.blocks.grow(request, n)
+            self.running.append(request)
+            budget -= n
+            chunks.append(self._chunk(request, n))
+        return StepPlan(self._split(chunks))
+
+    def _reserve(self, request: Request, context_len: int) -> bool:
+        """Grow the request's blocks, preempting the youngest on its shard if needed."""
+        while not self.blocks.can_grow(request, context_len):
+            victim = next(r for r in reversed(self.running) if r.shard == request.shard)
+            self.preempt(victim)
+            if victim is request:
+                return False
+        self.blocks.grow(request, context_len)
+        return True
+
+    def preempt(self, request: Request) -> None:
+        self.blocks.release(request)
+        self.running.remove(request)
+        request.status, request.shard, request.num_computed = RequestStatus.WAITING, -1, 0
+        self.waiting.appendleft(request)
+
+    def finish(self, request: Request, reason: str) -> None:
+        request.status, request.finish_reason = RequestStatus.FINISHED, reason
+        if request in self.running:
+            self.blocks.release(request)
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+
+    def _chunk(self, request: Request, n: int) -> SequenceChunk:
+        start = request.num_computed
+        return SequenceChunk(
+            request_id=request.request_id, shard=request.shard, start=start,
+            tokens=request.token_ids[start:start + n], block_table=list(request.block_table),
+            sample=start + n == request.num_tokens,
+        )
+
+    def _split(self, chunks: list[SequenceChunk]) -> list[MicroBatch]:
+        groups: list[list[SequenceChunk]] = [[] for _ in range(min(self.micro_batches, len(chunks)))]
+        loads = [0] * len(groups)
+        for chunk in chunks:
+            i = loads.index(min(loads))
+            groups[i].append(chunk)
+            loads[i] += len(chunk.tokens)
+        return [MicroBatch(sorted(g, key=lambda c: c.shard)) for g in groups]

@@ -1,0 +1,127 @@
+"""The model workers' LLaMA-family decoder, assembled from Megatron-core's parallel pieces.
+
+Read it top to bottom like gpt-fast's model: a vocab-parallel embedding, `num_layers`
+`SplitTransformerLayer`s built from `lamina_layer_spec`, the final RMSNorm and a
+column-parallel LM head (tied to the embedding or not). Module names equal the canonical
+checkpoint's tensor names, so the loader fills it by name. Tensor parallelism runs over the
+process group given here (model-worker ranks only): Megatron's layers receive it through a
+`ProcessGroupCollection`, so attention-worker ranks never join a Megatron group.
+
+`forward_micro_batch` is a generator: it yields once per layer, right after the layer's
+q, k, v were handed to the attention channel, and resumes to collect the attention output.
+The pipeline driver interleaves several of these generators (DESIGN.md section 4); it
+finally returns the logits of the micro-batch's sampled rows, gathered over the full
+vocabulary on every TP rank.
+"""
+
+from __future__ import annotations
+
+from typing import Generator
+
+import torch
+import torch.nn.functional as F
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding
+from megatron.core.transformer.spec_utils import build_module
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_lamina.architecture import ModelArchitecture
+from megatron_lamina.model.layer import SplitTransformerLayer, lamina_layer_spec
+from megatron_lamina.model.rope import RotaryEmbedding
+from megatron_lamina.plan import MicroBatch
+
+
+def transformer_config(arch: ModelArchitecture, dtype: torch.dtype, tp_size: int) -> TransformerConfig:
+    return TransformerConfig(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        ffn_hidden_size=arch.intermediate_size,
+        num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_kv_heads,
+        kv_channels=arch.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=arch.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=arch.qkv_bias,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=tp_size,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        # Inference on weights loaded from a checkpoint; no fused kernels required.
+        use_cpu_initialization=True,
+        perform_initialization=False,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+    )
+
+
+class LlamaModel(torch.nn.Module):
+    def __init__(
+        self,
+        arch: ModelArchitecture,
+        dtype: torch.dtype,
+        tp_group: torch.distributed.ProcessGroup,
+        channel,
+        padded_vocab_size: int,
+    ):
+        super().__init__()
+        self.arch = arch
+        self.config = config = transformer_config(arch, dtype, tp_group.size())
+        groups = ProcessGroupCollection()
+        groups.tp, groups.cp, groups.pp = tp_group, None, None
+
+        self.embedding = torch.nn.Module()
+        self.embedding.word_embeddings = VocabParallelEmbedding(
+            padded_vocab_size, arch.hidden_size, init_method=config.init_method,
+            config=config, tp_group=tp_group,
+        )
+        spec = lamina_layer_spec(channel)
+        self.decoder = torch.nn.Module()
+        self.decoder.layers = torch.nn.ModuleList(
+            build_module(spec, config=config, layer_number=i + 1, pg_collection=groups)
+            for i in range(arch.num_layers)
+        )
+        self.decoder.final_layernorm = build_module(
+            spec.submodules.input_layernorm, config=config,
+            hidden_size=arch.hidden_size, eps=arch.rms_norm_eps,
+        )
+        self.output_layer = ColumnParallelLinear(
+            arch.hidden_size, padded_vocab_size, config=config, init_method=config.init_method,
+            bias=False, gather_output=True, skip_weight_param_allocation=arch.tie_word_embeddings,
+            tp_group=tp_group,
+        )
+        self.rotary = RotaryEmbedding(arch.head_dim, arch.rope_theta, arch.rope_scaling)
+        self.eval()
+
+    @property
+    def layers(self) -> list[SplitTransformerLayer]:
+        return list(self.decoder.layers)
+
+    @torch.inference_mode()
+    def forward_micro_batch(self, mb: MicroBatch) -> Generator[None, None, torch.Tensor]:
+        device = self.rotary.inv_freq.device
+        # [1, tokens] -> [1, tokens, hidden] -> Megatron's [sequence, batch=1, hidden]
+        hidden = self.embedding.word_embeddings(mb.token_ids.to(device)[None, :]).transpose(0, 1)
+        cos, sin = self.rotary.cos_sin(mb.positions, hidden.dtype)
+        for layer in self.decoder.layers:
+            residual, q, k, v = layer.pre_attention(hidden, cos, sin)
+            pending = layer.remote_attention.send(q, k, v, mb)
+            yield  # attention of this micro-batch is in flight; the driver runs another one
+            hidden = layer.post_attention(residual, layer.remote_attention.wait(pending))
+        return self._logits(hidden[mb.sample_rows.to(device)])
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if hidden.shape[0] == 0:  # a micro-batch of non-final prefill chunks only
+            return hidden.new_empty(0, self.arch.vocab_size)
+        hidden = self.decoder.final_layernorm(hidden)
+        tied = self.embedding.word_embeddings.weight if self.arch.tie_word_embeddings else None
+        logits, _ = self.output_layer(hidden, weight=tied)
+        return logits[:, 0, : self.arch.vocab_size]

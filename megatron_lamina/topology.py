@@ -1,0 +1,108 @@
+"""Rank -> role, and who talks to whom (DESIGN.md section 2).
+
+Ranks `0 .. TP-1` are model workers (rank 0 is also the driver); the remaining ranks are
+attention workers laid out as a grid `head_groups x request_shards`, shard-major:
+attention rank = TP + shard * head_groups + head_group. TP rank t owns KV heads
+`[t*K/TP, (t+1)*K/TP)` (and their query heads), attention head group h owns
+`[h*K/H, (h+1)*K/H)`; a `Route` connects a TP rank and an attention worker whose KV-head
+ranges overlap, for one request shard, and carries the overlap. Both ends of the transport
+iterate the same routes in the same order. Colocated (no attention workers): one shard,
+served locally.
+
+`init_process_groups` creates the tensor-parallel group over the model-worker ranks only
+(handed to Megatron through a `ProcessGroupCollection`, so attention workers are in no
+Megatron group) and a gloo group over all ranks for the step plans.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Route:
+    peer: int    # the rank at the other end
+    shard: int   # request shard whose rows travel on this route
+    kv_lo: int   # global KV heads [kv_lo, kv_hi) exchanged (with their query heads)
+    kv_hi: int
+
+
+@dataclass(frozen=True)
+class Topology:
+    tp_size: int
+    head_groups: int
+    request_shards: int
+    num_kv_heads: int
+    attention_workers: int
+
+    @classmethod
+    def from_config(cls, cfg, num_kv_heads: int) -> "Topology":
+        p = cfg.parallel
+        shards = p.attention_workers // p.attention_head_groups if p.attention_workers else 1
+        return cls(p.tensor_parallel, p.attention_head_groups, shards, num_kv_heads,
+                   p.attention_workers)
+
+    @property
+    def world_size(self) -> int:
+        return self.tp_size + self.attention_workers
+
+    @property
+    def colocated(self) -> bool:
+        return self.attention_workers == 0
+
+    def is_model_worker(self, rank: int) -> bool:
+        return rank < self.tp_size
+
+    def attention_rank(self, head_group: int, shard: int) -> int:
+        return self.tp_size + shard * self.head_groups + head_group
+
+    def attention_coords(self, rank: int) -> tuple[int, int]:
+        """(head_group, shard) of an attention-worker rank."""
+        index = rank - self.tp_size
+        return index % self.head_groups, index // self.head_groups
+
+    def tp_kv_range(self, tp_rank: int) -> tuple[int, int]:
+        per = self.num_kv_heads // self.tp_size
+        return tp_rank * per, (tp_rank + 1) * per
+
+    def group_kv_range(self, head_group: int) -> tuple[int, int]:
+        per = self.num_kv_heads // self.head_groups
+        return head_group * per, (head_group + 1) * per
+
+    def routes_from_tp(self, tp_rank: int) -> list[Route]:
+        lo, hi = self.tp_kv_range(tp_rank)
+        routes = []
+        for shard in range(self.request_shards):
+            for group in range(self.head_groups):
+                g_lo, g_hi = self.group_kv_range(group)
+                if max(lo, g_lo) < min(hi, g_hi):
+                    routes.append(Route(self.attention_rank(group, shard), shard,
+                                        max(lo, g_lo), min(hi, g_hi)))
+        return routes
+
+    def routes_to_attention(self, rank: int) -> list[Route]:
+        group, shard = self.attention_coords(rank)
+        g_lo, g_hi = self.group_kv_range(group)
+        routes = []
+        for tp_rank in range(self.tp_size):
+            lo, hi = self.tp_kv_range(tp_rank)
+            if max(lo, g_lo) < min(hi, g_hi):
+                routes.append(Route(tp_rank, shard, max(lo, g_lo), min(hi, g_hi)))
+        return routes
+
+
+@dataclass
+class ProcessGroups:
+    tp: dist.ProcessGroup | None   # model-worker ranks only (None on attention workers)
+    control: dist.ProcessGroup     # every rank, gloo: step plans and shutdown
+
+
+def init_process_groups(topology: Topology, rank: int, timeout_s: float = 600.0) -> ProcessGroups:
+    """Every rank calls this, in the same order (new_group is collective)."""
+    timeout = timedelta(seconds=timeout_s)
+    tp = dist.new_group(list(range(topology.tp_size)), timeout=timeout)
+    control = dist.new_group(list(range(topology.world_size)), backend="gloo", timeout=timeout)
+    return ProcessGroups(tp=tp if topology.is_model_worker(rank) else None, control=control)
