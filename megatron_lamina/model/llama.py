@@ -95,9 +95,10 @@ class LlamaModel(torch.nn.Module):
         )
         self.output_layer = ColumnParallelLinear(
             arch.hidden_size, padded_vocab_size, config=config, init_method=config.init_method,
-            bias=False, gather_output=True, skip_weight_param_allocation=arch.tie_word_embeddings,
+            bias=False, gather_output=False, skip_weight_param_allocation=arch.tie_word_embeddings,
             tp_group=tp_group,
         )
+        self.tp_group = tp_group
         self.rotary = RotaryEmbedding(arch.head_dim, arch.rope_theta, arch.rope_scaling)
         self.eval()
 
@@ -123,5 +124,11 @@ class LlamaModel(torch.nn.Module):
             return hidden.new_empty(0, self.arch.vocab_size)
         hidden = self.decoder.final_layernorm(hidden)
         tied = self.embedding.word_embeddings.weight if self.arch.tie_word_embeddings else None
-        logits, _ = self.output_layer(hidden, weight=tied)
+        logits, _ = self.output_layer(hidden, weight=tied)  # [rows, 1, vocab / TP]
+        if self.tp_group.size() > 1:
+            # Gathered here rather than with gather_output=True: Megatron's gather asks
+            # torch.cuda for the current device, which a CPU (gloo) run does not have.
+            parts = [torch.empty_like(logits) for _ in range(self.tp_group.size())]
+            torch.distributed.all_gather(parts, logits.contiguous(), group=self.tp_group)
+            logits = torch.cat(parts, dim=-1)
         return logits[:, 0, : self.arch.vocab_size]

@@ -1,0 +1,86 @@
+"""Offline batch generation: JSONL in, JSONL out, under torchrun.
+
+    torchrun --nproc-per-node N launcher/generate.py --config CFG --input IN.jsonl --output OUT.jsonl
+
+N must equal parallel.tensor_parallel + parallel.attention_workers. Rank 0 reads the input,
+drives the engine and writes one output record per input line (error records for malformed
+lines, see engine/batch_job.py); the other ranks execute the step plans it broadcasts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch.distributed as dist  # noqa: E402
+
+from megatron_lamina.config import ConfigError, add_config_arguments, config_from_args  # noqa: E402
+
+
+def run_job(engine, input_path: str, output_path: str, show: bool) -> int:
+    from megatron_lamina.engine.batch_job import read_batch, write_record
+
+    lines = read_batch(input_path)
+    failed = 0
+    with open(output_path, "w", encoding="utf-8") as out:
+        running = {}
+        for line in lines:
+            if line.error is None:
+                try:
+                    running[engine.add_request(line.item).request_id] = line
+                    continue
+                except ValueError as e:
+                    line.error = f"line {line.line_no}: {e}"
+            failed += 1
+            print(f"{input_path}:{line.error}", file=sys.stderr)
+            write_record(out, {"id": line.id, "error": line.error, "finish_reason": "error"})
+        while engine.has_work():
+            for request in engine.step():
+                if request.finished:
+                    write_record(out, {"id": request.user_id, "text": request.text,
+                                       "token_ids": request.output_token_ids,
+                                       "finish_reason": request.finish_reason})
+                    if show:
+                        print(f"[{request.user_id}] {request.text}", flush=True)
+    return failed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(parser)
+    parser.add_argument("--input", required=True, help="JSONL file, one request per line")
+    parser.add_argument("--output", required=True, help="JSONL file for the results")
+    parser.add_argument("--quiet", action="store_true", help="do not print the answers")
+    args = parser.parse_args(argv)
+    is_driver = os.environ.get("RANK", "0") == "0"
+    try:
+        if not Path(args.input).is_file():
+            raise FileNotFoundError(f"--input {args.input}: no such file")
+        cfg = config_from_args(args)
+        from megatron_lamina.engine.runtime import serve_plans, start_rank
+
+        ctx = start_rank(cfg)
+    except (ConfigError, FileNotFoundError) as e:
+        if is_driver:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    if ctx.rank == 0:
+        from megatron_lamina.engine.llm_engine import LLMEngine
+
+        engine = LLMEngine(ctx)
+        try:
+            run_job(engine, args.input, args.output, show=not args.quiet)
+        finally:
+            engine.shutdown()
+    else:
+        serve_plans(ctx)
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""What each rank runs in the layout tests: the real launcher path, minus argument parsing.
+
+`generate_on_ranks` starts the rank with `start_rank` for every (checkpoint, overrides)
+case in turn; the driver generates greedily from token-id prompts and records every
+step's logits, the other ranks serve plans until the driver shuts them down.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def generate_on_ranks(cases, prompts, max_tokens):
+    from megatron_lamina.config import load_config
+    from megatron_lamina.engine.llm_engine import LLMEngine, PromptInput
+    from megatron_lamina.engine.runtime import serve_plans, start_rank
+    from megatron_lamina.engine.sampling import SamplingParams
+
+    results = []
+    for checkpoint, overrides in cases:
+        cfg = load_config(None, [f"model.checkpoint={checkpoint}", *overrides])
+        ctx = start_rank(cfg)
+        if ctx.rank != 0:
+            serve_plans(ctx)
+            continue
+        engine = LLMEngine(ctx)
+        seen: dict[int, list[torch.Tensor]] = {}
+        engine.on_logits = lambda request, row: seen.setdefault(request.request_id, []).append(row.clone())
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        requests = engine.generate([PromptInput(prompt_token_ids=p, params=params) for p in prompts])
+        engine.shutdown()
+        results.append(([r.output_token_ids for r in requests],
+                        [torch.stack(seen[r.request_id]) for r in requests],
+                        [r.finish_reason for r in requests]))
+    return results

@@ -1,0 +1,71 @@
+"""Tiny random LLaMA models saved by `transformers` itself, and their reference outputs.
+
+The independent reference for every token-producing path: `transformers`' own
+`LlamaForCausalLM` on the same weights, float32 on CPU. `save_tiny_llama` writes a real
+Hugging Face checkpoint directory (save_pretrained, with a word-level tokenizer built by
+`tokenizers` and a chat template); `reference_greedy` runs the HF model step by step
+(full forward each step, no cache) and returns the greedy tokens and each step's logits.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+VOCAB = 256
+SPECIALS = ["<unk>", "<s>", "</s>"]
+
+
+def make_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + [f"w{i}" for i in range(VOCAB - len(SPECIALS))])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    from tokenizers import decoders, processors
+
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        chat_template="{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
+                      "{% if add_generation_prompt %}w9 {% endif %}",
+    )
+
+
+def save_tiny_llama(directory: Path, tied: bool, seed: int = 0, **overrides) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2, **overrides,
+    )
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # random init is small: make logits spread so greedy is not a tie
+        for p in model.parameters():
+            p.mul_(4.0) if p.dim() > 1 else None
+    model.save_pretrained(directory)
+    make_tokenizer().save_pretrained(directory)
+    return directory
+
+
+def reference_greedy(hf_dir: Path, prompts: list[list[int]], max_tokens: int):
+    """Greedy continuation of each prompt with the HF model; (tokens, logits per step)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    tokens, logits = [], []
+    for prompt in prompts:
+        ids, steps = list(prompt), []
+        with torch.no_grad():
+            for _ in range(max_tokens):
+                row = model(torch.tensor([ids])).logits[0, -1]
+                steps.append(row)
+                ids.append(int(row.argmax()))
+        tokens.append(ids[len(prompt):])
+        logits.append(torch.stack(steps))
+    return tokens, logits
