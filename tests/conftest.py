@@ -2,24 +2,35 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tiny_models import reference_greedy, save_tiny_llama  # noqa: E402
+from megatron_lamina.engine.sampling import SamplingParams  # noqa: E402
+from tiny_models import reference_generate, save_tiny_llama  # noqa: E402
+
+from megatron_lamina.checkpoint.default_model import smollm2_gguf_path  # noqa: E402
 
 PROMPTS = [[1, 5, 9, 14, 3], [1, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51], [1, 77], [1, 8, 100, 200, 31, 7, 7, 7]]
 MAX_TOKENS = 6
+# Each prompt once greedy and once with seeded sampling, all in one batch.
+REQUESTS = [(p, SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)) for p in PROMPTS] + [
+    (p, SamplingParams(max_tokens=MAX_TOKENS, temperature=0.9, top_p=0.9, top_k=40, seed=100 + i, ignore_eos=True))
+    for i, p in enumerate(PROMPTS)
+]
 
 
 class TinyModel:
     def __init__(self, hf_dir: Path, canonical_dir: Path):
         self.hf_dir, self.canonical_dir = hf_dir, canonical_dir
-        self.tokens, self.logits = reference_greedy(hf_dir, PROMPTS, MAX_TOKENS)
+        self.tokens, self.logits = reference_generate(hf_dir, *zip(*REQUESTS))
 
 
 @pytest.fixture(scope="session", params=["untied", "tied"])
@@ -44,3 +55,32 @@ def _tiny(tmp_path_factory, tied: bool) -> TinyModel:
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, TinyModel]:
     return {"untied": _tiny(tmp_path_factory, False), "tied": _tiny(tmp_path_factory, True)}
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory):
+    """(transformers model loaded from the GGUF, canonical dir converted by the tool). The tool runs in a subprocess while this
+    process loads the reference, so the two ~20 s jobs overlap; one intra-op thread each, or
+    their idle OpenMP threads spin on the other's cores."""
+    from transformers import AutoModelForCausalLM
+
+    gguf = smollm2_gguf_path()
+    out = tmp_path_factory.mktemp("smollm2") / "canonical"
+    tool = [sys.executable, str(ROOT / "tools" / "convert_checkpoint.py")]
+    log = out.parent / "convert.log"  # a file, not a pipe: a full pipe would stall the tool
+    with open(log, "w") as log_file:
+        conversion = subprocess.Popen(
+            tool + ["--source", "gguf", "--input", str(gguf), "--output", str(out), "--dtype", "float32"],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=dict(os.environ, OMP_NUM_THREADS="1"),
+        )
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        finally:
+            torch.set_num_threads(threads)
+            conversion.wait(timeout=300)
+    assert conversion.returncode == 0, log.read_text()[-2000:]
+    return model.eval(), out

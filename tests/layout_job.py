@@ -1,7 +1,7 @@
 """What each rank runs in the layout tests: the real launcher path, minus argument parsing.
 
 `generate_on_ranks` starts the rank with `start_rank` for every (checkpoint, overrides)
-case in turn; the driver generates greedily from token-id prompts and records every
+case in turn; the driver generates from token-id prompts (greedy and seeded) and records every
 step's logits, the other ranks serve plans until the driver shuts them down.
 """
 
@@ -10,11 +10,10 @@ from __future__ import annotations
 import torch
 
 
-def generate_on_ranks(cases, prompts, max_tokens):
+def generate_on_ranks(cases, inputs):
     from megatron_lamina.config import load_config
     from megatron_lamina.engine.llm_engine import LLMEngine, PromptInput
     from megatron_lamina.engine.runtime import serve_plans, start_rank
-    from megatron_lamina.engine.sampling import SamplingParams
 
     results = []
     for checkpoint, overrides in cases:
@@ -26,10 +25,9 @@ def generate_on_ranks(cases, prompts, max_tokens):
         engine = LLMEngine(ctx)
         seen: dict[int, list[torch.Tensor]] = {}
         engine.on_logits = lambda request, row: seen.setdefault(request.request_id, []).append(row.clone())
-        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-        requests = engine.generate([PromptInput(prompt_token_ids=p, params=params) for p in prompts])
+        done = engine.generate([PromptInput(prompt_token_ids=p, params=params) for p, params in inputs])
         engine.shutdown()
-        results.append(([r.output_token_ids for r in requests],
-                        [torch.stack(seen[r.request_id]) for r in requests],
-                        [r.finish_reason for r in requests]))
+        results.append(([r.output_token_ids for r in done],
+                        [torch.stack(seen[r.request_id]) for r in done],
+                        [r.finish_reason for r in done]))
     return results

@@ -2,15 +2,16 @@
 
 Each layout starts its ranks once and runs the untied and the tied model with 1 and 2
 micro-batches. Small KV blocks and a small prefill budget make the prompts span several
-blocks and several prefill chunks. Greedy tokens must equal `transformers`' and the logits
-of every step must agree within 1e-4 (float32).
+blocks and several prefill chunks. Greedy tokens must equal `transformers`', seeded samples
+must equal those drawn from `transformers`' logits with the same seed, and the logits of
+every step must agree within 1e-4 (float32).
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import MAX_TOKENS, PROMPTS
+from conftest import REQUESTS
 from layout_job import generate_on_ranks
 from spawn_ranks import run_ranks
 
@@ -36,10 +37,10 @@ def test_layout_matches_transformers(layout, tiny_models):
                 "kv_cache.block_size=4", "kv_cache.num_blocks=32", "scheduler.max_prefill_tokens=8",
             ]))
             expected.append((f"{name}, micro_batches={micro_batches}", model))
-    results = run_ranks(generate_on_ranks, tp + workers, cases, PROMPTS, MAX_TOKENS)
+    results = run_ranks(generate_on_ranks, tp + workers, cases, REQUESTS)
     assert len(results) == len(cases)
     for (label, model), (tokens, logits, reasons) in zip(expected, results):
         assert tokens == model.tokens, label
-        assert reasons == ["length"] * len(PROMPTS), label
+        assert reasons == ["length"] * len(REQUESTS), label
         for got, want in zip(logits, model.logits):
             assert torch.allclose(got, want, atol=1e-4, rtol=0), (label, (got - want).abs().max())

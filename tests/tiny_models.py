@@ -53,19 +53,23 @@ def save_tiny_llama(directory: Path, tied: bool, seed: int = 0, **overrides) -> 
     return directory
 
 
-def reference_greedy(hf_dir: Path, prompts: list[list[int]], max_tokens: int):
-    """Greedy continuation of each prompt with the HF model; (tokens, logits per step)."""
+def reference_generate(hf_dir: Path, prompts: list[list[int]], params: list):
+    """Continue each prompt with the HF model, choosing each token from the HF logits with
+    our sampler (greedy for temperature 0) and a generator seeded as the engine seeds it.
+    Returns (tokens, logits per step)."""
     from transformers import AutoModelForCausalLM
+
+    from megatron_lamina.engine.sampling import sample_token
 
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     tokens, logits = [], []
-    for prompt in prompts:
-        ids, steps = list(prompt), []
+    for prompt, p in zip(prompts, params):
+        ids, steps, generator = list(prompt), [], p.make_generator()
         with torch.no_grad():
-            for _ in range(max_tokens):
+            for _ in range(p.max_tokens):
                 row = model(torch.tensor([ids])).logits[0, -1]
                 steps.append(row)
-                ids.append(int(row.argmax()))
+                ids.append(sample_token(row, p, generator))
         tokens.append(ids[len(prompt):])
         logits.append(torch.stack(steps))
     return tokens, logits

@@ -1,0 +1,147 @@
+"""Loads one tensor-parallel rank's shard of a canonical checkpoint into a Megatron model.
+
+Model workers build their `GPTModel` and call `CheckpointShardLoader(dir, tp_rank, tp_size,
+dtype).load_into(model)`. Each tensor is sliced as Megatron shards it, reading only that
+slice from `model.safetensors` (safetensors slices are lazy), so one unsharded checkpoint
+serves every TP size:
+
+    word embeddings, output layer   rows, over the vocab padded to a multiple of tp_size
+                                    (rows past the real vocab are zeros)
+    linear_qkv weight/bias          contiguous row chunk t (whole KV groups, thanks to the
+                                    grouped layout, given tp_size divides num_kv_heads)
+    linear_fc1                      gate rows chunk t, then up rows chunk t
+    linear_proj, linear_fc2         column chunk t
+    norms                           replicated
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from megatron_lamina.architecture import ModelArchitecture, read_checkpoint_config
+from megatron_lamina.checkpoint.errors import CheckpointInputError
+from megatron_lamina.checkpoint.layout import EMBEDDING, OUTPUT_LAYER
+from megatron_lamina.checkpoint.writer import MODEL_FILE
+
+# Transformer-Engine layer specs fuse the norm into the following linear layer; their
+# parameter names map onto the canonical norm tensors.
+_TE_NORM_ALIASES = {
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+}
+
+
+class CheckpointShardLoader:
+    def __init__(
+        self,
+        checkpoint_dir: str | Path,
+        tp_rank: int = 0,
+        tp_size: int = 1,
+        dtype: torch.dtype | None = None,
+        make_vocab_size_divisible_by: int = 1,
+    ):
+        """`dtype` None keeps the stored dtype. The vocab is padded to a multiple of
+        `make_vocab_size_divisible_by * tp_size`, as Megatron pads it."""
+        from safetensors import safe_open
+
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self.config = read_checkpoint_config(self.checkpoint_dir)
+        self.arch = ModelArchitecture.from_dict(self.config["architecture"])
+        assert 0 <= tp_rank < tp_size, f"tp_rank {tp_rank} out of range for tp_size {tp_size}"
+        self.tp_rank, self.tp_size, self.dtype = tp_rank, tp_size, dtype
+        for what, count in (
+            ("num_kv_heads", self.arch.num_kv_heads),
+            ("num_attention_heads", self.arch.num_attention_heads),
+            ("intermediate_size", self.arch.intermediate_size),
+        ):
+            if count % tp_size:
+                raise CheckpointInputError(
+                    self.checkpoint_dir, f"tensor parallel size {tp_size} does not divide {what}={count}"
+                )
+        multiple = make_vocab_size_divisible_by * tp_size
+        self.padded_vocab_size = -(-self.arch.vocab_size // multiple) * multiple
+        self.model_file = self.checkpoint_dir / MODEL_FILE
+        if not self.model_file.is_file():
+            raise CheckpointInputError(self.model_file, "missing; the checkpoint is incomplete")
+        self._file = safe_open(self.model_file, framework="pt")
+        self._names = set(self._file.keys())
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """This rank's shard of canonical tensor `name` (Megatron parameter naming)."""
+        name = self._canonical_name(name)
+        t, tp = self.tp_rank, self.tp_size
+        if name in (EMBEDDING, OUTPUT_LAYER):
+            shard = self._vocab_rows(name)
+        elif name.endswith(("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias")):
+            rows = self._shape(name)[0] // tp
+            shard = self._slice(name)[t * rows : (t + 1) * rows]
+        elif name.endswith("mlp.linear_fc1.weight"):
+            half = self._shape(name)[0] // 2  # gate rows, then up rows
+            rows = half // tp
+            fc1 = self._slice(name)
+            gate, up = fc1[t * rows : (t + 1) * rows], fc1[half + t * rows : half + (t + 1) * rows]
+            shard = torch.cat([gate, up])
+        elif name.endswith(("self_attention.linear_proj.weight", "mlp.linear_fc2.weight")):
+            cols = self._shape(name)[1] // tp
+            shard = self._slice(name)[:, t * cols : (t + 1) * cols]
+        else:
+            shard = self._slice(name)[:]
+        return shard if self.dtype is None else shard.to(self.dtype)
+
+    def load_into(self, module: torch.nn.Module, strict: bool = True) -> None:
+        """Copy this rank's shard into every parameter of `module`, matched by name.
+
+        With `strict`, every checkpoint tensor must also be used by some parameter (catches a
+        model built with fewer layers than the checkpoint has)."""
+        used = set()
+        for name, param in module.named_parameters():
+            try:
+                shard = self.tensor(name)
+            except KeyError:
+                raise CheckpointInputError(
+                    self.model_file, f"no tensor for parameter {name} (shape {tuple(param.shape)})"
+                ) from None
+            if shard.shape != param.shape:
+                raise CheckpointInputError(
+                    self.model_file,
+                    f"parameter {name} has shape {tuple(param.shape)}, but the checkpoint's TP rank "
+                    f"{self.tp_rank}/{self.tp_size} shard has {tuple(shard.shape)}",
+                )
+            with torch.no_grad():
+                param.copy_(shard)
+            used.add(self._canonical_name(name))
+        unused = sorted(self._names - used - ({OUTPUT_LAYER} if self.arch.tie_word_embeddings else set()))
+        if strict and unused:
+            raise CheckpointInputError(
+                self.model_file,
+                f"tensors not used by the model: {', '.join(unused[:4])}{' ...' if len(unused) > 4 else ''}",
+            )
+
+    def _canonical_name(self, name: str) -> str:
+        for te_suffix, canonical_suffix in _TE_NORM_ALIASES.items():
+            if name.endswith(te_suffix):
+                name = name[: -len(te_suffix)] + canonical_suffix
+        if name == OUTPUT_LAYER and self.arch.tie_word_embeddings:
+            name = EMBEDDING
+        if name not in self._names:
+            raise KeyError(f"{self.model_file}: no tensor {name}")
+        return name
+
+    def _slice(self, name: str):
+        return self._file.get_slice(name)
+
+    def _shape(self, name: str) -> list[int]:
+        return self._slice(name).get_shape()
+
+    def _vocab_rows(self, name: str) -> torch.Tensor:
+        rows = self.padded_vocab_size // self.tp_size
+        start, end = self.tp_rank * rows, (self.tp_rank + 1) * rows
+        vocab = self.arch.vocab_size
+        real = self._slice(name)[min(start, vocab) : min(end, vocab)]
+        if real.shape[0] == rows:
+            return real
+        padded = torch.zeros((rows, real.shape[1]), dtype=real.dtype)
+        padded[: real.shape[0]] = real
+        return padded

@@ -1,0 +1,1 @@
+"""Model-worker side: the split Megatron transformer layer, its spec, remote attention, the model."""

@@ -1,0 +1,130 @@
+"""User errors of tools/convert_checkpoint.py: one `error: <file>: <reason>` line, exit code 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from checkpoint_fixtures import (
+    REPO_ROOT,
+    hf_config,
+    random_hf_model,
+    run_tool,
+    save_tiny_hf_model,
+    tiny_tokenizer,
+    write_tiny_gguf,
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory, tokenizer):
+    return save_tiny_hf_model(random_hf_model(hf_config()), tokenizer, tmp_path_factory.mktemp("src") / "hf")
+
+
+def _error_line(capsys, *args) -> str:
+    assert run_tool(*args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("error: "), err
+    return err[-1]
+
+
+def _hf_dir_with_config(tmp_path, hf_dir, **changes):
+    config = json.loads((hf_dir / "config.json").read_text())
+    config.update(changes)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    return tmp_path
+
+
+def test_missing_input(tmp_path, capsys):
+    line = _error_line(capsys, "--source", "hf", "--input", tmp_path / "nope", "--output", tmp_path / "out")
+    assert line == f"error: {tmp_path / 'nope'}: no such directory (expected a Hugging Face model directory)"
+    line = _error_line(capsys, "--source", "gguf", "--input", tmp_path / "x.gguf", "--output", tmp_path / "out")
+    assert line == f"error: {tmp_path / 'x.gguf'}: no such file (expected a .gguf file)"
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_model_type(tmp_path, hf_dir, capsys):
+    src = _hf_dir_with_config(tmp_path, hf_dir, model_type="gpt2")
+    line = _error_line(capsys, "--source", "hf", "--input", src, "--output", tmp_path / "out")
+    assert line == f"error: {src / 'config.json'}: model_type 'gpt2' is not supported; supported: llama, mistral, qwen2"
+
+
+def test_unsupported_rope_type(tmp_path, hf_dir, capsys):
+    src = _hf_dir_with_config(tmp_path, hf_dir, rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4})
+    line = _error_line(capsys, "--source", "hf", "--input", src, "--output", tmp_path / "out")
+    assert line == f"error: {src / 'config.json'}: rope type 'yarn' is not supported (supported: default, llama3)"
+
+
+def test_missing_weights_and_tokenizer(tmp_path, hf_dir, capsys):
+    src = _hf_dir_with_config(tmp_path, hf_dir)
+    line = _error_line(capsys, "--source", "hf", "--input", src, "--output", tmp_path / "out")
+    assert line.startswith(f"error: {src}: no weights (model.safetensors")
+    (src / "model.safetensors").symlink_to(hf_dir / "model.safetensors")
+    line = _error_line(capsys, "--source", "hf", "--input", src, "--output", tmp_path / "out")
+    assert line.startswith(f"error: {src}: no tokenizer (tokenizer.json")
+
+
+def test_unsupported_gguf_tensor_type(tmp_path, tokenizer, capsys):
+    model = random_hf_model(hf_config(vocab_size=len(tokenizer)))
+    path = write_tiny_gguf(tmp_path / "int.gguf", model, tokenizer, {"blk.1.ffn_down.weight": "I32"})
+    line = _error_line(capsys, "--source", "gguf", "--input", path, "--output", tmp_path / "out")
+    assert line.startswith(f"error: {path}: tensor blk.1.ffn_down.weight has type I32, which cannot be dequantized")
+
+
+def test_unsupported_gguf_architecture_and_bad_file(tmp_path, tokenizer, capsys):
+    model = random_hf_model(hf_config(vocab_size=len(tokenizer)))
+    path = write_tiny_gguf(tmp_path / "arch.gguf", model, tokenizer, {}, architecture="gpt2")
+    line = _error_line(capsys, "--source", "gguf", "--input", path, "--output", tmp_path / "out")
+    assert line == f"error: {path}: GGUF architecture 'gpt2' is not supported; supported: llama, qwen2"
+    (tmp_path / "bad.gguf").write_bytes(b"not a gguf file at all")
+    line = _error_line(capsys, "--source", "gguf", "--input", tmp_path / "bad.gguf", "--output", tmp_path / "out")
+    assert line.startswith(f"error: {tmp_path / 'bad.gguf'}: not a readable GGUF file")
+
+
+def test_existing_output_needs_overwrite(tmp_path, hf_dir, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old-marker").write_text("old")
+    line = _error_line(capsys, "--source", "hf", "--input", hf_dir, "--output", out)
+    assert line == f"error: {out}: already exists; pass --overwrite to replace it"
+    assert (out / "old-marker").exists()
+
+    # A conversion that fails while writing leaves the old output and no temporary files.
+    (tmp_path / "broken").mkdir()
+    broken = _hf_dir_with_config(tmp_path / "broken", hf_dir, vocab_size=999)
+    for name in ("model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        (broken / name).symlink_to(hf_dir / name)
+    line = _error_line(capsys, "--source", "hf", "--input", broken, "--output", out, "--overwrite")
+    assert "tensor embedding.word_embeddings.weight has shape (320, 64), the architecture needs (999, 64)" in line
+    assert (out / "old-marker").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "out"]
+
+    assert run_tool("--source", "hf", "--input", hf_dir, "--output", out, "--overwrite") == 0
+    assert not (out / "old-marker").exists() and (out / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "out"]
+
+
+def test_cli_subprocess_help_and_error(tmp_path):
+    """Runs as `python tools/convert_checkpoint.py` from anywhere, without pip install."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    tool = str(REPO_ROOT / "tools" / "convert_checkpoint.py")
+    helped = subprocess.run([sys.executable, tool, "--help"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert helped.returncode == 0
+    assert "--source hf --input" in helped.stdout and "--source gguf" in helped.stdout
+    failed = subprocess.run(
+        [sys.executable, tool, "--source", "hf", "--input", "missing", "--output", "out"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert failed.returncode == 2
+    assert failed.stderr.strip() == "error: missing: no such directory (expected a Hugging Face model directory)"
