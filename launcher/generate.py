@@ -3,8 +3,11 @@
     torchrun --nproc-per-node N launcher/generate.py --config CFG --input IN.jsonl --output OUT.jsonl
 
 N must equal parallel.tensor_parallel + parallel.attention_workers. Rank 0 reads the input,
-drives the engine and writes one output record per input line (error records for malformed
-lines, see engine/batch_job.py); the other ranks execute the step plans it broadcasts.
+feeds every line to the continuous-batching engine and appends one output record per input
+line as soon as it finishes (flushed; error records for malformed lines, see
+engine/batch_job.py), with a progress bar; the other ranks execute the step plans it
+broadcasts. `--resume` keeps what an interrupted run already wrote and runs only the
+missing ids, so a killed job restarted with it loses and duplicates nothing.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -21,31 +25,43 @@ import torch.distributed as dist  # noqa: E402
 from megatron_lamina.config import ConfigError, add_config_arguments, config_from_args  # noqa: E402
 
 
-def run_job(engine, input_path: str, output_path: str, show: bool) -> int:
-    from megatron_lamina.engine.batch_job import read_batch, write_record
+def run_job(engine, input_path: str, output_path: str, show: bool, resume: bool) -> int:
+    """Run every line of the input through the engine; returns how many lines failed."""
+    from tqdm import tqdm
+
+    from megatron_lamina.engine.batch_job import completed_keys, read_batch, write_record
 
     lines = read_batch(input_path)
+    done = completed_keys(output_path) if resume else set()
     failed = 0
-    with open(output_path, "w", encoding="utf-8") as out:
-        running = {}
-        for line in lines:
+    with open(output_path, "a" if resume else "w", encoding="utf-8") as out:
+        todo = [line for line in lines if line.key not in done]
+        for line in todo:
             if line.error is None:
                 try:
-                    running[engine.add_request(line.item).request_id] = line
+                    engine.add_request(line.item)
                     continue
                 except ValueError as e:
                     line.error = f"line {line.line_no}: {e}"
             failed += 1
             print(f"{input_path}:{line.error}", file=sys.stderr)
-            write_record(out, {"id": line.id, "error": line.error, "finish_reason": "error"})
+            write_record(out, line.error_record())
+        bar = tqdm(total=len(lines), initial=len(lines) - len(todo) + failed, unit="req",
+                   disable=None, dynamic_ncols=True)
+        generated, started = 0, time.monotonic()
         while engine.has_work():
-            for request in engine.step():
+            updated = engine.step()
+            generated += len(updated)
+            bar.set_postfix_str(f"{generated / max(time.monotonic() - started, 1e-9):.1f} tok/s")
+            for request in updated:
                 if request.finished:
                     write_record(out, {"id": request.user_id, "text": request.text,
                                        "token_ids": request.output_token_ids,
                                        "finish_reason": request.finish_reason})
+                    bar.update(1)
                     if show:
-                        print(f"[{request.user_id}] {request.text}", flush=True)
+                        bar.write(f"[{request.user_id}] {request.text}")
+        bar.close()
     return failed
 
 
@@ -55,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input", required=True, help="JSONL file, one request per line")
     parser.add_argument("--output", required=True, help="JSONL file for the results")
     parser.add_argument("--quiet", action="store_true", help="do not print the answers")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the records already in --output and run only the ids missing there")
     args = parser.parse_args(argv)
     is_driver = os.environ.get("RANK", "0") == "0"
     try:
@@ -73,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
 
         engine = LLMEngine(ctx)
         try:
-            run_job(engine, args.input, args.output, show=not args.quiet)
+            run_job(engine, args.input, args.output, show=not args.quiet, resume=args.resume)
         finally:
             engine.shutdown()
     else:

@@ -62,6 +62,9 @@ class ParallelConfig:
 class RuntimeConfig:
     device: Literal["cpu", "cuda"] = _key("cpu")
     transport: Literal["auto", "gloo", "nccl"] = _key("auto")  # auto: nccl on cuda, gloo on cpu
+    # A collective or P2P exchange that takes longer than this fails the job (a rank died or
+    # hangs); the driver also sends an empty plan after this long idle / 4 as a heartbeat.
+    step_timeout_s: float = _key(120.0, above=0.0)
 
 
 @dataclass
@@ -86,6 +89,8 @@ class KVCacheConfig:
 class ServerConfig:
     host: str = _key("127.0.0.1")
     port: int = _key(8000, min=1, max=65535)
+    max_queued_requests: int = _key(1024, min=1)  # waiting + running beyond this: 503
+    drain_timeout_s: float = _key(30.0, min=0.0)  # SIGTERM: finish running requests this long
 
 
 @dataclass

@@ -100,7 +100,7 @@ class ProcessGroups:
     control: dist.ProcessGroup     # every rank, gloo: step plans and shutdown
 
 
-def init_process_groups(topology: Topology, rank: int, timeout_s: float = 600.0) -> ProcessGroups:
+def init_process_groups(topology: Topology, rank: int, timeout_s: float) -> ProcessGroups:
     """Every rank calls this, in the same order (new_group is collective)."""
     timeout = timedelta(seconds=timeout_s)
     tp = dist.new_group(list(range(topology.tp_size)), timeout=timeout)

@@ -6,7 +6,8 @@ JSON, lacks an id, has both or neither of prompt/messages, an unknown field or a
 the wrong type becomes a `BatchLine` with an `error` that names the line number and the
 field; the job writes it as an error record and runs the other lines. Output records are
 `{"id", "text", "token_ids", "finish_reason"}` (plus `"error"` for failed lines), appended
-and flushed one by one as requests finish.
+and flushed one by one as requests finish; `completed_keys` reads them back for `--resume`.
+Ids are the job's keys: a resumed job skips every id already in the output.
 """
 
 from __future__ import annotations
@@ -30,6 +31,14 @@ class BatchLine:
     id: object
     item: PromptInput | None = None
     error: str | None = None
+
+    @property
+    def key(self):
+        """What identifies the line in the output: its id, or its line number if it has none."""
+        return self.id if self.id is not None else ("line", self.line_no)
+
+    def error_record(self) -> dict:
+        return {"id": self.id, "line": self.line_no, "error": self.error, "finish_reason": "error"}
 
 
 def parse_line(line_no: int, text: str) -> BatchLine:
@@ -85,3 +94,21 @@ def read_batch(path: str | Path) -> list[BatchLine]:
 def write_record(out: IO[str], record: dict) -> None:
     out.write(json.dumps(record, ensure_ascii=False) + "\n")
     out.flush()
+
+
+def completed_keys(path: str | Path) -> set:
+    """Keys (see `BatchLine.key`) already recorded in an output file. A last line cut short by a kill is removed
+    (its request runs again), so appending after it keeps the file valid JSONL."""
+    path = Path(path)
+    if not path.exists():
+        return set()
+    data = path.read_bytes()
+    complete = data[: data.rfind(b"\n") + 1]
+    if len(complete) != len(data):
+        path.write_bytes(complete)
+    keys = set()
+    for line in complete.decode("utf-8").splitlines():
+        if line.strip():
+            record = json.loads(line)
+            keys.add(record["id"] if record["id"] is not None else ("line", record["line"]))
+    return keys

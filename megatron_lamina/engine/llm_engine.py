@@ -90,10 +90,10 @@ class LLMEngine:
         params = request.params
         text = self.codec.decode(request.output_token_ids)
         reason = None
-        cut = find_stop(text, params.stop)
+        cut = find_stop(text, params.stop) if len(request.output_token_ids) > params.min_tokens else None
         if cut is not None:
             text, reason = text[:cut], "stop"
-        elif token in self.eos_token_ids and not params.ignore_eos:
+        elif token in self.eos_token_ids and not params.ignore_eos and len(request.output_token_ids) > params.min_tokens:
             reason = "stop"
         elif len(request.output_token_ids) >= params.max_tokens:
             reason = "length"
@@ -108,6 +108,10 @@ class LLMEngine:
         while self.has_work():
             self.step()
         return requests
+
+    def heartbeat(self) -> None:
+        """An empty plan: every rank's collective completes, proving they are alive."""
+        broadcast_plan(StepPlan(), self.ctx.groups)
 
     def shutdown(self) -> None:
         broadcast_plan(StepPlan(shutdown=True), self.ctx.groups)

@@ -36,6 +36,7 @@ class Request:
     text: str = ""
     finish_reason: str | None = None
     generator: torch.Generator | None = None
+    arrival_time: float = 0.0         # time.monotonic() when a server accepted it
 
     def __post_init__(self):
         if self.generator is None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from functools import partial
 
 import torch
@@ -52,7 +53,7 @@ def init_distributed(cfg: LaminaConfig) -> None:
         raise RuntimeError("start the job with torchrun (e.g. torchrun --nproc-per-node "
                            f"{cfg.world_size} launcher/generate.py --config ...)")
     backend = "gloo" if cfg.runtime.device == "cpu" or cfg.runtime.transport == "gloo" else "cpu:gloo,cuda:nccl"
-    dist.init_process_group(backend=backend)
+    dist.init_process_group(backend=backend, timeout=timedelta(seconds=cfg.runtime.step_timeout_s))
 
 
 def start_rank(cfg: LaminaConfig) -> RankContext:
@@ -61,7 +62,7 @@ def start_rank(cfg: LaminaConfig) -> RankContext:
     arch = read_architecture(cfg.model.checkpoint)
     validate_layout(cfg, world, arch)
     topology = Topology.from_config(cfg, arch.num_kv_heads)
-    groups = init_process_groups(topology, rank)
+    groups = init_process_groups(topology, rank, cfg.runtime.step_timeout_s)
     device = _device(cfg)
     dtype = cfg.torch_dtype
     holds_cache = topology.colocated or not topology.is_model_worker(rank)

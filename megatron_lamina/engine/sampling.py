@@ -23,6 +23,7 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
+    min_tokens: int = 0         # EOS and stop strings do not end the request before this many
 
     def __post_init__(self):
         if isinstance(self.stop, str):

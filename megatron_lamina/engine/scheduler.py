@@ -26,6 +26,7 @@ class Scheduler:
         self.micro_batches, self.max_model_len = micro_batches, max_model_len
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.num_preemptions = 0
 
     def check_fits(self, request: Request) -> None:
         """Reject a request that could never run: too long for the model or the cache."""
@@ -82,6 +83,7 @@ class Scheduler:
         return True
 
     def preempt(self, request: Request) -> None:
+        self.num_preemptions += 1
         self.blocks.release(request)
         self.running.remove(request)
         request.status, request.shard, request.num_computed = RequestStatus.WAITING, -1, 0

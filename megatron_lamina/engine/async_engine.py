@@ -1,0 +1,169 @@
+"""The driver's engine behind a server: a thread that steps, callers that await (rank 0 only).
+
+`LLMEngine.step` blocks on collectives, so it runs on its own thread; HTTP handlers run on
+asyncio. `AsyncEngine.generate` hands a request to the engine thread through an inbox and
+yields `RequestOutput` deltas that the thread posts back with `call_soon_threadsafe`. A
+caller that stops iterating (a client that disconnected) aborts its request, which frees its
+blocks at the next step. When idle the thread sends an empty plan every
+`heartbeat_s` seconds so that every rank's collective timeout keeps measuring liveness.
+
+States: `serving`; `draining` (SIGTERM: new requests refused, running ones finish);
+`stopped` (after `stop`: what was left is failed, the other ranks are released); `dead` (a
+step raised: a rank died or timed out; every request is failed with an error, `/health`
+reports it, and the launcher exits non-zero).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from typing import AsyncIterator, Protocol
+
+from megatron_lamina.engine.llm_engine import LLMEngine, PromptInput
+from megatron_lamina.engine.output import OutputTracker, RequestOutput
+from megatron_lamina.engine.request import Request
+
+
+class EngineUnavailable(Exception):
+    """The engine takes no new request now (draining, dead, or the queue is full)."""
+
+
+class EngineListener(Protocol):
+    def on_output(self, request: Request, output: RequestOutput, now: float) -> None: ...
+    def on_step(self, engine: LLMEngine) -> None: ...
+
+
+class _Stream:
+    def __init__(self, request: Request, loop: asyncio.AbstractEventLoop):
+        self.tracker = OutputTracker(request)
+        self.loop, self.queue = loop, asyncio.Queue()
+
+    def post(self, output: RequestOutput) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, output)
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, max_queued: int, heartbeat_s: float,
+                 listener: EngineListener | None = None):
+        self.engine, self.max_queued, self.heartbeat_s = engine, max_queued, heartbeat_s
+        self.listener = listener
+        self.state = "serving"
+        self.error: str | None = None
+        self._inbox: queue.Queue = queue.Queue()
+        self._streams: dict[int, _Stream] = {}  # engine thread only
+        self._pending = 0                        # accepted and not finished (any thread)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.stopped = threading.Event()         # the engine thread has ended
+        self._thread = threading.Thread(target=self._run, name="lamina-engine", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    # ---- caller side (asyncio) -------------------------------------------------------
+    def make_request(self, item: PromptInput) -> Request:
+        """Tokenize and check that the request can ever run; ValueError names the problem."""
+        request = self.engine.make_request(item)
+        self.engine.scheduler.check_fits(request)
+        return request
+
+    def generate(self, request: Request) -> AsyncIterator[RequestOutput]:
+        """Admit the request now (EngineUnavailable if it cannot be) and return its outputs."""
+        with self._lock:
+            if self.state != "serving":
+                raise EngineUnavailable(f"the server is {self.state}" + (f": {self.error}" if self.error else ""))
+            if self._pending >= self.max_queued:
+                raise EngineUnavailable(f"too many requests in flight ({self._pending}); retry later")
+            self._pending += 1
+            request.arrival_time = time.monotonic()
+            stream = _Stream(request, asyncio.get_running_loop())
+            self._inbox.put(("add", request, stream))
+        return self._outputs(request, stream)
+
+    async def _outputs(self, request: Request, stream: _Stream) -> AsyncIterator[RequestOutput]:
+        finished = False
+        try:
+            while not finished:
+                output = await stream.queue.get()
+                finished = output.finished
+                yield output
+        finally:
+            with self._lock:
+                self._pending -= 1
+            if not finished:
+                self._inbox.put(("abort", request, None))
+
+    def begin_drain(self) -> None:
+        with self._lock:
+            if self.state == "serving":
+                self.state = "draining"
+
+    def idle(self) -> bool:
+        return self._pending == 0
+
+    def stop(self) -> None:
+        """Fail what is left, release the other ranks and end the engine thread."""
+        self._stop.set()
+        self._inbox.put(("wake", None, None))
+        self.stopped.wait()
+
+    # ---- engine thread ---------------------------------------------------------------
+    def _run(self) -> None:
+        last_step, error = time.monotonic(), None
+        try:
+            while not self._stop.is_set():
+                self._take_inbox(block=not self.engine.has_work(), last_step=last_step)
+                if self.engine.has_work():
+                    self._publish(self.engine.step())
+                    last_step = time.monotonic()
+                elif time.monotonic() - last_step >= self.heartbeat_s:
+                    self.engine.heartbeat()
+                    last_step = time.monotonic()
+                if self.listener is not None:
+                    self.listener.on_step(self.engine)
+        except Exception as e:  # a rank died, timed out, or a bug: never leave a caller waiting
+            error = f"{type(e).__name__}: {e}"
+        with self._lock:  # from here on `generate` refuses, so nothing new reaches the inbox
+            self.state, self.error = ("dead", error) if error else ("stopped", None)
+        self._take_inbox(block=False, last_step=0.0)
+        self._fail_all(f"the engine failed: {error}" if error else "the server is shutting down")
+        if error is None:
+            self.engine.shutdown()
+        self.stopped.set()
+
+    def _take_inbox(self, block: bool, last_step: float) -> None:
+        timeout = max(0.0, self.heartbeat_s - (time.monotonic() - last_step))
+        while True:
+            try:
+                kind, request, stream = self._inbox.get(block=block, timeout=timeout if block else None)
+            except queue.Empty:
+                return
+            block = False
+            if kind == "add":
+                self._streams[request.request_id] = stream
+                self.engine.scheduler.add(request)
+            elif kind == "abort" and self._streams.pop(request.request_id, None) is not None:
+                if not request.finished:
+                    self.engine.scheduler.finish(request, "abort")
+
+    def _publish(self, updated: list[Request]) -> None:
+        now = time.monotonic()
+        for request in updated:
+            stream = self._streams.get(request.request_id)
+            if stream is None:
+                continue
+            output = stream.tracker.next_output()
+            if self.listener is not None:
+                self.listener.on_output(request, output, now)
+            stream.post(output)
+            if output.finished:
+                del self._streams[request.request_id]
+
+    def _fail_all(self, message: str) -> None:
+        for request_id, stream in list(self._streams.items()):
+            if not stream.tracker.request.finished:
+                self.engine.scheduler.finish(stream.tracker.request, "error")
+            stream.post(stream.tracker.next_output(error=message))
+            del self._streams[request_id]

@@ -1,0 +1,51 @@
+"""What a caller sees of a running request: increments of tokens and text.
+
+`OutputTracker` turns the driver's growing `Request` into `RequestOutput` deltas for
+streaming. Text that might still change is held back: characters that could be the start of
+a stop string (the final text ends before the stop string, so they may vanish) and a
+trailing replacement character (half of a multi-byte character whose other bytes come with
+the next token). Concatenating all deltas gives exactly the final text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megatron_lamina.engine.request import Request
+
+
+@dataclass
+class RequestOutput:
+    request_id: int
+    text: str                    # new text since the previous output
+    token_ids: list[int]         # new tokens since the previous output
+    finished: bool
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    error: str | None = None     # set when the engine failed the request
+
+
+class OutputTracker:
+    def __init__(self, request: Request):
+        self.request = request
+        self.sent_text = 0
+        self.sent_tokens = 0
+        self.holdback = max((len(s) for s in request.params.stop), default=1) - 1
+
+    def next_output(self, error: str | None = None) -> RequestOutput:
+        r = self.request
+        finished = r.finished or error is not None
+        end = len(r.text)
+        if not finished:
+            end = max(self.sent_text, end - self.holdback)
+            while end > self.sent_text and r.text[end - 1] == "\ufffd":
+                end -= 1
+        out = RequestOutput(
+            request_id=r.request_id, text=r.text[self.sent_text:end],
+            token_ids=r.output_token_ids[self.sent_tokens:], finished=finished,
+            finish_reason="error" if error is not None else r.finish_reason,
+            prompt_tokens=len(r.prompt_token_ids), completion_tokens=len(r.output_token_ids), error=error,
+        )
+        self.sent_text, self.sent_tokens = end, len(r.output_token_ids)
+        return out

@@ -1,0 +1,1 @@
+"""OpenAI-compatible HTTP API on the driver rank, and its Prometheus metrics."""

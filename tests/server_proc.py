@@ -1,0 +1,83 @@
+"""A real server for tests: `torchrun launcher/serve.py` on 127.0.0.1, waited for, torn down."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from spawn_ranks import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_server_config(tmp_path: Path, checkpoint, **sections) -> tuple[Path, int]:
+    """A YAML config for the tiny model; `sections` = {"parallel": {...}, ...} overrides."""
+    port = free_port()
+    values = {"model": {"checkpoint": str(checkpoint)},
+              "parallel": {"tensor_parallel": 1, "attention_workers": 2, "attention_head_groups": 1},
+              "scheduler": {"micro_batches": 2, "max_batch_size": 16, "max_prefill_tokens": 16},
+              "kv_cache": {"block_size": 4, "num_blocks": 128},
+              "runtime": {"step_timeout_s": 20},
+              "server": {"port": port}}
+    for section, keys in sections.items():
+        values[section].update(keys)
+    path = tmp_path / f"server-{port}.yaml"
+    path.write_text("".join(f"{s}:\n" + "".join(f"  {k}: {v}\n" for k, v in keys.items())
+                            for s, keys in values.items()))
+    return path, port
+
+
+class ServerProcess:
+    def __init__(self, config: Path, port: int, nproc: int, log: Path):
+        self.url, self.log_path = f"http://127.0.0.1:{port}", log
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+               "--master-addr=127.0.0.1", f"--master-port={free_port()}",
+               str(ROOT / "launcher" / "serve.py"), "--config", str(config)]
+        self.log = open(log, "w")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                     env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"),
+                                     start_new_session=True)
+
+    def wait_healthy(self, timeout: float = 180.0) -> "ServerProcess":
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited {self.proc.returncode}:\n{self.output()[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"server not healthy in {timeout}s:\n{self.output()[-3000:]}")
+
+    def rank_pid(self, rank: int) -> int:
+        """PID of the worker process with this RANK (a child of torchrun)."""
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"launcher/serve.py" in cmdline and f"RANK={rank}".encode() in env \
+                    and f"TORCHELASTIC_RUN_ID".encode() in b"".join(env) \
+                    and os.getpgid(int(pid)) == self.proc.pid:
+                return int(pid)
+        raise LookupError(f"no rank {rank} process")
+
+    def output(self) -> str:
+        self.log.flush()
+        return self.log_path.read_text()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+        self.log.close()

@@ -1,0 +1,178 @@
+"""The OpenAI-compatible server, for real: torchrun, 3 ranks (1 model worker, 2 attention
+workers, 2 micro-batches), HTTP on 127.0.0.1, the tiny model against `transformers`.
+
+Concurrent requests of different lengths, arriving at different times, streaming or not,
+greedy or seeded, must carry exactly the tokens of the reference; bad input gets a 400 that
+names the field and the server goes on serving; a client that disconnects frees its blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import pytest
+from server_proc import ServerProcess, tiny_server_config
+from tiny_models import make_tokenizer, reference_generate
+
+from megatron_lamina.engine.sampling import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_models):
+    tmp = tmp_path_factory.mktemp("server")
+    config, port = tiny_server_config(tmp, tiny_models["untied"].canonical_dir)
+    proc = ServerProcess(config, port, 3, tmp / "server.log")
+    try:
+        yield proc.wait_healthy()
+    finally:
+        proc.stop()
+
+
+CASES = [  # (prompt words, max_tokens, sampling, stream, delay before sending)
+    ("w5 w9 w14 w3", 6, {"temperature": 0}, False, 0.0),
+    ("w40 w41 w42 w43 w44 w45 w46 w47 w48 w49 w50 w51 w52 w53 w54 w55 w56 w57 w58 w59", 9, {"temperature": 0}, True, 0.1),
+    ("w77", 12, {"temperature": 0.9, "top_p": 0.9, "top_k": 40, "seed": 11}, True, 0.0),
+    ("w8 w100 w200", 7, {"temperature": 0.9, "seed": 12}, False, 0.3),
+    ("w3 w3 w3 w3 w3 w3 w3 w3 w3 w3 w3 w3 w3 w3 w3 w3 w3 w3 w3 w3 w3 w3 w3 w3 w3 w3 w3 w3", 5, {"temperature": 0}, False, 0.2),
+    ("w77", 12, {"temperature": 0.9, "top_p": 0.9, "top_k": 40, "seed": 11}, False, 0.5),
+    ("w9 w8 w7", 10, {"temperature": 0.7, "top_k": 5, "seed": 13}, True, 0.4),
+]
+
+
+async def _send(client, url, prompt, max_tokens, sampling, stream, delay):
+    await asyncio.sleep(delay)
+    body = {"prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "return_token_ids": True,
+            "stream": stream, **sampling}
+    if not stream:
+        r = await client.post(f"{url}/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        return choice["token_ids"], choice["text"], choice["finish_reason"], r.json()["usage"]
+    tokens, text, reason, done = [], [], None, 0
+    async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        async for line in r.aiter_lines():
+            if line == "data: [DONE]":
+                done += 1
+            elif line.startswith("data: "):
+                choice = json.loads(line[6:])["choices"][0]
+                tokens += choice["token_ids"]
+                text.append(choice["text"])
+                reason = choice["finish_reason"] or reason
+    assert done == 1
+    return tokens, "".join(text), reason, None
+
+
+def test_concurrent_requests_match_the_reference(server, tiny_models):
+    async def main():
+        async with httpx.AsyncClient(timeout=120) as client:
+            return await asyncio.gather(*(_send(client, server.url, *case) for case in CASES))
+
+    results = asyncio.run(main())
+    tok = make_tokenizer()
+    prompts = [tok(case[0])["input_ids"] for case in CASES]
+    params = [SamplingParams(max_tokens=c[1], **c[2]) for c in CASES]
+    expected, _ = reference_generate(tiny_models["untied"].hf_dir, prompts, params)
+    for case, prompt, want, (tokens, text, reason, usage) in zip(CASES, prompts, expected, results):
+        assert tokens == want, case
+        assert text == tok.decode(want, skip_special_tokens=True)
+        assert reason == "length"
+        if usage is not None:
+            assert usage == {"prompt_tokens": len(prompt), "completion_tokens": len(want),
+                             "total_tokens": len(prompt) + len(want)}
+    assert results[2][:3] == results[5][:3]  # same seed, streamed and not
+
+
+def test_chat_completion_and_streaming_agree(server):
+    body = {"messages": [{"role": "user", "content": "w5 w9"}], "max_tokens": 6, "temperature": 0,
+            "ignore_eos": True}
+    plain = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60).json()
+    assert plain["object"] == "chat.completion"
+    content = plain["choices"][0]["message"]["content"]
+    pieces, usage = [], None
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", timeout=60,
+                      json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                chunk = json.loads(line[6:])
+                assert chunk["object"] == "chat.completion.chunk"
+                usage = chunk.get("usage") or usage
+                for choice in chunk["choices"]:
+                    pieces.append(choice["delta"].get("content", ""))
+    assert "".join(pieces) == content and content
+    assert usage == plain["usage"]
+
+
+@pytest.mark.parametrize("body, param", [
+    ('{"prompt": "w5", "max_tokens": 3', None),                       # malformed JSON
+    ({"prompt": "w5", "colour": "red"}, "colour"),                     # unknown field
+    ({"prompt": 5}, "prompt"),                                         # wrong type
+    ({"prompt": "w5", "max_tokens": "many"}, "max_tokens"),
+    ({"prompt": "w5", "max_tokens": -3}, "max_tokens"),
+    ({"prompt": "w5", "max_tokens": 10**9}, "max_tokens"),             # beyond the context
+    ({"prompt": "w5", "temperature": 3.5}, "temperature"),
+    ({"prompt": "w5", "top_p": 0}, "top_p"),
+    ({"prompt": "w5", "top_p": 1.5}, "top_p"),
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": " ".join(["w3"] * 400)}, "prompt"),                    # longer than the context
+    ({"prompt": "w5", "n": 2}, "n"),
+    ({"prompt": "w5", "stop": [""]}, "stop"),
+    ({"messages": []}, "messages"),
+])
+def test_bad_input_gets_400_and_serving_goes_on(server, body, param):
+    url = f"{server.url}/v1/{'chat/' if 'messages' in body else ''}completions"
+    if isinstance(body, str):
+        r = httpx.post(url, content=body, headers={"content-type": "application/json"}, timeout=30)
+    else:
+        r = httpx.post(url, json=body, timeout=30)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["message"]
+    assert error["param"] == param
+    ok = httpx.post(f"{server.url}/v1/completions", json={"prompt": "w5", "max_tokens": 2}, timeout=60)
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_unknown_model_is_404(server):
+    r = httpx.post(f"{server.url}/v1/completions", json={"prompt": "w5", "model": "gpt-9"}, timeout=30)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+def test_models_health_metrics(server, tiny_models):
+    models = httpx.get(f"{server.url}/v1/models").json()
+    assert [m["id"] for m in models["data"]] == [tiny_models["untied"].canonical_dir.name]
+    assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
+    text = httpx.get(f"{server.url}/metrics").text
+    for name in ("lamina_requests_running", "lamina_requests_waiting", 'lamina_kv_blocks_used{shard="1"}',
+                 "lamina_prompt_tokens_total", "lamina_generation_tokens_total",
+                 "lamina_time_to_first_token_seconds_bucket", "lamina_inter_token_latency_seconds_bucket"):
+        assert name in text, name
+
+
+def _metric(server, name: str) -> float:
+    for line in httpx.get(f"{server.url}/metrics").text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            yield float(line.rsplit(" ", 1)[1])
+
+
+def test_client_disconnect_cancels_and_frees_blocks(server):
+    before = next(_metric(server, "lamina_generation_tokens_total"))
+    body = {"prompt": "w5 w6 w7", "max_tokens": 250, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as r:
+        chunks = 0
+        for line in r.iter_lines():
+            chunks += line.startswith("data: {")
+            if chunks == 3:
+                break
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and sum(_metric(server, "lamina_requests_running")) > 0:
+        time.sleep(0.05)
+    assert sum(_metric(server, "lamina_requests_running")) == 0
+    assert sum(_metric(server, "lamina_kv_blocks_used")) == 0
+    generated = next(_metric(server, "lamina_generation_tokens_total"))
+    assert 3 <= generated - before < 250  # cancelled: it did not run to max_tokens
+    time.sleep(0.5)
+    assert next(_metric(server, "lamina_generation_tokens_total")) == generated  # nothing runs on
