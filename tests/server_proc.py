@@ -67,10 +67,14 @@ class ServerProcess:
             except OSError:
                 continue
             if b"launcher/serve.py" in cmdline and f"RANK={rank}".encode() in env \
-                    and f"TORCHELASTIC_RUN_ID".encode() in b"".join(env) \
-                    and os.getpgid(int(pid)) == self.proc.pid:
+                    and self._parent(pid) == self.proc.pid:
                 return int(pid)
         raise LookupError(f"no rank {rank} process")
+
+    @staticmethod
+    def _parent(pid: str) -> int:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat.rsplit(")", 1)[1].split()[1])
 
     def output(self) -> str:
         self.log.flush()

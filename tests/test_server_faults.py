@@ -1,0 +1,132 @@
+"""What the server does under faults, on real torchrun jobs (tiny model, 1 model worker and 2
+attention workers):
+
+* queue bound reached: 503 with an OpenAI error body;
+* SIGTERM to the driver: /health and new requests 503 (draining), in-flight requests finish,
+  the job exits 0;
+* an attention worker killed (SIGKILL) mid-request: in-flight requests fail with an error
+  body (non-streaming: 503; streaming: an error event, then [DONE]), the job exits non-zero
+  within a bound;
+* an attention worker that stops answering (SIGSTOP): the step times out after
+  runtime.step_timeout_s, requests fail with an error, the job exits non-zero.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+from server_proc import ServerProcess, tiny_server_config
+
+LONG = {"prompt": "w5 w6 w7", "max_tokens": 250, "ignore_eos": True}
+
+
+def _start(tmp_path, tiny_models, **sections) -> ServerProcess:
+    config, port = tiny_server_config(tmp_path, tiny_models["untied"].canonical_dir, **sections)
+    return ServerProcess(config, port, 3, tmp_path / "server.log").wait_healthy()
+
+
+def _in_background(fn) -> tuple[threading.Thread, dict]:
+    box: dict = {}
+
+    def run():
+        try:
+            box["result"] = fn()
+        except Exception as e:  # noqa: BLE001 - reported by the test
+            box["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, box
+
+
+def _post(server, body, timeout=120):
+    return lambda: httpx.post(f"{server.url}/v1/completions", json=body, timeout=timeout)
+
+
+def _stream_events(server, body, timeout=120):
+    def run():
+        events = []
+        with httpx.stream("POST", f"{server.url}/v1/completions", json={**body, "stream": True},
+                          timeout=timeout) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+        return events
+    return run
+
+
+def _wait_running(server, n, timeout=30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = httpx.get(f"{server.url}/metrics").text
+        running = [float(x.split()[1]) for x in text.splitlines() if x.startswith("lamina_requests_running ")]
+        if running and running[0] >= n:
+            return
+        time.sleep(0.02)
+    raise TimeoutError("requests did not start")
+
+
+def test_queue_bound_then_sigterm_drains_and_exits_zero(tmp_path, tiny_models):
+    server = _start(tmp_path, tiny_models, server={"max_queued_requests": 2, "drain_timeout_s": 60})
+    try:
+        first = [_in_background(_post(server, LONG)) for _ in range(2)]
+        _wait_running(server, 2)
+        full = httpx.post(f"{server.url}/v1/completions", json={"prompt": "w5", "max_tokens": 2}, timeout=30)
+        assert full.status_code == 503 and "too many requests" in full.json()["error"]["message"]
+
+        os.kill(server.rank_pid(0), signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while httpx.get(f"{server.url}/health").status_code == 200 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        health = httpx.get(f"{server.url}/health")
+        assert health.status_code == 503 and health.json()["status"] == "draining"
+        refused = httpx.post(f"{server.url}/v1/completions", json={"prompt": "w5"}, timeout=30)
+        assert refused.status_code == 503 and refused.json()["error"]["type"] == "server_error"
+
+        for thread, box in first:
+            thread.join(timeout=120)
+            response = box["result"]
+            assert response.status_code == 200, response.text
+            assert response.json()["choices"][0]["finish_reason"] == "length"
+            assert response.json()["usage"]["completion_tokens"] == 250
+        assert server.proc.wait(timeout=60) == 0, server.output()[-3000:]
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("fault", ["kill", "hang"])
+def test_attention_worker_fault_fails_requests_and_exits(tmp_path, tiny_models, fault):
+    server = _start(tmp_path, tiny_models, runtime={"step_timeout_s": 5})
+    try:
+        plain = _in_background(_post(server, LONG))
+        streamed = _in_background(_stream_events(server, LONG))
+        _wait_running(server, 2)
+        victim = server.rank_pid(2)
+        started = time.monotonic()
+        os.kill(victim, signal.SIGKILL if fault == "kill" else signal.SIGSTOP)
+
+        plain[0].join(timeout=60)
+        response = plain[1]["result"]
+        assert response.status_code == 503, response.text
+        assert "the engine failed" in response.json()["error"]["message"]
+        streamed[0].join(timeout=60)
+        events = streamed[1]["result"]
+        assert events[-1] == "[DONE]"
+        assert "the engine failed" in json.loads(events[-2])["error"]["message"]
+        code = server.proc.wait(timeout=90)
+        assert code != 0
+        assert time.monotonic() - started < 90
+        assert "error: the engine failed" in server.output()
+    finally:
+        if fault == "hang":
+            try:
+                os.kill(victim, signal.SIGCONT)
+            except (ProcessLookupError, UnboundLocalError):
+                pass
+        server.stop()
