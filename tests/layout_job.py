@@ -27,7 +27,8 @@ def generate_on_ranks(cases, inputs):
         engine.on_logits = lambda request, row: seen.setdefault(request.request_id, []).append(row.clone())
         done = engine.generate([PromptInput(prompt_token_ids=p, params=params) for p, params in inputs])
         engine.shutdown()
-        results.append(([r.output_token_ids for r in done],
-                        [torch.stack(seen[r.request_id]) for r in done],
-                        [r.finish_reason for r in done]))
+        results.append({"tokens": [r.output_token_ids for r in done],
+                        "logits": [torch.stack(seen[r.request_id]) for r in done],
+                        "reasons": [r.finish_reason for r in done],
+                        "preemptions": engine.scheduler.num_preemptions})
     return results

@@ -1,7 +1,7 @@
 """Every layout gives the reference model's tokens: real gloo ranks, tiny LLaMA vs transformers.
 
 Each layout starts its ranks once and runs the untied and the tied model with 1 and 2
-micro-batches. Small KV blocks and a small prefill budget make the prompts span several
+micro-batches (1 to 4 in two layouts). Small KV blocks and a small prefill budget make the prompts span several
 blocks and several prefill chunks. Greedy tokens must equal `transformers`', seeded samples
 must equal those drawn from `transformers`' logits with the same seed, and the logits of
 every step must agree within 1e-4 (float32).
@@ -15,22 +15,22 @@ from conftest import REQUESTS
 from layout_job import generate_on_ranks
 from spawn_ranks import run_ranks
 
-LAYOUTS = {  # name: (tensor_parallel, attention_workers, attention_head_groups)
-    "tp1-attn1": (1, 1, 1),
-    "tp2-attn2-heads": (2, 2, 2),
-    "tp1-attn2-requests": (1, 2, 1),
-    "tp2-attn4-grid": (2, 4, 2),
-    "colocated-tp1": (1, 0, 1),
-    "colocated-tp2": (2, 0, 1),
+LAYOUTS = {  # name: (tensor_parallel, attention_workers, attention_head_groups, micro-batch counts)
+    "tp1-attn1": (1, 1, 1, (1, 2)),
+    "tp2-attn2-heads": (2, 2, 2, (1, 2)),
+    "tp1-attn2-requests": (1, 2, 1, (1, 2, 3, 4)),
+    "tp2-attn4-grid": (2, 4, 2, (1, 2)),
+    "colocated-tp1": (1, 0, 1, (1, 2, 3, 4)),
+    "colocated-tp2": (2, 0, 1, (1, 2)),
 }
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_layout_matches_transformers(layout, tiny_models):
-    tp, workers, groups = LAYOUTS[layout]
+    tp, workers, groups, micro_batch_counts = LAYOUTS[layout]
     cases, expected = [], []
     for name, model in tiny_models.items():
-        for micro_batches in (1, 2):
+        for micro_batches in micro_batch_counts:
             cases.append((str(model.canonical_dir), [
                 f"parallel.tensor_parallel={tp}", f"parallel.attention_workers={workers}",
                 f"parallel.attention_head_groups={groups}", f"scheduler.micro_batches={micro_batches}",
@@ -39,8 +39,8 @@ def test_layout_matches_transformers(layout, tiny_models):
             expected.append((f"{name}, micro_batches={micro_batches}", model))
     results = run_ranks(generate_on_ranks, tp + workers, cases, REQUESTS)
     assert len(results) == len(cases)
-    for (label, model), (tokens, logits, reasons) in zip(expected, results):
-        assert tokens == model.tokens, label
-        assert reasons == ["length"] * len(REQUESTS), label
-        for got, want in zip(logits, model.logits):
+    for (label, model), result in zip(expected, results):
+        assert result["tokens"] == model.tokens, label
+        assert result["reasons"] == ["length"] * len(REQUESTS), label
+        for got, want in zip(result["logits"], model.logits):
             assert torch.allclose(got, want, atol=1e-4, rtol=0), (label, (got - want).abs().max())

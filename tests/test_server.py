@@ -176,3 +176,18 @@ def test_client_disconnect_cancels_and_frees_blocks(server):
     assert 3 <= generated - before < 250  # cancelled: it did not run to max_tokens
     time.sleep(0.5)
     assert next(_metric(server, "lamina_generation_tokens_total")) == generated  # nothing runs on
+
+
+def test_load_tool_loses_and_duplicates_nothing(server):
+    """tools/load_test.py: 300 concurrent streaming requests, every one accounted for."""
+    import subprocess
+    import sys
+
+    from torchrun import ROOT
+
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "load_test.py"), "--url", server.url,
+                             "--requests", "300", "--concurrency", "300", "--max-tokens", "4", "--timeout", "240"],
+                            capture_output=True, text=True, timeout=300)
+    summary = json.loads(result.stdout)
+    assert result.returncode == 0, summary
+    assert summary["completed"] == 300 and summary["duplicated_ids"] == 0 and summary["generated_tokens"] == 1200

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Convert a checkpoint (Hugging Face, GGUF, ...) into a canonical megatron-lamina checkpoint.
+"""Convert a checkpoint (Hugging Face, GGUF, Megatron, DeepSpeed) into a canonical megatron-lamina checkpoint.
 
 The canonical directory (config.json, tokenizer/, model.safetensors in Megatron naming; see
 megatron_lamina/architecture.py) serves every tensor-parallel layout: model workers slice it
@@ -15,7 +15,6 @@ from pathlib import Path
 # Runnable as `python tools/convert_checkpoint.py` from a checkout without `pip install`.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from megatron_lamina.checkpoint.errors import CheckpointInputError  # noqa: E402
 from megatron_lamina.checkpoint.readers import READERS  # noqa: E402
 
 EXAMPLES = """examples:
@@ -27,6 +26,27 @@ EXAMPLES = """examples:
   # python -m megatron_lamina.checkpoint.default_model prints its path)
   python tools/convert_checkpoint.py --source gguf \\
       --input "$(python -m megatron_lamina.checkpoint.default_model)" --output checkpoints/smollm2-135m
+
+  # Megatron-LM / Megatron-core: a save dir (latest_checkpointed_iteration.txt) or one iter_* dir,
+  # torch_dist (metadata.json, *.distcp) or legacy mp_rank_TT[_PPP]/model_optim_rng.pt (TP/PP merged);
+  # the architecture comes from the stored training args, the tokenizer from --tokenizer
+  python tools/convert_checkpoint.py --source megatron --input ~/megatron/checkpoints/llama-8b \\
+      --tokenizer ~/megatron/tokenizer.model --output checkpoints/llama-8b --name llama-8b-sft
+
+  # ... a megatron-core save without training args: give them as JSON (Megatron argument names), e.g.
+  # {"num_layers": 32, "hidden_size": 4096, "ffn_hidden_size": 14336, "num_attention_heads": 32,
+  #  "group_query_attention": true, "num_query_groups": 8, "max_position_embeddings": 8192,
+  #  "normalization": "RMSNorm", "swiglu": true, "position_embedding_type": "rope",
+  #  "add_bias_linear": false, "untie_embeddings_and_output_weights": true, "rotary_base": 500000}
+  python tools/convert_checkpoint.py --source megatron --input ckpt/iter_0001000 \\
+      --model-config llama-8b-args.json --tokenizer ~/models/Llama-3.1-8B --output checkpoints/llama-8b
+
+  # DeepSpeed ZeRO stage 1/2/3 (consolidated with deepspeed's zero_to_fp32): a save dir with `latest`
+  # or one global_step* dir. HF models: config.json (and tokenizer) beside it, as HF Trainer saves
+  # checkpoint-N/, or --model-config CONFIG.json / --tokenizer DIR; Megatron-DeepSpeed models: the
+  # args stored by its save_checkpoint, and --tokenizer
+  python tools/convert_checkpoint.py --source deepspeed --input output/checkpoint-500 \\
+      --output checkpoints/my-finetune --dtype bfloat16
 """
 
 
@@ -44,9 +64,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--dtype",
         default="auto",
         choices=["auto", "float32", "bfloat16", "float16"],
-        help="dtype of the written tensors; auto: the source's own (HF), float32 (GGUF, dequantized)",
+        help="dtype of the written tensors; auto: the source's own (HF; Megatron: bf16/fp16 training args), "
+        "float32 (GGUF, dequantized; DeepSpeed, fp32 master weights)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    parser.add_argument("--name", help='model name stored in config.json ("source": {"name": ...})')
+    parser.add_argument(
+        "--tokenizer",
+        type=Path,
+        help="megatron, deepspeed: a SentencePiece tokenizer.model or a Hugging Face tokenizer directory",
+    )
+    parser.add_argument(
+        "--model-config",
+        type=Path,
+        help="megatron: JSON of Megatron training arguments (override those stored in the checkpoint); "
+        "deepspeed: a Hugging Face config.json (or its directory), or Megatron arguments as for megatron",
+    )
     return parser.parse_args(argv)
 
 
@@ -55,8 +88,17 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_lamina.checkpoint.convert import convert_checkpoint
 
     try:
-        output = convert_checkpoint(args.source, args.input, args.output, args.dtype, args.overwrite)
-    except CheckpointInputError as e:
+        output = convert_checkpoint(
+            args.source,
+            args.input,
+            args.output,
+            args.dtype,
+            args.overwrite,
+            name=args.name,
+            tokenizer=args.tokenizer,
+            model_config=args.model_config,
+        )
+    except ValueError as e:  # CheckpointInputError, an option that does not apply to --source
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {output}")

@@ -51,9 +51,7 @@ class HFCheckpointReader:
             raise CheckpointInputError(path, "no such directory (expected a Hugging Face model directory)")
         self._open_files: dict[str, Any] = {}
         self._config_path = self.path / "config.json"
-        self.config = _read_json(self._config_path, required=True)
-        self.notes: list[str] = []
-        self.architecture = self._read_architecture()
+        self.config, self.architecture, self.notes = read_hf_architecture(self._config_path)
         self._weight_map, self._weights_kind = self._index_weights()
         # Saved from the bare LlamaModel: names lack the "model." prefix.
         self._strip_model_prefix = "model.embed_tokens.weight" not in self._weight_map and (
@@ -66,78 +64,6 @@ class HFCheckpointReader:
             )
         source_dtype = self.config.get("dtype") or self.config.get("torch_dtype")
         self.default_dtype = source_dtype if source_dtype in DTYPES else "float32"
-
-    # -- architecture ------------------------------------------------------------------------
-
-    def _read_architecture(self) -> ModelArchitecture:
-        c, where = self.config, self._config_path
-        model_type = c.get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise CheckpointInputError(
-                where, f"model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-            )
-        if c.get("hidden_act", "silu") != "silu":
-            raise CheckpointInputError(where, f"hidden_act {c['hidden_act']!r} is not supported (only silu)")
-        if c.get("mlp_bias"):
-            raise CheckpointInputError(where, "mlp_bias=true is not supported")
-        if model_type != "qwen2" and c.get("attention_bias"):
-            raise CheckpointInputError(where, "attention_bias=true (biases on q/k/v and o_proj) is not supported")
-        if model_type == "qwen2" and c.get("use_sliding_window"):
-            raise CheckpointInputError(where, "use_sliding_window=true is not supported")
-
-        missing = [k for k in REQUIRED_KEYS if k not in c]
-        if missing:
-            raise CheckpointInputError(where, f"lacks {', '.join(missing)}")
-        heads = c["num_attention_heads"]
-        max_positions = c.get("max_position_embeddings", 4096)
-        sliding_window = c.get("sliding_window") if model_type == "mistral" else None
-        if sliding_window is not None and sliding_window < max_positions:
-            # Within the window, sliding-window attention is full attention: capping the
-            # context keeps the model exact.
-            self.notes.append(f"max_position_embeddings {max_positions} capped to sliding_window {sliding_window}")
-            max_positions = sliding_window
-        rope_theta, rope_scaling = self._read_rope()
-        generation = _read_json(self.path / "generation_config.json", required=False)
-        eos_ids = _as_list(generation.get("eos_token_id")) + _as_list(c.get("eos_token_id"))
-        bos = c.get("bos_token_id")
-        return ModelArchitecture(
-            vocab_size=c["vocab_size"],
-            hidden_size=c["hidden_size"],
-            intermediate_size=c["intermediate_size"],
-            num_layers=c["num_hidden_layers"],
-            num_attention_heads=heads,
-            num_kv_heads=c.get("num_key_value_heads") or heads,
-            head_dim=c.get("head_dim") or c["hidden_size"] // heads,
-            max_position_embeddings=max_positions,
-            rms_norm_eps=c.get("rms_norm_eps", 1e-6),
-            rope_theta=rope_theta,
-            rope_scaling=rope_scaling,
-            tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
-            qkv_bias=model_type == "qwen2",
-            bos_token_id=bos if bos is not None else generation.get("bos_token_id"),
-            eos_token_ids=list(dict.fromkeys(eos_ids)),
-        )
-
-    def _read_rope(self) -> tuple[float, RopeScaling | None]:
-        # transformers >= 5 writes "rope_parameters" (theta included); older "rope_theta" and
-        # "rope_scaling" (with "type" before "rope_type").
-        c = self.config
-        params = c.get("rope_parameters") or c.get("rope_scaling") or {}
-        theta = params.get("rope_theta", c.get("rope_theta", 10000.0))
-        rope_type = params.get("rope_type", params.get("type", "default"))
-        if rope_type == "default":
-            return float(theta), None
-        if rope_type != "llama3":
-            raise CheckpointInputError(
-                self._config_path, f"rope type {rope_type!r} is not supported (supported: default, llama3)"
-            )
-        scaling = RopeScaling(
-            factor=float(params["factor"]),
-            low_freq_factor=float(params["low_freq_factor"]),
-            high_freq_factor=float(params["high_freq_factor"]),
-            original_max_position_embeddings=int(params["original_max_position_embeddings"]),
-        )
-        return float(theta), scaling
 
     # -- weights -----------------------------------------------------------------------------
 
@@ -219,6 +145,92 @@ class HFCheckpointReader:
         if self.notes:
             info["notes"] = self.notes
         return info
+
+
+def read_hf_architecture(config_path: Path) -> tuple[dict[str, Any], ModelArchitecture, list[str]]:
+    """(config.json's dict, the architecture, notes on adjustments) of a Hugging Face model's
+    config.json (+ generation_config.json beside it for the eos ids). Also used by the
+    DeepSpeed reader for the models that Hugging Face Trainer checkpoints."""
+    reader = _HFConfig(config_path)
+    return reader.config, reader.read_architecture(), reader.notes
+
+
+class _HFConfig:
+    def __init__(self, config_path: Path):
+        self._config_path = config_path
+        self.path = config_path.parent
+        self.config = _read_json(config_path, required=True)
+        self.notes: list[str] = []
+
+    def read_architecture(self) -> ModelArchitecture:
+        c, where = self.config, self._config_path
+        model_type = c.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise CheckpointInputError(
+                where, f"model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        if c.get("hidden_act", "silu") != "silu":
+            raise CheckpointInputError(where, f"hidden_act {c['hidden_act']!r} is not supported (only silu)")
+        if c.get("mlp_bias"):
+            raise CheckpointInputError(where, "mlp_bias=true is not supported")
+        if model_type != "qwen2" and c.get("attention_bias"):
+            raise CheckpointInputError(where, "attention_bias=true (biases on q/k/v and o_proj) is not supported")
+        if model_type == "qwen2" and c.get("use_sliding_window"):
+            raise CheckpointInputError(where, "use_sliding_window=true is not supported")
+
+        missing = [k for k in REQUIRED_KEYS if k not in c]
+        if missing:
+            raise CheckpointInputError(where, f"lacks {', '.join(missing)}")
+        heads = c["num_attention_heads"]
+        max_positions = c.get("max_position_embeddings", 4096)
+        sliding_window = c.get("sliding_window") if model_type == "mistral" else None
+        if sliding_window is not None and sliding_window < max_positions:
+            # Within the window, sliding-window attention is full attention: capping the
+            # context keeps the model exact.
+            self.notes.append(f"max_position_embeddings {max_positions} capped to sliding_window {sliding_window}")
+            max_positions = sliding_window
+        rope_theta, rope_scaling = self._read_rope()
+        generation = _read_json(self.path / "generation_config.json", required=False)
+        eos_ids = _as_list(generation.get("eos_token_id")) + _as_list(c.get("eos_token_id"))
+        bos = c.get("bos_token_id")
+        return ModelArchitecture(
+            vocab_size=c["vocab_size"],
+            hidden_size=c["hidden_size"],
+            intermediate_size=c["intermediate_size"],
+            num_layers=c["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_kv_heads=c.get("num_key_value_heads") or heads,
+            head_dim=c.get("head_dim") or c["hidden_size"] // heads,
+            max_position_embeddings=max_positions,
+            rms_norm_eps=c.get("rms_norm_eps", 1e-6),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
+            qkv_bias=model_type == "qwen2",
+            bos_token_id=bos if bos is not None else generation.get("bos_token_id"),
+            eos_token_ids=list(dict.fromkeys(eos_ids)),
+        )
+
+    def _read_rope(self) -> tuple[float, RopeScaling | None]:
+        # transformers >= 5 writes "rope_parameters" (theta included); older "rope_theta" and
+        # "rope_scaling" (with "type" before "rope_type").
+        c = self.config
+        params = c.get("rope_parameters") or c.get("rope_scaling") or {}
+        theta = params.get("rope_theta", c.get("rope_theta", 10000.0))
+        rope_type = params.get("rope_type", params.get("type", "default"))
+        if rope_type == "default":
+            return float(theta), None
+        if rope_type != "llama3":
+            raise CheckpointInputError(
+                self._config_path, f"rope type {rope_type!r} is not supported (supported: default, llama3)"
+            )
+        scaling = RopeScaling(
+            factor=float(params["factor"]),
+            low_freq_factor=float(params["low_freq_factor"]),
+            high_freq_factor=float(params["high_freq_factor"]),
+            original_max_position_embeddings=int(params["original_max_position_embeddings"]),
+        )
+        return float(theta), scaling
 
 
 class _BinFile:
