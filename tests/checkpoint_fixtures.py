@@ -10,6 +10,7 @@ permuted for its RoPE, chosen tensors F16 or quantized). Imported by tests/test_
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -210,3 +211,189 @@ def run_tool(*args: str) -> int:
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     return tool.main([str(a) for a in args])
+
+
+# -- training frameworks (Megatron, DeepSpeed) ------------------------------------------------
+
+
+def write_sentencepiece_model(path: Path, vocab_size: int = 256) -> Path:
+    """A BPE SentencePiece model as Megatron's GPTSentencePieceTokenizer reads it (<unk>=0,
+    <s>=1, </s>=2, like the tiny LLaMA models' ids)."""
+    import sentencepiece as spm
+
+    words = [f"w{i}" for i in range(400)]
+    text = [" ".join(words[j : j + 7]) + " the quick brown fox" for j in range(0, 400, 3)]
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(text), model_prefix=str(path.with_suffix("")), vocab_size=vocab_size,
+        model_type="bpe", unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2,
+    )  # fmt: skip
+    return path.with_suffix(".model")
+
+
+def write_megatron_legacy(hf_model, out: Path, args, tp: int, pp: int, iteration: int = 20) -> Path:
+    """A Megatron-LM `--ckpt-format torch` save of `hf_model` by a TP x PP run with the
+    Transformer-Engine layer spec, built by slicing its weights the way Megatron's parallel
+    layers hold them (written out here from Megatron's conventions, not from our converter):
+    fused QKV rows per KV group [its query heads; its key; its value], a rank holding whole
+    groups; fc1 per rank [its gate rows; its up rows]; linear_proj / fc2 split by columns;
+    the vocabulary padded to args.padded_vocab_size with random rows; stage p holding layers
+    p*L/pp... numbered from 0, the embedding on the first stage, the final norm and output
+    layer on the last."""
+    c, hf = hf_model.config, hf_model.state_dict()
+    heads, kv, hidden = c.num_attention_heads, c.num_key_value_heads, c.hidden_size
+    d, qpk, ffn, vocab = hidden // heads, heads // kv, c.intermediate_size, c.vocab_size
+    padded = args.padded_vocab_size
+    generator = torch.Generator().manual_seed(7)
+
+    def padded_vocab(w):
+        return torch.cat([w, torch.randn(padded - vocab, hidden, generator=generator)])
+
+    embedding, output = padded_vocab(hf["model.embed_tokens.weight"]), padded_vocab(hf["lm_head.weight"])
+    per_stage = c.num_hidden_layers // pp
+    iteration_dir = out / f"iter_{iteration:07d}"
+    for t in range(tp):
+        vocab_rows = slice(t * padded // tp, (t + 1) * padded // tp)
+        ffn_rows = slice(t * ffn // tp, (t + 1) * ffn // tp)
+        head_cols = slice(t * heads * d // tp, (t + 1) * heads * d // tp)
+        for p in range(pp):
+            model = {}
+            if p == 0:
+                model["embedding.word_embeddings.weight"] = embedding[vocab_rows].clone()
+            for local in range(per_stage):
+                h, m = f"model.layers.{p * per_stage + local}.", f"decoder.layers.{local}."
+                q, k, v = (hf[h + f"self_attn.{x}_proj.weight"] for x in "qkv")
+                qkv = []
+                for g in range(t * kv // tp, (t + 1) * kv // tp):
+                    qkv += [q[g * qpk * d : (g + 1) * qpk * d], k[g * d : (g + 1) * d], v[g * d : (g + 1) * d]]
+                model[m + "self_attention.linear_qkv.layer_norm_weight"] = hf[h + "input_layernorm.weight"].clone()
+                model[m + "self_attention.linear_qkv.weight"] = torch.cat(qkv)
+                model[m + "self_attention.linear_qkv._extra_state"] = None
+                model[m + "self_attention.linear_proj.weight"] = hf[h + "self_attn.o_proj.weight"][:, head_cols].clone()
+                model[m + "mlp.linear_fc1.layer_norm_weight"] = hf[h + "post_attention_layernorm.weight"].clone()
+                gate, up = hf[h + "mlp.gate_proj.weight"], hf[h + "mlp.up_proj.weight"]
+                model[m + "mlp.linear_fc1.weight"] = torch.cat([gate[ffn_rows], up[ffn_rows]])
+                model[m + "mlp.linear_fc2.weight"] = hf[h + "mlp.down_proj.weight"][:, ffn_rows].clone()
+            if p == pp - 1:
+                model["decoder.final_layernorm.weight"] = hf["model.norm.weight"].clone()
+                model["output_layer.weight"] = output[vocab_rows].clone()
+            rank_dir = iteration_dir / (f"mp_rank_{t:02d}" + (f"_{p:03d}" if pp > 1 else ""))
+            rank_dir.mkdir(parents=True)
+            state = {"args": args, "checkpoint_version": 3.0, "iteration": iteration, "model": model}
+            torch.save(state, rank_dir / "model_optim_rng.pt")
+    (out / "latest_checkpointed_iteration.txt").write_text(str(iteration))
+    return out
+
+
+class FrameworkCheckpoints:
+    """Checkpoints saved by Megatron-core / Megatron-LM conventions and by DeepSpeed, their
+    conversions, and what the engine generated from each (shared by
+    test_checkpoint_megatron.py and test_checkpoint_deepspeed.py; built once per session by
+    `framework_checkpoints`).
+
+    sources[name]    the saved checkpoint's directory (--input)
+    converted[name]  its canonical checkpoint, converted with tools/convert_checkpoint.py
+    served[name]     {"tokens", "logits"} generated from it (TP=2 + 1 attention worker) for
+                     the greedy requests, conftest.REQUESTS[:SERVED_REQUESTS]
+    reference[name]  the tiny transformers model it holds (conftest.TinyModel)
+    """
+
+    SERVED_REQUESTS = 4  # conftest.REQUESTS[:4]: each prompt once, greedy
+    SERVE_LAYOUT = [
+        "parallel.tensor_parallel=2", "parallel.attention_workers=1", "parallel.attention_head_groups=1",
+        "kv_cache.block_size=4", "kv_cache.num_blocks=32", "scheduler.max_prefill_tokens=8",
+    ]  # fmt: skip
+
+    def __init__(self, root: Path, tiny_models: dict):
+        import subprocess
+
+        self.root = root
+        untied, tied = tiny_models["untied"], tiny_models["tied"]
+        self.tokenizer_model = write_sentencepiece_model(root / "tokenizer.model")
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        log_path = root / "ckpt_save.log"  # a file, not a pipe: a full pipe would stall the savers
+        args = [root, untied.canonical_dir, self.tokenizer_model, tied.hf_dir]
+        with open(log_path, "w") as log:  # the savers run while this process slices one by hand
+            saver = subprocess.Popen(
+                [sys.executable, str(REPO_ROOT / "tests" / "ckpt_save.py"), *map(str, args)],
+                stdout=log, stderr=subprocess.STDOUT, env=env,
+            )  # fmt: skip
+            self._write_legacy_tp2_pp2(untied)
+            saver.wait(timeout=600)
+        assert saver.returncode == 0, log_path.read_text()[-3000:]
+
+        megatron, deepspeed = root / "megatron", root / "deepspeed"
+        self.sources = {
+            "torch_dist": megatron / "torch_dist",
+            "torch_dist_per_layer": megatron / "torch_dist_per_layer" / "iter_0000010",
+            "legacy_tp2": megatron / "legacy_tp2",
+            "legacy_tp2_pp2": megatron / "legacy_tp2_pp2",
+            "mcore_no_args": megatron / "mcore_no_args",
+            "zero1": deepspeed / "zero1",
+            "zero2": deepspeed / "zero2",
+            "zero3": deepspeed / "zero3",
+            "megatron_deepspeed": deepspeed / "megatron_deepspeed",
+        }
+        self.reference = {name: (tied if name.startswith(("zero", "megatron_deepspeed")) else untied) for name in self.sources}
+        model_config = root / "megatron_args.json"  # what the bare megatron-core save lacks
+        model_config.write_text(json.dumps(vars(self._megatron_args(untied, tp=2, pp=1)), default=str))
+        options = {  # exercise each way of naming the tokenizer and the architecture
+            "torch_dist": ["--tokenizer", untied.hf_dir, "--name", "tiny-megatron"],
+            "torch_dist_per_layer": ["--tokenizer", self.tokenizer_model],
+            "legacy_tp2": [],  # the tokenizer_model named in the stored args
+            "legacy_tp2_pp2": ["--tokenizer", self.tokenizer_model],
+            "mcore_no_args": ["--tokenizer", self.tokenizer_model, "--model-config", model_config],
+            "zero1": [],  # config.json and tokenizer beside `latest`, as HF Trainer saves them
+            "zero2": [],  # --input is the global_step1 dir itself (see below)
+            "zero3": ["--model-config", tied.hf_dir / "config.json", "--tokenizer", tied.hf_dir],
+            "megatron_deepspeed": ["--tokenizer", tied.hf_dir],
+        }
+        self.converted = {}
+        inputs = {**self.sources, "zero2": self.sources["zero2"] / "global_step1"}
+        for name, source in inputs.items():
+            out = root / "converted" / name
+            kind = "deepspeed" if name in ("zero1", "zero2", "zero3", "megatron_deepspeed") else "megatron"
+            assert run_tool("--source", kind, "--input", source, "--output", out, *options[name]) == 0, name
+            self.converted[name] = out
+
+        from conftest import REQUESTS
+        from layout_job import generate_on_ranks
+        from spawn_ranks import run_ranks
+
+        # These two hold torch_dist's tensors in other keys; their conversions are compared
+        # with it tensor for tensor.
+        served = [name for name in self.converted if name not in ("mcore_no_args", "torch_dist_per_layer")]
+        cases = [(str(self.converted[name]), self.SERVE_LAYOUT) for name in served]
+        results = run_ranks(generate_on_ranks, 3, cases, REQUESTS[: self.SERVED_REQUESTS])
+        self.served = {name: _generated(result) for name, result in zip(served, results)}
+
+    def _megatron_args(self, model, tp: int, pp: int):
+        from ckpt_save_megatron import megatron_lm_args
+
+        from megatron_lamina.architecture import read_architecture
+
+        arch = read_architecture(model.canonical_dir)
+        return megatron_lm_args(arch, str(self.tokenizer_model), tp=tp, pp=pp, ckpt_format="torch")
+
+    def _write_legacy_tp2_pp2(self, model) -> None:
+        from transformers import AutoModelForCausalLM
+
+        hf_model = AutoModelForCausalLM.from_pretrained(model.hf_dir, dtype=torch.float32)
+        args = self._megatron_args(model, tp=2, pp=2)
+        write_megatron_legacy(hf_model, self.root / "megatron" / "legacy_tp2_pp2", args, tp=2, pp=2)
+
+
+def _generated(result) -> dict:
+    """layout_job.generate_on_ranks's result for one case, as {"tokens", "logits"}."""
+    if isinstance(result, dict):
+        return result
+    tokens, logits, *_ = result
+    return {"tokens": tokens, "logits": logits}
+
+
+_FRAMEWORKS: list[FrameworkCheckpoints] = []
+
+
+def framework_checkpoints(tmp_path_factory, tiny_models) -> FrameworkCheckpoints:
+    if not _FRAMEWORKS:
+        _FRAMEWORKS.append(FrameworkCheckpoints(tmp_path_factory.mktemp("frameworks"), tiny_models))
+    return _FRAMEWORKS[0]

@@ -1,8 +1,6 @@
 """Saves DeepSpeed ZeRO stage 1, 2 and 3 checkpoints with a real DeepSpeed engine, for the tests.
 
-    python tests/ckpt_save_deepspeed.py HF_DIR OUT_DIR
-
-Two gloo ranks (data parallel, DeepSpeed's CPU accelerator) load the transformers model in
+`save_on_rank(hf_dir, out_dir)` runs on each of two ranks (see tests/ckpt_save.py). Two gloo ranks (data parallel, DeepSpeed's CPU accelerator) load the transformers model in
 HF_DIR, `deepspeed.initialize` it with ZeRO stage 1, 2 and 3 in turn, take one optimizer
 step with learning rate 0 (the fp32 master weights stay the model's, so the tests' reference
 outputs hold), and `engine.save_checkpoint(OUT_DIR/zeroN)`: `latest`, `global_step1/` with one
@@ -22,8 +20,6 @@ import torch
 
 TESTS = Path(__file__).resolve().parent
 sys.path[:0] = [str(TESTS.parent), str(TESTS)]
-
-WORLD = 2
 
 
 def _deepspeed():
@@ -133,8 +129,3 @@ def save_on_rank(hf_dir: str, out_dir: str) -> None:
     engine.save_checkpoint(str(out / "megatron_deepspeed"), tag="global_step7", client_state=client_state)
     torch.distributed.barrier()
 
-
-if __name__ == "__main__":
-    from spawn_ranks import run_ranks
-
-    run_ranks(save_on_rank, WORLD, sys.argv[1], sys.argv[2])

@@ -1,19 +1,20 @@
 """Saves a real Megatron-core GPTModel (TP=2, two gloo ranks) the way Megatron-LM does, for the tests.
 
-    python tests/ckpt_save_megatron.py CANONICAL_DIR OUT_DIR SENTENCEPIECE_MODEL
-
-Each rank builds Megatron's `GPTModel` with the local layer spec, fills its TP shard from a
+`save_on_rank(canonical_dir, out_dir, sentencepiece_model)` runs on each of two ranks (see
+tests/ckpt_save.py, which also runs the DeepSpeed saves on the same ranks). Each rank builds Megatron's `GPTModel` with the local layer spec, fills its TP shard from a
 canonical checkpoint (so the model equals a transformers model the tests know), puts random
 values in the rows of the padded vocabulary (as training leaves them), and writes:
     OUT_DIR/torch_dist/      Megatron-LM's --ckpt-format torch_dist layout: `dist_checkpointing.save`
                              of {"args", "iteration", "checkpoint_version", "model": sharded state dict},
                              latest_checkpointed_iteration.txt, iter_0000010/
+    OUT_DIR/torch_dist_per_layer/  the same with Megatron's `singleton_local_shards` metadata: layers
+                             kept apart (decoder.layers.N.*), fc1 split into ..._w / ..._v keys
     OUT_DIR/mcore_no_args/   a bare megatron-core `dist_checkpointing.save` of the model only
     OUT_DIR/legacy_tp2/      --ckpt-format torch: iter_0000010/mp_rank_0T/model_optim_rng.pt with
                              each rank's `model.state_dict()`
-A script (not a test helper called in-process) because dist_checkpointing.save starts worker
-processes, which needs a `__main__` guard; on CPU it also needs the two torch.cuda calls of its
-save path patched (below).
+It runs under a script (not in the pytest process) because dist_checkpointing.save starts
+worker processes, which needs a `__main__` guard; on CPU it also needs the two torch.cuda
+calls of its save path patched (below).
 """
 
 from __future__ import annotations
@@ -78,11 +79,12 @@ def megatron_lm_args(arch, tokenizer_model: str, tp: int, pp: int, ckpt_format: 
 def save_on_rank(canonical_dir: str, out_dir: str, tokenizer_model: str) -> None:
     import torch.distributed as dist
 
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
     # dist_checkpointing's save path synchronizes CUDA and puts a flag tensor on the current
     # CUDA device; on CPU both become no-ops / the CPU.
     torch.cuda.synchronize = lambda *args, **kwargs: None
     torch.cuda.current_device = lambda: "cpu"
-    dist.init_process_group("gloo")
     from megatron.core import dist_checkpointing, parallel_state
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -113,10 +115,11 @@ def save_on_rank(canonical_dir: str, out_dir: str, tokenizer_model: str) -> None
                 weight[padding] = torch.randn_like(weight[padding])
 
     torch_dist = out / "torch_dist" / f"iter_{ITERATION:07d}"
+    per_layer = out / "torch_dist_per_layer" / f"iter_{ITERATION:07d}"
     no_args = out / "mcore_no_args"
     legacy = out / "legacy_tp2" / f"iter_{ITERATION:07d}" / f"mp_rank_{rank:02d}"
     if rank == 0:
-        for directory in (torch_dist, no_args):
+        for directory in (torch_dist, per_layer, no_args):
             directory.mkdir(parents=True)
         for save_dir in (out / "torch_dist", out / "legacy_tp2"):
             save_dir.mkdir(parents=True, exist_ok=True)
@@ -126,6 +129,8 @@ def save_on_rank(canonical_dir: str, out_dir: str, tokenizer_model: str) -> None
 
     state = {"args": args, "checkpoint_version": 3.0, "iteration": ITERATION}
     dist_checkpointing.save({**state, "model": model.sharded_state_dict()}, str(torch_dist))
+    per_layer_model = model.sharded_state_dict(metadata={"singleton_local_shards": True})
+    dist_checkpointing.save({**state, "model": per_layer_model}, str(per_layer))
     dist_checkpointing.save(model.sharded_state_dict(), str(no_args))
     legacy_args = megatron_lm_args(arch, tokenizer_model, TP, 1, "torch")
     rng_state = [{"random_rng_state": torch.get_rng_state(), "rng_tracker_states": {}}]
@@ -135,9 +140,3 @@ def save_on_rank(canonical_dir: str, out_dir: str, tokenizer_model: str) -> None
     )
     dist.barrier()
 
-
-if __name__ == "__main__":
-    from spawn_ranks import run_ranks
-
-    canonical, out, sentencepiece = sys.argv[1:4]
-    run_ranks(save_on_rank, TP, canonical, out, sentencepiece)

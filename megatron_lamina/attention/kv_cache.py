@@ -1,6 +1,8 @@
 """Paged KV cache of one attention shard (DESIGN.md section 6).
 
-Per layer, K and V are stored as `[num_blocks, block_size, kv_heads_local, head_dim]`.
+Per layer, K and V are stored as `[num_blocks, kv_heads_local, block_size, head_dim]`
+(heads outside tokens, FlashInfer's "HND"): the `block_size x head_dim` values of one head
+in one block are contiguous, which is what decode attention streams.
 The driver's block manager owns the block tables; this class only writes new tokens into
 the slots a block table names and reads a request's context back. Attention workers own one
 of these for their KV-head group and request shard; in the colocated layout each model
@@ -23,7 +25,7 @@ class PagedKVCache:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int,
                  head_dim: int, dtype: torch.dtype, device: torch.device | str = "cpu"):
         self.num_blocks, self.block_size = num_blocks, block_size
-        shape = (num_blocks, block_size, kv_heads, head_dim)
+        shape = (num_blocks, kv_heads, block_size, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
 
@@ -33,10 +35,12 @@ class PagedKVCache:
         return 2 * num_layers * block_size * kv_heads * head_dim * dtype.itemsize
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """k, v: [tokens, kv_heads, head_dim] stored at flat `slots`."""
-        self.k[layer].view(-1, *k.shape[1:])[slots] = k
-        self.v[layer].view(-1, *v.shape[1:])[slots] = v
+        """k, v: [tokens, kv_heads, head_dim] stored at flat `slots` (block * block_size + offset)."""
+        blocks, offsets = slots // self.block_size, slots % self.block_size
+        self.k[layer][blocks, :, offsets] = k
+        self.v[layer][blocks, :, offsets] = v
 
     def read(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        k, v = self.k[layer], self.v[layer]
-        return k.view(-1, *k.shape[2:])[slots], v.view(-1, *v.shape[2:])[slots]
+        """[tokens, kv_heads, head_dim] of K and V at `slots`."""
+        blocks, offsets = slots // self.block_size, slots % self.block_size
+        return self.k[layer][blocks, :, offsets], self.v[layer][blocks, :, offsets]

@@ -37,15 +37,14 @@ DEFAULTS = {
     "rotary_base": 10000,
     "rotary_percent": 1.0,
 }
-# argument -> (value this system serves, what to say when it differs)
+# Arguments whose being set (true, non-zero) means a model this system cannot serve.
 UNSUPPORTED_WHEN_SET = {
-    "rotary_interleaved": "interleaved-pair RoPE",
+    "rotary_interleaved": "interleaved-pair RoPE (rotary_interleaved)",
     "apply_layernorm_1p": "zero-centered norm weights (apply_layernorm_1p)",
     "qk_layernorm": "QK layer norms",
     "multi_latent_attention": "multi-latent attention",
     "apply_residual_connection_post_layernorm": "post-norm residuals",
     "num_experts": "mixture-of-experts layers",
-    "moe_layer_freq": None,  # only meaningful with num_experts
 }
 # Megatron's LLaMA-3.1 RoPE scaling hard-codes all but the factor.
 LLAMA3_LOW_FREQ_FACTOR, LLAMA3_HIGH_FREQ_FACTOR, LLAMA3_ORIGINAL_CONTEXT = 1.0, 4.0, 8192
@@ -158,5 +157,5 @@ def _check_supported(args: dict[str, Any], where: Path, get) -> None:
     if float(get("rotary_percent")) != 1.0:
         raise unsupported(f"partial rotary embeddings (rotary_percent {get('rotary_percent')})")
     for name, what in UNSUPPORTED_WHEN_SET.items():
-        if what and args.get(name):
+        if args.get(name):
             raise unsupported(what)

@@ -11,6 +11,7 @@ Megatron tokenizer the model was trained with did.
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import tempfile
 from functools import cached_property
@@ -46,6 +47,10 @@ class TokenizerSource:
         try:
             if self.kind == "hf":
                 return AutoTokenizer.from_pretrained(str(self.path), local_files_only=True)
+            if importlib.util.find_spec("google.protobuf") is None:
+                raise CheckpointInputError(
+                    self.path, "converting a SentencePiece model needs protobuf: pip install protobuf"
+                )
             # transformers converts a SentencePiece model found as tokenizer.model in a directory.
             with tempfile.TemporaryDirectory() as tmp:
                 shutil.copyfile(self.path, Path(tmp) / "tokenizer.model")

@@ -7,21 +7,21 @@ worker's KV-head group, append k, v to the paged cache, attend, and send the out
 
 from __future__ import annotations
 
-from megatron_lamina.attention.kv_cache import PagedKVCache
-from megatron_lamina.attention.reference import attend_chunks
 from megatron_lamina.plan import StepPlan
+from megatron_lamina.transport.channel import AttendFn
 from megatron_lamina.transport.p2p import AttentionEndpoint
 
 
 class AttentionRunner:
-    def __init__(self, endpoint: AttentionEndpoint, cache: PagedKVCache, num_layers: int):
-        self.endpoint, self.cache, self.num_layers = endpoint, cache, num_layers
+    def __init__(self, endpoint: AttentionEndpoint, attend: AttendFn, num_layers: int):
+        self.endpoint, self.attend, self.num_layers = endpoint, attend, num_layers
 
     def run(self, plan: StepPlan) -> None:
         shard = self.endpoint.shard
-        mine = [mb for mb in plan.micro_batches if mb.shard_chunks(shard)]
+        mine = [(mb, mb.shard_chunks(shard)) for mb in plan.micro_batches]
+        mine = [(mb, chunks) for mb, chunks in mine if chunks]
         for layer in range(self.num_layers):
-            for mb in mine:
+            for mb, chunks in mine:
                 q, k, v = self.endpoint.receive(mb)
-                self.endpoint.reply(attend_chunks(self.cache, layer, mb.shard_chunks(shard), q, k, v))
+                self.endpoint.reply(self.attend(layer, chunks, q, k, v))
         self.endpoint.drain()

@@ -72,12 +72,14 @@ def start_rank(cfg: LaminaConfig) -> RankContext:
     cache = PagedKVCache(arch.num_layers, num_blocks, cfg.kv_cache.block_size, kv_heads,
                          arch.head_dim, dtype, device) if holds_cache else None
 
+    attend = _attention_kernel(cache, device) if holds_cache else None
+    host_staging = device.type == "cuda" and dist.get_backend() == "gloo"
     if topology.is_model_worker(rank):
         kv_lo, _ = topology.tp_kv_range(rank)
         if topology.colocated:
-            channel = LocalChannel(partial(attend_chunks, cache))
+            channel = LocalChannel(attend)
         else:
-            channel = P2PChannel(topology.routes_from_tp(rank), kv_lo, arch.queries_per_kv_head)
+            channel = P2PChannel(topology.routes_from_tp(rank), kv_lo, arch.queries_per_kv_head, host_staging)
         loader = CheckpointShardLoader(cfg.model.checkpoint, rank, topology.tp_size, dtype)
         model = LlamaModel(arch, dtype, groups.tp, channel, loader.padded_vocab_size)
         loader.load_into(model)
@@ -86,17 +88,27 @@ def start_rank(cfg: LaminaConfig) -> RankContext:
         group, shard = topology.attention_coords(rank)
         kv_lo, _ = topology.group_kv_range(group)
         endpoint = AttentionEndpoint(topology.routes_to_attention(rank), shard, kv_lo, kv_heads,
-                                     arch.queries_per_kv_head, arch.head_dim, dtype, device)
-        runner = AttentionRunner(endpoint, cache, arch.num_layers)
+                                     arch.queries_per_kv_head, arch.head_dim, dtype, device, host_staging)
+        runner = AttentionRunner(endpoint, attend, arch.num_layers)
     return RankContext(cfg, arch, topology, groups, rank, device, num_blocks, runner)
+
+
+def _attention_kernel(cache: PagedKVCache, device: torch.device):
+    """The torch reference on CPU; the Triton decode kernel + SDPA prefill on CUDA."""
+    if device.type == "cuda":
+        from megatron_lamina.attention.gpu import PagedAttention
+
+        return PagedAttention(cache)
+    return partial(attend_chunks, cache)
 
 
 def _device(cfg: LaminaConfig) -> torch.device:
     if cfg.runtime.device == "cpu":
         return torch.device("cpu")
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    torch.cuda.set_device(local_rank)
-    return torch.device("cuda", local_rank)
+    # Ranks beyond the GPU count share devices (e.g. a disaggregated smoke test on one GPU).
+    index = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
 
 
 def _agree_num_blocks(cfg, arch, groups, holds_cache, kv_heads, device) -> int:

@@ -7,6 +7,9 @@ with those rows' q, k and v of the overlapping heads, and receives `[rows, q_hea
 head_dim]` back. No metadata travels: both sides derive row ranges and head slices from the
 step plan and the topology. Sends and receives are asynchronous (`isend`/`irecv`), posted in
 plan order (layer-major, then micro-batch), which is identical on every rank.
+
+`host_staging` is for GPU tensors over gloo (e.g. two ranks sharing one GPU, where NCCL
+refuses to pair a device with itself): messages go through host memory.
 """
 
 from __future__ import annotations
@@ -36,8 +39,9 @@ def _head_slices(route: Route, own_kv_lo: int, queries_per_kv: int) -> tuple[sli
 class P2PChannel:
     """Model-worker end."""
 
-    def __init__(self, routes: list[Route], own_kv_lo: int, queries_per_kv: int):
+    def __init__(self, routes: list[Route], own_kv_lo: int, queries_per_kv: int, host_staging: bool = False):
         self.routes, self.own_kv_lo, self.queries_per_kv = routes, own_kv_lo, queries_per_kv
+        self.host_staging = host_staging
 
     def begin(self, layer, mb: MicroBatch, q, k, v) -> PendingExchange:
         pending = PendingExchange(out=torch.empty_like(q))
@@ -49,7 +53,9 @@ class P2PChannel:
             packed = torch.cat(
                 [q[lo:hi, qs].flatten(1), k[lo:hi, kvs].flatten(1), v[lo:hi, kvs].flatten(1)], dim=1
             )
-            reply = torch.empty_like(q[lo:hi, qs])
+            reply = torch.empty_like(q[lo:hi, qs], device="cpu" if self.host_staging else q.device)
+            if self.host_staging:
+                packed = packed.cpu()
             pending.works.append(dist.isend(packed, route.peer))
             pending.works.append(dist.irecv(reply, route.peer))
             pending.keep_alive.append(packed)
@@ -60,7 +66,7 @@ class P2PChannel:
         for work in pending.works:
             work.wait()
         for lo, hi, qs, reply in pending.receives:
-            pending.out[lo:hi, qs] = reply
+            pending.out[lo:hi, qs] = reply.to(pending.out.device)
         return pending.out
 
 
@@ -68,8 +74,9 @@ class AttentionEndpoint:
     """Attention-worker end: receive a micro-batch's q, k, v for one shard, send o back."""
 
     def __init__(self, routes: list[Route], shard: int, own_kv_lo: int, kv_heads: int,
-                 queries_per_kv: int, head_dim: int, dtype: torch.dtype, device):
+                 queries_per_kv: int, head_dim: int, dtype: torch.dtype, device, host_staging: bool = False):
         self.routes, self.shard, self.own_kv_lo = routes, shard, own_kv_lo
+        self.host_staging = host_staging
         self.kv_heads, self.queries_per_kv, self.head_dim = kv_heads, queries_per_kv, head_dim
         self.dtype, self.device = dtype, device
         self.sends: list = []  # (work, buffer) of replies not yet known to be delivered
@@ -83,10 +90,12 @@ class AttentionEndpoint:
         buffers = []
         for route in self.routes:
             heads = route.kv_hi - route.kv_lo
-            buf = torch.empty(n, (heads * g + 2 * heads) * d, dtype=self.dtype, device=self.device)
+            buf = torch.empty(n, (heads * g + 2 * heads) * d, dtype=self.dtype,
+                              device="cpu" if self.host_staging else self.device)
             buffers.append((route, buf, dist.irecv(buf, route.peer)))
         for route, buf, work in buffers:
             work.wait()
+            buf = buf.to(self.device)
             qs, kvs = _head_slices(route, self.own_kv_lo, g)
             heads = kvs.stop - kvs.start
             q_part, k_part, v_part = buf.split([heads * g * d, heads * d, heads * d], dim=1)
@@ -99,6 +108,8 @@ class AttentionEndpoint:
         for route in self.routes:
             qs, _ = _head_slices(route, self.own_kv_lo, self.queries_per_kv)
             buf = o[:, qs].contiguous()
+            if self.host_staging:
+                buf = buf.cpu()
             self.sends.append((dist.isend(buf, route.peer), buf))
 
     def drain(self) -> None:

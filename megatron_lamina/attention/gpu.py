@@ -1,0 +1,77 @@
+"""Attention over the paged KV cache on a CUDA device: the Triton decode kernel for decode
+tokens, SDPA over the gathered context for prefill chunks.
+
+`PagedAttention` is what the attention workers (and colocated model workers) call per layer
+on the GPU, with the same contract as `reference.attend_chunks`: append the chunk's k, v to
+the cache, attend, return o. The per-micro-batch index tensors (cache slots of the new
+tokens, the padded block table and context lengths of the decode rows) depend only on the
+plan, so they are built once per micro-batch and reused by every layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from megatron_lamina.attention.kv_cache import PagedKVCache, slot_indices
+from megatron_lamina.attention.triton_paged import paged_decode
+from megatron_lamina.plan import SequenceChunk
+
+
+@dataclass
+class PagedBatchIndex:
+    new_slots: torch.Tensor       # cache slots of every new token, in row order
+    decode_rows: torch.Tensor     # rows that are single decode tokens
+    block_tables: torch.Tensor    # [decode rows, max blocks] int32
+    context_lens: torch.Tensor    # [decode rows] int32
+    prefill: list[tuple[int, SequenceChunk, torch.Tensor]]  # (first row, chunk, context slots)
+
+    @classmethod
+    def build(cls, chunks: list[SequenceChunk], block_size: int, device) -> "PagedBatchIndex":
+        slots, decode_rows, tables, lens, prefill, row = [], [], [], [], [], 0
+        for chunk in chunks:
+            slots.append(slot_indices(chunk.block_table, chunk.start, chunk.end, block_size))
+            if len(chunk.tokens) == 1:
+                decode_rows.append(row)
+                tables.append(chunk.block_table)
+                lens.append(chunk.end)
+            else:
+                context = slot_indices(chunk.block_table, 0, chunk.end, block_size).to(device)
+                prefill.append((row, chunk, context))
+            row += len(chunk.tokens)
+        width = max((len(t) for t in tables), default=1)
+        table = torch.zeros(len(tables), width, dtype=torch.int32)
+        for i, t in enumerate(tables):
+            table[i, :len(t)] = torch.tensor(t, dtype=torch.int32)
+        return cls(torch.cat(slots).to(device), torch.tensor(decode_rows, dtype=torch.long, device=device),
+                   table.to(device), torch.tensor(lens, dtype=torch.int32, device=device), prefill)
+
+
+class PagedAttention:
+    def __init__(self, cache: PagedKVCache):
+        self.cache = cache
+        self._memo: tuple[list[SequenceChunk], PagedBatchIndex] | None = None
+
+    def index(self, chunks: list[SequenceChunk], device) -> PagedBatchIndex:
+        if self._memo is None or self._memo[0] is not chunks:
+            self._memo = (chunks, PagedBatchIndex.build(chunks, self.cache.block_size, device))
+        return self._memo[1]
+
+    def __call__(self, layer: int, chunks: list[SequenceChunk], q, k, v) -> torch.Tensor:
+        idx = self.index(chunks, q.device)
+        self.cache.write(layer, idx.new_slots, k, v)
+        out = torch.empty_like(q)
+        if idx.decode_rows.numel():
+            out[idx.decode_rows] = paged_decode(q[idx.decode_rows], self.cache.k[layer], self.cache.v[layer],
+                                                idx.block_tables, idx.context_lens)
+        for row, chunk, context in idx.prefill:
+            n = len(chunk.tokens)
+            keys, values = self.cache.read(layer, context)           # [ctx, kv_heads, d]
+            causal = torch.arange(chunk.end, device=q.device)[None, :] <= \
+                torch.arange(chunk.start, chunk.end, device=q.device)[:, None]
+            o = F.scaled_dot_product_attention(q[row:row + n].transpose(0, 1), keys.transpose(0, 1),
+                                               values.transpose(0, 1), attn_mask=causal, enable_gqa=True)
+            out[row:row + n] = o.transpose(0, 1)
+        return out

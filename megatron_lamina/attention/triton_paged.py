@@ -1,0 +1,128 @@
+"""Paged decode attention on the GPU: one Triton kernel, flash-decoding style.
+
+Decode attention is bound by reading each request's K and V once, so the kernel is built
+around that read (the cache is laid out [blocks, kv_heads, block_size, head_dim], so a
+tile inside one block is one contiguous stretch of memory): one program per (request, KV
+head, split) loads every K/V tile of that
+head exactly once and applies it to all `heads/kv_heads` query heads of the group (GQA:
+the group's queries are the rows of one `tl.dot`, padded to 16). Tiles are gathered through
+the block table token by token (`block_table[pos // block_size]`), so any block size works
+and a tile may span several blocks. Long contexts with few (request, head) pairs are split
+along the context; a second small kernel merges the splits with their log-sum-exp, exactly.
+
+No Triton on the machine (CPU, CI): importing this module still works; `paged_decode`
+is only called on CUDA tensors.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only install
+    triton = None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _decode_kernel(
+        q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, o_ptr, m_ptr, l_ptr,
+        stride_qb, stride_qh, stride_kblk, stride_kh, stride_ktok, stride_tb,
+        stride_ob, stride_os, stride_oh, scale, tiles_per_split,
+        GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        b, h, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        length = tl.load(lens_ptr + b)
+        offs_g = tl.arange(0, BLOCK_G)
+        offs_d = tl.arange(0, HEAD_DIM)
+        offs_n = tl.arange(0, BLOCK_N)
+        g_mask = offs_g < GROUP
+        q = tl.load(q_ptr + b * stride_qb + (h * GROUP + offs_g)[:, None] * stride_qh + offs_d[None, :],
+                    mask=g_mask[:, None], other=0.0)
+        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
+        start = split * tiles_per_split * BLOCK_N
+        end = tl.minimum(length, start + tiles_per_split * BLOCK_N)
+        for tile in range(start, end, BLOCK_N):
+            pos = tile + offs_n
+            valid = pos < end
+            if BLOCK_SIZE % BLOCK_N == 0:  # the tile lies inside one block: one table entry
+                block = tl.load(table_ptr + b * stride_tb + tile // BLOCK_SIZE).to(tl.int64)
+            else:                          # the tile spans blocks: an entry per token
+                block = tl.load(table_ptr + b * stride_tb + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+            row = block * stride_kblk + (pos % BLOCK_SIZE) * stride_ktok + h * stride_kh
+            k = tl.load(k_ptr + row[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
+            v = tl.load(v_ptr + row[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+            s = tl.where(valid[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+        out = o_ptr + b * stride_ob + split * stride_os + (h * GROUP + offs_g)[:, None] * stride_oh + offs_d[None, :]
+        tl.store(out, acc / tl.where(l_i > 0, l_i, 1.0)[:, None], mask=g_mask[:, None])
+        stats = (b * tl.num_programs(2) + split) * tl.num_programs(1) * GROUP + h * GROUP + offs_g
+        tl.store(m_ptr + stats, m_i, mask=g_mask)
+        tl.store(l_ptr + stats, l_i, mask=g_mask)
+
+    @triton.jit
+    def _merge_kernel(part_ptr, m_ptr, l_ptr, o_ptr, splits, heads, HEAD_DIM: tl.constexpr):
+        b, hq = tl.program_id(0), tl.program_id(1)
+        offs_d = tl.arange(0, HEAD_DIM)
+        m_max = float("-inf")
+        for s in range(splits):
+            m_max = tl.maximum(m_max, tl.load(m_ptr + (b * splits + s) * heads + hq))
+        total = 0.0
+        acc = tl.zeros([HEAD_DIM], tl.float32)
+        for s in range(splits):
+            idx = (b * splits + s) * heads + hq
+            w = tl.load(l_ptr + idx) * tl.exp(tl.load(m_ptr + idx) - m_max)
+            acc += w * tl.load(part_ptr + idx * HEAD_DIM + offs_d)
+            total += w
+        tl.store(o_ptr + (b * heads + hq) * HEAD_DIM + offs_d, acc / total)
+
+
+def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 block_tables: torch.Tensor, context_lens: torch.Tensor, block_n: int = 64,
+                 num_splits: int | None = None, num_warps: int = 4, num_stages: int = 3,
+                 waves: float = 4.0) -> torch.Tensor:
+    """q [batch, heads, d]; caches [blocks, kv_heads, block_size, d]; block_tables [batch,
+    max_blocks] int32; context_lens [batch] int32 (keys 0..len-1 are attended) -> o like q.
+    Without `num_splits`, contexts are split so that there are about `waves` programs per
+    multiprocessor. float32 runs the dots in full precision (no TF32)."""
+    batch, heads, head_dim = q.shape
+    _, kv_heads, block_size, _ = k_cache.shape
+    group = heads // kv_heads
+    max_len = int(context_lens.max()) if batch else 0
+    tiles = max(1, math.ceil(max_len / block_n))
+    if num_splits is None:
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+        num_splits = max(1, min(tiles, math.ceil(waves * sms / max(1, batch * kv_heads))))
+    tiles_per_split = math.ceil(tiles / num_splits)
+    num_splits = math.ceil(tiles / tiles_per_split)
+    part = torch.empty(batch, num_splits, heads, head_dim, device=q.device, dtype=torch.float32)
+    m = torch.empty(batch, num_splits, heads, device=q.device, dtype=torch.float32)
+    l = torch.empty_like(m)
+    _decode_kernel[(batch, kv_heads, num_splits)](
+        q, k_cache, v_cache, block_tables, context_lens, part, m, l,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        block_tables.stride(0), part.stride(0), part.stride(1), part.stride(2),
+        1.0 / math.sqrt(head_dim), tiles_per_split,
+        GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+        BLOCK_N=block_n, BLOCK_SIZE=block_size,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps, num_stages=num_stages,
+    )
+    if num_splits == 1:
+        return part[:, 0].to(q.dtype)
+    out = torch.empty(batch, heads, head_dim, device=q.device, dtype=torch.float32)
+    _merge_kernel[(batch, heads)](part, m, l, out, num_splits, heads, HEAD_DIM=head_dim)
+    return out.to(q.dtype)

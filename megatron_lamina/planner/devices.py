@@ -1,0 +1,61 @@
+"""Device prices and datasheet numbers (configs/prices.yaml), for costing and synthetic tables.
+
+`load_prices(path)` returns the `DeviceSpec` of every device in the file and the
+`Interconnect` between model and attention workers. The defaults shipped in
+configs/prices.yaml are the Lamina paper's Table 1 (H100, H20) plus an H200 whose price is
+an assumption; every assumed number is marked as such in that file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+DEFAULT_PRICES = Path(__file__).resolve().parents[2] / "configs" / "prices.yaml"
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    name: str
+    price_per_hour: float   # USD
+    tflops: float           # dense bf16 peak
+    memory_gb: float        # 1e9 bytes
+    bandwidth_tbs: float    # HBM
+    nvlink_gbs: float       # one direction
+    source: str = ""
+
+    @property
+    def memory_bytes(self) -> float:
+        return self.memory_gb * 1e9
+
+
+@dataclass(frozen=True)
+class Interconnect:
+    bandwidth_gbs: float
+    latency_us: float
+
+
+_DEVICE_KEYS = {"price_per_hour", "tflops", "memory_gb", "bandwidth_tbs", "nvlink_gbs", "source"}
+
+
+def load_prices(path: str | Path = DEFAULT_PRICES) -> tuple[dict[str, DeviceSpec], Interconnect]:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such prices file (see configs/prices.yaml)") from None
+    devices = {}
+    for name, spec in (data.get("devices") or {}).items():
+        unknown = set(spec) - _DEVICE_KEYS
+        missing = _DEVICE_KEYS - {"source"} - set(spec)
+        if unknown or missing:
+            raise ValueError(f"{path}: device {name}: unknown keys {sorted(unknown)}, missing keys "
+                             f"{sorted(missing)} (known: {sorted(_DEVICE_KEYS)})")
+        devices[name] = DeviceSpec(name=name, **{k: (str(v) if k == "source" else float(v))
+                                                  for k, v in spec.items()})
+    if not devices:
+        raise ValueError(f"{path}: no devices (expected a 'devices:' mapping)")
+    link = data.get("interconnect") or {}
+    return devices, Interconnect(float(link.get("bandwidth_gbs", 50)), float(link.get("latency_us", 10)))

@@ -1,0 +1,131 @@
+"""One candidate layout: which devices do what, what it costs, how much KV it holds, and the
+config YAML that runs it (megatron_lamina/config.py's format).
+
+KV capacity follows the engine (runtime.py): every KV cache (one per attention worker; one
+per TP rank when colocated) gets the same number of blocks; a block holds `block_size`
+tokens of every layer for the cache's KV heads (kv_heads / head_groups on an attention
+worker, kv_heads / TP colocated). The memory a cache may use is ASSUMED to be
+`MEMORY_FRACTION` of the device (the config's default) minus the weights (model workers)
+and a workspace for activations, logits and the CUDA context (`*_WORKSPACE_BYTES`); the
+engine's `num_blocks: auto` measures what is really free at start-up instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import yaml
+
+from megatron_lamina.config import LaminaConfig
+from megatron_lamina.planner.devices import DeviceSpec
+from megatron_lamina.planner.shapes import ModelShape
+
+MEMORY_FRACTION = 0.9
+MODEL_WORKSPACE_BYTES = 4e9      # ASSUMPTION: activations of a large step, logits, CUDA context
+ATTENTION_WORKSPACE_BYTES = 1e9  # ASSUMPTION: q/k/v/o buffers, CUDA context
+
+
+@dataclass(frozen=True)
+class Layout:
+    model_device: str
+    tp: int                          # model workers (tensor-parallel ranks), one replica
+    attention_device: str | None     # None: colocated
+    attention_workers: int           # 0: colocated
+    head_groups: int                 # attention workers = head_groups x request shards
+    micro_batches: int
+    max_batch_size: int
+    max_prefill_tokens: int = 4096
+    block_size: int = 16
+
+    @property
+    def colocated(self) -> bool:
+        return self.attention_workers == 0
+
+    @property
+    def request_shards(self) -> int:
+        return 1 if self.colocated else self.attention_workers // self.head_groups
+
+    @property
+    def num_devices(self) -> int:
+        return self.tp + self.attention_workers
+
+    @property
+    def ratio(self) -> float:
+        """Attention workers per model worker (0 colocated)."""
+        return self.attention_workers / self.tp
+
+    def devices(self) -> dict[str, int]:
+        count = {self.model_device: self.tp}
+        if not self.colocated:
+            count[self.attention_device] = count.get(self.attention_device, 0) + self.attention_workers
+        return count
+
+    def price_per_hour(self, specs: dict[str, DeviceSpec]) -> float:
+        return sum(specs[name].price_per_hour * n for name, n in self.devices().items())
+
+    @property
+    def hardware(self) -> str:
+        """'2xH100' or '1xH100 + 2xH20': the devices, without the scheduler knobs."""
+        model = f"{self.tp}x{self.model_device}"
+        return model if self.colocated else f"{model} + {self.attention_workers}x{self.attention_device}"
+
+    @property
+    def label(self) -> str:
+        groups = "" if self.colocated else f" g{self.head_groups}"
+        return f"{self.hardware} TP{self.tp}{groups} n{self.micro_batches} b{self.max_batch_size}"
+
+    def with_batch(self, max_batch_size: int) -> "Layout":
+        return replace(self, max_batch_size=max_batch_size)
+
+    def check(self, shape: ModelShape) -> None:
+        """The engine's layout rules (config.validate_layout), as ValueErrors."""
+        kv = shape.num_kv_heads
+        if kv % self.tp:
+            raise ValueError(f"TP {self.tp} does not divide the model's {kv} KV heads")
+        if kv % self.head_groups or (self.attention_workers or self.head_groups) % self.head_groups:
+            raise ValueError(f"{self.head_groups} head groups must divide the {kv} KV heads and the "
+                             f"{self.attention_workers} attention workers")
+        if self.colocated and self.head_groups != 1:
+            raise ValueError("a colocated layout has one head group")
+        if self.micro_batches > self.max_batch_size:
+            raise ValueError(f"{self.micro_batches} micro-batches > batch cap {self.max_batch_size}")
+
+    def to_dict(self) -> dict:
+        return {"model_device": self.model_device, "tp": self.tp, "attention_device": self.attention_device,
+                "attention_workers": self.attention_workers, "head_groups": self.head_groups,
+                "micro_batches": self.micro_batches, "max_batch_size": self.max_batch_size,
+                "max_prefill_tokens": self.max_prefill_tokens, "block_size": self.block_size}
+
+
+def kv_blocks_per_cache(layout: Layout, shape: ModelShape, specs: dict[str, DeviceSpec],
+                        dtype_bytes: int) -> int:
+    """Blocks of one KV cache (one request shard's pool); 0 when the weights do not fit."""
+    model = specs[layout.model_device]
+    model_free = (model.memory_bytes * MEMORY_FRACTION - shape.weight_bytes(dtype_bytes) / layout.tp
+                  - MODEL_WORKSPACE_BYTES)
+    if model_free <= 0:
+        return 0
+    token_bytes = shape.kv_bytes_per_token(dtype_bytes)
+    if layout.colocated:
+        per_block = layout.block_size * token_bytes / layout.tp
+        return int(model_free // per_block)
+    attention = specs[layout.attention_device]
+    per_block = layout.block_size * token_bytes / layout.head_groups
+    return max(0, int((attention.memory_bytes * MEMORY_FRACTION - ATTENTION_WORKSPACE_BYTES) // per_block))
+
+
+def config_yaml(layout: Layout, checkpoint: str, dtype: str, header: list[str]) -> str:
+    """The run config of `layout` (checked by LaminaConfig.from_dict), with `header` as comments."""
+    data = {
+        "model": {"checkpoint": checkpoint, "dtype": dtype},
+        "parallel": {"tensor_parallel": layout.tp, "attention_workers": layout.attention_workers,
+                     "attention_head_groups": layout.head_groups},
+        "runtime": {"device": "cuda", "transport": "auto"},
+        "scheduler": {"max_batch_size": layout.max_batch_size, "micro_batches": layout.micro_batches,
+                      "max_prefill_tokens": layout.max_prefill_tokens},
+        "kv_cache": {"block_size": layout.block_size, "num_blocks": "auto",
+                     "memory_fraction": MEMORY_FRACTION},
+    }
+    LaminaConfig.from_dict(data)
+    body = yaml.safe_dump(data, sort_keys=False)
+    return "".join(f"# {line}\n" if line else "#\n" for line in header) + "\n" + body

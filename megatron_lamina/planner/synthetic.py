@@ -1,0 +1,82 @@
+"""Synthetic cost tables: a roofline over datasheet numbers, for devices nobody has profiled.
+
+Every time is max(FLOPs / (efficiency x peak FLOP/s), bytes / (efficiency x HBM bandwidth))
+plus a fixed launch cost, with the efficiencies below. They are ASSUMPTIONS, calibrated only
+against the H100 numbers in DESIGN.md section 1 (bf16 GEMM at 77 % of peak, HBM copies at
+89 % of bandwidth, a LLaMA-3-8B layer at batch 1 in 0.19 ms); a measured table from
+tools/profile.py replaces all of them. A table built here says "synthetic" in its `source`,
+and tools/plan.py labels every result computed from it.
+"""
+
+from __future__ import annotations
+
+from megatron_lamina.planner.cost_table import CostTable, Curve, Grid
+from megatron_lamina.planner.devices import DeviceSpec, Interconnect
+from megatron_lamina.planner.shapes import ModelShape
+
+GEMM_EFFICIENCY = 0.75       # of peak FLOP/s, large GEMMs
+ATTENTION_FLOP_EFFICIENCY = 0.5   # of peak FLOP/s, attention kernels (prefill is compute-bound)
+HBM_EFFICIENCY = 0.85        # of HBM bandwidth, weight and KV streaming
+KERNEL_LAUNCH_S = 20e-6      # per layer, per side (a few kernels, no CUDA graphs)
+ALLREDUCE_LATENCY_S = 10e-6  # per TP all-reduce (two per layer)
+STEP_CPU_S = 1e-3            # per step: scheduling, plan broadcast, Python (driver)
+STEP_CPU_PER_ROW_S = 10e-6   # per sampled row: plan entry, sampling
+
+TOKENS = [2 ** i for i in range(17)]                       # 1 .. 65536
+BATCH = [2 ** i for i in range(12)]                        # 1 .. 2048
+CONTEXT = [16 * 4 ** i for i in range(8)] + [131072]       # 16 .. 262144 (sorted below)
+PAIRS = [4 ** i for i in range(19)]                        # 1 .. 6.9e10
+MESSAGE_BYTES = [4 ** i for i in range(16)]                # 1 B .. 1 GiB
+
+
+def _roofline(flops: float, nbytes: float, device: DeviceSpec, flop_efficiency: float) -> float:
+    return max(flops / (flop_efficiency * device.tflops * 1e12),
+               nbytes / (HBM_EFFICIENCY * device.bandwidth_tbs * 1e12))
+
+
+def synthetic_cost_table(shape: ModelShape, device: DeviceSpec, link: Interconnect,
+                         tp_sizes: list[int], dtype_bytes: int = 2) -> CostTable:
+    matmul_params = shape.layer_params - 2 * shape.hidden_size
+    head_params = shape.vocab_size * shape.hidden_size
+
+    def layer(tp: int, tokens: int) -> float:
+        t = _roofline(2 * matmul_params * tokens / tp, shape.layer_params * dtype_bytes / tp,
+                      device, GEMM_EFFICIENCY) + KERNEL_LAUNCH_S
+        if tp > 1:  # ring all-reduce after the attention output projection and after the MLP
+            nbytes = tokens * shape.hidden_size * dtype_bytes
+            t += 2 * (ALLREDUCE_LATENCY_S + 2 * (tp - 1) / tp * nbytes / (device.nvlink_gbs * 1e9))
+        return t
+
+    def overhead(tp: int, rows: int) -> float:
+        lm_head = _roofline(2 * head_params * rows / tp, head_params * dtype_bytes / tp, device, GEMM_EFFICIENCY)
+        return lm_head + STEP_CPU_S + STEP_CPU_PER_ROW_S * rows
+
+    kv_bytes_per_token = 2 * shape.num_kv_heads * shape.head_dim * dtype_bytes  # one layer
+    flops_per_pair = 4 * shape.num_heads * shape.head_dim                      # QK^T and PV
+
+    def decode(batch: int, context: int) -> float:
+        return _roofline(flops_per_pair * batch * context, kv_bytes_per_token * batch * context,
+                         device, ATTENTION_FLOP_EFFICIENCY) + KERNEL_LAUNCH_S
+
+    def prefill(pairs: int) -> float:
+        return flops_per_pair * pairs / (ATTENTION_FLOP_EFFICIENCY * device.tflops * 1e12) + KERNEL_LAUNCH_S
+
+    context = sorted(set(CONTEXT))
+    return CostTable(
+        device=device.name,
+        source=(f"synthetic: roofline from {device.name} datasheet numbers ({device.tflops:g} TFLOP/s, "
+                f"{device.bandwidth_tbs:g} TB/s), not measured"),
+        shape=shape, dtype={4: "float32", 2: "bfloat16"}[dtype_bytes],
+        model_layer={tp: Curve([float(t) for t in TOKENS], [layer(tp, t) for t in TOKENS]) for tp in tp_sizes},
+        step_overhead={tp: Curve([float(t) for t in BATCH], [overhead(tp, t) for t in BATCH]) for tp in tp_sizes},
+        attention_decode=Grid([float(b) for b in BATCH], [float(c) for c in context],
+                              [[decode(b, c) for c in context] for b in BATCH]),
+        attention_prefill=Curve([float(p) for p in PAIRS], [prefill(p) for p in PAIRS]),
+        network=Curve([float(b) for b in MESSAGE_BYTES],
+                      [link.latency_us * 1e-6 + b / (link.bandwidth_gbs * 1e9) for b in MESSAGE_BYTES]),
+        meta={"efficiencies": {"gemm": GEMM_EFFICIENCY, "attention_flops": ATTENTION_FLOP_EFFICIENCY,
+                               "hbm": HBM_EFFICIENCY},
+              "kernel_launch_s": KERNEL_LAUNCH_S, "step_cpu_s": STEP_CPU_S,
+              "step_cpu_per_row_s": STEP_CPU_PER_ROW_S,
+              "interconnect": {"bandwidth_gbs": link.bandwidth_gbs, "latency_us": link.latency_us}},
+    )

@@ -1,0 +1,298 @@
+"""Plan a deployment: which layout serves a trace at the lowest cost (DESIGN.md section 8).
+
+    # rank layouts for LLaMA-3-8B on a slice of the Azure conversation trace, TPOT p90 <= 50 ms
+    python tools/plan.py search --model llama3-8b --costs h100.json h20.json \\
+        --trace ../shared/traces/AzureLLMInferenceTrace_conv.csv --requests 1000 --slo-tpot 0.05
+
+    # the same from datasheet numbers only (every number is then labelled synthetic)
+    python tools/plan.py search --model llama3-8b --synthetic --trace ... --slo-tpot 0.05
+
+    # predict one config's throughput and latencies on a trace replay, to compare with
+    # tools/bench_serving.py against the real server
+    python tools/plan.py simulate --config configs/gpu-colocated.yaml --model llama3-8b \\
+        --costs h100.json --model-device H100 --trace ... --requests 200 --rate-scale 1
+
+Cost tables come from tools/profile.py (one JSON per device type, measured) or, with
+--synthetic, from the datasheet numbers in configs/prices.yaml for every device that has no
+measured table. `search` prints the ranked table, writes the recommended config (and the
+best colocated one, the equal-cost baseline) in configs/ format, a JSON of every evaluated
+layout and a PNG of throughput per dollar against the attention:model ratio. docs/PLANNER.md
+explains the simulator and its assumptions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from megatron_lamina.planner.cost_table import CostTable  # noqa: E402
+from megatron_lamina.planner.devices import DEFAULT_PRICES, load_prices  # noqa: E402
+from megatron_lamina.planner.layout import Layout, config_yaml, kv_blocks_per_cache  # noqa: E402
+from megatron_lamina.planner.search import Candidate, SearchSpace, Slo, search  # noqa: E402
+from megatron_lamina.planner.shapes import ModelShape, load_shape  # noqa: E402
+from megatron_lamina.planner.simulator import simulate  # noqa: E402
+from megatron_lamina.planner.synthetic import synthetic_cost_table  # noqa: E402
+from megatron_lamina.planner.trace import read_trace, select  # noqa: E402
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(",") if v)
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(v for v in text.split(",") if v)
+
+
+def load_tables(args, shape: ModelShape, devices: set[str], tp_sizes: tuple[int, ...]) -> dict[str, CostTable]:
+    specs, link = load_prices(args.prices)
+    tables: dict[str, CostTable] = {}
+    for path in args.costs or []:
+        table = CostTable.load(path)
+        if table.shape != shape:
+            raise ValueError(f"{path}: profiled for model shape {table.shape.name} "
+                             f"({table.shape.to_dict()}), not {shape.name}; profile this shape")
+        tables[table.device] = table
+    for name in sorted(devices - set(tables)):
+        if not args.synthetic:
+            raise ValueError(f"no cost table for device {name}: pass one with --costs (tools/profile.py "
+                             "writes them) or --synthetic for datasheet estimates")
+        if name not in specs:
+            raise ValueError(f"device {name} is not in {args.prices} (devices: {', '.join(specs)})")
+        tables[name] = synthetic_cost_table(shape, specs[name], link, list(tp_sizes), 2)
+    return tables
+
+
+def load_slice(args):
+    trace = read_trace(args.trace, limit=args.requests, skip=args.skip)
+    return select(trace, rate_scale=getattr(args, "rate_scale", 1.0), poisson_rate=getattr(args, "rate", None),
+                  seed=args.seed, max_input_len=args.max_input_len, max_output_len=args.max_output_len)
+
+
+def sources(tables: dict[str, CostTable]) -> list[str]:
+    return [f"{name}: {t.source}" for name, t in sorted(tables.items())]
+
+
+# ------------------------------------------------------------------------------- search
+
+def print_ranking(candidates: list[Candidate], slo: Slo, top: int) -> None:
+    head = (f"{'#':>3}  {'layout':<40} {'$/h':>7} {'tok/s':>9} {'Mtok/$':>8} "
+            f"{'TPOT p' + str(slo.percentile):>11} {'batch':>6} {'ok':>3}  note")
+    print(head)
+    print("-" * len(head))
+    for i, c in enumerate(candidates[:top], 1):
+        r = c.result
+        tpot = r.tpot_s.get(f"p{slo.percentile}")
+        print(f"{i:>3}  {c.layout.label:<40} {c.price_per_hour:>7.2f} {r.output_throughput:>9.0f} "
+              f"{c.tokens_per_dollar / 1e6:>8.3f} {(tpot or 0) * 1e3:>9.1f}ms {r.mean_batch:>6.0f} "
+              f"{'yes' if c.feasible else 'no':>3}  {'synthetic ' if c.synthetic else ''}{c.why_not}")
+
+
+def plot_ratio(candidates: list[Candidate], path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    best: dict[tuple[str, str, float], float] = {}
+    for c in candidates:
+        if not c.feasible:
+            continue
+        kind = "colocated" if c.layout.colocated else f"+{c.layout.attention_device}"
+        key = (c.layout.model_device, kind, c.layout.ratio)
+        best[key] = max(best.get(key, 0.0), c.tokens_per_dollar)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for model_device, kind in sorted({(m, k) for m, k, _ in best}):
+        points = sorted((r, v) for (m, k, r), v in best.items() if (m, k) == (model_device, kind))
+        xs, ys = [p[0] for p in points], [p[1] / 1e6 for p in points]
+        label = f"{model_device} colocated" if kind == "colocated" else f"{model_device} model + {kind[1:]} attention"
+        ax.plot(xs, ys, "o" if kind == "colocated" else "o-", label=label)
+    ax.set_xlabel("attention workers per model worker")
+    ax.set_ylabel("output tokens per dollar (millions)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_config(candidate: Candidate, path: Path, args, shape: ModelShape, tables, slo: Slo, what: str) -> None:
+    r = candidate.result
+    header = [
+        f"{what}, written by tools/plan.py for model {shape.name} on {Path(args.trace).name}",
+        f"(requests {args.skip}..{args.skip + args.requests}, TPOT p{slo.percentile} <= {slo.tpot_s:g} s).",
+        f"Predicted at saturation: {r.output_throughput:.0f} output tok/s, "
+        f"{candidate.tokens_per_dollar / 1e6:.3f} M tokens per dollar at ${candidate.price_per_hour:.2f}/h, "
+        f"TPOT p50 {r.tpot_s['p50'] * 1e3:.1f} ms / p90 {r.tpot_s['p90'] * 1e3:.1f} ms, mean batch {r.mean_batch:.0f}.",
+        f"Devices: {candidate.layout.hardware} ({candidate.layout.num_devices} ranks: torchrun "
+        f"--nproc-per-node {candidate.layout.num_devices}).",
+        f"KV cache: the planner estimated {r.num_blocks} blocks per cache; num_blocks auto measures it.",
+        *[f"Costs {s}" for s in sources(tables)],
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(config_yaml(candidate.layout, args.checkpoint or f"checkpoints/{shape.name}", "bfloat16", header))
+
+
+def cmd_search(args) -> int:
+    shape = load_shape(args.model)
+    specs, _ = load_prices(args.prices)
+    space = SearchSpace(model_devices=args.model_devices, attention_devices=args.attention_devices,
+                        tp_sizes=args.tp, attention_workers=args.attention_workers,
+                        micro_batches=args.micro_batches, batch_caps=args.batch_caps,
+                        max_devices=args.max_devices, max_prefill_tokens=args.max_prefill_tokens,
+                        block_size=args.block_size)
+    tables = load_tables(args, shape, set(args.model_devices) | set(args.attention_devices), args.tp)
+    trace, clipping = load_slice(args)
+    slo = Slo(args.slo_tpot, args.slo_percentile)
+    for line in sources(tables):
+        print(f"costs {line}")
+    candidates = search(trace, shape, tables, specs, slo, space, args.max_model_len, args.jobs,
+                        args.decode_only)
+    if not candidates:
+        print("error: no layout fits the model (do the weights fit on the model devices?)", file=sys.stderr)
+        return 1
+    print_ranking(candidates, slo, args.top)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    best = candidates[0]
+    colocated = next((c for c in candidates if c.feasible and c.layout.colocated), None)
+    disaggregated = next((c for c in candidates if c.feasible and not c.layout.colocated), None)
+    gain = (disaggregated.tokens_per_dollar / colocated.tokens_per_dollar - 1
+            if colocated and disaggregated else None)
+    report = {"model": shape.to_dict(), "trace": str(args.trace), "skip": args.skip, "requests": len(trace),
+              "decode_only": args.decode_only,
+              "clipped": vars(clipping), "slo": {"tpot_s": slo.tpot_s, "percentile": slo.percentile},
+              "cost_sources": sources(tables), "synthetic": any(t.synthetic for t in tables.values()),
+              "recommended": best.to_dict() if best.feasible else None,
+              "best_colocated": colocated.to_dict() if colocated else None,
+              "best_disaggregated": disaggregated.to_dict() if disaggregated else None,
+              "disaggregated_gain_tokens_per_dollar": gain,
+              "ranking": [c.to_dict() for c in candidates]}
+    (out / "ranking.json").write_text(json.dumps(report, indent=1) + "\n")
+    synthetic = " (SYNTHETIC costs)" if report["synthetic"] else ""
+    plot_ratio(candidates, out / "ratio.png",
+               f"{shape.name}, {Path(args.trace).name} [{args.skip}:{args.skip + len(trace)}], "
+               f"TPOT p{slo.percentile} <= {slo.tpot_s * 1e3:g} ms{synthetic}")
+    print(f"\nwrote {out / 'ranking.json'} and {out / 'ratio.png'}")
+    if not best.feasible:
+        print("no layout meets the SLO; relax --slo-tpot or widen the search", file=sys.stderr)
+        return 1
+    config_out = Path(args.config_out or f"configs/plan-{shape.name}-{Path(args.trace).stem}.yaml")
+    write_config(best, config_out, args, shape, tables, slo, "Recommended layout")
+    print(f"recommended: {best.layout.label} -> {config_out}")
+    if colocated is not None and colocated is not best:
+        baseline = config_out.with_name(config_out.stem + "-colocated.yaml")
+        write_config(colocated, baseline, args, shape, tables, slo, "Best colocated layout (baseline)")
+        print(f"best colocated: {colocated.layout.label} -> {baseline}")
+    if gain is not None:
+        print(f"best disaggregated vs best colocated, tokens per dollar: {gain * 100:+.1f}%{synthetic}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- simulate
+
+def cmd_simulate(args) -> int:
+    from megatron_lamina.config import load_config
+
+    cfg = load_config(args.config, args.config_overrides)
+    shape = load_shape(args.model or cfg.model.checkpoint)
+    specs, _ = load_prices(args.prices)
+    p, s = cfg.parallel, cfg.scheduler
+    layout = Layout(args.model_device, p.tensor_parallel, None if cfg.colocated else args.attention_device,
+                    p.attention_workers, p.attention_head_groups, s.micro_batches, s.max_batch_size,
+                    s.max_prefill_tokens, cfg.kv_cache.block_size)
+    devices = {args.model_device} | ({args.attention_device} if not cfg.colocated else set())
+    tables = load_tables(args, shape, devices, (p.tensor_parallel,))
+    if args.kv_blocks is not None:
+        blocks = args.kv_blocks
+    elif cfg.kv_cache.num_blocks != "auto":
+        blocks = cfg.kv_cache.num_blocks
+    else:
+        blocks = kv_blocks_per_cache(layout, shape, specs, tables[args.model_device].dtype_bytes)
+    trace, clipping = load_slice(args)
+    result = simulate(trace, layout, shape, tables[args.model_device],
+                      None if cfg.colocated else tables[args.attention_device], blocks,
+                      args.max_model_len, saturate=args.saturate, decode_only=args.decode_only)
+    report = {"config": str(args.config), "model": shape.name, "trace": str(args.trace), "skip": args.skip,
+              "requests": len(trace), "clipped": vars(clipping), "saturate": args.saturate,
+              "decode_only": args.decode_only,
+              "cost_sources": sources(tables), **result.to_dict()}
+    text = json.dumps(report, indent=1)
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+# --------------------------------------------------------------------------------- main
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--costs", nargs="*", metavar="JSON", help="cost tables from tools/profile.py")
+    common.add_argument("--synthetic", action="store_true",
+                        help="datasheet roofline tables for devices without a measured one (labelled synthetic)")
+    common.add_argument("--prices", default=str(DEFAULT_PRICES), help="device prices and datasheet numbers")
+    common.add_argument("--trace", required=True, help="Azure CSV or Mooncake JSONL (../shared/traces)")
+    common.add_argument("--skip", type=int, default=0, help="start at this request of the trace")
+    common.add_argument("--requests", type=int, default=1000, help="requests of the trace to use")
+    common.add_argument("--max-input-len", type=int, default=None, help="clip prompt lengths")
+    common.add_argument("--max-output-len", type=int, default=None, help="clip output lengths")
+    common.add_argument("--max-model-len", type=int, default=None,
+                        help="the model's context (default: the shape's); longer prompts are rejected")
+    common.add_argument("--seed", type=int, default=0)
+    common.add_argument("--decode-only", action="store_true",
+                        help="the paper's setting: prefill on other (unmodelled) workers, requests "
+                             "arrive with their prompt's KV; default: our engine's inline chunked prefill")
+
+    s = sub.add_parser("search", parents=[common], help="rank layouts by throughput per dollar under a TPOT SLO")
+    s.add_argument("--model", required=True, help="shape preset (llama3-8b, llama3-70b, ...) or checkpoint dir")
+    s.add_argument("--checkpoint", default=None, help="model.checkpoint to write in the configs")
+    s.add_argument("--slo-tpot", type=float, required=True, help="seconds per output token")
+    s.add_argument("--slo-percentile", type=int, choices=(50, 90, 99), default=90)
+    s.add_argument("--model-devices", type=_names, default=("H100",), help="comma-separated")
+    s.add_argument("--attention-devices", type=_names, default=("H100", "H20", "H200"))
+    s.add_argument("--tp", type=_ints, default=(1, 2, 4, 8))
+    s.add_argument("--attention-workers", type=_ints, default=(1, 2, 3, 4, 6, 8))
+    s.add_argument("--micro-batches", type=_ints, default=(1, 2, 3, 4))
+    s.add_argument("--batch-caps", type=_ints, default=(16, 32, 64, 128, 256, 512, 1024, 2048))
+    s.add_argument("--max-devices", type=int, default=16)
+    s.add_argument("--max-prefill-tokens", type=int, default=4096)
+    s.add_argument("--block-size", type=int, default=16)
+    s.add_argument("--jobs", type=int, default=1, help="simulate layouts in this many processes")
+    s.add_argument("--top", type=int, default=20, help="rows of the printed ranking")
+    s.add_argument("--out-dir", default="out/plan")
+    s.add_argument("--config-out", default=None,
+                   help="recommended config path (default configs/plan-MODEL-TRACE.yaml)")
+    s.set_defaults(run=cmd_search)
+
+    m = sub.add_parser("simulate", parents=[common], help="predict one config on a trace replay")
+    m.add_argument("--config", required=True)
+    m.add_argument("--set", dest="config_overrides", action="append", default=[], metavar="KEY=VALUE")
+    m.add_argument("--model", default=None, help="shape preset or checkpoint dir (default: the config's checkpoint)")
+    m.add_argument("--model-device", default="H100", help="device type of the model workers")
+    m.add_argument("--attention-device", default="H20", help="device type of the attention workers")
+    m.add_argument("--kv-blocks", type=int, default=None,
+                   help="blocks per KV cache (default: the config's num_blocks, or the planner's estimate)")
+    m.add_argument("--rate-scale", type=float, default=1.0, help="replay arrivals this many times faster")
+    m.add_argument("--rate", type=float, default=None, help="Poisson arrivals at this rate (req/s) instead")
+    m.add_argument("--saturate", action="store_true", help="all requests waiting at t=0 (capacity)")
+    m.add_argument("--out", default=None, help="write the prediction JSON here too")
+    m.set_defaults(run=cmd_simulate)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
