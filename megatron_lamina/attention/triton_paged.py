@@ -94,7 +94,7 @@ if triton is not None:
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  block_tables: torch.Tensor, context_lens: torch.Tensor, block_n: int = 64,
                  num_splits: int | None = None, num_warps: int = 4, num_stages: int = 3,
-                 waves: float = 4.0) -> torch.Tensor:
+                 waves: float = 2.0) -> torch.Tensor:
     """q [batch, heads, d]; caches [blocks, kv_heads, block_size, d]; block_tables [batch,
     max_blocks] int32; context_lens [batch] int32 (keys 0..len-1 are attended) -> o like q.
     Without `num_splits`, contexts are split so that there are about `waves` programs per
