@@ -109,7 +109,9 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         num_splits = max(1, min(tiles, math.ceil(waves * sms / max(1, batch * kv_heads))))
     tiles_per_split = math.ceil(tiles / num_splits)
     num_splits = math.ceil(tiles / tiles_per_split)
-    part = torch.empty(batch, num_splits, heads, head_dim, device=q.device, dtype=torch.float32)
+    # One split writes the output directly (the store casts); several write float32 partials.
+    part = torch.empty(batch, num_splits, heads, head_dim, device=q.device,
+                       dtype=q.dtype if num_splits == 1 else torch.float32)
     m = torch.empty(batch, num_splits, heads, device=q.device, dtype=torch.float32)
     l = torch.empty_like(m)
     _decode_kernel[(batch, kv_heads, num_splits)](
@@ -122,7 +124,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits == 1:
-        return part[:, 0].to(q.dtype)
-    out = torch.empty(batch, heads, head_dim, device=q.device, dtype=torch.float32)
+        return part[:, 0]
+    out = torch.empty(batch, heads, head_dim, device=q.device, dtype=q.dtype)
     _merge_kernel[(batch, heads)](part, m, l, out, num_splits, heads, HEAD_DIM=head_dim)
-    return out.to(q.dtype)
+    return out

@@ -1,0 +1,160 @@
+"""Benchmarks (b) and (c) of the GPU issue: the model-worker step and the colocated decode
+step, on a LLaMA-shaped model with random bf16 weights, against the roofline.
+
+    python tools/bench_decode.py --batches 64,128,256 --contexts 1024,4096 --out decode.json
+
+One process, one GPU, our real model (`LlamaModel` on Megatron-core layers) and runner:
+  * model-worker step (b): the attention channel returns at once (o = 0), so the step is
+    embedding, all non-attention GEMMs and the LM head of `batch` decode tokens; reported as
+    a fraction of the measured bf16 GEMM rate (2 x parameters x batch FLOPs);
+  * colocated decode step (c): the real paged KV cache (filled with random values, every
+    request at `context` tokens) and the Triton decode kernel; reported as tokens/s and as a
+    fraction of the roofline bound max(bytes / copy bandwidth, FLOPs / GEMM rate), bytes =
+    weights + the KV read once, FLOPs = 2 x parameters x batch + attention.
+Sampling, the scheduler and the driver's plan broadcast are not in the timed region.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from megatron_lamina.architecture import ModelArchitecture  # noqa: E402
+from megatron_lamina.attention.gpu import PagedAttention  # noqa: E402
+from megatron_lamina.attention.kv_cache import PagedKVCache  # noqa: E402
+from megatron_lamina.engine.model_runner import ModelRunner  # noqa: E402
+from megatron_lamina.model.llama import LlamaModel  # noqa: E402
+from megatron_lamina.plan import MicroBatch, SequenceChunk, StepPlan  # noqa: E402
+from megatron_lamina.transport.channel import LocalChannel  # noqa: E402
+
+SHAPES = {
+    "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
+                      num_attention_heads=32, num_kv_heads=8, head_dim=128, max_position_embeddings=131072,
+                      rope_theta=500000.0),
+}
+
+
+def time_ms(fn, repeat=10, warmup=3) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def copy_rate() -> float:
+    src = torch.randn(1024**3, dtype=torch.bfloat16, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * src.numel() * 2 / (time_ms(lambda: dst.copy_(src)) / 1e3)
+
+
+def ceilings() -> tuple[float, float]:
+    copy = copy_rate()
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn_like(a)
+    gemm = 2 * 8192**3 / (time_ms(lambda: a @ b) / 1e3)
+    return copy, gemm
+
+
+def decode_plan(batch: int, context: int, block_size: int) -> StepPlan:
+    blocks = math.ceil((context + 1) / block_size)
+    chunks = [SequenceChunk(i, 0, context, [i % 1000 + 1], list(range(i * blocks, (i + 1) * blocks)), True)
+              for i in range(batch)]
+    return StepPlan([MicroBatch(chunks)])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="llama3-8b", choices=SHAPES)
+    parser.add_argument("--batches", default="64,128,256")
+    parser.add_argument("--model-batches", default="1,64,256,512,1024", help="batches for the model-worker step (b)")
+    parser.add_argument("--contexts", default="1024,4096")
+    parser.add_argument("--block-size", type=int, default=64)
+    parser.add_argument("--out", default="bench_decode.json")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29655")
+    dist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda", 0))
+    torch.cuda.set_device(0)
+    arch = ModelArchitecture(**SHAPES[args.shape])
+    copy_bw, gemm_rate = ceilings()
+    tp = dist.new_group([0])
+
+    state = {"attend": None}
+    model = LlamaModel(arch, torch.bfloat16, tp, LocalChannel(lambda *a: state["attend"](*a)), arch.vocab_size)
+    model = model.cuda()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    params = sum(p.numel() for p in model.parameters())
+    runner = ModelRunner(model)
+    result = {"device": torch.cuda.get_device_name(), "shape": args.shape, "copy_TBps": copy_bw / 1e12,
+              "gemm_TFLOPs": gemm_rate / 1e12, "parameters": params, "model_step": [], "decode": []}
+
+    # (b) model-worker step: attention returns zeros at once
+    state["attend"] = lambda layer, chunks, q, k, v: torch.zeros_like(q)
+    for batch in map(int, args.model_batches.split(",")):
+        plan = decode_plan(batch, 16, args.block_size)
+        ms = time_ms(lambda: runner.run(plan))
+        flops = 2 * params * batch
+        result["model_step"].append({"batch": batch, "ms": ms, "TFLOPs": flops / (ms / 1e3) / 1e12,
+                                     "frac_gemm": flops / (ms / 1e3) / gemm_rate})
+
+    # (c) colocated decode step with the real paged cache and kernel
+    for batch in map(int, args.batches.split(",")):
+        for context in map(int, args.contexts.split(",")):
+            kv_bytes = 2 * batch * (context + 1) * arch.num_layers * arch.num_kv_heads * arch.head_dim * 2
+            if kv_bytes + params * 2 > 0.85 * torch.cuda.get_device_properties(0).total_memory:
+                result["decode"].append({"batch": batch, "context": context, "skipped": "KV does not fit"})
+                continue
+            blocks = batch * math.ceil((context + 1) / args.block_size)
+            cache = PagedKVCache(arch.num_layers, blocks, args.block_size, arch.num_kv_heads, arch.head_dim,
+                                 torch.bfloat16, "cuda")
+            for t in cache.k + cache.v:
+                t.normal_()
+            state["attend"] = PagedAttention(cache)
+            plan = decode_plan(batch, context, args.block_size)
+            ms = time_ms(lambda: runner.run(plan), repeat=5)
+            flops = 2 * params * batch + 4 * batch * (context + 1) * arch.num_attention_heads * arch.head_dim * arch.num_layers
+            bound = max((params * 2 + kv_bytes) / copy_bw, flops / gemm_rate)
+            result["decode"].append({"batch": batch, "context": context, "ms": ms, "tokens_per_s": batch / (ms / 1e3),
+                                     "roofline_ms": bound * 1e3, "frac_roofline": bound / (ms / 1e3)})
+            del cache, state["attend"]
+            torch.cuda.empty_cache()
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"{result['device']}: copy {copy_bw / 1e12:.2f} TB/s, bf16 GEMM {gemm_rate / 1e12:.0f} TFLOP/s, "
+          f"{params / 1e9:.2f} B parameters")
+    print("(b) model-worker step (no attention)")
+    print(f"{'batch':>6} {'ms':>8} {'TFLOP/s':>8} {'% GEMM':>7}")
+    for r in result["model_step"]:
+        print(f"{r['batch']:>6} {r['ms']:>8.2f} {r['TFLOPs']:>8.0f} {100 * r['frac_gemm']:>7.1f}")
+    print("(c) colocated decode step")
+    print(f"{'batch':>6} {'ctx':>6} {'ms':>8} {'tok/s':>8} {'roofline ms':>11} {'% roofline':>10}")
+    for r in result["decode"]:
+        if "skipped" in r:
+            print(f"{r['batch']:>6} {r['context']:>6}  skipped: {r['skipped']}")
+            continue
+        print(f"{r['batch']:>6} {r['context']:>6} {r['ms']:>8.2f} {r['tokens_per_s']:>8.0f} "
+              f"{r['roofline_ms']:>11.2f} {100 * r['frac_roofline']:>10.1f}")
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
