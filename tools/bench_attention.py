@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# The repo root replaces tools/ on the path: tools/profile.py must not shadow the stdlib profile.
+sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from megatron_lamina.attention.triton_paged import paged_decode  # noqa: E402
 

@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# The repo root replaces tools/ on the path: tools/profile.py must not shadow the stdlib profile.
+sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from megatron_lamina.architecture import ModelArchitecture  # noqa: E402
 from megatron_lamina.attention.gpu import PagedAttention  # noqa: E402

@@ -30,7 +30,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+# The repo root replaces tools/ on the path: tools/profile.py must not shadow the stdlib profile.
+sys.path[0] = str(ROOT)
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 

@@ -1,0 +1,339 @@
+"""Measure the cost table of one device type for the planner (DESIGN.md section 8).
+
+    # on a GPU machine: LLaMA-3-8B shapes, TP 1 and 2, bf16
+    python tools/profile.py --model llama3-8b --device cuda --dtype bfloat16 --tp 1,2 \\
+        --device-name H100 --out out/costs-h100-llama3-8b.json
+    # on CPU, small and quick (the default): the tests' tiny shape
+    python tools/profile.py --out out/costs-cpu-tiny.json
+
+Three measurements, all on the device this runs on, with our own code paths:
+  model      `ModelRunner.run` of a `LlamaModel` with random weights of the given shape and
+             TP size (TP ranks spawned, gloo on CPU / NCCL on CUDA), attention replaced by
+             zeros, one decode micro-batch of B tokens, built with 1 and with 3 layers (--layers):
+             per-layer time = (T(3) - T(1)) / 2, step overhead = T(1) - per-layer time (embedding,
+             final norm, LM head, logits gather) plus the sampler on B rows
+  attention  `attend_chunks` (attention/reference.py, or --attention-fn) over a one-layer
+             `PagedKVCache` holding all KV heads: B decode requests of context C (grid), and
+             prefill chunks (n tokens after s cached ones) recorded by their query-key pairs
+  network    `torch.distributed` send/recv ping-pong between 2 spawned ranks, one-way time
+             (half the round trip) vs message size (gloo on CPU; NCCL between 2 GPUs when
+             there are 2, else gloo)
+Each point is the median of --repeats timed runs after --warmup untimed ones. Not measured:
+the driver's scheduling and plan broadcast (part of a real step's overhead). The device name
+(--device-name, default from the CUDA device or "CPU") is the key the planner looks up in
+configs/prices.yaml. Defaults are small so that a CPU run takes seconds; pass GPU-sized grids
+on a GPU (--batches, --contexts, --prefill, --message-bytes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+# This file's name shadows the standard library's `profile` (which torch imports through
+# cProfile) when its directory leads sys.path, as it does for a script: drop that entry.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent))
+
+import torch  # noqa: E402
+
+from megatron_lamina.planner.cost_table import CostTable, Curve, Grid, prefill_pairs  # noqa: E402
+from megatron_lamina.planner.shapes import ModelShape, load_shape  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device, warmup: int, repeats: int, setup=None) -> float:
+    """Median seconds of fn(setup()) over `repeats` runs, after `warmup` untimed runs."""
+    times = []
+    for i in range(warmup + repeats):
+        arg = setup() if setup else None
+        _sync(device)
+        start = time.perf_counter()
+        fn(arg)
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+# ------------------------------------------------------------------------------- model
+
+def _spawn(fn, world: int, *args):
+    """Run fn(rank, world, port, *args) on `world` spawned ranks; rank 0's return value."""
+    import multiprocessing as mp
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_rank_entry, args=(fn, rank, world, port, results, args)) for rank in range(world)]
+    for p in procs:
+        p.start()
+    value, errors = None, []
+    for _ in range(world):
+        rank, ok, payload = results.get(timeout=3600)
+        if not ok:
+            errors.append(f"rank {rank}: {payload}")
+        elif rank == 0:
+            value = payload
+    for p in procs:
+        p.join(timeout=30)
+    if errors:
+        raise RuntimeError("\n".join(errors))
+    return value
+
+
+def _rank_entry(fn, rank, world, port, results, args):
+    import traceback
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    try:
+        results.put((rank, True, fn(rank, world, *args)))
+    except BaseException:
+        results.put((rank, False, traceback.format_exc()))
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _device_for(rank: int, device_type: str) -> torch.device:
+    if device_type == "cuda":
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+        return torch.device("cuda", rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def _decode_plan(batch: int, context: int):
+    from megatron_lamina.plan import MicroBatch, SequenceChunk, StepPlan
+
+    return StepPlan([MicroBatch([SequenceChunk(i, 0, context, [3 + i % 100], [], True) for i in range(batch)])])
+
+
+def _model_rank(rank, world, shape_dict, dtype_name, device_type, layer_counts, batches, warmup, repeats, threads):
+    """One TP rank: {layers: {tokens: seconds}} for ModelRunner.run, plus the sampler."""
+    import torch.distributed as dist
+
+    from megatron_lamina.engine.model_runner import ModelRunner
+    from megatron_lamina.engine.sampling import SamplingParams, sample_token
+    from megatron_lamina.model.llama import LlamaModel
+    from megatron_lamina.transport.channel import LocalChannel
+
+    if threads:
+        torch.set_num_threads(threads)
+    device = _device_for(rank, device_type)
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    tp_group = dist.new_group(list(range(world)))
+    shape, dtype = ModelShape.from_dict(shape_dict), DTYPES[dtype_name]
+    multiple = 128 * world
+    padded_vocab = -(-shape.vocab_size // multiple) * multiple
+    no_attention = LocalChannel(lambda layer, chunks, q, k, v: torch.zeros_like(q))
+    torch.manual_seed(rank)
+    out: dict = {"run": {}, "sample": {}}
+    context = min(128, shape.max_context - 1)
+    for layers in layer_counts:
+        model = LlamaModel(shape.with_layers(layers).to_architecture(), dtype, tp_group, no_attention, padded_vocab)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0.0, 0.02)
+        runner = ModelRunner(model.to(device))
+
+        def run(plan):
+            runner.run(plan)
+            if world > 1:
+                dist.barrier(group=tp_group)
+
+        out["run"][layers] = {b: timed(run, device, warmup, repeats, setup=lambda b=b: _decode_plan(b, context))
+                              for b in batches}
+        del model, runner
+        if device_type == "cuda":
+            torch.cuda.empty_cache()
+    greedy = SamplingParams(max_tokens=1, temperature=0.0)
+    generator = greedy.make_generator()
+    for b in batches:
+        logits = torch.randn(b, shape.vocab_size, device=device, dtype=dtype)
+        out["sample"][b] = timed(lambda _: [sample_token(row, greedy, generator) for row in logits],
+                                 device, warmup, repeats)
+    return out
+
+
+def profile_model(args, shape: ModelShape) -> tuple[dict[int, Curve], dict[int, Curve]]:
+    layer_curves, overhead_curves = {}, {}
+    low, high = args.layers
+    for tp in args.tp:
+        if shape.num_kv_heads % tp:
+            raise ValueError(f"--tp {tp} does not divide the model's {shape.num_kv_heads} KV heads")
+        print(f"model: TP {tp}, layers {low} and {high}, batches {args.batches}", flush=True)
+        m = _spawn(_model_rank, tp, shape.to_dict(), args.dtype, args.device, [low, high], args.batches,
+                   args.warmup, args.repeats, args.threads)
+        per_layer = [max(0.0, (m["run"][high][b] - m["run"][low][b]) / (high - low)) for b in args.batches]
+        overhead = [max(0.0, m["run"][low][b] - low * t) + m["sample"][b] for b, t in zip(args.batches, per_layer)]
+        xs = [float(b) for b in args.batches]
+        layer_curves[tp], overhead_curves[tp] = Curve(xs, per_layer), Curve(xs, overhead)
+    return layer_curves, overhead_curves
+
+
+# --------------------------------------------------------------------------- attention
+
+def profile_attention(args, shape: ModelShape) -> tuple[Grid, Curve]:
+    from megatron_lamina.attention.kv_cache import PagedKVCache
+    from megatron_lamina.plan import SequenceChunk
+
+    module, _, name = args.attention_fn.partition(":")
+    attend = getattr(importlib.import_module(module), name)
+    device, dtype, block = torch.device(args.device), DTYPES[args.dtype], 16
+    heads, kv, d = shape.num_heads, shape.num_kv_heads, shape.head_dim
+
+    def cost(chunks_spec: list[tuple[int, int]]) -> float:
+        """chunks_spec: (start, tokens) per request; one layer, all heads."""
+        blocks_per = [-(-(s + n) // block) for s, n in chunks_spec]
+        cache = PagedKVCache(1, sum(blocks_per), block, kv, d, dtype, device)
+        chunks, first = [], 0
+        for i, ((start, n), count) in enumerate(zip(chunks_spec, blocks_per)):
+            chunks.append(SequenceChunk(i, 0, start, [0] * n, list(range(first, first + count)), True))
+            first += count
+        tokens = sum(n for _, n in chunks_spec)
+        q = torch.randn(tokens, heads, d, dtype=dtype, device=device)
+        k = torch.randn(tokens, kv, d, dtype=dtype, device=device)
+        v = torch.randn(tokens, kv, d, dtype=dtype, device=device)
+        seconds = timed(lambda _: attend(cache, 0, chunks, q, k, v), device, args.warmup, args.repeats)
+        del cache
+        return seconds
+
+    print(f"attention: decode batches {args.batches} x contexts {args.contexts}", flush=True)
+    decode = [[cost([(c - 1, 1)] * b) for c in args.contexts] for b in args.batches]
+    print(f"attention: prefill chunks {args.prefill}", flush=True)
+    points = sorted({(prefill_pairs(n, s + n), s, n) for s, n in args.prefill})
+    return (Grid([float(b) for b in args.batches], [float(c) for c in args.contexts], decode),
+            Curve([float(p) for p, _, _ in points], [cost([(s, n)]) for _, s, n in points]))
+
+
+# ----------------------------------------------------------------------------- network
+
+def _network_rank(rank, world, sizes, device_type, warmup, repeats):
+    import torch.distributed as dist
+
+    use_nccl = device_type == "cuda" and torch.cuda.device_count() >= 2
+    device = _device_for(rank, device_type) if use_nccl else torch.device("cpu")
+    dist.init_process_group("nccl" if use_nccl else "gloo")
+    out = {"backend": "nccl" if use_nccl else "gloo", "seconds": {}}
+    peer = 1 - rank
+    for size in sizes:
+        buf = torch.empty(max(1, size // 4), dtype=torch.float32, device=device)
+
+        def ping(_):
+            if rank == 0:
+                dist.send(buf, peer)
+                dist.recv(buf, peer)
+            else:
+                dist.recv(buf, peer)
+                dist.send(buf, peer)
+
+        out["seconds"][size] = timed(ping, device, warmup, repeats) / 2
+    return out
+
+
+def profile_network(args) -> tuple[Curve, str]:
+    print(f"network: message bytes {args.message_bytes}", flush=True)
+    n = _spawn(_network_rank, 2, args.message_bytes, args.device, args.warmup, args.repeats)
+    sizes = sorted(args.message_bytes)
+    return Curve([float(s) for s in sizes], [n["seconds"][s] for s in sizes]), n["backend"]
+
+
+# -------------------------------------------------------------------------------- main
+
+def device_name(args) -> str:
+    if args.device_name:
+        return args.device_name
+    if args.device == "cuda":
+        name = torch.cuda.get_device_name(0)
+        for known in ("H200", "H100", "H20", "A100"):
+            if known in name:
+                return known
+        return name
+    return "CPU"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny", help="shape preset (tiny, llama3-8b, ...) or checkpoint dir")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--device-name", default=None, help="the device's key in configs/prices.yaml")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default: float32 on cpu, bfloat16 on cuda")
+    parser.add_argument("--tp", type=_ints, default=[1], help="TP sizes to measure, comma-separated")
+    parser.add_argument("--layers", type=_ints, default=[1, 3], help="two layer counts to difference")
+    parser.add_argument("--batches", type=_ints, default=[1, 4, 16, 64],
+                        help="decode batch sizes (tokens) for model and attention")
+    parser.add_argument("--contexts", type=_ints, default=[16, 64, 200], help="decode contexts for attention")
+    parser.add_argument("--prefill", type=lambda t: [tuple(int(x) for x in p.split("+")) for p in t.split(",")],
+                        default=[(0, 16), (0, 64), (64, 64), (0, 128)],
+                        help="prefill chunks as CACHED+TOKENS, comma-separated")
+    parser.add_argument("--message-bytes", type=_ints, default=[256, 4096, 65536, 1 << 20])
+    parser.add_argument("--attention-fn", default="megatron_lamina.attention.reference:attend_chunks",
+                        help="MODULE:FUNCTION with attend_chunks' signature")
+    parser.add_argument("--parts", default="model,attention,network")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per rank (CPU)")
+    parser.add_argument("--out", required=True, help="cost table JSON")
+    args = parser.parse_args(argv)
+    args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    if len(args.layers) != 2 or not 0 < args.layers[0] < args.layers[1]:
+        parser.error("--layers takes two increasing layer counts, e.g. 1,2")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here")
+    parts = set(args.parts.split(","))
+    try:
+        shape = load_shape(args.model)
+        name = device_name(args)
+        started = time.time()
+        model_layer = overhead = None
+        if "model" in parts:
+            model_layer, overhead = profile_model(args, shape)
+        decode, prefill = profile_attention(args, shape) if "attention" in parts else (None, None)
+        network, backend = profile_network(args) if "network" in parts else (None, None)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if None in (model_layer, decode, network):
+        print("error: a cost table needs all three parts (--parts model,attention,network)", file=sys.stderr)
+        return 2
+    hardware = torch.cuda.get_device_name(0) if args.device == "cuda" else platform.processor() or platform.machine()
+    table = CostTable(
+        device=name,
+        source=(f"measured on {hardware} ({args.device}, torch {torch.__version__}, host {platform.node()}, "
+                f"{datetime.date.today().isoformat()})"),
+        shape=shape, dtype=args.dtype, model_layer=model_layer, step_overhead=overhead,
+        attention_decode=decode, attention_prefill=prefill, network=network,
+        meta={"attention_fn": args.attention_fn, "network_backend": backend, "layers": args.layers,
+              "warmup": args.warmup, "repeats": args.repeats, "threads": args.threads or torch.get_num_threads(),
+              "wall_s": round(time.time() - started, 1)})
+    table.save(args.out)
+    print(f"wrote {args.out} ({name}, {table.source})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
