@@ -65,6 +65,8 @@ class RuntimeConfig:
     # A collective or P2P exchange that takes longer than this fails the job (a rank died or
     # hangs); the driver also sends an empty plan after this long idle / 4 as a heartbeat.
     step_timeout_s: float = _key(120.0, above=0.0)
+    # CUDA only, colocated with tensor_parallel 1: replay decode steps from CUDA graphs.
+    cuda_graphs: bool = _key(True)
 
 
 @dataclass

@@ -298,10 +298,10 @@ class FrameworkCheckpoints:
     """
 
     SERVED_REQUESTS = 4  # conftest.REQUESTS[:4]: each prompt once, greedy
-    SERVE_LAYOUT = [
+    SERVE_LAYOUT = (
         "parallel.tensor_parallel=2", "parallel.attention_workers=1", "parallel.attention_head_groups=1",
         "kv_cache.block_size=4", "kv_cache.num_blocks=32", "scheduler.max_prefill_tokens=8",
-    ]  # fmt: skip
+    )  # fmt: skip
 
     def __init__(self, root: Path, tiny_models: dict):
         import subprocess
@@ -333,7 +333,9 @@ class FrameworkCheckpoints:
             "zero3": deepspeed / "zero3",
             "megatron_deepspeed": deepspeed / "megatron_deepspeed",
         }
-        self.reference = {name: (tied if name.startswith(("zero", "megatron_deepspeed")) else untied) for name in self.sources}
+        self.reference = {
+            name: (tied if name.startswith(("zero", "megatron_deepspeed")) else untied) for name in self.sources
+        }
         model_config = root / "megatron_args.json"  # what the bare megatron-core save lacks
         model_config.write_text(json.dumps(vars(self._megatron_args(untied, tp=2, pp=1)), default=str))
         options = {  # exercise each way of naming the tokenizer and the architecture
@@ -362,7 +364,7 @@ class FrameworkCheckpoints:
         # These two hold torch_dist's tensors in other keys; their conversions are compared
         # with it tensor for tensor.
         served = [name for name in self.converted if name not in ("mcore_no_args", "torch_dist_per_layer")]
-        cases = [(str(self.converted[name]), self.SERVE_LAYOUT) for name in served]
+        cases = [(str(self.converted[name]), list(self.SERVE_LAYOUT)) for name in served]
         results = run_ranks(generate_on_ranks, 3, cases, REQUESTS[: self.SERVED_REQUESTS])
         self.served = {name: _generated(result) for name, result in zip(served, results)}
 

@@ -63,7 +63,9 @@ def megatron_deepspeed_module(hf_model) -> torch.nn.Module:
         params[m + "self_attention.query_key_value.weight"] = torch.cat([q, k, v], dim=1).reshape(-1, c.hidden_size)
         params[m + "self_attention.dense.weight"] = hf[h + "self_attn.o_proj.weight"]
         params[m + "post_attention_layernorm.weight"] = hf[h + "post_attention_layernorm.weight"]
-        params[m + "mlp.dense_h_to_4h.weight"] = torch.cat([hf[h + "mlp.gate_proj.weight"], hf[h + "mlp.up_proj.weight"]])
+        params[m + "mlp.dense_h_to_4h.weight"] = torch.cat(
+            [hf[h + "mlp.gate_proj.weight"], hf[h + "mlp.up_proj.weight"]]
+        )
         params[m + "mlp.dense_4h_to_h.weight"] = hf[h + "mlp.down_proj.weight"]
     module = torch.nn.Module()
     for name, value in params.items():
@@ -128,4 +130,3 @@ def save_on_rank(hf_dir: str, out_dir: str) -> None:
     client_state = {"args": megatron_deepspeed_args(hf_model.config), "checkpoint_version": 3.0, "iteration": 7}
     engine.save_checkpoint(str(out / "megatron_deepspeed"), tag="global_step7", client_state=client_state)
     torch.distributed.barrier()
-

@@ -139,4 +139,3 @@ def save_on_rank(canonical_dir: str, out_dir: str, tokenizer_model: str) -> None
         legacy / "model_optim_rng.pt",
     )
     dist.barrier()
-

@@ -79,10 +79,21 @@ def test_missing_config_and_not_deepspeed(frameworks, tmp_path, capsys):
     line = _error(capsys, "--source", "deepspeed", "--input", src, "--output", tmp_path / "out")
     assert line == f"error: {src}: no config.json for this Hugging Face model; pass --model-config CONFIG.json"
     line = _error(capsys, "--source", "deepspeed", "--input", tmp_path, "--output", tmp_path / "out")
-    assert line == f"error: {tmp_path}: not a DeepSpeed checkpoint (neither a 'latest' file nor *_optim_states.pt files)"
+    assert (
+        line == f"error: {tmp_path}: not a DeepSpeed checkpoint (neither a 'latest' file nor *_optim_states.pt files)"
+    )
 
 
 def test_option_not_for_source(frameworks, tmp_path, capsys):
     hf_dir = frameworks.reference["zero1"].hf_dir
     line = _error(capsys, "--source", "hf", "--input", hf_dir, "--output", tmp_path / "out", "--tokenizer", hf_dir)
     assert line == "error: --tokenizer does not apply to --source hf"
+
+
+def test_help_documents_every_source(capsys):
+    with pytest.raises(SystemExit):
+        run_tool("--help")
+    help_text = capsys.readouterr().out
+    for source in ("hf", "gguf", "megatron", "deepspeed"):
+        assert f"--source {source} " in help_text, source
+    assert "--model-config" in help_text and "--tokenizer" in help_text and "--name" in help_text

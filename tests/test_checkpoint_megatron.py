@@ -114,19 +114,36 @@ def test_missing_shard_and_mismatched_shard_count(frameworks, tmp_path, capsys):
 def test_missing_arguments_and_tokenizer(frameworks, tmp_path, capsys):
     src = frameworks.sources["mcore_no_args"]
     line = _error(capsys, "--source", "megatron", "--input", src, "--output", tmp_path / "out")
-    assert line == f"error: {src}: no tokenizer: pass --tokenizer (a SentencePiece tokenizer.model or a Hugging Face tokenizer dir)"
+    assert (
+        line
+        == f"error: {src}: no tokenizer: pass --tokenizer (a SentencePiece tokenizer.model or a Hugging Face tokenizer dir)"
+    )
     tokenizer = ["--tokenizer", frameworks.tokenizer_model]
     line = _error(capsys, "--source", "megatron", "--input", src, "--output", tmp_path / "out", *tokenizer)
-    assert line.startswith(f"error: {src}: no training arguments give num_layers, hidden_size, num_attention_heads; pass --model-config")
+    assert line.startswith(
+        f"error: {src}: no training arguments give num_layers, hidden_size, num_attention_heads; pass --model-config"
+    )
 
 
 def test_unsupported_architecture(frameworks, tmp_path, capsys):
     config = tmp_path / "layernorm.json"
     config.write_text(json.dumps({"normalization": "LayerNorm"}))
     src = frameworks.sources["torch_dist"]
-    args = ["--source", "megatron", "--input", src, "--output", tmp_path / "out", "--tokenizer", frameworks.tokenizer_model]
+    args = [
+        "--source",
+        "megatron",
+        "--input",
+        src,
+        "--output",
+        tmp_path / "out",
+        "--tokenizer",
+        frameworks.tokenizer_model,
+    ]
     line = _error(capsys, *args, "--model-config", config)
-    assert line == f"error: {src / 'iter_0000010' / 'common.pt'}: normalization 'LayerNorm' is not supported (a LLaMA-style decoder is)"
+    assert (
+        line
+        == f"error: {src / 'iter_0000010' / 'common.pt'}: normalization 'LayerNorm' is not supported (a LLaMA-style decoder is)"
+    )
     config.write_text(json.dumps({"num_layers": 3}))
     line = _error(capsys, *args, "--model-config", config)
     assert line.startswith(f"error: {src / 'iter_0000010'}: no tensor for decoder.layers.2.input_layernorm.weight")
@@ -138,8 +155,16 @@ def test_not_a_megatron_checkpoint(frameworks, tmp_path, capsys):
         f"error: {tmp_path}: neither a Megatron distributed checkpoint (metadata.json) nor a legacy one (mp_rank_* directories)"
     )
     src = _copy(frameworks, "mcore_no_args", tmp_path)
-    (src / "metadata.json").write_text(json.dumps({"sharded_backend": "zarr", "sharded_backend_version": 1,
-                                                   "common_backend": "torch", "common_backend_version": 1}))
+    (src / "metadata.json").write_text(
+        json.dumps(
+            {
+                "sharded_backend": "zarr",
+                "sharded_backend_version": 1,
+                "common_backend": "torch",
+                "common_backend_version": 1,
+            }
+        )
+    )
     line = _error(capsys, "--source", "megatron", "--input", src, "--output", tmp_path / "out")
     assert line.startswith(f"error: {src / 'metadata.json'}: sharded backend 'zarr' is not supported (only torch_dist)")
 

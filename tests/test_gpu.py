@@ -47,16 +47,21 @@ def test_paged_decode_matches_reference(block_size, splits):
         assert ((out[i].float() - ref).norm() / ref.norm()).item() < 1e-2
 
 
-GPU_LAYOUTS = {"colocated": (1, 0, "auto"), "disaggregated-shared-gpu": (1, 1, "gloo")}
+GPU_LAYOUTS = {  # (tensor_parallel, attention_workers, transport, CUDA graphs)
+    "colocated-cuda-graphs": (1, 0, "auto", True),
+    "colocated-eager": (1, 0, "auto", False),
+    "disaggregated-shared-gpu": (1, 1, "gloo", True),
+}
 if torch.cuda.is_available() and torch.cuda.device_count() >= 2:
-    GPU_LAYOUTS["disaggregated-nccl"] = (1, 1, "nccl")
+    GPU_LAYOUTS["disaggregated-nccl"] = (1, 1, "nccl", True)
 
 
 @pytest.mark.parametrize("layout", GPU_LAYOUTS)
 def test_engine_on_cuda_matches_transformers(layout, tiny_models):
-    tp, workers, transport = GPU_LAYOUTS[layout]
+    tp, workers, transport, graphs = GPU_LAYOUTS[layout]
     cases = [(str(model.canonical_dir), [
-        "runtime.device=cuda", f"runtime.transport={transport}", f"parallel.tensor_parallel={tp}",
+        "runtime.device=cuda", f"runtime.transport={transport}", f"runtime.cuda_graphs={str(graphs).lower()}",
+        f"parallel.tensor_parallel={tp}",
         f"parallel.attention_workers={workers}", f"scheduler.micro_batches={mb}", "kv_cache.block_size=4",
         "kv_cache.num_blocks=64", "scheduler.max_prefill_tokens=8"]) for model in tiny_models.values() for mb in (1, 2)]
     expected = [model for model in tiny_models.values() for _ in (1, 2)]

@@ -32,6 +32,7 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])
 from megatron_lamina.architecture import ModelArchitecture  # noqa: E402
 from megatron_lamina.attention.gpu import PagedAttention  # noqa: E402
 from megatron_lamina.attention.kv_cache import PagedKVCache  # noqa: E402
+from megatron_lamina.engine.cuda_graphs import DecodeGraphs  # noqa: E402
 from megatron_lamina.engine.model_runner import ModelRunner  # noqa: E402
 from megatron_lamina.model.llama import LlamaModel  # noqa: E402
 from megatron_lamina.plan import MicroBatch, SequenceChunk, StepPlan  # noqa: E402
@@ -88,6 +89,8 @@ def main(argv=None) -> int:
     parser.add_argument("--contexts", default="1024,4096")
     parser.add_argument("--block-size", type=int, default=64)
     parser.add_argument("--out", default="bench_decode.json")
+    parser.add_argument("--profile", action="store_true", help="print where the host time of a model step goes")
+    parser.add_argument("--cuda-graphs", default="0,1", help="run eager (0) and/or CUDA graphs (1)")
     args = parser.parse_args(argv)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29655")
@@ -110,12 +113,35 @@ def main(argv=None) -> int:
 
     # (b) model-worker step: attention returns zeros at once
     state["attend"] = lambda layer, chunks, q, k, v: torch.zeros_like(q)
+    if args.profile:
+        import cProfile
+        import pstats
+
+        plan = decode_plan(64, 16, args.block_size)
+        runner.run(plan)
+        torch.cuda.synchronize()
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(3):
+            runner.run(plan)
+        torch.cuda.synchronize()
+        profiler.disable()
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+    graph_modes = [bool(int(x)) for x in args.cuda_graphs.split(",")]
     for batch in map(int, args.model_batches.split(",")):
         plan = decode_plan(batch, 16, args.block_size)
-        ms = time_ms(lambda: runner.run(plan))
-        flops = 2 * params * batch
-        result["model_step"].append({"batch": batch, "ms": ms, "TFLOPs": flops / (ms / 1e3) / 1e12,
-                                     "frac_gemm": flops / (ms / 1e3) / gemm_rate})
+        for graphs in graph_modes:
+            if graphs:  # o = 0 for attention, with a throwaway cache for the graphs' scratch block
+                cache = PagedKVCache(arch.num_layers, 2, args.block_size, arch.num_kv_heads, arch.head_dim,
+                                     torch.bfloat16, "cuda")
+                attention = PagedAttention(cache)
+                state["attend"] = lambda layer, chunks, q, k, v: torch.zeros_like(q)
+                runner.graphs = DecodeGraphs(model, attention, batch, 1, scratch_block=1)
+            ms = time_ms(lambda: runner.run(plan))
+            runner.graphs = None
+            flops = 2 * params * batch
+            result["model_step"].append({"batch": batch, "cuda_graphs": graphs, "ms": ms,
+                                         "TFLOPs": flops / (ms / 1e3) / 1e12, "frac_gemm": flops / (ms / 1e3) / gemm_rate})
 
     # (c) colocated decode step with the real paged cache and kernel
     for batch in map(int, args.batches.split(",")):
@@ -125,33 +151,39 @@ def main(argv=None) -> int:
                 result["decode"].append({"batch": batch, "context": context, "skipped": "KV does not fit"})
                 continue
             blocks = batch * math.ceil((context + 1) / args.block_size)
-            cache = PagedKVCache(arch.num_layers, blocks, args.block_size, arch.num_kv_heads, arch.head_dim,
+            cache = PagedKVCache(arch.num_layers, blocks + 1, args.block_size, arch.num_kv_heads, arch.head_dim,
                                  torch.bfloat16, "cuda")
             for t in cache.k + cache.v:
                 t.normal_()
             state["attend"] = PagedAttention(cache)
             plan = decode_plan(batch, context, args.block_size)
-            ms = time_ms(lambda: runner.run(plan), repeat=5)
             flops = 2 * params * batch + 4 * batch * (context + 1) * arch.num_attention_heads * arch.head_dim * arch.num_layers
             bound = max((params * 2 + kv_bytes) / copy_bw, flops / gemm_rate)
-            result["decode"].append({"batch": batch, "context": context, "ms": ms, "tokens_per_s": batch / (ms / 1e3),
-                                     "roofline_ms": bound * 1e3, "frac_roofline": bound / (ms / 1e3)})
+            for graphs in graph_modes:
+                if graphs:
+                    runner.graphs = DecodeGraphs(model, state["attend"], batch, math.ceil((context + 1) / args.block_size),
+                                                 scratch_block=blocks)
+                ms = time_ms(lambda: runner.run(plan), repeat=5)
+                runner.graphs = None
+                result["decode"].append({"batch": batch, "context": context, "cuda_graphs": graphs, "ms": ms,
+                                         "tokens_per_s": batch / (ms / 1e3), "roofline_ms": bound * 1e3,
+                                         "frac_roofline": bound / (ms / 1e3)})
             del cache, state["attend"]
             torch.cuda.empty_cache()
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"{result['device']}: copy {copy_bw / 1e12:.2f} TB/s, bf16 GEMM {gemm_rate / 1e12:.0f} TFLOP/s, "
           f"{params / 1e9:.2f} B parameters")
     print("(b) model-worker step (no attention)")
-    print(f"{'batch':>6} {'ms':>8} {'TFLOP/s':>8} {'% GEMM':>7}")
+    print(f"{'batch':>6} {'graphs':>6} {'ms':>8} {'TFLOP/s':>8} {'% GEMM':>7}")
     for r in result["model_step"]:
-        print(f"{r['batch']:>6} {r['ms']:>8.2f} {r['TFLOPs']:>8.0f} {100 * r['frac_gemm']:>7.1f}")
+        print(f"{r['batch']:>6} {r['cuda_graphs']!s:>6} {r['ms']:>8.2f} {r['TFLOPs']:>8.0f} {100 * r['frac_gemm']:>7.1f}")
     print("(c) colocated decode step")
-    print(f"{'batch':>6} {'ctx':>6} {'ms':>8} {'tok/s':>8} {'roofline ms':>11} {'% roofline':>10}")
+    print(f"{'batch':>6} {'ctx':>6} {'graphs':>6} {'ms':>8} {'tok/s':>8} {'roofline ms':>11} {'% roofline':>10}")
     for r in result["decode"]:
         if "skipped" in r:
             print(f"{r['batch']:>6} {r['context']:>6}  skipped: {r['skipped']}")
             continue
-        print(f"{r['batch']:>6} {r['context']:>6} {r['ms']:>8.2f} {r['tokens_per_s']:>8.0f} "
+        print(f"{r['batch']:>6} {r['context']:>6} {r['cuda_graphs']!s:>6} {r['ms']:>8.2f} {r['tokens_per_s']:>8.0f} "
               f"{r['roofline_ms']:>11.2f} {100 * r['frac_roofline']:>10.1f}")
     dist.destroy_process_group()
     return 0

@@ -27,6 +27,7 @@ class PagedBatchIndex:
     block_tables: torch.Tensor    # [decode rows, max blocks] int32
     context_lens: torch.Tensor    # [decode rows] int32
     prefill: list[tuple[int, SequenceChunk, torch.Tensor]]  # (first row, chunk, context slots)
+    max_context: int              # an upper bound of context_lens, known on the host (no sync)
 
     @classmethod
     def build(cls, chunks: list[SequenceChunk], block_size: int, device) -> "PagedBatchIndex":
@@ -46,7 +47,8 @@ class PagedBatchIndex:
         for i, t in enumerate(tables):
             table[i, :len(t)] = torch.tensor(t, dtype=torch.int32)
         return cls(torch.cat(slots).to(device), torch.tensor(decode_rows, dtype=torch.long, device=device),
-                   table.to(device), torch.tensor(lens, dtype=torch.int32, device=device), prefill)
+                   table.to(device), torch.tensor(lens, dtype=torch.int32, device=device), prefill,
+                   max(lens, default=1))
 
 
 class PagedAttention:
@@ -59,13 +61,17 @@ class PagedAttention:
             self._memo = (chunks, PagedBatchIndex.build(chunks, self.cache.block_size, device))
         return self._memo[1]
 
+    def pin_index(self, chunks: list[SequenceChunk], index: PagedBatchIndex) -> None:
+        """Use `index` for `chunks` (the static tensors of a CUDA graph)."""
+        self._memo = (chunks, index)
+
     def __call__(self, layer: int, chunks: list[SequenceChunk], q, k, v) -> torch.Tensor:
         idx = self.index(chunks, q.device)
         self.cache.write(layer, idx.new_slots, k, v)
         out = torch.empty_like(q)
         if idx.decode_rows.numel():
             out[idx.decode_rows] = paged_decode(q[idx.decode_rows], self.cache.k[layer], self.cache.v[layer],
-                                                idx.block_tables, idx.context_lens)
+                                                idx.block_tables, idx.context_lens, max_context=idx.max_context)
         for row, chunk, context in idx.prefill:
             n = len(chunk.tokens)
             keys, values = self.cache.read(layer, context)           # [ctx, kv_heads, d]

@@ -33,7 +33,7 @@ if triton is not None:
     def _decode_kernel(
         q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, o_ptr, m_ptr, l_ptr,
         stride_qb, stride_qh, stride_kblk, stride_kh, stride_ktok, stride_tb,
-        stride_ob, stride_os, stride_oh, scale, tiles_per_split,
+        stride_ob, stride_os, stride_oh, scale,
         GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, PRECISION: tl.constexpr,
     ):
@@ -48,8 +48,11 @@ if triton is not None:
         m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_G], tl.float32)
         acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
-        start = split * tiles_per_split * BLOCK_N
-        end = tl.minimum(length, start + tiles_per_split * BLOCK_N)
+        # Each request's own context is cut into the splits (so a graph captured for a long
+        # context bound still spreads a short context over all of them).
+        per_split = tl.cdiv(tl.cdiv(length, BLOCK_N), tl.num_programs(2)) * BLOCK_N
+        start = split * per_split
+        end = tl.minimum(length, start + per_split)
         for tile in range(start, end, BLOCK_N):
             pos = tile + offs_n
             valid = pos < end
@@ -94,21 +97,21 @@ if triton is not None:
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  block_tables: torch.Tensor, context_lens: torch.Tensor, block_n: int = 64,
                  num_splits: int | None = None, num_warps: int = 4, num_stages: int = 3,
-                 waves: float = 2.0) -> torch.Tensor:
+                 waves: float = 2.0, max_context: int | None = None) -> torch.Tensor:
     """q [batch, heads, d]; caches [blocks, kv_heads, block_size, d]; block_tables [batch,
     max_blocks] int32; context_lens [batch] int32 (keys 0..len-1 are attended) -> o like q.
     Without `num_splits`, contexts are split so that there are about `waves` programs per
-    multiprocessor. float32 runs the dots in full precision (no TF32)."""
+    multiprocessor. float32 runs the dots in full precision (no TF32). `max_context`, an upper
+    bound of `context_lens` known on the host, avoids reading them back (a device sync, and
+    not allowed while a CUDA graph is captured)."""
     batch, heads, head_dim = q.shape
     _, kv_heads, block_size, _ = k_cache.shape
     group = heads // kv_heads
-    max_len = int(context_lens.max()) if batch else 0
+    max_len = max_context if max_context is not None else (int(context_lens.max()) if batch else 0)
     tiles = max(1, math.ceil(max_len / block_n))
     if num_splits is None:
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count
         num_splits = max(1, min(tiles, math.ceil(waves * sms / max(1, batch * kv_heads))))
-    tiles_per_split = math.ceil(tiles / num_splits)
-    num_splits = math.ceil(tiles / tiles_per_split)
     # One split writes the output directly (the store casts); several write float32 partials.
     part = torch.empty(batch, num_splits, heads, head_dim, device=q.device,
                        dtype=q.dtype if num_splits == 1 else torch.float32)
@@ -118,7 +121,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         q, k_cache, v_cache, block_tables, context_lens, part, m, l,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), part.stride(0), part.stride(1), part.stride(2),
-        1.0 / math.sqrt(head_dim), tiles_per_split,
+        1.0 / math.sqrt(head_dim),
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_N=block_n, BLOCK_SIZE=block_size,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps, num_stages=num_stages,

@@ -190,9 +190,7 @@ def _checkpoint_dir_and_tag(path: Path) -> tuple[Path, str]:
         return path, tag
     if any(path.glob("*_optim_states.pt")):
         return path.parent, path.name
-    raise CheckpointInputError(
-        path, "not a DeepSpeed checkpoint (neither a 'latest' file nor *_optim_states.pt files)"
-    )
+    raise CheckpointInputError(path, "not a DeepSpeed checkpoint (neither a 'latest' file nor *_optim_states.pt files)")
 
 
 def _torch_load(path: Path) -> dict[str, Any]:

@@ -97,9 +97,10 @@ def architecture_from_args(
         )
     _check_supported(args, where, get)
     hidden, heads = args["hidden_size"], args["num_attention_heads"]
-    kv_heads = heads
-    if args.get("group_query_attention", args.get("num_query_groups") is not None) and args.get("num_query_groups"):
-        kv_heads = args["num_query_groups"]
+    grouped = args.get("group_query_attention")  # Megatron-LM sets num_query_groups=1 without GQA
+    if grouped is None:  # Megatron-DeepSpeed, hand-written configs: num_query_groups alone says it
+        grouped = args.get("num_query_groups") is not None
+    kv_heads = args["num_query_groups"] if grouped and args.get("num_query_groups") else heads
     ffn = args.get("ffn_hidden_size") or int((4 * hidden * 2 / 3) / 64) * 64  # Megatron-LM's swiglu default
     max_positions = args.get("max_position_embeddings") or args.get("seq_length")
     if not max_positions:

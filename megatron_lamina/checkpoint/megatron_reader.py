@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from megatron_lamina.architecture import ModelArchitecture
 from megatron_lamina.checkpoint.errors import CheckpointInputError
@@ -42,24 +42,37 @@ LATEST_FILE = "latest_checkpointed_iteration.txt"
 ADDS_BOS = {"Llama2Tokenizer": True, "GPTSentencePieceTokenizer": False}
 
 
+class MegatronTensors(Protocol):
+    """Whole (TP-merged, PP-renumbered) Megatron tensors by canonical name:
+    `megatron_torch_dist.TorchDistTensors`, `megatron_legacy.LegacyShards`, the DeepSpeed
+    reader for Megatron-DeepSpeed models."""
+
+    def names(self) -> set[str]: ...
+
+    def tensor(self, name: str) -> torch.Tensor: ...
+
+
 class MegatronCheckpointReader:
     def __init__(self, path: Path, tokenizer: Path | None = None, model_config: Path | None = None):
         self.path = path.absolute()
         if not self.path.is_dir():
             raise CheckpointInputError(path, "no such directory (expected a Megatron checkpoint directory)")
         self.iteration_dir = _iteration_dir(self.path)
+        self._layout: dict[str, int] = {}  # the legacy save's parallel sizes, for provenance
         if (self.iteration_dir / "metadata.json").is_file():
             from megatron_lamina.checkpoint.megatron_torch_dist import TorchDistTensors
 
             self.format = "torch_dist"
-            self._source: Any = TorchDistTensors(self.iteration_dir)
-            stored_args, args_file = self._source.common.get("args"), self.iteration_dir / "common.pt"
-            self.iteration = self._source.common.get("iteration")
+            dist_tensors = TorchDistTensors(self.iteration_dir)
+            stored_args, args_file = dist_tensors.common.get("args"), self.iteration_dir / "common.pt"
+            self.iteration = dist_tensors.common.get("iteration")
+            self._source: MegatronTensors = dist_tensors
         elif is_legacy_checkpoint(self.iteration_dir):
             self.format = "torch"
-            self._source = LegacyShards(self.iteration_dir)
-            stored_args, args_file = self._source.args, self._source.first_file
-            self.iteration = self._source.iteration
+            shards = LegacyShards(self.iteration_dir)
+            stored_args, args_file, self.iteration = shards.args, shards.first_file, shards.iteration
+            self._layout = {"tensor_parallel": shards.tp_size, "pipeline_parallel": shards.pp_size}
+            self._source = shards
         else:
             raise CheckpointInputError(
                 self.iteration_dir,
@@ -94,16 +107,14 @@ class MegatronCheckpointReader:
         self._tokenizer.save(output_dir)
 
     def provenance(self) -> dict[str, Any]:
-        info: dict[str, Any] = {
+        return {
             "kind": "megatron",
             "format": self.format,
             "path": str(self.iteration_dir),
             "iteration": self.iteration,
             "tokenizer": str(self._tokenizer.path),
+            **self._layout,
         }
-        if self.format == "torch":
-            info["tensor_parallel"], info["pipeline_parallel"] = self._source.tp_size, self._source.pp_size
-        return info
 
 
 def check_megatron_tensor_names(arch: ModelArchitecture, names: set[str], where: Path) -> None:
@@ -114,7 +125,9 @@ def check_megatron_tensor_names(arch: ModelArchitecture, names: set[str], where:
     missing = sorted(expected - found, key=_natural)
     if missing:
         hint = " (untie_embeddings_and_output_weights is set)" if missing == [OUTPUT_LAYER] else ""
-        raise CheckpointInputError(where, f"no tensor for {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}{hint}")
+        raise CheckpointInputError(
+            where, f"no tensor for {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}{hint}"
+        )
     unexpected = sorted(found - expected, key=_natural)
     if unexpected:
         raise CheckpointInputError(
@@ -124,7 +137,7 @@ def check_megatron_tensor_names(arch: ModelArchitecture, names: set[str], where:
         )
 
 
-def megatron_canonical_tensors(arch: ModelArchitecture, source: Any) -> Iterator[tuple[str, "torch.Tensor"]]:
+def megatron_canonical_tensors(arch: ModelArchitecture, source: MegatronTensors) -> Iterator[tuple[str, torch.Tensor]]:
     """The canonical tensors in file order from `source.tensor(canonical_name)` (whole, TP-merged
     Megatron tensors), the padded vocabulary cut to the tokenizer's."""
     for name in canonical_tensor_shapes(arch):
@@ -152,4 +165,3 @@ def _iteration_dir(path: Path) -> Path:
 def _natural(name: str) -> tuple:
     """Sort key putting decoder.layers.2 before decoder.layers.10."""
     return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in name.split("."))
-

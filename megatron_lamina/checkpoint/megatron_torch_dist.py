@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint import FileSystemReader, load
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
 from torch.distributed.checkpoint.planner import LoadPlan
@@ -60,6 +61,7 @@ class TorchDistTensors:
             metadata = dist_checkpointing.load_tensors_metadata(str(checkpoint_dir))
         except Exception as e:  # DCP raises many kinds on a missing or damaged .metadata
             raise CheckpointInputError(checkpoint_dir, f"cannot read the tensor metadata ({e})") from None
+        self._storage = _CachedMetadataReader(str(checkpoint_dir))
         # canonical name -> [(stored key, layer index in a stacked tensor or None, global shape, dtype)]
         self._sources: dict[str, list[tuple[str, int | None, tuple[int, ...], torch.dtype]]] = {}
         for key in sorted(metadata):
@@ -87,13 +89,12 @@ class TorchDistTensors:
 
     def tensor(self, name: str) -> torch.Tensor:
         """The whole (TP-merged) tensor `name`; fc1 halves are read and concatenated."""
-        sources = sorted(self._sources[name], key=lambda source: source[0])  # ..._w (gate) before ..._v (up)
+        # A split fc1 is ..._w (gate rows) then ..._v (up rows).
+        sources = sorted(self._sources[name], key=lambda source: source[0].endswith("_v"))
         parts = [self._read(*source) for source in sources]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _read(self, key: str, layer: int | None, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        from torch.distributed.checkpoint import FileSystemReader, load
-
         offsets = (0,) * len(shape) if layer is None else (layer,) + (0,) * (len(shape) - 1)
         region = torch.empty(shape if layer is None else (1, *shape[1:]), dtype=dtype)
         try:
@@ -101,7 +102,7 @@ class TorchDistTensors:
                 warnings.simplefilter("ignore")
                 load(
                     {key: region},
-                    storage_reader=FileSystemReader(str(self.path)),
+                    storage_reader=self._storage,
                     planner=_RegionLoadPlanner({key: offsets}),
                     no_dist=True,
                 )
@@ -109,6 +110,19 @@ class TorchDistTensors:
             raise CheckpointInputError(self.path, f"cannot read tensor {key} ({e})") from None
         return region if layer is None else region[0]
 
+
+class _CachedMetadataReader(FileSystemReader):
+    """Reads `.metadata` (which lists every chunk, optimizer state included: it can be large)
+    once for all the loads of one conversion."""
+
+    def __init__(self, path: str):
+        super().__init__(path)
+        self._metadata = None
+
+    def read_metadata(self, *args, **kwargs):
+        if self._metadata is None:
+            self._metadata = super().read_metadata(*args, **kwargs)
+        return self._metadata
 
 
 class _RegionLoadPlanner(DefaultLoadPlanner):

@@ -16,11 +16,14 @@ from megatron_lamina.plan import StepPlan
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel):
+    def __init__(self, model: LlamaModel, graphs=None):
         self.model = model
+        self.graphs = graphs  # DecodeGraphs (cuda_graphs.py), colocated on a GPU only
 
     def run(self, plan: StepPlan) -> torch.Tensor:
         """Logits [sampled chunks of the plan, vocab], in `plan.sampled_chunks` order."""
+        if self.graphs is not None and self.graphs.can_run(plan):
+            return self.graphs.run(plan)
         passes = [self.model.forward_micro_batch(mb) for mb in plan.micro_batches]
         logits: list[torch.Tensor | None] = [None] * len(passes)
         active = list(range(len(passes)))

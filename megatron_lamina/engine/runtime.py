@@ -69,7 +69,10 @@ def start_rank(cfg: LaminaConfig) -> RankContext:
     kv_heads = arch.num_kv_heads // (topology.tp_size if topology.colocated or topology.is_model_worker(rank)
                                      else topology.head_groups)
     num_blocks = _agree_num_blocks(cfg, arch, groups, holds_cache, kv_heads, device)
-    cache = PagedKVCache(arch.num_layers, num_blocks, cfg.kv_cache.block_size, kv_heads,
+    use_graphs = (cfg.runtime.cuda_graphs and device.type == "cuda" and topology.colocated
+                  and topology.tp_size == 1)
+    # With CUDA graphs the cache has one more block, never handed out: padding rows' scratch.
+    cache = PagedKVCache(arch.num_layers, num_blocks + use_graphs, cfg.kv_cache.block_size, kv_heads,
                          arch.head_dim, dtype, device) if holds_cache else None
 
     attend = _attention_kernel(cache, device) if holds_cache else None
@@ -83,7 +86,14 @@ def start_rank(cfg: LaminaConfig) -> RankContext:
         loader = CheckpointShardLoader(cfg.model.checkpoint, rank, topology.tp_size, dtype)
         model = LlamaModel(arch, dtype, groups.tp, channel, loader.padded_vocab_size)
         loader.load_into(model)
-        runner = ModelRunner(model.to(device))
+        model = model.to(device)
+        graphs = None
+        if use_graphs:
+            from megatron_lamina.engine.cuda_graphs import DecodeGraphs
+
+            max_blocks = -(-arch.max_position_embeddings // cfg.kv_cache.block_size)
+            graphs = DecodeGraphs(model, attend, cfg.scheduler.max_batch_size, max_blocks, scratch_block=num_blocks)
+        runner = ModelRunner(model, graphs)
     else:
         group, shard = topology.attention_coords(rank)
         kv_lo, _ = topology.group_kv_range(group)

@@ -100,6 +100,11 @@ class LlamaModel(torch.nn.Module):
         )
         self.tp_group = tp_group
         self.rotary = RotaryEmbedding(arch.head_dim, arch.rope_theta, arch.rope_scaling)
+        # Megatron's torch norms are created in the default dtype; in bf16 a float32 norm weight
+        # sends rms_norm down a slow mixed-dtype path. Every parameter takes the model dtype
+        # (the rotary frequencies, a buffer, stay float32).
+        for param in self.parameters():
+            param.data = param.data.to(dtype)
         self.eval()
 
     @property

@@ -8,7 +8,8 @@ type, one model shape and one dtype. Times are seconds:
                       tokens (decode tokens and prefill-chunk tokens alike; everything but
                       core attention: norms, QKV, RoPE, out-proj, MLP, TP all-reduces)
   step_overhead[tp]   once per step, outside the layers, vs sampled rows: embedding, final
-                      norm, LM head, logits gather, sampling
+                      norm, LM head, logits gather, sampling (a step that samples nothing
+                      costs the first point's value)
   attention_decode    core attention of ONE layer, all KV heads on one device, for `batch`
                       decode requests of mean context `context` (grid)
   attention_prefill   core attention of ONE layer, all KV heads, for one prefill chunk, vs its
@@ -125,7 +126,7 @@ class CostTable:
                              f"(it has TP {self.tp_sizes()}); profile that TP size") from None
 
     def overhead_time(self, tp: int, rows: int) -> float:
-        return self.step_overhead[tp](rows) if rows else 0.0
+        return self.step_overhead[tp](rows)
 
     def decode_attention_time(self, requests: int, context_sum: int) -> float:
         return self.attention_decode(requests, context_sum / requests) if requests else 0.0

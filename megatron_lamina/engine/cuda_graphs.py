@@ -1,0 +1,115 @@
+"""Colocated decode steps replayed from CUDA graphs (model workers on a GPU).
+
+A decode step of a small model is a few hundred small kernels per layer-stack, and their
+Python and launch overhead, not the GPU, sets the step time. `DecodeGraphs` captures the
+whole forward of a decode-only micro-batch (embedding, every layer with its paged attention,
+LM head) once per batch-size bucket, over static input tensors; a step then copies its
+token ids, positions, cache slots, block tables and context lengths into the bucket's
+tensors and replays the graph. Rows beyond the real batch point at a scratch KV block that
+the block manager never hands out, so padding never touches a request's cache.
+
+Used only when the layout is colocated, TP = 1, the device is CUDA and the plan is one
+micro-batch of decode tokens; every other step takes the eager path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_lamina.attention.gpu import PagedAttention, PagedBatchIndex
+from megatron_lamina.model.llama import LlamaModel
+from megatron_lamina.plan import MicroBatch, SequenceChunk, StepPlan
+
+
+class _Bucket:
+    def __init__(self, size: int, max_blocks: int, scratch_block: int, device):
+        self.size = size
+        self.tokens = torch.zeros(size, dtype=torch.long, device=device)
+        self.positions = torch.zeros(size, dtype=torch.long, device=device)
+        self.slots = torch.zeros(size, dtype=torch.long, device=device)
+        self.tables = torch.full((size, max_blocks), scratch_block, dtype=torch.int32, device=device)
+        self.lens = torch.ones(size, dtype=torch.int32, device=device)
+        self.graph = torch.cuda.CUDAGraph()
+        self.logits: torch.Tensor | None = None
+
+
+class DecodeGraphs:
+    def __init__(self, model: LlamaModel, attention: PagedAttention, max_batch: int, max_blocks: int,
+                 scratch_block: int):
+        self.model, self.attention = model, attention
+        self.max_blocks, self.scratch_block = max_blocks, scratch_block
+        self.block_size = attention.cache.block_size
+        self.device = model.rotary.inv_freq.device
+        sizes = [1, 2, 4, 8] + list(range(16, max_batch + 16, 16))
+        self.sizes = sorted({s for s in sizes if s <= max_batch} | {max_batch})
+        self.buckets: dict[int, _Bucket] = {}
+        self.pool = None
+
+    def can_run(self, plan: StepPlan) -> bool:
+        if len(plan.micro_batches) != 1:
+            return False
+        chunks = plan.micro_batches[0].chunks
+        return (len(chunks) <= self.sizes[-1] and all(len(c.tokens) == 1 for c in chunks)
+                and all(len(c.block_table) <= self.max_blocks for c in chunks))
+
+    def run(self, plan: StepPlan) -> torch.Tensor:
+        chunks = plan.micro_batches[0].chunks
+        n = len(chunks)
+        bucket = self._bucket(next(s for s in self.sizes if s >= n))
+        tables = torch.full((n, self.max_blocks), self.scratch_block, dtype=torch.int32)
+        for i, c in enumerate(chunks):
+            tables[i, :len(c.block_table)] = torch.tensor(c.block_table, dtype=torch.int32)
+        positions = torch.tensor([c.start for c in chunks], dtype=torch.long)
+        blocks = tables[torch.arange(n), positions // self.block_size].long()
+        bucket.tokens[:n].copy_(torch.tensor([c.tokens[0] for c in chunks]), non_blocking=True)
+        bucket.positions[:n].copy_(positions, non_blocking=True)
+        bucket.slots[:n].copy_(blocks * self.block_size + positions % self.block_size, non_blocking=True)
+        bucket.tables[:n].copy_(tables, non_blocking=True)
+        bucket.lens[:n].copy_(positions.int() + 1, non_blocking=True)
+        self._reset_padding(bucket, n)
+        bucket.graph.replay()
+        return bucket.logits[:n].clone()
+
+    def _reset_padding(self, bucket: _Bucket, n: int) -> None:
+        bucket.tokens[n:] = 0
+        bucket.positions[n:] = 0
+        bucket.slots[n:] = self.scratch_block * self.block_size
+        bucket.tables[n:] = self.scratch_block
+        bucket.lens[n:] = 1
+
+    def _bucket(self, size: int) -> _Bucket:
+        if size not in self.buckets:
+            self.buckets[size] = self._capture(size)
+        return self.buckets[size]
+
+    def _capture(self, size: int) -> _Bucket:
+        bucket = _Bucket(size, self.max_blocks, self.scratch_block, self.device)
+        self._reset_padding(bucket, 0)
+        chunks = [SequenceChunk(i, 0, 0, [0], [self.scratch_block], True) for i in range(size)]
+        mb = MicroBatch(chunks)
+        # The model reads these through MicroBatch's cached properties: point them at the
+        # bucket's static tensors (already on the device, so no host copy is captured).
+        mb.__dict__.update(token_ids=bucket.tokens, positions=bucket.positions,
+                           sample_rows=torch.arange(size, device=self.device))
+        index = PagedBatchIndex(bucket.slots, torch.arange(size, device=self.device), bucket.tables,
+                                bucket.lens, [], self.max_blocks * self.block_size)
+
+        def forward() -> torch.Tensor:
+            self.attention.pin_index(chunks, index)
+            passes = self.model.forward_micro_batch(mb)
+            try:
+                while True:
+                    next(passes)
+            except StopIteration as done:
+                return done.value
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up: Triton compiles, cuBLAS picks its kernels
+                forward()
+        torch.cuda.current_stream().wait_stream(side)
+        with torch.cuda.graph(bucket.graph, pool=self.pool):
+            bucket.logits = forward()
+        self.pool = bucket.graph.pool()
+        return bucket
