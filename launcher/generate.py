@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch.distributed as dist  # noqa: E402
 
-from megatron_lamina.config import ConfigError, add_config_arguments, config_from_args  # noqa: E402
+from megatron_lamina.config import add_config_arguments  # noqa: E402
 
 
 def run_job(engine, input_path: str, output_path: str, show: bool, resume: bool) -> int:
@@ -74,17 +74,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true",
                         help="keep the records already in --output and run only the ids missing there")
     args = parser.parse_args(argv)
-    is_driver = os.environ.get("RANK", "0") == "0"
-    try:
-        if not Path(args.input).is_file():
-            raise FileNotFoundError(f"--input {args.input}: no such file")
-        cfg = config_from_args(args)
-        from megatron_lamina.engine.runtime import serve_plans, start_rank
+    if not Path(args.input).is_file():
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: --input {args.input}: no such file", file=sys.stderr)
+        return 2
+    from megatron_lamina.engine.runtime import serve_plans, start_from_args
 
-        ctx = start_rank(cfg)
-    except (ConfigError, FileNotFoundError) as e:
-        if is_driver:
-            print(f"error: {e}", file=sys.stderr)
+    ctx = start_from_args(args)
+    if ctx is None:
         return 2
     if ctx.rank == 0:
         from megatron_lamina.engine.llm_engine import LLMEngine

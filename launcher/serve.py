@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch.distributed as dist  # noqa: E402
 
-from megatron_lamina.config import ConfigError, add_config_arguments, config_from_args  # noqa: E402
+from megatron_lamina.config import add_config_arguments  # noqa: E402
 
 
 def model_name(cfg) -> str:
@@ -89,14 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     is_driver = os.environ.get("RANK", "0") == "0"
     if not is_driver:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the driver decides when the job ends
-    try:
-        cfg = config_from_args(args)
-        from megatron_lamina.engine.runtime import serve_plans, start_rank
+    from megatron_lamina.engine.runtime import serve_plans, start_from_args
 
-        ctx = start_rank(cfg)
-    except (ConfigError, FileNotFoundError) as e:
-        if is_driver:
-            print(f"error: {e}", file=sys.stderr)
+    ctx = start_from_args(args)
+    if ctx is None:
         return 2
     if ctx.rank != 0:
         serve_plans(ctx)

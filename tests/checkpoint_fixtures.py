@@ -399,3 +399,15 @@ def framework_checkpoints(tmp_path_factory, tiny_models) -> FrameworkCheckpoints
     if not _FRAMEWORKS:
         _FRAMEWORKS.append(FrameworkCheckpoints(tmp_path_factory.mktemp("frameworks"), tiny_models))
     return _FRAMEWORKS[0]
+
+
+def assert_served_matches_transformers(frameworks, name: str) -> None:
+    """The converted checkpoint `name`, served by our engine, gives the source model's greedy
+    tokens and, step by step, its logits within 1e-4 (float32)."""
+    import torch
+
+    served, reference = frameworks.served[name], frameworks.reference[name]
+    n = frameworks.SERVED_REQUESTS  # the greedy requests of conftest.REQUESTS
+    assert len(served["tokens"]) == n and served["tokens"] == reference.tokens[:n]
+    for got, want in zip(served["logits"], reference.logits[:n]):
+        assert torch.allclose(got, want, atol=1e-4, rtol=0), (name, (got - want).abs().max())

@@ -15,7 +15,7 @@ import shutil
 
 import pytest
 import torch
-from checkpoint_fixtures import framework_checkpoints, run_tool
+from checkpoint_fixtures import assert_served_matches_transformers, framework_checkpoints, run_tool
 from safetensors.torch import load_file
 
 from megatron_lamina.architecture import read_architecture
@@ -30,11 +30,7 @@ def frameworks(tmp_path_factory, tiny_models):
 
 @pytest.mark.parametrize("name", DEEPSPEED)
 def test_served_matches_transformers(frameworks, name):
-    served, reference = frameworks.served[name], frameworks.reference[name]
-    n = frameworks.SERVED_REQUESTS  # the greedy requests of conftest.REQUESTS
-    assert len(served["tokens"]) == n and served["tokens"] == reference.tokens[:n]
-    for got, want in zip(served["logits"], reference.logits[:n]):
-        assert torch.allclose(got, want, atol=1e-4, rtol=0), (name, (got - want).abs().max())
+    assert_served_matches_transformers(frameworks, name)
 
 
 @pytest.mark.parametrize("name", DEEPSPEED)

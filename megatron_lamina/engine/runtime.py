@@ -13,6 +13,7 @@ broadcasts the shutdown plan.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
@@ -44,6 +45,20 @@ class RankContext:
     device: torch.device
     num_blocks: int
     runner: ModelRunner | AttentionRunner
+
+
+def start_from_args(args) -> RankContext | None:
+    """Launchers: the config from --config/--set, then `start_rank`. A user's mistake (config,
+    layout, missing checkpoint) is printed by the driver as one `error:` line and None is
+    returned; the launcher exits 2."""
+    from megatron_lamina.config import ConfigError, config_from_args
+
+    try:
+        return start_rank(config_from_args(args))
+    except (ConfigError, FileNotFoundError) as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr)
+        return None
 
 
 def init_distributed(cfg: LaminaConfig) -> None:
