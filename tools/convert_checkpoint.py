@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 # Runnable as `python tools/convert_checkpoint.py` from a checkout without `pip install`.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path[0] = str(Path(__file__).resolve().parent.parent)  # not tools/: tools/profile.py would shadow the stdlib profile
 
 from megatron_lamina.checkpoint.readers import READERS  # noqa: E402
 
