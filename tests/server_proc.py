@@ -80,8 +80,25 @@ class ServerProcess:
         self.log.flush()
         return self.log_path.read_text()
 
+    def worker_pids(self) -> list[int]:
+        """torchrun's children (the ranks); they run in sessions of their own."""
+        pids = []
+        for pid in os.listdir("/proc"):
+            try:
+                if pid.isdigit() and self._parent(pid) == self.proc.pid:
+                    pids.append(int(pid))
+            except (OSError, ValueError):
+                continue
+        return pids
+
     def stop(self) -> None:
+        workers = self.worker_pids()
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=30)
+        for pid in workers:  # orphaned by torchrun's death otherwise
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         self.log.close()

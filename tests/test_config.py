@@ -72,7 +72,7 @@ def test_minimal_file_gets_defaults(tmp_path):
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
-def test_shipped_configs_load(path):
+def test_shipped_configs_load(path):  # configs/*.yaml are engine configs; configs/planner/ holds prices
     cfg = load_config(path)
     assert cfg.model.checkpoint.startswith("checkpoints/")
     validate_layout(cfg, cfg.world_size, ARCH_3KV if cfg.runtime.device == "cpu" else

@@ -42,3 +42,15 @@ def test_prompt_that_can_never_fit_is_refused(tiny_models):
         scheduler.add(Request(0, list(range(40)), SamplingParams()))
     with pytest.raises(ValueError, match="the model's context is 256 tokens"):
         scheduler.add(Request(1, list(range(256)), SamplingParams()))
+
+
+def test_request_that_outgrows_a_whole_shard_ends_with_length(tiny_models):
+    """A context that no longer fits even an empty shard ends the request ("length") instead
+    of preempting it and recomputing it forever."""
+    model = tiny_models["untied"]
+    layout = ["parallel.attention_workers=0", "kv_cache.block_size=4", "kv_cache.num_blocks=4"]
+    params = SamplingParams(max_tokens=50, temperature=0, ignore_eos=True)
+    [result] = run_ranks(generate_on_ranks, 1, [(str(model.canonical_dir), layout)], [([1, 5, 9], params)])
+    assert result["reasons"] == ["length"]
+    # 4 blocks of 4 hold the prompt and 13 generated tokens; the 14th is sampled from the last.
+    assert len(result["tokens"][0]) == 16 - 3 + 1

@@ -34,7 +34,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[0] = str(Path(__file__).resolve().parents[1])  # not tools/: tools/profile.py would shadow the stdlib profile
 
 from megatron_lamina.planner.stats import summarize  # noqa: E402
 from megatron_lamina.planner.trace import TraceRequest, read_trace, select  # noqa: E402

@@ -13,7 +13,7 @@
         --costs h100.json --model-device H100 --trace ... --requests 200 --rate-scale 1
 
 Cost tables come from tools/profile.py (one JSON per device type, measured) or, with
---synthetic, from the datasheet numbers in configs/prices.yaml for every device that has no
+--synthetic, from the datasheet numbers in configs/planner/prices.yaml for every device that has no
 measured table. `search` prints the ranked table, writes the recommended config (and the
 best colocated one, the equal-cost baseline) in configs/ format, a JSON of every evaluated
 layout and a PNG of throughput per dollar against the attention:model ratio. docs/PLANNER.md
@@ -27,7 +27,7 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[0] = str(Path(__file__).resolve().parents[1])  # not tools/: tools/profile.py would shadow the stdlib profile
 
 from megatron_lamina.planner.cost_table import CostTable  # noqa: E402
 from megatron_lamina.planner.devices import DEFAULT_PRICES, load_prices  # noqa: E402
@@ -174,9 +174,10 @@ def cmd_search(args) -> int:
               "ranking": [c.to_dict() for c in candidates]}
     (out / "ranking.json").write_text(json.dumps(report, indent=1) + "\n")
     synthetic = " (SYNTHETIC costs)" if report["synthetic"] else ""
+    mode = ", decode only" if args.decode_only else ""
     plot_ratio(candidates, out / "ratio.png",
                f"{shape.name}, {Path(args.trace).name} [{args.skip}:{args.skip + len(trace)}], "
-               f"TPOT p{slo.percentile} <= {slo.tpot_s * 1e3:g} ms{synthetic}")
+               f"TPOT p{slo.percentile} <= {slo.tpot_s * 1e3:g} ms{mode}{synthetic}")
     print(f"\nwrote {out / 'ranking.json'} and {out / 'ratio.png'}")
     if not best.feasible:
         print("no layout meets the SLO; relax --slo-tpot or widen the search", file=sys.stderr)

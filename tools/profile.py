@@ -8,20 +8,23 @@
 
 Three measurements, all on the device this runs on, with our own code paths:
   model      `ModelRunner.run` of a `LlamaModel` with random weights of the given shape and
-             TP size (TP ranks spawned, gloo on CPU / NCCL on CUDA), attention replaced by
-             zeros, one decode micro-batch of B tokens, built with 1 and with 3 layers (--layers):
-             per-layer time = (T(3) - T(1)) / 2, step overhead = T(1) - per-layer time (embedding,
+             TP size (this process is TP rank 0, the others are spawned; gloo on CPU, NCCL
+             on CUDA; eager, no CUDA graphs), attention replaced by zeros, one decode
+             micro-batch of B tokens, built with 1 and with 3 layers (--layers): per-layer
+             time = (T(3) - T(1)) / 2, step overhead = T(1) - per-layer time (embedding,
              final norm, LM head, logits gather) plus the sampler on B rows
-  attention  `attend_chunks` (attention/reference.py, or --attention-fn) over a one-layer
-             `PagedKVCache` holding all KV heads: B decode requests of context C (grid), and
-             prefill chunks (n tokens after s cached ones) recorded by their query-key pairs
-  network    `torch.distributed` send/recv ping-pong between 2 spawned ranks, one-way time
-             (half the round trip) vs message size (gloo on CPU; NCCL between 2 GPUs when
-             there are 2, else gloo)
+  attention  the kernel the engine runs on this device (--attention engine: attention/gpu.py's
+             PagedAttention, Triton decode + SDPA prefill, on CUDA; attention/reference.py
+             on CPU) over a one-layer `PagedKVCache` holding all KV heads: B decode requests
+             of context C (grid), and prefill chunks (n tokens after s cached ones) recorded
+             by their query-key pairs
+  network    `torch.distributed` send/recv ping-pong between this process and a spawned one,
+             one-way time (half the round trip) vs message size (NCCL between 2 GPUs when
+             there are 2, else gloo on host memory)
 Each point is the median of --repeats timed runs after --warmup untimed ones. Not measured:
 the driver's scheduling and plan broadcast (part of a real step's overhead). The device name
 (--device-name, default from the CUDA device or "CPU") is the key the planner looks up in
-configs/prices.yaml. Defaults are small so that a CPU run takes seconds; pass GPU-sized grids
+configs/planner/prices.yaml. Defaults are small so that a CPU run takes seconds; pass GPU-sized grids
 on a GPU (--batches, --contexts, --prefill, --message-bytes).
 """
 
@@ -29,8 +32,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import importlib
-import os
 import platform
 import statistics
 import sys
@@ -76,47 +79,50 @@ def timed(fn, device: torch.device, warmup: int, repeats: int, setup=None) -> fl
 
 # ------------------------------------------------------------------------------- model
 
-def _spawn(fn, world: int, *args):
-    """Run fn(rank, world, port, *args) on `world` spawned ranks; rank 0's return value."""
-    import multiprocessing as mp
-    import socket
+class Ranks:
+    """fn(rank, world, init_method, *args) on `world` ranks: ranks 1.. are spawned when this
+    is built, rank 0 is this process, in `run()`, which returns rank 0's value."""
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_rank_entry, args=(fn, rank, world, port, results, args)) for rank in range(world)]
-    for p in procs:
-        p.start()
-    value, errors = None, []
-    for _ in range(world):
-        rank, ok, payload = results.get(timeout=3600)
-        if not ok:
-            errors.append(f"rank {rank}: {payload}")
-        elif rank == 0:
-            value = payload
-    for p in procs:
-        p.join(timeout=30)
-    if errors:
-        raise RuntimeError("\n".join(errors))
-    return value
+    def __init__(self, fn, world: int, *args):
+        import multiprocessing as mp
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.init_method = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+        ctx = mp.get_context("spawn")
+        self.fn, self.world, self.args, self.errors = fn, world, args, ctx.Queue()
+        self.procs = [ctx.Process(target=_spawned_rank, args=(fn, rank, world, self.init_method, self.errors, args))
+                      for rank in range(1, world)]
+        for p in self.procs:
+            p.start()
+
+    def run(self):
+        try:
+            value = self.fn(0, self.world, self.init_method, *self.args)
+        except BaseException:
+            self.kill()
+            raise
+        for p in self.procs:
+            p.join(timeout=60)
+        if not self.errors.empty():
+            raise RuntimeError(self.errors.get())
+        return value
+
+    def kill(self):
+        for p in self.procs:
+            if p.is_alive():
+                p.kill()
 
 
-def _rank_entry(fn, rank, world, port, results, args):
+def _spawned_rank(fn, rank, world, init_method, errors, args):
     import traceback
 
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
     try:
-        results.put((rank, True, fn(rank, world, *args)))
+        fn(rank, world, init_method, *args)
     except BaseException:
-        results.put((rank, False, traceback.format_exc()))
-    finally:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        errors.put(f"rank {rank}: {traceback.format_exc()}")
+        raise
 
 
 def _device_for(rank: int, device_type: str) -> torch.device:
@@ -132,8 +138,25 @@ def _decode_plan(batch: int, context: int):
     return StepPlan([MicroBatch([SequenceChunk(i, 0, context, [3 + i % 100], [], True) for i in range(batch)])])
 
 
-def _model_rank(rank, world, shape_dict, dtype_name, device_type, layer_counts, batches, warmup, repeats, threads):
+def _model_rank(rank, world, init_method, shape_dict, dtype_name, device_type, layer_counts, batches, warmup,
+                repeats, threads):
     """One TP rank: {layers: {tokens: seconds}} for ModelRunner.run, plus the sampler."""
+    import torch.distributed as dist
+
+    if threads:
+        torch.set_num_threads(threads)
+    device = _device_for(rank, device_type)
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo", init_method=init_method, rank=rank,
+                            world_size=world)
+    try:
+        return _measure_model(rank, world, device, dist.new_group(list(range(world))), shape_dict, dtype_name,
+                              device_type, layer_counts, batches, warmup, repeats)
+    finally:
+        dist.destroy_process_group()
+
+
+def _measure_model(rank, world, device, tp_group, shape_dict, dtype_name, device_type, layer_counts, batches,
+                   warmup, repeats):
     import torch.distributed as dist
 
     from megatron_lamina.engine.model_runner import ModelRunner
@@ -141,11 +164,6 @@ def _model_rank(rank, world, shape_dict, dtype_name, device_type, layer_counts, 
     from megatron_lamina.model.llama import LlamaModel
     from megatron_lamina.transport.channel import LocalChannel
 
-    if threads:
-        torch.set_num_threads(threads)
-    device = _device_for(rank, device_type)
-    dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
-    tp_group = dist.new_group(list(range(world)))
     shape, dtype = ModelShape.from_dict(shape_dict), DTYPES[dtype_name]
     multiple = 128 * world
     padded_vocab = -(-shape.vocab_size // multiple) * multiple
@@ -160,21 +178,21 @@ def _model_rank(rank, world, shape_dict, dtype_name, device_type, layer_counts, 
                 p.normal_(0.0, 0.02)
         runner = ModelRunner(model.to(device))
 
-        def run(plan):
+        def run(plan, runner=runner):
             runner.run(plan)
             if world > 1:
                 dist.barrier(group=tp_group)
 
         out["run"][layers] = {b: timed(run, device, warmup, repeats, setup=lambda b=b: _decode_plan(b, context))
                               for b in batches}
-        del model, runner
+        del model, runner, run
         if device_type == "cuda":
             torch.cuda.empty_cache()
     greedy = SamplingParams(max_tokens=1, temperature=0.0)
     generator = greedy.make_generator()
     for b in batches:
         logits = torch.randn(b, shape.vocab_size, device=device, dtype=dtype)
-        out["sample"][b] = timed(lambda _: [sample_token(row, greedy, generator) for row in logits],
+        out["sample"][b] = timed(lambda _, logits=logits: [sample_token(row, greedy, generator) for row in logits],
                                  device, warmup, repeats)
     return out
 
@@ -186,8 +204,8 @@ def profile_model(args, shape: ModelShape) -> tuple[dict[int, Curve], dict[int, 
         if shape.num_kv_heads % tp:
             raise ValueError(f"--tp {tp} does not divide the model's {shape.num_kv_heads} KV heads")
         print(f"model: TP {tp}, layers {low} and {high}, batches {args.batches}", flush=True)
-        m = _spawn(_model_rank, tp, shape.to_dict(), args.dtype, args.device, [low, high], args.batches,
-                   args.warmup, args.repeats, args.threads)
+        m = Ranks(_model_rank, tp, shape.to_dict(), args.dtype, args.device, [low, high], args.batches,
+                   args.warmup, args.repeats, args.threads).run()
         per_layer = [max(0.0, (m["run"][high][b] - m["run"][low][b]) / (high - low)) for b in args.batches]
         overhead = [max(0.0, m["run"][low][b] - low * t) + m["sample"][b] for b, t in zip(args.batches, per_layer)]
         xs = [float(b) for b in args.batches]
@@ -197,12 +215,27 @@ def profile_model(args, shape: ModelShape) -> tuple[dict[int, Curve], dict[int, 
 
 # --------------------------------------------------------------------------- attention
 
+def attention_kernel(choice: str, device_type: str):
+    """cache -> attend(layer, chunks, q, k, v), as engine/runtime.py picks it per device."""
+    if choice == "engine":
+        choice = "gpu" if device_type == "cuda" else "reference"
+    if choice == "gpu":
+        from megatron_lamina.attention.gpu import PagedAttention
+
+        return PagedAttention
+    if choice == "reference":
+        from megatron_lamina.attention.reference import attend_chunks
+
+        return lambda cache: functools.partial(attend_chunks, cache)
+    module, _, name = choice.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def profile_attention(args, shape: ModelShape) -> tuple[Grid, Curve]:
     from megatron_lamina.attention.kv_cache import PagedKVCache
     from megatron_lamina.plan import SequenceChunk
 
-    module, _, name = args.attention_fn.partition(":")
-    attend = getattr(importlib.import_module(module), name)
+    kernel = attention_kernel(args.attention, args.device)
     device, dtype, block = torch.device(args.device), DTYPES[args.dtype], 16
     heads, kv, d = shape.num_heads, shape.num_kv_heads, shape.head_dim
 
@@ -218,9 +251,8 @@ def profile_attention(args, shape: ModelShape) -> tuple[Grid, Curve]:
         q = torch.randn(tokens, heads, d, dtype=dtype, device=device)
         k = torch.randn(tokens, kv, d, dtype=dtype, device=device)
         v = torch.randn(tokens, kv, d, dtype=dtype, device=device)
-        seconds = timed(lambda _: attend(cache, 0, chunks, q, k, v), device, args.warmup, args.repeats)
-        del cache
-        return seconds
+        attend = kernel(cache)
+        return timed(lambda _: attend(0, chunks, q, k, v), device, args.warmup, args.repeats)
 
     print(f"attention: decode batches {args.batches} x contexts {args.contexts}", flush=True)
     decode = [[cost([(c - 1, 1)] * b) for c in args.contexts] for b in args.batches]
@@ -232,18 +264,27 @@ def profile_attention(args, shape: ModelShape) -> tuple[Grid, Curve]:
 
 # ----------------------------------------------------------------------------- network
 
-def _network_rank(rank, world, sizes, device_type, warmup, repeats):
+def _network_rank(rank, world, init_method, sizes, device_type, warmup, repeats):
     import torch.distributed as dist
 
     use_nccl = device_type == "cuda" and torch.cuda.device_count() >= 2
     device = _device_for(rank, device_type) if use_nccl else torch.device("cpu")
-    dist.init_process_group("nccl" if use_nccl else "gloo")
-    out = {"backend": "nccl" if use_nccl else "gloo", "seconds": {}}
+    dist.init_process_group("nccl" if use_nccl else "gloo", init_method=init_method, rank=rank, world_size=world)
+    try:
+        return _measure_network(rank, device, sizes, warmup, repeats, "nccl" if use_nccl else "gloo")
+    finally:
+        dist.destroy_process_group()
+
+
+def _measure_network(rank, device, sizes, warmup, repeats, backend):
+    import torch.distributed as dist
+
+    out = {"backend": backend, "seconds": {}}
     peer = 1 - rank
     for size in sizes:
         buf = torch.empty(max(1, size // 4), dtype=torch.float32, device=device)
 
-        def ping(_):
+        def ping(_, buf=buf):
             if rank == 0:
                 dist.send(buf, peer)
                 dist.recv(buf, peer)
@@ -257,7 +298,7 @@ def _network_rank(rank, world, sizes, device_type, warmup, repeats):
 
 def profile_network(args) -> tuple[Curve, str]:
     print(f"network: message bytes {args.message_bytes}", flush=True)
-    n = _spawn(_network_rank, 2, args.message_bytes, args.device, args.warmup, args.repeats)
+    n = Ranks(_network_rank, 2, args.message_bytes, args.device, args.warmup, args.repeats).run()
     sizes = sorted(args.message_bytes)
     return Curve([float(s) for s in sizes], [n["seconds"][s] for s in sizes]), n["backend"]
 
@@ -280,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny", help="shape preset (tiny, llama3-8b, ...) or checkpoint dir")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--device-name", default=None, help="the device's key in configs/prices.yaml")
+    parser.add_argument("--device-name", default=None, help="the device's key in configs/planner/prices.yaml")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default: float32 on cpu, bfloat16 on cuda")
     parser.add_argument("--tp", type=_ints, default=[1], help="TP sizes to measure, comma-separated")
     parser.add_argument("--layers", type=_ints, default=[1, 3], help="two layer counts to difference")
@@ -291,8 +332,9 @@ def main(argv: list[str] | None = None) -> int:
                         default=[(0, 16), (0, 64), (64, 64), (0, 128)],
                         help="prefill chunks as CACHED+TOKENS, comma-separated")
     parser.add_argument("--message-bytes", type=_ints, default=[256, 4096, 65536, 1 << 20])
-    parser.add_argument("--attention-fn", default="megatron_lamina.attention.reference:attend_chunks",
-                        help="MODULE:FUNCTION with attend_chunks' signature")
+    parser.add_argument("--attention", default="engine",
+                        help="engine (what the engine runs on this device), gpu, reference, or MODULE:CLASS "
+                             "built from a PagedKVCache and called (layer, chunks, q, k, v)")
     parser.add_argument("--parts", default="model,attention,network")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
@@ -327,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{datetime.date.today().isoformat()})"),
         shape=shape, dtype=args.dtype, model_layer=model_layer, step_overhead=overhead,
         attention_decode=decode, attention_prefill=prefill, network=network,
-        meta={"attention_fn": args.attention_fn, "network_backend": backend, "layers": args.layers,
+        meta={"attention": args.attention, "network_backend": backend, "layers": args.layers,
               "warmup": args.warmup, "repeats": args.repeats, "threads": args.threads or torch.get_num_threads(),
               "wall_s": round(time.time() - started, 1)})
     table.save(args.out)

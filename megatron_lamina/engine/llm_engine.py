@@ -56,6 +56,9 @@ class LLMEngine:
             ids = self.codec.encode_prompt(item.prompt)
         if not ids:
             raise ValueError("the prompt is empty")
+        vocab = self.ctx.arch.vocab_size
+        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in ids):
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
         return Request(next(self._ids), ids, item.params or SamplingParams(), user_id=item.user_id)
 
     def add_request(self, item: PromptInput) -> Request:
@@ -69,14 +72,15 @@ class LLMEngine:
     def step(self) -> list[Request]:
         """Run one step; return the requests that got a token in it."""
         plan = self.scheduler.schedule()
+        ended, self.scheduler.ended = self.scheduler.ended, []
         if not plan.micro_batches:
-            return []
+            return ended
         broadcast_plan(plan, self.ctx.groups)
         logits = self.ctx.runner.run(plan)
         by_id = {r.request_id: r for r in self.scheduler.running}
         for chunk in (c for mb in plan.micro_batches for c in mb.chunks):
             by_id[chunk.request_id].num_computed = chunk.end
-        updated = []
+        updated = ended
         for chunk, row in zip(plan.sampled_chunks, logits):
             request = by_id[chunk.request_id]
             if self.on_logits is not None:

@@ -27,6 +27,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.ended: list[Request] = []  # finished by schedule() itself; the engine reports them
 
     def check_fits(self, request: Request) -> None:
         """Reject a request that could never run: too long for the model or the cache."""
@@ -54,6 +55,12 @@ class Scheduler:
                 continue  # preempted earlier in this loop
             pending = request.num_tokens - request.num_computed
             n = 1 if pending == 1 else min(pending, budget)
+            if self.blocks.blocks_needed(request.num_computed + n) > self.blocks.num_blocks:
+                # Its context no longer fits a whole shard's cache: it ends here, like at the
+                # model's context limit (the driver reports "length").
+                self.finish(request, "length")
+                self.ended.append(request)
+                continue
             if n == 0 or not self._reserve(request, request.num_computed + n):
                 continue
             budget -= n if pending > 1 else 0

@@ -2,7 +2,7 @@
 
 One job per module, data flowing down the list:
   shapes.py      the model's shape (presets or a canonical checkpoint) and what follows from it
-  devices.py     device prices and datasheet numbers (configs/prices.yaml)
+  devices.py     device prices and datasheet numbers (configs/planner/prices.yaml)
   cost_table.py  measured or synthetic costs of one device type: model layer, attention,
                  transport, per-step overhead; JSON load/save and interpolation
   synthetic.py   cost tables from a datasheet roofline, for devices nobody has profiled

@@ -1,8 +1,8 @@
-"""Device prices and datasheet numbers (configs/prices.yaml), for costing and synthetic tables.
+"""Device prices and datasheet numbers (configs/planner/prices.yaml), for costing and synthetic tables.
 
 `load_prices(path)` returns the `DeviceSpec` of every device in the file and the
 `Interconnect` between model and attention workers. The defaults shipped in
-configs/prices.yaml are the Lamina paper's Table 1 (H100, H20) plus an H200 whose price is
+configs/planner/prices.yaml are the Lamina paper's Table 1 (H100, H20) plus an H200 whose price is
 an assumption; every assumed number is marked as such in that file.
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-DEFAULT_PRICES = Path(__file__).resolve().parents[2] / "configs" / "prices.yaml"
+DEFAULT_PRICES = Path(__file__).resolve().parents[2] / "configs" / "planner" / "prices.yaml"
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ def load_prices(path: str | Path = DEFAULT_PRICES) -> tuple[dict[str, DeviceSpec
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
-        raise ValueError(f"{path}: no such prices file (see configs/prices.yaml)") from None
+        raise ValueError(f"{path}: no such prices file (see configs/planner/prices.yaml)") from None
     devices = {}
     for name, spec in (data.get("devices") or {}).items():
         unknown = set(spec) - _DEVICE_KEYS

@@ -172,6 +172,7 @@ class EngineSimulator:
         self.running: list[SimRequest] = []
         self.preemptions = 0
         self.decode_only = decode_only
+        self.prefilled = 0  # prompt tokens in the last scheduled step
 
     # -------------------------------------------------------------- the scheduler's mirror
     def blocks_needed(self, tokens: int) -> int:
@@ -209,6 +210,7 @@ class EngineSimulator:
             self.running.append(r)
             budget -= n if not self.decode_only else 0
             chunks.append((r, n))
+        self.prefilled = self.layout.max_prefill_tokens - budget  # 0: every chunk is one token
         return chunks
 
     def grow(self, r: SimRequest, context_len: int) -> None:
@@ -253,6 +255,8 @@ class EngineSimulator:
         count = min(self.layout.micro_batches, len(chunks))
         if count == 1:
             return [chunks]
+        if self.prefilled == 0:  # all chunks are single tokens: the greedy deal is round-robin
+            return [chunks[i::count] for i in range(count)]
         groups: list[list[tuple[SimRequest, int]]] = [[] for _ in range(count)]
         loads = [(0, i) for i in range(count)]  # a heap: fewest tokens, then lowest index
         for chunk in chunks:
@@ -306,17 +310,21 @@ class EngineSimulator:
             max_batch = max(max_batch, len(chunks))
             for r, n in chunks:
                 r.num_computed += n
+            done = 0
             for r in sampled:
                 r.generated += 1
-                generated += 1
                 if r.first_token_s is None:
                     r.first_token_s = now
-                if r.generated >= r.output_len:
-                    self.finish(r, "length", now)
-                    completed += 1
-                elif r.num_tokens >= self.max_model_len:
-                    self.finish(r, "context", now)
-                    completed += 1
+                if r.generated >= r.output_len or r.prompt_len + r.generated >= self.max_model_len:
+                    # finish(), with one pass over `running` per step instead of one per request
+                    self.release(r)
+                    r.status, r.finish_s = FINISHED, now
+                    r.finish_reason = "length" if r.generated >= r.output_len else "context"
+                    done += 1
+            if done:
+                self.running = [r for r in self.running if r.status == RUNNING]
+            generated += len(sampled)
+            completed += done
             if saturate:
                 if window_start is None and completed >= warmup:
                     window_start = (now, generated)

@@ -1,0 +1,77 @@
+"""tools/bench_serving.py against the real server: a slice of a real trace, every request
+accounted for.
+
+torchrun, 2 ranks (1 model worker, 1 attention worker, 2 micro-batches), the tiny model, the
+first 20 requests of the Azure conversation trace with lengths clipped to the tiny model's
+256-token context, replayed twice as fast as the trace's arrival times (about 7 s). The traces live
+in the project's shared folder: ../shared/traces relative to the repository root (CI copies
+shared/ beside the clone).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+from server_proc import ServerProcess, tiny_server_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TRACES = ROOT.parent / "shared" / "traces"
+AZURE_CONV = TRACES / "AzureLLMInferenceTrace_conv.csv"
+
+
+def load_tool(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(not AZURE_CONV.is_file(),
+                    reason=f"no request traces at {TRACES} (CI copies the project's shared/ beside the clone)")
+def test_trace_slice_against_the_real_server(tmp_path, tiny_models):
+    config, port = tiny_server_config(tmp_path, tiny_models["untied"].canonical_dir,
+                                      parallel={"attention_workers": 1},
+                                      scheduler={"max_batch_size": 16, "micro_batches": 2,
+                                                 "max_prefill_tokens": 64})
+    server = ServerProcess(config, port, 2, tmp_path / "server.log")
+    out = tmp_path / "bench.json"
+    ranks = []
+    try:
+        server.wait_healthy()
+        # torchrun starts its workers in sessions of their own, so killing torchrun's process
+        # group (ServerProcess.stop) leaves them running: they are killed by id below.
+        ranks = [server.rank_pid(rank) for rank in range(2)]
+        code = load_tool("bench_serving").main([
+            "--url", server.url, "--trace", str(AZURE_CONV), "--max-requests", "20",
+            "--max-input-len", "160", "--max-output-len", "48", "--rate-scale", "2",
+            "--slo-ttft", "5", "--slo-tpot", "1", "--timeout", "120", "--out", str(out)])
+    finally:
+        server.stop()
+        for pid in ranks:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    report = json.loads(out.read_text())
+    failed = [r for r in report["requests"] if not r["ok"]]
+    assert code == 0 and not failed, (failed[:3], server.output()[-2000:])
+    assert report["sent"] == report["completed"] == 20 and report["failed"] == 0
+    assert report["clipped"] == {"input": 17, "output": 14}
+    # Exactly the trace's (clipped) output length, every request.
+    trace = load_tool("bench_serving").read_trace(AZURE_CONV, limit=20)
+    for record, request in zip(report["requests"], trace):
+        assert record["input_len"] == min(request.input_len, 160)
+        assert record["output_len"] == min(request.output_len, 48)
+        assert record["output_tokens"] == record["output_len"] == len(record["token_times_s"])
+        assert record["finish_reason"] == "length"
+    assert report["output_tokens"] == sum(r["output_len"] for r in report["requests"])
+    assert report["ttft_s"]["count"] == 20 and report["ttft_s"]["p50"] > 0
+    assert report["tpot_s"]["p99"] >= report["tpot_s"]["p50"] > 0
+    assert 0 < report["goodput"]["requests"] <= 20
+    assert report["request_throughput_req_s"] > 0
+    assert out.with_suffix(".png").stat().st_size > 1000

@@ -1,0 +1,283 @@
+"""The planner's simulator, cost tables, traces and search (megatron_lamina/planner/).
+
+The simulator runs on constant cost tables (small integers as seconds), where the engine's
+timing has closed forms: a lone request's TTFT is its prefill step(s) and its end-to-end
+time adds one decode step per further token; a constant batch decodes `batch` tokens per
+step; the disaggregated step is pipeline.uniform_step_time for 1..4 micro-batches. Its
+scheduling is checked against the engine's own Scheduler, step by step, preemptions included.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from megatron_lamina.planner.cost_table import CostTable, Curve, Grid, prefill_pairs
+from megatron_lamina.planner.devices import DeviceSpec, Interconnect, load_prices
+from megatron_lamina.planner.layout import Layout, config_yaml, kv_blocks_per_cache
+from megatron_lamina.planner.pipeline import uniform_step_time
+from megatron_lamina.planner.search import SearchSpace, Slo, search
+from megatron_lamina.planner.shapes import PRESETS, ModelShape
+from megatron_lamina.planner.simulator import EngineSimulator, SimRequest, simulate
+from megatron_lamina.planner.synthetic import synthetic_cost_table
+from megatron_lamina.planner.trace import TraceRequest, read_trace, select
+
+ROOT = Path(__file__).resolve().parents[1]
+TRACES = ROOT.parent / "shared" / "traces"
+SHAPE = ModelShape("test", vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=4,
+                   num_heads=4, num_kv_heads=2, head_dim=16, max_context=4096)
+L = SHAPE.num_layers
+M, A_DECODE, A_PREFILL, OVERHEAD, NET = 3.0, 2.0, 5.0, 7.0, 1.0
+
+
+def constant_table(device="X", model=M, decode=A_DECODE, prefill=A_PREFILL, overhead=OVERHEAD, network=NET):
+    return CostTable(device, "synthetic: constant test costs", SHAPE, "bfloat16",
+                     model_layer={1: Curve([1.0], [model])}, step_overhead={1: Curve([1.0], [overhead])},
+                     attention_decode=Grid([1.0], [1.0], [[decode]]), attention_prefill=Curve([1.0], [prefill]),
+                     network=Curve([1.0], [network]))
+
+
+def colocated(n=1, batch=16, prefill_tokens=64):
+    return Layout("X", 1, None, 0, 1, n, batch, prefill_tokens, 16)
+
+
+def disaggregated(n, batch=16, prefill_tokens=64):
+    return Layout("X", 1, "X", 1, 1, n, batch, prefill_tokens, 16)
+
+
+def run(trace, layout, decode_only=False, blocks=1000, table=None):
+    table = table or constant_table()
+    return simulate(trace, layout, SHAPE, table, None if layout.colocated else table, blocks,
+                    decode_only=decode_only)
+
+
+# ------------------------------------------------------------------ closed-form cases
+
+PREFILL_STEP = L * (M + A_PREFILL) + OVERHEAD   # colocated, one prefill chunk
+DECODE_STEP = L * (M + A_DECODE) + OVERHEAD     # colocated, decode (the table is constant in batch)
+
+
+def test_one_request_alone():
+    result = run([TraceRequest(0.0, 40, 10)], colocated())
+    assert result.completed == 1 and result.steps == 10
+    assert result.ttft_s["p50"] == PREFILL_STEP
+    assert result.e2e_s["p50"] == PREFILL_STEP + 9 * DECODE_STEP
+    assert result.tpot_s["p50"] == DECODE_STEP
+    assert result.duration_s == PREFILL_STEP + 9 * DECODE_STEP and result.output_tokens == 10
+
+
+def test_one_request_alone_with_chunked_prefill_and_a_late_arrival():
+    # 100 prompt tokens under a 64-token budget: two prefill steps, the first samples nothing.
+    result = run([TraceRequest(5.0, 100, 3)], colocated(prefill_tokens=64))
+    assert result.ttft_s["p50"] == 2 * PREFILL_STEP
+    assert result.e2e_s["p50"] == 2 * PREFILL_STEP + 2 * DECODE_STEP
+
+
+def test_one_request_alone_disaggregated():
+    # One request is one micro-batch whatever `micro_batches` says: L round trips.
+    result = run([TraceRequest(0.0, 40, 5)], disaggregated(n=3))
+    decode = L * (M + A_DECODE + 2 * NET) + OVERHEAD
+    assert result.ttft_s["p50"] == L * (M + A_PREFILL + 2 * NET) + OVERHEAD
+    assert result.tpot_s["p50"] == decode
+
+
+def test_constant_batch():
+    batch, out = 8, 10
+    trace = [TraceRequest(0.0, 40, out)] * batch
+    result = run(trace, colocated(batch=batch, prefill_tokens=batch * 40))
+    prefill = L * (M + batch * A_PREFILL) + OVERHEAD  # one micro-batch, eight prefill chunks
+    assert result.steps == out and result.mean_batch == batch
+    assert result.duration_s == prefill + (out - 1) * DECODE_STEP
+    assert result.output_tokens == batch * out
+    assert result.tpot_s["max"] == result.tpot_s["p50"] == DECODE_STEP
+    # Decode only (the paper's setting): every step decodes the whole batch.
+    result = run(trace, colocated(batch=batch), decode_only=True)
+    assert result.output_throughput == batch / DECODE_STEP
+    assert result.duration_s == out * DECODE_STEP
+
+
+def test_colocated_micro_batches_only_add_work():
+    trace = [TraceRequest(0.0, 40, 10)] * 12
+    for n in (1, 2, 3, 4):
+        result = run(trace, colocated(n=n, batch=12), decode_only=True)
+        assert result.tpot_s["p50"] == L * n * (M + A_DECODE) + OVERHEAD
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+@pytest.mark.parametrize("costs", [(10.0, 3.0, 1.0), (3.0, 10.0, 1.0), (3.0, 4.0, 20.0)],
+                         ids=["model-bound", "attention-bound", "latency-bound"])
+def test_pipelined_constant_batch(n, costs):
+    model, attention, net = costs
+    table = constant_table(model=model, decode=attention, network=net)
+    batch, out = 12, 6
+    result = run([TraceRequest(0.0, 40, out)] * batch, disaggregated(n, batch=batch), decode_only=True, table=table)
+    step = uniform_step_time(L, n, model, attention, 2 * net) + OVERHEAD
+    assert result.tpot_s["p50"] == result.tpot_s["max"] == step
+    assert result.output_throughput == batch / step
+
+
+def test_kv_capacity_bounds_the_batch_and_preempts():
+    # 8 blocks of 16 tokens: two 40-token prompts (3 blocks each) fit, the third waits; at 70
+    # tokens each needs 5 blocks, so the younger one is preempted and recomputed later.
+    trace = [TraceRequest(0.0, 40, 30)] * 3
+    result = run(trace, colocated(batch=8, prefill_tokens=200), blocks=8)
+    assert result.completed == 3 and result.max_batch == 2 and result.preemptions >= 1
+    assert run(trace, colocated(batch=8, prefill_tokens=200), blocks=1000).preemptions == 0
+    # A prompt that no shard can ever hold is rejected, as the engine's check_fits does.
+    assert run([TraceRequest(0.0, 200, 5)], colocated(), blocks=8).rejected_kv == 1
+
+
+# ------------------------------------------------------ the engine's scheduler, mirrored
+
+def test_scheduling_matches_the_engine_scheduler_step_by_step():
+    from megatron_lamina.engine.block_manager import BlockManager
+    from megatron_lamina.engine.request import Request
+    from megatron_lamina.engine.sampling import SamplingParams
+    from megatron_lamina.engine.scheduler import Scheduler
+
+    lengths = [(9, 30), (20, 12), (5, 40), (17, 25), (3, 8), (12, 30), (25, 20), (8, 35), (14, 14), (6, 28)]
+    blocks, block_size, shards = 12, 4, 2
+    engine = Scheduler(BlockManager(shards, blocks, block_size), max_batch_size=6, max_prefill_tokens=16,
+                       micro_batches=3, max_model_len=256)
+    layout = Layout("X", 1, "X", shards, 1, 3, 6, 16, block_size)
+    sim = EngineSimulator(layout, SHAPE, constant_table(), constant_table(), blocks, 256)
+    real, mirror = {}, {}
+    for i, (prompt, out) in enumerate(lengths):
+        real[i] = Request(i, [7] * prompt, SamplingParams(max_tokens=out, ignore_eos=True))
+        engine.add(real[i])
+        mirror[i] = SimRequest(i, TraceRequest(0.0, prompt, out))
+        sim.waiting.append(mirror[i])
+    steps = 0
+    while engine.has_work():
+        plan = engine.schedule()
+        groups = sim.split(sim.schedule())
+        assert [[(c.request_id, c.shard, c.start, len(c.tokens)) for c in mb.chunks] for mb in plan.micro_batches] \
+            == [[(r.index, r.shard, r.num_computed, n) for r, n in sorted(g, key=lambda c: c[0].shard)]
+                for g in groups], f"step {steps}"
+        for chunk in (c for mb in plan.micro_batches for c in mb.chunks):
+            real[chunk.request_id].num_computed = chunk.end
+        for r, n in (c for g in groups for c in g):
+            r.num_computed += n
+        for chunk in plan.sampled_chunks:
+            request, twin = real[chunk.request_id], mirror[chunk.request_id]
+            request.output_token_ids.append(5)
+            twin.generated += 1
+            if len(request.output_token_ids) >= request.params.max_tokens:
+                engine.finish(request, "length")
+                sim.finish(twin, "length", float(steps))
+        assert [len(f) for f in engine.blocks.free] == sim.free
+        steps += 1
+    assert not sim.running and not sim.waiting
+    assert engine.num_preemptions == sim.preemptions > 0
+
+
+# --------------------------------------------------------------------------- cost tables
+
+def test_cost_table_round_trip(tmp_path):
+    specs, link = load_prices()
+    table = synthetic_cost_table(PRESETS["llama3-8b"], specs["H100"], link, [1, 2])
+    table.save(tmp_path / "t.json")
+    loaded = CostTable.load(tmp_path / "t.json")
+    assert loaded.to_dict() == table.to_dict() and loaded.synthetic
+    for tokens in (1, 3, 100, 5000, 100000):
+        assert loaded.model_time(2, tokens) == table.model_time(2, tokens)
+    assert loaded.decode_attention_time(37, 37 * 1500) == table.decode_attention_time(37, 37 * 1500)
+    with pytest.raises(ValueError, match="no model times for TP=4"):
+        loaded.model_time(4, 10)
+    (tmp_path / "bad.json").write_text(json.dumps({"format": "something else"}))
+    with pytest.raises(ValueError, match="not a cost table"):
+        CostTable.load(tmp_path / "bad.json")
+
+
+def test_interpolation_rules():
+    curve = Curve([1.0, 3.0, 5.0], [2.0, 4.0, 10.0])
+    assert curve(0.0) == 2.0 and curve(2.0) == 3.0 and curve(4.0) == 7.0
+    assert curve(7.0) == 16.0                                       # the last slope continues
+    assert Curve([1.0, 2.0], [5.0, 4.0])(10.0) == 4.0                # ... but never downwards
+    grid = Grid([1.0, 3.0], [10.0, 30.0], [[1.0, 3.0], [3.0, 9.0]])
+    assert grid(2.0, 20.0) == 4.0 and grid(1.0, 30.0) == 3.0
+    assert prefill_pairs(1, 10) == 10 and prefill_pairs(4, 4) == 4 + 3 + 2 + 1
+
+
+def test_kv_capacity_and_config(tmp_path):
+    from megatron_lamina.config import load_config
+
+    specs, _ = load_prices()
+    shape = PRESETS["llama3-8b"]
+    one_h20 = Layout("H100", 1, "H20", 2, 2, 2, 256)
+    # An H20 holds 0.9 * 96 GB - 1 GB of KV; with 2 head groups a block is half the heads.
+    per_block = 16 * shape.kv_bytes_per_token(2) / 2
+    assert kv_blocks_per_cache(one_h20, shape, specs, 2) == int((0.9 * 96e9 - 1e9) // per_block)
+    assert kv_blocks_per_cache(Layout("H100", 1, None, 0, 1, 1, 64), PRESETS["llama3-70b"], specs, 2) == 0
+    path = tmp_path / "c.yaml"
+    path.write_text(config_yaml(one_h20, "checkpoints/llama", "bfloat16", ["a header"]))
+    cfg = load_config(path)
+    assert (cfg.parallel.tensor_parallel, cfg.parallel.attention_workers, cfg.parallel.attention_head_groups,
+            cfg.scheduler.micro_batches, cfg.scheduler.max_batch_size) == (1, 2, 2, 2, 256)
+    assert path.read_text().startswith("# a header\n")
+
+
+# -------------------------------------------------------------------------------- search
+
+def test_search_ranks_a_dominated_layout_below_a_better_one():
+    """CHEAP is FAST at a third of the price: 1 FAST model worker + 1 CHEAP attention worker
+    must rank above the same layout with a FAST attention worker (same throughput, dearer),
+    and a layout that misses the SLO below every one that meets it."""
+    fast = DeviceSpec("FAST", 9.0, 989, 80, 3.35, 450)
+    cheap = DeviceSpec("CHEAP", 3.0, 989, 80, 3.35, 450)
+    specs = {"FAST": fast, "CHEAP": cheap}
+    shape, link = PRESETS["llama3-8b"], Interconnect(50, 10)
+    tables = {name: synthetic_cost_table(shape, spec, link, [1]) for name, spec in specs.items()}
+    trace = [TraceRequest(0.0, 500 + 37 * i % 700, 50 + 13 * i % 100) for i in range(64)]
+    space = SearchSpace(model_devices=("FAST",), attention_devices=("FAST", "CHEAP"), tp_sizes=(1,),
+                        attention_workers=(1,), micro_batches=(2,), batch_caps=(32, 64))
+    ranked = search(trace, shape, tables, specs, Slo(tpot_s=1.0), space)
+    labels = [c.layout.label for c in ranked]
+    better = labels.index("1xFAST + 1xCHEAP TP1 g1 n2 b64")
+    dominated = labels.index("1xFAST + 1xFAST TP1 g1 n2 b64")
+    assert better < dominated
+    assert ranked[better].result.output_throughput == ranked[dominated].result.output_throughput
+    assert ranked[better].tokens_per_dollar == pytest.approx(1.5 * ranked[dominated].tokens_per_dollar)  # $12 vs $18/h
+    # A tight SLO that only small batches meet: every infeasible candidate ranks last.
+    tight = search(trace, shape, tables, specs, Slo(tpot_s=ranked[-1].result.tpot_s["p90"] * 0.999), space)
+    flags = [c.feasible for c in tight]
+    assert flags == sorted(flags, reverse=True) and not all(flags)
+
+
+# -------------------------------------------------------------------------------- traces
+
+def test_trace_formats_and_selection(tmp_path):
+    azure = tmp_path / "a.csv"
+    azure.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.6805900,374,44\n"
+                     "2023-11-16 18:15:50.9951690,396,109\n2023-11-16 18:15:51.1805900,879,5\n")
+    mooncake = tmp_path / "m.jsonl"
+    mooncake.write_text('{"timestamp": 0, "input_length": 10, "output_length": 5, "hash_ids": [1]}\n'
+                        '{"timestamp": 2500, "input_length": 20, "output_length": 7, "hash_ids": [2]}\n')
+    a = read_trace(azure)
+    assert [(round(r.arrival_s, 6), r.input_len, r.output_len) for r in a] == \
+        [(0.0, 374, 44), (4.314579, 396, 109), (4.5, 879, 5)]
+    assert read_trace(mooncake) == [TraceRequest(0.0, 10, 5), TraceRequest(2.5, 20, 7)]
+    assert read_trace(azure, skip=1, limit=1)[0] == TraceRequest(0.0, 396, 109)
+    chosen, clipped = select(a, rate_scale=2.0, max_input_len=400, max_output_len=50, duration_s=2.2)
+    assert [(r.arrival_s, r.input_len, r.output_len) for r in chosen] == [(0.0, 374, 44), (a[1].arrival_s / 2, 396, 50)]
+    assert (clipped.input_clipped, clipped.output_clipped) == (0, 1)
+    poisson, _ = select(a * 100, poisson_rate=10.0, seed=3)
+    gaps = [b.arrival_s - a_.arrival_s for a_, b in zip(poisson, poisson[1:])]
+    assert 0.07 < sum(gaps) / len(gaps) < 0.13
+    (tmp_path / "t.txt").write_text("x")
+    with pytest.raises(ValueError, match="cannot tell the trace format"):
+        read_trace(tmp_path / "t.txt")
+    with pytest.raises(ValueError, match="no such trace file"):
+        read_trace(tmp_path / "missing.csv")
+
+
+@pytest.mark.skipif(not TRACES.is_dir(), reason=f"no request traces at {TRACES} (CI copies shared/ beside the clone)")
+def test_the_shared_traces_read():
+    for name, first in [("AzureLLMInferenceTrace_conv.csv", (374, 44)), ("AzureLLMInferenceTrace_code.csv", (4808, 10)),
+                        ("mooncake_conversation_trace.jsonl", (6758, 500))]:
+        trace = read_trace(TRACES / name, limit=50)
+        assert len(trace) == 50 and trace[0].arrival_s == 0.0
+        assert (trace[0].input_len, trace[0].output_len) == first
+        assert all(a.arrival_s <= b.arrival_s for a, b in zip(trace, trace[1:]))

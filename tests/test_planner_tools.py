@@ -1,0 +1,100 @@
+"""The planner's command-line tools: tools/plan.py (search, simulate) and tools/profile.py.
+
+`search` on synthetic (datasheet) costs and a small trace slice must print a ranking, write
+a JSON of every evaluated layout, a PNG, and a recommended config that our config loader
+accepts; `simulate` predicts one config. tools/profile.py measures a tiny cost table on this
+CPU, which the simulator then runs on.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megatron_lamina.config import load_config
+from megatron_lamina.planner.cost_table import CostTable
+from megatron_lamina.planner.layout import Layout
+from megatron_lamina.planner.shapes import PRESETS
+from megatron_lamina.planner.simulator import simulate
+from megatron_lamina.planner.trace import TraceRequest
+
+ROOT = Path(__file__).resolve().parents[1]
+TRACES = ROOT.parent / "shared" / "traces"
+AZURE_CONV = TRACES / "AzureLLMInferenceTrace_conv.csv"
+needs_traces = pytest.mark.skipif(not AZURE_CONV.is_file(),
+                                  reason=f"no request traces at {TRACES} (CI copies shared/ beside the clone)")
+
+
+def plan_tool():
+    spec = importlib.util.spec_from_file_location("plan_tool", ROOT / "tools" / "plan.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@needs_traces
+def test_plan_search_writes_ranking_plot_and_config(tmp_path, capsys):
+    config = tmp_path / "configs" / "planned.yaml"
+    code = plan_tool().main([
+        "search", "--model", "llama3-8b", "--synthetic", "--trace", str(AZURE_CONV), "--requests", "100",
+        "--max-input-len", "4000", "--slo-tpot", "0.2", "--tp", "1", "--attention-workers", "1,2",
+        "--attention-devices", "H20", "--micro-batches", "2", "--batch-caps", "32,64",
+        "--out-dir", str(tmp_path / "plan"), "--config-out", str(config)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "synthetic: roofline from H100 datasheet" in printed and "recommended:" in printed
+    report = json.loads((tmp_path / "plan" / "ranking.json").read_text())
+    assert report["synthetic"] and report["requests"] == 100
+    labels = [c["label"] for c in report["ranking"]]
+    assert {"1xH100 TP1 n1 b32", "1xH100 + 2xH20 TP1 g2 n2 b32"} <= set(labels)
+    assert report["recommended"]["label"] == labels[0]
+    assert (tmp_path / "plan" / "ratio.png").stat().st_size > 1000
+    cfg = load_config(config)
+    best = report["recommended"]["layout"]
+    assert (cfg.parallel.tensor_parallel, cfg.parallel.attention_workers, cfg.scheduler.micro_batches,
+            cfg.scheduler.max_batch_size) == (best["tp"], best["attention_workers"], best["micro_batches"],
+                                              best["max_batch_size"])
+    assert "synthetic" in config.read_text()
+
+
+@needs_traces
+def test_plan_simulate_predicts_a_config(tmp_path, capsys):
+    out = tmp_path / "prediction.json"
+    code = plan_tool().main([
+        "simulate", "--config", str(ROOT / "configs" / "gpu-disaggregated.yaml"), "--model", "llama3-8b",
+        "--synthetic", "--model-device", "H100", "--attention-device", "H20", "--trace", str(AZURE_CONV),
+        "--requests", "50", "--rate-scale", "2", "--kv-blocks", "20000", "--out", str(out)])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert report["completed"] == report["requests"] == 50 and report["num_blocks"] == 20000
+    assert report["label"] == "1xH100 + 2xH20 TP1 g1 n2 b256"
+    assert 0 < report["tpot_s"]["p50"] <= report["tpot_s"]["p99"]
+    assert report["output_throughput_tok_s"] > 0
+    assert plan_tool().main(["simulate", "--config", str(ROOT / "configs" / "gpu-colocated.yaml"),
+                             "--model", "llama3-8b", "--trace", str(AZURE_CONV)]) == 2  # no costs given
+    assert "no cost table for device H100" in capsys.readouterr().err
+
+
+def test_profile_measures_a_cost_table_on_this_cpu(tmp_path):
+    out = tmp_path / "cpu.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "profile.py"), "--model", "tiny", "--batches", "1,8",
+         "--contexts", "16,64", "--prefill", "0+16,16+16", "--message-bytes", "256,65536",
+         "--warmup", "1", "--repeats", "2", "--threads", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    table = CostTable.load(out)
+    assert table.device == "CPU" and table.source.startswith("measured on") and not table.synthetic
+    assert table.shape == PRESETS["tiny"] and table.tp_sizes() == [1]
+    assert table.attention_decode.batch == [1.0, 8.0] and table.network.x == [256.0, 65536.0]
+    assert all(t >= 0 for t in table.model_layer[1].y + table.step_overhead[1].y)
+    assert min(table.attention_decode.seconds[0] + table.network.y) > 0
+    # The simulator runs on it.
+    layout = Layout("CPU", 1, "CPU", 2, 1, 2, 8, 64, 4)
+    result = simulate([TraceRequest(0.1 * i, 20, 10) for i in range(10)], layout, PRESETS["tiny"], table, table, 64)
+    assert result.completed == 10 and result.tpot_s["p50"] > 0
