@@ -66,15 +66,22 @@ class MicroBatch:
                 rows.append(offset - 1)
         return torch.tensor(rows, dtype=torch.long)
 
-    def shard_rows(self, shard: int) -> tuple[int, int]:
-        """The [lo, hi) token rows that belong to request shard `shard`."""
-        lo = hi = 0
+    @cached_property
+    def _shard_ranges(self) -> dict[int, tuple[int, int]]:
+        ranges, row = {}, 0
         for c in self.chunks:
-            if c.shard < shard:
-                lo += len(c.tokens)
-            if c.shard <= shard:
-                hi += len(c.tokens)
-        return lo, hi
+            lo, _ = ranges.get(c.shard, (row, row))
+            row += len(c.tokens)
+            ranges[c.shard] = (lo, row)
+        return ranges
+
+    def shard_rows(self, shard: int) -> tuple[int, int]:
+        """The [lo, hi) token rows that belong to request shard `shard` (computed once: the
+        transport asks for every layer)."""
+        if shard in self._shard_ranges:
+            return self._shard_ranges[shard]
+        row = sum(len(c.tokens) for c in self.chunks if c.shard < shard)
+        return row, row
 
     def shard_chunks(self, shard: int) -> list[SequenceChunk]:
         return [c for c in self.chunks if c.shard == shard]
