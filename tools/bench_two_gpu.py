@@ -124,6 +124,16 @@ def transport(token_counts, iters) -> list[dict]:
 
 
 def _throughput_rank(rank, port, cases, results):
+    try:
+        _throughput_cases(rank, port, cases, results)
+    except BaseException:  # report instead of leaving the other rank waiting forever
+        import traceback
+
+        results.put(f"rank {rank} failed:\n{traceback.format_exc()}")
+        os._exit(1)
+
+
+def _throughput_cases(rank, port, cases, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.cuda.set_device(rank)
     dev = torch.device("cuda", rank)
@@ -236,9 +246,13 @@ def throughput(cases) -> list[dict]:
     procs = [ctx.Process(target=_throughput_rank, args=(r, port, cases, results)) for r in range(2)]
     for p in procs:
         p.start()
-    rows = results.get(timeout=580)
+    rows = results.get(timeout=480)
     for p in procs:
-        p.join(timeout=60)
+        p.join(timeout=30)
+        if p.is_alive():
+            p.kill()
+    if isinstance(rows, str):
+        raise RuntimeError(rows)
     return rows
 
 

@@ -109,7 +109,9 @@ class DecodeGraphs:
             for _ in range(2):  # warm-up: Triton compiles, cuBLAS picks its kernels
                 forward()
         torch.cuda.current_stream().wait_stream(side)
-        with torch.cuda.graph(bucket.graph, pool=self.pool):
+        # thread_local: other threads' CUDA calls (NCCL's watchdog polling its events) must not
+        # invalidate the capture.
+        with torch.cuda.graph(bucket.graph, pool=self.pool, capture_error_mode="thread_local"):
             bucket.logits = forward()
         self.pool = bucket.graph.pool()
         return bucket
