@@ -10,7 +10,8 @@ Part 2, transport: round-trip time of the per-layer exchange, our transport
 attention itself replaced by o = q so only the transport is timed) against a bare NCCL
 send/recv ping-pong moving the same bytes, for LLaMA-3-8B shapes (per token: q 8 KiB +
 k, v 4 KiB out, o 8 KiB back, bf16) over the number of tokens in a micro-batch.
-Part 3, throughput: a LLaMA-3-8B-shaped model with random bf16 weights, decode steps at
+Part 3 (NOT YET WORKING: its two runs on nvidia-h200-x2 printed nothing in 400-540 s and were
+killed; the progress lines below were added afterwards to find where it stops), throughput: a LLaMA-3-8B-shaped model with random bf16 weights, decode steps at
 batch x context, disaggregated (model worker on GPU 0, attention worker with the whole KV
 cache on GPU 1, NCCL, micro-batches 1-4, eager) against colocated data parallel (each GPU a
 full colocated engine with half the requests, CUDA graphs); tokens/s, time per output token,
@@ -138,6 +139,7 @@ def _throughput_cases(rank, port, cases, results):
     torch.cuda.set_device(rank)
     dev = torch.device("cuda", rank)
     dist.init_process_group("nccl", rank=rank, world_size=2, device_id=dev)
+    print(f"[rank {rank}] process group up", flush=True)
     from tools.bench_decode import SHAPES, decode_plan, time_ms
 
     from megatron_lamina.architecture import ModelArchitecture
@@ -160,6 +162,7 @@ def _throughput_cases(rank, port, cases, results):
         for p in model.parameters():
             p.normal_(0, 0.02)
     topo = Topology(tp_size=1, head_groups=1, request_shards=1, num_kv_heads=arch.num_kv_heads, attention_workers=1)
+    print(f"[rank {rank}] model built", flush=True)  # part 3 hung before any case ended twice: say where
 
     def set_channel(channel):
         for layer in model.decoder.layers:
@@ -174,6 +177,7 @@ def _throughput_cases(rank, port, cases, results):
 
     rows = []
     for batch, ctx, mode, micro in cases:
+        print(f"[rank {rank}] case batch={batch} context={ctx} {mode} micro_batches={micro}", flush=True)
         dist.barrier()
         if mode == "colocated-dp":
             half = batch // 2
