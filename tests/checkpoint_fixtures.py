@@ -288,7 +288,7 @@ class FrameworkCheckpoints:
     """Checkpoints saved by Megatron-core / Megatron-LM conventions and by DeepSpeed, their
     conversions, and what the engine generated from each (shared by
     test_checkpoint_megatron.py and test_checkpoint_deepspeed.py; built once per session by
-    `framework_checkpoints`).
+    the `frameworks` fixture in conftest.py).
 
     sources[name]    the saved checkpoint's directory (--input)
     converted[name]  its canonical checkpoint, converted with tools/convert_checkpoint.py
@@ -366,7 +366,7 @@ class FrameworkCheckpoints:
         served = [name for name in self.converted if name not in ("mcore_no_args", "torch_dist_per_layer")]
         cases = [(str(self.converted[name]), list(self.SERVE_LAYOUT)) for name in served]
         results = run_ranks(generate_on_ranks, 3, cases, REQUESTS[: self.SERVED_REQUESTS])
-        self.served = {name: _generated(result) for name, result in zip(served, results)}
+        self.served = dict(zip(served, results))
 
     def _megatron_args(self, model, tp: int, pp: int):
         from ckpt_save_megatron import megatron_lm_args
@@ -382,23 +382,6 @@ class FrameworkCheckpoints:
         hf_model = AutoModelForCausalLM.from_pretrained(model.hf_dir, dtype=torch.float32)
         args = self._megatron_args(model, tp=2, pp=2)
         write_megatron_legacy(hf_model, self.root / "megatron" / "legacy_tp2_pp2", args, tp=2, pp=2)
-
-
-def _generated(result) -> dict:
-    """layout_job.generate_on_ranks's result for one case, as {"tokens", "logits"}."""
-    if isinstance(result, dict):
-        return result
-    tokens, logits, *_ = result
-    return {"tokens": tokens, "logits": logits}
-
-
-_FRAMEWORKS: list[FrameworkCheckpoints] = []
-
-
-def framework_checkpoints(tmp_path_factory, tiny_models) -> FrameworkCheckpoints:
-    if not _FRAMEWORKS:
-        _FRAMEWORKS.append(FrameworkCheckpoints(tmp_path_factory.mktemp("frameworks"), tiny_models))
-    return _FRAMEWORKS[0]
 
 
 def assert_served_matches_transformers(frameworks, name: str) -> None:

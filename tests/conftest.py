@@ -84,3 +84,12 @@ def smollm2(tmp_path_factory):
             conversion.wait(timeout=300)
     assert conversion.returncode == 0, log.read_text()[-2000:]
     return model.eval(), out
+
+
+@pytest.fixture(scope="session")
+def frameworks(tmp_path_factory, tiny_models):
+    """Megatron and DeepSpeed checkpoints saved by the real libraries, converted and served
+    (checkpoint_fixtures.FrameworkCheckpoints); shared by both framework test modules."""
+    from checkpoint_fixtures import FrameworkCheckpoints
+
+    return FrameworkCheckpoints(tmp_path_factory.mktemp("frameworks"), tiny_models)

@@ -15,17 +15,12 @@ import shutil
 
 import pytest
 import torch
-from checkpoint_fixtures import assert_served_matches_transformers, framework_checkpoints, run_tool
+from checkpoint_fixtures import assert_served_matches_transformers, run_tool
 from safetensors.torch import load_file
 
 from megatron_lamina.architecture import read_architecture
 
 DEEPSPEED = ["zero1", "zero2", "zero3", "megatron_deepspeed"]
-
-
-@pytest.fixture(scope="session")
-def frameworks(tmp_path_factory, tiny_models):
-    return framework_checkpoints(tmp_path_factory, tiny_models)
 
 
 @pytest.mark.parametrize("name", DEEPSPEED)

@@ -18,18 +18,13 @@ import shutil
 
 import pytest
 import torch
-from checkpoint_fixtures import assert_served_matches_transformers, framework_checkpoints, run_tool
+from checkpoint_fixtures import assert_served_matches_transformers, run_tool
 from safetensors.torch import load_file
 
 from megatron_lamina.architecture import read_architecture
 
 MEGATRON = ["torch_dist", "torch_dist_per_layer", "legacy_tp2", "legacy_tp2_pp2", "mcore_no_args"]
 SERVED = ["torch_dist", "legacy_tp2", "legacy_tp2_pp2"]
-
-
-@pytest.fixture(scope="session")
-def frameworks(tmp_path_factory, tiny_models):
-    return framework_checkpoints(tmp_path_factory, tiny_models)
 
 
 @pytest.mark.parametrize("name", SERVED)

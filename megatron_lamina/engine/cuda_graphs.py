@@ -56,7 +56,10 @@ class DecodeGraphs:
         chunks = plan.micro_batches[0].chunks
         n = len(chunks)
         bucket = self._bucket(next(s for s in self.sizes if s >= n))
-        tables = torch.full((n, self.max_blocks), self.scratch_block, dtype=torch.int32)
+        # Only the columns in use are written: the kernel never reads a table entry past a
+        # row's context length, so older entries further right are harmless.
+        width = max(len(c.block_table) for c in chunks)
+        tables = torch.full((n, width), self.scratch_block, dtype=torch.int32)
         for i, c in enumerate(chunks):
             tables[i, :len(c.block_table)] = torch.tensor(c.block_table, dtype=torch.int32)
         positions = torch.tensor([c.start for c in chunks], dtype=torch.long)
@@ -64,7 +67,7 @@ class DecodeGraphs:
         bucket.tokens[:n].copy_(torch.tensor([c.tokens[0] for c in chunks]), non_blocking=True)
         bucket.positions[:n].copy_(positions, non_blocking=True)
         bucket.slots[:n].copy_(blocks * self.block_size + positions % self.block_size, non_blocking=True)
-        bucket.tables[:n].copy_(tables, non_blocking=True)
+        bucket.tables[:n, :width].copy_(tables, non_blocking=True)
         bucket.lens[:n].copy_(positions.int() + 1, non_blocking=True)
         self._reset_padding(bucket, n)
         bucket.graph.replay()
@@ -74,7 +77,7 @@ class DecodeGraphs:
         bucket.tokens[n:] = 0
         bucket.positions[n:] = 0
         bucket.slots[n:] = self.scratch_block * self.block_size
-        bucket.tables[n:] = self.scratch_block
+        bucket.tables[n:, 0] = self.scratch_block  # with length 1 only column 0 is read
         bucket.lens[n:] = 1
 
     def _bucket(self, size: int) -> _Bucket:
