@@ -26,22 +26,24 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-# The repo root replaces tools/ on the path: tools/profile.py must not shadow the stdlib profile.
-sys.path[0] = str(Path(__file__).resolve().parents[1])
+# Run as a script, the repo root replaces tools/ on the path: tools/profile.py must not shadow
+# the stdlib profile. Imported (by bench_peers), the path is the importer's.
+if Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from megatron_lamina.architecture import ModelArchitecture  # noqa: E402
-from megatron_lamina.attention.gpu import PagedAttention  # noqa: E402
-from megatron_lamina.attention.kv_cache import PagedKVCache  # noqa: E402
-from megatron_lamina.engine.cuda_graphs import DecodeGraphs  # noqa: E402
-from megatron_lamina.engine.model_runner import ModelRunner  # noqa: E402
-from megatron_lamina.model.llama import LlamaModel  # noqa: E402
-from megatron_lamina.plan import MicroBatch, SequenceChunk, StepPlan  # noqa: E402
-from megatron_lamina.transport.channel import LocalChannel  # noqa: E402
+from megatron_lamina.architecture import ModelArchitecture
+from megatron_lamina.attention.gpu import PagedAttention
+from megatron_lamina.attention.kv_cache import PagedKVCache
+from megatron_lamina.engine.cuda_graphs import DecodeGraphs
+from megatron_lamina.engine.model_runner import ModelRunner
+from megatron_lamina.model.llama import LlamaModel
+from megatron_lamina.plan import MicroBatch, SequenceChunk, StepPlan
+from megatron_lamina.transport.channel import LocalChannel
 
 SHAPES = {
-    "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
-                      num_attention_heads=32, num_kv_heads=8, head_dim=128, max_position_embeddings=131072,
-                      rope_theta=500000.0),
+    "llama3-8b": {"vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336, "num_layers": 32,
+                  "num_attention_heads": 32, "num_kv_heads": 8, "head_dim": 128, "max_position_embeddings": 131072,
+                  "rope_theta": 500000.0},
 }
 
 
@@ -81,6 +83,50 @@ def decode_plan(batch: int, context: int, block_size: int) -> StepPlan:
     return StepPlan([MicroBatch(chunks)])
 
 
+def kv_bytes(arch: ModelArchitecture, batch: int, context: int) -> int:
+    """K and V of `batch` requests at `context` tokens plus the new one, bf16."""
+    return 2 * batch * (context + 1) * arch.num_layers * arch.num_kv_heads * arch.head_dim * 2
+
+
+def roofline_s(arch: ModelArchitecture, params: int, batch: int, context: int, copy_bw: float,
+               gemm_rate: float) -> float:
+    """max((weights + KV read once) / copy bandwidth, FLOPs / GEMM rate) of one decode step."""
+    flops = 2 * params * batch + 4 * batch * (context + 1) * arch.num_attention_heads * arch.head_dim * arch.num_layers
+    return max((params * 2 + kv_bytes(arch, batch, context)) / copy_bw, flops / gemm_rate)
+
+
+def colocated_model(arch: ModelArchitecture, tp) -> tuple[LlamaModel, ModelRunner, dict]:
+    """Our bf16 model on the GPU (weights uninitialised) and its runner; attention goes to
+    `state["attend"]`, which the caller sets."""
+    state = {"attend": None}
+    model = LlamaModel(arch, torch.bfloat16, tp, LocalChannel(lambda *a: state["attend"](*a)), arch.vocab_size)
+    return model.cuda(), ModelRunner(model), state
+
+
+def colocated_decode_ms(runner: ModelRunner, state: dict, arch: ModelArchitecture, batch: int, context: int,
+                        block_size: int, graph_modes: list[bool], repeat: int = 5) -> dict[bool, float]:
+    """Median ms of our colocated decode step (every request at `context` cached tokens, a
+    random paged cache, the Triton kernel), eager and/or replayed from CUDA graphs."""
+    blocks = batch * math.ceil((context + 1) / block_size)
+    cache = PagedKVCache(arch.num_layers, blocks + 1, block_size, arch.num_kv_heads, arch.head_dim,
+                         torch.bfloat16, "cuda")
+    for t in cache.k + cache.v:
+        t.normal_()
+    state["attend"] = PagedAttention(cache)
+    plan = decode_plan(batch, context, block_size)
+    result = {}
+    for graphs in graph_modes:
+        if graphs:
+            runner.graphs = DecodeGraphs(runner.model, state["attend"], batch, math.ceil((context + 1) / block_size),
+                                         scratch_block=blocks)
+        result[graphs] = time_ms(lambda: runner.run(plan), repeat=repeat)
+        runner.graphs = None
+    del cache
+    state["attend"] = None
+    torch.cuda.empty_cache()
+    return result
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="llama3-8b", choices=SHAPES)
@@ -100,14 +146,11 @@ def main(argv=None) -> int:
     copy_bw, gemm_rate = ceilings()
     tp = dist.new_group([0])
 
-    state = {"attend": None}
-    model = LlamaModel(arch, torch.bfloat16, tp, LocalChannel(lambda *a: state["attend"](*a)), arch.vocab_size)
-    model = model.cuda()
+    model, runner, state = colocated_model(arch, tp)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02)
     params = sum(p.numel() for p in model.parameters())
-    runner = ModelRunner(model)
     result = {"device": torch.cuda.get_device_name(), "shape": args.shape, "copy_TBps": copy_bw / 1e12,
               "gemm_TFLOPs": gemm_rate / 1e12, "parameters": params, "model_step": [], "decode": []}
 
@@ -137,7 +180,7 @@ def main(argv=None) -> int:
                 attention = PagedAttention(cache)
                 state["attend"] = lambda layer, chunks, q, k, v: torch.zeros_like(q)
                 runner.graphs = DecodeGraphs(model, attention, batch, 1, scratch_block=1)
-            ms = time_ms(lambda: runner.run(plan))
+            ms = time_ms(lambda plan=plan: runner.run(plan))
             runner.graphs = None
             flops = 2 * params * batch
             result["model_step"].append({"batch": batch, "cuda_graphs": graphs, "ms": ms,
@@ -146,30 +189,16 @@ def main(argv=None) -> int:
     # (c) colocated decode step with the real paged cache and kernel
     for batch in map(int, args.batches.split(",")):
         for context in map(int, args.contexts.split(",")):
-            kv_bytes = 2 * batch * (context + 1) * arch.num_layers * arch.num_kv_heads * arch.head_dim * 2
-            if kv_bytes + params * 2 > 0.85 * torch.cuda.get_device_properties(0).total_memory:
+            kv = kv_bytes(arch, batch, context)
+            if kv + params * 2 > 0.85 * torch.cuda.get_device_properties(0).total_memory:
                 result["decode"].append({"batch": batch, "context": context, "skipped": "KV does not fit"})
                 continue
-            blocks = batch * math.ceil((context + 1) / args.block_size)
-            cache = PagedKVCache(arch.num_layers, blocks + 1, args.block_size, arch.num_kv_heads, arch.head_dim,
-                                 torch.bfloat16, "cuda")
-            for t in cache.k + cache.v:
-                t.normal_()
-            state["attend"] = PagedAttention(cache)
-            plan = decode_plan(batch, context, args.block_size)
-            flops = 2 * params * batch + 4 * batch * (context + 1) * arch.num_attention_heads * arch.head_dim * arch.num_layers
-            bound = max((params * 2 + kv_bytes) / copy_bw, flops / gemm_rate)
-            for graphs in graph_modes:
-                if graphs:
-                    runner.graphs = DecodeGraphs(model, state["attend"], batch, math.ceil((context + 1) / args.block_size),
-                                                 scratch_block=blocks)
-                ms = time_ms(lambda: runner.run(plan), repeat=5)
-                runner.graphs = None
+            bound = roofline_s(arch, params, batch, context, copy_bw, gemm_rate)
+            times = colocated_decode_ms(runner, state, arch, batch, context, args.block_size, graph_modes)
+            for graphs, ms in times.items():
                 result["decode"].append({"batch": batch, "context": context, "cuda_graphs": graphs, "ms": ms,
                                          "tokens_per_s": batch / (ms / 1e3), "roofline_ms": bound * 1e3,
                                          "frac_roofline": bound / (ms / 1e3)})
-            del cache, state["attend"]
-            torch.cuda.empty_cache()
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"{result['device']}: copy {copy_bw / 1e12:.2f} TB/s, bf16 GEMM {gemm_rate / 1e12:.0f} TFLOP/s, "
           f"{params / 1e9:.2f} B parameters")
