@@ -2,9 +2,10 @@
 
 The independent reference for every token-producing path: `transformers`' own
 `LlamaForCausalLM` on the same weights, float32 on CPU. `save_tiny_llama` writes a real
-Hugging Face checkpoint directory (save_pretrained, with a word-level tokenizer built by
-`tokenizers` and a chat template); `reference_greedy` runs the HF model step by step
-(full forward each step, no cache) and returns the greedy tokens and each step's logits.
+Hugging Face checkpoint directory (save_pretrained, with the word-level tokenizer of
+megatron_lamina/checkpoint/word_tokenizer.py and its chat template); `reference_greedy` runs
+the HF model step by step (full forward each step, no cache) and returns the greedy tokens
+and each step's logits.
 """
 
 from __future__ import annotations
@@ -13,26 +14,14 @@ from pathlib import Path
 
 import torch
 
+from megatron_lamina.checkpoint.word_tokenizer import word_level_tokenizer
+
 VOCAB = 256
-SPECIALS = ["<unk>", "<s>", "</s>"]
 
 
 def make_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + [f"w{i}" for i in range(VOCAB - len(SPECIALS))])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    from tokenizers import decoders, processors
-
-    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-        chat_template="{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
-                      "{% if add_generation_prompt %}w9 {% endif %}",
-    )
+    """The tests' word-level tokenizer: <unk> <s> </s> w0 .. w252, BOS prepended, a chat template."""
+    return word_level_tokenizer(VOCAB)
 
 
 def save_tiny_llama(directory: Path, tied: bool, seed: int = 0, **overrides) -> Path:

@@ -254,11 +254,12 @@ def profile_attention(args, shape: ModelShape) -> tuple[Grid, Curve]:
         attend = kernel(cache)
         return timed(lambda _: attend(0, chunks, q, k, v), device, args.warmup, args.repeats)
 
-    print(f"attention: decode batches {args.batches} x contexts {args.contexts}", flush=True)
-    decode = [[cost([(c - 1, 1)] * b) for c in args.contexts] for b in args.batches]
+    batches = args.attention_batches or args.batches
+    print(f"attention: decode batches {batches} x contexts {args.contexts}", flush=True)
+    decode = [[cost([(c - 1, 1)] * b) for c in args.contexts] for b in batches]
     print(f"attention: prefill chunks {args.prefill}", flush=True)
     points = sorted({(prefill_pairs(n, s + n), s, n) for s, n in args.prefill})
-    return (Grid([float(b) for b in args.batches], [float(c) for c in args.contexts], decode),
+    return (Grid([float(b) for b in batches], [float(c) for c in args.contexts], decode),
             Curve([float(p) for p, _, _ in points], [cost([(s, n)]) for _, s, n in points]))
 
 
@@ -326,7 +327,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tp", type=_ints, default=[1], help="TP sizes to measure, comma-separated")
     parser.add_argument("--layers", type=_ints, default=[1, 3], help="two layer counts to difference")
     parser.add_argument("--batches", type=_ints, default=[1, 4, 16, 64],
-                        help="decode batch sizes (tokens) for model and attention")
+                        help="decode batch sizes (tokens) for the model, and for attention unless "
+                             "--attention-batches")
+    parser.add_argument("--attention-batches", type=_ints, default=None,
+                        help="decode batch sizes for attention (default: --batches); the model's grid "
+                             "must reach prefill-sized token counts, attention's only the batch cap")
     parser.add_argument("--contexts", type=_ints, default=[16, 64, 200], help="decode contexts for attention")
     parser.add_argument("--prefill", type=lambda t: [tuple(int(x) for x in p.split("+")) for p in t.split(",")],
                         default=[(0, 16), (0, 64), (64, 64), (0, 128)],

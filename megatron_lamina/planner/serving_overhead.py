@@ -1,0 +1,126 @@
+"""Host time a real server spends per step beyond the profiled forward pass, measured and fitted.
+
+A cost table (tools/profile.py) times `ModelRunner.run` and the sampler; the serving driver
+also schedules, broadcasts the plan, builds the attention index, detokenizes and streams. The
+biggest of these grows with the output: `LLMEngine._append_token` decodes each request's
+whole output every token (about 1 us per output token with a fast tokenizer), so a step of
+requests that have generated g tokens pays about c * sum(g + 1). `ServingOverhead` is
+
+    extra step time = per_step + per_row * sampled rows + per_token * sum(output length after the step)
+
+(per_step may come out negative: see `fit`). `fit` estimates it from calibration runs
+against the real server (closed batches of B requests, pure-decode steps), as residuals
+`measured step - StepCostModel's step`:
+`decode_step_samples` turns one such run's bench_serving records into (rows, decoded
+tokens, residual) samples. `ServingStepCostModel` adds the term to the simulator's step time;
+`serving_simulator` builds an `EngineSimulator` that uses it. tools/validate_planner.py
+reports predictions with and without it.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+
+from megatron_lamina.planner.cost_table import CostTable
+from megatron_lamina.planner.layout import Layout
+from megatron_lamina.planner.shapes import ModelShape
+from megatron_lamina.planner.simulator import EngineSimulator, SimRequest, StepCostModel
+from megatron_lamina.planner.trace import TraceRequest
+
+
+@dataclass
+class ServingOverhead:
+    per_step_s: float
+    per_row_s: float
+    per_token_s: float    # per output token decoded (each sampled row decodes its whole output)
+    source: str = ""
+
+    def time(self, rows: int, decoded_tokens: int) -> float:
+        return self.per_step_s + self.per_row_s * rows + self.per_token_s * decoded_tokens
+
+    def to_dict(self) -> dict:
+        return {"per_step_s": self.per_step_s, "per_row_s": self.per_row_s, "per_token_s": self.per_token_s,
+                "source": self.source}
+
+
+@dataclass
+class ServingStepCostModel(StepCostModel):
+    overhead: ServingOverhead | None = None
+
+    def step_time(self, micro_batches, sampled_rows: int) -> float:
+        decoded = sum(r.generated + 1 for chunks in micro_batches for r, n in chunks
+                      if r.num_computed + n == r.num_tokens)   # the rows that get a token
+        return super().step_time(micro_batches, sampled_rows) + self.overhead.time(sampled_rows, decoded)
+
+
+def serving_simulator(layout: Layout, shape: ModelShape, costs: CostTable, num_blocks: int,
+                      overhead: ServingOverhead | None, max_model_len: int | None = None) -> EngineSimulator:
+    """A colocated or disaggregated `EngineSimulator` whose steps also pay `overhead` (None: not)."""
+    layout.check(shape)
+    sim = EngineSimulator(layout, shape, costs, None, num_blocks, max_model_len)
+    if overhead is not None:
+        sim.costs = ServingStepCostModel(layout, shape, costs, costs, overhead)
+    return sim
+
+
+def decode_step_samples(records: list[dict], prompt_len: int, costs: StepCostModel) -> list[tuple[int, int, float]]:
+    """(rows, decoded tokens, measured - modelled seconds) per output position of a closed batch.
+
+    `records`: bench_serving records of B requests sent together, each with `prompt_len`
+    prompt tokens. Only the steps where all B requests were decoding count: token gaps after
+    the last request's first token and before the first request's last token. The gap before
+    output token k (0-based) is a step whose rows each decode their k-th token with k + 1
+    output tokens to detokenize; its median over the requests is compared with the model."""
+    done = [r for r in records if r["ok"] and len(r["token_times_s"]) > 2]
+    if not done:
+        return []
+    start = max(r["token_times_s"][0] for r in done)
+    end = min(r["token_times_s"][-1] for r in done)
+    batch = len(records)
+    gaps: dict[int, list[float]] = {}
+    for r in done:
+        times = r["token_times_s"]
+        for k in range(1, len(times)):
+            if times[k - 1] >= start and times[k] <= end:
+                gaps.setdefault(k, []).append(times[k] - times[k - 1])
+    samples = []
+    for k, values in sorted(gaps.items()):
+        if len(values) < max(1, batch // 2):
+            continue
+        rows = []
+        for i in range(batch):
+            r = SimRequest(i, TraceRequest(0.0, prompt_len, k + 1))
+            r.generated, r.num_computed, r.shard = k, prompt_len + k - 1, 0
+            rows.append((r, 1))
+        modelled = StepCostModel.step_time(costs, [rows], batch)
+        samples.append((batch, batch * (k + 1), statistics.median(values) - modelled))
+    return samples
+
+
+def fit(samples: list[tuple[int, int, float]], source: str = "") -> ServingOverhead:
+    """Least squares of residual = a + b * rows + c * decoded tokens over the samples, with
+    b, c >= 0 (host work per row and per token is never negative) and `a` free: a negative
+    constant is the profile's separately timed pieces (model, attention, overhead, each
+    synchronized) overlapping in a real step. Exact: every subset of {b, c} is tried."""
+    import itertools
+
+    import torch
+
+    if not samples:
+        raise ValueError("no calibration samples: did the calibration requests complete?")
+    x = torch.tensor([[1.0, rows, tokens] for rows, tokens, _ in samples], dtype=torch.float64)
+    y = torch.tensor([[residual] for _, _, residual in samples], dtype=torch.float64)
+    best, best_error = None, float("inf")
+    for size in (0, 1, 2):
+        for terms in itertools.combinations((1, 2), size):
+            columns = (0, *terms)
+            solution = torch.linalg.lstsq(x[:, columns], y, driver="gelsd").solution[:, 0]
+            if bool((solution[1:] < 0).any()):
+                continue
+            error = float((x[:, columns] @ solution - y[:, 0]).square().sum())
+            if error < best_error:
+                best, best_error = [0.0, 0.0, 0.0], error
+                for column, value in zip(columns, solution.tolist()):
+                    best[column] = value
+    return ServingOverhead(*best, source)
