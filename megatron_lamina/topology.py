@@ -11,7 +11,11 @@ served locally.
 
 `init_process_groups` creates the tensor-parallel group over the model-worker ranks only
 (handed to Megatron through a `ProcessGroupCollection`, so attention workers are in no
-Megatron group) and a gloo group over all ranks for the step plans.
+Megatron group) and a gloo group over all ranks for the step plans. Disaggregated, it also
+creates one group per direction of the transport (q/k/v to the attention workers, outputs
+back to the model workers): each group has its own NCCL communicator and stream, so a
+micro-batch's q/k/v can travel while an earlier micro-batch's output is still awaited (on a
+single communicator NCCL runs point-to-point ops of a rank pair in issue order).
 """
 
 from __future__ import annotations
@@ -98,11 +102,18 @@ class Topology:
 class ProcessGroups:
     tp: dist.ProcessGroup | None   # model-worker ranks only (None on attention workers)
     control: dist.ProcessGroup     # every rank, gloo: step plans and shutdown
+    to_attention: dist.ProcessGroup | None = None  # every rank: q/k/v messages (None colocated)
+    to_model: dist.ProcessGroup | None = None      # every rank: attention outputs
 
 
 def init_process_groups(topology: Topology, rank: int, timeout_s: float) -> ProcessGroups:
     """Every rank calls this, in the same order (new_group is collective)."""
     timeout = timedelta(seconds=timeout_s)
     tp = dist.new_group(list(range(topology.tp_size)), timeout=timeout)
-    control = dist.new_group(list(range(topology.world_size)), backend="gloo", timeout=timeout)
-    return ProcessGroups(tp=tp if topology.is_model_worker(rank) else None, control=control)
+    everyone = list(range(topology.world_size))
+    control = dist.new_group(everyone, backend="gloo", timeout=timeout)
+    groups = ProcessGroups(tp=tp if topology.is_model_worker(rank) else None, control=control)
+    if not topology.colocated:
+        groups.to_attention = dist.new_group(everyone, timeout=timeout)
+        groups.to_model = dist.new_group(everyone, timeout=timeout)
+    return groups

@@ -5,24 +5,30 @@
 Part 1, correctness: the GPU tests (tests/test_gpu.py) with the model worker on GPU 0 and
 the attention worker on GPU 1 over NCCL, greedy and seeded tokens and logits against
 `transformers`, next to the colocated run.
-Part 2, transport: round-trip time of the per-layer exchange, our transport
-(`P2PChannel` on the model worker, `AttentionEndpoint` on the attention worker, the
-attention itself replaced by o = q so only the transport is timed) against a bare NCCL
-send/recv ping-pong moving the same bytes, for LLaMA-3-8B shapes (per token: q 8 KiB +
-k, v 4 KiB out, o 8 KiB back, bf16) over the number of tokens in a micro-batch.
-Part 3 (NOT YET WORKING: its two runs on nvidia-h200-x2 printed nothing in 400-540 s and were
-killed; the progress lines below were added afterwards to find where it stops), throughput: a LLaMA-3-8B-shaped model with random bf16 weights, decode steps at
+Part 2, transport: time per per-layer exchange, our transport (`P2PChannel` on the model
+worker, `AttentionEndpoint` on the attention worker, each direction on its own process group
+as the engine sets them up; the attention itself replaced by o = q so only the transport is
+timed) against a bare NCCL send/recv ping-pong moving the same bytes, for LLaMA-3-8B shapes
+(per token: q 8 KiB + k, v 4 KiB out, o 8 KiB back, bf16) over the number of tokens in a
+micro-batch. Each sample is `--layers` exchanges in a row (as a step's layers follow each
+other), wall time over both GPUs synchronised, divided by `--layers`.
+Part 3, throughput: a LLaMA-3-8B-shaped model with random bf16 weights, decode steps at
 batch x context, disaggregated (model worker on GPU 0, attention worker with the whole KV
 cache on GPU 1, NCCL, micro-batches 1-4, eager) against colocated data parallel (each GPU a
 full colocated engine with half the requests, CUDA graphs); tokens/s, time per output token,
-and the busy share of each GPU in the disaggregated run (model-only step time over the
-step, attention kernel time over the step).
-Not yet here: part 4 (planner prediction error); see docs/BENCHMARKS.md.
+the busy share of each GPU in the disaggregated run (model-only step time over the step,
+attention kernel time inside the run over the step), and each side alone (the model with
+attention replaced by zeros; the attention kernels of the step without transport).
+Part 4, the planner's prediction: `planner/pipeline.py`'s step-time formula for n staggered
+micro-batches, fed with the model and attention times measured alone (per layer and
+micro-batch) and part 2's round trip at the micro-batch's size, against the measured step.
+A rank that fails or hangs (`--hang-s`) prints its traceback or every thread's stack.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import socket
@@ -46,7 +52,12 @@ def _median(xs):
     return sorted(xs)[len(xs) // 2]
 
 
-def _transport_rank(rank, port, token_counts, iters, results):
+def _direction_groups():
+    """The engine's two transport groups (topology.init_process_groups), same order on both ranks."""
+    return dist.new_group([0, 1]), dist.new_group([0, 1])
+
+
+def _transport_rank(rank, port, token_counts, iters, layers, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", rank=rank, world_size=2, device_id=torch.device("cuda", rank))
@@ -54,8 +65,12 @@ def _transport_rank(rank, port, token_counts, iters, results):
     from megatron_lamina.topology import Topology
     from megatron_lamina.transport.p2p import AttentionEndpoint, P2PChannel
 
+    to_attention, to_model = _direction_groups()
     topo = Topology(tp_size=1, head_groups=1, request_shards=1, num_kv_heads=KV_HEADS, attention_workers=1)
     dev, dtype = torch.device("cuda", rank), torch.bfloat16
+    channel = P2PChannel(topo.routes_from_tp(0), 0, HEADS // KV_HEADS, False, to_attention, to_model)
+    endpoint = AttentionEndpoint(topo.routes_to_attention(1), 0, 0, KV_HEADS, HEADS // KV_HEADS, HEAD_DIM,
+                                 dtype, dev, False, to_attention, to_model)
     rows = []
     for n in token_counts:
         mb = MicroBatch([SequenceChunk(0, 0, 0, [0] * n, [0], True)])
@@ -65,81 +80,129 @@ def _transport_rank(rank, port, token_counts, iters, results):
         out_bytes, back_bytes = (q.numel() + 2 * k.numel()) * 2, q.numel() * 2
         ping = torch.empty(out_bytes // 2, dtype=dtype, device=dev)
         pong = torch.empty(back_bytes // 2, dtype=dtype, device=dev)
-        # bare NCCL ping-pong with the same bytes each way
-        bare, ours = [], []
-        for i in range(iters + 5):
-            dist.barrier()
-            if rank == 0:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                dist.send(ping, 1)
-                dist.recv(pong, 1)
-                end.record()
-                end.synchronize()
-                if i >= 5:
-                    bare.append(start.elapsed_time(end) * 1e3)
-            else:
-                dist.recv(ping, 0)
-                dist.send(pong, 0)
-        channel = P2PChannel(topo.routes_from_tp(0), 0, HEADS // KV_HEADS) if rank == 0 else None
-        endpoint = AttentionEndpoint(topo.routes_to_attention(1), 0, 0, KV_HEADS, HEADS // KV_HEADS, HEAD_DIM,
-                                     dtype, dev) if rank == 1 else None
-        for i in range(iters + 5):
-            dist.barrier()
-            if rank == 0:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                o = channel.finish(channel.begin(0, mb, q, k, v))
-                end.record()
-                end.synchronize()
-                if i == 0:
-                    assert torch.equal(o, q), "the exchange must return what the attention side sent"
-                if i >= 5:
-                    ours.append(start.elapsed_time(end) * 1e3)
-            else:
-                rq, _, _ = endpoint.receive(mb)
-                endpoint.reply(rq)  # o = q: only the transport is timed
+
+        def bare():  # a bare NCCL ping-pong with the same bytes each way, `layers` times
+            for _ in range(layers):
+                if rank == 0:
+                    dist.send(ping, 1)
+                    dist.recv(pong, 1)
+                else:
+                    dist.recv(ping, 0)
+                    dist.send(pong, 0)
+
+        def ours():  # `layers` exchanges in a row, as one micro-batch of a step does
+            for _ in range(layers):
+                if rank == 0:
+                    channel.finish(channel.begin(0, mb, q, k, v))
+                else:
+                    rq, _, _ = endpoint.receive(mb)
+                    endpoint.reply(rq)  # o = q: only the transport is timed
+            if rank == 1:
                 endpoint.drain()
+
+        if rank == 0:
+            o = channel.finish(channel.begin(0, mb, q, k, v))
+            assert torch.equal(o, q), "the exchange must return what the attention side sent"
+        else:
+            endpoint.reply(endpoint.receive(mb)[0])
+            endpoint.drain()
+        times = {}
+        for name, fn in (("bare", bare), ("ours", ours)):
+            samples, host = [], []
+            for i in range(iters + 2):
+                dist.barrier()
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                fn()
+                t1 = time.perf_counter()  # the host has issued everything (NCCL waits are on the GPU)
+                torch.cuda.synchronize()
+                if i >= 2:
+                    samples.append((time.perf_counter() - t0) / layers * 1e6)
+                    host.append((t1 - t0) / layers * 1e6)
+            times[name], times[name + "_host"] = _median(samples), _median(host)
         if rank == 0:
             rows.append({"tokens": n, "bytes_out": out_bytes, "bytes_back": back_bytes,
-                         "nccl_pingpong_us": _median(bare), "ours_roundtrip_us": _median(ours),
-                         "ours_GBps": (out_bytes + back_bytes) / (_median(ours) / 1e6) / 1e9})
+                         "nccl_pingpong_us": times["bare"], "ours_roundtrip_us": times["ours"],
+                         "ours_model_host_us": times["ours_host"],
+                         "ours_GBps": (out_bytes + back_bytes) / (times["ours"] / 1e6) / 1e9})
     if rank == 0:
         results.put(rows)
     dist.destroy_process_group()
 
 
-def transport(token_counts, iters) -> list[dict]:
+def transport(token_counts, iters, layers) -> list[dict]:
+    return _spawn(_transport_rank, (token_counts, iters, layers), timeout_s=300)
+
+
+def _guarded(target, rank, port, args, results, hang_s):
+    """Run one rank; a failure or a hang is reported (with every thread's stack) instead of
+    leaving the other rank waiting forever."""
+    import faulthandler
+    import traceback
+
+    faulthandler.dump_traceback_later(hang_s, exit=True)  # a hang prints where, then exits
+    try:
+        target(rank, port, *args, results)
+    except BaseException:
+        message = f"rank {rank} failed:\n{traceback.format_exc()}"
+        print(message, file=sys.stderr, flush=True)
+        results.put(message)
+        results.close()
+        results.join_thread()  # the message is in the pipe before the process ends
+        os._exit(1)
+
+
+def _spawn(target, args, timeout_s: float):
+    """Two ranks on GPUs 0 and 1; returns what rank 0 puts on the queue. A rank that dies or
+    hangs ends the run with its traceback (the parent watches both, it never waits blind)."""
+    import queue
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    procs = [ctx.Process(target=_transport_rank, args=(r, port, token_counts, iters, results)) for r in range(2)]
+    procs = [ctx.Process(target=_guarded, args=(target, r, port, args, results, timeout_s)) for r in range(2)]
     for p in procs:
         p.start()
-    rows = results.get(timeout=600)
-    for p in procs:
-        p.join(timeout=60)
+    deadline = time.monotonic() + timeout_s + 30
+    rows = None
+    try:
+        while rows is None:
+            try:
+                rows = results.get(timeout=5)
+            except queue.Empty:
+                dead = [p for p in procs if p.exitcode not in (None, 0)]
+                if dead or time.monotonic() > deadline:
+                    what = ", ".join(f"rank {procs.index(p)} exit {p.exitcode}" for p in dead) or "timeout"
+                    raise RuntimeError(f"two-GPU run failed ({what}); the ranks' stacks are above")
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    if isinstance(rows, str):
+        raise RuntimeError(rows)
     return rows
 
 
-def _throughput_rank(rank, port, cases, results):
-    try:
-        _throughput_cases(rank, port, cases, results)
-    except BaseException:  # report instead of leaving the other rank waiting forever
-        import traceback
+def _trace_step(step, path: Path, log) -> None:
+    """One more step under torch.profiler: the host-side table (what the host waits in) and a
+    Chrome trace."""
+    from torch.profiler import ProfilerActivity, profile
 
-        results.put(f"rank {rank} failed:\n{traceback.format_exc()}")
-        os._exit(1)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    log("profiled step, by self CPU time:\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14))
+    prof.export_chrome_trace(str(path))
 
 
-def _throughput_cases(rank, port, cases, results):
+def _throughput_cases(rank, port, cases, layers_only, trace_dir, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.cuda.set_device(rank)
     dev = torch.device("cuda", rank)
     dist.init_process_group("nccl", rank=rank, world_size=2, device_id=dev)
-    print(f"[rank {rank}] process group up", flush=True)
     from tools.bench_decode import SHAPES, decode_plan, time_ms
 
     from megatron_lamina.architecture import ModelArchitecture
@@ -154,15 +217,21 @@ def _throughput_cases(rank, port, cases, results):
     from megatron_lamina.transport.channel import LocalChannel
     from megatron_lamina.transport.p2p import AttentionEndpoint, P2PChannel
 
+    log = functools.partial(print, f"[rank {rank}]", flush=True)
+    # Every group is created by both ranks in the same order. The model's TP group has one
+    # rank (TP = 1 issues no collectives); gloo keeps NCCL out of it.
+    own = [dist.new_group([r], backend="gloo") for r in range(2)][rank]
+    to_attention, to_model = _direction_groups()
     arch = ModelArchitecture(**SHAPES["llama3-8b"])
-    bs, dtype = 64, torch.bfloat16
-    own = dist.new_group([rank], use_local_synchronization=True)
+    if layers_only:
+        arch = ModelArchitecture(**{**SHAPES["llama3-8b"], "num_layers": layers_only})
+    L, bs, dtype = arch.num_layers, 64, torch.bfloat16
     model = LlamaModel(arch, dtype, own, None, arch.vocab_size).to(dev)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02)
     topo = Topology(tp_size=1, head_groups=1, request_shards=1, num_kv_heads=arch.num_kv_heads, attention_workers=1)
-    print(f"[rank {rank}] model built", flush=True)  # part 3 hung before any case ended twice: say where
+    log("model built")
 
     def set_channel(channel):
         for layer in model.decoder.layers:
@@ -175,9 +244,9 @@ def _throughput_cases(rank, port, cases, results):
             t.normal_()
         return cache, blocks
 
-    rows = []
+    rows, paged = [], None
     for batch, ctx, mode, micro in cases:
-        print(f"[rank {rank}] case batch={batch} context={ctx} {mode} micro_batches={micro}", flush=True)
+        log(f"case batch={batch} context={ctx} {mode} micro_batches={micro}")
         dist.barrier()
         if mode == "colocated-dp":
             half = batch // 2
@@ -187,6 +256,7 @@ def _throughput_cases(rank, port, cases, results):
             plan = decode_plan(half, ctx, bs)
             runner = ModelRunner(model, DecodeGraphs(model, attend, half, -(-(ctx + 1) // bs), scratch_block=blocks))
             runner.run(plan)
+            log("graphs captured")
             dist.barrier()
             ms = torch.tensor([time_ms(lambda: runner.run(plan), repeat=5)], device=dev)
             dist.all_reduce(ms, op=dist.ReduceOp.MAX)
@@ -198,14 +268,26 @@ def _throughput_cases(rank, port, cases, results):
             chunks = decode_plan(batch, ctx, bs).micro_batches[0].chunks
             per = -(-batch // micro)
             plan = StepPlan([MicroBatch(chunks[i:i + per]) for i in range(0, batch, per)])
+            stats = torch.zeros(5, device=dev)
             if rank == 0:
                 set_channel(LocalChannel(lambda layer, c, q, k, v: torch.zeros_like(q)))
-                model_only = time_ms(lambda: ModelRunner(model).run(plan), repeat=5)
-                set_channel(P2PChannel(topo.routes_from_tp(0), 0, arch.queries_per_kv_head))
+                stats[1] = time_ms(lambda: ModelRunner(model).run(plan), repeat=5)  # the model alone
+                set_channel(P2PChannel(topo.routes_from_tp(0), 0, arch.queries_per_kv_head, False,
+                                       to_attention, to_model))
                 runner = ModelRunner(model)
             else:
                 cache, _ = random_cache(batch, ctx)
                 paged = PagedAttention(cache)
+                shapes = [(mb.chunks, len(mb.chunks)) for mb in plan.micro_batches]
+
+                def attention_alone():  # the same kernels, no transport
+                    for layer in range(L):
+                        for mb_chunks, n in shapes:
+                            q = torch.empty(n, arch.num_attention_heads, arch.head_dim, dtype=dtype, device=dev)
+                            k = torch.empty(n, arch.num_kv_heads, arch.head_dim, dtype=dtype, device=dev)
+                            paged(layer, mb_chunks, q, k, k)
+
+                stats[2] = time_ms(attention_alone, repeat=5)
                 busy = []
 
                 def timed_attend(layer, c, q, k, v):
@@ -217,47 +299,65 @@ def _throughput_cases(rank, port, cases, results):
                     return o
 
                 endpoint = AttentionEndpoint(topo.routes_to_attention(1), 0, 0, arch.num_kv_heads,
-                                             arch.queries_per_kv_head, arch.head_dim, dtype, dev)
-                runner = AttentionRunner(endpoint, timed_attend, arch.num_layers)
+                                             arch.queries_per_kv_head, arch.head_dim, dtype, dev, False,
+                                             to_attention, to_model)
+                runner = AttentionRunner(endpoint, timed_attend, L)
+            log("measured alone; pipelined run")
             dist.barrier()
             ms = time_ms(lambda: runner.run(plan), repeat=5)  # both ranks run 3 + 5 steps
             torch.cuda.synchronize()
-            stats = torch.zeros(3, device=dev)
+            if trace_dir:
+                name = f"trace_rank{rank}_{batch}x{ctx}_mb{micro}.json"
+                _trace_step(lambda: runner.run(plan), Path(trace_dir) / name, log)
             if rank == 0:
-                stats[0], stats[1] = ms, model_only
+                stats[0] = ms
             else:
-                stats[2] = sum(s.elapsed_time(e) for s, e in busy) / 8  # 8 steps ran
+                stats[3] = sum(s.elapsed_time(e) for s, e in busy) / 8  # 8 steps ran
             dist.all_reduce(stats)
-            step, model_ms, attention_ms = stats.tolist()
+            step, model_ms, attention_alone_ms, attention_busy_ms, _ = stats.tolist()
             row = {"batch": batch, "context": ctx, "mode": mode, "micro_batches": micro, "step_ms": step,
-                   "model_busy": model_ms / step, "attention_busy": attention_ms / step}
+                   "model_alone_ms": model_ms, "attention_alone_ms": attention_alone_ms,
+                   "model_busy": model_ms / step, "attention_busy": attention_busy_ms / step}
+            # Part 4 (`predict`): the planner's pipeline model fed with these costs per layer and
+            # micro-batch, and the round trip of this message size from part 2.
+            row["pipeline_inputs"] = {"layers": L, "M_ms": model_ms / (L * micro),
+                                      "A_ms": attention_alone_ms / (L * micro)}
         row["tokens_per_s"] = batch / (row["step_ms"] / 1e3)
         row["tpot_ms"] = row["step_ms"]
         rows.append(row)
-        runner = cache = None
+        runner = cache = paged = None  # the closures above hold `paged`: the cache goes with it
         torch.cuda.empty_cache()
     if rank == 0:
         results.put(rows)
     dist.destroy_process_group()
 
 
-def throughput(cases) -> list[dict]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_throughput_rank, args=(r, port, cases, results)) for r in range(2)]
-    for p in procs:
-        p.start()
-    rows = results.get(timeout=480)
-    for p in procs:
-        p.join(timeout=30)
-        if p.is_alive():
-            p.kill()
-    if isinstance(rows, str):
-        raise RuntimeError(rows)
-    return rows
+def throughput(cases, layers_only=0, hang_s=540, trace_dir=None) -> list[dict]:
+    return _spawn(_throughput_cases, (cases, layers_only, trace_dir), timeout_s=hang_s)
+
+
+def predict(rows: list[dict], transport_rows: list[dict]) -> None:
+    """Part 4: the planner's pipeline formula (planner/pipeline.py) with the measured model and
+    attention costs and the measured round trip, against the measured step."""
+    from megatron_lamina.planner.cost_table import Curve
+    from megatron_lamina.planner.pipeline import uniform_step_time
+
+    tokens = [r["tokens"] for r in transport_rows]
+    rtt = Curve(tokens, [r["ours_roundtrip_us"] / 1e3 for r in transport_rows])
+    host = Curve(tokens, [r.get("ours_model_host_us", 0.0) / 1e3 for r in transport_rows])
+    for r in rows:
+        if r["mode"] != "disaggregated":
+            continue
+        p = r["pipeline_inputs"]
+        n, per = r["micro_batches"], -(-r["batch"] // r["micro_batches"])
+        p["N_ms"], p["H_ms"] = rtt(per), host(per)
+        # The formula as the planner has it: the transport is a pure delay.
+        r["predicted_step_ms"] = uniform_step_time(p["layers"], n, p["M_ms"], p["A_ms"], p["N_ms"])
+        r["prediction_error"] = r["predicted_step_ms"] / r["step_ms"] - 1
+        # Eager model workers are host-bound: the host time of posting an exchange (H, part 2)
+        # occupies the model worker like its own layers do.
+        r["predicted_host_step_ms"] = uniform_step_time(p["layers"], n, p["M_ms"] + p["H_ms"], p["A_ms"], p["N_ms"])
+        r["prediction_host_error"] = r["predicted_host_step_ms"] / r["step_ms"] - 1
 
 
 def main(argv=None) -> int:
@@ -270,6 +370,13 @@ def main(argv=None) -> int:
     parser.add_argument("--throughput", default="256x1024,512x1024,128x4096",
                         help="batch x context cases for part 3 ('' to skip)")
     parser.add_argument("--micro-batches", default="1,2,4")
+    parser.add_argument("--layers", type=int, default=32,
+                        help="exchanges in a row per timed sample in part 2 (a step's layers)")
+    parser.add_argument("--trace-dir", default=None,
+                        help="profile one pipelined step per disaggregated case (table + Chrome trace here)")
+    parser.add_argument("--hang-s", type=float, default=540, help="a rank stuck this long dumps its stacks and exits")
+    parser.add_argument("--model-layers", type=int, default=0,
+                        help="part 3 with this many layers instead of LLaMA-3-8B's 32 (a quick check)")
     args = parser.parse_args(argv)
     assert torch.cuda.device_count() >= 2, "needs two GPUs"
     result = {"devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}
@@ -279,26 +386,39 @@ def main(argv=None) -> int:
                                cwd=ROOT, capture_output=True, text=True)
         result["correctness"] = {"returncode": tests.returncode, "summary": tests.stdout.strip().splitlines()[-1],
                                  "seconds": round(time.monotonic() - t0, 1)}
+        if tests.returncode:
+            result["correctness"]["output"] = tests.stdout[-20000:]
+            print(tests.stdout[-6000:])
         print("part 1 (tests/test_gpu.py, incl. model worker on GPU 0 + attention worker on GPU 1 over NCCL):",
               result["correctness"]["summary"])
     if not args.skip_transport:
-        rows = transport([int(t) for t in args.tokens.split(",")], args.iters)
+        rows = transport([int(t) for t in args.tokens.split(",")], args.iters, args.layers)
         result["transport"] = rows
         Path(args.out).write_text(json.dumps(result, indent=2))
-        print(f"{'tokens':>6} {'out KiB':>8} {'back KiB':>8} {'NCCL ping-pong us':>18} {'ours us':>8} {'ours GB/s':>9}")
+        print(f"{'tokens':>6} {'out KiB':>8} {'back KiB':>8} {'NCCL ping-pong us':>18} {'ours us':>8} "
+              f"{'ours GB/s':>9} {'model host us':>13}")
         for r in rows:
             print(f"{r['tokens']:>6} {r['bytes_out'] / 1024:>8.0f} {r['bytes_back'] / 1024:>8.0f} "
-                  f"{r['nccl_pingpong_us']:>18.1f} {r['ours_roundtrip_us']:>8.1f} {r['ours_GBps']:>9.1f}")
+                  f"{r['nccl_pingpong_us']:>18.1f} {r['ours_roundtrip_us']:>8.1f} {r['ours_GBps']:>9.1f} "
+                  f"{r['ours_model_host_us']:>13.1f}")
     if args.throughput:
         shapes = [tuple(map(int, case.split("x"))) for case in args.throughput.split(",")]
         cases = [(b, c, "colocated-dp", 1) for b, c in shapes]  # first: GPU 1 drops its model after
         cases += [(b, c, "disaggregated", int(m)) for b, c in shapes for m in args.micro_batches.split(",")]
-        result["throughput"] = throughput(cases)
+        result["throughput"] = throughput(cases, args.model_layers, args.hang_s, args.trace_dir)
+        if result.get("transport"):
+            predict(result["throughput"], result["transport"])
         Path(args.out).write_text(json.dumps(result, indent=2))
-        print(f"{'batch':>6} {'ctx':>6} {'mode':>14} {'mb':>3} {'step ms':>8} {'tok/s':>8} {'model busy':>10} {'attn busy':>9}")
+        nan = float("nan")
+        print(f"{'batch':>6} {'ctx':>6} {'mode':>14} {'mb':>3} {'step ms':>8} {'tok/s':>8} {'model busy':>10} "
+              f"{'attn busy':>9} {'model alone':>11} {'attn alone':>10} {'predicted':>9} {'error':>6} "
+              f"{'pred.+host':>10} {'error':>6}")
         for r in result["throughput"]:
             print(f"{r['batch']:>6} {r['context']:>6} {r['mode']:>14} {r['micro_batches']:>3} {r['step_ms']:>8.2f} "
-                  f"{r['tokens_per_s']:>8.0f} {r.get('model_busy', float('nan')):>10.2f} {r.get('attention_busy', float('nan')):>9.2f}")
+                  f"{r['tokens_per_s']:>8.0f} {r.get('model_busy', nan):>10.2f} {r.get('attention_busy', nan):>9.2f} "
+                  f"{r.get('model_alone_ms', nan):>11.2f} {r.get('attention_alone_ms', nan):>10.2f} "
+                  f"{r.get('predicted_step_ms', nan):>9.2f} {r.get('prediction_error', nan):>6.1%} "
+                  f"{r.get('predicted_host_step_ms', nan):>10.2f} {r.get('prediction_host_error', nan):>6.1%}")
     return 0 if result.get("correctness", {}).get("returncode", 0) == 0 else 1
 
 

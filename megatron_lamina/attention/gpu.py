@@ -5,7 +5,9 @@ tokens, SDPA over the gathered context for prefill chunks.
 on the GPU, with the same contract as `reference.attend_chunks`: append the chunk's k, v to
 the cache, attend, return o. The per-micro-batch index tensors (cache slots of the new
 tokens, the padded block table and context lengths of the decode rows) depend only on the
-plan, so they are built once per micro-batch and reused by every layer.
+plan, so they are built once per micro-batch and reused by every layer: one index per
+micro-batch is kept (keyed by the identity of its chunk list, which the step holds), since
+the layers visit the micro-batches in rotation.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import torch.nn.functional as F
 from megatron_lamina.attention.kv_cache import PagedKVCache, slot_indices
 from megatron_lamina.attention.triton_paged import paged_decode
 from megatron_lamina.plan import SequenceChunk
+
+MAX_MICRO_BATCHES_REMEMBERED = 16
 
 
 @dataclass
@@ -54,16 +58,24 @@ class PagedBatchIndex:
 class PagedAttention:
     def __init__(self, cache: PagedKVCache):
         self.cache = cache
-        self._memo: tuple[list[SequenceChunk], PagedBatchIndex] | None = None
+        # id(chunk list) -> (the list, its index); holding the list keeps its id unique
+        self._memo: dict[int, tuple[list[SequenceChunk], PagedBatchIndex]] = {}
 
     def index(self, chunks: list[SequenceChunk], device) -> PagedBatchIndex:
-        if self._memo is None or self._memo[0] is not chunks:
-            self._memo = (chunks, PagedBatchIndex.build(chunks, self.cache.block_size, device))
-        return self._memo[1]
+        entry = self._memo.get(id(chunks))
+        if entry is None or entry[0] is not chunks:
+            entry = (chunks, PagedBatchIndex.build(chunks, self.cache.block_size, device))
+            self._remember(chunks, entry)
+        return entry[1]
 
     def pin_index(self, chunks: list[SequenceChunk], index: PagedBatchIndex) -> None:
         """Use `index` for `chunks` (the static tensors of a CUDA graph)."""
-        self._memo = (chunks, index)
+        self._remember(chunks, (chunks, index))
+
+    def _remember(self, chunks, entry) -> None:
+        if len(self._memo) >= MAX_MICRO_BATCHES_REMEMBERED:  # a new step: the old lists are done
+            self._memo.clear()
+        self._memo[id(chunks)] = entry
 
     def __call__(self, layer: int, chunks: list[SequenceChunk], q, k, v) -> torch.Tensor:
         idx = self.index(chunks, q.device)

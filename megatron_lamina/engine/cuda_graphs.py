@@ -29,6 +29,9 @@ class _Bucket:
         self.slots = torch.zeros(size, dtype=torch.long, device=device)
         self.tables = torch.full((size, max_blocks), scratch_block, dtype=torch.int32, device=device)
         self.lens = torch.ones(size, dtype=torch.int32, device=device)
+        # Row indices 0..size-1 (decode rows, sampled rows): the graph reads them at replay, so
+        # the bucket owns them (a tensor only the capture referenced would be freed and reused).
+        self.rows = torch.arange(size, device=device)
         self.graph = torch.cuda.CUDAGraph()
         self.logits: torch.Tensor | None = None
 
@@ -92,10 +95,9 @@ class DecodeGraphs:
         mb = MicroBatch(chunks)
         # The model reads these through MicroBatch's cached properties: point them at the
         # bucket's static tensors (already on the device, so no host copy is captured).
-        mb.__dict__.update(token_ids=bucket.tokens, positions=bucket.positions,
-                           sample_rows=torch.arange(size, device=self.device))
-        index = PagedBatchIndex(bucket.slots, torch.arange(size, device=self.device), bucket.tables,
-                                bucket.lens, [], self.max_blocks * self.block_size)
+        mb.__dict__.update(token_ids=bucket.tokens, positions=bucket.positions, sample_rows=bucket.rows)
+        index = PagedBatchIndex(bucket.slots, bucket.rows, bucket.tables, bucket.lens, [],
+                                self.max_blocks * self.block_size)
 
         def forward() -> torch.Tensor:
             self.attention.pin_index(chunks, index)

@@ -97,7 +97,8 @@ def start_rank(cfg: LaminaConfig) -> RankContext:
         if topology.colocated:
             channel = LocalChannel(attend)
         else:
-            channel = P2PChannel(topology.routes_from_tp(rank), kv_lo, arch.queries_per_kv_head, host_staging)
+            channel = P2PChannel(topology.routes_from_tp(rank), kv_lo, arch.queries_per_kv_head, host_staging,
+                                 groups.to_attention, groups.to_model)
         loader = CheckpointShardLoader(cfg.model.checkpoint, rank, topology.tp_size, dtype)
         model = LlamaModel(arch, dtype, groups.tp, channel, loader.padded_vocab_size)
         loader.load_into(model)
@@ -113,7 +114,8 @@ def start_rank(cfg: LaminaConfig) -> RankContext:
         group, shard = topology.attention_coords(rank)
         kv_lo, _ = topology.group_kv_range(group)
         endpoint = AttentionEndpoint(topology.routes_to_attention(rank), shard, kv_lo, kv_heads,
-                                     arch.queries_per_kv_head, arch.head_dim, dtype, device, host_staging)
+                                     arch.queries_per_kv_head, arch.head_dim, dtype, device, host_staging,
+                                     groups.to_attention, groups.to_model)
         runner = AttentionRunner(endpoint, attend, arch.num_layers)
     return RankContext(cfg, arch, topology, groups, rank, device, num_blocks, runner)
 

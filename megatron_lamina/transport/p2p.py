@@ -6,7 +6,9 @@ group overlaps t's heads, one packed message `[rows, (q_heads + 2*kv_heads) * he
 with those rows' q, k and v of the overlapping heads, and receives `[rows, q_heads,
 head_dim]` back. No metadata travels: both sides derive row ranges and head slices from the
 step plan and the topology. Sends and receives are asynchronous (`isend`/`irecv`), posted in
-plan order (layer-major, then micro-batch), which is identical on every rank.
+plan order (layer-major, then micro-batch), which is identical on every rank. Each direction
+goes through its own process group (`to_attention`, `to_model`; topology.py), so on NCCL the
+two directions run on separate communicators and streams and do not queue behind each other.
 
 `host_staging` is for GPU tensors over gloo (e.g. two ranks sharing one GPU, where NCCL
 refuses to pair a device with itself): messages go through host memory.
@@ -39,9 +41,11 @@ def _head_slices(route: Route, own_kv_lo: int, queries_per_kv: int) -> tuple[sli
 class P2PChannel:
     """Model-worker end."""
 
-    def __init__(self, routes: list[Route], own_kv_lo: int, queries_per_kv: int, host_staging: bool = False):
+    def __init__(self, routes: list[Route], own_kv_lo: int, queries_per_kv: int, host_staging: bool = False,
+                 to_attention: dist.ProcessGroup | None = None, to_model: dist.ProcessGroup | None = None):
         self.routes, self.own_kv_lo, self.queries_per_kv = routes, own_kv_lo, queries_per_kv
         self.host_staging = host_staging
+        self.to_attention, self.to_model = to_attention, to_model
 
     def begin(self, layer, mb: MicroBatch, q, k, v) -> PendingExchange:
         pending = PendingExchange(out=torch.empty_like(q))
@@ -56,8 +60,8 @@ class P2PChannel:
             reply = torch.empty_like(q[lo:hi, qs], device="cpu" if self.host_staging else q.device)
             if self.host_staging:
                 packed = packed.cpu()
-            pending.works.append(dist.isend(packed, route.peer))
-            pending.works.append(dist.irecv(reply, route.peer))
+            pending.works.append(dist.isend(packed, route.peer, group=self.to_attention))
+            pending.works.append(dist.irecv(reply, route.peer, group=self.to_model))
             pending.keep_alive.append(packed)
             pending.receives.append((lo, hi, qs, reply))
         return pending
@@ -65,6 +69,10 @@ class P2PChannel:
     def finish(self, pending: PendingExchange) -> torch.Tensor:
         for work in pending.works:
             work.wait()
+        if len(pending.receives) == 1 and not self.host_staging:
+            lo, hi, qs, reply = pending.receives[0]
+            if reply.shape == pending.out.shape:  # one route carried every row and head
+                return reply
         for lo, hi, qs, reply in pending.receives:
             pending.out[lo:hi, qs] = reply.to(pending.out.device)
         return pending.out
@@ -74,9 +82,11 @@ class AttentionEndpoint:
     """Attention-worker end: receive a micro-batch's q, k, v for one shard, send o back."""
 
     def __init__(self, routes: list[Route], shard: int, own_kv_lo: int, kv_heads: int,
-                 queries_per_kv: int, head_dim: int, dtype: torch.dtype, device, host_staging: bool = False):
+                 queries_per_kv: int, head_dim: int, dtype: torch.dtype, device, host_staging: bool = False,
+                 to_attention: dist.ProcessGroup | None = None, to_model: dist.ProcessGroup | None = None):
         self.routes, self.shard, self.own_kv_lo = routes, shard, own_kv_lo
         self.host_staging = host_staging
+        self.to_attention, self.to_model = to_attention, to_model
         self.kv_heads, self.queries_per_kv, self.head_dim = kv_heads, queries_per_kv, head_dim
         self.dtype, self.device = dtype, device
         self.sends: list = []  # (work, buffer) of replies not yet known to be delivered
@@ -84,15 +94,20 @@ class AttentionEndpoint:
     def receive(self, mb: MicroBatch):
         lo, hi = mb.shard_rows(self.shard)
         n, d, g = hi - lo, self.head_dim, self.queries_per_kv
-        q = torch.empty(n, self.kv_heads * g, d, dtype=self.dtype, device=self.device)
-        k = torch.empty(n, self.kv_heads, d, dtype=self.dtype, device=self.device)
-        v = torch.empty_like(k)
         buffers = []
         for route in self.routes:
             heads = route.kv_hi - route.kv_lo
             buf = torch.empty(n, (heads * g + 2 * heads) * d, dtype=self.dtype,
                               device="cpu" if self.host_staging else self.device)
-            buffers.append((route, buf, dist.irecv(buf, route.peer)))
+            buffers.append((route, buf, dist.irecv(buf, route.peer, group=self.to_attention)))
+        if len(buffers) == 1 and buffers[0][0].kv_hi - buffers[0][0].kv_lo == self.kv_heads and not self.host_staging:
+            _, buf, work = buffers[0]  # one route with all this worker's heads: views, no copies
+            work.wait()
+            q, k, v = buf.split([self.kv_heads * g * d, self.kv_heads * d, self.kv_heads * d], dim=1)
+            return q.view(n, -1, d), k.view(n, -1, d), v.view(n, -1, d)
+        q = torch.empty(n, self.kv_heads * g, d, dtype=self.dtype, device=self.device)
+        k = torch.empty(n, self.kv_heads, d, dtype=self.dtype, device=self.device)
+        v = torch.empty_like(k)
         for route, buf, work in buffers:
             work.wait()
             buf = buf.to(self.device)
@@ -110,7 +125,7 @@ class AttentionEndpoint:
             buf = o[:, qs].contiguous()
             if self.host_staging:
                 buf = buf.cpu()
-            self.sends.append((dist.isend(buf, route.peer), buf))
+            self.sends.append((dist.isend(buf, route.peer, group=self.to_model), buf))
 
     def drain(self) -> None:
         for work, _ in self.sends:
