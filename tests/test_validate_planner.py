@@ -62,6 +62,9 @@ def test_fit_recovers_the_terms_and_only_the_constant_goes_negative():
     assert abs(got.per_row_s) < 1e-15 and abs(got.per_token_s) < 1e-15
     got = fit([(b, b * 5, -1e-3 - 1e-5 * b) for b in (1, 8, 16)])
     assert got.per_row_s == got.per_token_s == 0.0 and got.per_step_s < -1e-3
+    # A measured per-token cost is subtracted, not fitted.
+    got = fit(samples, per_token_s=1e-6)
+    assert got.per_token_s == 1e-6 and math.isclose(got.per_row_s, 50e-6, rel_tol=1e-6)
 
 
 def test_decode_step_samples_are_residuals_of_the_pure_decode_steps():

@@ -13,11 +13,12 @@ Steps, each with the project's own tools:
   3. the real server (torchrun launcher/serve.py, colocated TP 1, `runtime.cuda_graphs=false`
      because the profiler times eager steps, a fixed `kv_cache.num_blocks` so that the
      simulator gets the same capacity), and against it, with tools/bench_serving.py:
-     a. calibration: closed batches of --calibration-batches requests (--calibration-prompt
-        prompt and --calibration-output output tokens, all sent at once); their pure-decode
-        steps, against the cost table's step, give the serving overhead the profile does
-        not contain (planner/serving_overhead.py: scheduling, plan broadcast, attention
-        index, detokenization of the whole output every token, streaming);
+     a. calibration: the detokenization of a whole output (which the engine repeats every
+        token) timed on the checkpoint's tokenizer, then closed batches of
+        --calibration-batches requests (--calibration-prompt prompt and --calibration-output
+        output tokens, all sent at once): their pure-decode steps, against the cost table's
+        step, give the rest of the serving overhead the profile does not contain
+        (planner/serving_overhead.py: scheduling, plan broadcast, attention index, streaming);
      b. each --slice NAME TRACE REQUESTS RATE_SCALE: the first REQUESTS of TRACE (after
         --skip), arrivals RATE_SCALE times faster, lengths clipped to --max-input-len /
         --max-output-len, token-id prompts and exact output lengths;
@@ -62,6 +63,7 @@ from megatron_lamina.planner.serving_overhead import (
     ServingOverhead,
     decode_step_samples,
     fit,
+    measure_detokenization,
     serving_simulator,
 )
 from megatron_lamina.planner.shapes import load_shape
@@ -168,6 +170,48 @@ class ServerJob:
         for pid in self._workers() + [self.proc.pid]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+GAUGES = {"lamina_requests_running": "running", "lamina_requests_waiting": "waiting",
+          "lamina_kv_blocks_used": "kv_blocks_used"}
+
+
+class MetricsPoller:
+    """Samples the server's /metrics gauges (running and waiting requests, KV blocks used) once a
+    second during a slice: a diagnostic beside the client's numbers (is a TPOT error the batch
+    size or the step time?). Time averages over the samples; the simulator's `mean_batch` is a
+    per-step average, so the two are comparable only roughly."""
+
+    def __init__(self, url: str, interval: float = 1.0):
+        self.url, self.interval, self.samples = url, interval, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                with urllib.request.urlopen(f"{self.url}/metrics", timeout=2) as resp:
+                    text = resp.read().decode()
+            except OSError:
+                continue
+            sample = {}
+            for line in text.splitlines():
+                name = line.split("{")[0].split(" ")[0]
+                if name in GAUGES:
+                    sample[GAUGES[name]] = sample.get(GAUGES[name], 0.0) + float(line.rsplit(" ", 1)[1])
+            self.samples.append(sample)
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        busy = [x for x in self.samples if x.get("running", 0) + x.get("waiting", 0) > 0]
+        out = {"samples": len(self.samples), "busy_samples": len(busy)}
+        for key in GAUGES.values():
+            values = [x.get(key, 0.0) for x in busy]
+            out[f"{key}_mean"] = sum(values) / len(values) if values else None
+            out[f"{key}_max"] = max(values, default=None)
+        return out
 
 
 def bench(bench_module, url: str, trace: Path, requests: int, rate_scale: float, args, out: Path, plot_path: Path,
@@ -370,7 +414,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: {costs_path} is for shape {table.shape.name}, not {shape.name}")
     log(f"costs: {table.source}")
 
-    # 3. the server, calibration and the slices
+    # 3. the server's detokenization cost, then the server, calibration and the slices
+    per_token_s = measure_detokenization(checkpoint)
+    log(f"detokenization: {per_token_s * 1e6:.3f} us per output token and step")
     port = free_port()
     overrides = [f"model.checkpoint={checkpoint}", f"model.dtype={args.dtype}", "parallel.tensor_parallel=1",
                  "parallel.attention_workers=0", "parallel.attention_head_groups=1",
@@ -411,12 +457,16 @@ def main(argv: list[str] | None = None) -> int:
                 f"median residual over the cost table {calibration[-1]['residual_median_s']}")
         for sl in slices:
             log(f"slice {sl['name']}: {sl['requests']} requests x{sl['rate_scale']:g} ({sl['trace']})")
-            report = bench(bench_module, server.url, Path(sl["trace"]), sl["requests"], sl["rate_scale"], args,
-                           out / f"bench-{sl['name']}.json", work / f"bench-{sl['name']}.png",
-                           args.max_input_len, args.max_output_len)
+            poller = MetricsPoller(server.url)
+            try:
+                report = bench(bench_module, server.url, Path(sl["trace"]), sl["requests"], sl["rate_scale"],
+                               args, out / f"bench-{sl['name']}.json", work / f"bench-{sl['name']}.png",
+                               args.max_input_len, args.max_output_len)
+            finally:
+                gauges = poller.stop()
             sl.update(sent=report["sent"], completed=report["completed"], failed=report["failed"],
                       failures=report["failures"], measured=measured_metrics(report),
-                      measured_duration_s=report["duration_s"])
+                      measured_duration_s=report["duration_s"], server_gauges=gauges)
             log(f"slice {sl['name']}: {report['completed']}/{report['sent']} completed in "
                 f"{report['duration_s']:.1f} s, TPOT p50 {report['tpot_s']['p50']}")
     finally:
@@ -426,9 +476,10 @@ def main(argv: list[str] | None = None) -> int:
 
     # 4. the simulator on the same requests
     if samples:
-        overhead = fit(samples, f"fitted on {len(samples)} pure-decode steps of closed batches "
-                                f"{args.calibration_batches} (prompt {args.calibration_prompt}, output "
-                                f"{args.calibration_output}) against this server")
+        overhead = fit(samples, f"detokenization timed on the checkpoint's tokenizer, the rest fitted on "
+                                f"{len(samples)} pure-decode steps of closed batches {args.calibration_batches} "
+                                f"(prompt {args.calibration_prompt}, output {args.calibration_output}) against "
+                                f"this server", per_token_s=per_token_s)
     else:  # the run stopped before any calibration: both predictions are the profile's
         overhead = ServingOverhead(0.0, 0.0, 0.0, "not measured (no calibration step completed)")
     log(f"serving overhead: {overhead.per_step_s * 1e3:.3f} ms/step + {overhead.per_row_s * 1e6:.1f} us/row "
@@ -469,10 +520,12 @@ def main(argv: list[str] | None = None) -> int:
         if "measured" not in sl:
             print(f"{sl['name']}: not measured (the run stopped first)")
         else:
+            g, d = sl["server_gauges"], sl["predicted_detail"]
             print(f"{sl['name']}: {sl['completed']}/{sl['sent']} completed ({sl['failures'] or 'no failures'}), "
-                  f"clipped {sl['clipped']}, predicted: {sl['predicted_detail']['completed']} completed, "
-                  f"{sl['predicted_detail']['preemptions']} preemptions, mean batch "
-                  f"{sl['predicted_detail']['mean_batch']:.1f}")
+                  f"clipped {sl['clipped']}; server while busy: running mean {g['running_mean'] or 0:.1f} "
+                  f"max {g['running_max'] or 0:.0f}, waiting max {g['waiting_max'] or 0:.0f}, KV blocks max "
+                  f"{g['kv_blocks_used_max'] or 0:.0f}; predicted: {d['completed']} completed, "
+                  f"{d['preemptions']} preemptions, batch per step mean {d['mean_batch']:.1f} max {d['max_batch']}")
     print()
     print_table(done, args.tolerance)
     ok = len(done) == len(slices) and all(sl["failed"] == 0 for sl in done)

@@ -8,7 +8,8 @@ requests that have generated g tokens pays about c * sum(g + 1). `ServingOverhea
 
     extra step time = per_step + per_row * sampled rows + per_token * sum(output length after the step)
 
-(per_step may come out negative: see `fit`). `fit` estimates it from calibration runs
+(per_step may come out negative: see `fit`). `measure_detokenization` times per_token
+directly on the checkpoint's tokenizer; `fit` estimates the rest from calibration runs
 against the real server (closed batches of B requests, pure-decode steps), as residuals
 `measured step - StepCostModel's step`:
 `decode_step_samples` turns one such run's bench_serving records into (rows, decoded
@@ -98,29 +99,59 @@ def decode_step_samples(records: list[dict], prompt_len: int, costs: StepCostMod
     return samples
 
 
-def fit(samples: list[tuple[int, int, float]], source: str = "") -> ServingOverhead:
+def measure_detokenization(checkpoint_dir, lengths=(1, 64, 128, 256, 512), repeats: int = 20) -> float:
+    """Seconds per output token of the engine's detokenization (`TextCodec.decode` of a whole
+    output, as `LLMEngine._append_token` does every token), the slope over output `lengths` of
+    random ids in the tokenizer's vocabulary: the `per_token_s` of the checkpoint's tokenizer."""
+    import random
+    import time
+
+    from megatron_lamina.engine.tokenizer import TextCodec
+
+    codec = TextCodec(checkpoint_dir)
+    rng, vocab = random.Random(0), len(codec.tokenizer)
+    points = []
+    for n in lengths:
+        ids = [rng.randrange(vocab) for _ in range(n)]
+        codec.decode(ids)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            codec.decode(ids)
+            times.append(time.perf_counter() - start)
+        points.append((n, statistics.median(times)))
+    mean_n = sum(n for n, _ in points) / len(points)
+    mean_t = sum(t for _, t in points) / len(points)
+    slope = sum((n - mean_n) * (t - mean_t) for n, t in points) / sum((n - mean_n) ** 2 for n, _ in points)
+    return max(0.0, slope)
+
+
+def fit(samples: list[tuple[int, int, float]], source: str = "", per_token_s: float | None = None) -> ServingOverhead:
     """Least squares of residual = a + b * rows + c * decoded tokens over the samples, with
     b, c >= 0 (host work per row and per token is never negative) and `a` free: a negative
     constant is the profile's separately timed pieces (model, attention, overhead, each
-    synchronized) overlapping in a real step. Exact: every subset of {b, c} is tried."""
+    synchronized) overlapping in a real step. Exact: every subset of {b, c} is tried.
+    `per_token_s` (measured, e.g. by `measure_detokenization`) fixes c instead of fitting it."""
     import itertools
 
     import torch
 
     if not samples:
         raise ValueError("no calibration samples: did the calibration requests complete?")
+    fixed = per_token_s or 0.0
     x = torch.tensor([[1.0, rows, tokens] for rows, tokens, _ in samples], dtype=torch.float64)
-    y = torch.tensor([[residual] for _, _, residual in samples], dtype=torch.float64)
+    y = torch.tensor([[residual - fixed * tokens] for _, tokens, residual in samples], dtype=torch.float64)
     best, best_error = None, float("inf")
-    for size in (0, 1, 2):
-        for terms in itertools.combinations((1, 2), size):
+    free = (1,) if per_token_s is not None else (1, 2)
+    for size in range(len(free) + 1):
+        for terms in itertools.combinations(free, size):
             columns = (0, *terms)
             solution = torch.linalg.lstsq(x[:, columns], y, driver="gelsd").solution[:, 0]
             if bool((solution[1:] < 0).any()):
                 continue
             error = float((x[:, columns] @ solution - y[:, 0]).square().sum())
             if error < best_error:
-                best, best_error = [0.0, 0.0, 0.0], error
+                best, best_error = [0.0, 0.0, fixed], error
                 for column, value in zip(columns, solution.tolist()):
                     best[column] = value
     return ServingOverhead(*best, source)
