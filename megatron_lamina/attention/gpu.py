@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -35,23 +36,33 @@ class PagedBatchIndex:
 
     @classmethod
     def build(cls, chunks: list[SequenceChunk], block_size: int, device) -> "PagedBatchIndex":
-        slots, decode_rows, tables, lens, prefill, row = [], [], [], [], [], 0
+        # Plain Python and one numpy table for the decode rows: a step of hundreds of decode
+        # requests builds this on the host every step, so no tensor per chunk.
+        slot_parts: list[torch.Tensor] = []
+        decode_slots, decode_rows, tables, lens, prefill, row = [], [], [], [], [], 0
         for chunk in chunks:
-            slots.append(slot_indices(chunk.block_table, chunk.start, chunk.end, block_size))
             if len(chunk.tokens) == 1:
+                p = chunk.start
+                decode_slots.append(chunk.block_table[p // block_size] * block_size + p % block_size)
                 decode_rows.append(row)
                 tables.append(chunk.block_table)
                 lens.append(chunk.end)
             else:
+                if decode_slots:
+                    slot_parts.append(torch.tensor(decode_slots, dtype=torch.long))
+                    decode_slots = []
+                slot_parts.append(slot_indices(chunk.block_table, chunk.start, chunk.end, block_size))
                 context = slot_indices(chunk.block_table, 0, chunk.end, block_size).to(device)
                 prefill.append((row, chunk, context))
             row += len(chunk.tokens)
+        if decode_slots:
+            slot_parts.append(torch.tensor(decode_slots, dtype=torch.long))
         width = max((len(t) for t in tables), default=1)
-        table = torch.zeros(len(tables), width, dtype=torch.int32)
+        table = np.zeros((len(tables), width), dtype=np.int32)
         for i, t in enumerate(tables):
-            table[i, :len(t)] = torch.tensor(t, dtype=torch.int32)
-        return cls(torch.cat(slots).to(device), torch.tensor(decode_rows, dtype=torch.long, device=device),
-                   table.to(device), torch.tensor(lens, dtype=torch.int32, device=device), prefill,
+            table[i, :len(t)] = t
+        return cls(torch.cat(slot_parts).to(device), torch.tensor(decode_rows, dtype=torch.long, device=device),
+                   torch.from_numpy(table).to(device), torch.tensor(lens, dtype=torch.int32, device=device), prefill,
                    max(lens, default=1))
 
 
