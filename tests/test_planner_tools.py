@@ -98,3 +98,44 @@ def test_profile_measures_a_cost_table_on_this_cpu(tmp_path):
     layout = Layout("CPU", 1, "CPU", 2, 1, 2, 8, 64, 4)
     result = simulate([TraceRequest(0.1 * i, 20, 10) for i in range(10)], layout, PRESETS["tiny"], table, table, 64)
     assert result.completed == 10 and result.tpot_s["p50"] > 0
+
+
+def test_profile_emulates_tp_on_one_cpu(tmp_path):
+    """--emulate-tp: TP 2 measured as rank 0's shard in this one process, the collectives added
+    from the datasheet, and the table says so; the planner loads it and searches TP 2."""
+    out = tmp_path / "emulated.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "profile.py"), "--model", "tiny", "--emulate-tp", "--tp", "1,2",
+         "--tp-link", "H100", "--batches", "1,8", "--contexts", "16,64", "--prefill", "0+16",
+         "--message-bytes", "256,65536", "--warmup", "1", "--repeats", "2", "--threads", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "TP 2 emulated on one device" in proc.stdout
+    table = CostTable.load(out)
+    assert table.tp_sizes() == [1, 2] and not table.synthetic and table.shape == PRESETS["tiny"]
+    assert table.source.startswith("measured on") and "TP 2 emulated on one device" in table.source
+    assert "H100 NVLink 450 GB/s" in table.source and "not measured" in table.source
+    emulated = table.meta["emulated_tp"]
+    assert list(emulated) == ["2"]  # TP 1 is measured as it is
+    e = emulated["2"]
+    assert "2 query heads, 1 KV heads, MLP intermediate 64" in e["measured"] and e["nvlink_gbs"] == 450
+    # measured + added = the table's curve; the added all-reduces match synthetic.py's ring
+    from megatron_lamina.planner.synthetic import ring_all_reduce_s
+    for i, tokens in enumerate([1, 8]):
+        added = 2 * ring_all_reduce_s(tokens * 64 * 4, 2, 450)
+        assert abs(e["added_per_layer_s"][i] - added) < 1e-12
+        assert abs(table.model_layer[2].y[i] - (e["measured_model_layer_s"][i] + added)) < 1e-12
+        assert table.step_overhead[2].y[i] > e["measured_step_overhead_s"][i]
+    # The planner uses it: a colocated TP 2 layout simulates
+    layout = Layout("CPU", 2, None, 0, 1, 1, 8, 64, 4)
+    result = simulate([TraceRequest(0.1 * i, 20, 10) for i in range(10)], layout, PRESETS["tiny"], table, table, 64)
+    assert result.completed == 10 and result.tpot_s["p50"] > 0
+
+
+def test_tp_shard_is_a_ranks_gemm_shapes():
+    s = PRESETS["llama3-70b"].tp_shard(8)
+    assert (s.hidden_size, s.num_heads, s.num_kv_heads, s.head_dim, s.intermediate_size) == (8192, 8, 1, 128, 3584)
+    assert s.vocab_size == PRESETS["llama3-70b"].padded_vocab(8) // 8 == 16128
+    assert PRESETS["llama3-8b"].tp_shard(1) == PRESETS["llama3-8b"]
+    with pytest.raises(ValueError, match="does not divide"):
+        PRESETS["llama3-8b"].tp_shard(16)

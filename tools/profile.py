@@ -13,6 +13,15 @@ Three measurements, all on the device this runs on, with our own code paths:
              micro-batch of B tokens, built with 1 and with 3 layers (--layers): per-layer
              time = (T(3) - T(1)) / 2, step overhead = T(1) - per-layer time (embedding,
              final norm, LM head, logits gather) plus the sampler on B rows
+             With --emulate-tp, a TP size t > 1 is not spawned: this one process builds
+             rank 0's shard at TP 1 (ModelShape.tp_shard: hidden size unchanged, query heads,
+             KV heads, MLP intermediate and padded vocab / t: the GEMMs a TP rank runs),
+             times it the same way, and ADDS the collectives it cannot run from the NVLink
+             number in configs/planner/prices.yaml (--tp-link): per layer 2 ring all-reduces
+             of tokens x hidden, per step the embedding all-reduce and the logits all-gather
+             (synthetic.py's ring model). The table's source says so; meta["emulated_tp"]
+             keeps the measured and the added parts separately. For models whose weights
+             need TP > 1 (llama3-70b: --tp 2,4,8 --layers 1,3) on a single GPU.
   attention  the kernel the engine runs on this device (--attention engine: attention/gpu.py's
              PagedAttention, Triton decode + SDPA prefill, on CUDA; attention/reference.py
              on CPU) over a one-layer `PagedKVCache` holding all KV heads: B decode requests
@@ -139,7 +148,7 @@ def _decode_plan(batch: int, context: int):
 
 
 def _model_rank(rank, world, init_method, shape_dict, dtype_name, device_type, layer_counts, batches, warmup,
-                repeats, threads):
+                repeats, threads, sample_vocab=None):
     """One TP rank: {layers: {tokens: seconds}} for ModelRunner.run, plus the sampler."""
     import torch.distributed as dist
 
@@ -150,13 +159,15 @@ def _model_rank(rank, world, init_method, shape_dict, dtype_name, device_type, l
                             world_size=world)
     try:
         return _measure_model(rank, world, device, dist.new_group(list(range(world))), shape_dict, dtype_name,
-                              device_type, layer_counts, batches, warmup, repeats)
+                              device_type, layer_counts, batches, warmup, repeats, sample_vocab)
     finally:
         dist.destroy_process_group()
 
 
 def _measure_model(rank, world, device, tp_group, shape_dict, dtype_name, device_type, layer_counts, batches,
-                   warmup, repeats):
+                   warmup, repeats, sample_vocab=None):
+    """sample_vocab: the vocabulary the sampler sees (default the shape's; an emulated TP
+    rank's shape holds a vocab shard, but a real rank samples the gathered logits)."""
     import torch.distributed as dist
 
     from megatron_lamina.engine.model_runner import ModelRunner
@@ -165,8 +176,7 @@ def _measure_model(rank, world, device, tp_group, shape_dict, dtype_name, device
     from megatron_lamina.transport.channel import LocalChannel
 
     shape, dtype = ModelShape.from_dict(shape_dict), DTYPES[dtype_name]
-    multiple = 128 * world
-    padded_vocab = -(-shape.vocab_size // multiple) * multiple
+    padded_vocab = shape.padded_vocab(world)
     no_attention = LocalChannel(lambda layer, chunks, q, k, v: torch.zeros_like(q))
     torch.manual_seed(rank)
     out: dict = {"run": {}, "sample": {}}
@@ -192,26 +202,82 @@ def _measure_model(rank, world, device, tp_group, shape_dict, dtype_name, device
     greedy = SamplingParams(max_tokens=1, temperature=0.0)
     generator = greedy.make_generator()
     for b in batches:
-        logits = torch.randn(b, shape.vocab_size, device=device, dtype=dtype)
+        logits = torch.randn(b, sample_vocab or shape.vocab_size, device=device, dtype=dtype)
         out["sample"][b] = timed(lambda _, logits=logits: [sample_token(row, greedy, generator) for row in logits],
                                  device, warmup, repeats)
     return out
 
 
-def profile_model(args, shape: ModelShape) -> tuple[dict[int, Curve], dict[int, Curve]]:
-    layer_curves, overhead_curves = {}, {}
+def tp_collectives(shape: ModelShape, tp: int, dtype_bytes: int, link_gbs: float, tokens: float) -> tuple[float, float]:
+    """(per layer, per step) seconds of the TP collectives a rank of TP `tp` runs for a decode
+    micro-batch of `tokens` tokens, as synthetic.py models them: per layer 2 ring all-reduces
+    of tokens x hidden (after the attention output projection and after the MLP); per step
+    the embedding's all-reduce of tokens x hidden and the logits all-gather of tokens x
+    padded vocab / tp from each rank. `link_gbs`: one direction of NVLink (prices.yaml)."""
+    from megatron_lamina.planner.synthetic import ring_all_gather_s, ring_all_reduce_s
+
+    activations = tokens * shape.hidden_size * dtype_bytes
+    per_layer = 2 * ring_all_reduce_s(activations, tp, link_gbs)
+    per_step = (ring_all_reduce_s(activations, tp, link_gbs)
+                + ring_all_gather_s(tokens * shape.padded_vocab(tp) // tp * dtype_bytes, tp, link_gbs))
+    return per_layer, per_step
+
+
+def tp_link(args, name: str) -> tuple[str, float]:
+    """The prices.yaml device whose NVLink bandwidth an emulated TP rank's collectives get."""
+    from megatron_lamina.planner.devices import DEFAULT_PRICES, load_prices
+
+    prices = args.prices or DEFAULT_PRICES
+    specs, _ = load_prices(prices)
+    key = args.tp_link or name
+    if key not in specs:
+        raise ValueError(f"--emulate-tp: device {key!r} is not in {prices} (devices: {', '.join(specs)}); "
+                         "pass --tp-link DEVICE for the NVLink numbers to add the TP collectives from")
+    return key, specs[key].nvlink_gbs
+
+
+def profile_model(args, shape: ModelShape, name: str = "") -> tuple[dict[int, Curve], dict[int, Curve], dict]:
+    """Model curves per TP size, and what --emulate-tp measured and added (meta)."""
+    layer_curves, overhead_curves, emulated = {}, {}, {}
     low, high = args.layers
+    dtype_bytes = torch.tensor([], dtype=DTYPES[args.dtype]).element_size()
     for tp in args.tp:
         if shape.num_kv_heads % tp:
             raise ValueError(f"--tp {tp} does not divide the model's {shape.num_kv_heads} KV heads")
-        print(f"model: TP {tp}, layers {low} and {high}, batches {args.batches}", flush=True)
-        m = Ranks(_model_rank, tp, shape.to_dict(), args.dtype, args.device, [low, high], args.batches,
-                   args.warmup, args.repeats, args.threads).run()
+        emulate = args.emulate_tp and tp > 1
+        if emulate:
+            built, world = shape.tp_shard(tp), 1
+            print(f"model: TP {tp} emulated on one device (rank 0's shard: {built.num_heads} q heads, "
+                  f"{built.num_kv_heads} KV heads, MLP {built.intermediate_size}, vocab {built.vocab_size}), "
+                  f"layers {low} and {high}, batches {args.batches}", flush=True)
+        else:
+            built, world = shape, tp
+            print(f"model: TP {tp}, layers {low} and {high}, batches {args.batches}", flush=True)
+        m = Ranks(_model_rank, world, built.to_dict(), args.dtype, args.device, [low, high], args.batches,
+                  args.warmup, args.repeats, args.threads, shape.vocab_size).run()
         per_layer = [max(0.0, (m["run"][high][b] - m["run"][low][b]) / (high - low)) for b in args.batches]
         overhead = [max(0.0, m["run"][low][b] - low * t) + m["sample"][b] for b, t in zip(args.batches, per_layer)]
+        if emulate:
+            link, gbs = tp_link(args, name)
+            added = [tp_collectives(shape, tp, dtype_bytes, gbs, b) for b in args.batches]
+            emulated[tp] = {
+                "measured": (f"one rank's shard built at TP 1 on this device ({built.num_heads} query heads, "
+                             f"{built.num_kv_heads} KV heads, MLP intermediate {built.intermediate_size}, "
+                             f"LM head and embedding vocab {built.vocab_size}): its GEMMs, norms, RoPE, "
+                             "embedding lookup, LM head shard and the sampler over the full vocabulary"),
+                "added_from_datasheet": (f"TP collectives not run (no peers), added as rings over {link} NVLink "
+                                         f"{gbs:g} GB/s one direction (configs/planner/prices.yaml) + "
+                                         "10 us each: per layer 2 all-reduces of tokens x hidden; per step "
+                                         "the embedding all-reduce and the logits all-gather"),
+                "link_device": link, "nvlink_gbs": gbs,
+                "measured_model_layer_s": per_layer, "measured_step_overhead_s": overhead,
+                "added_per_layer_s": [a for a, _ in added], "added_per_step_s": [b for _, b in added],
+            }
+            per_layer = [t + a for t, (a, _) in zip(per_layer, added)]
+            overhead = [t + b for t, (_, b) in zip(overhead, added)]
         xs = [float(b) for b in args.batches]
         layer_curves[tp], overhead_curves[tp] = Curve(xs, per_layer), Curve(xs, overhead)
-    return layer_curves, overhead_curves
+    return layer_curves, overhead_curves, emulated
 
 
 # --------------------------------------------------------------------------- attention
@@ -326,6 +392,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device-name", default=None, help="the device's key in configs/planner/prices.yaml")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default: float32 on cpu, bfloat16 on cuda")
     parser.add_argument("--tp", type=_ints, default=[1], help="TP sizes to measure, comma-separated")
+    parser.add_argument("--emulate-tp", action="store_true",
+                        help="measure TP > 1 on ONE device: build rank 0's shard of the model at TP 1 (query "
+                             "heads, KV heads, MLP and vocab / TP), time it, and add the TP collectives from "
+                             "the NVLink number in --prices (labelled in the table's source and meta)")
+    parser.add_argument("--tp-link", default=None,
+                        help="--emulate-tp: the prices.yaml device whose NVLink bandwidth the collectives get "
+                             "(default: --device-name)")
+    parser.add_argument("--prices", default=None, help="device datasheet numbers (default configs/planner/prices.yaml)")
     parser.add_argument("--layers", type=_ints, default=[1, 3], help="two layer counts to difference")
     parser.add_argument("--batches", type=_ints, default=[1, 4, 16, 64],
                         help="decode batch sizes (tokens) for the model, and for attention unless "
@@ -358,8 +432,9 @@ def main(argv: list[str] | None = None) -> int:
         name = device_name(args)
         started = time.time()
         model_layer = overhead = None
+        emulated: dict = {}
         if "model" in parts:
-            model_layer, overhead = profile_model(args, shape)
+            model_layer, overhead, emulated = profile_model(args, shape, name)
         decode, prefill = profile_attention(args, shape) if "attention" in parts else (None, None)
         network, backend = profile_network(args) if "network" in parts else (None, None)
     except ValueError as e:
@@ -369,15 +444,22 @@ def main(argv: list[str] | None = None) -> int:
         print("error: a cost table needs all three parts (--parts model,attention,network)", file=sys.stderr)
         return 2
     hardware = torch.cuda.get_device_name(0) if args.device == "cuda" else platform.processor() or platform.machine()
+    source = (f"measured on {hardware} ({args.device}, torch {torch.__version__}, host {platform.node()}, "
+              f"{datetime.date.today().isoformat()})")
+    if emulated:
+        links = sorted({f"{e['link_device']} NVLink {e['nvlink_gbs']:g} GB/s" for e in emulated.values()})
+        source += (f" (TP {','.join(map(str, sorted(emulated)))} emulated on one device: the rank's GEMMs "
+                   f"measured, TP all-reduces and logits all-gather added from the {', '.join(links)} "
+                   "datasheet number in prices.yaml, not measured)")
     table = CostTable(
         device=name,
-        source=(f"measured on {hardware} ({args.device}, torch {torch.__version__}, host {platform.node()}, "
-                f"{datetime.date.today().isoformat()})"),
+        source=source,
         shape=shape, dtype=args.dtype, model_layer=model_layer, step_overhead=overhead,
         attention_decode=decode, attention_prefill=prefill, network=network,
         meta={"attention": args.attention, "network_backend": backend, "layers": args.layers,
               "warmup": args.warmup, "repeats": args.repeats, "threads": args.threads or torch.get_num_threads(),
-              "wall_s": round(time.time() - started, 1)})
+              "wall_s": round(time.time() - started, 1),
+              **({"emulated_tp": {str(tp): e for tp, e in emulated.items()}} if emulated else {})})
     table.save(args.out)
     print(f"wrote {args.out} ({name}, {table.source})")
     return 0

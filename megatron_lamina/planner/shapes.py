@@ -94,6 +94,27 @@ class ModelShape:
     def with_layers(self, num_layers: int) -> "ModelShape":
         return dataclasses.replace(self, num_layers=num_layers)
 
+    def padded_vocab(self, tp: int) -> int:
+        """The vocabulary padded as `LlamaModel` is built for TP `tp` (a multiple of 128 x tp)."""
+        multiple = 128 * tp
+        return -(-self.vocab_size // multiple) * multiple
+
+    def tp_shard(self, tp: int) -> "ModelShape":
+        """What one rank of TP `tp` holds, as a shape to build at TP 1: the same hidden size and
+        head dim, query heads, KV heads and MLP intermediate size / tp, and the LM head's (and
+        embedding's) padded vocabulary / tp: exactly the GEMM shapes a TP rank runs
+        (tools/profile.py --emulate-tp)."""
+        if tp == 1:
+            return self
+        for what, n in (("KV heads", self.num_kv_heads), ("query heads", self.num_heads),
+                        ("MLP intermediate size", self.intermediate_size)):
+            if n % tp:
+                raise ValueError(f"TP {tp} does not divide the model's {n} {what}")
+        return dataclasses.replace(self, name=f"{self.name}/tp{tp}-rank", num_heads=self.num_heads // tp,
+                                   num_kv_heads=self.num_kv_heads // tp,
+                                   intermediate_size=self.intermediate_size // tp,
+                                   vocab_size=self.padded_vocab(tp) // tp)
+
 
 PRESETS: dict[str, ModelShape] = {s.name: s for s in [
     # The tests' tiny random LLaMA (tests/tiny_models.py).

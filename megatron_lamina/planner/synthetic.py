@@ -34,6 +34,23 @@ def _roofline(flops: float, nbytes: float, device: DeviceSpec, flop_efficiency: 
                nbytes / (HBM_EFFICIENCY * device.bandwidth_tbs * 1e12))
 
 
+def ring_all_reduce_s(nbytes: float, tp: int, link_gbs: float) -> float:
+    """One all-reduce of `nbytes` over `tp` GPUs as a ring: 2 (tp-1)/tp x nbytes over one
+    link direction of `link_gbs` GB/s, plus ALLREDUCE_LATENCY_S; 0 for tp 1. Synthetic tables
+    and tools/profile.py --emulate-tp (the collectives an emulated TP rank does not run)."""
+    if tp <= 1:
+        return 0.0
+    return ALLREDUCE_LATENCY_S + 2 * (tp - 1) / tp * nbytes / (link_gbs * 1e9)
+
+
+def ring_all_gather_s(nbytes_per_rank: float, tp: int, link_gbs: float) -> float:
+    """One all-gather of `nbytes_per_rank` from each of `tp` GPUs as a ring: (tp-1) x
+    nbytes_per_rank over one link direction, plus ALLREDUCE_LATENCY_S; 0 for tp 1."""
+    if tp <= 1:
+        return 0.0
+    return ALLREDUCE_LATENCY_S + (tp - 1) * nbytes_per_rank / (link_gbs * 1e9)
+
+
 def synthetic_cost_table(shape: ModelShape, device: DeviceSpec, link: Interconnect,
                          tp_sizes: list[int], dtype_bytes: int = 2) -> CostTable:
     matmul_params = shape.layer_params - 2 * shape.hidden_size
@@ -42,10 +59,8 @@ def synthetic_cost_table(shape: ModelShape, device: DeviceSpec, link: Interconne
     def layer(tp: int, tokens: int) -> float:
         t = _roofline(2 * matmul_params * tokens / tp, shape.layer_params * dtype_bytes / tp,
                       device, GEMM_EFFICIENCY) + KERNEL_LAUNCH_S
-        if tp > 1:  # ring all-reduce after the attention output projection and after the MLP
-            nbytes = tokens * shape.hidden_size * dtype_bytes
-            t += 2 * (ALLREDUCE_LATENCY_S + 2 * (tp - 1) / tp * nbytes / (device.nvlink_gbs * 1e9))
-        return t
+        # ring all-reduce after the attention output projection and after the MLP
+        return t + 2 * ring_all_reduce_s(tokens * shape.hidden_size * dtype_bytes, tp, device.nvlink_gbs)
 
     def overhead(tp: int, rows: int) -> float:
         lm_head = _roofline(2 * head_params * rows / tp, head_params * dtype_bytes / tp, device, GEMM_EFFICIENCY)
