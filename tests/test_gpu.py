@@ -71,3 +71,48 @@ def test_engine_on_cuda_matches_transformers(layout, tiny_models):
         assert result["tokens"] == model.tokens
         for got, want in zip(result["logits"], model.logits):
             assert torch.allclose(got.cpu(), want, atol=1e-3, rtol=0), (got.cpu() - want).abs().max()
+
+
+def test_sample_tokens_on_cuda():
+    """The batched sampler on CUDA logits with CUDA generators: greedy rows are the argmax,
+    seeded rows repeat with the same seed and do not depend on their batch-mates, cuts hold,
+    and draws follow the softmax."""
+    from megatron_lamina.engine.sampling import SamplingParams, sample_tokens
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    logits = (torch.randn(7, 32000, device="cuda", generator=g) * 3).bfloat16()
+    params = [
+        SamplingParams(temperature=0),
+        SamplingParams(temperature=0.9, top_k=40, top_p=0.9, seed=5),
+        SamplingParams(temperature=0, top_k=3),
+        SamplingParams(temperature=1.0, seed=6),
+        SamplingParams(temperature=1.0, top_p=0.5, seed=7),
+        SamplingParams(temperature=0.9, top_k=40, top_p=0.9, seed=8),
+        SamplingParams(temperature=1.5, top_k=2, seed=9),
+    ]
+
+    def draw(rows: list[int], steps: int = 5) -> list[list[int]]:
+        generators = [params[i].make_generator("cuda") for i in rows]
+        assert all(gen.device.type == "cuda" for gen in generators)
+        return [sample_tokens(logits[rows], [params[i] for i in rows], generators) for _ in range(steps)]
+
+    everyone = list(range(len(params)))
+    first = draw(everyone)
+    assert draw(everyone) == first
+    argmax = logits.float().argmax(-1).tolist()
+    top40 = logits.float().topk(40, dim=-1).indices.tolist()
+    top2 = logits.float().topk(2, dim=-1).indices.tolist()
+    for step in first:
+        assert step[0] == argmax[0] and step[2] == argmax[2]
+        assert step[1] in top40[1] and step[5] in top40[5] and step[6] in top2[6]
+    assert len({step[3] for step in first}) > 1
+    alone = draw([1])
+    assert [step[1] for step in first] == [step[0] for step in alone]
+    assert [step[1] for step in draw([4, 1, 0])] == [step[0] for step in alone]
+
+    small = torch.tensor([[1.0, 3.0, 2.5, -1.0, 0.0, 2.9]], device="cuda")
+    p = SamplingParams(temperature=1.0, seed=3)
+    generator = p.make_generator("cuda")
+    tokens = torch.tensor([sample_tokens(small, [p], [generator])[0] for _ in range(4000)])
+    frequencies = torch.bincount(tokens, minlength=6).float() / 4000
+    assert torch.allclose(frequencies, torch.softmax(small[0].cpu(), -1), atol=0.03)

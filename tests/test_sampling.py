@@ -1,11 +1,16 @@
-"""The sampler against first principles: greedy, top-k, top-p, temperature, seeds."""
+"""The sampler against first principles: greedy, top-k, top-p, temperature, seeds; the batched
+sampler against the per-row one it replaced (bit-identical on the CPU), seeded rows independent
+of their batch-mates, and no host transfer but the final token ids."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from megatron_lamina.engine.sampling import SamplingParams, sample_token
+from megatron_lamina.engine.request import Request
+from megatron_lamina.engine.sampling import SamplingParams, sample_token, sample_tokens
 
 LOGITS = torch.tensor([1.0, 3.0, 2.5, -1.0, 0.0, 2.9])
 
@@ -56,3 +61,138 @@ def test_same_seed_same_tokens():
 def test_bad_parameters_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"^{field} = "):
         SamplingParams(**kwargs)
+
+
+def per_row_reference(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+    """The per-row sampler `sample_tokens` replaced, verbatim: the CPU numbers must not change."""
+    logits = logits.float().cpu()
+    if params.temperature == 0:
+        return int(torch.argmax(logits))
+    logits = logits / params.temperature
+    if params.top_k > 0 and params.top_k < logits.numel():
+        kth = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        drop = (torch.cumsum(probs, dim=-1) - probs) >= params.top_p
+        logits[order[drop]] = float("-inf")
+    probs = torch.softmax(logits, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+MIXED = [  # greedy, temperature, top-k, top-p, both, repeated parameters with other seeds
+    SamplingParams(temperature=0),
+    SamplingParams(temperature=0.7, seed=1),
+    SamplingParams(temperature=1.0, top_k=5, seed=2),
+    SamplingParams(temperature=0, top_k=3, top_p=0.5),
+    SamplingParams(temperature=0.9, top_p=0.8, seed=3),
+    SamplingParams(temperature=0.9, top_k=40, top_p=0.9, seed=4),
+    SamplingParams(temperature=0.7, seed=5),
+    SamplingParams(temperature=1.3, top_k=1, seed=6),
+    SamplingParams(temperature=0.9, top_k=40, top_p=0.9, seed=7),
+    SamplingParams(temperature=2.0, top_k=10_000, top_p=0.3, seed=8),
+    SamplingParams(temperature=1.0),  # unseeded
+]
+
+
+def mixed_logits(rows: int, vocab: int = 1000, seed: int = 0) -> torch.Tensor:
+    logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(seed)) * 3
+    logits[1::3] = logits[1::3].round()  # ties
+    return logits.bfloat16()
+
+
+def test_batched_equals_per_row_reference():
+    logits = mixed_logits(len(MIXED))
+    batched = [p.make_generator() for p in MIXED]
+    single, reference = [], []
+    for g in batched:  # the unseeded row too: copies of each generator's state
+        single.append(torch.Generator().set_state(g.get_state()))
+        reference.append(torch.Generator().set_state(g.get_state()))
+    for step in range(20):
+        step_logits = logits.roll(step, dims=-1)
+        got = sample_tokens(step_logits, MIXED, batched)
+        assert got == [sample_token(row, p, g) for row, p, g in zip(step_logits, MIXED, single)]
+        assert got == [per_row_reference(row, p, g) for row, p, g in zip(step_logits, MIXED, reference)]
+
+
+def test_seeded_row_does_not_depend_on_its_batch_mates():
+    mine = SamplingParams(temperature=0.9, top_k=40, top_p=0.9, seed=11)
+    row = mixed_logits(1, seed=5)[0]
+
+    def tokens(mates: list[SamplingParams], position: int) -> list[int]:
+        params = mates[:position] + [mine] + mates[position:]
+        logits = mixed_logits(len(params), seed=len(mates))
+        logits[position] = row
+        generators = [p.make_generator() for p in params]
+        return [sample_tokens(logits, params, generators)[position] for _ in range(10)]
+
+    alone = tokens([], 0)
+    assert len(set(alone)) > 1
+    assert tokens(MIXED, 0) == alone
+    assert tokens(MIXED, 5) == alone
+    assert tokens(MIXED[::-1], len(MIXED)) == alone
+    same = [SamplingParams(temperature=0.9, top_k=40, top_p=0.9, seed=s) for s in range(4)]
+    assert tokens(same, 2) == alone
+
+
+def test_empty_batch_and_mismatched_lengths():
+    assert sample_tokens(torch.empty(0, 7), [], []) == []
+    with pytest.raises(ValueError):
+        sample_tokens(torch.zeros(2, 7), [SamplingParams()], [torch.Generator()])
+
+
+HOST_TRANSFERS = ("cpu", "item", "tolist", "numpy", "__int__", "__float__", "__bool__")
+
+
+def count_host_transfers(monkeypatch) -> dict[str, int]:
+    calls = dict.fromkeys(HOST_TRANSFERS, 0)
+    for name in HOST_TRANSFERS:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _name=name, _original=original, **kwargs):
+            calls[_name] += 1
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return calls
+
+
+def test_one_host_transfer_per_batch(monkeypatch):
+    logits = mixed_logits(len(MIXED))
+    generators = [p.make_generator() for p in MIXED]
+    calls = count_host_transfers(monkeypatch)
+    sample_tokens(logits, MIXED, generators)
+    assert calls == {**dict.fromkeys(HOST_TRANSFERS, 0), "tolist": 1}
+
+
+def test_engine_step_samples_the_batch_at_once(monkeypatch):
+    """`LLMEngine.step` on stubs: one `sample_tokens` call for the step, `on_logits` still sees
+    every row, and no per-row copy to the host."""
+    from megatron_lamina.engine import llm_engine  # imports Megatron-core (seconds): only here
+
+    requests = [Request(i, [1, 2, 3], p, generator=p.make_generator()) for i, p in enumerate(MIXED[:-1])]
+    logits = mixed_logits(len(requests))
+    chunks = [SimpleNamespace(request_id=r.request_id, end=3) for r in requests]
+    plan = SimpleNamespace(micro_batches=[SimpleNamespace(chunks=chunks)], sampled_chunks=chunks)
+    engine = llm_engine.LLMEngine.__new__(llm_engine.LLMEngine)
+    engine.ctx = SimpleNamespace(device=torch.device("cpu"), groups=None, runner=SimpleNamespace(run=lambda _: logits))
+    engine.scheduler = SimpleNamespace(schedule=lambda: plan, ended=[], running=requests)
+    engine._append_token = lambda request, token: request.output_token_ids.append(token)
+    seen = []
+    engine.on_logits = lambda request, row: seen.append((request.request_id, row))
+    batches = []
+
+    def sample(*args):
+        batches.append(len(args[0]))
+        return sample_tokens(*args)
+    monkeypatch.setattr(llm_engine, "broadcast_plan", lambda plan, groups: None)
+    monkeypatch.setattr(llm_engine, "sample_tokens", sample)
+    calls = count_host_transfers(monkeypatch)
+    assert engine.step() == requests
+    assert batches == [len(requests)]
+    assert calls["cpu"] == calls["item"] == calls["__int__"] == 0 and calls["tolist"] == 1
+    assert [i for i, _ in seen] == [r.request_id for r in requests]
+    assert all(torch.equal(row, logits[i]) for i, row in seen)
+    generators = [r.params.make_generator() for r in requests]
+    assert [r.output_token_ids for r in requests] == [[per_row_reference(row, r.params, g)]
+                                                      for row, r, g in zip(logits, requests, generators)]

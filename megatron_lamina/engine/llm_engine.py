@@ -1,7 +1,8 @@
 """The driver's engine: requests in, tokens out, one step at a time (rank 0 only).
 
 `LLMEngine.step()` asks the scheduler for a plan, broadcasts it to every rank, runs the
-model-worker side of it, samples one token for every chunk that ends a sequence, and applies
+model-worker side of it, samples one token for every chunk that ends a sequence (one batched
+`sample_tokens` call on the logits' device, with the requests' generators on that device), and applies
 the stop rules (EOS, stop strings, `max_tokens`, the model's context). `generate` is the
 offline loop over `step` for a list of prompts. `shutdown` releases the other ranks.
 """
@@ -17,7 +18,7 @@ import torch
 from megatron_lamina.engine.block_manager import BlockManager
 from megatron_lamina.engine.request import Request
 from megatron_lamina.engine.runtime import RankContext, broadcast_plan
-from megatron_lamina.engine.sampling import SamplingParams, sample_token
+from megatron_lamina.engine.sampling import SamplingParams, sample_tokens
 from megatron_lamina.engine.scheduler import Scheduler
 from megatron_lamina.engine.tokenizer import TextCodec, find_stop
 from megatron_lamina.plan import StepPlan
@@ -59,7 +60,9 @@ class LLMEngine:
         vocab = self.ctx.arch.vocab_size
         if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in ids):
             raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
-        return Request(next(self._ids), ids, item.params or SamplingParams(), user_id=item.user_id)
+        params = item.params or SamplingParams()
+        return Request(next(self._ids), ids, params, user_id=item.user_id,
+                       generator=params.make_generator(self.ctx.device))
 
     def add_request(self, item: PromptInput) -> Request:
         request = self.make_request(item)
@@ -81,13 +84,24 @@ class LLMEngine:
         for chunk in (c for mb in plan.micro_batches for c in mb.chunks):
             by_id[chunk.request_id].num_computed = chunk.end
         updated = ended
-        for chunk, row in zip(plan.sampled_chunks, logits):
-            request = by_id[chunk.request_id]
-            if self.on_logits is not None:
+        sampled = [by_id[chunk.request_id] for chunk in plan.sampled_chunks][:len(logits)]
+        logits = logits[:len(sampled)]
+        if self.on_logits is not None:
+            for request, row in zip(sampled, logits):
                 self.on_logits(request, row)
-            self._append_token(request, sample_token(row, request.params, request.generator))
+        tokens = sample_tokens(logits, [r.params for r in sampled], [self._generator(r) for r in sampled])
+        for request, token in zip(sampled, tokens):
+            self._append_token(request, token)
             updated.append(request)
         return updated
+
+    def _generator(self, request: Request) -> torch.Generator:
+        """The request's generator, on the device the logits are sampled on. One made for another
+        device (e.g. the server replacing it with `params.make_generator()` after changing the
+        parameters) is made again here from the parameters, on this device."""
+        if request.generator.device != self.ctx.device:
+            request.generator = request.params.make_generator(self.ctx.device)
+        return request.generator
 
     def _append_token(self, request: Request, token: int) -> None:
         request.output_token_ids.append(token)
@@ -97,7 +111,8 @@ class LLMEngine:
         cut = find_stop(text, params.stop) if len(request.output_token_ids) > params.min_tokens else None
         if cut is not None:
             text, reason = text[:cut], "stop"
-        elif token in self.eos_token_ids and not params.ignore_eos and len(request.output_token_ids) > params.min_tokens:
+        elif (token in self.eos_token_ids and not params.ignore_eos
+              and len(request.output_token_ids) > params.min_tokens):
             reason = "stop"
         elif len(request.output_token_ids) >= params.max_tokens:
             reason = "length"

@@ -1,10 +1,24 @@
-"""Sampling parameters and the sampler (driver only).
+"""Sampling parameters and the batched sampler (driver only).
 
 `SamplingParams` follows vLLM/OpenAI: temperature 0 is greedy; otherwise logits are divided
 by the temperature, cut to the `top_k` largest and to the smallest set whose probability
 reaches `top_p`, and one token is drawn with the request's own `torch.Generator`. A request
 with a `seed` gets a generator seeded with it, so its tokens do not depend on which other
 requests share its batch or micro-batch.
+
+`sample_tokens` samples a whole step's rows where the logits are (the GPU on a GPU): one
+argmax over the greedy rows, the temperature / top-k / top-p arithmetic once per group of
+rows with identical (temperature, top_k, top_p), one draw per row from that row's own
+generator, and a single transfer of the B token ids to the host at the end. The draw is
+`torch.multinomial`'s own one-sample method (argmax of probs / q with q ~ Exp(1) drawn by the
+row's generator), written out so that it needs no host synchronisation; on the CPU it gives
+exactly the numbers `torch.multinomial(probs, 1, generator=...)` gives (tests check this).
+
+Generators live on the logits' device (`SamplingParams.make_generator(device)`; the engine
+uses its driver rank's device). On a GPU, seeded sampling is reproducible from run to run
+(same seed, same GPU type and PyTorch version, same tokens) but draws different numbers than
+on the CPU, because the CUDA generator is a different random stream (Philox) than the CPU
+one (Mersenne Twister) -- as in vLLM. `sample_token` is the single-row form of the same code.
 """
 
 from __future__ import annotations
@@ -32,15 +46,18 @@ class SamplingParams:
             (isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens", "an integer >= 1"),
             (self.temperature >= 0, "temperature", "a number >= 0"),
             (0 < self.top_p <= 1, "top_p", "a number in (0, 1]"),
-            (isinstance(self.top_k, int) and (self.top_k == -1 or self.top_k >= 0), "top_k", "-1, 0 or a positive integer"),
+            (isinstance(self.top_k, int) and (self.top_k == -1 or self.top_k >= 0), "top_k",
+             "-1, 0 or a positive integer"),
             (all(isinstance(s, str) and s for s in self.stop), "stop", "a string or a list of non-empty strings"),
         ]
         for ok, name, allowed in checks:
             if not ok:
                 raise ValueError(f"{name} = {getattr(self, name)!r}: must be {allowed}")
 
-    def make_generator(self) -> torch.Generator:
-        generator = torch.Generator()
+    def make_generator(self, device: torch.device | str = "cpu") -> torch.Generator:
+        """This request's generator on `device` (where its logits will be): seeded with `seed`,
+        or from a non-deterministic source without one."""
+        generator = torch.Generator(device=device)
         if self.seed is None:
             generator.seed()
         else:
@@ -48,20 +65,72 @@ class SamplingParams:
         return generator
 
 
+def sample_tokens(logits: torch.Tensor, params: list[SamplingParams],
+                  generators: list[torch.Generator]) -> list[int]:
+    """logits: [B, vocab] (any float dtype, any device); row i is sampled with params[i] and
+    generators[i] (on the logits' device). Returns the B token ids; the only transfer to the
+    host is the final one of those B integers."""
+    rows = logits.shape[0]
+    if len(params) != rows or len(generators) != rows:
+        raise ValueError(f"{rows} rows of logits, {len(params)} sampling params, {len(generators)} generators")
+    if rows == 0:
+        return []
+    logits = logits.float()
+    groups: dict[tuple, list[int]] = {}  # (temperature, top_k, top_p) -> rows; every greedy row in one
+    for i, p in enumerate(params):
+        groups.setdefault((0.0, -1, 1.0) if p.temperature == 0 else (p.temperature, p.top_k, p.top_p), []).append(i)
+    order = [i for rows_of_group in groups.values() for i in rows_of_group]
+    permuted = order != list(range(rows))
+    if permuted:  # make each group a contiguous block of rows: one gather, one scatter back
+        index = _index_tensor(order, logits.device)
+        logits = logits.index_select(0, index)
+    chosen, start = [], 0
+    for (temperature, top_k, top_p), members in groups.items():
+        block = logits[start:start + len(members)]
+        start += len(members)
+        if temperature == 0:
+            chosen.append(torch.argmax(block, dim=-1))
+        else:
+            probs = _probabilities(block, temperature, top_k, top_p)
+            chosen.append(_draw(probs, [generators[i] for i in members]))
+    tokens = chosen[0] if len(chosen) == 1 else torch.cat(chosen)
+    if permuted:
+        tokens = torch.empty_like(tokens).index_copy_(0, index, tokens)
+    return tokens.tolist()
+
+
 def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """logits: [vocab] (any float dtype) -> one token id."""
-    logits = logits.float().cpu()
-    if params.temperature == 0:
-        return int(torch.argmax(logits))
-    logits = logits / params.temperature
-    if params.top_k > 0 and params.top_k < logits.numel():
-        kth = torch.topk(logits, params.top_k).values[-1]
+    """logits: [vocab] (any float dtype) -> one token id; `sample_tokens` for one row."""
+    return sample_tokens(logits.unsqueeze(0), [params], [generator])[0]
+
+
+def _probabilities(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """[G, vocab] float32 logits of rows sharing these parameters -> their sampling probabilities."""
+    logits = logits / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         probs = torch.softmax(sorted_logits, dim=-1)
         # Drop a token when the tokens ranked above it already reach top_p.
-        drop = (torch.cumsum(probs, dim=-1) - probs) >= params.top_p
-        logits[order[drop]] = float("-inf")
-    probs = torch.softmax(logits, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+        drop = (torch.cumsum(probs, dim=-1) - probs) >= top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.softmax(logits, dim=-1)
+
+
+def _draw(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    """One token per row of probs [G, vocab], row i with generators[i]: what
+    `torch.multinomial(probs[i], 1, generator=generators[i])` computes (argmax of p / q,
+    q ~ Exp(1)), without its host-side validity check, so no synchronisation."""
+    q = torch.empty_like(probs)
+    for row, generator in zip(q, generators):
+        row.exponential_(1.0, generator=generator)
+    return torch.argmax(probs / q, dim=-1)
+
+
+def _index_tensor(values: list[int], device: torch.device) -> torch.Tensor:
+    index = torch.tensor(values, dtype=torch.long)
+    if device.type == "cuda":  # from pinned memory: an asynchronous copy, no wait for the GPU
+        return index.pin_memory().to(device, non_blocking=True)
+    return index.to(device)
