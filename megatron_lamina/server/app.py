@@ -72,7 +72,7 @@ def build_app(engine: AsyncEngine, model_name: str, max_model_len: int, metrics:
             raise ApiError(400, f"max_tokens = {wanted} is too large: the prompt has {request.num_tokens} "
                                 f"tokens and the model's context is {max_model_len}", "max_tokens")
         request.params = body.sampling_params(wanted)
-        request.generator = request.params.make_generator()
+        request.generator = request.params.make_generator(request.generator.device)  # the engine's device
         try:
             return request, engine.generate(request)
         except EngineUnavailable as e:
