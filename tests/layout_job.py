@@ -30,5 +30,6 @@ def generate_on_ranks(cases, inputs):
         results.append({"tokens": [r.output_token_ids for r in done],
                         "logits": [torch.stack(seen[r.request_id]) for r in done],
                         "reasons": [r.finish_reason for r in done],
-                        "preemptions": engine.scheduler.num_preemptions})
+                        "preemptions": engine.scheduler.num_preemptions,
+                        "graph_steps": ctx.runner.graph_steps})  # rank 0 is always a model worker
     return results

@@ -2,7 +2,8 @@
 
 The Triton paged decode kernel against a float32 reference over mixed lengths, block sizes
 and context splits; the engine on CUDA, colocated and disaggregated (two ranks sharing one
-GPU over gloo with host staging, or NCCL across two GPUs), against `transformers` exactly
+GPU over gloo with host staging, or NCCL across two GPUs), eager and with CUDA graphs
+(colocated whole-step graphs; disaggregated stage graphs), against `transformers` exactly
 as the CPU layout tests do.
 """
 
@@ -50,27 +51,34 @@ def test_paged_decode_matches_reference(block_size, splits):
 GPU_LAYOUTS = {  # (tensor_parallel, attention_workers, transport, CUDA graphs)
     "colocated-cuda-graphs": (1, 0, "auto", True),
     "colocated-eager": (1, 0, "auto", False),
-    "disaggregated-shared-gpu": (1, 1, "gloo", True),
+    "disaggregated-shared-gpu": (1, 1, "gloo", False),
+    # The model worker's stages replayed from CUDA graphs (StageGraphs), transport in between.
+    "disaggregated-stage-graphs": (1, 1, "gloo", True),
 }
 if torch.cuda.is_available() and torch.cuda.device_count() >= 2:
     GPU_LAYOUTS["disaggregated-nccl"] = (1, 1, "nccl", True)
+    GPU_LAYOUTS["disaggregated-nccl-eager"] = (1, 1, "nccl", False)
 
 
 @pytest.mark.parametrize("layout", GPU_LAYOUTS)
 def test_engine_on_cuda_matches_transformers(layout, tiny_models):
     tp, workers, transport, graphs = GPU_LAYOUTS[layout]
+    runs = [(model, mb) for model in tiny_models.values() for mb in (1, 2)]
     cases = [(str(model.canonical_dir), [
         "runtime.device=cuda", f"runtime.transport={transport}", f"runtime.cuda_graphs={str(graphs).lower()}",
         f"parallel.tensor_parallel={tp}",
         f"parallel.attention_workers={workers}", f"scheduler.micro_batches={mb}", "kv_cache.block_size=4",
-        "kv_cache.num_blocks=64", "scheduler.max_prefill_tokens=8"]) for model in tiny_models.values() for mb in (1, 2)]
-    expected = [model for model in tiny_models.values() for _ in (1, 2)]
+        "kv_cache.num_blocks=64", "scheduler.max_prefill_tokens=8"]) for model, mb in runs]
     results = run_ranks(generate_on_ranks, tp + workers, cases, REQUESTS)
     assert len(results) == len(cases)
-    for model, result in zip(expected, results):
+    for (model, mb), result in zip(runs, results):
         assert result["tokens"] == model.tokens
         for got, want in zip(result["logits"], model.logits):
             assert torch.allclose(got.cpu(), want, atol=1e-3, rtol=0), (got.cpu() - want).abs().max()
+        # The decode steps took the graphs where they apply (DecodeGraphs: one micro-batch only;
+        # StageGraphs: up to scheduler.micro_batches), and never without runtime.cuda_graphs.
+        expect_graphs = graphs and (workers > 0 or mb == 1)
+        assert (result["graph_steps"] > 0) == expect_graphs, (mb, result["graph_steps"])
 
 
 def test_sample_tokens_on_cuda():

@@ -1,6 +1,7 @@
 """Two GPUs for real (issue: disaggregated decode across devices).
 
     python tools/bench_two_gpu.py --out two_gpu.json
+    python tools/bench_two_gpu.py --skip-tests --stage-graphs   # model worker on stage graphs
 
 Part 1, correctness: the GPU tests (tests/test_gpu.py) with the model worker on GPU 0 and
 the attention worker on GPU 1 over NCCL, greedy and seeded tokens and logits against
@@ -14,8 +15,10 @@ micro-batch. Each sample is `--layers` exchanges in a row (as a step's layers fo
 other), wall time over both GPUs synchronised, divided by `--layers`.
 Part 3, throughput: a LLaMA-3-8B-shaped model with random bf16 weights, decode steps at
 batch x context, disaggregated (model worker on GPU 0, attention worker with the whole KV
-cache on GPU 1, NCCL, micro-batches 1-4, eager) against colocated data parallel (each GPU a
-full colocated engine with half the requests, CUDA graphs); tokens/s, time per output token,
+cache on GPU 1, NCCL, micro-batches 1-4; the model worker eager, or with `--stage-graphs`
+replaying its stages between attention calls from CUDA graphs, `StageGraphs`) against
+colocated data parallel (each GPU a full colocated engine with half the requests, CUDA
+graphs); tokens/s, time per output token,
 the busy share of each GPU in the disaggregated run (model-only step time over the step,
 attention kernel time inside the run over the step), and each side alone (the model with
 attention replaced by zeros; the attention kernels of the step without transport).
@@ -198,7 +201,7 @@ def _trace_step(step, path: Path, log) -> None:
     prof.export_chrome_trace(str(path))
 
 
-def _throughput_cases(rank, port, cases, layers_only, trace_dir, results):
+def _throughput_cases(rank, port, cases, layers_only, trace_dir, stage_graphs, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.cuda.set_device(rank)
     dev = torch.device("cuda", rank)
@@ -211,6 +214,7 @@ def _throughput_cases(rank, port, cases, layers_only, trace_dir, results):
     from megatron_lamina.engine.attention_runner import AttentionRunner
     from megatron_lamina.engine.cuda_graphs import DecodeGraphs
     from megatron_lamina.engine.model_runner import ModelRunner
+    from megatron_lamina.engine.stage_graphs import StageGraphs
     from megatron_lamina.model.llama import LlamaModel
     from megatron_lamina.plan import MicroBatch, StepPlan
     from megatron_lamina.topology import Topology
@@ -244,7 +248,7 @@ def _throughput_cases(rank, port, cases, layers_only, trace_dir, results):
             t.normal_()
         return cache, blocks
 
-    rows, paged = [], None
+    rows, paged, graphs = [], None, None
     for batch, ctx, mode, micro in cases:
         log(f"case batch={batch} context={ctx} {mode} micro_batches={micro}")
         dist.barrier()
@@ -270,11 +274,14 @@ def _throughput_cases(rank, port, cases, layers_only, trace_dir, results):
             plan = StepPlan([MicroBatch(chunks[i:i + per]) for i in range(0, batch, per)])
             stats = torch.zeros(5, device=dev)
             if rank == 0:
+                # The graphs capture only the stages (not the channel): captured in the first
+                # warm-up step of the model alone, replayed by both runs.
+                graphs = StageGraphs(model, per, micro) if stage_graphs else None
                 set_channel(LocalChannel(lambda layer, c, q, k, v: torch.zeros_like(q)))
-                stats[1] = time_ms(lambda: ModelRunner(model).run(plan), repeat=5)  # the model alone
+                stats[1] = time_ms(lambda: ModelRunner(model, graphs).run(plan), repeat=5)  # the model alone
                 set_channel(P2PChannel(topo.routes_from_tp(0), 0, arch.queries_per_kv_head, False,
                                        to_attention, to_model))
-                runner = ModelRunner(model)
+                runner = ModelRunner(model, graphs)
             else:
                 cache, _ = random_cache(batch, ctx)
                 paged = PagedAttention(cache)
@@ -316,7 +323,7 @@ def _throughput_cases(rank, port, cases, layers_only, trace_dir, results):
             dist.all_reduce(stats)
             step, model_ms, attention_alone_ms, attention_busy_ms, _ = stats.tolist()
             row = {"batch": batch, "context": ctx, "mode": mode, "micro_batches": micro, "step_ms": step,
-                   "model_alone_ms": model_ms, "attention_alone_ms": attention_alone_ms,
+                   "stage_graphs": stage_graphs, "model_alone_ms": model_ms, "attention_alone_ms": attention_alone_ms,
                    "model_busy": model_ms / step, "attention_busy": attention_busy_ms / step}
             # Part 4 (`predict`): the planner's pipeline model fed with these costs per layer and
             # micro-batch, and the round trip of this message size from part 2.
@@ -325,15 +332,15 @@ def _throughput_cases(rank, port, cases, layers_only, trace_dir, results):
         row["tokens_per_s"] = batch / (row["step_ms"] / 1e3)
         row["tpot_ms"] = row["step_ms"]
         rows.append(row)
-        runner = cache = paged = None  # the closures above hold `paged`: the cache goes with it
+        runner = cache = paged = graphs = None  # the closures above hold `paged`: the cache goes with it
         torch.cuda.empty_cache()
     if rank == 0:
         results.put(rows)
     dist.destroy_process_group()
 
 
-def throughput(cases, layers_only=0, hang_s=540, trace_dir=None) -> list[dict]:
-    return _spawn(_throughput_cases, (cases, layers_only, trace_dir), timeout_s=hang_s)
+def throughput(cases, layers_only=0, hang_s=540, trace_dir=None, stage_graphs=False) -> list[dict]:
+    return _spawn(_throughput_cases, (cases, layers_only, trace_dir, stage_graphs), timeout_s=hang_s)
 
 
 def predict(rows: list[dict], transport_rows: list[dict]) -> None:
@@ -377,6 +384,8 @@ def main(argv=None) -> int:
     parser.add_argument("--hang-s", type=float, default=540, help="a rank stuck this long dumps its stacks and exits")
     parser.add_argument("--model-layers", type=int, default=0,
                         help="part 3 with this many layers instead of LLaMA-3-8B's 32 (a quick check)")
+    parser.add_argument("--stage-graphs", action="store_true",
+                        help="part 3: the disaggregated model worker replays its stages from CUDA graphs (StageGraphs)")
     args = parser.parse_args(argv)
     assert torch.cuda.device_count() >= 2, "needs two GPUs"
     result = {"devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}
@@ -405,11 +414,12 @@ def main(argv=None) -> int:
         shapes = [tuple(map(int, case.split("x"))) for case in args.throughput.split(",")]
         cases = [(b, c, "colocated-dp", 1) for b, c in shapes]  # first: GPU 1 drops its model after
         cases += [(b, c, "disaggregated", int(m)) for b, c in shapes for m in args.micro_batches.split(",")]
-        result["throughput"] = throughput(cases, args.model_layers, args.hang_s, args.trace_dir)
+        result["throughput"] = throughput(cases, args.model_layers, args.hang_s, args.trace_dir, args.stage_graphs)
         if result.get("transport"):
             predict(result["throughput"], result["transport"])
         Path(args.out).write_text(json.dumps(result, indent=2))
         nan = float("nan")
+        print("disaggregated model worker:", "stage CUDA graphs" if args.stage_graphs else "eager")
         print(f"{'batch':>6} {'ctx':>6} {'mode':>14} {'mb':>3} {'step ms':>8} {'tok/s':>8} {'model busy':>10} "
               f"{'attn busy':>9} {'model alone':>11} {'attn alone':>10} {'predicted':>9} {'error':>6} "
               f"{'pred.+host':>10} {'error':>6}")

@@ -5,6 +5,10 @@ pauses after handing a layer's q, k, v to the attention channel. `run` resumes t
 fixed rotation (micro-batch 0, 1, .., n-1, then 0 again), so while micro-batch m's attention
 is away the model worker computes micro-batch m+1; the order depends only on the plan,
 never on timing, which keeps TP collectives and P2P messages matched on every rank.
+
+With CUDA graphs (TP = 1 on a GPU) a step that qualifies replays them instead: the whole
+colocated decode step (`DecodeGraphs`, cuda_graphs.py), or, disaggregated, the stages
+between attention calls in the same rotation (`StageGraphs`, stage_graphs.py).
 """
 
 from __future__ import annotations
@@ -18,11 +22,13 @@ from megatron_lamina.plan import StepPlan
 class ModelRunner:
     def __init__(self, model: LlamaModel, graphs=None):
         self.model = model
-        self.graphs = graphs  # DecodeGraphs (cuda_graphs.py), colocated on a GPU only
+        self.graphs = graphs  # DecodeGraphs (colocated) or StageGraphs (disaggregated), or None
+        self.graph_steps = 0  # steps replayed from the graphs (tests check that the graph path ran)
 
     def run(self, plan: StepPlan) -> torch.Tensor:
         """Logits [sampled chunks of the plan, vocab], in `plan.sampled_chunks` order."""
         if self.graphs is not None and self.graphs.can_run(plan):
+            self.graph_steps += 1
             return self.graphs.run(plan)
         passes = [self.model.forward_micro_batch(mb) for mb in plan.micro_batches]
         logits: list[torch.Tensor | None] = [None] * len(passes)

@@ -4,7 +4,9 @@ Every launcher calls `start_rank(cfg)` under torchrun. It validates the layout a
 checkpoint (one clear line on a mismatch), creates the process groups (topology.py), agrees
 on the KV-cache size across ranks, and builds what this rank's role needs:
   * model workers: `LlamaModel` with its TP shard of the weights, bound to a `P2PChannel`
-    (disaggregated) or to a `LocalChannel` over a local paged cache (colocated);
+    (disaggregated) or to a `LocalChannel` over a local paged cache (colocated), and, with
+    `runtime.cuda_graphs` at TP = 1 on CUDA, its decode graphs (`DecodeGraphs` colocated,
+    `StageGraphs` disaggregated);
   * attention workers: a `PagedKVCache` and an `AttentionEndpoint`.
 Rank 0 gets an `LLMEngine` to drive; every other rank runs `serve_plans` until the driver
 broadcasts the shutdown plan.
@@ -84,10 +86,13 @@ def start_rank(cfg: LaminaConfig) -> RankContext:
     kv_heads = arch.num_kv_heads // (topology.tp_size if topology.colocated or topology.is_model_worker(rank)
                                      else topology.head_groups)
     num_blocks = _agree_num_blocks(cfg, arch, groups, holds_cache, kv_heads, device)
-    use_graphs = (cfg.runtime.cuda_graphs and device.type == "cuda" and topology.colocated
-                  and topology.tp_size == 1)
-    # With CUDA graphs the cache has one more block, never handed out: padding rows' scratch.
-    cache = PagedKVCache(arch.num_layers, num_blocks + use_graphs, cfg.kv_cache.block_size, kv_heads,
+    # CUDA graphs at TP = 1 only (TP > 1 stays eager: its all-reduces would be captured too).
+    # Colocated: whole decode steps (DecodeGraphs); disaggregated: the model worker's stages
+    # between attention calls (StageGraphs).
+    use_graphs = cfg.runtime.cuda_graphs and device.type == "cuda" and topology.tp_size == 1
+    decode_graphs = use_graphs and topology.colocated
+    # With decode graphs the cache has one more block, never handed out: padding rows' scratch.
+    cache = PagedKVCache(arch.num_layers, num_blocks + decode_graphs, cfg.kv_cache.block_size, kv_heads,
                          arch.head_dim, dtype, device) if holds_cache else None
 
     attend = _attention_kernel(cache, device) if holds_cache else None
@@ -104,11 +109,15 @@ def start_rank(cfg: LaminaConfig) -> RankContext:
         loader.load_into(model)
         model = model.to(device)
         graphs = None
-        if use_graphs:
+        if decode_graphs:
             from megatron_lamina.engine.cuda_graphs import DecodeGraphs
 
             max_blocks = -(-arch.max_position_embeddings // cfg.kv_cache.block_size)
             graphs = DecodeGraphs(model, attend, cfg.scheduler.max_batch_size, max_blocks, scratch_block=num_blocks)
+        elif use_graphs:
+            from megatron_lamina.engine.stage_graphs import StageGraphs
+
+            graphs = StageGraphs(model, cfg.scheduler.max_batch_size, cfg.scheduler.micro_batches)
         runner = ModelRunner(model, graphs)
     else:
         group, shard = topology.attention_coords(rank)

@@ -7,11 +7,20 @@ checkpoint's tensor names, so the loader fills it by name. Tensor parallelism ru
 process group given here (model-worker ranks only): Megatron's layers receive it through a
 `ProcessGroupCollection`, so attention-worker ranks never join a Megatron group.
 
-`forward_micro_batch` is a generator: it yields once per layer, right after the layer's
-q, k, v were handed to the attention channel, and resumes to collect the attention output.
-The pipeline driver interleaves several of these generators (DESIGN.md section 4); it
-finally returns the logits of the micro-batch's sampled rows, gathered over the full
-vocabulary on every TP rank.
+The forward pass is cut at the attention boundaries into `num_layers + 1` stages: stage 0
+(`first_stage`) is the embedding, the RoPE tables and layer 0's pre-attention; stage l
+(`middle_stage`, 1 <= l < L) is layer l-1's post-attention and layer l's pre-attention;
+stage L (`last_stage`) is layer L-1's post-attention, the final norm and the LM head. Each
+stage ends with the q, k, v that go to attention (or the logits), so between two stages a
+micro-batch waits for its attention output.
+
+`forward_micro_batch` is a generator over these stages: it yields once per layer, right after
+the layer's q, k, v were handed to the attention channel, and resumes to collect the
+attention output. The pipeline driver interleaves several of these generators (DESIGN.md
+section 4); it finally returns the logits of the micro-batch's sampled rows, gathered over
+the full vocabulary on every TP rank. The CUDA graphs of a disaggregated model worker
+(engine/stage_graphs.py) capture the same stage functions, one graph per stage, so the math
+has one code path.
 """
 
 from __future__ import annotations
@@ -114,15 +123,39 @@ class LlamaModel(torch.nn.Module):
     @torch.inference_mode()
     def forward_micro_batch(self, mb: MicroBatch) -> Generator[None, None, torch.Tensor]:
         device = self.rotary.inv_freq.device
-        # [1, tokens] -> [1, tokens, hidden] -> Megatron's [sequence, batch=1, hidden]
-        hidden = self.embedding.word_embeddings(mb.token_ids.to(device)[None, :]).transpose(0, 1)
-        cos, sin = self.rotary.cos_sin(mb.positions, hidden.dtype)
-        for layer in self.decoder.layers:
-            residual, q, k, v = layer.pre_attention(hidden, cos, sin)
+        residual, cos, sin, q, k, v = self.first_stage(mb.token_ids.to(device), mb.positions.to(device))
+        for index, layer in enumerate(self.decoder.layers):
             pending = layer.remote_attention.send(q, k, v, mb)
             yield  # attention of this micro-batch is in flight; the driver runs another one
-            hidden = layer.post_attention(residual, layer.remote_attention.wait(pending))
-        return self._logits(hidden[mb.sample_rows.to(device)])
+            attention_out = layer.remote_attention.wait(pending)
+            if index + 1 < len(self.decoder.layers):
+                residual, q, k, v = self.middle_stage(index + 1, residual, attention_out, cos, sin)
+        return self.last_stage(residual, attention_out, mb.sample_rows.to(device))
+
+    # The stages. Shapes: token_ids, positions [tokens]; residual [tokens, 1, hidden];
+    # cos, sin [tokens, 1, 1, head_dim]; q [tokens, 1, heads_local, head_dim], k, v
+    # [tokens, 1, kv_heads_local, head_dim]; attention_out [tokens, 1, heads_local * head_dim].
+
+    def first_stage(self, token_ids: torch.Tensor, positions: torch.Tensor):
+        """Embedding, RoPE tables, layer 0's pre-attention -> residual, cos, sin, q, k, v."""
+        # [1, tokens] -> [1, tokens, hidden] -> Megatron's [sequence, batch=1, hidden]
+        hidden = self.embedding.word_embeddings(token_ids[None, :]).transpose(0, 1)
+        cos, sin = self.rotary.cos_sin(positions, hidden.dtype)
+        residual, q, k, v = self.decoder.layers[0].pre_attention(hidden, cos, sin)
+        return residual, cos, sin, q, k, v
+
+    def middle_stage(self, layer: int, residual: torch.Tensor, attention_out: torch.Tensor,
+                     cos: torch.Tensor, sin: torch.Tensor):
+        """Layer `layer - 1`'s post-attention, layer `layer`'s pre-attention -> residual, q, k, v."""
+        hidden = self.decoder.layers[layer - 1].post_attention(residual, attention_out)
+        return self.decoder.layers[layer].pre_attention(hidden, cos, sin)
+
+    def last_stage(self, residual: torch.Tensor, attention_out: torch.Tensor,
+                   sample_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The last layer's post-attention, final norm, LM head -> logits [sampled rows, vocab]
+        (every row when `sample_rows` is None)."""
+        hidden = self.decoder.layers[-1].post_attention(residual, attention_out)
+        return self._logits(hidden if sample_rows is None else hidden[sample_rows])
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if hidden.shape[0] == 0:  # a micro-batch of non-final prefill chunks only
