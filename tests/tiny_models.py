@@ -42,10 +42,11 @@ def save_tiny_llama(directory: Path, tied: bool, seed: int = 0, **overrides) -> 
     return directory
 
 
-def reference_generate(hf_dir: Path, prompts: list[list[int]], params: list):
+def reference_generate(hf_dir: Path, prompts: list[list[int]], params: list, device: str = "cpu"):
     """Continue each prompt with the HF model, choosing each token from the HF logits with
-    our sampler (greedy for temperature 0) and a generator seeded as the engine seeds it.
-    Returns (tokens, logits per step)."""
+    our sampler (greedy for temperature 0) and a generator seeded as the engine seeds it, on
+    `device` (the engine samples where its logits are: a CUDA generator draws other numbers
+    than a CPU one with the same seed). Returns (tokens, logits per step)."""
     from transformers import AutoModelForCausalLM
 
     from megatron_lamina.engine.sampling import sample_token
@@ -53,12 +54,12 @@ def reference_generate(hf_dir: Path, prompts: list[list[int]], params: list):
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     tokens, logits = [], []
     for prompt, p in zip(prompts, params):
-        ids, steps, generator = list(prompt), [], p.make_generator()
+        ids, steps, generator = list(prompt), [], p.make_generator(device)
         with torch.no_grad():
             for _ in range(p.max_tokens):
                 row = model(torch.tensor([ids])).logits[0, -1]
                 steps.append(row)
-                ids.append(sample_token(row, p, generator))
+                ids.append(sample_token(row.to(device), p, generator))
         tokens.append(ids[len(prompt):])
         logits.append(torch.stack(steps))
     return tokens, logits
