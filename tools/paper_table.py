@@ -59,6 +59,26 @@ def best(ranking: list[dict], keep) -> dict | None:
     return max(rows, key=lambda r: r["tokens_per_dollar"]) if rows else None
 
 
+def with_link_network(path: Path, out_path: Path) -> Path:
+    """A copy of a measured cost table whose network curve is the model-to-attention link of
+    configs/planner/prices.yaml (the one the synthetic H20/H200 tables use), so every attention
+    device type is compared over the same link. A one-GPU profile can only time a host-memory
+    gloo ping-pong, which would penalise the H100-attention layouts alone."""
+    import yaml
+
+    from megatron_lamina.planner.synthetic import MESSAGE_BYTES
+
+    link = yaml.safe_load((ROOT / "configs" / "planner" / "prices.yaml").read_text())["interconnect"]
+    table = json.loads(Path(path).read_text())
+    seconds = [link["latency_us"] * 1e-6 + b / (link["bandwidth_gbs"] * 1e9) for b in MESSAGE_BYTES]
+    table["network"] = {"x": [float(b) for b in MESSAGE_BYTES], "seconds": seconds}
+    table["source"] += (f"; network replaced by the prices.yaml link ({link['bandwidth_gbs']} GB/s, "
+                        f"{link['latency_us']} us, an assumption shared with the synthetic tables)")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(table, indent=1) + "\n")
+    return out_path
+
+
 def summarize(report: dict) -> dict:
     ranking = report["ranking"]
     homo = best(ranking, lambda lay: lay["model_device"] == "H100" and lay["attention_device"] in (None, "H100"))
@@ -108,9 +128,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="our engine's inline chunked prefill (default: --decode-only, the paper's setting)")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--out-dir", default="out/paper")
+    parser.add_argument("--network", choices=("link", "measured"), default="link",
+                        help="link: the measured tables' network curve is replaced by prices.yaml's interconnect, "
+                             "as the synthetic tables have it (default); measured: keep what profile.py measured")
     args = parser.parse_args(argv)
 
     costs = dict(c.split("=", 1) for c in args.costs)
+    if args.network == "link":
+        costs = {m: str(with_link_network(Path(c), Path(args.out_dir) / f"costs-{m}-link.json"))
+                 for m, c in costs.items()}
     tp_sizes = {**MODEL_TP, **dict(t.split("=", 1) for t in args.tp)}
     traces = {}
     for t in args.traces.split(","):
