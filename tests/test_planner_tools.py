@@ -139,3 +139,55 @@ def test_tp_shard_is_a_ranks_gemm_shapes():
     assert PRESETS["llama3-8b"].tp_shard(1) == PRESETS["llama3-8b"]
     with pytest.raises(ValueError, match="does not divide"):
         PRESETS["llama3-8b"].tp_shard(16)
+
+
+def profile_tool():
+    spec = importlib.util.spec_from_file_location("profile_tool", ROOT / "tools" / "profile.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_profile_graphs_flag_is_cuda_only(tmp_path, capsys):
+    """--graphs (model worker stages from CUDA graphs) is in the help; on CPU it is a clear error
+    (capturing needs a GPU: tests/test_gpu.py runs StageGraphs), as is TP > 1 without --emulate-tp."""
+    tool = profile_tool()
+    with pytest.raises(SystemExit) as done:
+        tool.main(["--help"])
+    assert done.value.code == 0
+    help_text = capsys.readouterr().out
+    assert "--graphs" in help_text and "--graph-max-batch" in help_text and "--merge-into" in help_text
+    out = tmp_path / "never.json"
+    with pytest.raises(SystemExit) as done:
+        tool.main(["--graphs", "--out", str(out)])
+    assert done.value.code == 2 and "--graphs: CUDA graphs need a GPU (--device cuda)" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_profile_merges_model_curves_into_a_table(tmp_path):
+    """--parts model --merge-into: the model curves re-measured, attention and network kept."""
+    from megatron_lamina.planner.cost_table import Curve, Grid
+
+    flat = Curve([1.0, 8.0], [1.0, 1.0])
+    base = CostTable("CPU", "measured on an earlier run", PRESETS["tiny"], "float32", {1: flat, 2: flat},
+                     {1: flat, 2: flat}, Grid([1.0], [16.0], [[0.5]]), Curve([10.0], [0.25]), Curve([256.0], [0.125]),
+                     {"attention": "reference", "network_backend": "gloo"})
+    base.save(tmp_path / "base.json")
+    out = tmp_path / "merged.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "profile.py"), "--model", "tiny", "--parts", "model", "--batches", "1,8",
+         "--warmup", "1", "--repeats", "2", "--threads", "1", "--merge-into", str(tmp_path / "base.json"),
+         "--out", str(out)], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    table = CostTable.load(out)
+    assert table.source.startswith("measured on") and "measured on an earlier run" in table.source
+    assert table.tp_sizes() == [1, 2] and table.model_layer[2] == flat and table.model_layer[1] != flat
+    assert table.attention_decode == base.attention_decode and table.network == base.network
+    merged = table.meta["merged_from"]
+    assert merged["parts_kept"] == ["attention", "network"] and merged["replaced_model_layer"]["1"]["seconds"] == [1, 1]
+    assert table.meta["attention"] == "reference"
+    mismatch = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "profile.py"), "--model", "llama3-8b", "--parts", "model",
+         "--merge-into", str(tmp_path / "base.json"), "--out", str(tmp_path / "x.json")],
+        capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert mismatch.returncode == 2 and "its shape is" in mismatch.stderr

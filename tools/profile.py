@@ -3,6 +3,9 @@
     # on a GPU machine: LLaMA-3-8B shapes, TP 1 and 2, bf16
     python tools/profile.py --model llama3-8b --device cuda --dtype bfloat16 --tp 1,2 \\
         --device-name H100 --out out/costs-h100-llama3-8b.json
+    # the model curves again with the model worker's stages from CUDA graphs, into that table
+    python tools/profile.py --model llama3-8b --device cuda --tp 1,2 --emulate-tp --parts model --graphs \
+        --merge-into out/costs-h100-llama3-8b.json --out out/costs-h100-llama3-8b-graphs.json
     # on CPU, small and quick (the default): the tests' tiny shape
     python tools/profile.py --out out/costs-cpu-tiny.json
 
@@ -22,6 +25,18 @@ Three measurements, all on the device this runs on, with our own code paths:
              (synthetic.py's ring model). The table's source says so; meta["emulated_tp"]
              keeps the measured and the added parts separately. For models whose weights
              need TP > 1 (llama3-70b: --tp 2,4,8 --layers 1,3) on a single GPU.
+             With --graphs (CUDA only; TP 1 or --emulate-tp), the model is run as the engine's
+             disaggregated TP 1 model worker runs it: `ModelRunner(model, StageGraphs(model, ..,
+             1))`, the stages between attention calls replayed from CUDA graphs (the zeros
+             attention channel still called between replays). Each decode batch B <= the graph
+             cap (the grid's largest batch <= --graph-max-batch, the engine's
+             scheduler.max_batch_size) gets its own StageGraphs holding only the bucket the
+             engine would pad B to, captured by an untimed first run and freed after the point;
+             larger batches (prefill-sized token counts, which the engine runs eager too) are
+             timed eager. meta["graphs"] lists the graph and the eager points per TP size.
+             StageGraphs is TP 1 only: a TP > 1 engine runs eager today, so an emulated TP > 1
+             shard's graph figures are what graphs would give, not what the engine does (said
+             in the source and meta).
   attention  the kernel the engine runs on this device (--attention engine: attention/gpu.py's
              PagedAttention, Triton decode + SDPA prefill, on CUDA; attention/reference.py
              on CPU) over a one-layer `PagedKVCache` holding all KV heads: B decode requests
@@ -35,6 +50,11 @@ the driver's scheduling and plan broadcast (part of a real step's overhead). The
 (--device-name, default from the CUDA device or "CPU") is the key the planner looks up in
 configs/planner/prices.yaml. Defaults are small so that a CPU run takes seconds; pass GPU-sized grids
 on a GPU (--batches, --contexts, --prefill, --message-bytes).
+
+--merge-into EXISTING.json re-measures only some parts (e.g. --parts model --graphs) and writes
+EXISTING's table to --out with those parts replaced (model curves per measured TP size; the
+others kept); shape, dtype and device must match, the source names both runs and
+meta["merged_from"] keeps EXISTING's source, meta and replaced model curves.
 """
 
 from __future__ import annotations
@@ -148,7 +168,7 @@ def _decode_plan(batch: int, context: int):
 
 
 def _model_rank(rank, world, init_method, shape_dict, dtype_name, device_type, layer_counts, batches, warmup,
-                repeats, threads, sample_vocab=None):
+                repeats, threads, sample_vocab=None, graph_cap=None):
     """One TP rank: {layers: {tokens: seconds}} for ModelRunner.run, plus the sampler."""
     import torch.distributed as dist
 
@@ -159,15 +179,17 @@ def _model_rank(rank, world, init_method, shape_dict, dtype_name, device_type, l
                             world_size=world)
     try:
         return _measure_model(rank, world, device, dist.new_group(list(range(world))), shape_dict, dtype_name,
-                              device_type, layer_counts, batches, warmup, repeats, sample_vocab)
+                              device_type, layer_counts, batches, warmup, repeats, sample_vocab, graph_cap)
     finally:
         dist.destroy_process_group()
 
 
 def _measure_model(rank, world, device, tp_group, shape_dict, dtype_name, device_type, layer_counts, batches,
-                   warmup, repeats, sample_vocab=None):
+                   warmup, repeats, sample_vocab=None, graph_cap=None):
     """sample_vocab: the vocabulary the sampler sees (default the shape's; an emulated TP
-    rank's shape holds a vocab shard, but a real rank samples the gathered logits)."""
+    rank's shape holds a vocab shard, but a real rank samples the gathered logits).
+    graph_cap: with CUDA graphs, the engine's max_batch_size: batches up to it replay the
+    stages from a StageGraphs (one bucket per point), larger ones run eager; None: all eager."""
     import torch.distributed as dist
 
     from megatron_lamina.engine.model_runner import ModelRunner
@@ -195,7 +217,12 @@ def _measure_model(rank, world, device, tp_group, shape_dict, dtype_name, device
                 dist.barrier(group=tp_group)
 
         out["run"][layers] = {b: timed(run, device, warmup, repeats, setup=lambda b=b: _decode_plan(b, context))
-                              for b in batches}
+                              for b in batches if graph_cap is None or b > graph_cap}
+        if graph_cap is not None:
+            out["graphs"] = _graph_points(model, batches, graph_cap)
+            for b, bucket in out["graphs"]["buckets"].items():
+                out["run"][layers][b] = _time_graphs(model, b, bucket, context, device, warmup, repeats)
+            out["run"][layers] = {b: out["run"][layers][b] for b in batches}
         del model, runner, run
         if device_type == "cuda":
             torch.cuda.empty_cache()
@@ -206,6 +233,42 @@ def _measure_model(rank, world, device, tp_group, shape_dict, dtype_name, device
         out["sample"][b] = timed(lambda _, logits=logits: [sample_token(row, greedy, generator) for row in logits],
                                  device, warmup, repeats)
     return out
+
+
+def _graph_points(model, batches: list[int], graph_cap: int) -> dict:
+    """The graph batches, each with the bucket StageGraphs(model, graph_cap, 1) pads it to,
+    and the eager ones (above the cap)."""
+    from megatron_lamina.engine.stage_graphs import StageGraphs
+
+    sizes = StageGraphs(model, graph_cap, 1).sizes  # the engine's buckets; nothing is captured yet
+    return {"max_batch": graph_cap,
+            "buckets": {b: next(s for s in sizes if s >= b) for b in batches if b <= graph_cap},
+            "eager": [b for b in batches if b > graph_cap]}
+
+
+def _time_graphs(model, batch: int, bucket: int, context: int, device, warmup: int, repeats: int) -> float:
+    """ModelRunner.run of a decode micro-batch of `batch` rows replayed from CUDA graphs:
+    a StageGraphs whose only bucket is `bucket` (captured by an untimed first run), freed
+    after timing so that one point's graphs and static tensors are held at a time."""
+    import gc
+
+    from megatron_lamina.engine.model_runner import ModelRunner
+    from megatron_lamina.engine.stage_graphs import StageGraphs
+
+    graphs = StageGraphs(model, bucket, 1)
+    runner = ModelRunner(model, graphs)
+    plan = functools.partial(_decode_plan, batch, context)
+    if not graphs.can_run(plan()):
+        raise RuntimeError(f"StageGraphs cannot run a decode batch of {batch}")
+    runner.run(plan())  # captures the L + 1 stage graphs of this bucket
+    _sync(device)
+    seconds = timed(runner.run, device, warmup, repeats, setup=plan)
+    if runner.graph_steps != 1 + warmup + repeats or list(graphs.captured) != [(bucket, 0)]:
+        raise RuntimeError(f"batch {batch}: the timed steps did not all replay bucket {bucket}'s stage graphs")
+    del runner, graphs
+    gc.collect()
+    torch.cuda.empty_cache()
+    return seconds
 
 
 def tp_collectives(shape: ModelShape, tp: int, dtype_bytes: int, link_gbs: float, tokens: float) -> tuple[float, float]:
@@ -236,10 +299,17 @@ def tp_link(args, name: str) -> tuple[str, float]:
     return key, specs[key].nvlink_gbs
 
 
-def profile_model(args, shape: ModelShape, name: str = "") -> tuple[dict[int, Curve], dict[int, Curve], dict]:
-    """Model curves per TP size, and what --emulate-tp measured and added (meta)."""
-    layer_curves, overhead_curves, emulated = {}, {}, {}
+def profile_model(args, shape: ModelShape, name: str = "") -> tuple[dict[int, Curve], dict[int, Curve], dict, dict]:
+    """Model curves per TP size, what --emulate-tp measured and added, and the points --graphs
+    replayed from CUDA graphs (the last two for meta)."""
+    layer_curves, overhead_curves, emulated, graphs = {}, {}, {}, {}
     low, high = args.layers
+    graph_cap = None
+    if args.graphs:
+        eligible = [b for b in args.batches if b <= args.graph_max_batch]
+        graph_cap = max(eligible) if eligible else None
+        print(f"model: stage graphs for batches {eligible} (max_batch {graph_cap}), eager for "
+              f"{[b for b in args.batches if b > args.graph_max_batch]}", flush=True)
     dtype_bytes = torch.tensor([], dtype=DTYPES[args.dtype]).element_size()
     for tp in args.tp:
         if shape.num_kv_heads % tp:
@@ -254,7 +324,12 @@ def profile_model(args, shape: ModelShape, name: str = "") -> tuple[dict[int, Cu
             built, world = shape, tp
             print(f"model: TP {tp}, layers {low} and {high}, batches {args.batches}", flush=True)
         m = Ranks(_model_rank, world, built.to_dict(), args.dtype, args.device, [low, high], args.batches,
-                  args.warmup, args.repeats, args.threads, shape.vocab_size).run()
+                  args.warmup, args.repeats, args.threads, shape.vocab_size, graph_cap).run()
+        if args.graphs:
+            g = m.get("graphs") or {"max_batch": None, "buckets": {}, "eager": list(args.batches)}
+            graphs[tp] = {"graph_batches": list(g["buckets"]), "buckets": list(g["buckets"].values()),
+                          "eager_batches": g["eager"], "max_batch": g["max_batch"],
+                          "engine_runs_this": tp == 1}
         per_layer = [max(0.0, (m["run"][high][b] - m["run"][low][b]) / (high - low)) for b in args.batches]
         overhead = [max(0.0, m["run"][low][b] - low * t) + m["sample"][b] for b, t in zip(args.batches, per_layer)]
         if emulate:
@@ -277,7 +352,7 @@ def profile_model(args, shape: ModelShape, name: str = "") -> tuple[dict[int, Cu
             overhead = [t + b for t, (_, b) in zip(overhead, added)]
         xs = [float(b) for b in args.batches]
         layer_curves[tp], overhead_curves[tp] = Curve(xs, per_layer), Curve(xs, overhead)
-    return layer_curves, overhead_curves, emulated
+    return layer_curves, overhead_curves, emulated, graphs
 
 
 # --------------------------------------------------------------------------- attention
@@ -385,12 +460,25 @@ def device_name(args) -> str:
     return "CPU"
 
 
+def _merge_base(path: str, shape: ModelShape, dtype: str, name: str) -> CostTable:
+    """--merge-into: the existing table, which must describe the same model, dtype and device."""
+    base = CostTable.load(path)
+    if base.synthetic:
+        raise ValueError(f"--merge-into {path}: a synthetic table (its datasheet numbers would be labelled "
+                         "measured)")
+    for what, have, want in (("shape", base.shape, shape), ("dtype", base.dtype, dtype), ("device", base.device, name)):
+        if have != want:
+            raise ValueError(f"--merge-into {path}: its {what} is {have!r}, this run's is {want!r}")
+    return base
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny", help="shape preset (tiny, llama3-8b, ...) or checkpoint dir")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--device-name", default=None, help="the device's key in configs/planner/prices.yaml")
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default: float32 on cpu, bfloat16 on cuda")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default=None,
+                        help="default: float32 on cpu, bfloat16 on cuda")
     parser.add_argument("--tp", type=_ints, default=[1], help="TP sizes to measure, comma-separated")
     parser.add_argument("--emulate-tp", action="store_true",
                         help="measure TP > 1 on ONE device: build rank 0's shard of the model at TP 1 (query "
@@ -415,7 +503,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attention", default="engine",
                         help="engine (what the engine runs on this device), gpu, reference, or MODULE:CLASS "
                              "built from a PagedKVCache and called (layer, chunks, q, k, v)")
+    parser.add_argument("--graphs", action="store_true",
+                        help="model part on CUDA: replay the model worker's stages from CUDA graphs (StageGraphs, "
+                             "as the engine's disaggregated TP 1 model worker does) for decode batches up to "
+                             "--graph-max-batch, eager above; TP 1 or --emulate-tp")
+    parser.add_argument("--graph-max-batch", type=int, default=1024,
+                        help="--graphs: the largest decode batch replayed from graphs (the engine's "
+                             "scheduler.max_batch_size); larger batches are timed eager")
     parser.add_argument("--parts", default="model,attention,network")
+    parser.add_argument("--merge-into", default=None, metavar="EXISTING.json",
+                        help="write EXISTING's cost table with the parts measured here replaced (model curves "
+                             "per measured TP size), e.g. --parts model --graphs")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch threads per rank (CPU)")
@@ -427,21 +525,32 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here")
     parts = set(args.parts.split(","))
+    if args.graphs:
+        if args.device != "cuda":
+            parser.error("--graphs: CUDA graphs need a GPU (--device cuda)")
+        if "model" not in parts:
+            parser.error("--graphs applies to the model part (--parts model,...)")
+        if any(tp > 1 for tp in args.tp) and not args.emulate_tp:
+            parser.error("--graphs: StageGraphs runs TP 1 model workers only; measure TP > 1 with --emulate-tp "
+                         "(one rank's shard built at TP 1)")
     try:
         shape = load_shape(args.model)
         name = device_name(args)
+        base = _merge_base(args.merge_into, shape, args.dtype, name) if args.merge_into else None
         started = time.time()
         model_layer = overhead = None
         emulated: dict = {}
+        graphs: dict = {}
         if "model" in parts:
-            model_layer, overhead, emulated = profile_model(args, shape, name)
+            model_layer, overhead, emulated, graphs = profile_model(args, shape, name)
         decode, prefill = profile_attention(args, shape) if "attention" in parts else (None, None)
         network, backend = profile_network(args) if "network" in parts else (None, None)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if None in (model_layer, decode, network):
-        print("error: a cost table needs all three parts (--parts model,attention,network)", file=sys.stderr)
+    if base is None and None in (model_layer, decode, network):
+        print("error: a cost table needs all three parts (--parts model,attention,network), "
+              "or --merge-into a table that has the others", file=sys.stderr)
         return 2
     hardware = torch.cuda.get_device_name(0) if args.device == "cuda" else platform.processor() or platform.machine()
     source = (f"measured on {hardware} ({args.device}, torch {torch.__version__}, host {platform.node()}, "
@@ -451,15 +560,60 @@ def main(argv: list[str] | None = None) -> int:
         source += (f" (TP {','.join(map(str, sorted(emulated)))} emulated on one device: the rank's GEMMs "
                    f"measured, TP all-reduces and logits all-gather added from the {', '.join(links)} "
                    "datasheet number in prices.yaml, not measured)")
+    if graphs:
+        caps = sorted({g["max_batch"] for g in graphs.values() if g["max_batch"]})
+        source += (f" (model worker stages replayed from CUDA graphs (StageGraphs) for decode batches up to "
+                   f"{', '.join(map(str, caps)) or 'none'}, eager above"
+                   + ("; TP > 1 engines run eager today: the TP > 1 figures are what graphs would give"
+                      if any(tp > 1 for tp in graphs) else "") + ")")
+    graph_meta = {}
+    if graphs:
+        graph_meta = {"graphs": {
+            "runner": "ModelRunner(model, StageGraphs(model, bucket, 1)), zeros attention channel called "
+                      "between replays; one StageGraphs per batch point holding only the bucket the engine "
+                      "pads it to (its max_batch_size = max_batch), captured by an untimed first run",
+            "note": "StageGraphs is TP 1 only: a TP > 1 engine runs eager today, so the TP > 1 graph figures "
+                    "are what graphs would give an emulated rank's shard, not what the engine does",
+            "tp": {str(tp): g for tp, g in graphs.items()}}}
+    meta = {"attention": args.attention, "network_backend": backend, "layers": args.layers,
+            "warmup": args.warmup, "repeats": args.repeats, "threads": args.threads or torch.get_num_threads(),
+            "wall_s": round(time.time() - started, 1),
+            **({"emulated_tp": {str(tp): e for tp, e in emulated.items()}} if emulated else {}), **graph_meta}
+    if base is not None:
+        kept = [part for part in ("model", "attention", "network") if part not in parts]
+        replaced = sorted(model_layer or {})
+        source += f"; {', '.join(kept) or 'nothing'} kept from {args.merge_into}: {base.source}"
+        if "model" in parts:
+            kept_tp = [tp for tp in base.model_layer if tp not in model_layer]
+            if kept_tp:
+                source += f" (model curves of TP {','.join(map(str, sorted(kept_tp)))} too)"
+        else:
+            kept_tp = sorted(base.model_layer)
+        old_emulated = {tp: e for tp, e in base.meta.get("emulated_tp", {}).items() if int(tp) in kept_tp}
+        if old_emulated or emulated:
+            meta["emulated_tp"] = {**old_emulated, **meta.get("emulated_tp", {})}
+        if "attention" not in parts:
+            meta["attention"] = base.meta.get("attention")
+        if "network" not in parts:
+            meta["network_backend"] = base.meta.get("network_backend")
+        meta["merged_from"] = {
+            "path": str(args.merge_into), "source": base.source, "parts_kept": kept,
+            "meta": {k: v for k, v in base.meta.items() if k != "merged_from"},
+            "replaced_model_layer": {str(tp): base.model_layer[tp].to_dict() for tp in replaced
+                                     if tp in base.model_layer},
+            "replaced_step_overhead": {str(tp): base.step_overhead[tp].to_dict() for tp in replaced
+                                       if tp in base.step_overhead}}
+        model_layer = {**base.model_layer, **(model_layer or {})}
+        overhead = {**base.step_overhead, **(overhead or {})}
+        if decode is None:
+            decode, prefill = base.attention_decode, base.attention_prefill
+        if network is None:
+            network = base.network
     table = CostTable(
         device=name,
         source=source,
         shape=shape, dtype=args.dtype, model_layer=model_layer, step_overhead=overhead,
-        attention_decode=decode, attention_prefill=prefill, network=network,
-        meta={"attention": args.attention, "network_backend": backend, "layers": args.layers,
-              "warmup": args.warmup, "repeats": args.repeats, "threads": args.threads or torch.get_num_threads(),
-              "wall_s": round(time.time() - started, 1),
-              **({"emulated_tp": {str(tp): e for tp, e in emulated.items()}} if emulated else {})})
+        attention_decode=decode, attention_prefill=prefill, network=network, meta=meta)
     table.save(args.out)
     print(f"wrote {args.out} ({name}, {table.source})")
     return 0
