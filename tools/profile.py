@@ -193,7 +193,7 @@ def _measure_model(rank, world, device, tp_group, shape_dict, dtype_name, device
     import torch.distributed as dist
 
     from megatron_lamina.engine.model_runner import ModelRunner
-    from megatron_lamina.engine.sampling import SamplingParams, sample_token
+    from megatron_lamina.engine.sampling import SamplingParams, sample_tokens
     from megatron_lamina.model.llama import LlamaModel
     from megatron_lamina.transport.channel import LocalChannel
 
@@ -227,10 +227,10 @@ def _measure_model(rank, world, device, tp_group, shape_dict, dtype_name, device
         if device_type == "cuda":
             torch.cuda.empty_cache()
     greedy = SamplingParams(max_tokens=1, temperature=0.0)
-    generator = greedy.make_generator()
-    for b in batches:
+    generator = greedy.make_generator(device)
+    for b in batches:  # the engine's batched sampler, where the logits are (llm_engine.py)
         logits = torch.randn(b, sample_vocab or shape.vocab_size, device=device, dtype=dtype)
-        out["sample"][b] = timed(lambda _, logits=logits: [sample_token(row, greedy, generator) for row in logits],
+        out["sample"][b] = timed(lambda _, logits=logits, b=b: sample_tokens(logits, [greedy] * b, [generator] * b),
                                  device, warmup, repeats)
     return out
 
