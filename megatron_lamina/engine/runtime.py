@@ -172,6 +172,8 @@ def _free_bytes(device: torch.device) -> int:
 
 
 def broadcast_plan(plan: StepPlan | None, groups: ProcessGroups) -> StepPlan:
+    if groups.control.size() == 1:  # a lone colocated rank: nobody to tell (and no pickling)
+        return plan
     box = [plan]
     dist.broadcast_object_list(box, src=0, group=groups.control)
     return box[0]
