@@ -4,10 +4,25 @@
 
 from __future__ import annotations
 
+import os
+
+import pytest
+
 from tools.bench_peers import main
 
 
-def test_three_systems_decode_the_same_tokens(tmp_path):
+@pytest.fixture
+def restored_environ():
+    """Megatron's GPTModel exports NVTE_* attention-backend variables into os.environ (local
+    backend: NVTE_FLASH_ATTN=0, ...), which later subprocesses would inherit: a Megatron save
+    in another test then refuses its own default backend. Put the environment back."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def test_three_systems_decode_the_same_tokens(tmp_path, restored_environ):
     import json
 
     out = tmp_path / "peers.json"
