@@ -76,6 +76,14 @@ def ceilings() -> tuple[float, float]:
     return copy, gemm
 
 
+def start_one_gpu(port: int) -> None:
+    """A one-rank NCCL world on GPU 0 (Megatron's layers want a process group)."""
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(port))
+    dist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda", 0))
+    torch.cuda.set_device(0)
+
+
 def decode_plan(batch: int, context: int, block_size: int) -> StepPlan:
     blocks = math.ceil((context + 1) / block_size)
     chunks = [SequenceChunk(i, 0, context, [i % 1000 + 1], list(range(i * blocks, (i + 1) * blocks)), True)
@@ -138,10 +146,7 @@ def main(argv=None) -> int:
     parser.add_argument("--profile", action="store_true", help="print where the host time of a model step goes")
     parser.add_argument("--cuda-graphs", default="0,1", help="run eager (0) and/or CUDA graphs (1)")
     args = parser.parse_args(argv)
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29655")
-    dist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda", 0))
-    torch.cuda.set_device(0)
+    start_one_gpu(29655)
     arch = ModelArchitecture(**SHAPES[args.shape])
     copy_bw, gemm_rate = ceilings()
     tp = dist.new_group([0])

@@ -60,6 +60,7 @@ from tools.bench_decode import (
     colocated_decode_ms,
     kv_bytes,
     roofline_s,
+    start_one_gpu,
     time_ms,
 )
 
@@ -444,10 +445,7 @@ def agreement(tokens: dict) -> dict:
 
 
 def run_gpu(args) -> dict:
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29656")
-    dist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda", 0))
-    torch.cuda.set_device(0)
+    start_one_gpu(29656)
     arch = ModelArchitecture(**SHAPES[args.shape])
     copy_bw, gemm_rate = ceilings()
     weights = random_weights(arch, torch.bfloat16, 0.02, 0, "cuda")

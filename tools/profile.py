@@ -219,7 +219,7 @@ def _measure_model(rank, world, device, tp_group, shape_dict, dtype_name, device
         out["run"][layers] = {b: timed(run, device, warmup, repeats, setup=lambda b=b: _decode_plan(b, context))
                               for b in batches if graph_cap is None or b > graph_cap}
         if graph_cap is not None:
-            out["graphs"] = _graph_points(model, batches, graph_cap)
+            out["graphs"] = _graph_points(batches, graph_cap)
             for b, bucket in out["graphs"]["buckets"].items():
                 out["run"][layers][b] = _time_graphs(model, b, bucket, context, device, warmup, repeats)
             out["run"][layers] = {b: out["run"][layers][b] for b in batches}
@@ -235,12 +235,12 @@ def _measure_model(rank, world, device, tp_group, shape_dict, dtype_name, device
     return out
 
 
-def _graph_points(model, batches: list[int], graph_cap: int) -> dict:
-    """The graph batches, each with the bucket StageGraphs(model, graph_cap, 1) pads it to,
-    and the eager ones (above the cap)."""
-    from megatron_lamina.engine.stage_graphs import StageGraphs
+def _graph_points(batches: list[int], graph_cap: int) -> dict:
+    """The graph batches, each with the bucket the engine pads it to (max_batch_size =
+    graph_cap), and the eager ones (above the cap)."""
+    from megatron_lamina.engine.cuda_graphs import batch_buckets
 
-    sizes = StageGraphs(model, graph_cap, 1).sizes  # the engine's buckets; nothing is captured yet
+    sizes = batch_buckets(graph_cap)
     return {"max_batch": graph_cap,
             "buckets": {b: next(s for s in sizes if s >= b) for b in batches if b <= graph_cap},
             "eager": [b for b in batches if b > graph_cap]}

@@ -21,6 +21,13 @@ from megatron_lamina.model.llama import LlamaModel
 from megatron_lamina.plan import MicroBatch, SequenceChunk, StepPlan
 
 
+def batch_buckets(max_batch: int) -> list[int]:
+    """The batch sizes graphs are captured for (a step pads to the next one): 1, 2, 4, 8, then
+    every 16 rows, and `max_batch` itself."""
+    sizes = [1, 2, 4, 8] + list(range(16, max_batch + 16, 16))
+    return sorted({s for s in sizes if s <= max_batch} | {max_batch})
+
+
 class _Bucket:
     def __init__(self, size: int, max_blocks: int, scratch_block: int, device):
         self.size = size
@@ -43,8 +50,7 @@ class DecodeGraphs:
         self.max_blocks, self.scratch_block = max_blocks, scratch_block
         self.block_size = attention.cache.block_size
         self.device = model.rotary.inv_freq.device
-        sizes = [1, 2, 4, 8] + list(range(16, max_batch + 16, 16))
-        self.sizes = sorted({s for s in sizes if s <= max_batch} | {max_batch})
+        self.sizes = batch_buckets(max_batch)
         self.buckets: dict[int, _Bucket] = {}
         self.pool = None
 

@@ -89,19 +89,11 @@ class LLMEngine:
         if self.on_logits is not None:
             for request, row in zip(sampled, logits):
                 self.on_logits(request, row)
-        tokens = sample_tokens(logits, [r.params for r in sampled], [self._generator(r) for r in sampled])
+        tokens = sample_tokens(logits, [r.params for r in sampled], [r.generator for r in sampled])
         for request, token in zip(sampled, tokens):
             self._append_token(request, token)
             updated.append(request)
         return updated
-
-    def _generator(self, request: Request) -> torch.Generator:
-        """The request's generator, on the device the logits are sampled on. One made for another
-        device (e.g. the server replacing it with `params.make_generator()` after changing the
-        parameters) is made again here from the parameters, on this device."""
-        if request.generator.device != self.ctx.device:
-            request.generator = request.params.make_generator(self.ctx.device)
-        return request.generator
 
     def _append_token(self, request: Request, token: int) -> None:
         request.output_token_ids.append(token)

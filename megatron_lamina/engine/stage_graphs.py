@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import torch
 
+from megatron_lamina.engine.cuda_graphs import batch_buckets
 from megatron_lamina.model.llama import LlamaModel
 from megatron_lamina.plan import StepPlan
 
@@ -84,8 +85,7 @@ class StageGraphs:
         micro-batches of one step (scheduler.micro_batches)."""
         self.model, self.slots = model, slots
         self.device = model.rotary.inv_freq.device
-        sizes = [1, 2, 4, 8] + list(range(16, max_batch + 16, 16))
-        self.sizes = sorted({s for s in sizes if s <= max_batch} | {max_batch})
+        self.sizes = batch_buckets(max_batch)
         self.captured: dict[tuple[int, int], _Slot] = {}  # (bucket size, slot) -> slot
         self.pool = None
 
