@@ -3,8 +3,9 @@
 The Triton paged decode kernel against a float32 reference over mixed lengths, block sizes
 and context splits; the engine on CUDA, colocated and disaggregated (two ranks sharing one
 GPU over gloo with host staging, or NCCL across two GPUs), eager and with CUDA graphs
-(colocated whole-step graphs; disaggregated stage graphs), against `transformers` exactly
-as the CPU layout tests do.
+(colocated whole-step graphs; disaggregated stage graphs; TP 2 with NCCL captured where
+there are 2 or 4 GPUs), against `transformers` exactly as the CPU layout tests do; and
+flex_attention's compiled kernel over the paged pool.
 """
 
 from __future__ import annotations
@@ -49,6 +50,27 @@ def test_paged_decode_matches_reference(block_size, splits):
         assert ((out[i].float() - ref).norm() / ref.norm()).item() < 1e-2
 
 
+@pytest.mark.parametrize("block_size", [16, 64])
+def test_compiled_flex_paged_decode_matches_reference(block_size):
+    """flex_attention's fused kernel (block sparsity + mask) over the paged pool."""
+    from test_flex_paged import random_decode_batch
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from megatron_lamina.attention.flex_paged import decode_block_mask, flex_paged_decode
+    from megatron_lamina.attention.reference import attend_chunks
+
+    lens = [1, 5, 16, 17, 40, 333, 1000, 64]
+    cache, chunks, q, kv = random_decode_batch(lens, block_size, heads=32, kv_heads=8, d=128)
+    ref = attend_chunks(cache, 0, chunks, q, kv, kv)
+    tables = torch.zeros(len(chunks), max(len(c.block_table) for c in chunks), dtype=torch.int32)
+    for i, c in enumerate(chunks):
+        tables[i, :len(c.block_table)] = torch.tensor(c.block_table)
+    mask = decode_block_mask(tables.cuda(), torch.tensor(lens).cuda(), block_size, cache.num_blocks)
+    pools = [c[0].transpose(0, 1).contiguous().cuda().bfloat16() for c in (cache.k, cache.v)]
+    out = flex_paged_decode(q.cuda().bfloat16(), *pools, mask, attend=torch.compile(flex_attention))
+    assert ((out.float().cpu() - ref).norm() / ref.norm()).item() < 1e-2
+
+
 GPU_LAYOUTS = {  # (tensor_parallel, attention_workers, transport, CUDA graphs)
     "colocated-cuda-graphs": (1, 0, "auto", True),
     "colocated-eager": (1, 0, "auto", False),
@@ -59,6 +81,10 @@ GPU_LAYOUTS = {  # (tensor_parallel, attention_workers, transport, CUDA graphs)
 if torch.cuda.is_available() and torch.cuda.device_count() >= 2:
     GPU_LAYOUTS["disaggregated-nccl"] = (1, 1, "nccl", True)
     GPU_LAYOUTS["disaggregated-nccl-eager"] = (1, 1, "nccl", False)
+    # TP 2: the graphs hold the TP all-reduces (NCCL captured).
+    GPU_LAYOUTS["colocated-tp2-cuda-graphs"] = (2, 0, "auto", True)
+if torch.cuda.is_available() and torch.cuda.device_count() >= 4:
+    GPU_LAYOUTS["disaggregated-tp2-stage-graphs"] = (2, 2, "nccl", True)
 
 
 _REFERENCES: dict = {}

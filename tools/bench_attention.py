@@ -4,10 +4,13 @@
 
 LLaMA-3-8B attention shapes (32 query / 8 KV heads of 128, bf16) over batch x context x
 block size. For every shape: check the paged kernel against a float32 reference on the same
-data (relative error), time it and SDPA on the same K/V laid out contiguously (CUDA events,
-median of repeats, several input sets rotated so the L2 cache does not help), and report
-both as a fraction of the measured device-to-device copy bandwidth (bytes of K and V read
-once, plus q and o). Prints a table last; writes the full numbers as JSON.
+data (relative error), time it, PyTorch's flex_attention over the same pages (laid out
+head-major, `attention/flex_paged.py`, compiled) and SDPA on the same K/V laid out
+contiguously, and report each as a fraction of the measured device-to-device copy bandwidth
+(bytes of K and V read once, plus q and o). Kernel times are replayed from a CUDA graph of
+ten calls alternating two input sets (as the engine runs them: the Python launch cost is not
+in them); `eager ms` is one call launched from Python, for comparison. Prints a table last;
+writes the full numbers as JSON.
 """
 
 from __future__ import annotations
@@ -21,11 +24,49 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import flex_attention
 
 # The repo root replaces tools/ on the path: tools/profile.py must not shadow the stdlib profile.
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+from megatron_lamina.attention.flex_paged import decode_block_mask, flex_paged_decode  # noqa: E402
 from megatron_lamina.attention.triton_paged import paged_decode  # noqa: E402
+
+
+def graph_ms(fn, sets, calls=10, repeat=7) -> float:
+    """Median time of one call, replayed from a CUDA graph of `calls` calls over `sets`."""
+    for args in sets:
+        fn(*args)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fn(*sets[i % len(sets)])
+    graph.replay()
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    del graph
+    return sorted(times)[len(times) // 2]
+
+
+def back_to_back_ms(fn, sets, calls=50) -> float:
+    """Time of one call among `calls` launched back to back (the host runs ahead)."""
+    for args in sets:
+        fn(*args)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for i in range(calls):
+        fn(*sets[i % len(sets)])
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / calls
 
 
 def time_ms(fn, sets, repeat=20, warmup=3) -> float:
@@ -71,19 +112,63 @@ def contiguous(k_cache, tables, ctx):
 
 
 def reference(q, k_dense, v_dense):
-    group = q.shape[1] // k_dense.shape[1]
-    k = k_dense.float().repeat_interleave(group, 1)
-    v = v_dense.float().repeat_interleave(group, 1)
-    s = torch.einsum("bhd,bhnd->bhn", q.float(), k) / math.sqrt(q.shape[-1])
-    return torch.einsum("bhn,bhnd->bhd", torch.softmax(s, -1), v)
+    """float32 attention of q [batch, heads, d] over [batch, kv_heads, ctx, d], per GQA group."""
+    batch, heads, d = q.shape
+    kv_heads = k_dense.shape[1]
+    qg = q.float().view(batch, kv_heads, heads // kv_heads, d)
+    s = torch.einsum("bkgd,bknd->bkgn", qg, k_dense.float()) / math.sqrt(d)
+    return torch.einsum("bkgn,bknd->bkgd", torch.softmax(s, -1), v_dense.float()).reshape(batch, heads, d)
 
 
 def sdpa(q, k_dense, v_dense):
     return F.scaled_dot_product_attention(q[:, :, None], k_dense, v_dense, enable_gqa=True)[:, :, 0]
 
 
-def check_mixed_lengths(heads, kv_heads, d, dtype) -> float:
-    """Worst relative error over mixed context lengths, block sizes and forced splits."""
+def head_major(cache):
+    """The same pages laid out [kv_heads, blocks, block_size, d] (flex_attention's view)."""
+    return cache.transpose(0, 1).contiguous()
+
+
+def flashinfer_wrapper(tables, lens, block_size, heads, kv_heads, d, dtype, tensor_cores):
+    """FlashInfer's batch decode planned over our block tables; it reads our cache as it is
+    (FlashInfer's "HND" paged layout). Only where flashinfer is installed (carried)."""
+    import flashinfer
+
+    pages = (lens + block_size - 1) // block_size
+    live = torch.arange(tables.shape[1], device=tables.device)[None, :] < pages[:, None]
+    indptr = torch.cat([pages.new_zeros(1), pages.cumsum(0)]).int()
+    workspace = torch.zeros(128 * 1024**2, dtype=torch.uint8, device=tables.device)
+    wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, kv_layout="HND", use_tensor_cores=tensor_cores)
+    wrapper.plan(indptr, tables[live].int(), (lens - (pages - 1) * block_size).int(), heads, kv_heads, d, block_size,
+                 pos_encoding_mode="NONE", q_data_type=dtype, kv_data_type=dtype)
+    return wrapper
+
+
+def time_flashinfer(sets, ref, block_size, heads, kv_heads, d, dtype) -> dict:
+    """FlashInfer's decode (its CUDA-core kernel, which it picks for decode on Hopper; the
+    tensor-core one is its prefill module, not carried): ms, relative error, or the error."""
+    best = {}
+    for tensor_cores in (False,):
+        try:
+            fi_sets = [(q, kc, vc, flashinfer_wrapper(t, n, block_size, heads, kv_heads, d, dtype, tensor_cores))
+                       for q, kc, vc, t, n in sets]
+            run = lambda q, kc, vc, w: w.run(q, (kc, vc))  # noqa: E731
+            err = ((run(*fi_sets[0]).float() - ref).norm() / ref.norm()).item()
+            try:
+                ms, timed = graph_ms(run, fi_sets), "graph"
+            except Exception:  # noqa: BLE001 - not capturable unplanned: back-to-back launches
+                torch.cuda.synchronize()
+                ms, timed = back_to_back_ms(run, fi_sets), "back-to-back"
+            if "ms" not in best or ms < best["ms"]:
+                best = {"ms": ms, "rel_err": err, "tensor_cores": tensor_cores, "timed": timed}
+        except Exception as exc:  # noqa: BLE001 - reported in the table, not fatal
+            best.setdefault("error", f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}")
+    return best
+
+
+def check_mixed_lengths(heads, kv_heads, d, dtype, flex=None, flashinfer=False) -> float:
+    """Worst relative error (ours, flex, FlashInfer) over mixed context lengths, block sizes
+    and forced splits."""
     worst = 0.0
     for block_size, splits in ((16, None), (128, 3), (256, 1), (16, 7)):
         g = torch.Generator(device="cuda").manual_seed(block_size + (splits or 0))
@@ -99,12 +184,21 @@ def check_mixed_lengths(heads, kv_heads, d, dtype) -> float:
             tables[i, :nb] = perm[used:used + nb]
             used += nb
         q = torch.randn(7, heads, d, dtype=dtype, device="cuda", generator=g)
-        out = paged_decode(q, kc, vc, tables, lens, num_splits=splits)
+        outs = [paged_decode(q, kc, vc, tables, lens, num_splits=splits)]
+        if flex is not None:
+            mask = decode_block_mask(tables, lens, block_size, num_blocks)
+            try:
+                outs.append(flex_paged_decode(q, head_major(kc), head_major(vc), mask, attend=flex))
+            except Exception as exc:  # noqa: BLE001 - a block size flex's kernel does not tile
+                print(f"flex_attention, block size {block_size}: {type(exc).__name__}: {str(exc)[:200]}")
+        if flashinfer:
+            outs.append(flashinfer_wrapper(tables, lens, block_size, heads, kv_heads, d, dtype, False).run(q, (kc, vc)))
         for i, n in enumerate(lens.tolist()):
             kd = contiguous(kc, tables[i:i + 1], n)
             vd = contiguous(vc, tables[i:i + 1], n)
             ref = reference(q[i:i + 1], kd, vd)
-            worst = max(worst, ((out[i:i + 1].float() - ref).norm() / ref.norm()).item())
+            for out in outs:
+                worst = max(worst, ((out[i:i + 1].float() - ref).norm() / ref.norm()).item())
     return worst
 
 
@@ -117,11 +211,23 @@ def main(argv=None) -> int:
     parser.add_argument("--warps", default="4", help="num_warps values to try")
     parser.add_argument("--stages", default="3", help="num_stages values to try")
     parser.add_argument("--waves", default="4", help="programs per multiprocessor targets to try")
+    parser.add_argument("--no-flex", dest="flex", action="store_false", help="skip flex_attention")
+    parser.add_argument("--no-flashinfer", dest="flashinfer", action="store_false",
+                        help="skip FlashInfer (also skipped where it is not installed)")
     parser.add_argument("--out", default="bench_attention.json")
     args = parser.parse_args(argv)
     heads, kv_heads, d, dtype = 32, 8, 128, torch.bfloat16
     bandwidth = copy_bandwidth()
-    mixed_err = check_mixed_lengths(heads, kv_heads, d, dtype)
+    flex = torch.compile(flex_attention) if args.flex else None
+    if args.flashinfer:
+        try:
+            import flashinfer
+            print(f"flashinfer {flashinfer.__version__}")
+            check_mixed_lengths(heads, kv_heads, d, dtype, flashinfer=True)  # its JIT build, once
+        except Exception as exc:  # noqa: BLE001
+            print(f"flashinfer not usable here ({type(exc).__name__}: {exc}); skipped")
+            args.flashinfer = False
+    mixed_err = check_mixed_lengths(heads, kv_heads, d, dtype, flex, args.flashinfer)
     print(f"mixed lengths / block sizes / splits: worst relative error {mixed_err:.1e}")
     assert mixed_err < 1e-2, mixed_err
     rows = []
@@ -135,36 +241,61 @@ def main(argv=None) -> int:
                 best = None
                 for cfg in itertools.product(map(int, args.block_n.split(",")), map(int, args.warps.split(",")),
                                              map(int, args.stages.split(",")), map(float, args.waves.split(","))):
-                    kw = dict(zip(("block_n", "num_warps", "num_stages", "waves"), cfg))
+                    kw = dict(zip(("block_n", "num_warps", "num_stages", "waves"), cfg), max_context=ctx)
                     out = paged_decode(q, kc, vc, tables, lens, **kw)
                     err = ((out.float() - ref).norm() / ref.norm()).item()
-                    ms = time_ms(lambda q, kc, vc, t, n: paged_decode(q, kc, vc, t, n, **kw), sets)
+                    ms = graph_ms(lambda q, kc, vc, t, n: paged_decode(q, kc, vc, t, n, **kw), sets)
                     if best is None or ms < best[1]:
                         best = (kw, ms, err)
+                kw = best[0]
+                eager = time_ms(lambda q, kc, vc, t, n: paged_decode(q, kc, vc, t, n, **kw), sets)
                 dense_sets = [(s[0], contiguous(s[1], s[3], ctx), contiguous(s[2], s[3], ctx)) for s in sets]
                 sdpa_err = ((sdpa(q, kd, vd).float() - ref).norm() / ref.norm()).item()
-                sdpa_ms = time_ms(sdpa, dense_sets)
+                sdpa_ms = graph_ms(sdpa, dense_sets)
+                del dense_sets, kd, vd
+                flex_ms = flex_err = None
+                if flex is not None:
+                    num_blocks = kc.shape[0]
+                    flex_sets = [(s[0], head_major(s[1]), head_major(s[2]),
+                                  decode_block_mask(s[3], s[4], block_size, num_blocks)) for s in sets]
+                    try:
+                        run = lambda q, kp, vp, m: flex_paged_decode(q, kp, vp, m, attend=flex)  # noqa: E731
+                        flex_err = ((run(*flex_sets[0]).float() - ref).norm() / ref.norm()).item()
+                        flex_ms = graph_ms(run, flex_sets)
+                    except Exception as exc:  # e.g. a block size the fused kernel does not tile
+                        flex_err = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+                    del flex_sets
+                fi = time_flashinfer(sets, ref, block_size, heads, kv_heads, d, dtype) if args.flashinfer else {}
                 nbytes = 2 * batch * ctx * kv_heads * d * dtype.itemsize + 2 * batch * heads * d * dtype.itemsize
+                frac = lambda ms: nbytes / (ms / 1e3) / bandwidth if isinstance(ms, float) else None  # noqa: E731
+                kw.pop("max_context")
                 rows.append({
-                    "batch": batch, "context": ctx, "block_size": block_size, "kernel_config": best[0],
-                    "paged_ms": best[1], "paged_rel_err": best[2], "paged_frac_copy_bw": nbytes / (best[1] / 1e3) / bandwidth,
-                    "sdpa_ms": sdpa_ms, "sdpa_rel_err": sdpa_err, "sdpa_frac_copy_bw": nbytes / (sdpa_ms / 1e3) / bandwidth,
+                    "batch": batch, "context": ctx, "block_size": block_size, "kernel_config": kw,
+                    "paged_ms": best[1], "paged_eager_ms": eager, "paged_rel_err": best[2],
+                    "paged_frac_copy_bw": frac(best[1]),
+                    "flex_ms": flex_ms, "flex_rel_err": flex_err, "flex_frac_copy_bw": frac(flex_ms),
+                    "flashinfer_ms": fi.get("ms"), "flashinfer": fi, "flashinfer_frac_copy_bw": frac(fi.get("ms")),
+                    "sdpa_ms": sdpa_ms, "sdpa_rel_err": sdpa_err, "sdpa_frac_copy_bw": frac(sdpa_ms),
                     "speedup_vs_sdpa": sdpa_ms / best[1],
                 })
-                del sets, dense_sets, kd, vd
+                print(json.dumps(rows[-1]), flush=True)
+                del sets
                 torch.cuda.empty_cache()
     result = {"device": torch.cuda.get_device_name(), "copy_bandwidth_TBps": bandwidth / 1e12,
               "shapes": "LLaMA-3-8B attention: 32 q heads, 8 kv heads, head_dim 128, bf16",
               "mixed_lengths_worst_rel_err": mixed_err, "rows": rows}
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"{result['device']}  copy bandwidth {bandwidth / 1e12:.2f} TB/s")
-    print(f"{'batch':>5} {'ctx':>5} {'bs':>4} {'config':>16} {'paged ms':>9} {'%bw':>5} {'sdpa ms':>8} {'%bw':>5} {'x sdpa':>6} {'err':>8}")
+    print(f"{'batch':>5} {'ctx':>5} {'bs':>4} {'config':>16} {'paged ms':>9} {'%bw':>5} {'eager':>6} "
+          f"{'flex ms':>8} {'%bw':>5} {'finfer':>8} {'%bw':>5} {'sdpa ms':>8} {'%bw':>5} {'x sdpa':>6} {'err':>8}")
     for r in rows:
         c = r["kernel_config"]
         config = f"{c['block_n']}/{c['num_warps']}w/{c['num_stages']}s/{c['waves']:g}"
+        flex_ms, fi_ms = (f"{r[k + '_ms']:>8.3f} {100 * r[k + '_frac_copy_bw']:>5.1f}" if r[k + "_ms"]
+                          else f"{'-':>8} {'-':>5}" for k in ("flex", "flashinfer"))
         print(f"{r['batch']:>5} {r['context']:>5} {r['block_size']:>4} {config:>16} {r['paged_ms']:>9.3f} "
-              f"{100 * r['paged_frac_copy_bw']:>5.1f} {r['sdpa_ms']:>8.3f} {100 * r['sdpa_frac_copy_bw']:>5.1f} "
-              f"{r['speedup_vs_sdpa']:>6.2f} {r['paged_rel_err']:>8.1e}")
+              f"{100 * r['paged_frac_copy_bw']:>5.1f} {r['paged_eager_ms']:>6.3f} {flex_ms} {fi_ms} {r['sdpa_ms']:>8.3f} "
+              f"{100 * r['sdpa_frac_copy_bw']:>5.1f} {r['speedup_vs_sdpa']:>6.2f} {r['paged_rel_err']:>8.1e}")
     return 0
 
 

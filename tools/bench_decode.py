@@ -6,7 +6,8 @@ step, on a LLaMA-shaped model with random bf16 weights, against the roofline.
 One process, one GPU, our real model (`LlamaModel` on Megatron-core layers) and runner:
   * model-worker step (b): the attention channel returns at once (o = 0), so the step is
     embedding, all non-attention GEMMs and the LM head of `batch` decode tokens; reported as
-    a fraction of the measured bf16 GEMM rate (2 x parameters x batch FLOPs);
+    a fraction of the measured bf16 GEMM rate (2 x batch x the parameters of the matrix
+    products, i.e. all but the embedding table, in FLOPs);
   * colocated decode step (c): the real paged KV cache (filled with random values, every
     request at `context` tokens) and the Triton decode kernel; reported as tokens/s and as a
     fraction of the roofline bound max(bytes / copy bandwidth, FLOPs / GEMM rate), bytes =
@@ -112,7 +113,8 @@ def colocated_model(arch: ModelArchitecture, tp) -> tuple[LlamaModel, ModelRunne
 
 
 def colocated_decode_ms(runner: ModelRunner, state: dict, arch: ModelArchitecture, batch: int, context: int,
-                        block_size: int, graph_modes: list[bool], repeat: int = 5) -> dict[bool, float]:
+                        block_size: int, graph_modes: list[bool], repeat: int = 5,
+                        fuse: bool = True) -> dict[bool, float]:
     """Median ms of our colocated decode step (every request at `context` cached tokens, a
     random paged cache, the Triton kernel), eager and/or replayed from CUDA graphs."""
     blocks = batch * math.ceil((context + 1) / block_size)
@@ -126,13 +128,69 @@ def colocated_decode_ms(runner: ModelRunner, state: dict, arch: ModelArchitectur
     for graphs in graph_modes:
         if graphs:
             runner.graphs = DecodeGraphs(runner.model, state["attend"], batch, math.ceil((context + 1) / block_size),
-                                         scratch_block=blocks)
+                                         scratch_block=blocks, fuse_elementwise=fuse)
         result[graphs] = time_ms(lambda: runner.run(plan), repeat=repeat)
         runner.graphs = None
     del cache
     state["attend"] = None
     torch.cuda.empty_cache()
     return result
+
+
+def kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    if any(k in lowered for k in ("gemm", "nvjet", "xmma", "cutlass", "cublas")):
+        return "GEMM"
+    if "decode_kernel" in lowered or "merge_kernel" in lowered:
+        return "attention"
+    if "nccl" in lowered:
+        return "communication"
+    return "other (norms, activations, RoPE, copies, sampling inputs)"
+
+
+def _kernel_ms(step) -> tuple[dict[str, float], dict[str, float]]:
+    """GPU time of the kernels one call of `step` runs, by kind and by kernel name."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    kinds: dict[str, float] = {}
+    names: dict[str, float] = {}
+    for event in prof.events():  # the GPU-side activities: kernels and copies
+        if event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        ms = event.time_range.elapsed_us() / 1e3
+        kinds[kernel_kind(event.name)] = kinds.get(kernel_kind(event.name), 0.0) + ms
+        names[event.name] = names.get(event.name, 0.0) + ms
+    return kinds, names
+
+
+def kernel_breakdown(runner: ModelRunner, arch: ModelArchitecture, batch: int, block_size: int) -> dict:
+    """GPU kernel time of one model step (attention returns zeros) by kind, eager and replayed
+    from a CUDA graph, and the time of the same GEMMs alone (torch.mm on [batch, in] x [in,
+    out], every layer's four plus the LM head): how far the step's GEMMs are from cuBLAS on
+    their own, and what runs between them."""
+    plan = decode_plan(batch, 16, block_size)
+    eager_kinds, eager_names = _kernel_ms(lambda: runner.run(plan))
+    cache = PagedKVCache(arch.num_layers, 2, block_size, arch.num_kv_heads, arch.head_dim, torch.bfloat16, "cuda")
+    runner.graphs = DecodeGraphs(runner.model, PagedAttention(cache), batch, 1, scratch_block=1)
+    graph_kinds, graph_names = _kernel_ms(lambda: runner.run(plan))
+    runner.graphs = None
+    h, d = arch.hidden_size, arch.head_dim
+    qkv = (arch.num_attention_heads + 2 * arch.num_kv_heads) * d
+    shapes = [(h, qkv), (arch.num_attention_heads * d, h), (h, 2 * arch.intermediate_size),
+              (arch.intermediate_size, h)] * arch.num_layers + [(h, arch.vocab_size)]
+    weights = {shape: torch.randn(*shape, dtype=torch.bfloat16, device="cuda") for shape in set(shapes)}
+    inputs = {k: torch.randn(batch, k, dtype=torch.bfloat16, device="cuda") for k in {s[0] for s in shapes}}
+    alone_ms = time_ms(lambda: [torch.mm(inputs[k], weights[k, n]) for k, n in shapes])
+    gemm_flops = sum(2 * batch * k * n for k, n in shapes)
+    top = lambda names: dict(sorted(names.items(), key=lambda kv: -kv[1])[:10])  # noqa: E731
+    return {"batch": batch, "gemm_flops": gemm_flops, "eager_kinds_ms": eager_kinds, "graph_kinds_ms": graph_kinds,
+            "gemms_alone_ms": alone_ms, "eager_top_kernels_ms": top(eager_names),
+            "graph_top_kernels_ms": top(graph_names)}
 
 
 def main(argv=None) -> int:
@@ -144,7 +202,12 @@ def main(argv=None) -> int:
     parser.add_argument("--block-size", type=int, default=64)
     parser.add_argument("--out", default="bench_decode.json")
     parser.add_argument("--profile", action="store_true", help="print where the host time of a model step goes")
+    parser.add_argument("--kernel-breakdown", default="", metavar="BATCHES",
+                        help="e.g. 256,1024: GPU time of a model step by kernel kind (torch.profiler), against "
+                             "the same GEMMs run alone through torch.mm")
     parser.add_argument("--cuda-graphs", default="0,1", help="run eager (0) and/or CUDA graphs (1)")
+    parser.add_argument("--unfused", action="store_true",
+                        help="CUDA graphs capture eager SwiGLU and RoPE kernels, not the compiled ones")
     args = parser.parse_args(argv)
     start_one_gpu(29655)
     arch = ModelArchitecture(**SHAPES[args.shape])
@@ -156,7 +219,10 @@ def main(argv=None) -> int:
         for p in model.parameters():
             p.normal_(0, 0.02)
     params = sum(p.numel() for p in model.parameters())
-    result = {"device": torch.cuda.get_device_name(), "shape": args.shape, "copy_TBps": copy_bw / 1e12,
+    # FLOPs of the step's matrix products: every weight but the embedding table (a lookup),
+    # unless the LM head shares it.
+    gemm_params = params - (0 if arch.tie_word_embeddings else model.embedding.word_embeddings.weight.numel())
+    result = {"device": torch.cuda.get_device_name(), "shape": args.shape, "fused_elementwise": not args.unfused, "copy_TBps": copy_bw / 1e12,
               "gemm_TFLOPs": gemm_rate / 1e12, "parameters": params, "model_step": [], "decode": []}
 
     # (b) model-worker step: attention returns zeros at once
@@ -175,6 +241,9 @@ def main(argv=None) -> int:
         torch.cuda.synchronize()
         profiler.disable()
         pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+    breakdowns = [kernel_breakdown(runner, arch, int(b), args.block_size)
+                  for b in args.kernel_breakdown.split(",") if b]
+    result["kernel_breakdown"] = breakdowns
     graph_modes = [bool(int(x)) for x in args.cuda_graphs.split(",")]
     for batch in map(int, args.model_batches.split(",")):
         plan = decode_plan(batch, 16, args.block_size)
@@ -184,10 +253,11 @@ def main(argv=None) -> int:
                                      torch.bfloat16, "cuda")
                 attention = PagedAttention(cache)
                 state["attend"] = lambda layer, chunks, q, k, v: torch.zeros_like(q)
-                runner.graphs = DecodeGraphs(model, attention, batch, 1, scratch_block=1)
+                runner.graphs = DecodeGraphs(model, attention, batch, 1, scratch_block=1,
+                                             fuse_elementwise=not args.unfused)
             ms = time_ms(lambda plan=plan: runner.run(plan))
             runner.graphs = None
-            flops = 2 * params * batch
+            flops = 2 * gemm_params * batch
             result["model_step"].append({"batch": batch, "cuda_graphs": graphs, "ms": ms,
                                          "TFLOPs": flops / (ms / 1e3) / 1e12, "frac_gemm": flops / (ms / 1e3) / gemm_rate})
 
@@ -199,7 +269,8 @@ def main(argv=None) -> int:
                 result["decode"].append({"batch": batch, "context": context, "skipped": "KV does not fit"})
                 continue
             bound = roofline_s(arch, params, batch, context, copy_bw, gemm_rate)
-            times = colocated_decode_ms(runner, state, arch, batch, context, args.block_size, graph_modes)
+            times = colocated_decode_ms(runner, state, arch, batch, context, args.block_size, graph_modes,
+                                        fuse=not args.unfused)
             for graphs, ms in times.items():
                 result["decode"].append({"batch": batch, "context": context, "cuda_graphs": graphs, "ms": ms,
                                          "tokens_per_s": batch / (ms / 1e3), "roofline_ms": bound * 1e3,
@@ -211,6 +282,16 @@ def main(argv=None) -> int:
     print(f"{'batch':>6} {'graphs':>6} {'ms':>8} {'TFLOP/s':>8} {'% GEMM':>7}")
     for r in result["model_step"]:
         print(f"{r['batch']:>6} {r['cuda_graphs']!s:>6} {r['ms']:>8.2f} {r['TFLOPs']:>8.0f} {100 * r['frac_gemm']:>7.1f}")
+    for b in breakdowns:
+        print(f"model step at batch {b['batch']}: GPU kernel time by kind (one step; eager | CUDA graph)")
+        for kind in sorted(b["eager_kinds_ms"], key=lambda k: -b["eager_kinds_ms"][k]):
+            print(f"  {kind:<58} {b['eager_kinds_ms'][kind]:8.2f} | {b['graph_kinds_ms'].get(kind, 0.0):8.2f} ms")
+        print(f"  {'the same GEMMs alone (torch.mm, back to back)':<58} {b['gemms_alone_ms']:8.2f} ms "
+              f"({b['gemm_flops'] / (b['gemms_alone_ms'] / 1e3) / gemm_rate:.0%} of the GEMM rate)")
+        for mode in ("eager", "graph"):
+            print(f"  top kernels, {mode}:")
+            for name, ms in b[f"{mode}_top_kernels_ms"].items():
+                print(f"    {ms:8.2f} ms  {name[:100]}")
     print("(c) colocated decode step")
     print(f"{'batch':>6} {'ctx':>6} {'graphs':>6} {'ms':>8} {'tok/s':>8} {'roofline ms':>11} {'% roofline':>10}")
     for r in result["decode"]:

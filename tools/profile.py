@@ -34,9 +34,8 @@ Three measurements, all on the device this runs on, with our own code paths:
              engine would pad B to, captured by an untimed first run and freed after the point;
              larger batches (prefill-sized token counts, which the engine runs eager too) are
              timed eager. meta["graphs"] lists the graph and the eager points per TP size.
-             StageGraphs is TP 1 only: a TP > 1 engine runs eager today, so an emulated TP > 1
-             shard's graph figures are what graphs would give, not what the engine does (said
-             in the source and meta).
+             An emulated TP > 1 shard's graphs hold no all-reduce (the datasheet figure is
+             added instead), where the engine's TP > 1 graphs capture the NCCL all-reduces.
   attention  the kernel the engine runs on this device (--attention engine: attention/gpu.py's
              PagedAttention, Triton decode + SDPA prefill, on CUDA; attention/reference.py
              on CPU) over a one-layer `PagedKVCache` holding all KV heads: B decode requests
@@ -531,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
         if "model" not in parts:
             parser.error("--graphs applies to the model part (--parts model,...)")
         if any(tp > 1 for tp in args.tp) and not args.emulate_tp:
-            parser.error("--graphs: StageGraphs runs TP 1 model workers only; measure TP > 1 with --emulate-tp "
+            parser.error("--graphs measures a TP 1 model worker; measure TP > 1 with --emulate-tp "
                          "(one rank's shard built at TP 1)")
     try:
         shape = load_shape(args.model)
@@ -564,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
         caps = sorted({g["max_batch"] for g in graphs.values() if g["max_batch"]})
         source += (f" (model worker stages replayed from CUDA graphs (StageGraphs) for decode batches up to "
                    f"{', '.join(map(str, caps)) or 'none'}, eager above"
-                   + ("; TP > 1 engines run eager today: the TP > 1 figures are what graphs would give"
+                   + ("; TP > 1: an emulated shard's graphs, all-reduces added from the datasheet"
                       if any(tp > 1 for tp in graphs) else "") + ")")
     graph_meta = {}
     if graphs:
@@ -572,8 +571,8 @@ def main(argv: list[str] | None = None) -> int:
             "runner": "ModelRunner(model, StageGraphs(model, bucket, 1)), zeros attention channel called "
                       "between replays; one StageGraphs per batch point holding only the bucket the engine "
                       "pads it to (its max_batch_size = max_batch), captured by an untimed first run",
-            "note": "StageGraphs is TP 1 only: a TP > 1 engine runs eager today, so the TP > 1 graph figures "
-                    "are what graphs would give an emulated rank's shard, not what the engine does",
+            "note": "TP > 1 figures: an emulated rank's shard replayed from graphs with no all-reduce in "
+                    "them (the datasheet figure is added); the engine's TP > 1 graphs capture NCCL all-reduces",
             "tp": {str(tp): g for tp, g in graphs.items()}}}
     meta = {"attention": args.attention, "network_backend": backend, "layers": args.layers,
             "warmup": args.warmup, "repeats": args.repeats, "threads": args.threads or torch.get_num_threads(),

@@ -14,11 +14,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from megatron_lamina.attention.kv_cache import PagedKVCache, slot_indices
+from megatron_lamina.attention.kv_cache import PagedKVCache, padded_block_tables, slot_indices
 from megatron_lamina.attention.triton_paged import paged_decode
 from megatron_lamina.plan import SequenceChunk
 
@@ -57,10 +56,7 @@ class PagedBatchIndex:
             row += len(chunk.tokens)
         if decode_slots:
             slot_parts.append(torch.tensor(decode_slots, dtype=torch.long))
-        width = max((len(t) for t in tables), default=1)
-        table = np.zeros((len(tables), width), dtype=np.int32)
-        for i, t in enumerate(tables):
-            table[i, :len(t)] = t
+        table = padded_block_tables(tables, 0)
         return cls(torch.cat(slot_parts).to(device), torch.tensor(decode_rows, dtype=torch.long, device=device),
                    torch.from_numpy(table).to(device), torch.tensor(lens, dtype=torch.int32, device=device), prefill,
                    max(lens, default=1))

@@ -11,7 +11,21 @@ worker owns one for its tensor-parallel heads.
 
 from __future__ import annotations
 
+import itertools
+
+import numpy as np
 import torch
+
+
+def padded_block_tables(tables: list[list[int]], fill: int) -> np.ndarray:
+    """[rows, longest table] int32, each row's table then `fill` (one numpy scatter, no loop
+    over rows in Python beyond reading the lists)."""
+    lengths = np.fromiter(map(len, tables), np.int64, len(tables))
+    flat = np.fromiter(itertools.chain.from_iterable(tables), np.int32, int(lengths.sum()))
+    out = np.full((len(tables), max(int(lengths.max(initial=0)), 1)), fill, dtype=np.int32)
+    starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    out[np.repeat(np.arange(len(tables)), lengths), np.arange(len(flat)) - starts] = flat
+    return out
 
 
 def slot_indices(block_table: list[int], start: int, end: int, block_size: int) -> torch.Tensor:

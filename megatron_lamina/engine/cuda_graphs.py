@@ -8,15 +8,19 @@ token ids, positions, cache slots, block tables and context lengths into the buc
 tensors and replays the graph. Rows beyond the real batch point at a scratch KV block that
 the block manager never hands out, so padding never touches a request's cache.
 
-Used only when the layout is colocated, TP = 1, the device is CUDA and the plan is one
-micro-batch of decode tokens; every other step takes the eager path.
+Used only when the layout is colocated, the device is CUDA and the plan is one micro-batch
+of decode tokens; every other step takes the eager path. At TP > 1 the graph holds the TP
+all-reduces and the LM head's gather (NCCL captured): every TP rank gets the same plan, so
+all of them capture and replay the same bucket at the same step.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from megatron_lamina.attention.gpu import PagedAttention, PagedBatchIndex
+from megatron_lamina.attention.kv_cache import padded_block_tables
 from megatron_lamina.model.llama import LlamaModel
 from megatron_lamina.plan import MicroBatch, SequenceChunk, StepPlan
 
@@ -45,8 +49,11 @@ class _Bucket:
 
 class DecodeGraphs:
     def __init__(self, model: LlamaModel, attention: PagedAttention, max_batch: int, max_blocks: int,
-                 scratch_block: int):
+                 scratch_block: int, fuse_elementwise: bool = True):
+        """`fuse_elementwise`: capture the compiled SwiGLU and RoPE kernels
+        (`LlamaModel.fused_elementwise`); off only to measure what they save."""
         self.model, self.attention = model, attention
+        self.fuse_elementwise = fuse_elementwise
         self.max_blocks, self.scratch_block = max_blocks, scratch_block
         self.block_size = attention.cache.block_size
         self.device = model.rotary.inv_freq.device
@@ -66,18 +73,17 @@ class DecodeGraphs:
         n = len(chunks)
         bucket = self._bucket(next(s for s in self.sizes if s >= n))
         # Only the columns in use are written: the kernel never reads a table entry past a
-        # row's context length, so older entries further right are harmless.
-        width = max(len(c.block_table) for c in chunks)
-        tables = torch.full((n, width), self.scratch_block, dtype=torch.int32)
-        for i, c in enumerate(chunks):
-            tables[i, :len(c.block_table)] = torch.tensor(c.block_table, dtype=torch.int32)
-        positions = torch.tensor([c.start for c in chunks], dtype=torch.long)
-        blocks = tables[torch.arange(n), positions // self.block_size].long()
-        bucket.tokens[:n].copy_(torch.tensor([c.tokens[0] for c in chunks]), non_blocking=True)
-        bucket.positions[:n].copy_(positions, non_blocking=True)
-        bucket.slots[:n].copy_(blocks * self.block_size + positions % self.block_size, non_blocking=True)
-        bucket.tables[:n, :width].copy_(tables, non_blocking=True)
-        bucket.lens[:n].copy_(positions.int() + 1, non_blocking=True)
+        # row's context length, so older entries further right are harmless. Built with numpy
+        # (no tensor per row: at a thousand rows that was milliseconds of host time a step).
+        tables = padded_block_tables([c.block_table for c in chunks], self.scratch_block)
+        positions = np.fromiter((c.start for c in chunks), np.int64, n)
+        blocks = tables[np.arange(n), positions // self.block_size].astype(np.int64)
+        width = tables.shape[1]
+        bucket.tokens[:n].copy_(torch.from_numpy(np.fromiter((c.tokens[0] for c in chunks), np.int64, n)))
+        bucket.positions[:n].copy_(torch.from_numpy(positions))
+        bucket.slots[:n].copy_(torch.from_numpy(blocks * self.block_size + positions % self.block_size))
+        bucket.tables[:n, :width].copy_(torch.from_numpy(tables))
+        bucket.lens[:n].copy_(torch.from_numpy((positions + 1).astype(np.int32)))
         self._reset_padding(bucket, n)
         bucket.graph.replay()
         return bucket.logits[:n].clone()
@@ -114,15 +120,16 @@ class DecodeGraphs:
             except StopIteration as done:
                 return done.value
 
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):  # warm-up: Triton compiles, cuBLAS picks its kernels
-                forward()
-        torch.cuda.current_stream().wait_stream(side)
-        # thread_local: other threads' CUDA calls (NCCL's watchdog polling its events) must not
-        # invalidate the capture.
-        with torch.cuda.graph(bucket.graph, pool=self.pool, capture_error_mode="thread_local"):
-            bucket.logits = forward()
+        with self.model.fused_elementwise(self.fuse_elementwise):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):  # warm-up: Triton compiles, cuBLAS picks its kernels
+                    forward()
+            torch.cuda.current_stream().wait_stream(side)
+            # thread_local: other threads' CUDA calls (NCCL's watchdog polling its events) must
+            # not invalidate the capture.
+            with torch.cuda.graph(bucket.graph, pool=self.pool, capture_error_mode="thread_local"):
+                bucket.logits = forward()
         self.pool = bucket.graph.pool()
         return bucket

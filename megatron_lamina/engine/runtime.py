@@ -5,8 +5,8 @@ checkpoint (one clear line on a mismatch), creates the process groups (topology.
 on the KV-cache size across ranks, and builds what this rank's role needs:
   * model workers: `LlamaModel` with its TP shard of the weights, bound to a `P2PChannel`
     (disaggregated) or to a `LocalChannel` over a local paged cache (colocated), and, with
-    `runtime.cuda_graphs` at TP = 1 on CUDA, its decode graphs (`DecodeGraphs` colocated,
-    `StageGraphs` disaggregated);
+    `runtime.cuda_graphs` on CUDA (at TP > 1 with NCCL), its decode graphs (`DecodeGraphs`
+    colocated, `StageGraphs` disaggregated);
   * attention workers: a `PagedKVCache` and an `AttentionEndpoint`.
 Rank 0 gets an `LLMEngine` to drive; every other rank runs `serve_plans` until the driver
 broadcasts the shutdown plan.
@@ -86,10 +86,12 @@ def start_rank(cfg: LaminaConfig) -> RankContext:
     kv_heads = arch.num_kv_heads // (topology.tp_size if topology.colocated or topology.is_model_worker(rank)
                                      else topology.head_groups)
     num_blocks = _agree_num_blocks(cfg, arch, groups, holds_cache, kv_heads, device)
-    # CUDA graphs at TP = 1 only (TP > 1 stays eager: its all-reduces would be captured too).
-    # Colocated: whole decode steps (DecodeGraphs); disaggregated: the model worker's stages
-    # between attention calls (StageGraphs).
-    use_graphs = cfg.runtime.cuda_graphs and device.type == "cuda" and topology.tp_size == 1
+    # CUDA graphs on a GPU. Colocated: whole decode steps (DecodeGraphs); disaggregated: the
+    # model worker's stages between attention calls (StageGraphs). At TP > 1 the graphs hold
+    # the TP all-reduces, so the TP group must reduce CUDA tensors through NCCL (a gloo
+    # collective stages through the host and cannot be captured): eager otherwise.
+    use_graphs = (cfg.runtime.cuda_graphs and device.type == "cuda"
+                  and (topology.tp_size == 1 or dist.get_backend() != "gloo"))
     decode_graphs = use_graphs and topology.colocated
     # With decode graphs the cache has one more block, never handed out: padding rows' scratch.
     cache = PagedKVCache(arch.num_layers, num_blocks + decode_graphs, cfg.kv_cache.block_size, kv_heads,

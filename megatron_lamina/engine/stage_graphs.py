@@ -24,11 +24,11 @@ of every bucket and slot shares one memory pool. The slot owns every tensor a gr
 writes at replay: a tensor only the capture referenced would be freed and its memory reused.
 The logits are the one output left in the pool; they are cloned right after stage L.
 
-Used only on a disaggregated model worker with TP = 1 on CUDA, for plans of decode tokens
-(every row sampled) with at most `slots` micro-batches of at most `max_batch` rows; every
-other step takes the eager path. TP > 1 stays eager: the row-parallel all-reduces inside a
-stage would have to be captured (NCCL in the graph), which is untested here (it needs three
-or more GPUs).
+Used only on a disaggregated model worker on CUDA, for plans of decode tokens (every row
+sampled) with at most `slots` micro-batches of at most `max_batch` rows; every other step
+takes the eager path. At TP > 1 a stage holds its row-parallel all-reduces (NCCL captured in
+the graph): every TP rank gets the same plan, so all of them replay the same graphs in the
+same order, as they would run the eager collectives.
 """
 
 from __future__ import annotations
@@ -45,9 +45,9 @@ class _Slot:
 
     def __init__(self, model: LlamaModel, size: int, device):
         arch, cfg = model.arch, model.config
-        assert model.tp_group.size() == 1, "stage graphs are for TP = 1 model workers"
         dtype = model.embedding.word_embeddings.weight.dtype
-        heads, kv_heads, d = cfg.num_attention_heads, cfg.num_query_groups, arch.head_dim
+        tp = model.tp_group.size()  # this rank's heads: its TP shard
+        heads, kv_heads, d = cfg.num_attention_heads // tp, cfg.num_query_groups // tp, arch.head_dim
         self.size = size
         self.tokens = torch.zeros(size, dtype=torch.long, device=device)
         self.positions = torch.zeros(size, dtype=torch.long, device=device)
@@ -132,18 +132,19 @@ class StageGraphs:
         slot = _Slot(self.model, size, self.device)
         stages = range(slot.num_stages)
         slot.graphs = [torch.cuda.CUDAGraph() for _ in stages]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):  # warm-up: cuBLAS picks its kernels, lazy initialisation happens
-                for stage in stages:
-                    slot.run_stage(self.model, stage)
-        torch.cuda.current_stream().wait_stream(side)
-        for stage in stages:
-            # thread_local: other threads' CUDA calls (NCCL's watchdog polling its events) must
-            # not invalidate the capture.
-            with torch.cuda.graph(slot.graphs[stage], pool=self.pool, capture_error_mode="thread_local"):
-                out = slot.run_stage(self.model, stage)
-            self.pool = slot.graphs[stage].pool()
+        with self.model.fused_elementwise():  # compiled SwiGLU and RoPE inside the graphs
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):  # warm-up: kernels compile, cuBLAS picks its own, lazy init
+                    for stage in stages:
+                        slot.run_stage(self.model, stage)
+            torch.cuda.current_stream().wait_stream(side)
+            for stage in stages:
+                # thread_local: other threads' CUDA calls (NCCL's watchdog polling its events)
+                # must not invalidate the capture.
+                with torch.cuda.graph(slot.graphs[stage], pool=self.pool, capture_error_mode="thread_local"):
+                    out = slot.run_stage(self.model, stage)
+                self.pool = slot.graphs[stage].pool()
         slot.logits = out
         return slot

@@ -21,12 +21,14 @@ from megatron_lamina.model.rope import apply_rotary
 
 
 class SplitTransformerLayer(TransformerLayer):
+    rotate = staticmethod(apply_rotary)  # LlamaModel.fused_elementwise sets the compiled one
+
     def pre_attention(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """hidden [tokens, 1, hidden] -> residual, q [t,1,h,d], k, v [t,1,kv,d] (rotated)."""
         residual = hidden
         normed = self.input_layernorm(hidden)
         q, k, v = self.self_attention.get_query_key_value_tensors(normed)
-        return residual, apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+        return residual, self.rotate(q, cos, sin), self.rotate(k, cos, sin), v
 
     def post_attention(self, residual: torch.Tensor, attention_out: torch.Tensor) -> torch.Tensor:
         """attention_out [tokens, 1, heads_local*head_dim] -> next layer's hidden states."""

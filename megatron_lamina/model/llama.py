@@ -25,6 +25,8 @@ has one code path.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 from typing import Generator
 
 import torch
@@ -36,7 +38,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_lamina.architecture import ModelArchitecture
 from megatron_lamina.model.layer import SplitTransformerLayer, lamina_layer_spec
-from megatron_lamina.model.rope import RotaryEmbedding
+from megatron_lamina.model.rope import RotaryEmbedding, fused_rotary
 from megatron_lamina.plan import MicroBatch
 
 
@@ -60,10 +62,10 @@ def transformer_config(arch: ModelArchitecture, dtype: torch.dtype, tp_size: int
         params_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
-        # Inference on weights loaded from a checkpoint; no fused kernels required.
+        # Inference on weights loaded from a checkpoint; no Apex/Transformer-Engine kernels.
         use_cpu_initialization=True,
         perform_initialization=False,
-        bias_activation_fusion=False,
+        bias_activation_fusion=False,  # on inside `LlamaModel.fused_elementwise` only
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
         apply_rope_fusion=False,
@@ -115,6 +117,25 @@ class LlamaModel(torch.nn.Module):
         for param in self.parameters():
             param.data = param.data.to(dtype)
         self.eval()
+
+    @contextmanager
+    def fused_elementwise(self, enabled: bool = True):
+        """Inside: SwiGLU (Megatron's `bias_activation_fusion`, its torch.compile'd kernel)
+        and RoPE (`fused_rotary`) as one compiled kernel each instead of chains of eager
+        ones. For CUDA-graph capture, warm-up included: a compiled function costs ~0.1 ms of
+        host time per call (its guards), which eager steps would pay and graph replays do not."""
+        if not enabled:
+            yield
+            return
+        self.config.bias_activation_fusion = True
+        for layer in self.decoder.layers:
+            layer.rotate = fused_rotary()
+        try:
+            yield
+        finally:
+            self.config.bias_activation_fusion = False
+            for layer in self.decoder.layers:
+                del layer.rotate  # back to the class's eager rotation
 
     @property
     def layers(self) -> list[SplitTransformerLayer]:
