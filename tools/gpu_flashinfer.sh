@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On a device machine: install the cut-down FlashInfer bundle (.whl-fi/, made by
+# On a device machine: install the cut-down FlashInfer bundle (.whl-fi/, made here by
 # tools/pack_flashinfer.py) next to the carried wheels, JIT-build its paged decode, check it
 # against the float32 reference (the benchmark's mixed-length check) and time it there.
 #   bash tools/gpu_flashinfer.sh OUT_DIR [bench_attention.py arguments]
