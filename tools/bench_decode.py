@@ -2,6 +2,7 @@
 step, on a LLaMA-shaped model with random bf16 weights, against the roofline.
 
     python tools/bench_decode.py --batches 64,128,256 --contexts 1024,4096 --out decode.json
+    torchrun --nproc-per-node 2 tools/bench_decode.py ...   # colocated TP 2 over NCCL, one GPU a rank
 
 One process, one GPU, our real model (`LlamaModel` on Megatron-core layers) and runner:
   * model-worker step (b): the attention channel returns at once (o = 0), so the step is
@@ -85,6 +86,14 @@ def start_one_gpu(port: int) -> None:
     torch.cuda.set_device(0)
 
 
+def start_tp_world() -> int:
+    """Under torchrun: one NCCL rank per GPU, all of them one TP group; returns the TP size."""
+    rank = int(os.environ["LOCAL_RANK"])
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", device_id=torch.device("cuda", rank))
+    return dist.get_world_size()
+
+
 def decode_plan(batch: int, context: int, block_size: int) -> StepPlan:
     blocks = math.ceil((context + 1) / block_size)
     chunks = [SequenceChunk(i, 0, context, [i % 1000 + 1], list(range(i * blocks, (i + 1) * blocks)), True)
@@ -114,11 +123,12 @@ def colocated_model(arch: ModelArchitecture, tp) -> tuple[LlamaModel, ModelRunne
 
 def colocated_decode_ms(runner: ModelRunner, state: dict, arch: ModelArchitecture, batch: int, context: int,
                         block_size: int, graph_modes: list[bool], repeat: int = 5,
-                        fuse: bool = True) -> dict[bool, float]:
+                        fuse: bool = True, tp: int = 1) -> dict[bool, float]:
     """Median ms of our colocated decode step (every request at `context` cached tokens, a
-    random paged cache, the Triton kernel), eager and/or replayed from CUDA graphs."""
+    random paged cache of this rank's KV heads, the Triton kernel), eager and/or replayed
+    from CUDA graphs."""
     blocks = batch * math.ceil((context + 1) / block_size)
-    cache = PagedKVCache(arch.num_layers, blocks + 1, block_size, arch.num_kv_heads, arch.head_dim,
+    cache = PagedKVCache(arch.num_layers, blocks + 1, block_size, arch.num_kv_heads // tp, arch.head_dim,
                          torch.bfloat16, "cuda")
     for t in cache.k + cache.v:
         t.normal_()
@@ -209,20 +219,34 @@ def main(argv=None) -> int:
     parser.add_argument("--unfused", action="store_true",
                         help="CUDA graphs capture eager SwiGLU and RoPE kernels, not the compiled ones")
     args = parser.parse_args(argv)
-    start_one_gpu(29655)
+    if "LOCAL_RANK" in os.environ:
+        tp_size = start_tp_world()
+    else:
+        start_one_gpu(29655)
+        tp_size = 1
+    if tp_size > 1 and args.kernel_breakdown:
+        parser.error("--kernel-breakdown is for one GPU")
     arch = ModelArchitecture(**SHAPES[args.shape])
     copy_bw, gemm_rate = ceilings()
-    tp = dist.new_group([0])
+    tp = dist.new_group(list(range(tp_size)))
 
     model, runner, state = colocated_model(arch, tp)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02)
-    params = sum(p.numel() for p in model.parameters())
+    # The whole model's figures (this rank holds 1/tp of the matrices; the norms, replicated,
+    # are counted tp times: a few hundred thousand parameters).
+    counts = torch.tensor([sum(p.numel() for p in model.parameters()),
+                           model.embedding.word_embeddings.weight.numel()], device="cuda")
+    dist.all_reduce(counts)
+    params, embedding = counts.tolist()
     # FLOPs of the step's matrix products: every weight but the embedding table (a lookup),
     # unless the LM head shares it.
-    gemm_params = params - (0 if arch.tie_word_embeddings else model.embedding.word_embeddings.weight.numel())
-    result = {"device": torch.cuda.get_device_name(), "shape": args.shape, "fused_elementwise": not args.unfused, "copy_TBps": copy_bw / 1e12,
+    gemm_params = params - (0 if arch.tie_word_embeddings else embedding)
+    if tp_size > 1:  # the TP group's bound: its GPUs' bandwidth and GEMM rate together
+        copy_bw, gemm_rate = copy_bw * tp_size, gemm_rate * tp_size
+    result = {"device": torch.cuda.get_device_name(), "tensor_parallel": tp_size, "shape": args.shape,
+              "fused_elementwise": not args.unfused, "copy_TBps": copy_bw / 1e12,
               "gemm_TFLOPs": gemm_rate / 1e12, "parameters": params, "model_step": [], "decode": []}
 
     # (b) model-worker step: attention returns zeros at once
@@ -265,41 +289,42 @@ def main(argv=None) -> int:
     for batch in map(int, args.batches.split(",")):
         for context in map(int, args.contexts.split(",")):
             kv = kv_bytes(arch, batch, context)
-            if kv + params * 2 > 0.85 * torch.cuda.get_device_properties(0).total_memory:
+            if (kv + params * 2) / tp_size > 0.85 * torch.cuda.get_device_properties(0).total_memory:
                 result["decode"].append({"batch": batch, "context": context, "skipped": "KV does not fit"})
                 continue
             bound = roofline_s(arch, params, batch, context, copy_bw, gemm_rate)
             times = colocated_decode_ms(runner, state, arch, batch, context, args.block_size, graph_modes,
-                                        fuse=not args.unfused)
+                                        fuse=not args.unfused, tp=tp_size)
             for graphs, ms in times.items():
                 result["decode"].append({"batch": batch, "context": context, "cuda_graphs": graphs, "ms": ms,
                                          "tokens_per_s": batch / (ms / 1e3), "roofline_ms": bound * 1e3,
                                          "frac_roofline": bound / (ms / 1e3)})
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"{result['device']}: copy {copy_bw / 1e12:.2f} TB/s, bf16 GEMM {gemm_rate / 1e12:.0f} TFLOP/s, "
-          f"{params / 1e9:.2f} B parameters")
-    print("(b) model-worker step (no attention)")
-    print(f"{'batch':>6} {'graphs':>6} {'ms':>8} {'TFLOP/s':>8} {'% GEMM':>7}")
-    for r in result["model_step"]:
-        print(f"{r['batch']:>6} {r['cuda_graphs']!s:>6} {r['ms']:>8.2f} {r['TFLOPs']:>8.0f} {100 * r['frac_gemm']:>7.1f}")
-    for b in breakdowns:
-        print(f"model step at batch {b['batch']}: GPU kernel time by kind (one step; eager | CUDA graph)")
-        for kind in sorted(b["eager_kinds_ms"], key=lambda k: -b["eager_kinds_ms"][k]):
-            print(f"  {kind:<58} {b['eager_kinds_ms'][kind]:8.2f} | {b['graph_kinds_ms'].get(kind, 0.0):8.2f} ms")
-        print(f"  {'the same GEMMs alone (torch.mm, back to back)':<58} {b['gemms_alone_ms']:8.2f} ms "
-              f"({b['gemm_flops'] / (b['gemms_alone_ms'] / 1e3) / gemm_rate:.0%} of the GEMM rate)")
-        for mode in ("eager", "graph"):
-            print(f"  top kernels, {mode}:")
-            for name, ms in b[f"{mode}_top_kernels_ms"].items():
-                print(f"    {ms:8.2f} ms  {name[:100]}")
-    print("(c) colocated decode step")
-    print(f"{'batch':>6} {'ctx':>6} {'graphs':>6} {'ms':>8} {'tok/s':>8} {'roofline ms':>11} {'% roofline':>10}")
-    for r in result["decode"]:
-        if "skipped" in r:
-            print(f"{r['batch']:>6} {r['context']:>6}  skipped: {r['skipped']}")
-            continue
-        print(f"{r['batch']:>6} {r['context']:>6} {r['cuda_graphs']!s:>6} {r['ms']:>8.2f} {r['tokens_per_s']:>8.0f} "
-              f"{r['roofline_ms']:>11.2f} {100 * r['frac_roofline']:>10.1f}")
+    if dist.get_rank() == 0:  # every rank measured its own shard in lockstep; rank 0 reports
+        Path(args.out).write_text(json.dumps(result, indent=2))
+        print(f"{result['device']}: copy {copy_bw / 1e12:.2f} TB/s, bf16 GEMM {gemm_rate / 1e12:.0f} TFLOP/s, "
+              f"{params / 1e9:.2f} B parameters")
+        print("(b) model-worker step (no attention)")
+        print(f"{'batch':>6} {'graphs':>6} {'ms':>8} {'TFLOP/s':>8} {'% GEMM':>7}")
+        for r in result["model_step"]:
+            print(f"{r['batch']:>6} {r['cuda_graphs']!s:>6} {r['ms']:>8.2f} {r['TFLOPs']:>8.0f} {100 * r['frac_gemm']:>7.1f}")
+        for b in breakdowns:
+            print(f"model step at batch {b['batch']}: GPU kernel time by kind (one step; eager | CUDA graph)")
+            for kind in sorted(b["eager_kinds_ms"], key=lambda k: -b["eager_kinds_ms"][k]):
+                print(f"  {kind:<58} {b['eager_kinds_ms'][kind]:8.2f} | {b['graph_kinds_ms'].get(kind, 0.0):8.2f} ms")
+            print(f"  {'the same GEMMs alone (torch.mm, back to back)':<58} {b['gemms_alone_ms']:8.2f} ms "
+                  f"({b['gemm_flops'] / (b['gemms_alone_ms'] / 1e3) / gemm_rate:.0%} of the GEMM rate)")
+            for mode in ("eager", "graph"):
+                print(f"  top kernels, {mode}:")
+                for name, ms in b[f"{mode}_top_kernels_ms"].items():
+                    print(f"    {ms:8.2f} ms  {name[:100]}")
+        print("(c) colocated decode step")
+        print(f"{'batch':>6} {'ctx':>6} {'graphs':>6} {'ms':>8} {'tok/s':>8} {'roofline ms':>11} {'% roofline':>10}")
+        for r in result["decode"]:
+            if "skipped" in r:
+                print(f"{r['batch']:>6} {r['context']:>6}  skipped: {r['skipped']}")
+                continue
+            print(f"{r['batch']:>6} {r['context']:>6} {r['cuda_graphs']!s:>6} {r['ms']:>8.2f} {r['tokens_per_s']:>8.0f} "
+                  f"{r['roofline_ms']:>11.2f} {100 * r['frac_roofline']:>10.1f}")
     dist.destroy_process_group()
     return 0
 
