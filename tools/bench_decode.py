@@ -159,7 +159,8 @@ def kernel_kind(name: str) -> str:
 
 
 def _kernel_ms(step) -> tuple[dict[str, float], dict[str, float]]:
-    """GPU time of the kernels one call of `step` runs, by kind and by kernel name."""
+    """GPU time of the kernels one call of `step` runs, by kind and by kernel name; kind
+    "span" is first kernel start to last kernel end, "count" the number of kernels."""
     from torch.profiler import ProfilerActivity, profile
 
     step()
@@ -169,12 +170,17 @@ def _kernel_ms(step) -> tuple[dict[str, float], dict[str, float]]:
         torch.cuda.synchronize()
     kinds: dict[str, float] = {}
     names: dict[str, float] = {}
+    ranges = []
     for event in prof.events():  # the GPU-side activities: kernels and copies
         if event.device_type != torch.autograd.DeviceType.CUDA:
             continue
         ms = event.time_range.elapsed_us() / 1e3
         kinds[kernel_kind(event.name)] = kinds.get(kernel_kind(event.name), 0.0) + ms
         names[event.name] = names.get(event.name, 0.0) + ms
+        ranges.append((event.time_range.start, event.time_range.end))
+    if ranges:
+        kinds["span"] = (max(end for _, end in ranges) - min(start for start, _ in ranges)) / 1e3
+        kinds["count"] = len(ranges)
     return kinds, names
 
 
@@ -310,7 +316,12 @@ def main(argv=None) -> int:
         for b in breakdowns:
             print(f"model step at batch {b['batch']}: GPU kernel time by kind (one step; eager | CUDA graph)")
             for kind in sorted(b["eager_kinds_ms"], key=lambda k: -b["eager_kinds_ms"][k]):
-                print(f"  {kind:<58} {b['eager_kinds_ms'][kind]:8.2f} | {b['graph_kinds_ms'].get(kind, 0.0):8.2f} ms")
+                if kind not in ("span", "count"):
+                    print(f"  {kind:<58} {b['eager_kinds_ms'][kind]:8.2f} | {b['graph_kinds_ms'].get(kind, 0.0):8.2f} ms")
+            print(f"  {'first kernel start to last kernel end':<58} {b['eager_kinds_ms'].get('span', 0):8.2f} | "
+                  f"{b['graph_kinds_ms'].get('span', 0):8.2f} ms")
+            print(f"  {'kernels and copies (count)':<58} {b['eager_kinds_ms'].get('count', 0):8.0f} | "
+                  f"{b['graph_kinds_ms'].get('count', 0):8.0f}")
             print(f"  {'the same GEMMs alone (torch.mm, back to back)':<58} {b['gemms_alone_ms']:8.2f} ms "
                   f"({b['gemm_flops'] / (b['gemms_alone_ms'] / 1e3) / gemm_rate:.0%} of the GEMM rate)")
             for mode in ("eager", "graph"):
