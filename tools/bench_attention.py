@@ -294,7 +294,8 @@ def main(argv=None) -> int:
         flex_ms, fi_ms = (f"{r[k + '_ms']:>8.3f} {100 * r[k + '_frac_copy_bw']:>5.1f}" if r[k + "_ms"]
                           else f"{'-':>8} {'-':>5}" for k in ("flex", "flashinfer"))
         print(f"{r['batch']:>5} {r['context']:>5} {r['block_size']:>4} {config:>16} {r['paged_ms']:>9.3f} "
-              f"{100 * r['paged_frac_copy_bw']:>5.1f} {r['paged_eager_ms']:>6.3f} {flex_ms} {fi_ms} {r['sdpa_ms']:>8.3f} "
+              f"{100 * r['paged_frac_copy_bw']:>5.1f} {r['paged_eager_ms']:>6.3f} {flex_ms} {fi_ms} "
+              f"{r['sdpa_ms']:>8.3f} "
               f"{100 * r['sdpa_frac_copy_bw']:>5.1f} {r['speedup_vs_sdpa']:>6.2f} {r['paged_rel_err']:>8.1e}")
     return 0
 

@@ -289,7 +289,8 @@ def main(argv=None) -> int:
             runner.graphs = None
             flops = 2 * gemm_params * batch
             result["model_step"].append({"batch": batch, "cuda_graphs": graphs, "ms": ms,
-                                         "TFLOPs": flops / (ms / 1e3) / 1e12, "frac_gemm": flops / (ms / 1e3) / gemm_rate})
+                                         "TFLOPs": flops / (ms / 1e3) / 1e12,
+                                         "frac_gemm": flops / (ms / 1e3) / gemm_rate})
 
     # (c) colocated decode step with the real paged cache and kernel
     for batch in map(int, args.batches.split(",")):
@@ -312,12 +313,14 @@ def main(argv=None) -> int:
         print("(b) model-worker step (no attention)")
         print(f"{'batch':>6} {'graphs':>6} {'ms':>8} {'TFLOP/s':>8} {'% GEMM':>7}")
         for r in result["model_step"]:
-            print(f"{r['batch']:>6} {r['cuda_graphs']!s:>6} {r['ms']:>8.2f} {r['TFLOPs']:>8.0f} {100 * r['frac_gemm']:>7.1f}")
+            print(f"{r['batch']:>6} {r['cuda_graphs']!s:>6} {r['ms']:>8.2f} {r['TFLOPs']:>8.0f} "
+                  f"{100 * r['frac_gemm']:>7.1f}")
         for b in breakdowns:
             print(f"model step at batch {b['batch']}: GPU kernel time by kind (one step; eager | CUDA graph)")
             for kind in sorted(b["eager_kinds_ms"], key=lambda k: -b["eager_kinds_ms"][k]):
                 if kind not in ("span", "count"):
-                    print(f"  {kind:<58} {b['eager_kinds_ms'][kind]:8.2f} | {b['graph_kinds_ms'].get(kind, 0.0):8.2f} ms")
+                    print(f"  {kind:<58} {b['eager_kinds_ms'][kind]:8.2f} | "
+                          f"{b['graph_kinds_ms'].get(kind, 0.0):8.2f} ms")
             print(f"  {'first kernel start to last kernel end':<58} {b['eager_kinds_ms'].get('span', 0):8.2f} | "
                   f"{b['graph_kinds_ms'].get('span', 0):8.2f} ms")
             print(f"  {'kernels and copies (count)':<58} {b['eager_kinds_ms'].get('count', 0):8.0f} | "
@@ -334,7 +337,8 @@ def main(argv=None) -> int:
             if "skipped" in r:
                 print(f"{r['batch']:>6} {r['context']:>6}  skipped: {r['skipped']}")
                 continue
-            print(f"{r['batch']:>6} {r['context']:>6} {r['cuda_graphs']!s:>6} {r['ms']:>8.2f} {r['tokens_per_s']:>8.0f} "
+            print(f"{r['batch']:>6} {r['context']:>6} {r['cuda_graphs']!s:>6} {r['ms']:>8.2f} "
+                  f"{r['tokens_per_s']:>8.0f} "
                   f"{r['roofline_ms']:>11.2f} {100 * r['frac_roofline']:>10.1f}")
     dist.destroy_process_group()
     return 0

@@ -6,9 +6,10 @@ fixed rotation (micro-batch 0, 1, .., n-1, then 0 again), so while micro-batch m
 is away the model worker computes micro-batch m+1; the order depends only on the plan,
 never on timing, which keeps TP collectives and P2P messages matched on every rank.
 
-With CUDA graphs (on a GPU; at TP > 1 through NCCL) a step that qualifies replays them instead: the whole
-colocated decode step (`DecodeGraphs`, cuda_graphs.py), or, disaggregated, the stages
-between attention calls in the same rotation (`StageGraphs`, stage_graphs.py).
+With CUDA graphs (on a GPU; at TP > 1 through NCCL) a step that qualifies replays them
+instead: the whole colocated decode step (`DecodeGraphs`, cuda_graphs.py), or,
+disaggregated, the stages between attention calls in the same rotation (`StageGraphs`,
+stage_graphs.py).
 """
 
 from __future__ import annotations

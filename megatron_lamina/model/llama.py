@@ -26,7 +26,6 @@ has one code path.
 from __future__ import annotations
 
 from contextlib import contextmanager
-
 from typing import Generator
 
 import torch
