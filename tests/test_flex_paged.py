@@ -11,11 +11,12 @@ import math
 import shutil
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
 from megatron_lamina.attention.flex_paged import decode_block_mask, flex_paged_decode
-from megatron_lamina.attention.kv_cache import PagedKVCache
+from megatron_lamina.attention.kv_cache import PagedKVCache, padded_block_tables
 from megatron_lamina.attention.reference import attend_chunks
 from megatron_lamina.plan import SequenceChunk
 
@@ -39,20 +40,24 @@ def random_decode_batch(lens, block_size, heads=8, kv_heads=2, d=16, seed=0, dev
     return cache, chunks, q, kv
 
 
-@pytest.mark.parametrize("block_size", [1, 4, 16])
-def test_flex_matches_reference(block_size):
-    lens = [1, 5, 16, 17, 40, 33, 4]
-    cache, chunks, q, kv = random_decode_batch(lens, block_size)
-    ref = attend_chunks(cache, 0, chunks, q, kv, kv)      # writes the new tokens, then attends
-    width = max(len(c.block_table) for c in chunks) + 2   # tables padded past the used blocks
-    tables = torch.zeros(len(chunks), width, dtype=torch.int32)
-    for i, c in enumerate(chunks):
-        tables[i, :len(c.block_table)] = torch.tensor(c.block_table)
-    mask = decode_block_mask(tables, torch.tensor(lens), block_size, cache.num_blocks)
+def flex_over(cache, chunks, q, attend=None, extra_columns=0, device="cpu", dtype=torch.float32):
+    """flex_paged_decode of `q` over the cache's layer 0 (pools made head-major, block tables
+    padded by `padded_block_tables`, `extra_columns` more), on `device` in `dtype`."""
+    lens = torch.tensor([c.end for c in chunks])
+    tables = padded_block_tables([c.block_table for c in chunks], 0)
+    tables = torch.from_numpy(np.pad(tables, ((0, 0), (0, extra_columns))))
+    mask = decode_block_mask(tables.to(device), lens.to(device), cache.block_size, cache.num_blocks)
+    pools = [pool[0].transpose(0, 1).contiguous().to(device, dtype) for pool in (cache.k, cache.v)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "called without torch.compile": the unfused path is the point
-        out = flex_paged_decode(q, cache.k[0].transpose(0, 1).contiguous(), cache.v[0].transpose(0, 1).contiguous(),
-                                mask)
+        return flex_paged_decode(q.to(device, dtype), *pools, mask, **({"attend": attend} if attend else {}))
+
+
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+def test_flex_matches_reference(block_size):
+    cache, chunks, q, kv = random_decode_batch([1, 5, 16, 17, 40, 33, 4], block_size)
+    ref = attend_chunks(cache, 0, chunks, q, kv, kv)      # writes the new tokens, then attends
+    out = flex_over(cache, chunks, q, extra_columns=2)    # tables padded past the used blocks
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
@@ -62,12 +67,7 @@ def test_a_foreign_block_is_not_attended():
     for block in chunks[1].block_table:
         cache.v[0][block] = 1e4
     ref = attend_chunks(cache, 0, chunks[:1], q[:1], kv[:1], kv[:1])
-    tables = torch.tensor([c.block_table for c in chunks], dtype=torch.int32)
-    mask = decode_block_mask(tables, torch.tensor([9, 9]), 4, cache.num_blocks)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        out = flex_paged_decode(q, cache.k[0].transpose(0, 1).contiguous(), cache.v[0].transpose(0, 1).contiguous(),
-                                mask)
+    out = flex_over(cache, chunks, q)
     torch.testing.assert_close(out[:1], ref, rtol=1e-5, atol=1e-5)
     assert out[1].abs().max() > 1e3
 
@@ -79,13 +79,7 @@ def test_compiled_flex_uses_the_block_sparsity_correctly():
     must still equal the reference (the GPU test runs the same check on CUDA)."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    lens = [1, 5, 16, 17, 40, 333, 100, 64]
-    cache, chunks, q, kv = random_decode_batch(lens, 16)
+    cache, chunks, q, kv = random_decode_batch([1, 5, 16, 17, 40, 333, 100, 64], 16)
     ref = attend_chunks(cache, 0, chunks, q, kv, kv)
-    tables = torch.zeros(len(chunks), max(len(c.block_table) for c in chunks), dtype=torch.int32)
-    for i, c in enumerate(chunks):
-        tables[i, :len(c.block_table)] = torch.tensor(c.block_table)
-    mask = decode_block_mask(tables, torch.tensor(lens), 16, cache.num_blocks)
-    out = flex_paged_decode(q, cache.k[0].transpose(0, 1).contiguous(), cache.v[0].transpose(0, 1).contiguous(),
-                            mask, attend=torch.compile(flex_attention))
+    out = flex_over(cache, chunks, q, attend=torch.compile(flex_attention))
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

@@ -53,21 +53,15 @@ def test_paged_decode_matches_reference(block_size, splits):
 @pytest.mark.parametrize("block_size", [16, 64])
 def test_compiled_flex_paged_decode_matches_reference(block_size):
     """flex_attention's fused kernel (block sparsity + mask) over the paged pool."""
-    from test_flex_paged import random_decode_batch
+    from test_flex_paged import flex_over, random_decode_batch
     from torch.nn.attention.flex_attention import flex_attention
 
-    from megatron_lamina.attention.flex_paged import decode_block_mask, flex_paged_decode
     from megatron_lamina.attention.reference import attend_chunks
 
     lens = [1, 5, 16, 17, 40, 333, 1000, 64]
     cache, chunks, q, kv = random_decode_batch(lens, block_size, heads=32, kv_heads=8, d=128)
     ref = attend_chunks(cache, 0, chunks, q, kv, kv)
-    tables = torch.zeros(len(chunks), max(len(c.block_table) for c in chunks), dtype=torch.int32)
-    for i, c in enumerate(chunks):
-        tables[i, :len(c.block_table)] = torch.tensor(c.block_table)
-    mask = decode_block_mask(tables.cuda(), torch.tensor(lens).cuda(), block_size, cache.num_blocks)
-    pools = [c[0].transpose(0, 1).contiguous().cuda().bfloat16() for c in (cache.k, cache.v)]
-    out = flex_paged_decode(q.cuda().bfloat16(), *pools, mask, attend=torch.compile(flex_attention))
+    out = flex_over(cache, chunks, q, attend=torch.compile(flex_attention), device="cuda", dtype=torch.bfloat16)
     assert ((out.float().cpu() - ref).norm() / ref.norm()).item() < 1e-2
 
 

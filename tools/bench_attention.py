@@ -55,20 +55,6 @@ def graph_ms(fn, sets, calls=10, repeat=7) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def back_to_back_ms(fn, sets, calls=50) -> float:
-    """Time of one call among `calls` launched back to back (the host runs ahead)."""
-    for args in sets:
-        fn(*args)
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for i in range(calls):
-        fn(*sets[i % len(sets)])
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / calls
-
-
 def time_ms(fn, sets, repeat=20, warmup=3) -> float:
     for i in range(warmup):
         fn(*sets[i % len(sets)])
@@ -129,7 +115,7 @@ def head_major(cache):
     return cache.transpose(0, 1).contiguous()
 
 
-def flashinfer_wrapper(tables, lens, block_size, heads, kv_heads, d, dtype, tensor_cores):
+def flashinfer_wrapper(tables, lens, block_size, heads, kv_heads, d, dtype):
     """FlashInfer's batch decode planned over our block tables; it reads our cache as it is
     (FlashInfer's "HND" paged layout). Only where flashinfer is installed (carried)."""
     import flashinfer
@@ -138,7 +124,7 @@ def flashinfer_wrapper(tables, lens, block_size, heads, kv_heads, d, dtype, tens
     live = torch.arange(tables.shape[1], device=tables.device)[None, :] < pages[:, None]
     indptr = torch.cat([pages.new_zeros(1), pages.cumsum(0)]).int()
     workspace = torch.zeros(128 * 1024**2, dtype=torch.uint8, device=tables.device)
-    wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, kv_layout="HND", use_tensor_cores=tensor_cores)
+    wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, kv_layout="HND")
     wrapper.plan(indptr, tables[live].int(), (lens - (pages - 1) * block_size).int(), heads, kv_heads, d, block_size,
                  pos_encoding_mode="NONE", q_data_type=dtype, kv_data_type=dtype)
     return wrapper
@@ -146,24 +132,16 @@ def flashinfer_wrapper(tables, lens, block_size, heads, kv_heads, d, dtype, tens
 
 def time_flashinfer(sets, ref, block_size, heads, kv_heads, d, dtype) -> dict:
     """FlashInfer's decode (its CUDA-core kernel, which it picks for decode on Hopper; the
-    tensor-core one is its prefill module, not carried): ms, relative error, or the error."""
-    best = {}
-    for tensor_cores in (False,):
-        try:
-            fi_sets = [(q, kc, vc, flashinfer_wrapper(t, n, block_size, heads, kv_heads, d, dtype, tensor_cores))
-                       for q, kc, vc, t, n in sets]
-            run = lambda q, kc, vc, w: w.run(q, (kc, vc))  # noqa: E731
-            err = ((run(*fi_sets[0]).float() - ref).norm() / ref.norm()).item()
-            try:
-                ms, timed = graph_ms(run, fi_sets), "graph"
-            except Exception:  # noqa: BLE001 - not capturable unplanned: back-to-back launches
-                torch.cuda.synchronize()
-                ms, timed = back_to_back_ms(run, fi_sets), "back-to-back"
-            if "ms" not in best or ms < best["ms"]:
-                best = {"ms": ms, "rel_err": err, "tensor_cores": tensor_cores, "timed": timed}
-        except Exception as exc:  # noqa: BLE001 - reported in the table, not fatal
-            best.setdefault("error", f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}")
-    return best
+    tensor-core one is its prefill module, not carried), timed like ours: {ms, rel_err}, or
+    {error} where it fails."""
+    try:
+        fi_sets = [(q, kc, vc, flashinfer_wrapper(t, n, block_size, heads, kv_heads, d, dtype))
+                   for q, kc, vc, t, n in sets]
+        run = lambda q, kc, vc, w: w.run(q, (kc, vc))  # noqa: E731
+        err = ((run(*fi_sets[0]).float() - ref).norm() / ref.norm()).item()
+        return {"ms": graph_ms(run, fi_sets), "rel_err": err}
+    except Exception as exc:  # noqa: BLE001 - reported in the table, not fatal
+        return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"}
 
 
 def check_mixed_lengths(heads, kv_heads, d, dtype, flex=None, flashinfer=False) -> float:
@@ -192,7 +170,7 @@ def check_mixed_lengths(heads, kv_heads, d, dtype, flex=None, flashinfer=False) 
             except Exception as exc:  # noqa: BLE001 - a block size flex's kernel does not tile
                 print(f"flex_attention, block size {block_size}: {type(exc).__name__}: {str(exc)[:200]}")
         if flashinfer:
-            outs.append(flashinfer_wrapper(tables, lens, block_size, heads, kv_heads, d, dtype, False).run(q, (kc, vc)))
+            outs.append(flashinfer_wrapper(tables, lens, block_size, heads, kv_heads, d, dtype).run(q, (kc, vc)))
         for i, n in enumerate(lens.tolist()):
             kd = contiguous(kc, tables[i:i + 1], n)
             vd = contiguous(vc, tables[i:i + 1], n)
