@@ -65,7 +65,9 @@ class RuntimeConfig:
     # A collective or P2P exchange that takes longer than this fails the job (a rank died or
     # hangs); the driver also sends an empty plan after this long idle / 4 as a heartbeat.
     step_timeout_s: float = _key(120.0, above=0.0)
-    # CUDA only, colocated with tensor_parallel 1: replay decode steps from CUDA graphs.
+    # CUDA only: replay steps from CUDA graphs, all captured at start-up (colocated decode
+    # steps whole; every step's stages between attention calls at token buckets). At
+    # tensor_parallel > 1 the TP group must be NCCL (not transport gloo).
     cuda_graphs: bool = _key(True)
 
 
@@ -74,6 +76,9 @@ class SchedulerConfig:
     max_batch_size: int = _key(64, min=1)  # requests in one step, over all micro-batches
     micro_batches: int = _key(2, min=1)  # staggered pipelining depth (DESIGN.md section 4)
     max_prefill_tokens: int = _key(2048, min=1)  # prompt tokens per step (chunked prefill)
+    # Plan step n+1 while step n runs (its tokens fed on the device); false: plan after reading
+    # step n back (same tokens, the GPU idles meanwhile).
+    async_scheduling: bool = _key(True)
 
 
 @dataclass

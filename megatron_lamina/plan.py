@@ -7,14 +7,22 @@ A plan is a list of `MicroBatch`es; a micro-batch is a list of `SequenceChunk`s 
 request: a prefill chunk or a single decode token), ordered by request shard so that the
 rows each attention shard owns are one contiguous slice. This is a leaf module shared by
 the engine, the model workers, the transport and the attention workers.
+
+Two things keep the plan small and let the driver plan ahead of the GPU:
+  * Block tables never travel whole. A chunk carries `new_blocks`, the blocks appended to
+    its request's table since the last plan that carried the request, and the plan lists
+    the requests whose blocks were `released`; every rank that holds a cache keeps its own
+    copy of the tables (engine/block_tables.py) and fills in `chunk.block_table` from it.
+    `block_table` is therefore not pickled (see `__getstate__`).
+  * A decode token the driver has sampled but not yet read back from the device (the plan
+    of step n+1 is built while step n runs: asynchronous scheduling) is `fed`: the chunk's
+    `feed` is its row in the previous step's sampled tokens, which stay on the device, and
+    `tokens` holds a placeholder.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import cached_property
-
-import torch
 
 
 @dataclass
@@ -25,13 +33,22 @@ class SequenceChunk:
     shard: int
     start: int
     tokens: list[int]
-    block_table: list[int]
-    sample: bool  # the logits of the last token are needed (decode, or last prefill chunk)
+    new_blocks: list[int]
+    sample: bool        # the logits of the last token are needed (decode, or last prefill chunk)
+    feed: int = -1      # >= 0: the one token is row `feed` of the previous step's sampled tokens
+    # The request's whole block table on this rank (set by the driver's scheduler, or by a
+    # receiving rank's BlockTables); never sent.
+    block_table: list[int] = field(default_factory=list, repr=False, compare=False)
 
     @property
     def end(self) -> int:
         """Context length after this chunk is appended."""
         return self.start + len(self.tokens)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["block_table"] = []
+        return state
 
 
 @dataclass
@@ -41,58 +58,47 @@ class MicroBatch:
     def __post_init__(self):
         shards = [c.shard for c in self.chunks]
         assert shards == sorted(shards), "chunks of a micro-batch must be ordered by shard"
+        self._ranges = None
 
     @property
-    def num_tokens(self) -> int:
+    def num_rows(self) -> int:
+        """Token rows of the micro-batch (every chunk's tokens, in chunk order)."""
         return sum(len(c.tokens) for c in self.chunks)
-
-    @cached_property
-    def token_ids(self) -> torch.Tensor:
-        return torch.tensor([t for c in self.chunks for t in c.tokens], dtype=torch.long)
-
-    @cached_property
-    def positions(self) -> torch.Tensor:
-        return torch.tensor(
-            [p for c in self.chunks for p in range(c.start, c.end)], dtype=torch.long
-        )
-
-    @cached_property
-    def sample_rows(self) -> torch.Tensor:
-        """Row index of the last token of every chunk whose logits are sampled."""
-        rows, offset = [], 0
-        for c in self.chunks:
-            offset += len(c.tokens)
-            if c.sample:
-                rows.append(offset - 1)
-        return torch.tensor(rows, dtype=torch.long)
-
-    @cached_property
-    def _shard_ranges(self) -> dict[int, tuple[int, int]]:
-        ranges, row = {}, 0
-        for c in self.chunks:
-            lo, _ = ranges.get(c.shard, (row, row))
-            row += len(c.tokens)
-            ranges[c.shard] = (lo, row)
-        return ranges
 
     def shard_rows(self, shard: int) -> tuple[int, int]:
         """The [lo, hi) token rows that belong to request shard `shard` (computed once: the
         transport asks for every layer)."""
-        if shard in self._shard_ranges:
-            return self._shard_ranges[shard]
+        if self._ranges is None:
+            ranges, row = {}, 0
+            for c in self.chunks:
+                lo, _ = ranges.get(c.shard, (row, row))
+                row += len(c.tokens)
+                ranges[c.shard] = (lo, row)
+            self._ranges = ranges
+        if shard in self._ranges:
+            return self._ranges[shard]
         row = sum(len(c.tokens) for c in self.chunks if c.shard < shard)
         return row, row
 
     def shard_chunks(self, shard: int) -> list[SequenceChunk]:
         return [c for c in self.chunks if c.shard == shard]
 
+    @property
+    def decode_only(self) -> bool:
+        return all(len(c.tokens) == 1 and c.sample for c in self.chunks)
+
 
 @dataclass
 class StepPlan:
     micro_batches: list[MicroBatch] = field(default_factory=list)
+    released: list[int] = field(default_factory=list)  # requests whose blocks were freed
     shutdown: bool = False  # every rank leaves its loop after this plan
 
     @property
     def sampled_chunks(self) -> list[SequenceChunk]:
         """The chunks whose next token the driver samples, in logits-row order."""
         return [c for mb in self.micro_batches for c in mb.chunks if c.sample]
+
+    @property
+    def num_sampled(self) -> int:
+        return sum(c.sample for mb in self.micro_batches for c in mb.chunks)

@@ -11,7 +11,8 @@ served locally.
 
 `init_process_groups` creates the tensor-parallel group over the model-worker ranks only
 (handed to Megatron through a `ProcessGroupCollection`, so attention workers are in no
-Megatron group) and a gloo group over all ranks for the step plans. Disaggregated, it also
+Megatron group), a gloo group over all ranks for the step plans (whose timeout detects a dead
+rank) and one for start-up agreements (which may wait minutes for a model to load). Disaggregated, it also
 creates one group per direction of the transport (q/k/v to the attention workers, outputs
 back to the model workers): each group has its own NCCL communicator and stream, so a
 micro-batch's q/k/v can travel while an earlier micro-batch's output is still awaited (on a
@@ -101,9 +102,15 @@ class Topology:
 @dataclass
 class ProcessGroups:
     tp: dist.ProcessGroup | None   # model-worker ranks only (None on attention workers)
-    control: dist.ProcessGroup     # every rank, gloo: step plans and shutdown
+    control: dist.ProcessGroup     # every rank, gloo: step plans and shutdown (timeout: a step's)
+    startup: dist.ProcessGroup     # every rank, gloo: start-up agreements (timeout: STARTUP_TIMEOUT_S)
     to_attention: dist.ProcessGroup | None = None  # every rank: q/k/v messages (None colocated)
     to_model: dist.ProcessGroup | None = None      # every rank: attention outputs
+
+
+# Loading an 8B model and capturing its graphs (torch.compile included) takes minutes, while
+# the other ranks wait in the KV-size agreement: start-up gets its own group and timeout.
+STARTUP_TIMEOUT_S = 1800.0
 
 
 def init_process_groups(topology: Topology, rank: int, timeout_s: float) -> ProcessGroups:
@@ -112,7 +119,8 @@ def init_process_groups(topology: Topology, rank: int, timeout_s: float) -> Proc
     tp = dist.new_group(list(range(topology.tp_size)), timeout=timeout)
     everyone = list(range(topology.world_size))
     control = dist.new_group(everyone, backend="gloo", timeout=timeout)
-    groups = ProcessGroups(tp=tp if topology.is_model_worker(rank) else None, control=control)
+    startup = dist.new_group(everyone, backend="gloo", timeout=timedelta(seconds=STARTUP_TIMEOUT_S))
+    groups = ProcessGroups(tp=tp if topology.is_model_worker(rank) else None, control=control, startup=startup)
     if not topology.colocated:
         groups.to_attention = dist.new_group(everyone, timeout=timeout)
         groups.to_model = dist.new_group(everyone, timeout=timeout)

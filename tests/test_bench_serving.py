@@ -16,6 +16,7 @@ import os
 import signal
 from pathlib import Path
 
+import httpx
 import pytest
 from server_proc import ServerProcess, tiny_server_config
 
@@ -50,6 +51,11 @@ def test_trace_slice_against_the_real_server(tmp_path, tiny_models):
             "--url", server.url, "--trace", str(AZURE_CONV), "--max-requests", "20",
             "--max-input-len", "160", "--max-output-len", "48", "--rate-scale", "2",
             "--slo-ttft", "5", "--slo-tpot", "1", "--timeout", "120", "--out", str(out)])
+        # A closed batch on the same server, no trace file: every request at once.
+        closed_code = load_tool("bench_serving").main([
+            "--url", server.url, "--closed", "12", "--input-len", "30", "--output-len", "9",
+            "--timeout", "120", "--out", str(tmp_path / "closed.json")])
+        metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
     finally:
         server.stop()
         for pid in ranks:
@@ -75,3 +81,15 @@ def test_trace_slice_against_the_real_server(tmp_path, tiny_models):
     assert 0 < report["goodput"]["requests"] <= 20
     assert report["request_throughput_req_s"] > 0
     assert out.with_suffix(".png").stat().st_size > 1000
+
+    closed = json.loads((tmp_path / "closed.json").read_text())
+    assert closed_code == 0 and closed["completed"] == 12 and closed["arrivals"] == "closed batch of 12"
+    assert all(r["input_len"] == 30 and r["output_tokens"] == 9 for r in closed["requests"])
+    assert closed["output_tokens"] == 12 * 9
+    # The engine's steps in /metrics: every generated token came out of a step that sampled it.
+    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in metrics.splitlines()
+              if line and not line.startswith("#")}
+    assert values["lamina_generation_tokens_total"] == report["output_tokens"] + 12 * 9
+    assert values["lamina_step_batch_size_sum"] == values["lamina_generation_tokens_total"]
+    assert values["lamina_step_seconds_count"] == values["lamina_step_batch_size_count"] > 0
+    assert values["lamina_step_tokens_sum"] >= values["lamina_step_batch_size_sum"]

@@ -32,7 +32,7 @@ def random_decode_batch(lens, block_size, heads=8, kv_heads=2, d=16, seed=0, dev
     order = torch.randperm(num_blocks, generator=g).tolist()
     chunks, used = [], 0
     for n, nb in zip(lens, blocks):
-        chunks.append(SequenceChunk(request_id=len(chunks), shard=0, start=n - 1, tokens=[0],
+        chunks.append(SequenceChunk(request_id=len(chunks), shard=0, start=n - 1, tokens=[0], new_blocks=[],
                                     block_table=order[used:used + nb], sample=True))
         used += nb
     q = torch.randn(len(lens), heads, d, generator=g)

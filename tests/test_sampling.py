@@ -10,9 +10,14 @@ import pytest
 import torch
 
 from megatron_lamina.engine.request import Request
-from megatron_lamina.engine.sampling import SamplingParams, sample_token, sample_tokens
+from megatron_lamina.engine.sampling import SamplingParams, sample_tokens
 
 LOGITS = torch.tensor([1.0, 3.0, 2.5, -1.0, 0.0, 2.9])
+
+
+def sample_token(logits, params, generator) -> int:
+    """One row through the batched sampler."""
+    return sample_tokens(logits.unsqueeze(0), [params], [generator])[0]
 
 
 def draws(params: SamplingParams, n: int = 400) -> set[int]:
@@ -163,36 +168,3 @@ def test_one_host_transfer_per_batch(monkeypatch):
     calls = count_host_transfers(monkeypatch)
     sample_tokens(logits, MIXED, generators)
     assert calls == {**dict.fromkeys(HOST_TRANSFERS, 0), "tolist": 1}
-
-
-def test_engine_step_samples_the_batch_at_once(monkeypatch):
-    """`LLMEngine.step` on stubs: one `sample_tokens` call for the step, `on_logits` still sees
-    every row, and no per-row copy to the host."""
-    from megatron_lamina.engine import llm_engine  # imports Megatron-core (seconds): only here
-
-    requests = [Request(i, [1, 2, 3], p, generator=p.make_generator()) for i, p in enumerate(MIXED[:-1])]
-    logits = mixed_logits(len(requests))
-    chunks = [SimpleNamespace(request_id=r.request_id, end=3) for r in requests]
-    plan = SimpleNamespace(micro_batches=[SimpleNamespace(chunks=chunks)], sampled_chunks=chunks)
-    engine = llm_engine.LLMEngine.__new__(llm_engine.LLMEngine)
-    engine.ctx = SimpleNamespace(device=torch.device("cpu"), groups=None, runner=SimpleNamespace(run=lambda _: logits))
-    engine.scheduler = SimpleNamespace(schedule=lambda: plan, ended=[], running=requests)
-    engine._append_token = lambda request, token: request.output_token_ids.append(token)
-    seen = []
-    engine.on_logits = lambda request, row: seen.append((request.request_id, row))
-    batches = []
-
-    def sample(*args):
-        batches.append(len(args[0]))
-        return sample_tokens(*args)
-    monkeypatch.setattr(llm_engine, "broadcast_plan", lambda plan, groups: None)
-    monkeypatch.setattr(llm_engine, "sample_tokens", sample)
-    calls = count_host_transfers(monkeypatch)
-    assert engine.step() == requests
-    assert batches == [len(requests)]
-    assert calls["cpu"] == calls["item"] == calls["__int__"] == 0 and calls["tolist"] == 1
-    assert [i for i, _ in seen] == [r.request_id for r in requests]
-    assert all(torch.equal(row, logits[i]) for i, row in seen)
-    generators = [r.params.make_generator() for r in requests]
-    assert [r.output_token_ids for r in requests] == [[per_row_reference(row, r.params, g)]
-                                                      for row, r, g in zip(logits, requests, generators)]

@@ -49,7 +49,7 @@ def reference_generate(hf_dir: Path, prompts: list[list[int]], params: list, dev
     than a CPU one with the same seed). Returns (tokens, logits per step)."""
     from transformers import AutoModelForCausalLM
 
-    from megatron_lamina.engine.sampling import sample_token
+    from megatron_lamina.engine.sampling import sample_tokens
 
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     tokens, logits = [], []
@@ -59,7 +59,7 @@ def reference_generate(hf_dir: Path, prompts: list[list[int]], params: list, dev
             for _ in range(p.max_tokens):
                 row = model(torch.tensor([ids])).logits[0, -1]
                 steps.append(row)
-                ids.append(sample_token(row.to(device), p, generator))
+                ids.append(sample_tokens(row.to(device)[None], [p], [generator])[0])
         tokens.append(ids[len(prompt):])
         logits.append(torch.stack(steps))
     return tokens, logits

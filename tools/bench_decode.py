@@ -36,8 +36,10 @@ if Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
 from megatron_lamina.architecture import ModelArchitecture
 from megatron_lamina.attention.gpu import PagedAttention
 from megatron_lamina.attention.kv_cache import PagedKVCache
+from megatron_lamina.bench.stand_ins import ZeroAttention
 from megatron_lamina.engine.cuda_graphs import DecodeGraphs
-from megatron_lamina.engine.model_runner import ModelRunner
+from megatron_lamina.engine.model_worker import ModelWorker
+from megatron_lamina.engine.token_feed import TokenFeed
 from megatron_lamina.model.llama import LlamaModel
 from megatron_lamina.plan import MicroBatch, SequenceChunk, StepPlan
 from megatron_lamina.transport.channel import LocalChannel
@@ -96,8 +98,8 @@ def start_tp_world() -> int:
 
 def decode_plan(batch: int, context: int, block_size: int) -> StepPlan:
     blocks = math.ceil((context + 1) / block_size)
-    chunks = [SequenceChunk(i, 0, context, [i % 1000 + 1], list(range(i * blocks, (i + 1) * blocks)), True)
-              for i in range(batch)]
+    chunks = [SequenceChunk(i, 0, context, [i % 1000 + 1], [], True,
+                            block_table=list(range(i * blocks, (i + 1) * blocks))) for i in range(batch)]
     return StepPlan([MicroBatch(chunks)])
 
 
@@ -113,36 +115,42 @@ def roofline_s(arch: ModelArchitecture, params: int, batch: int, context: int, c
     return max((params * 2 + kv_bytes(arch, batch, context)) / copy_bw, flops / gemm_rate)
 
 
-def colocated_model(arch: ModelArchitecture, tp) -> tuple[LlamaModel, ModelRunner, dict]:
-    """Our bf16 model on the GPU (weights uninitialised) and its runner; attention goes to
-    `state["attend"]`, which the caller sets."""
-    state = {"attend": None}
-    model = LlamaModel(arch, torch.bfloat16, tp, LocalChannel(lambda *a: state["attend"](*a)), arch.vocab_size)
-    return model.cuda(), ModelRunner(model), state
+def colocated_model(arch: ModelArchitecture, tp, fused: bool = True) -> LlamaModel:
+    """Our bf16 model on the GPU (weights uninitialised), with the compiled elementwise kernels
+    the graphs capture unless `fused` is False."""
+    return LlamaModel(arch, torch.bfloat16, tp, arch.vocab_size, fused_elementwise=fused).cuda()
 
 
-def colocated_decode_ms(runner: ModelRunner, state: dict, arch: ModelArchitecture, batch: int, context: int,
-                        block_size: int, graph_modes: list[bool], repeat: int = 5,
-                        fuse: bool = True, tp: int = 1) -> dict[bool, float]:
+def worker(model: LlamaModel, attention, tp, decode_graphs: DecodeGraphs | None = None) -> ModelWorker:
+    return ModelWorker(model, LocalChannel(attention), TokenFeed(tp, torch.device("cuda")),
+                       decode_graphs=decode_graphs)
+
+
+def captured(model: LlamaModel, attention, batch: int, max_blocks: int, scratch_block: int) -> DecodeGraphs:
+    graphs = DecodeGraphs(model, attention, batch, max_blocks, scratch_block)
+    graphs.capture()
+    return graphs
+
+
+def colocated_decode_ms(model: LlamaModel, tp, arch: ModelArchitecture, batch: int, context: int,
+                        block_size: int, graph_modes: list[bool], repeat: int = 5, tp_size: int = 1) -> dict[bool, float]:
     """Median ms of our colocated decode step (every request at `context` cached tokens, a
     random paged cache of this rank's KV heads, the Triton kernel), eager and/or replayed
     from CUDA graphs."""
     blocks = batch * math.ceil((context + 1) / block_size)
-    cache = PagedKVCache(arch.num_layers, blocks + 1, block_size, arch.num_kv_heads // tp, arch.head_dim,
+    cache = PagedKVCache(arch.num_layers, blocks + 1, block_size, arch.num_kv_heads // tp_size, arch.head_dim,
                          torch.bfloat16, "cuda")
     for t in cache.k + cache.v:
         t.normal_()
-    state["attend"] = PagedAttention(cache)
+    attention = PagedAttention(cache)
     plan = decode_plan(batch, context, block_size)
     result = {}
     for graphs in graph_modes:
-        if graphs:
-            runner.graphs = DecodeGraphs(runner.model, state["attend"], batch, math.ceil((context + 1) / block_size),
-                                         scratch_block=blocks, fuse_elementwise=fuse)
-        result[graphs] = time_ms(lambda: runner.run(plan), repeat=repeat)
-        runner.graphs = None
-    del cache
-    state["attend"] = None
+        decode = captured(model, attention, batch, math.ceil((context + 1) / block_size), blocks) if graphs else None
+        step = worker(model, attention, tp, decode)
+        result[graphs] = time_ms(lambda: step.run(plan), repeat=repeat)
+        del decode, step
+    del cache, attention
     torch.cuda.empty_cache()
     return result
 
@@ -184,17 +192,19 @@ def _kernel_ms(step) -> tuple[dict[str, float], dict[str, float]]:
     return kinds, names
 
 
-def kernel_breakdown(runner: ModelRunner, arch: ModelArchitecture, batch: int, block_size: int) -> dict:
+def kernel_breakdown(model: LlamaModel, tp, arch: ModelArchitecture, batch: int, block_size: int) -> dict:
     """GPU kernel time of one model step (attention returns zeros) by kind, eager and replayed
     from a CUDA graph, and the time of the same GEMMs alone (torch.mm on [batch, in] x [in,
     out], every layer's four plus the LM head): how far the step's GEMMs are from cuBLAS on
     their own, and what runs between them."""
     plan = decode_plan(batch, 16, block_size)
-    eager_kinds, eager_names = _kernel_ms(lambda: runner.run(plan))
     cache = PagedKVCache(arch.num_layers, 2, block_size, arch.num_kv_heads, arch.head_dim, torch.bfloat16, "cuda")
-    runner.graphs = DecodeGraphs(runner.model, PagedAttention(cache), batch, 1, scratch_block=1)
-    graph_kinds, graph_names = _kernel_ms(lambda: runner.run(plan))
-    runner.graphs = None
+    zero = ZeroAttention(cache)
+    eager = worker(model, zero, tp)
+    eager_kinds, eager_names = _kernel_ms(lambda: eager.run(plan))
+    graphed = worker(model, zero, tp, captured(model, zero, batch, 1, 1))
+    graph_kinds, graph_names = _kernel_ms(lambda: graphed.run(plan))
+    del graphed
     h, d = arch.hidden_size, arch.head_dim
     qkv = (arch.num_attention_heads + 2 * arch.num_kv_heads) * d
     shapes = [(h, qkv), (arch.num_attention_heads * d, h), (h, 2 * arch.intermediate_size),
@@ -223,7 +233,8 @@ def main(argv=None) -> int:
                              "the same GEMMs run alone through torch.mm")
     parser.add_argument("--cuda-graphs", default="0,1", help="run eager (0) and/or CUDA graphs (1)")
     parser.add_argument("--unfused", action="store_true",
-                        help="CUDA graphs capture eager SwiGLU and RoPE kernels, not the compiled ones")
+                        help="the model runs eager SwiGLU and RoPE kernels, not the compiled ones (which "
+                             "otherwise eager steps run too: their host cost shows in the eager figures)")
     args = parser.parse_args(argv)
     if "LOCAL_RANK" in os.environ:
         tp_size = start_tp_world()
@@ -236,7 +247,7 @@ def main(argv=None) -> int:
     copy_bw, gemm_rate = ceilings()
     tp = dist.new_group(list(range(tp_size)))
 
-    model, runner, state = colocated_model(arch, tp)
+    model = colocated_model(arch, tp, fused=not args.unfused)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02)
@@ -256,37 +267,33 @@ def main(argv=None) -> int:
               "gemm_TFLOPs": gemm_rate / 1e12, "parameters": params, "model_step": [], "decode": []}
 
     # (b) model-worker step: attention returns zeros at once
-    state["attend"] = lambda layer, chunks, q, k, v: torch.zeros_like(q)
+    zero = ZeroAttention(PagedKVCache(arch.num_layers, 2, args.block_size, arch.num_kv_heads // tp_size, arch.head_dim,
+                                      torch.bfloat16, "cuda"))
     if args.profile:
         import cProfile
         import pstats
 
         plan = decode_plan(64, 16, args.block_size)
-        runner.run(plan)
+        eager = worker(model, zero, tp)
+        eager.run(plan)
         torch.cuda.synchronize()
         profiler = cProfile.Profile()
         profiler.enable()
         for _ in range(3):
-            runner.run(plan)
+            eager.run(plan)
         torch.cuda.synchronize()
         profiler.disable()
         pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
-    breakdowns = [kernel_breakdown(runner, arch, int(b), args.block_size)
+    breakdowns = [kernel_breakdown(model, tp, arch, int(b), args.block_size)
                   for b in args.kernel_breakdown.split(",") if b]
     result["kernel_breakdown"] = breakdowns
     graph_modes = [bool(int(x)) for x in args.cuda_graphs.split(",")]
     for batch in map(int, args.model_batches.split(",")):
         plan = decode_plan(batch, 16, args.block_size)
-        for graphs in graph_modes:
-            if graphs:  # o = 0 for attention, with a throwaway cache for the graphs' scratch block
-                cache = PagedKVCache(arch.num_layers, 2, args.block_size, arch.num_kv_heads, arch.head_dim,
-                                     torch.bfloat16, "cuda")
-                attention = PagedAttention(cache)
-                state["attend"] = lambda layer, chunks, q, k, v: torch.zeros_like(q)
-                runner.graphs = DecodeGraphs(model, attention, batch, 1, scratch_block=1,
-                                             fuse_elementwise=not args.unfused)
-            ms = time_ms(lambda plan=plan: runner.run(plan))
-            runner.graphs = None
+        for graphs in graph_modes:  # o = 0 for attention; the throwaway cache lends the scratch block
+            step = worker(model, zero, tp, captured(model, zero, batch, 1, 1) if graphs else None)
+            ms = time_ms(lambda plan=plan, step=step: step.run(plan))
+            del step
             flops = 2 * gemm_params * batch
             result["model_step"].append({"batch": batch, "cuda_graphs": graphs, "ms": ms,
                                          "TFLOPs": flops / (ms / 1e3) / 1e12,
@@ -300,8 +307,8 @@ def main(argv=None) -> int:
                 result["decode"].append({"batch": batch, "context": context, "skipped": "KV does not fit"})
                 continue
             bound = roofline_s(arch, params, batch, context, copy_bw, gemm_rate)
-            times = colocated_decode_ms(runner, state, arch, batch, context, args.block_size, graph_modes,
-                                        fuse=not args.unfused, tp=tp_size)
+            times = colocated_decode_ms(model, tp, arch, batch, context, args.block_size, graph_modes,
+                                        tp_size=tp_size)
             for graphs, ms in times.items():
                 result["decode"].append({"batch": batch, "context": context, "cuda_graphs": graphs, "ms": ms,
                                          "tokens_per_s": batch / (ms / 1e3), "roofline_ms": bound * 1e3,

@@ -36,7 +36,6 @@ import statistics
 import sys
 import time
 import traceback
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -48,12 +47,10 @@ if Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
 
 from megatron_lamina.architecture import ModelArchitecture
 from megatron_lamina.attention.kv_cache import PagedKVCache
-from megatron_lamina.attention.reference import attend_chunks
 from megatron_lamina.checkpoint.layout import canonical_tensor_shapes, split_qkv
-from megatron_lamina.engine.model_runner import ModelRunner
+from megatron_lamina.engine.worker_factory import attention_backend
 from megatron_lamina.model.llama import LlamaModel
 from megatron_lamina.plan import MicroBatch, SequenceChunk, StepPlan
-from megatron_lamina.transport.channel import LocalChannel
 from tools.bench_decode import SHAPES as DECODE_SHAPES
 from tools.bench_decode import (
     ceilings,
@@ -62,6 +59,7 @@ from tools.bench_decode import (
     roofline_s,
     start_one_gpu,
     time_ms,
+    worker,
 )
 
 SHAPES = {**DECODE_SHAPES, "tiny": {"vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "num_layers": 2,
@@ -107,42 +105,36 @@ def load_canonical(module: torch.nn.Module, weights: dict) -> None:
 # -- ours ---------------------------------------------------------------------------------------
 
 def build_ours(arch, weights, dtype, device):
-    state = {"attend": None}
-    model = LlamaModel(arch, dtype, dist.new_group([0]), LocalChannel(lambda *a: state["attend"](*a)), arch.vocab_size)
+    model = LlamaModel(arch, dtype, dist.new_group([0]), arch.vocab_size, fused_elementwise=device == "cuda")
     model = model.to(device)
     load_canonical(model, weights)
-    return model, ModelRunner(model), state
+    return model
 
 
-def ours_greedy(model, runner, state, arch, prompts: torch.Tensor, steps: int, device: str) -> torch.Tensor:
-    """Greedy tokens [batch, steps] through our runner: one prefill step, then decode steps."""
+def ours_greedy(model, arch, prompts: torch.Tensor, steps: int, device: str) -> torch.Tensor:
+    """Greedy tokens [batch, steps] through our model worker: one prefill step, then decode steps."""
     batch, length = prompts.shape
     block = 16
     per_request = math.ceil((length + steps) / block)
     cache = PagedKVCache(arch.num_layers, batch * per_request, block, arch.num_kv_heads, arch.head_dim,
                          model.config.params_dtype, device)
-    if device == "cuda":
-        from megatron_lamina.attention.gpu import PagedAttention
-
-        state["attend"] = PagedAttention(cache)
-    else:
-        state["attend"] = partial(attend_chunks, cache)
+    step_worker = worker(model, attention_backend(cache, torch.device(device)), model.tp_group)
     tables = [list(range(i * per_request, (i + 1) * per_request)) for i in range(batch)]
-    chunks = [SequenceChunk(i, 0, 0, prompts[i].tolist(), tables[i], True) for i in range(batch)]
+    chunks = [SequenceChunk(i, 0, 0, prompts[i].tolist(), [], True, block_table=tables[i]) for i in range(batch)]
     out = []
     for step in range(steps):
-        tokens = runner.run(StepPlan([MicroBatch(chunks)])).argmax(-1).cpu()
+        tokens = step_worker.run(StepPlan([MicroBatch(chunks)])).argmax(-1).cpu()
         out.append(tokens)
-        chunks = [SequenceChunk(i, 0, length + step, [int(tokens[i])], tables[i], True) for i in range(batch)]
-    state["attend"] = None
+        chunks = [SequenceChunk(i, 0, length + step, [int(tokens[i])], [], True, block_table=tables[i])
+                  for i in range(batch)]
     return torch.stack(out, 1)
 
 
 def measure_ours(arch, weights, cases, args) -> dict:
-    model, runner, state = build_ours(arch, weights, torch.bfloat16, "cuda")
-    result = {"greedy": ours_greedy(model, runner, state, arch, args.check_prompts, args.check_tokens, "cuda").tolist()}
+    model = build_ours(arch, weights, torch.bfloat16, "cuda")
+    result = {"greedy": ours_greedy(model, arch, args.check_prompts, args.check_tokens, "cuda").tolist()}
     for batch, context in cases:
-        times = colocated_decode_ms(runner, state, arch, batch, context, args.block_size, [False, True])
+        times = colocated_decode_ms(model, model.tp_group, arch, batch, context, args.block_size, [False, True])
         result[f"{batch}x{context}"] = {"eager_ms": times[False], "graphs_ms": times[True], "ms": min(times.values())}
     return result
 
@@ -525,8 +517,8 @@ def run_cpu(args) -> dict:
     weights = random_weights(arch, torch.float32, 0.1, 0, "cpu")
     prompts = torch.randint(3, arch.vocab_size, (3, 7), generator=torch.Generator().manual_seed(1))
     steps, batch, context = 5, int(args.batches.split(",")[0]), int(args.contexts.split(",")[0])
-    model, runner, state = build_ours(arch, weights, torch.float32, "cpu")
-    tokens = {"ours": ours_greedy(model, runner, state, arch, prompts, steps, "cpu").tolist()}
+    model = build_ours(arch, weights, torch.float32, "cpu")
+    tokens = {"ours": ours_greedy(model, arch, prompts, steps, "cpu").tolist()}
     hf = build_hf(arch, weights, torch.float32, "cpu")
     tokens["hf"] = hf_generate(hf, prompts, steps, "cpu").tolist()
     times = {"hf": hf_decode_ms(hf, arch, batch, context, 6, "cpu")}

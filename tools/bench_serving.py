@@ -1,8 +1,13 @@
-"""Trace-driven serving benchmark against any OpenAI-compatible completions endpoint.
+"""Serving benchmark against any OpenAI-compatible completions endpoint: a trace replay or a
+closed batch.
 
     python tools/bench_serving.py --url http://127.0.0.1:8000 \\
         --trace ../shared/traces/AzureLLMInferenceTrace_conv.csv --max-requests 200 \\
         --rate-scale 1 --slo-ttft 2 --slo-tpot 0.1 --out out/bench.json
+    python tools/bench_serving.py --url http://127.0.0.1:8000 --closed 256 --input-len 1024 --output-len 256
+
+`--closed N` sends N requests of exactly --input-len prompt and --output-len output tokens
+all at once (no trace file), the closed-batch measurement of a server's throughput.
 
 Replays a request trace (Azure CSV or Mooncake JSONL, ../shared/traces/README.md): each
 request is sent at its trace arrival time (relative to the first, divided by --rate-scale)
@@ -211,7 +216,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL")
     parser.add_argument("--model", default=None, help="the `model` field (default: none, the server's own)")
-    parser.add_argument("--trace", required=True, help="Azure CSV or Mooncake JSONL")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--trace", help="Azure CSV or Mooncake JSONL")
+    source.add_argument("--closed", type=int, metavar="N", help="N identical requests sent at once, no trace")
+    parser.add_argument("--input-len", type=int, default=1024, help="prompt tokens of each --closed request")
+    parser.add_argument("--output-len", type=int, default=256, help="output tokens of each --closed request")
     parser.add_argument("--skip", type=int, default=0, help="start at this request of the trace")
     parser.add_argument("--max-requests", type=int, default=100, help="send at most this many requests")
     parser.add_argument("--duration", type=float, default=None,
@@ -238,7 +247,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     try:
-        trace = read_trace(args.trace, limit=args.max_requests, skip=args.skip)
+        if args.closed is not None:
+            if args.closed < 1 or args.input_len < 1 or args.output_len < 1:
+                raise ValueError("--closed, --input-len and --output-len must be >= 1")
+            trace = [TraceRequest(0.0, args.input_len, args.output_len)] * args.closed
+        else:
+            trace = read_trace(args.trace, limit=args.max_requests, skip=args.skip)
         requests, clipping = select(trace, rate_scale=args.rate_scale, poisson_rate=args.rate, seed=args.seed,
                                     max_input_len=args.max_input_len, max_output_len=args.max_output_len,
                                     duration_s=args.duration)
@@ -253,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     completed = sum(r["ok"] for r in records)
     report = {
         "url": args.url, "model": args.model, "trace": str(args.trace), "skip": args.skip,
-        "arrivals": f"poisson {args.rate} req/s" if args.rate else f"trace x{args.rate_scale}",
+        "arrivals": (f"closed batch of {args.closed}" if args.closed is not None
+                     else f"poisson {args.rate} req/s" if args.rate else f"trace x{args.rate_scale}"),
         "prompt_mode": args.prompt_mode, "extensions": not args.no_extensions,
         "sent": len(records), "completed": completed, "failed": len(records) - completed,
         "failures": failures, "clipped": {"input": clipping.input_clipped, "output": clipping.output_clipped},
@@ -264,8 +279,9 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
     plot = Path(args.plot) if args.plot else out.with_suffix(".png")
-    plot_cdfs(records, plot, args, f"{Path(args.trace).name} [{args.skip}:{args.skip + len(records)}], "
-                                   f"{report['arrivals']}, {args.url}")
+    name = f"{Path(args.trace).name} [{args.skip}:{args.skip + len(records)}]" if args.trace else \
+        f"{args.closed} x ({args.input_len} in, {args.output_len} out)"
+    plot_cdfs(records, plot, args, f"{name}, {report['arrivals']}, {args.url}")
     summary = {k: v for k, v in report.items() if k != "requests"}
     print(json.dumps(summary, indent=1))
     print(f"wrote {out} and {plot}")

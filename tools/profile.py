@@ -10,7 +10,7 @@
     python tools/profile.py --out out/costs-cpu-tiny.json
 
 Three measurements, all on the device this runs on, with our own code paths:
-  model      `ModelRunner.run` of a `LlamaModel` with random weights of the given shape and
+  model      `ModelWorker.run` of a `LlamaModel` with random weights of the given shape and
              TP size (this process is TP rank 0, the others are spawned; gloo on CPU, NCCL
              on CUDA; eager, no CUDA graphs), attention replaced by zeros, one decode
              micro-batch of B tokens, built with 1 and with 3 layers (--layers): per-layer
@@ -26,8 +26,8 @@ Three measurements, all on the device this runs on, with our own code paths:
              keeps the measured and the added parts separately. For models whose weights
              need TP > 1 (llama3-70b: --tp 2,4,8 --layers 1,3) on a single GPU.
              With --graphs (CUDA only; TP 1 or --emulate-tp), the model is run as the engine's
-             disaggregated TP 1 model worker runs it: `ModelRunner(model, StageGraphs(model, ..,
-             1))`, the stages between attention calls replayed from CUDA graphs (the zeros
+             disaggregated TP 1 model worker runs it: `ModelWorker(model, .., stage_graphs=
+             StageGraphs(model, ..))`, the stages between attention calls replayed from CUDA graphs (the zeros
              attention channel still called between replays). Each decode batch B <= the graph
              cap (the grid's largest batch <= --graph-max-batch, the engine's
              scheduler.max_batch_size) gets its own StageGraphs holding only the bucket the
@@ -168,7 +168,7 @@ def _decode_plan(batch: int, context: int):
 
 def _model_rank(rank, world, init_method, shape_dict, dtype_name, device_type, layer_counts, batches, warmup,
                 repeats, threads, sample_vocab=None, graph_cap=None):
-    """One TP rank: {layers: {tokens: seconds}} for ModelRunner.run, plus the sampler."""
+    """One TP rank: {layers: {tokens: seconds}} for ModelWorker.run, plus the sampler."""
     import torch.distributed as dist
 
     if threads:
@@ -191,24 +191,26 @@ def _measure_model(rank, world, device, tp_group, shape_dict, dtype_name, device
     stages from a StageGraphs (one bucket per point), larger ones run eager; None: all eager."""
     import torch.distributed as dist
 
-    from megatron_lamina.engine.model_runner import ModelRunner
+    from megatron_lamina.bench.stand_ins import ZeroAttention
+    from megatron_lamina.engine.model_worker import ModelWorker
     from megatron_lamina.engine.sampling import SamplingParams, sample_tokens
+    from megatron_lamina.engine.token_feed import TokenFeed
     from megatron_lamina.model.llama import LlamaModel
     from megatron_lamina.transport.channel import LocalChannel
 
     shape, dtype = ModelShape.from_dict(shape_dict), DTYPES[dtype_name]
     padded_vocab = shape.padded_vocab(world)
-    no_attention = LocalChannel(lambda layer, chunks, q, k, v: torch.zeros_like(q))
+    no_attention = LocalChannel(ZeroAttention())
     torch.manual_seed(rank)
     out: dict = {"run": {}, "sample": {}}
     context = min(128, shape.max_context - 1)
     for layers in layer_counts:
-        model = LlamaModel(shape.with_layers(layers).to_architecture(), dtype, tp_group, no_attention,
-                           padded_vocab).to(device)
+        model = LlamaModel(shape.with_layers(layers).to_architecture(), dtype, tp_group, padded_vocab,
+                           fused_elementwise=graph_cap is not None).to(device)
         with torch.no_grad():  # on the device: a CPU draws an 8B shape's 1-3 B values at ~150 M/s
             for p in model.parameters():
                 p.normal_(0.0, 0.02)
-        runner = ModelRunner(model)
+        runner = ModelWorker(model, no_attention, TokenFeed(tp_group, device))
 
         def run(plan, runner=runner):
             runner.run(plan)
@@ -220,7 +222,8 @@ def _measure_model(rank, world, device, tp_group, shape_dict, dtype_name, device
         if graph_cap is not None:
             out["graphs"] = _graph_points(batches, graph_cap)
             for b, bucket in out["graphs"]["buckets"].items():
-                out["run"][layers][b] = _time_graphs(model, b, bucket, context, device, warmup, repeats)
+                out["run"][layers][b] = _time_graphs(model, no_attention, tp_group, b, bucket, context, device,
+                                                     warmup, repeats)
             out["run"][layers] = {b: out["run"][layers][b] for b in batches}
         del model, runner, run
         if device_type == "cuda":
@@ -237,32 +240,33 @@ def _measure_model(rank, world, device, tp_group, shape_dict, dtype_name, device
 def _graph_points(batches: list[int], graph_cap: int) -> dict:
     """The graph batches, each with the bucket the engine pads it to (max_batch_size =
     graph_cap), and the eager ones (above the cap)."""
-    from megatron_lamina.engine.cuda_graphs import batch_buckets
+    from megatron_lamina.engine.stage_graphs import token_buckets
 
-    sizes = batch_buckets(graph_cap)
+    sizes = token_buckets(graph_cap)
     return {"max_batch": graph_cap,
             "buckets": {b: next(s for s in sizes if s >= b) for b in batches if b <= graph_cap},
             "eager": [b for b in batches if b > graph_cap]}
 
 
-def _time_graphs(model, batch: int, bucket: int, context: int, device, warmup: int, repeats: int) -> float:
-    """ModelRunner.run of a decode micro-batch of `batch` rows replayed from CUDA graphs:
-    a StageGraphs whose only bucket is `bucket` (captured by an untimed first run), freed
-    after timing so that one point's graphs and static tensors are held at a time."""
+def _time_graphs(model, channel, tp_group, batch: int, bucket: int, context: int, device, warmup: int,
+                 repeats: int) -> float:
+    """ModelWorker.run of a decode micro-batch of `batch` rows replayed from CUDA graphs:
+    a StageGraphs whose only bucket is `bucket` (captured before timing), freed after timing
+    so that one point's graphs and static tensors are held at a time."""
     import gc
 
-    from megatron_lamina.engine.model_runner import ModelRunner
+    from megatron_lamina.engine.model_worker import ModelWorker
     from megatron_lamina.engine.stage_graphs import StageGraphs
+    from megatron_lamina.engine.token_feed import TokenFeed
 
-    graphs = StageGraphs(model, bucket, 1)
-    runner = ModelRunner(model, graphs)
+    graphs = StageGraphs(model, bucket, 1, sizes=[bucket])
+    graphs.capture()
+    runner = ModelWorker(model, channel, TokenFeed(tp_group, device), stage_graphs=graphs)
     plan = functools.partial(_decode_plan, batch, context)
     if not graphs.can_run(plan()):
         raise RuntimeError(f"StageGraphs cannot run a decode batch of {batch}")
-    runner.run(plan())  # captures the L + 1 stage graphs of this bucket
-    _sync(device)
     seconds = timed(runner.run, device, warmup, repeats, setup=plan)
-    if runner.graph_steps != 1 + warmup + repeats or list(graphs.captured) != [(bucket, 0)]:
+    if runner.graph_steps != warmup + repeats:
         raise RuntimeError(f"batch {batch}: the timed steps did not all replay bucket {bucket}'s stage graphs")
     del runner, graphs
     gc.collect()
@@ -357,7 +361,8 @@ def profile_model(args, shape: ModelShape, name: str = "") -> tuple[dict[int, Cu
 # --------------------------------------------------------------------------- attention
 
 def attention_kernel(choice: str, device_type: str):
-    """cache -> attend(layer, chunks, q, k, v), as engine/runtime.py picks it per device."""
+    """cache -> an attention backend (host_index, then a call per layer), as the worker
+    factory picks it per device."""
     if choice == "engine":
         choice = "gpu" if device_type == "cuda" else "reference"
     if choice == "gpu":
@@ -365,15 +370,16 @@ def attention_kernel(choice: str, device_type: str):
 
         return PagedAttention
     if choice == "reference":
-        from megatron_lamina.attention.reference import attend_chunks
+        from megatron_lamina.attention.reference import ReferenceAttention
 
-        return lambda cache: functools.partial(attend_chunks, cache)
+        return ReferenceAttention
     module, _, name = choice.partition(":")
     return getattr(importlib.import_module(module), name)
 
 
 def profile_attention(args, shape: ModelShape) -> tuple[Grid, Curve]:
     from megatron_lamina.attention.kv_cache import PagedKVCache
+    from megatron_lamina.host_to_device import to_device
     from megatron_lamina.plan import SequenceChunk
 
     kernel = attention_kernel(args.attention, args.device)
@@ -386,14 +392,15 @@ def profile_attention(args, shape: ModelShape) -> tuple[Grid, Curve]:
         cache = PagedKVCache(1, sum(blocks_per), block, kv, d, dtype, device)
         chunks, first = [], 0
         for i, ((start, n), count) in enumerate(zip(chunks_spec, blocks_per)):
-            chunks.append(SequenceChunk(i, 0, start, [0] * n, list(range(first, first + count)), True))
+            chunks.append(SequenceChunk(i, 0, start, [0] * n, [], True, block_table=list(range(first, first + count))))
             first += count
         tokens = sum(n for _, n in chunks_spec)
         q = torch.randn(tokens, heads, d, dtype=dtype, device=device)
         k = torch.randn(tokens, kv, d, dtype=dtype, device=device)
         v = torch.randn(tokens, kv, d, dtype=dtype, device=device)
         attend = kernel(cache)
-        return timed(lambda _: attend(0, chunks, q, k, v), device, args.warmup, args.repeats)
+        [index] = to_device([attend.host_index(chunks)], device)  # once per step in the engine
+        return timed(lambda _: attend(0, index, q, k, v), device, args.warmup, args.repeats)
 
     batches = args.attention_batches or args.batches
     print(f"attention: decode batches {batches} x contexts {args.contexts}", flush=True)
@@ -568,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
     graph_meta = {}
     if graphs:
         graph_meta = {"graphs": {
-            "runner": "ModelRunner(model, StageGraphs(model, bucket, 1)), zeros attention channel called "
+            "runner": "ModelWorker(model, stage_graphs=StageGraphs(model, bucket, 1, sizes=[bucket])), zeros attention channel called "
                       "between replays; one StageGraphs per batch point holding only the bucket the engine "
                       "pads it to (its max_batch_size = max_batch), captured by an untimed first run",
             "note": "TP > 1 figures: an emulated rank's shard replayed from graphs with no all-reduce in "

@@ -4,38 +4,74 @@ For each request of a micro-batch: append its new k, v to the cache, read its wh
 back through the block table and attend with a causal mask by position (query at position p
 sees keys 0..p). GQA by repeating KV heads. Softmax in float32. Slow and plain on purpose:
 it is the CPU path and the reference the GPU kernels are tested against.
+`ReferenceAttention` gives it the interface the workers call (`host_index` once per
+micro-batch and step, then a call per layer), like `gpu.PagedAttention`.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from megatron_lamina.attention.kv_cache import PagedKVCache, slot_indices
+from megatron_lamina.host_to_device import HostArrays
 from megatron_lamina.plan import SequenceChunk
 
 
 def attend_chunks(cache: PagedKVCache, layer: int, chunks: list[SequenceChunk],
                   q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """q [tokens, heads, d], k/v [tokens, kv_heads, d] (rows in chunk order) -> o like q."""
+    spans = [(c.start, c.end, slot_indices(c.block_table, c.start, c.end, cache.block_size),
+              slot_indices(c.block_table, 0, c.end, cache.block_size)) for c in chunks]
+    return _attend(cache, layer, spans, q, k, v)
+
+
+def _attend(cache: PagedKVCache, layer: int, spans, q, k, v) -> torch.Tensor:
     out = torch.empty_like(q)
     scale = 1.0 / math.sqrt(q.shape[-1])
     group = q.shape[1] // k.shape[1]
     row = 0
-    for chunk in chunks:
-        n = len(chunk.tokens)
-        rows = slice(row, row + n)
-        cache.write(layer, slot_indices(chunk.block_table, chunk.start, chunk.end, cache.block_size),
-                    k[rows], v[rows])
-        keys, values = cache.read(layer, slot_indices(chunk.block_table, 0, chunk.end, cache.block_size))
+    for start, end, new_slots, context in spans:
+        rows = slice(row, row + end - start)
+        cache.write(layer, new_slots, k[rows], v[rows])
+        keys, values = cache.read(layer, context)
         keys = keys.repeat_interleave(group, dim=1).transpose(0, 1).float()      # [h, ctx, d]
         values = values.repeat_interleave(group, dim=1).transpose(0, 1).float()
         scores = torch.matmul(q[rows].transpose(0, 1).float(), keys.transpose(1, 2)) * scale
-        q_pos = torch.arange(chunk.start, chunk.end)[:, None]
-        causal = torch.arange(chunk.end)[None, :] <= q_pos                      # [n, ctx]
+        q_pos = torch.arange(start, end)[:, None]
+        causal = torch.arange(end)[None, :] <= q_pos                              # [n, ctx]
         scores = scores.masked_fill(~causal, float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         out[rows] = torch.matmul(probs, values).transpose(0, 1).to(q.dtype)
-        row += n
+        row += end - start
     return out
+
+
+@dataclass
+class ReferenceIndex:
+    spans: list[tuple[int, int, torch.Tensor, torch.Tensor]]  # (start, end, new slots, context slots)
+
+
+class ReferenceAttention:
+    def __init__(self, cache: PagedKVCache):
+        self.cache = cache
+
+    def host_index(self, chunks: list[SequenceChunk]) -> HostArrays:
+        bs = self.cache.block_size
+        arrays, bounds = {}, []
+        for i, c in enumerate(chunks):
+            positions = np.arange(c.end)
+            slots = np.asarray(c.block_table, np.int64)[positions // bs] * bs + positions % bs
+            arrays[f"context{i}"] = slots
+            bounds.append((c.start, c.end))
+
+        def finish(t: dict[str, torch.Tensor]) -> ReferenceIndex:
+            return ReferenceIndex([(s, e, t[f"context{i}"][s:e], t[f"context{i}"]) for i, (s, e) in enumerate(bounds)])
+
+        return HostArrays(arrays, finish)
+
+    def __call__(self, layer: int, index: ReferenceIndex, q, k, v) -> torch.Tensor:
+        return _attend(self.cache, layer, index.spans, q, k, v)

@@ -33,6 +33,13 @@ _TE_NORM_ALIASES = {
 }
 
 
+def padded_vocab_size(vocab_size: int, tp_size: int, make_vocab_size_divisible_by: int = 1) -> int:
+    """The vocabulary padded to a multiple of `make_vocab_size_divisible_by * tp_size`, as
+    Megatron pads it (the embedding and LM head rows are split evenly over the TP ranks)."""
+    multiple = make_vocab_size_divisible_by * tp_size
+    return -(-vocab_size // multiple) * multiple
+
+
 class CheckpointShardLoader:
     def __init__(
         self,
@@ -60,8 +67,7 @@ class CheckpointShardLoader:
                 raise CheckpointInputError(
                     self.checkpoint_dir, f"tensor parallel size {tp_size} does not divide {what}={count}"
                 )
-        multiple = make_vocab_size_divisible_by * tp_size
-        self.padded_vocab_size = -(-self.arch.vocab_size // multiple) * multiple
+        self.padded_vocab_size = padded_vocab_size(self.arch.vocab_size, tp_size, make_vocab_size_divisible_by)
         self.model_file = self.checkpoint_dir / MODEL_FILE
         if not self.model_file.is_file():
             raise CheckpointInputError(self.model_file, "missing; the checkpoint is incomplete")

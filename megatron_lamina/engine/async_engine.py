@@ -2,10 +2,13 @@
 
 `LLMEngine.step` blocks on collectives, so it runs on its own thread; HTTP handlers run on
 asyncio. `AsyncEngine.generate` hands a request to the engine thread through an inbox and
-yields `RequestOutput` deltas that the thread posts back with `call_soon_threadsafe`. A
-caller that stops iterating (a client that disconnected) aborts its request, which frees its
-blocks at the next step. When idle the thread sends an empty plan every
-`heartbeat_s` seconds so that every rank's collective timeout keeps measuring liveness.
+yields `RequestOutput` deltas. The thread posts a step's deltas of every request in one
+`call_soon_threadsafe` (not one per request: each wakes the event loop), and a caller that
+falls behind gets the deltas that piled up merged into one, so the HTTP side never makes the
+engine wait and never queues more than one delta per request. A caller that stops iterating
+(a client that disconnected) aborts its request, which frees its blocks at the next step.
+When idle the thread sends an empty plan every `heartbeat_s` seconds so that every rank's
+collective timeout keeps measuring liveness.
 
 States: `serving`; `draining` (SIGTERM: new requests refused, running ones finish);
 `stopped` (after `stop`: what was left is failed, the other ranks are released); `dead` (a
@@ -31,17 +34,42 @@ class EngineUnavailable(Exception):
 
 
 class EngineListener(Protocol):
-    def on_output(self, request: Request, output: RequestOutput, now: float) -> None: ...
-    def on_step(self, engine: LLMEngine) -> None: ...
+    def on_step(self, engine: LLMEngine, outputs: list[tuple[Request, RequestOutput]], now: float) -> None: ...
 
 
 class _Stream:
+    """One request's deltas, handed from the engine thread to its caller on the event loop."""
+
     def __init__(self, request: Request, loop: asyncio.AbstractEventLoop):
         self.tracker = OutputTracker(request)
-        self.loop, self.queue = loop, asyncio.Queue()
+        self.loop = loop
+        self.pending: list[RequestOutput] = []  # event loop only
+        self.ready = asyncio.Event()
 
-    def post(self, output: RequestOutput) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, output)
+    def deliver(self, output: RequestOutput) -> None:  # on the event loop
+        self.pending.append(output)
+        self.ready.set()
+
+    async def next(self) -> RequestOutput:
+        """The deltas posted since the last call, merged into one."""
+        await self.ready.wait()
+        outputs, self.pending = self.pending, []
+        self.ready.clear()
+        return merge_outputs(outputs)
+
+
+def merge_outputs(outputs: list[RequestOutput]) -> RequestOutput:
+    last = outputs[-1]
+    if len(outputs) == 1:
+        return last
+    return RequestOutput(last.request_id, "".join(o.text for o in outputs),
+                         [t for o in outputs for t in o.token_ids], last.finished, last.finish_reason,
+                         last.prompt_tokens, last.completion_tokens, last.error)
+
+
+def _deliver_all(batch: list[tuple[_Stream, RequestOutput]]) -> None:
+    for stream, output in batch:
+        stream.deliver(output)
 
 
 class AsyncEngine:
@@ -86,7 +114,7 @@ class AsyncEngine:
         finished = False
         try:
             while not finished:
-                output = await stream.queue.get()
+                output = await stream.next()
                 finished = output.finished
                 yield output
         finally:
@@ -114,15 +142,16 @@ class AsyncEngine:
         last_step, error = time.monotonic(), None
         try:
             while not self._stop.is_set():
-                self._take_inbox(block=not self.engine.has_work(), last_step=last_step)
+                idle = not self.engine.has_work()
+                if idle:
+                    self.engine.went_idle()
+                self._take_inbox(block=idle, last_step=last_step)
                 if self.engine.has_work():
                     self._publish(self.engine.step())
                     last_step = time.monotonic()
                 elif time.monotonic() - last_step >= self.heartbeat_s:
                     self.engine.heartbeat()
                     last_step = time.monotonic()
-                if self.listener is not None:
-                    self.listener.on_step(self.engine)
         except Exception as e:  # a rank died, timed out, or a bug: never leave a caller waiting
             error = f"{type(e).__name__}: {e}"
         with self._lock:  # from here on `generate` refuses, so nothing new reaches the inbox
@@ -150,20 +179,33 @@ class AsyncEngine:
 
     def _publish(self, updated: list[Request]) -> None:
         now = time.monotonic()
+        batch, outputs = [], []
         for request in updated:
             stream = self._streams.get(request.request_id)
             if stream is None:
                 continue
             output = stream.tracker.next_output()
-            if self.listener is not None:
-                self.listener.on_output(request, output, now)
-            stream.post(output)
+            batch.append((stream, output))
+            outputs.append((request, output))
             if output.finished:
                 del self._streams[request.request_id]
+        self._post(batch)
+        if self.listener is not None:
+            self.listener.on_step(self.engine, outputs, now)
+
+    def _post(self, batch: list[tuple[_Stream, RequestOutput]]) -> None:
+        """One wake-up of each event loop for the whole batch."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for stream, output in batch:
+            by_loop.setdefault(stream.loop, []).append((stream, output))
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_deliver_all, items)
 
     def _fail_all(self, message: str) -> None:
+        batch = []
         for request_id, stream in list(self._streams.items()):
             if not stream.tracker.request.finished:
                 self.engine.scheduler.finish(stream.tracker.request, "error")
-            stream.post(stream.tracker.next_output(error=message))
+            batch.append((stream, stream.tracker.next_output(error=message)))
             del self._streams[request_id]
+        self._post(batch)

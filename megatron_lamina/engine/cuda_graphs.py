@@ -1,28 +1,45 @@
 """Colocated decode steps replayed from CUDA graphs (model workers on a GPU).
 
-A decode step of a small model is a few hundred small kernels per layer-stack, and their
+A decode step of a small batch is a few hundred small kernels per layer-stack, and their
 Python and launch overhead, not the GPU, sets the step time. `DecodeGraphs` captures the
 whole forward of a decode-only micro-batch (embedding, every layer with its paged attention,
-LM head) once per batch-size bucket, over static input tensors; a step then copies its
-token ids, positions, cache slots, block tables and context lengths into the bucket's
-tensors and replays the graph. Rows beyond the real batch point at a scratch KV block that
-the block manager never hands out, so padding never touches a request's cache.
+LM head: the pipeline loop of pipeline.py over the local channel, one micro-batch) once per
+batch-size bucket, over static input tensors; a step then copies its token ids, positions,
+cache slots, block tables and context lengths into them and replays the graph. The inputs
+are built on the host already padded to the bucket (rows beyond the real batch point at a
+scratch KV block that the block manager never hands out, so padding never touches a
+request's cache) and copied with one transfer. Decode tokens fed from the previous step's
+sampled tokens (asynchronous scheduling) are copied in on the device.
+
+The static tensors are allocated once at the largest bucket and the graphs of smaller
+buckets use leading views of them; the logits of every bucket land in one static buffer,
+which `run` returns a view of (the caller samples from it before the next replay, in stream
+order). The graphs hold the cache's addresses, so they are captured after the cache is
+allocated, at start-up; the worker factory first captures them once on a tiny cache to learn
+their memory (engine/memory.py).
 
 Used only when the layout is colocated, the device is CUDA and the plan is one micro-batch
-of decode tokens; every other step takes the eager path. At TP > 1 the graph holds the TP
-all-reduces and the LM head's gather (NCCL captured): every TP rank gets the same plan, so
-all of them capture and replay the same bucket at the same step.
+of decode tokens; other steps take the stage graphs (stage_graphs.py) or the eager path. At
+TP > 1 the graph holds the TP all-reduces and the LM head's gather (NCCL captured): every TP
+rank gets the same plan, so all of them capture and replay the same bucket at the same step.
 """
 
 from __future__ import annotations
+
+import time
+from typing import Callable
 
 import numpy as np
 import torch
 
 from megatron_lamina.attention.gpu import PagedAttention, PagedBatchIndex
 from megatron_lamina.attention.kv_cache import padded_block_tables
+from megatron_lamina.engine.pipeline import EagerStages, run_pipeline
+from megatron_lamina.engine.step_inputs import MicroBatchInputs
+from megatron_lamina.host_to_device import HostArrays, to_device
 from megatron_lamina.model.llama import LlamaModel
-from megatron_lamina.plan import MicroBatch, SequenceChunk, StepPlan
+from megatron_lamina.plan import StepPlan
+from megatron_lamina.transport.channel import LocalChannel
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -32,104 +49,85 @@ def batch_buckets(max_batch: int) -> list[int]:
     return sorted({s for s in sizes if s <= max_batch} | {max_batch})
 
 
-class _Bucket:
-    def __init__(self, size: int, max_blocks: int, scratch_block: int, device):
-        self.size = size
-        self.tokens = torch.zeros(size, dtype=torch.long, device=device)
-        self.positions = torch.zeros(size, dtype=torch.long, device=device)
-        self.slots = torch.zeros(size, dtype=torch.long, device=device)
-        self.tables = torch.full((size, max_blocks), scratch_block, dtype=torch.int32, device=device)
-        self.lens = torch.ones(size, dtype=torch.int32, device=device)
-        # Row indices 0..size-1 (decode rows, sampled rows): the graph reads them at replay, so
-        # the bucket owns them (a tensor only the capture referenced would be freed and reused).
-        self.rows = torch.arange(size, device=device)
-        self.graph = torch.cuda.CUDAGraph()
-        self.logits: torch.Tensor | None = None
-
-
 class DecodeGraphs:
     def __init__(self, model: LlamaModel, attention: PagedAttention, max_batch: int, max_blocks: int,
-                 scratch_block: int, fuse_elementwise: bool = True):
-        """`fuse_elementwise`: capture the compiled SwiGLU and RoPE kernels
-        (`LlamaModel.fused_elementwise`); off only to measure what they save."""
+                 scratch_block: int, pool=None):
         self.model, self.attention = model, attention
-        self.fuse_elementwise = fuse_elementwise
         self.max_blocks, self.scratch_block = max_blocks, scratch_block
         self.block_size = attention.cache.block_size
-        self.device = model.rotary.inv_freq.device
         self.sizes = batch_buckets(max_batch)
-        self.buckets: dict[int, _Bucket] = {}
-        self.pool = None
+        self.pool = pool if pool is not None else torch.cuda.graph_pool_handle()
+        n, device = self.sizes[-1], model.device
+        self.tokens = torch.zeros(n, dtype=torch.long, device=device)
+        self.positions = torch.zeros(n, dtype=torch.long, device=device)
+        self.slots = torch.full((n,), scratch_block * self.block_size, dtype=torch.long, device=device)
+        self.tables = torch.full((n, max_blocks), scratch_block, dtype=torch.long, device=device)
+        self.lens = torch.ones(n, dtype=torch.long, device=device)
+        self.logits = torch.zeros(n, model.arch.vocab_size, dtype=model.embedding.word_embeddings.weight.dtype,
+                                  device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
 
     def can_run(self, plan: StepPlan) -> bool:
         if len(plan.micro_batches) != 1:
             return False
-        chunks = plan.micro_batches[0].chunks
-        return (len(chunks) <= self.sizes[-1] and all(len(c.tokens) == 1 for c in chunks)
-                and all(len(c.block_table) <= self.max_blocks for c in chunks))
+        mb = plan.micro_batches[0]
+        return (len(mb.chunks) <= self.sizes[-1] and mb.decode_only
+                and all(len(c.block_table) <= self.max_blocks for c in mb.chunks))
 
-    def run(self, plan: StepPlan) -> torch.Tensor:
+    def run(self, plan: StepPlan, fed: torch.Tensor | None) -> torch.Tensor:
+        """Logits [rows, vocab]: a view of the static logits buffer, valid until the next replay."""
         chunks = plan.micro_batches[0].chunks
         n = len(chunks)
-        bucket = self._bucket(next(s for s in self.sizes if s >= n))
+        size = next(s for s in self.sizes if s >= n)
+        bs, scratch = self.block_size, self.scratch_block
         # Only the columns in use are written: the kernel never reads a table entry past a
-        # row's context length, so older entries further right are harmless. Built with numpy
-        # (no tensor per row: at a thousand rows that was milliseconds of host time a step).
-        tables = padded_block_tables([c.block_table for c in chunks], self.scratch_block)
-        positions = np.fromiter((c.start for c in chunks), np.int64, n)
-        blocks = tables[np.arange(n), positions // self.block_size].astype(np.int64)
+        # row's context length, so older entries further right are harmless.
+        tables = padded_block_tables([c.block_table for c in chunks] + [[scratch]] * (size - n), scratch)
+        positions = np.zeros(size, np.int64)
+        positions[:n] = np.fromiter((c.start for c in chunks), np.int64, n)
+        tokens = np.zeros(size, np.int64)
+        tokens[:n] = np.fromiter((c.tokens[0] for c in chunks), np.int64, n)
+        blocks = tables[np.arange(size), positions // bs].astype(np.int64)
+        arrays = {"tokens": tokens, "positions": positions, "slots": blocks * bs + positions % bs,
+                  "tables": tables, "lens": positions + 1}
+        feeds = [(row, c.feed) for row, c in enumerate(chunks) if c.feed >= 0]
+        if feeds:
+            arrays["feed"] = np.asarray(feeds, np.int64).T
+        [t] = to_device([HostArrays(arrays)], self.tokens.device)
         width = tables.shape[1]
-        bucket.tokens[:n].copy_(torch.from_numpy(np.fromiter((c.tokens[0] for c in chunks), np.int64, n)))
-        bucket.positions[:n].copy_(torch.from_numpy(positions))
-        bucket.slots[:n].copy_(torch.from_numpy(blocks * self.block_size + positions % self.block_size))
-        bucket.tables[:n, :width].copy_(torch.from_numpy(tables))
-        bucket.lens[:n].copy_(torch.from_numpy((positions + 1).astype(np.int32)))
-        self._reset_padding(bucket, n)
-        bucket.graph.replay()
-        return bucket.logits[:n].clone()
+        self.tokens[:size].copy_(t["tokens"])
+        self.positions[:size].copy_(t["positions"])
+        self.slots[:size].copy_(t["slots"])
+        self.tables[:size, :width].copy_(t["tables"])
+        self.lens[:size].copy_(t["lens"])
+        if feeds:
+            self.tokens.index_copy_(0, t["feed"][0], fed.index_select(0, t["feed"][1]))
+        self.graphs[size].replay()
+        return self.logits[:n]
 
-    def _reset_padding(self, bucket: _Bucket, n: int) -> None:
-        bucket.tokens[n:] = 0
-        bucket.positions[n:] = 0
-        bucket.slots[n:] = self.scratch_block * self.block_size
-        bucket.tables[n:, 0] = self.scratch_block  # with length 1 only column 0 is read
-        bucket.lens[n:] = 1
+    @torch.inference_mode()
+    def capture(self, progress: Callable[[str], None] = lambda _: None) -> None:
+        """Capture every bucket, largest first (the smaller ones reuse its pool memory)."""
+        started = time.monotonic()
+        channel = LocalChannel(self.attention)
+        for size in reversed(self.sizes):
+            index = PagedBatchIndex(self.slots[:size], None, self.tables[:size], self.lens[:size],
+                                    self.max_blocks * self.block_size, [])
+            inputs = MicroBatchInputs(size, self.tokens[:size], self.positions[:size], None)
 
-    def _bucket(self, size: int) -> _Bucket:
-        if size not in self.buckets:
-            self.buckets[size] = self._capture(size)
-        return self.buckets[size]
+            def forward() -> None:
+                [logits] = run_pipeline(EagerStages(self.model), channel, [inputs], [index], self.model.num_layers)
+                self.logits[:size].copy_(logits)
 
-    def _capture(self, size: int) -> _Bucket:
-        bucket = _Bucket(size, self.max_blocks, self.scratch_block, self.device)
-        self._reset_padding(bucket, 0)
-        chunks = [SequenceChunk(i, 0, 0, [0], [self.scratch_block], True) for i in range(size)]
-        mb = MicroBatch(chunks)
-        # The model reads these through MicroBatch's cached properties: point them at the
-        # bucket's static tensors (already on the device, so no host copy is captured).
-        mb.__dict__.update(token_ids=bucket.tokens, positions=bucket.positions, sample_rows=bucket.rows)
-        index = PagedBatchIndex(bucket.slots, bucket.rows, bucket.tables, bucket.lens, [],
-                                self.max_blocks * self.block_size)
-
-        def forward() -> torch.Tensor:
-            self.attention.pin_index(chunks, index)
-            passes = self.model.forward_micro_batch(mb)
-            try:
-                while True:
-                    next(passes)
-            except StopIteration as done:
-                return done.value
-
-        with self.model.fused_elementwise(self.fuse_elementwise):
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(2):  # warm-up: Triton compiles, cuBLAS picks its kernels
                     forward()
             torch.cuda.current_stream().wait_stream(side)
+            self.graphs[size] = graph = torch.cuda.CUDAGraph()
             # thread_local: other threads' CUDA calls (NCCL's watchdog polling its events) must
             # not invalidate the capture.
-            with torch.cuda.graph(bucket.graph, pool=self.pool, capture_error_mode="thread_local"):
-                bucket.logits = forward()
-        self.pool = bucket.graph.pool()
-        return bucket
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+                forward()
+        progress(f"decode graphs: {len(self.sizes)} batch buckets in {time.monotonic() - started:.1f} s")

@@ -1,16 +1,25 @@
 """The driver's engine: requests in, tokens out, one step at a time (rank 0 only).
 
-`LLMEngine.step()` asks the scheduler for a plan, broadcasts it to every rank, runs the
-model-worker side of it, samples one token for every chunk that ends a sequence (one batched
-`sample_tokens` call on the logits' device, with the requests' generators on that device), and applies
-the stop rules (EOS, stop strings, `max_tokens`, the model's context). `generate` is the
-offline loop over `step` for a list of prompts. `shutdown` releases the other ranks.
+`LLMEngine.step()` asks the scheduler for a plan, broadcasts it to every rank, launches the
+model-worker side of it and samples one token for every chunk that ends a sequence (one
+batched sampler call on the logits' device, with the requests' generators on that device),
+all without waiting for the GPU. With `scheduler.async_scheduling` (the default) it then
+reads back the *previous* step's tokens (one pinned copy, waited on by its event, while the
+GPU runs the step just launched) and applies them: the stop rules (EOS, stop strings,
+`max_tokens`, the model's context) and the text, decoded incrementally. So the host plans,
+launches and detokenizes step n+1 while the GPU computes step n; a request's decode token
+that is not read back yet is fed to the next step on the device (scheduler.py,
+step_inputs.py). Without it, each step is read back right after its launch: the same tokens,
+with the GPU idle while the host works. `generate` is the offline loop over `step` for a
+list of prompts. `shutdown` releases the other ranks.
 """
 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+import time
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -18,7 +27,7 @@ import torch
 from megatron_lamina.engine.block_manager import BlockManager
 from megatron_lamina.engine.request import Request
 from megatron_lamina.engine.runtime import RankContext, broadcast_plan
-from megatron_lamina.engine.sampling import SamplingParams, sample_tokens
+from megatron_lamina.engine.sampling import SamplingParams, sample_tokens_on_device
 from megatron_lamina.engine.scheduler import Scheduler
 from megatron_lamina.engine.tokenizer import TextCodec, find_stop
 from megatron_lamina.plan import StepPlan
@@ -35,6 +44,30 @@ class PromptInput:
     user_id: object = None
 
 
+@dataclass
+class StepStats:
+    """One step as the metrics see it (server/metrics.py)."""
+
+    rows: int                  # sampled rows (requests that got a token)
+    tokens: int                # token rows computed (decode tokens and prefill chunks)
+    wall_s: float              # host time from this step's launch to its tokens read back
+    gpu_s: float | None = None         # the step's span on the GPU (CUDA)
+    gpu_period_s: float | None = None  # GPU time since the previous step ended (back-to-back steps)
+
+
+@dataclass
+class _InFlight:
+    """A launched step whose tokens are not read back yet."""
+
+    requests: list[Request]
+    host_tokens: torch.Tensor
+    done: torch.cuda.Event | None
+    stats: StepStats
+    launched: float
+    events: tuple | None = None         # (start, end) CUDA timing events
+    logits: torch.Tensor | None = None  # kept only for `on_logits`
+
+
 class LLMEngine:
     def __init__(self, ctx: RankContext):
         assert ctx.rank == 0, "the engine runs on the driver rank"
@@ -45,7 +78,13 @@ class LLMEngine:
         s = ctx.cfg.scheduler
         self.scheduler = Scheduler(blocks, s.max_batch_size, s.max_prefill_tokens, s.micro_batches,
                                    ctx.arch.max_position_embeddings)
+        self.async_scheduling = s.async_scheduling
+        self.worker = ctx.worker
+        self.cuda = ctx.device.type == "cuda"
         self._ids = itertools.count()
+        self._inflight: _InFlight | None = None
+        self._previous_end: torch.cuda.Event | None = None  # the last step's end, while steps run back to back
+        self.stats: deque[StepStats] = deque(maxlen=4096)  # steps read back, not yet taken by a listener
         self.on_logits: Callable[[Request, torch.Tensor], None] | None = None  # tests, debugging
 
     def make_request(self, item: PromptInput) -> Request:
@@ -62,7 +101,7 @@ class LLMEngine:
             raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
         params = item.params or SamplingParams()
         return Request(next(self._ids), ids, params, user_id=item.user_id,
-                       generator=params.make_generator(self.ctx.device))
+                       generator=params.make_generator(self.ctx.device), detokenizer=self.codec.incremental())
 
     def add_request(self, item: PromptInput) -> Request:
         request = self.make_request(item)
@@ -70,27 +109,72 @@ class LLMEngine:
         return request
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._inflight is not None
 
     def step(self) -> list[Request]:
-        """Run one step; return the requests that got a token in it."""
+        """Launch a step and read back the previous one; return the requests that got a
+        token (or ended) in what was read back."""
         plan = self.scheduler.schedule()
-        ended, self.scheduler.ended = self.scheduler.ended, []
-        if not plan.micro_batches:
-            return ended
+        updated = self.scheduler.take_ended()
+        launched = self._launch(plan) if plan.micro_batches else None
+        if self._inflight is not None:
+            updated += self._read_back(self._inflight)
+        self._inflight = launched
+        if launched is not None and not self.async_scheduling:
+            updated += self._read_back(launched)
+            self._inflight = None
+        return updated
+
+    def went_idle(self) -> None:
+        """The caller found no work and waited: the next step does not follow this one."""
+        self._previous_end = None
+
+    def _launch(self, plan: StepPlan) -> _InFlight:
+        start = end = None
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        launched = time.monotonic()
         broadcast_plan(plan, self.ctx.groups)
-        logits = self.ctx.runner.run(plan)
+        logits = self.worker.run(plan)
         by_id = {r.request_id: r for r in self.scheduler.running}
-        for chunk in (c for mb in plan.micro_batches for c in mb.chunks):
-            by_id[chunk.request_id].num_computed = chunk.end
-        updated = ended
-        sampled = [by_id[chunk.request_id] for chunk in plan.sampled_chunks][:len(logits)]
-        logits = logits[:len(sampled)]
-        if self.on_logits is not None:
-            for request, row in zip(sampled, logits):
-                self.on_logits(request, row)
-        tokens = sample_tokens(logits, [r.params for r in sampled], [r.generator for r in sampled])
-        for request, token in zip(sampled, tokens):
+        requests = [by_id[c.request_id] for c in plan.sampled_chunks]
+        tokens = sample_tokens_on_device(logits, [r.params for r in requests], [r.generator for r in requests])
+        self.worker.feed.publish(tokens)
+        for row, request in enumerate(requests):
+            request.num_pending += 1
+            request.feed_row = row
+        done = None
+        if self.cuda:  # one pinned copy of the B token ids, waited on later by its event
+            host = torch.empty(len(requests), dtype=torch.long, pin_memory=True)
+            host.copy_(tokens, non_blocking=True)
+            end.record()
+            done = end
+        else:
+            host = tokens
+        stats = StepStats(len(requests), sum(mb.num_rows for mb in plan.micro_batches), 0.0)
+        kept = logits.clone() if self.on_logits is not None else None  # graphs reuse their logits buffer
+        return _InFlight(requests, host, done, stats, launched, (start, end) if self.cuda else None, kept)
+
+    def _read_back(self, step: _InFlight) -> list[Request]:
+        if step.done is not None:
+            step.done.synchronize()
+        tokens = step.host_tokens.tolist()
+        step.stats.wall_s = time.monotonic() - step.launched
+        if step.events is not None:
+            start, end = step.events
+            step.stats.gpu_s = start.elapsed_time(end) / 1e3
+            if self._previous_end is not None:
+                step.stats.gpu_period_s = self._previous_end.elapsed_time(end) / 1e3
+            self._previous_end = end
+        self.stats.append(step.stats)
+        updated = []
+        for row, (request, token) in enumerate(zip(step.requests, tokens)):
+            request.num_pending -= 1
+            if request.finished:  # it ended (EOS, stop string, abort) while this token was in flight
+                continue
+            if self.on_logits is not None:
+                self.on_logits(request, step.logits[row])
             self._append_token(request, token)
             updated.append(request)
         return updated
@@ -98,18 +182,21 @@ class LLMEngine:
     def _append_token(self, request: Request, token: int) -> None:
         request.output_token_ids.append(token)
         params = request.params
-        text = self.codec.decode(request.output_token_ids)
+        text = request.text + request.detokenizer.push(token)
+        produced = len(request.output_token_ids)
         reason = None
-        cut = find_stop(text, params.stop) if len(request.output_token_ids) > params.min_tokens else None
-        if cut is not None:
-            text, reason = text[:cut], "stop"
-        elif (token in self.eos_token_ids and not params.ignore_eos
-              and len(request.output_token_ids) > params.min_tokens):
-            reason = "stop"
-        elif len(request.output_token_ids) >= params.max_tokens:
-            reason = "length"
-        elif request.num_tokens >= self.ctx.arch.max_position_embeddings:
-            reason = "length"
+        if params.stop and produced > params.min_tokens:
+            cut = find_stop(text, params.stop, since=request.stop_searched)
+            request.stop_searched = len(text)
+            if cut is not None:
+                text, reason = text[:cut], "stop"
+        if reason is None:
+            if token in self.eos_token_ids and not params.ignore_eos and produced > params.min_tokens:
+                reason = "stop"
+            elif produced >= params.max_tokens or request.num_tokens >= self.ctx.arch.max_position_embeddings:
+                reason = "length"
+            if reason is not None:
+                text += request.detokenizer.flush()  # the bytes of a character the output ends inside
         request.text = text
         if reason is not None:
             self.scheduler.finish(request, reason)

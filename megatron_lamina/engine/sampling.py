@@ -18,7 +18,7 @@ Generators live on the logits' device (`SamplingParams.make_generator(device)`; 
 uses its driver rank's device). On a GPU, seeded sampling is reproducible from run to run
 (same seed, same GPU type and PyTorch version, same tokens) but draws different numbers than
 on the CPU, because the CUDA generator is a different random stream (Philox) than the CPU
-one (Mersenne Twister) -- as in vLLM. `sample_token` is the single-row form of the same code.
+one (Mersenne Twister) -- as in vLLM.
 """
 
 from __future__ import annotations
@@ -70,11 +70,19 @@ def sample_tokens(logits: torch.Tensor, params: list[SamplingParams],
     """logits: [B, vocab] (any float dtype, any device); row i is sampled with params[i] and
     generators[i] (on the logits' device). Returns the B token ids; the only transfer to the
     host is the final one of those B integers."""
+    return sample_tokens_on_device(logits, params, generators).tolist()
+
+
+def sample_tokens_on_device(logits: torch.Tensor, params: list[SamplingParams],
+                            generators: list[torch.Generator]) -> torch.Tensor:
+    """`sample_tokens` without the transfer: the B token ids as an int64 tensor on the
+    logits' device, computed without any host synchronisation (the engine reads them back
+    later, and feeds them to the next step on the device)."""
     rows = logits.shape[0]
     if len(params) != rows or len(generators) != rows:
         raise ValueError(f"{rows} rows of logits, {len(params)} sampling params, {len(generators)} generators")
     if rows == 0:
-        return []
+        return torch.empty(0, dtype=torch.long, device=logits.device)
     logits = logits.float()
     groups: dict[tuple, list[int]] = {}  # (temperature, top_k, top_p) -> rows; every greedy row in one
     for i, p in enumerate(params):
@@ -96,12 +104,7 @@ def sample_tokens(logits: torch.Tensor, params: list[SamplingParams],
     tokens = chosen[0] if len(chosen) == 1 else torch.cat(chosen)
     if permuted:
         tokens = torch.empty_like(tokens).index_copy_(0, index, tokens)
-    return tokens.tolist()
-
-
-def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """logits: [vocab] (any float dtype) -> one token id; `sample_tokens` for one row."""
-    return sample_tokens(logits.unsqueeze(0), [params], [generator])[0]
+    return tokens
 
 
 def _probabilities(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:

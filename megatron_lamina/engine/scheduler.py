@@ -7,6 +7,16 @@ waiting requests are admitted on the shard with the most free blocks while the b
 the prefill budget allow. When a running request needs a block and its shard has none, the
 youngest running request on that shard is preempted (blocks freed, recomputed later). The
 step's chunks are dealt into `micro_batches` micro-batches of balanced token counts.
+
+Planning ahead (asynchronous scheduling): a request whose newest token is still on the
+device is planned like any other; its decode chunk is fed from the previous step's sampled
+tokens. A request whose token in flight is its last (`max_tokens` or the model's context)
+is not planned again, and one that is in flight is never re-admitted or ended here before
+that token is read back, so the tokens are exactly those of a synchronous loop.
+
+`num_computed` advances when a chunk is planned; block tables reach the other ranks as the
+blocks added since the request's last chunk (`new_blocks`) and the requests whose blocks
+were freed (`StepPlan.released`).
 """
 
 from __future__ import annotations
@@ -27,7 +37,8 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
-        self.ended: list[Request] = []  # finished by schedule() itself; the engine reports them
+        self._ended: list[Request] = []   # finished by schedule() itself; the engine reports them
+        self._released: list[int] = []    # request ids whose blocks were freed since the last plan
 
     def check_fits(self, request: Request) -> None:
         """Reject a request that could never run: too long for the model or the cache."""
@@ -47,19 +58,31 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def take_ended(self) -> list[Request]:
+        ended, self._ended = self._ended, []
+        return ended
+
+    def take_released(self) -> list[int]:
+        released, self._released = self._released, []
+        return released
+
     def schedule(self) -> StepPlan:
         chunks: list[SequenceChunk] = []
         budget = self.max_prefill_tokens
         for request in list(self.running):
             if request.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
-            pending = request.num_tokens - request.num_computed
+            if request.num_pending and self._last_token_in_flight(request):
+                continue  # it ends when that token is read back
+            pending = request.num_tokens + request.num_pending - request.num_computed
             n = 1 if pending == 1 else min(pending, budget)
             if self.blocks.blocks_needed(request.num_computed + n) > self.blocks.num_blocks:
+                if request.num_pending:
+                    continue  # decided once its token is read back, as a synchronous loop would
                 # Its context no longer fits a whole shard's cache: it ends here, like at the
                 # model's context limit (the driver reports "length").
                 self.finish(request, "length")
-                self.ended.append(request)
+                self._ended.append(request)
                 continue
             if n == 0 or not self._reserve(request, request.num_computed + n):
                 continue
@@ -67,6 +90,8 @@ class Scheduler:
             chunks.append(self._chunk(request, n))
         while self.waiting and len(self.running) < self.max_batch_size and budget > 0:
             request = self.waiting[0]
+            if request.num_pending:
+                break  # preempted with a token in flight: its tokens are not all known yet
             shard = self.blocks.emptiest_shard()
             n = min(request.num_tokens, budget)
             if self.blocks.num_free(shard) < self.blocks.blocks_needed(n):
@@ -77,7 +102,12 @@ class Scheduler:
             self.running.append(request)
             budget -= n
             chunks.append(self._chunk(request, n))
-        return StepPlan(self._split(chunks))
+        return StepPlan(self._split(chunks), released=self.take_released() if chunks else [])
+
+    def _last_token_in_flight(self, request: Request) -> bool:
+        """The token on the device will end the request (length), whatever it is."""
+        outputs = len(request.output_token_ids) + request.num_pending
+        return outputs >= request.params.max_tokens or request.num_tokens + request.num_pending >= self.max_model_len
 
     def _reserve(self, request: Request, context_len: int) -> bool:
         """Grow the request's blocks, preempting the youngest on its shard if needed."""
@@ -91,7 +121,7 @@ class Scheduler:
 
     def preempt(self, request: Request) -> None:
         self.num_preemptions += 1
-        self.blocks.release(request)
+        self._release(request)
         self.running.remove(request)
         request.status, request.shard, request.num_computed = RequestStatus.WAITING, -1, 0
         self.waiting.appendleft(request)
@@ -99,17 +129,30 @@ class Scheduler:
     def finish(self, request: Request, reason: str) -> None:
         request.status, request.finish_reason = RequestStatus.FINISHED, reason
         if request in self.running:
-            self.blocks.release(request)
+            self._release(request)
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
 
+    def _release(self, request: Request) -> None:
+        self.blocks.release(request)
+        request.num_blocks_sent = 0
+        self._released.append(request.request_id)
+
     def _chunk(self, request: Request, n: int) -> SequenceChunk:
         start = request.num_computed
+        if request.num_pending:  # the newest token is still on the device: fed from there
+            assert n == 1 and start == request.num_tokens, (request.request_id, n, start)
+            tokens, feed = [0], request.feed_row
+        else:
+            tokens, feed = request.tokens(start, start + n), -1
+        new_blocks = request.block_table[request.num_blocks_sent:]
+        request.num_blocks_sent = len(request.block_table)
+        request.num_computed = start + n
         return SequenceChunk(
-            request_id=request.request_id, shard=request.shard, start=start,
-            tokens=request.token_ids[start:start + n], block_table=list(request.block_table),
-            sample=start + n == request.num_tokens,
+            request_id=request.request_id, shard=request.shard, start=start, tokens=tokens,
+            new_blocks=new_blocks, sample=start + n == request.num_tokens + request.num_pending,
+            feed=feed, block_table=request.block_table,
         )
 
     def _split(self, chunks: list[SequenceChunk]) -> list[MicroBatch]:

@@ -3,8 +3,9 @@
 Wraps the checkpoint's Hugging Face tokenizer (`tokenizer/` of the canonical checkpoint):
 plain prompts are encoded with the tokenizer's own special-token rules, chat messages
 through its chat template with the generation prompt appended. Output text is the decode of
-all generated tokens with special tokens skipped; `find_stop` cuts it at the first stop
-string.
+the generated tokens with special tokens skipped and no clean-up of spaces, built
+incrementally (`IncrementalDetokenizer`: each new token costs a few microseconds, whatever
+the length of the output); `find_stop` looks for stop strings in the new tail only.
 """
 
 from __future__ import annotations
@@ -26,10 +27,72 @@ class TextCodec:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def decode(self, token_ids: list[int]) -> str:
-        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        """The whole text of `token_ids`: what the incremental detokenizer's pieces add up to."""
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def incremental(self) -> "IncrementalDetokenizer":
+        return IncrementalDetokenizer(self)
 
 
-def find_stop(text: str, stops: list[str]) -> int | None:
-    """Index where the earliest stop string starts in `text`, or None."""
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+class IncrementalDetokenizer:
+    """One request's output text, a token at a time.
+
+    With a fast tokenizer the `tokenizers` library's own `DecodeStream` turns each token into
+    its new text (None while the token ends in the middle of a multi-byte character); without
+    one, the same is done in Python as vLLM does: decode a short window before the new
+    tokens and the window with them, and keep the difference. Either way the pieces
+    concatenate to `TextCodec.decode` of all tokens, except that bytes of a character not
+    yet complete are held back; `flush` returns them as the full decode renders them (the
+    replacement character) when the request ends there.
+    """
+
+    WINDOW = 6  # tokens of left context for decoding a piece (covers multi-token characters)
+
+    def __init__(self, codec: TextCodec):
+        self.codec = codec
+        backend = getattr(codec.tokenizer, "backend_tokenizer", None)
+        self.backend = backend
+        if backend is not None:
+            from tokenizers.decoders import DecodeStream
+
+            self.stream = DecodeStream(skip_special_tokens=True)
+        self.ids: list[int] = []
+        self.emitted = 0  # ids[:emitted] are all in the text returned so far
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        if self.backend is not None:
+            piece = self.stream.step(self.backend, token)
+            if piece is None:
+                return ""
+        else:
+            piece = self._difference(len(self.ids))
+            if piece.endswith("\ufffd"):
+                return ""
+        self.emitted = len(self.ids)
+        return piece
+
+    def flush(self) -> str:
+        """Text of the tokens held back (an incomplete character), as the full decode has it."""
+        if self.emitted == len(self.ids):
+            return ""
+        piece = self._difference(len(self.ids))
+        self.emitted = len(self.ids)
+        return piece
+
+    def _difference(self, end: int) -> str:
+        start = max(0, self.emitted - self.WINDOW)
+        before = self.codec.decode(self.ids[start:self.emitted])
+        after = self.codec.decode(self.ids[start:end])
+        return after[len(before):]
+
+
+def find_stop(text: str, stops: list[str], since: int = 0) -> int | None:
+    """Index where the earliest stop string starts in `text`, looking only at matches that
+    end after `since` (the text before it was searched already)."""
+    hits = []
+    for stop in stops:
+        i = text.find(stop, max(0, since - len(stop) + 1))
+        if i >= 0:
+            hits.append(i)
     return min(hits) if hits else None

@@ -7,26 +7,22 @@ checkpoint's tensor names, so the loader fills it by name. Tensor parallelism ru
 process group given here (model-worker ranks only): Megatron's layers receive it through a
 `ProcessGroupCollection`, so attention-worker ranks never join a Megatron group.
 
-The forward pass is cut at the attention boundaries into `num_layers + 1` stages: stage 0
-(`first_stage`) is the embedding, the RoPE tables and layer 0's pre-attention; stage l
-(`middle_stage`, 1 <= l < L) is layer l-1's post-attention and layer l's pre-attention;
-stage L (`last_stage`) is layer L-1's post-attention, the final norm and the LM head. Each
-stage ends with the q, k, v that go to attention (or the logits), so between two stages a
-micro-batch waits for its attention output.
+The forward pass is cut at the attention boundaries into stages: `first_stage` (the
+embedding, the RoPE tables, layer 0's pre-attention), `middle_stage(l)` (layer l-1's
+post-attention and layer l's pre-attention), `last_stage` (the last post-attention) and
+`head` (final norm and LM head over the rows whose logits are sampled, gathered over the
+full vocabulary on every TP rank). Each stage but the last two ends with the q, k, v that go
+to attention, so between two stages a micro-batch waits for its attention output. The
+pipeline (engine/pipeline.py) runs these stages eagerly or replays CUDA graphs of them
+(engine/stage_graphs.py, engine/cuda_graphs.py), so the math has one code path.
 
-`forward_micro_batch` is a generator over these stages: it yields once per layer, right after
-the layer's q, k, v were handed to the attention channel, and resumes to collect the
-attention output. The pipeline driver interleaves several of these generators (DESIGN.md
-section 4); it finally returns the logits of the micro-batch's sampled rows, gathered over
-the full vocabulary on every TP rank. The CUDA graphs of a disaggregated model worker
-(engine/stage_graphs.py) capture the same stage functions, one graph per stage, so the math
-has one code path.
+`fused_elementwise` is a construction-time choice: SwiGLU as Megatron's compiled
+`bias_activation_fusion` kernel and RoPE as `compiled_rotary`, one kernel each instead of
+chains of eager ones. The engine turns it on when the model runs from CUDA graphs, which
+hide the compiled functions' host cost (~0.1 ms a call) that eager steps would pay.
 """
 
 from __future__ import annotations
-
-from contextlib import contextmanager
-from typing import Generator
 
 import torch
 import torch.nn.functional as F
@@ -37,11 +33,11 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_lamina.architecture import ModelArchitecture
 from megatron_lamina.model.layer import SplitTransformerLayer, lamina_layer_spec
-from megatron_lamina.model.rope import RotaryEmbedding, fused_rotary
-from megatron_lamina.plan import MicroBatch
+from megatron_lamina.model.rope import RotaryEmbedding, apply_rotary, compiled_rotary
 
 
-def transformer_config(arch: ModelArchitecture, dtype: torch.dtype, tp_size: int) -> TransformerConfig:
+def transformer_config(arch: ModelArchitecture, dtype: torch.dtype, tp_size: int,
+                       fused_elementwise: bool = False) -> TransformerConfig:
     return TransformerConfig(
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
@@ -64,7 +60,7 @@ def transformer_config(arch: ModelArchitecture, dtype: torch.dtype, tp_size: int
         # Inference on weights loaded from a checkpoint; no Apex/Transformer-Engine kernels.
         use_cpu_initialization=True,
         perform_initialization=False,
-        bias_activation_fusion=False,  # on inside `LlamaModel.fused_elementwise` only
+        bias_activation_fusion=fused_elementwise,  # Megatron's compiled SwiGLU
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
         apply_rope_fusion=False,
@@ -79,12 +75,12 @@ class LlamaModel(torch.nn.Module):
         arch: ModelArchitecture,
         dtype: torch.dtype,
         tp_group: torch.distributed.ProcessGroup,
-        channel,
         padded_vocab_size: int,
+        fused_elementwise: bool = False,
     ):
         super().__init__()
         self.arch = arch
-        self.config = config = transformer_config(arch, dtype, tp_group.size())
+        self.config = config = transformer_config(arch, dtype, tp_group.size(), fused_elementwise)
         groups = ProcessGroupCollection()
         groups.tp, groups.cp, groups.pp = tp_group, None, None
 
@@ -93,7 +89,7 @@ class LlamaModel(torch.nn.Module):
             padded_vocab_size, arch.hidden_size, init_method=config.init_method,
             config=config, tp_group=tp_group,
         )
-        spec = lamina_layer_spec(channel)
+        spec = lamina_layer_spec(compiled_rotary() if fused_elementwise else apply_rotary)
         self.decoder = torch.nn.Module()
         self.decoder.layers = torch.nn.ModuleList(
             build_module(spec, config=config, layer_number=i + 1, pg_collection=groups)
@@ -117,44 +113,17 @@ class LlamaModel(torch.nn.Module):
             param.data = param.data.to(dtype)
         self.eval()
 
-    @contextmanager
-    def fused_elementwise(self, enabled: bool = True):
-        """Inside: SwiGLU (Megatron's `bias_activation_fusion`, its torch.compile'd kernel)
-        and RoPE (`fused_rotary`) as one compiled kernel each instead of chains of eager
-        ones. For CUDA-graph capture, warm-up included: a compiled function costs ~0.1 ms of
-        host time per call (its guards), which eager steps would pay and graph replays do not."""
-        if not enabled:
-            yield
-            return
-        self.config.bias_activation_fusion = True
-        for layer in self.decoder.layers:
-            layer.rotate = fused_rotary()
-        try:
-            yield
-        finally:
-            self.config.bias_activation_fusion = False
-            for layer in self.decoder.layers:
-                del layer.rotate  # back to the class's eager rotation
+    @property
+    def device(self) -> torch.device:
+        return self.rotary.inv_freq.device
 
     @property
-    def layers(self) -> list[SplitTransformerLayer]:
-        return list(self.decoder.layers)
+    def num_layers(self) -> int:
+        return len(self.decoder.layers)
 
-    @torch.inference_mode()
-    def forward_micro_batch(self, mb: MicroBatch) -> Generator[None, None, torch.Tensor]:
-        device = self.rotary.inv_freq.device
-        residual, cos, sin, q, k, v = self.first_stage(mb.token_ids.to(device), mb.positions.to(device))
-        for index, layer in enumerate(self.decoder.layers):
-            pending = layer.remote_attention.send(q, k, v, mb)
-            yield  # attention of this micro-batch is in flight; the driver runs another one
-            attention_out = layer.remote_attention.wait(pending)
-            if index + 1 < len(self.decoder.layers):
-                residual, q, k, v = self.middle_stage(index + 1, residual, attention_out, cos, sin)
-        return self.last_stage(residual, attention_out, mb.sample_rows.to(device))
-
-    # The stages. Shapes: token_ids, positions [tokens]; residual [tokens, 1, hidden];
-    # cos, sin [tokens, 1, 1, head_dim]; q [tokens, 1, heads_local, head_dim], k, v
-    # [tokens, 1, kv_heads_local, head_dim]; attention_out [tokens, 1, heads_local * head_dim].
+    # The stages. Shapes: token_ids, positions [tokens]; residual, hidden [tokens, 1, hidden];
+    # cos, sin [tokens, 1, 1, head_dim]; q, attention_out [tokens, heads_local, head_dim];
+    # k, v [tokens, kv_heads_local, head_dim].
 
     def first_stage(self, token_ids: torch.Tensor, positions: torch.Tensor):
         """Embedding, RoPE tables, layer 0's pre-attention -> residual, cos, sin, q, k, v."""
@@ -170,14 +139,12 @@ class LlamaModel(torch.nn.Module):
         hidden = self.decoder.layers[layer - 1].post_attention(residual, attention_out)
         return self.decoder.layers[layer].pre_attention(hidden, cos, sin)
 
-    def last_stage(self, residual: torch.Tensor, attention_out: torch.Tensor,
-                   sample_rows: torch.Tensor | None = None) -> torch.Tensor:
-        """The last layer's post-attention, final norm, LM head -> logits [sampled rows, vocab]
-        (every row when `sample_rows` is None)."""
-        hidden = self.decoder.layers[-1].post_attention(residual, attention_out)
-        return self._logits(hidden if sample_rows is None else hidden[sample_rows])
+    def last_stage(self, residual: torch.Tensor, attention_out: torch.Tensor) -> torch.Tensor:
+        """The last layer's post-attention -> hidden states [tokens, 1, hidden]."""
+        return self.decoder.layers[-1].post_attention(residual, attention_out)
 
-    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head: hidden [rows, 1, hidden] -> logits [rows, vocab]."""
         if hidden.shape[0] == 0:  # a micro-batch of non-final prefill chunks only
             return hidden.new_empty(0, self.arch.vocab_size)
         hidden = self.decoder.final_layernorm(hidden)

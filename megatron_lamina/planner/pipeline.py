@@ -1,6 +1,6 @@
 """The time of one engine step, from the per-layer costs of its micro-batches (DESIGN.md s. 4).
 
-Disaggregated: `ModelRunner.run` resumes the micro-batches' generators in a fixed rotation,
+Disaggregated: `ModelWorker.run` resumes the micro-batches' generators in a fixed rotation,
 layer-major: (mb 0, layer 0), (mb 1, layer 0), .., (mb n-1, layer 0), (mb 0, layer 1), ..
 The model worker is one serial resource; each resumption of micro-batch j at layer l first
 waits for j's attention output of layer l-1, then runs j's model work and sends q, k, v

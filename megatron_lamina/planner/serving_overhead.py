@@ -1,6 +1,6 @@
 """Host time a real server spends per step beyond the profiled forward pass, measured and fitted.
 
-A cost table (tools/profile.py) times `ModelRunner.run` and the sampler; the serving driver
+A cost table (tools/profile.py) times `ModelWorker.run` and the sampler; the serving driver
 also schedules, broadcasts the plan, builds the attention index, detokenizes and streams. The
 biggest of these grows with the output: `LLMEngine._append_token` decodes each request's
 whole output every token (about 1 us per output token with a fast tokenizer), so a step of

@@ -1,12 +1,19 @@
-"""Prometheus metrics of the server (`GET /metrics`), fed by the engine thread.
+"""Prometheus metrics of the server (`GET /metrics`), fed by the engine thread once per step.
 
 A private `CollectorRegistry` (no process-global state): requests running and waiting, KV
-blocks used per attention shard, prompt and generated tokens, and histograms of
-time-to-first-token and inter-token latency. `ServerMetrics` is the `EngineListener` the
-launcher gives to the `AsyncEngine`.
+blocks used per attention shard, prompt and generated tokens, histograms of
+time-to-first-token and inter-token latency, and the engine's steps as a user needs them to
+see whether the server is bound by the GPU or by its host: the time of each step, its batch
+(requests sampled) and token rows, and the share of the time the GPU was busy with steps
+(`lamina_gpu_busy_ratio`: the GPU's span of each step over the GPU time from the previous
+step's end to this one's, for steps that ran back to back, over the last
+`BUSY_WINDOW` steps; a host-bound server shows a low value). `ServerMetrics` is the
+`EngineListener` the launcher gives to the `AsyncEngine`.
 """
 
 from __future__ import annotations
+
+from collections import deque
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -15,6 +22,10 @@ from megatron_lamina.engine.output import RequestOutput
 from megatron_lamina.engine.request import Request
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+STEP_BUCKETS = (0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0, 2.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+TOKEN_BUCKETS = (1, 8, 32, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+BUSY_WINDOW = 64
 
 
 class ServerMetrics:
@@ -30,23 +41,56 @@ class ServerMetrics:
                               buckets=LATENCY_BUCKETS, registry=r)
         self.itl = Histogram("lamina_inter_token_latency_seconds", "Time between consecutive tokens",
                              buckets=LATENCY_BUCKETS, registry=r)
+        self.step_time = Histogram("lamina_step_seconds", "Engine step: launch to tokens read back (host clock)",
+                                   buckets=STEP_BUCKETS, registry=r)
+        self.step_gpu_time = Histogram("lamina_step_gpu_seconds", "Engine step: its span on the GPU",
+                                       buckets=STEP_BUCKETS, registry=r)
+        self.step_batch = Histogram("lamina_step_batch_size", "Requests sampled per step",
+                                    buckets=BATCH_BUCKETS, registry=r)
+        self.step_tokens = Histogram("lamina_step_tokens", "Token rows computed per step (decode and prefill)",
+                                     buckets=TOKEN_BUCKETS, registry=r)
+        self.last_batch = Gauge("lamina_step_last_batch_size", "Requests sampled in the last step", registry=r)
+        self.gpu_busy = Gauge("lamina_gpu_busy_ratio", f"GPU busy share over the last {BUSY_WINDOW} back-to-back "
+                              "steps (step span / time since the previous step ended)", registry=r)
+        self.gpu_busy_seconds = Counter("lamina_gpu_busy_seconds", "GPU time spent in back-to-back steps",
+                                        registry=r)
+        self.gpu_period_seconds = Counter("lamina_gpu_period_seconds", "GPU time between back-to-back step ends",
+                                          registry=r)
         self._last_token_time: dict[int, float] = {}
+        self._window: deque[tuple[float, float]] = deque(maxlen=BUSY_WINDOW)
 
-    def on_output(self, request: Request, output: RequestOutput, now: float) -> None:
-        new = len(output.token_ids)
-        if new:
-            self.generation_tokens.inc(new)
-            last = self._last_token_time.get(request.request_id)
-            if last is None:
-                self.prompt_tokens.inc(output.prompt_tokens)
-                self.ttft.observe(now - request.arrival_time)
-            else:
-                self.itl.observe((now - last) / new)
-            self._last_token_time[request.request_id] = now
-        if output.finished:
-            self._last_token_time.pop(request.request_id, None)
-
-    def on_step(self, engine: LLMEngine) -> None:
+    def on_step(self, engine: LLMEngine, outputs: list[tuple[Request, RequestOutput]], now: float) -> None:
+        generated = 0
+        for request, output in outputs:
+            new = len(output.token_ids)
+            if new:
+                generated += new
+                last = self._last_token_time.get(request.request_id)
+                if last is None:
+                    self.prompt_tokens.inc(output.prompt_tokens)
+                    self.ttft.observe(now - request.arrival_time)
+                else:
+                    self.itl.observe((now - last) / new)
+                self._last_token_time[request.request_id] = now
+            if output.finished:
+                self._last_token_time.pop(request.request_id, None)
+        if generated:
+            self.generation_tokens.inc(generated)
+        while engine.stats:
+            step = engine.stats.popleft()
+            self.step_time.observe(step.wall_s)
+            self.step_batch.observe(step.rows)
+            self.step_tokens.observe(step.tokens)
+            self.last_batch.set(step.rows)
+            if step.gpu_s is not None:
+                self.step_gpu_time.observe(step.gpu_s)
+            if step.gpu_period_s is not None and step.gpu_period_s > 0:
+                busy = min(step.gpu_s, step.gpu_period_s)
+                self.gpu_busy_seconds.inc(busy)
+                self.gpu_period_seconds.inc(step.gpu_period_s)
+                self._window.append((busy, step.gpu_period_s))
+        if self._window:
+            self.gpu_busy.set(sum(b for b, _ in self._window) / sum(p for _, p in self._window))
         scheduler = engine.scheduler
         self.running.set(len(scheduler.running))
         self.waiting.set(len(scheduler.waiting))

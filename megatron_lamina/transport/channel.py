@@ -1,37 +1,49 @@
-"""The interface between a model worker's layers and wherever attention runs.
+"""The interface between a model worker's pipeline and wherever attention runs.
 
-`RemoteAttention` (model/) calls `begin(layer, micro_batch, q, k, v)` as soon as q, k, v of
-a layer exist and `finish(pending)` when it needs the output; nothing else crosses the
-boundary. `LocalChannel` is the colocated layout: attention runs at once in this process
-against a local paged cache, through a callable the engine provides (so model/ and
+The pipeline (engine/pipeline.py) calls `prepare(micro_batch)` once per micro-batch and
+step (host arrays the channel needs on the device, copied with the rest of the step's
+inputs), then, per layer, `begin(layer, context, q, k, v)` as soon as q, k, v exist and
+`finish(pending)` when it needs the output; nothing else crosses the boundary.
+`LocalChannel` is the colocated layout: attention runs at once in this process against a
+local paged cache, through the attention backend the worker factory provides (so model/ and
 attention/ never import each other). `P2PChannel` (p2p.py) is the disaggregated layout.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 
+from megatron_lamina.host_to_device import HostArrays
 from megatron_lamina.plan import MicroBatch, SequenceChunk
 
 
+class AttentionBackend(Protocol):
+    """attention/reference.ReferenceAttention (CPU) or attention/gpu.PagedAttention (CUDA)."""
+
+    def host_index(self, chunks: list[SequenceChunk]) -> HostArrays: ...
+
+    def __call__(self, layer: int, index: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
+
+
 class AttentionChannel(Protocol):
-    def begin(self, layer: int, mb: MicroBatch, q: torch.Tensor, k: torch.Tensor,
-              v: torch.Tensor): ...
+    def prepare(self, mb: MicroBatch) -> HostArrays: ...
+
+    def begin(self, layer: int, context: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor): ...
 
     def finish(self, pending) -> torch.Tensor: ...
 
 
-AttendFn = Callable[[int, list[SequenceChunk], torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
 class LocalChannel:
-    def __init__(self, attend: AttendFn):
+    def __init__(self, attend: AttentionBackend):
         self.attend = attend
 
-    def begin(self, layer, mb, q, k, v):
-        return self.attend(layer, mb.chunks, q, k, v)
+    def prepare(self, mb: MicroBatch) -> HostArrays:
+        return self.attend.host_index(mb.chunks)
+
+    def begin(self, layer, context, q, k, v):
+        return self.attend(layer, context, q, k, v)
 
     def finish(self, pending):
         return pending

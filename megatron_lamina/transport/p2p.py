@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from megatron_lamina.host_to_device import HostArrays
 from megatron_lamina.plan import MicroBatch
 from megatron_lamina.topology import Route
 
@@ -46,6 +47,10 @@ class P2PChannel:
         self.routes, self.own_kv_lo, self.queries_per_kv = routes, own_kv_lo, queries_per_kv
         self.host_staging = host_staging
         self.to_attention, self.to_model = to_attention, to_model
+
+    def prepare(self, mb: MicroBatch) -> HostArrays:
+        """Nothing to copy: the routes' rows come from the plan (the context is the micro-batch)."""
+        return HostArrays({}, lambda _: mb)
 
     def begin(self, layer, mb: MicroBatch, q, k, v) -> PendingExchange:
         pending = PendingExchange(out=torch.empty_like(q))

@@ -1,0 +1,1 @@
+"""Shared machinery of the benchmark and profiling tools (tools/bench_*.py, tools/profile.py)."""

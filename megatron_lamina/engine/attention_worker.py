@@ -1,0 +1,38 @@
+"""Attention-worker side of a step: the mirror image of the model worker's pipeline.
+
+Before the step, the worker applies the plan to its copy of the block tables and builds the
+attention index of each micro-batch with rows on its request shard (one host-to-device
+copy). Then, for every exchange in `exchange_order` (rotation.py) whose micro-batch has rows
+here, it receives the q, k, v rows of its KV-head group, appends k, v to the paged cache,
+attends and sends the output back: exactly the order in which the model workers post them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_lamina.engine.block_tables import BlockTables
+from megatron_lamina.engine.rotation import exchange_order
+from megatron_lamina.host_to_device import to_device
+from megatron_lamina.plan import StepPlan
+from megatron_lamina.transport.channel import AttentionBackend
+from megatron_lamina.transport.p2p import AttentionEndpoint
+
+
+class AttentionWorker:
+    def __init__(self, endpoint: AttentionEndpoint, attend: AttentionBackend, num_layers: int, device):
+        self.endpoint, self.attend, self.num_layers, self.device = endpoint, attend, num_layers, device
+        self.tables = BlockTables(endpoint.shard)
+
+    @torch.inference_mode()
+    def serve(self, plan: StepPlan) -> None:
+        self.tables.apply(plan)
+        shard, mbs = self.endpoint.shard, plan.micro_batches
+        mine = [j for j, mb in enumerate(mbs) if mb.shard_chunks(shard)]
+        indices = dict(zip(mine, to_device([self.attend.host_index(mbs[j].shard_chunks(shard)) for j in mine],
+                                           self.device)))
+        for layer, j in exchange_order(len(mbs), self.num_layers):
+            if j in indices:
+                q, k, v = self.endpoint.receive(mbs[j])
+                self.endpoint.reply(self.attend(layer, indices[j], q, k, v))
+        self.endpoint.drain()

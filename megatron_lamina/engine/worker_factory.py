@@ -1,0 +1,223 @@
+"""Builds the worker of one rank from the config: the one way to make a model or attention worker.
+
+Launchers (through runtime.start_rank), tests and tools all ask `build_worker`. It decides
+what the rank is from the topology and builds it in the order that sizes the KV cache right
+(memory.py):
+  * model worker: the model with its TP shard of the weights (or `weights`, a function that
+    fills a model, for tools), moved to the device; with CUDA graphs, the stage graphs at
+    every token bucket (stage_graphs.py); colocated, the decode graphs' memory learnt on a
+    tiny cache and the eager activations of the largest step measured; then the cache, of the
+    block count every rank agrees on, and the decode graphs captured over it;
+  * attention worker: the eager activations of the largest step measured, the cache, the
+    endpoint of the transport.
+Every phase prints a line through `log` (the driver's start-up log). Nothing is captured
+later: the server answers /health only once this has returned.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from megatron_lamina.architecture import ModelArchitecture
+from megatron_lamina.attention.kv_cache import PagedKVCache
+from megatron_lamina.checkpoint.loader import CheckpointShardLoader, padded_vocab_size
+from megatron_lamina.config import LaminaConfig
+from megatron_lamina.engine.attention_worker import AttentionWorker
+from megatron_lamina.engine.block_tables import BlockTables
+from megatron_lamina.engine.memory import kv_blocks_that_fit, measure_peak
+from megatron_lamina.engine.model_worker import ModelWorker
+from megatron_lamina.engine.sampling import SamplingParams, sample_tokens_on_device
+from megatron_lamina.engine.token_feed import TokenFeed
+from megatron_lamina.host_to_device import to_device
+from megatron_lamina.model.llama import LlamaModel
+from megatron_lamina.plan import MicroBatch, SequenceChunk, StepPlan
+from megatron_lamina.topology import ProcessGroups, Topology
+from megatron_lamina.transport.channel import LocalChannel
+from megatron_lamina.transport.p2p import AttentionEndpoint, P2PChannel
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class BuiltWorker:
+    worker: ModelWorker | AttentionWorker
+    num_blocks: int          # KV blocks per cache (every rank agrees)
+    cache: PagedKVCache | None
+
+
+def use_cuda_graphs(cfg: LaminaConfig, topology: Topology, device: torch.device) -> bool:
+    """Graphs on a GPU, unless switched off; at TP > 1 they hold the TP all-reduces, so the TP
+    group must reduce CUDA tensors through NCCL (a gloo collective cannot be captured)."""
+    return (cfg.runtime.cuda_graphs and device.type == "cuda"
+            and (topology.tp_size == 1 or dist.get_backend() != "gloo"))
+
+
+def attention_backend(cache: PagedKVCache, device: torch.device):
+    """The torch reference on CPU; the Triton decode kernel + prefill path on CUDA."""
+    if device.type == "cuda":
+        from megatron_lamina.attention.gpu import PagedAttention
+
+        return PagedAttention(cache)
+    from megatron_lamina.attention.reference import ReferenceAttention
+
+    return ReferenceAttention(cache)
+
+
+def build_worker(cfg: LaminaConfig, arch: ModelArchitecture, topology: Topology, groups: ProcessGroups,
+                 rank: int, device: torch.device, log: Log = lambda _: None,
+                 weights: Callable[[LlamaModel], None] | None = None) -> BuiltWorker:
+    """`weights(model)` fills a model worker's parameters (tools: random weights); None loads
+    this rank's shard of `cfg.model.checkpoint`."""
+    if topology.is_model_worker(rank):
+        return _model_worker(cfg, arch, topology, groups, rank, device, log, weights)
+    return _attention_worker(cfg, arch, topology, groups, rank, device, log)
+
+
+def _model_worker(cfg, arch, topology, groups, rank, device, log, weights) -> BuiltWorker:
+    graphs = use_cuda_graphs(cfg, topology, device)
+    model = LlamaModel(arch, cfg.torch_dtype, groups.tp, padded_vocab_size(arch.vocab_size, topology.tp_size),
+                       fused_elementwise=graphs)
+    if weights is None:
+        CheckpointShardLoader(cfg.model.checkpoint, rank, topology.tp_size, cfg.torch_dtype).load_into(model)
+    else:
+        weights(model)
+    model = model.to(device)
+    gib = sum(p.numel() * p.element_size() for p in model.parameters()) / (1 << 30)
+    log(f"weights loaded: {gib:.2f} GiB on {device} (TP rank {rank} of {topology.tp_size})")
+    feed = TokenFeed(groups.tp, device)
+    s = cfg.scheduler
+    stage_graphs = pool = None
+    if graphs:
+        from megatron_lamina.engine.stage_graphs import StageGraphs
+
+        pool = torch.cuda.graph_pool_handle()
+        stage_graphs = StageGraphs(model, s.max_batch_size + s.max_prefill_tokens, s.micro_batches, pool)
+        stage_graphs.capture(log)
+    if not topology.colocated:
+        num_blocks = _agree(cfg, groups, None)
+        log(f"KV cache: {num_blocks} blocks of {cfg.kv_cache.block_size} tokens per attention worker")
+        kv_lo, _ = topology.tp_kv_range(rank)
+        host_staging = device.type == "cuda" and dist.get_backend() == "gloo"
+        channel = P2PChannel(topology.routes_from_tp(rank), kv_lo, arch.queries_per_kv_head, host_staging,
+                             groups.to_attention, groups.to_model)
+        return BuiltWorker(ModelWorker(model, channel, feed, stage_graphs=stage_graphs), num_blocks, None)
+
+    kv_heads = arch.num_kv_heads // topology.tp_size
+    max_blocks = math.ceil(arch.max_position_embeddings / cfg.kv_cache.block_size)
+
+    def worker_over(cache: PagedKVCache, decode_graphs) -> ModelWorker:
+        tables = BlockTables() if rank != 0 else None
+        return ModelWorker(model, LocalChannel(attention_backend(cache, device)), feed, tables,
+                           decode_graphs, stage_graphs)
+
+    def decode_graphs_over(cache: PagedKVCache, scratch: int):
+        from megatron_lamina.engine.cuda_graphs import DecodeGraphs
+
+        decode = DecodeGraphs(model, attention_backend(cache, device), s.max_batch_size, max_blocks, scratch, pool)
+        decode.capture(log)
+        return decode
+
+    peak = 0
+    if cfg.kv_cache.num_blocks == "auto" and device.type == "cuda":
+        probe = PagedKVCache(arch.num_layers, 2, cfg.kv_cache.block_size, kv_heads, arch.head_dim,
+                             cfg.torch_dtype, device)
+        decode = decode_graphs_over(probe, scratch=1) if graphs else None
+        peak = _profile_largest_step(cfg, arch, worker_over(probe, decode), device)
+        del probe, decode
+    num_blocks = _agree(cfg, groups, (PagedKVCache.bytes_per_block(
+        arch.num_layers, cfg.kv_cache.block_size, kv_heads, arch.head_dim, cfg.torch_dtype), peak, device, log))
+    # With decode graphs the cache has one more block, never handed out: padding rows' scratch.
+    cache = PagedKVCache(arch.num_layers, num_blocks + graphs, cfg.kv_cache.block_size, kv_heads, arch.head_dim,
+                         cfg.torch_dtype, device)
+    decode = decode_graphs_over(cache, scratch=num_blocks) if graphs else None
+    return BuiltWorker(worker_over(cache, decode), num_blocks, cache)
+
+
+def _attention_worker(cfg, arch, topology, groups, rank, device, log) -> BuiltWorker:
+    group, shard = topology.attention_coords(rank)
+    kv_lo, _ = topology.group_kv_range(group)
+    kv_heads = arch.num_kv_heads // topology.head_groups
+    peak = 0
+    if cfg.kv_cache.num_blocks == "auto" and device.type == "cuda":
+        probe = PagedKVCache(arch.num_layers, 1, cfg.kv_cache.block_size, kv_heads, arch.head_dim,
+                             cfg.torch_dtype, device)
+        peak = _profile_attention(cfg, arch, attention_backend(probe, device), kv_heads, device)
+        del probe
+    num_blocks = _agree(cfg, groups, (PagedKVCache.bytes_per_block(
+        arch.num_layers, cfg.kv_cache.block_size, kv_heads, arch.head_dim, cfg.torch_dtype), peak, device, log))
+    cache = PagedKVCache(arch.num_layers, num_blocks, cfg.kv_cache.block_size, kv_heads, arch.head_dim,
+                         cfg.torch_dtype, device)
+    host_staging = device.type == "cuda" and dist.get_backend() == "gloo"
+    endpoint = AttentionEndpoint(topology.routes_to_attention(rank), shard, kv_lo, kv_heads,
+                                 arch.queries_per_kv_head, arch.head_dim, cfg.torch_dtype, device, host_staging,
+                                 groups.to_attention, groups.to_model)
+    return BuiltWorker(AttentionWorker(endpoint, attention_backend(cache, device), arch.num_layers, device),
+                       num_blocks, cache)
+
+
+def _largest_step(cfg: LaminaConfig, arch: ModelArchitecture) -> StepPlan:
+    """The most tokens one step can carry: a whole prefill budget and the rest of the batch
+    decoding, every row sampled; all in block 0 of a probe cache (values do not matter)."""
+    prefill = min(cfg.scheduler.max_prefill_tokens, arch.max_position_embeddings - 1)
+    blocks = math.ceil(prefill / cfg.kv_cache.block_size)
+    chunks = [SequenceChunk(0, 0, 0, [0] * prefill, [], True, block_table=[0] * blocks)]
+    chunks += [SequenceChunk(i, 0, 0, [0], [], True, block_table=[0]) for i in range(1, cfg.scheduler.max_batch_size)]
+    return StepPlan([MicroBatch(chunks)])
+
+
+def _profile_largest_step(cfg, arch, worker: ModelWorker, device) -> int:
+    plan = _largest_step(cfg, arch)
+    params = [SamplingParams(temperature=1.0, top_p=0.9, top_k=50)] * plan.num_sampled
+    with measure_peak(device) as peak:
+        logits = worker.run(plan)
+        sample_tokens_on_device(logits, params, [p.make_generator(device) for p in params])
+        del logits
+    return peak[0]
+
+
+def _profile_attention(cfg, arch, attend, kv_heads: int, device) -> int:
+    plan = _largest_step(cfg, arch)
+    rows, d = plan.micro_batches[0].num_rows, arch.head_dim
+    heads = kv_heads * arch.queries_per_kv_head
+    with measure_peak(device) as peak:
+        [index] = to_device([attend.host_index(plan.micro_batches[0].chunks)], device)
+        q = torch.randn(rows, heads, d, dtype=cfg.torch_dtype, device=device)
+        k = torch.randn(rows, kv_heads, d, dtype=cfg.torch_dtype, device=device)
+        # The receive buffers of the transport and the reply: about q, k, v and o once more.
+        extra = torch.empty(2 * q.numel() + 2 * k.numel(), dtype=cfg.torch_dtype, device=device)
+        attend(0, index, q, k, k.clone())
+        del q, k, extra
+    return peak[0]
+
+
+def _agree(cfg: LaminaConfig, groups: ProcessGroups, sizing) -> int:
+    """The KV block count of every cache: the configured one, or the smallest that fits any
+    rank. `sizing`: (bytes per block, eager activation peak, device, log) on a rank that
+    holds a cache, None on one that does not. A collective over every rank."""
+    block_size = cfg.kv_cache.block_size
+    if cfg.kv_cache.num_blocks != "auto":
+        if sizing is not None:
+            sizing[3](f"KV cache: {cfg.kv_cache.num_blocks} blocks of {block_size} tokens per cache "
+                      "(kv_cache.num_blocks)")
+        return cfg.kv_cache.num_blocks
+    capacity = torch.tensor([2**62], dtype=torch.long)
+    why = "sized by the ranks that hold a cache"
+    if sizing is not None:
+        per_block, peak, device, log = sizing
+        blocks, why = kv_blocks_that_fit(device, cfg.kv_cache.memory_fraction, per_block, peak)
+        capacity[0] = blocks
+    dist.all_reduce(capacity, op=dist.ReduceOp.MIN, group=groups.startup)
+    blocks = int(capacity.item())
+    if blocks < 1:
+        raise RuntimeError("kv_cache.num_blocks = auto found no memory for even one KV block "
+                           f"({why}); raise kv_cache.memory_fraction, lower the model size or the batch "
+                           "(scheduler.max_batch_size, scheduler.max_prefill_tokens), or set kv_cache.num_blocks")
+    if sizing is not None:
+        sizing[3](f"KV cache: {blocks} blocks of {block_size} tokens per cache, the smallest any rank "
+                  f"can hold; this rank: {why}")
+    return blocks
