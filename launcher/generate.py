@@ -62,6 +62,9 @@ def run_job(engine, input_path: str, output_path: str, show: bool, resume: bool)
                     if show:
                         bar.write(f"[{request.user_id}] {request.text}")
         bar.close()
+    elapsed = time.monotonic() - started
+    print(f"generated {generated} tokens in {elapsed:.2f} s ({generated / max(elapsed, 1e-9):.1f} tokens/s)",
+          file=sys.stderr, flush=True)
     return failed
 
 

@@ -31,5 +31,6 @@ def generate_on_ranks(cases, inputs):
                         "logits": [torch.stack(seen[r.request_id]) for r in done],
                         "reasons": [r.finish_reason for r in done],
                         "preemptions": engine.scheduler.num_preemptions,
-                        "graph_steps": ctx.worker.graph_steps})  # rank 0 is always a model worker
+                        "graph_steps": ctx.worker.graph_steps,  # rank 0 is always a model worker
+                        "steps": len(engine.stats)})
     return results

@@ -65,8 +65,12 @@ def test_compiled_flex_paged_decode_matches_reference(block_size):
     assert ((out.float().cpu() - ref).norm() / ref.norm()).item() < 1e-2
 
 
-GPU_LAYOUTS = {  # (tensor_parallel, attention_workers, transport, CUDA graphs)
+GPU_LAYOUTS = {  # (tensor_parallel, attention_workers, transport, CUDA graphs[, more overrides])
     "colocated-cuda-graphs": (1, 0, "auto", True),
+    # The cache sized by the worker factory after the graphs (memory.py), the synchronous loop.
+    "colocated-graphs-auto-kv-sync": (1, 0, "auto", True, ["kv_cache.num_blocks=auto",
+                                                          "kv_cache.memory_fraction=0.5",
+                                                          "scheduler.async_scheduling=false"]),
     "colocated-eager": (1, 0, "auto", False),
     "disaggregated-shared-gpu": (1, 1, "gloo", False),
     # The model worker's stages replayed from CUDA graphs (StageGraphs), transport in between.
@@ -94,13 +98,14 @@ def _cuda_reference(model):
 
 @pytest.mark.parametrize("layout", GPU_LAYOUTS)
 def test_engine_on_cuda_matches_transformers(layout, tiny_models):
-    tp, workers, transport, graphs = GPU_LAYOUTS[layout]
+    tp, workers, transport, graphs, *more = GPU_LAYOUTS[layout]
     runs = [(model, mb) for model in tiny_models.values() for mb in (1, 2)]
     cases = [(str(model.canonical_dir), [
         "runtime.device=cuda", f"runtime.transport={transport}", f"runtime.cuda_graphs={str(graphs).lower()}",
         f"parallel.tensor_parallel={tp}",
         f"parallel.attention_workers={workers}", f"scheduler.micro_batches={mb}", "kv_cache.block_size=4",
-        "kv_cache.num_blocks=64", "scheduler.max_prefill_tokens=8"]) for model, mb in runs]
+        "kv_cache.num_blocks=64", "scheduler.max_prefill_tokens=8", *(more[0] if more else [])])
+        for model, mb in runs]
     results = run_ranks(generate_on_ranks, tp + workers, cases, REQUESTS)
     assert len(results) == len(cases)
     for (model, mb), result in zip(runs, results):
@@ -108,13 +113,13 @@ def test_engine_on_cuda_matches_transformers(layout, tiny_models):
         assert result["tokens"] == tokens
         for got, want in zip(result["logits"], logits):
             assert torch.allclose(got.cpu(), want, atol=1e-3, rtol=0), (got.cpu() - want).abs().max()
-        # The decode steps took the graphs where they apply (DecodeGraphs: plans of one
-        # micro-batch, which with micro_batches 2 are only the steps left with one request;
-        # StageGraphs: up to scheduler.micro_batches), and never without runtime.cuda_graphs.
+        # Every step replayed graphs (DecodeGraphs: colocated decode steps of one micro-batch;
+        # StageGraphs: every other step, prefill chunks included, all buckets captured at
+        # start-up), and none without runtime.cuda_graphs.
         if not graphs:
             assert result["graph_steps"] == 0, (mb, result["graph_steps"])
-        elif workers > 0 or mb == 1:
-            assert result["graph_steps"] > 0, (mb, result["graph_steps"])
+        else:
+            assert result["graph_steps"] == result["steps"], (mb, result["graph_steps"], result["steps"])
 
 
 def test_sample_tokens_on_cuda():

@@ -130,10 +130,10 @@ async def replay(args, requests: list[TraceRequest]) -> tuple[list[dict], float]
             async with semaphore:
                 return await send_one(client, args, i, r, t0)
 
-        t0 = time.perf_counter()
+        t0, t0_monotonic = time.perf_counter(), time.monotonic()
         tasks = [asyncio.create_task(bounded(i, r)) for i, r in enumerate(requests)]
         records = await asyncio.gather(*tasks)
-        return list(records), time.perf_counter() - t0
+        return list(records), time.perf_counter() - t0, t0_monotonic
 
 
 def metrics(records: list[dict], args) -> dict:
@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    records, wall = asyncio.run(replay(args, requests))
+    records, wall, t0_monotonic = asyncio.run(replay(args, requests))
     failures: dict[str, int] = {}
     for r in records:
         if not r["ok"]:
@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         "prompt_mode": args.prompt_mode, "extensions": not args.no_extensions,
         "sent": len(records), "completed": completed, "failed": len(records) - completed,
         "failures": failures, "clipped": {"input": clipping.input_clipped, "output": clipping.output_clipped},
-        "wall_s": wall, **metrics(records, args), "requests": records,
+        "wall_s": wall, "t0_monotonic": t0_monotonic, **metrics(records, args), "requests": records,
     }
     assert report["sent"] == report["completed"] + report["failed"]
     out = Path(args.out)

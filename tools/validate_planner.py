@@ -10,15 +10,16 @@ Steps, each with the project's own tools:
   2. its cost table on this device, TP 1, grids sized for the slices: model up to the prefill
      budget in tokens, attention up to the batch cap and the slices' longest context
      (tools/profile.py; --costs reuses one);
-  3. the real server (torchrun launcher/serve.py, colocated TP 1, `runtime.cuda_graphs=false`
-     because the profiler times eager steps, a fixed `kv_cache.num_blocks` so that the
-     simulator gets the same capacity), and against it, with tools/bench_serving.py:
-     a. calibration: the detokenization of a whole output (which the engine repeats every
-        token) timed on the checkpoint's tokenizer, then closed batches of
-        --calibration-batches requests (--calibration-prompt prompt and --calibration-output
-        output tokens, all sent at once): their pure-decode steps, against the cost table's
-        step, give the rest of the serving overhead the profile does not contain
-        (planner/serving_overhead.py: scheduling, plan broadcast, attention index, streaming);
+  3. the real server (torchrun launcher/serve.py, colocated TP 1, CUDA graphs on a GPU as the
+     profile's --graphs model curves (--eager: neither), a fixed `kv_cache.num_blocks` so that
+     the simulator gets the same capacity), and against it, with tools/bench_serving.py:
+     a. calibration: the incremental detokenizer timed on the checkpoint's tokenizer (a
+        constant per token: nothing the server does grows with the output any more), then
+        closed batches of --calibration-batches requests (--calibration-prompt prompt and
+        --calibration-output output tokens, all sent at once): their pure-decode steps,
+        against the cost table's step, give the serving overhead the profile does not contain
+        (planner/serving_overhead.py: scheduling, plan broadcast, inputs, sampling read-back,
+        detokenization, streaming, less what asynchronous scheduling overlaps);
      b. each --slice NAME TRACE REQUESTS RATE_SCALE: the first REQUESTS of TRACE (after
         --skip), arrivals RATE_SCALE times faster, lengths clipped to --max-input-len /
         --max-output-len, token-id prompts and exact output lengths;
@@ -42,20 +43,17 @@ import contextlib
 import io
 import json
 import math
-import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[0] = str(ROOT)  # not tools/: tools/profile.py would shadow the stdlib profile
 
+from megatron_lamina.bench.server_job import MetricsPoller, ServerJob, free_port
 from megatron_lamina.config import load_config
 from megatron_lamina.planner.cost_table import CostTable
 from megatron_lamina.planner.layout import Layout
@@ -89,12 +87,6 @@ def load_bench():
     return module
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_tool(cmd: list[str], log_path: Path) -> None:
     log(" ".join(cmd[1:]))
     with open(log_path, "w") as f:
@@ -103,115 +95,30 @@ def run_tool(cmd: list[str], log_path: Path) -> None:
         raise RuntimeError(f"{cmd[1]} exited {code}:\n{log_path.read_text()[-3000:]}")
 
 
-# ---------------------------------------------------------------------------- the server
-
-class ServerJob:
-    """torchrun launcher/serve.py in a session of its own, its output in a log file."""
-
-    def __init__(self, overrides: list[str], config: str, port: int, log_path: Path, cpu: bool):
-        self.url = f"http://127.0.0.1:{port}"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=1", "--master-addr=127.0.0.1",
-               f"--master-port={free_port()}", str(ROOT / "launcher" / "serve.py"), "--config", config]
-        for item in overrides:
-            cmd += ["--set", item]
-        log(f"server: {' '.join(cmd[2:])}")
-        env = dict(os.environ, PYTHONUNBUFFERED="1", **({"OMP_NUM_THREADS": "1"} if cpu else {}))
-        self.log_path, self.log = log_path, open(log_path, "w")  # noqa: SIM115 - closed by stop()
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
-                                     start_new_session=True)
-
-    def wait_healthy(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited {self.proc.returncode}:\n{self.tail()}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.5)
-        raise TimeoutError(f"the server was not healthy within {timeout:.0f} s:\n{self.tail()}")
-
-    def tail(self) -> str:
-        self.log.flush()
-        return self.log_path.read_text()[-3000:]
-
-    def _workers(self) -> list[int]:
-        pids = []
-        for pid in os.listdir("/proc"):
-            try:
-                if pid.isdigit() and int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]) \
-                        == self.proc.pid:
-                    pids.append(int(pid))
-            except (OSError, ValueError):
-                continue
-        return pids
-
-    def stop(self, grace: float = 60.0) -> None:
-        """SIGTERM to torchrun (reaches the driver, which drains and exits); then SIGKILL to
-        whatever is left: torchrun's group and its workers (which run in sessions of their own)."""
-        workers = self._workers()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=30)
-        for pid in workers:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        self.log.close()
-
-    def kill(self) -> None:
-        """For the budget watchdog: in-flight requests fail at once (and are counted as failed)."""
-        for pid in self._workers() + [self.proc.pid]:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-
-
 GAUGES = {"lamina_requests_running": "running", "lamina_requests_waiting": "waiting",
           "lamina_kv_blocks_used": "kv_blocks_used"}
 
 
-class MetricsPoller:
-    """Samples the server's /metrics gauges (running and waiting requests, KV blocks used) once a
-    second during a slice: a diagnostic beside the client's numbers (is a TPOT error the batch
-    size or the step time?). Time averages over the samples; the simulator's `mean_batch` is a
-    per-step average, so the two are comparable only roughly."""
-
-    def __init__(self, url: str, interval: float = 1.0):
-        self.url, self.interval, self.samples = url, interval, []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                with urllib.request.urlopen(f"{self.url}/metrics", timeout=2) as resp:
-                    text = resp.read().decode()
-            except OSError:
-                continue
-            sample = {}
-            for line in text.splitlines():
-                name = line.split("{")[0].split(" ")[0]
-                if name in GAUGES:
-                    sample[GAUGES[name]] = sample.get(GAUGES[name], 0.0) + float(line.rsplit(" ", 1)[1])
-            self.samples.append(sample)
-
-    def stop(self) -> dict:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        busy = [x for x in self.samples if x.get("running", 0) + x.get("waiting", 0) > 0]
-        out = {"samples": len(self.samples), "busy_samples": len(busy)}
-        for key in GAUGES.values():
-            values = [x.get(key, 0.0) for x in busy]
-            out[f"{key}_mean"] = sum(values) / len(values) if values else None
-            out[f"{key}_max"] = max(values, default=None)
-        return out
+def gauge_summary(samples: list[tuple[float, dict]]) -> dict:
+    """The server's gauges (running and waiting requests, KV blocks used) sampled once a second
+    during a slice: a diagnostic beside the client's numbers (is a TPOT error the batch size or
+    the step time?). Time averages over the samples; the simulator's `mean_batch` is a per-step
+    average, so the two are comparable only roughly."""
+    sums = []
+    for _, metrics in samples:
+        sample = {}
+        for name, value in metrics.items():
+            key = GAUGES.get(name.split("{")[0])
+            if key:
+                sample[key] = sample.get(key, 0.0) + value
+        sums.append(sample)
+    busy = [x for x in sums if x.get("running", 0) + x.get("waiting", 0) > 0]
+    out = {"samples": len(sums), "busy_samples": len(busy)}
+    for key in GAUGES.values():
+        values = [x.get(key, 0.0) for x in busy]
+        out[f"{key}_mean"] = sum(values) / len(values) if values else None
+        out[f"{key}_max"] = max(values, default=None)
+    return out
 
 
 def bench(bench_module, url: str, trace: Path, requests: int, rate_scale: float, args, out: Path, plot_path: Path,
@@ -250,6 +157,7 @@ def profile_command(args, shape_name: str, out: Path, cap: int, prefill: int, ma
     prefill_points += [(prefill // 2, prefill // 2), (prefill // 4, 3 * prefill // 4)]
     if max_context > prefill:
         prefill_points.append((max_context - prefill, prefill))
+    graphs = ["--graphs", "--graph-max-batch", str(tokens)] if args.device == "cuda" and not args.eager else []
     return [sys.executable, str(ROOT / "tools" / "profile.py"), "--model", shape_name, "--device", args.device,
             "--dtype", args.dtype, "--tp", "1",
             "--batches", _grid([1, 4, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192], tokens),
@@ -259,7 +167,8 @@ def profile_command(args, shape_name: str, out: Path, cap: int, prefill: int, ma
             "--message-bytes", "1024,65536", "--out", str(out)] + (
             # On a GPU: 1 and 9 layers, so that the per-layer time (the difference / 8, paid 32
             # times a step) is not a small difference of noisy numbers; more repeats.
-            ["--layers", "1,9", "--warmup", "3", "--repeats", "9"] if args.device == "cuda" else ["--threads", "1"])
+            ["--layers", "1,9", "--warmup", "3", "--repeats", "9"] if args.device == "cuda" else ["--threads", "1"]
+    ) + graphs
 
 
 # ------------------------------------------------------------------------- comparison
@@ -361,6 +270,9 @@ def parse_args(argv):
     p.add_argument("--calibration-batches", default=None, help="default 1,16,48,96 (cuda), 1,4 (cpu)")
     p.add_argument("--calibration-prompt", type=int, default=None, help="default 512 (cuda), 16 (cpu)")
     p.add_argument("--calibration-output", type=int, default=None, help="default 128 (cuda), 12 (cpu)")
+    p.add_argument("--eager", action="store_true",
+                   help="on cuda: the server without CUDA graphs and the profile's eager model curves "
+                        "(the validation of the earlier, host-bound engine)")
     p.add_argument("--tolerance", type=float, default=0.15)
     p.add_argument("--budget-s", type=float, default=510, help="kill the server when the run reaches this")
     p.add_argument("--work-dir", default=None, help="checkpoint, bench outputs (default: a temporary dir)")
@@ -415,22 +327,24 @@ def main(argv: list[str] | None = None) -> int:
     log(f"costs: {table.source}")
 
     # 3. the server's detokenization cost, then the server, calibration and the slices
-    per_token_s = measure_detokenization(checkpoint)
-    log(f"detokenization: {per_token_s * 1e6:.3f} us per output token and step")
+    graphs = args.device == "cuda" and not args.eager
+    detokenize_s = measure_detokenization(checkpoint)
+    log(f"detokenization: {detokenize_s * 1e6:.3f} us per token (per row and step, whatever the output length)")
     port = free_port()
     overrides = [f"model.checkpoint={checkpoint}", f"model.dtype={args.dtype}", "parallel.tensor_parallel=1",
                  "parallel.attention_workers=0", "parallel.attention_head_groups=1",
-                 f"runtime.device={args.device}", "runtime.cuda_graphs=false",
+                 f"runtime.device={args.device}", f"runtime.cuda_graphs={str(graphs).lower()}",
                  f"scheduler.max_batch_size={args.max_batch_size}", f"scheduler.micro_batches={args.micro_batches}",
                  f"scheduler.max_prefill_tokens={args.max_prefill_tokens}",
                  f"kv_cache.block_size={args.block_size}", f"kv_cache.num_blocks={args.kv_blocks}",
-                 f"server.port={port}"]
+                 ]
     cfg = load_config(args.config, overrides)
     s = cfg.scheduler
     layout = Layout(table.device, 1, None, 0, 1, s.micro_batches, s.max_batch_size, s.max_prefill_tokens,
                     cfg.kv_cache.block_size)
     base_costs = StepCostModel(layout, shape, table, table)
     bench_module = load_bench()
+    log(f"server: {args.config} {' '.join(overrides)}")
     server = ServerJob(overrides, args.config, port, out / "server.log", cpu=args.device == "cpu")
     watchdog = threading.Timer(max(1.0, args.budget_s - (time.monotonic() - started)), server.kill)
     watchdog.daemon = True
@@ -463,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
                                args, out / f"bench-{sl['name']}.json", work / f"bench-{sl['name']}.png",
                                args.max_input_len, args.max_output_len)
             finally:
-                gauges = poller.stop()
+                gauges = gauge_summary(poller.stop())
             sl.update(sent=report["sent"], completed=report["completed"], failed=report["failed"],
                       failures=report["failures"], measured=measured_metrics(report),
                       measured_duration_s=report["duration_s"], server_gauges=gauges)
@@ -476,10 +390,11 @@ def main(argv: list[str] | None = None) -> int:
 
     # 4. the simulator on the same requests
     if samples:
-        overhead = fit(samples, f"detokenization timed on the checkpoint's tokenizer, the rest fitted on "
-                                f"{len(samples)} pure-decode steps of closed batches {args.calibration_batches} "
-                                f"(prompt {args.calibration_prompt}, output {args.calibration_output}) against "
-                                f"this server", per_token_s=per_token_s)
+        overhead = fit(samples, f"fitted on {len(samples)} pure-decode steps of closed batches "
+                                f"{args.calibration_batches} (prompt {args.calibration_prompt}, output "
+                                f"{args.calibration_output}) against this server; no term grows with the output "
+                                f"(incremental detokenization, {detokenize_s * 1e6:.2f} us per token, in per_row)",
+                       per_token_s=0.0)
     else:  # the run stopped before any calibration: both predictions are the profile's
         overhead = ServingOverhead(0.0, 0.0, 0.0, "not measured (no calibration step completed)")
     log(f"serving overhead: {overhead.per_step_s * 1e3:.3f} ms/step + {overhead.per_row_s * 1e6:.1f} us/row "
@@ -500,13 +415,14 @@ def main(argv: list[str] | None = None) -> int:
     done = [sl for sl in slices if "measured" in sl]
     report = {"shape": shape.to_dict(), "dtype": args.dtype, "device": args.device, "cost_source": table.source,
               "checkpoint": str(checkpoint), "server_overrides": overrides, "layout": layout.to_dict(),
-              "kv_blocks": args.kv_blocks, "cuda_graphs": False, "tolerance": args.tolerance,
+              "kv_blocks": args.kv_blocks, "cuda_graphs": graphs, "detokenize_s_per_token": detokenize_s,
+              "tolerance": args.tolerance,
               "clip": {"max_input_len": args.max_input_len, "max_output_len": args.max_output_len},
               "serving_overhead": overhead.to_dict(), "calibration": calibration,
               "calibration_samples": [list(x) for x in samples], "slices": slices,
               "wall_s": time.monotonic() - started}
     (out / "validation.json").write_text(json.dumps(report, indent=1) + "\n")
-    title = (f"{shape.name} {args.dtype} on {table.device}, colocated TP1, eager, "
+    title = (f"{shape.name} {args.dtype} on {table.device}, colocated TP1, {'CUDA graphs' if graphs else 'eager'}, "
              f"b{args.max_batch_size} n{args.micro_batches} prefill {args.max_prefill_tokens}, {args.kv_blocks} KV blocks")
     try:
         plot(done, out / "validation.png", args.tolerance, title)

@@ -130,12 +130,12 @@ class LLMEngine:
         self._previous_end = None
 
     def _launch(self, plan: StepPlan) -> _InFlight:
-        start = end = None
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
         launched = time.monotonic()
         broadcast_plan(plan, self.ctx.groups)
+        start = end = None
+        if self.cuda:  # right before the step's first GPU work: a late host shows as a gap before it
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
         logits = self.worker.run(plan)
         by_id = {r.request_id: r for r in self.scheduler.running}
         requests = [by_id[c.request_id] for c in plan.sampled_chunks]

@@ -1,15 +1,16 @@
 """Host time a real server spends per step beyond the profiled forward pass, measured and fitted.
 
 A cost table (tools/profile.py) times `ModelWorker.run` and the sampler; the serving driver
-also schedules, broadcasts the plan, builds the attention index, detokenizes and streams. The
-biggest of these grows with the output: `LLMEngine._append_token` decodes each request's
-whole output every token (about 1 us per output token with a fast tokenizer), so a step of
-requests that have generated g tokens pays about c * sum(g + 1). `ServingOverhead` is
+also schedules, broadcasts the plan, copies the inputs, reads the tokens back, detokenizes and
+streams (with asynchronous scheduling much of it while the GPU runs the next step).
+`ServingOverhead` is
 
     extra step time = per_step + per_row * sampled rows + per_token * sum(output length after the step)
 
-(per_step may come out negative: see `fit`). `measure_detokenization` times per_token
-directly on the checkpoint's tokenizer; `fit` estimates the rest from calibration runs
+(per_step may come out negative: see `fit`). The per_token term was the engine's old
+detokenization, which decoded each request's whole output every token; the incremental
+detokenizer costs a constant per token (`measure_detokenization` times it), part of
+per_row, and validation fixes per_token at 0. `fit` estimates the rest from calibration runs
 against the real server (closed batches of B requests, pure-decode steps), as residuals
 `measured step - StepCostModel's step`:
 `decode_step_samples` turns one such run's bench_serving records into (rows, decoded
@@ -99,10 +100,10 @@ def decode_step_samples(records: list[dict], prompt_len: int, costs: StepCostMod
     return samples
 
 
-def measure_detokenization(checkpoint_dir, lengths=(1, 64, 128, 256, 512), repeats: int = 20) -> float:
-    """Seconds per output token of the engine's detokenization (`TextCodec.decode` of a whole
-    output, as `LLMEngine._append_token` does every token), the slope over output `lengths` of
-    random ids in the tokenizer's vocabulary: the `per_token_s` of the checkpoint's tokenizer."""
+def measure_detokenization(checkpoint_dir, tokens: int = 2048, repeats: int = 5) -> float:
+    """Seconds per token of the engine's incremental detokenizer (`IncrementalDetokenizer.push`,
+    once per sampled row and step) on the checkpoint's tokenizer, random ids of its vocabulary:
+    a constant per token, whatever the output length."""
     import random
     import time
 
@@ -110,20 +111,15 @@ def measure_detokenization(checkpoint_dir, lengths=(1, 64, 128, 256, 512), repea
 
     codec = TextCodec(checkpoint_dir)
     rng, vocab = random.Random(0), len(codec.tokenizer)
-    points = []
-    for n in lengths:
-        ids = [rng.randrange(vocab) for _ in range(n)]
-        codec.decode(ids)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            codec.decode(ids)
-            times.append(time.perf_counter() - start)
-        points.append((n, statistics.median(times)))
-    mean_n = sum(n for n, _ in points) / len(points)
-    mean_t = sum(t for _, t in points) / len(points)
-    slope = sum((n - mean_n) * (t - mean_t) for n, t in points) / sum((n - mean_n) ** 2 for n, _ in points)
-    return max(0.0, slope)
+    ids = [rng.randrange(vocab) for _ in range(tokens)]
+    times = []
+    for _ in range(repeats):
+        detokenizer = codec.incremental()
+        start = time.perf_counter()
+        for token in ids:
+            detokenizer.push(token)
+        times.append((time.perf_counter() - start) / tokens)
+    return statistics.median(times)
 
 
 def fit(samples: list[tuple[int, int, float]], source: str = "", per_token_s: float | None = None) -> ServingOverhead:

@@ -1,0 +1,163 @@
+"""A real server for the benchmark tools: `torchrun launcher/serve.py`, waited for, sampled, stopped.
+
+`ServerJob` starts the launcher in a session of its own with its output in a log file, waits
+for `/health`, and stops it (SIGTERM, which drains; then SIGKILL for whatever is left,
+torchrun's workers included, which run in sessions of their own). `MetricsPoller` samples
+the server's `/metrics` at an interval during a run; `GpuPoller` samples the GPU's
+utilization (NVML, the figure `nvidia-smi` shows) meanwhile. Used by tools/validate_planner.py
+and tools/serving_benchmark.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launcher_command(launcher: str, nproc: int, config: str, overrides: list[str]) -> list[str]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
+           f"--master-port={free_port()}", str(ROOT / "launcher" / launcher), "--config", config]
+    for item in overrides:
+        cmd += ["--set", item]
+    return cmd
+
+
+class ServerJob:
+    """torchrun launcher/serve.py in a session of its own, its output in a log file."""
+
+    def __init__(self, overrides: list[str], config: str, port: int, log_path: Path, cpu: bool, nproc: int = 1):
+        self.url = f"http://127.0.0.1:{port}"
+        cmd = launcher_command("serve.py", nproc, config, overrides + [f"server.port={port}"])
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **({"OMP_NUM_THREADS": "1"} if cpu else {}))
+        self.started = time.monotonic()
+        self.log_path, self.log = log_path, open(log_path, "w")  # noqa: SIM115 - closed by stop()
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
+                                     start_new_session=True)
+        self.ready_s: float | None = None  # from the launch to a healthy /health
+
+    def wait_healthy(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited {self.proc.returncode}:\n{self.tail()}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        self.ready_s = time.monotonic() - self.started
+                        return
+            except OSError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"the server was not healthy within {timeout:.0f} s:\n{self.tail()}")
+
+    def tail(self, chars: int = 3000) -> str:
+        self.log.flush()
+        return self.log_path.read_text()[-chars:]
+
+    def _workers(self) -> list[int]:
+        pids = []
+        for pid in os.listdir("/proc"):
+            try:
+                if pid.isdigit() and int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]) \
+                        == self.proc.pid:
+                    pids.append(int(pid))
+            except (OSError, ValueError):
+                continue
+        return pids
+
+    def stop(self, grace: float = 60.0) -> None:
+        """SIGTERM to torchrun (reaches the driver, which drains and exits); then SIGKILL to
+        whatever is left: torchrun's group and its workers (which run in sessions of their own)."""
+        workers = self._workers()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=30)
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.log.close()
+
+    def kill(self) -> None:
+        """For a budget watchdog: in-flight requests fail at once (and are counted as failed)."""
+        for pid in self._workers() + [self.proc.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def read_metrics(url: str) -> dict[str, float]:
+    """The server's /metrics as {name{labels}: value}."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=2) as resp:
+        text = resp.read().decode()
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line and not line.startswith("#")}
+
+
+class _Poller:
+    def __init__(self, interval: float):
+        self.interval, self.samples = interval, []  # (time.monotonic(), value)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            with contextlib.suppress(Exception):
+                self.samples.append((time.monotonic(), self.sample()))
+
+    def sample(self):
+        raise NotImplementedError
+
+    def stop(self) -> list:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        return self.samples
+
+
+class MetricsPoller(_Poller):
+    """Samples the server's /metrics every `interval` seconds."""
+
+    def __init__(self, url: str, interval: float = 1.0):
+        self.url = url
+        super().__init__(interval)
+
+    def sample(self) -> dict[str, float]:
+        return read_metrics(self.url)
+
+
+class GpuPoller(_Poller):
+    """GPU utilization (%) of device `index` every `interval` seconds, through NVML."""
+
+    def __init__(self, index: int = 0, interval: float = 0.1):
+        import pynvml
+
+        pynvml.nvmlInit()
+        self.nvml, self.handle = pynvml, pynvml.nvmlDeviceGetHandleByIndex(index)
+        super().__init__(interval)
+
+    def sample(self) -> float:
+        return float(self.nvml.nvmlDeviceGetUtilizationRates(self.handle).gpu)
+
+
+def mean_between(samples: list[tuple[float, float]], start: float, end: float) -> float | None:
+    values = [v for t, v in samples if start <= t <= end]
+    return sum(values) / len(values) if values else None

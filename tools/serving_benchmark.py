@@ -1,0 +1,229 @@
+"""The whole serving benchmark of one GPU machine in one command (issue #12's figures).
+
+    python3 tools/serving_benchmark.py --out-dir $OUT              # on the device machine
+    python3 tools/serving_benchmark.py --phases server --trace-requests 300 ...
+
+Phases (--phases, in this order; each is timed and any failure is reported, not fatal):
+  checkpoint  a random-weight checkpoint of --shape (tools/random_checkpoint.py, on the GPU)
+  server      the server (torchrun launcher/serve.py --config --set ...), its start-up time and
+              the phases it logged; a closed batch of --closed requests x (--input-len,
+              --output-len) through tools/bench_serving.py, with the server's /metrics and
+              the GPU's utilization (NVML) sampled, and the decode phase of that batch read
+              out (bench/decode_window.py); then the --trace replay (first --trace-requests,
+              --rate-scale x their arrival rate, prompts clipped to --max-input-len); stop
+  batch       the batch job (torchrun launcher/generate.py) on --batch-prompts prompts of the
+              closed batch's shape, its generation throughput from its own summary line
+  decode      tools/bench_decode.py's CUDA-graph step at the decode window's mean batch and
+              context: the component figure the server's decode step is compared with
+Writes OUT_DIR/serving_benchmark.json and the tools' own outputs; prints a table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[0] = str(ROOT)
+
+from megatron_lamina.bench.decode_window import decode_window  # noqa: E402
+from megatron_lamina.bench.server_job import (  # noqa: E402
+    GpuPoller,
+    MetricsPoller,
+    ServerJob,
+    free_port,
+    launcher_command,
+    mean_between,
+)
+
+PHASES = ("checkpoint", "server", "batch", "decode")
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def bench_serving(argv: list[str]) -> dict:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_serving", ROOT / "tools" / "bench_serving.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with contextlib.redirect_stdout(io.StringIO()):
+        module.main(argv)
+    return json.loads(Path(argv[argv.index("--out") + 1]).read_text())
+
+
+def summary(report: dict) -> dict:
+    return {k: report[k] for k in ("sent", "completed", "failed", "duration_s", "output_throughput_tok_s",
+                                   "request_throughput_req_s", "ttft_s", "tpot_s", "itl_s")}
+
+
+def run_server(args, out: Path, checkpoint: Path) -> dict:
+    result: dict = {}
+    server = ServerJob(args.set + [f"model.checkpoint={checkpoint}"], args.config, free_port(), out / "server.log",
+                       cpu=args.device == "cpu")
+    gpu = GpuPoller(interval=0.1) if args.device == "cuda" else None
+    try:
+        server.wait_healthy(timeout=900)
+        result["startup_s"] = server.ready_s
+        result["startup_log"] = [line for line in server.tail(20000).splitlines() if line.startswith("[lamina")]
+        log(f"server healthy in {server.ready_s:.1f} s")
+        poller = MetricsPoller(server.url, interval=0.2)
+        closed = bench_serving(["--url", server.url, "--closed", str(args.closed), "--input-len",
+                                str(args.input_len), "--output-len", str(args.output_len), "--timeout", "900",
+                                "--out", str(out / "bench-closed.json")])
+        samples = poller.stop()
+        result["closed"] = summary(closed)
+        gpu_samples = gpu.samples if gpu else []
+        result["closed"]["gpu_util_nvml"] = mean_between(gpu_samples, closed["t0_monotonic"],
+                                                         closed["t0_monotonic"] + closed["wall_s"])
+        result["decode_window"] = decode_window(closed, samples, gpu_samples)
+        log(f"closed batch: {closed['output_throughput_tok_s']:.0f} output tok/s; decode window "
+            f"{result['decode_window']}")
+        if args.trace_requests:
+            poller = MetricsPoller(server.url, interval=1.0)
+            trace = bench_serving(["--url", server.url, "--trace", args.trace, "--max-requests",
+                                   str(args.trace_requests), "--rate-scale", str(args.rate_scale),
+                                   "--max-input-len", str(args.max_input_len), "--timeout", "900",
+                                   "--out", str(out / "bench-trace.json")])
+            poller.stop()
+            result["trace"] = summary(trace)
+            result["trace"]["gpu_util_nvml"] = mean_between(gpu.samples if gpu else [], trace["t0_monotonic"],
+                                                            trace["t0_monotonic"] + trace["wall_s"])
+            log(f"trace: {trace['completed']}/{trace['sent']} in {trace['duration_s']:.1f} s")
+    finally:
+        if gpu:
+            gpu.stop()
+        server.stop()
+    return result
+
+
+def run_batch(args, out: Path, checkpoint: Path) -> dict:
+    words = " ".join(f"w{3 + i % 1000}" for i in range(args.input_len - 1))  # + BOS: input_len tokens
+    lines = [json.dumps({"id": i, "prompt": words, "max_tokens": args.output_len, "temperature": 0,
+                         "ignore_eos": True}) for i in range(args.batch_prompts)]
+    (out / "batch-in.jsonl").write_text("\n".join(lines) + "\n")
+    cmd = launcher_command("generate.py", 1, args.config, args.set + [f"model.checkpoint={checkpoint}"])
+    cmd += ["--input", str(out / "batch-in.jsonl"), "--output", str(out / "batch-out.jsonl"), "--quiet"]
+    started = time.monotonic()
+    with open(out / "batch.log", "w") as f:
+        code = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+    text = (out / "batch.log").read_text()
+    match = re.search(r"generated (\d+) tokens in ([\d.]+) s", text)
+    records = [json.loads(x) for x in (out / "batch-out.jsonl").read_text().splitlines() if x.strip()]
+    result = {"exit_code": code, "wall_s": time.monotonic() - started, "records": len(records),
+              "tokens": sum(len(r.get("token_ids", [])) for r in records)}
+    if match:
+        result.update(generated=int(match.group(1)), generation_s=float(match.group(2)),
+                      output_throughput_tok_s=int(match.group(1)) / float(match.group(2)))
+    return result
+
+
+def run_decode(args, out: Path, window: dict) -> dict:
+    batch, context = round(window["mean_batch"]), round(window["mean_context"])
+    cmd = [sys.executable, str(ROOT / "tools" / "bench_decode.py"), "--model-batches", "1", "--batches", str(batch),
+           "--contexts", str(context), "--cuda-graphs", "1", "--block-size", "16", "--out", str(out / "decode.json")]
+    with open(out / "decode.log", "w") as f:
+        subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+    [row] = [r for r in json.loads((out / "decode.json").read_text())["decode"] if r.get("cuda_graphs")]
+    return {"batch": batch, "context": context, "graph_step_s": row["ms"] / 1e3,
+            "server_over_bench": window["mean_step_s"] / (row["ms"] / 1e3)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out-dir", default="out/serving")
+    p.add_argument("--phases", default=",".join(PHASES))
+    p.add_argument("--shape", default="llama3-8b")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: a smoke run of the tool itself")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--checkpoint", default="/tmp/lamina-random-ckpt")
+    p.add_argument("--config", default=str(ROOT / "configs" / "gpu-colocated.yaml"))
+    p.add_argument("--set", action="append", default=None, metavar="KEY=VALUE",
+                   help="server overrides (default: TP 1, batch 256, 1 micro-batch, prefill 4096)")
+    p.add_argument("--closed", type=int, default=256)
+    p.add_argument("--input-len", type=int, default=1024)
+    p.add_argument("--output-len", type=int, default=256)
+    p.add_argument("--trace", default=str(ROOT.parent / "shared" / "traces" / "AzureLLMInferenceTrace_conv.csv"))
+    p.add_argument("--trace-requests", type=int, default=1500)
+    p.add_argument("--rate-scale", type=float, default=8.0)
+    p.add_argument("--max-input-len", type=int, default=4096)
+    p.add_argument("--batch-prompts", type=int, default=1000)
+    args = p.parse_args(argv)
+    args.set = args.set or ["parallel.tensor_parallel=1", "scheduler.max_batch_size=256", "scheduler.micro_batches=1",
+                            "scheduler.max_prefill_tokens=4096"]
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint = Path(args.checkpoint)
+    results: dict = {"args": vars(args)}
+    for phase in args.phases.split(","):
+        started = time.monotonic()
+        log(f"phase {phase}")
+        try:
+            if phase == "checkpoint":
+                if not (checkpoint / "config.json").exists():
+                    subprocess.check_call([sys.executable, str(ROOT / "tools" / "random_checkpoint.py"), "--shape",
+                                           args.shape, "--dtype", args.dtype, "--device", args.device, "--output",
+                                           str(checkpoint), "--overwrite"], cwd=ROOT)
+            elif phase == "server":
+                results["server"] = run_server(args, out, checkpoint)
+            elif phase == "batch":
+                results["batch"] = run_batch(args, out, checkpoint)
+            elif phase == "decode":
+                results["decode"] = run_decode(args, out, results["server"]["decode_window"])
+        except Exception as e:  # noqa: BLE001 - a phase's failure is a finding; the next phases still run
+            results[f"{phase}_error"] = f"{type(e).__name__}: {e}"[-3000:]
+            log(f"phase {phase} failed: {results[f'{phase}_error']}")
+        results[f"{phase}_s"] = time.monotonic() - started
+        (out / "serving_benchmark.json").write_text(json.dumps(results, indent=1, default=str))
+    print_table(results)
+    return 0
+
+
+def print_table(r: dict) -> None:
+    def f(v, fmt="{:.1f}"):
+        return "-" if v is None else fmt.format(v)
+
+    server, closed = r.get("server", {}), r.get("server", {}).get("closed", {})
+    window, trace, batch, decode = server.get("decode_window", {}), server.get("trace", {}), r.get("batch", {}), \
+        r.get("decode", {})
+    rows = [
+        ("server start-up (s)", f(server.get("startup_s"))),
+        ("closed batch: output tok/s", f(closed.get("output_throughput_tok_s"), "{:.0f}")),
+        ("closed batch: TTFT p50 / TPOT p50 (ms)", f"{f((closed.get('ttft_s') or {}).get('p50'), '{:.3f}')} / "
+                                                   f"{f((closed.get('tpot_s') or {}).get('p50'), '{:.4f}')}"),
+        ("closed batch: GPU util (NVML, whole batch)", f(closed.get("gpu_util_nvml"), "{:.2f}")),
+        ("decode window: mean step (ms)", f(window.get("mean_step_s") and window["mean_step_s"] * 1e3, "{:.2f}")),
+        ("decode window: mean batch / context", f"{f(window.get('mean_batch'))} / {f(window.get('mean_context'))}"),
+        ("decode window: GPU busy (events) / util (NVML)", f"{f(window.get('gpu_busy_events'), '{:.3f}')} / "
+                                                           f"{f(window.get('gpu_util_nvml'), '{:.3f}')}"),
+        ("bench_decode graph step there (ms)", f(decode.get("graph_step_s") and decode["graph_step_s"] * 1e3, "{:.2f}")),
+        ("server step / bench_decode step", f(decode.get("server_over_bench"), "{:.3f}")),
+        ("trace: completed / sent", f"{trace.get('completed', '-')} / {trace.get('sent', '-')}"),
+        ("trace: output tok/s, req/s", f"{f(trace.get('output_throughput_tok_s'), '{:.0f}')}, "
+                                       f"{f(trace.get('request_throughput_req_s'), '{:.2f}')}"),
+        ("trace: TTFT p50/p90 (s)", f"{f((trace.get('ttft_s') or {}).get('p50'), '{:.3f}')} / "
+                                    f"{f((trace.get('ttft_s') or {}).get('p90'), '{:.3f}')}"),
+        ("trace: TPOT p50/p90 (ms)", f"{f((trace.get('tpot_s') or {}).get('p50') and trace['tpot_s']['p50'] * 1e3)} / "
+                                     f"{f((trace.get('tpot_s') or {}).get('p90') and trace['tpot_s']['p90'] * 1e3)}"),
+        ("batch job: output tok/s (generation)", f(batch.get("output_throughput_tok_s"), "{:.0f}")),
+        ("batch job: records / wall (s)", f"{batch.get('records', '-')} / {f(batch.get('wall_s'))}"),
+    ]
+    for key in r:
+        if key.endswith("_error"):
+            rows.append((key, r[key][-300:]))
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
