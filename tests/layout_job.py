@@ -16,8 +16,13 @@ def generate_on_ranks(cases, inputs):
     from megatron_lamina.engine.runtime import serve_plans, start_rank
 
     results = []
+    ctx = engine = None
     for checkpoint, overrides in cases:
         cfg = load_config(None, [f"model.checkpoint={checkpoint}", *overrides])
+        del ctx, engine  # the previous case's cache is freed before this one is sized
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        engine = None
         ctx = start_rank(cfg)
         if ctx.rank != 0:
             serve_plans(ctx)
@@ -30,6 +35,7 @@ def generate_on_ranks(cases, inputs):
         results.append({"tokens": [r.output_token_ids for r in done],
                         "logits": [torch.stack(seen[r.request_id]) for r in done],
                         "reasons": [r.finish_reason for r in done],
+                        "texts": [r.text for r in done],
                         "preemptions": engine.scheduler.num_preemptions,
                         "graph_steps": ctx.worker.graph_steps,  # rank 0 is always a model worker
                         "steps": len(engine.stats)})

@@ -69,7 +69,7 @@ GPU_LAYOUTS = {  # (tensor_parallel, attention_workers, transport, CUDA graphs[,
     "colocated-cuda-graphs": (1, 0, "auto", True),
     # The cache sized by the worker factory after the graphs (memory.py), the synchronous loop.
     "colocated-graphs-auto-kv-sync": (1, 0, "auto", True, ["kv_cache.num_blocks=auto",
-                                                          "kv_cache.memory_fraction=0.5",
+                                                          "kv_cache.memory_fraction=0.2",
                                                           "scheduler.async_scheduling=false"]),
     "colocated-eager": (1, 0, "auto", False),
     "disaggregated-shared-gpu": (1, 1, "gloo", False),

@@ -1,7 +1,8 @@
 """Every layout gives the reference model's tokens: real gloo ranks, tiny LLaMA vs transformers.
 
 Each layout starts its ranks once and runs the untied and the tied model with 1 and 2
-micro-batches (1 to 4 in two layouts). Small KV blocks and a small prefill budget make the prompts span several
+micro-batches (1 to 4 in two layouts), with the asynchronous step loop (the default), and the
+last case again with the synchronous one. Small KV blocks and a small prefill budget make the prompts span several
 blocks and several prefill chunks. Greedy tokens must equal `transformers`', seeded samples
 must equal those drawn from `transformers`' logits with the same seed, and the logits of
 every step must agree within 1e-4 (float32).
@@ -37,6 +38,9 @@ def test_layout_matches_transformers(layout, tiny_models):
                 "kv_cache.block_size=4", "kv_cache.num_blocks=32", "scheduler.max_prefill_tokens=8",
             ]))
             expected.append((f"{name}, micro_batches={micro_batches}", model))
+    # The synchronous step loop too (the asynchronous one, the default, is every case above).
+    cases.append((cases[-1][0], cases[-1][1] + ["scheduler.async_scheduling=false"]))
+    expected.append((expected[-1][0] + ", synchronous loop", expected[-1][1]))
     results = run_ranks(generate_on_ranks, tp + workers, cases, REQUESTS)
     assert len(results) == len(cases)
     for (label, model), result in zip(expected, results):

@@ -4,12 +4,10 @@ of their batch-mates, and no host transfer but the final token ids."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 
 import pytest
 import torch
 
-from megatron_lamina.engine.request import Request
 from megatron_lamina.engine.sampling import SamplingParams, sample_tokens
 
 LOGITS = torch.tensor([1.0, 3.0, 2.5, -1.0, 0.0, 2.9])

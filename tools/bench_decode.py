@@ -19,6 +19,7 @@ Sampling, the scheduler and the driver's plan broadcast are not in the timed reg
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -51,7 +52,10 @@ SHAPES = {
 }
 
 
-def time_ms(fn, repeat=10, warmup=3) -> float:
+def time_ms(fn, repeat=10, warmup=3, argument=None) -> float:
+    """Median ms of `fn()` (or `fn(argument)`), timed with CUDA events after `warmup` calls."""
+    if argument is not None:
+        fn = functools.partial(fn, argument)
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -147,9 +151,8 @@ def colocated_decode_ms(model: LlamaModel, tp, arch: ModelArchitecture, batch: i
     result = {}
     for graphs in graph_modes:
         decode = captured(model, attention, batch, math.ceil((context + 1) / block_size), blocks) if graphs else None
-        step = worker(model, attention, tp, decode)
-        result[graphs] = time_ms(lambda: step.run(plan), repeat=repeat)
-        del decode, step
+        result[graphs] = time_ms(worker(model, attention, tp, decode).run, repeat=repeat, argument=plan)
+        del decode
     del cache, attention
     torch.cuda.empty_cache()
     return result
@@ -202,9 +205,8 @@ def kernel_breakdown(model: LlamaModel, tp, arch: ModelArchitecture, batch: int,
     zero = ZeroAttention(cache)
     eager = worker(model, zero, tp)
     eager_kinds, eager_names = _kernel_ms(lambda: eager.run(plan))
-    graphed = worker(model, zero, tp, captured(model, zero, batch, 1, 1))
-    graph_kinds, graph_names = _kernel_ms(lambda: graphed.run(plan))
-    del graphed
+    graph_kinds, graph_names = _kernel_ms(functools.partial(
+        worker(model, zero, tp, captured(model, zero, batch, 1, 1)).run, plan))
     h, d = arch.hidden_size, arch.head_dim
     qkv = (arch.num_attention_heads + 2 * arch.num_kv_heads) * d
     shapes = [(h, qkv), (arch.num_attention_heads * d, h), (h, 2 * arch.intermediate_size),

@@ -66,8 +66,8 @@ def summary(report: dict) -> dict:
                                    "request_throughput_req_s", "ttft_s", "tpot_s", "itl_s")}
 
 
-def run_server(args, out: Path, checkpoint: Path) -> dict:
-    result: dict = {}
+def run_server(args, out: Path, checkpoint: Path, result: dict) -> None:
+    """Fills `result` as it goes (a later failure keeps what was measured)."""
     server = ServerJob(args.set + [f"model.checkpoint={checkpoint}"], args.config, free_port(), out / "server.log",
                        cpu=args.device == "cpu")
     gpu = GpuPoller(interval=0.1) if args.device == "cuda" else None
@@ -103,7 +103,6 @@ def run_server(args, out: Path, checkpoint: Path) -> dict:
         if gpu:
             gpu.stop()
         server.stop()
-    return result
 
 
 def run_batch(args, out: Path, checkpoint: Path) -> dict:
@@ -174,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
                                            args.shape, "--dtype", args.dtype, "--device", args.device, "--output",
                                            str(checkpoint), "--overwrite"], cwd=ROOT)
             elif phase == "server":
-                results["server"] = run_server(args, out, checkpoint)
+                run_server(args, out, checkpoint, results.setdefault("server", {}))
             elif phase == "batch":
                 results["batch"] = run_batch(args, out, checkpoint)
             elif phase == "decode":

@@ -50,6 +50,7 @@ def batch_buckets(max_batch: int) -> list[int]:
 
 
 class DecodeGraphs:
+    @torch.inference_mode()  # static inference tensors, like the steps' (one kind for the compiled kernels)
     def __init__(self, model: LlamaModel, attention: PagedAttention, max_batch: int, max_blocks: int,
                  scratch_block: int, pool=None):
         self.model, self.attention = model, attention

@@ -47,8 +47,11 @@ def token_buckets(max_tokens: int) -> list[int]:
 
 
 class _Slot:
-    """One micro-batch slot: static tensors at the largest bucket, and its graphs per bucket."""
+    """One micro-batch slot: static tensors at the largest bucket, and its graphs per bucket.
+    The tensors are inference tensors, like everything the steps compute (inference mode):
+    the compiled kernels then see one kind of tensor and are not recompiled per kind."""
 
+    @torch.inference_mode()
     def __init__(self, model: LlamaModel, size: int):
         arch, cfg, device = model.arch, model.config, model.device
         dtype = model.embedding.word_embeddings.weight.dtype

@@ -32,7 +32,7 @@ from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_lamina.architecture import ModelArchitecture
-from megatron_lamina.model.layer import SplitTransformerLayer, lamina_layer_spec
+from megatron_lamina.model.layer import lamina_layer_spec
 from megatron_lamina.model.rope import RotaryEmbedding, apply_rotary, compiled_rotary
 
 
