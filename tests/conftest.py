@@ -10,6 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
+# Without a GPU, Triton kernels run in Triton's interpreter (test_triton_prefill.py). It must
+# be switched on before anything imports triton, which collecting other tests does (through
+# attention/gpu.py); torch's CPU compiler does not use Triton, so nothing else changes.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 

@@ -1,8 +1,9 @@
 """The CUDA code paths (run on a GPU machine; skipped where there is none, e.g. in CI).
 
 The Triton paged decode kernel against a float32 reference over mixed lengths, block sizes
-and context splits; the engine on CUDA, colocated and disaggregated (two ranks sharing one
-GPU over gloo with host staging, or NCCL across two GPUs), eager and with CUDA graphs
+and context splits, and the Triton paged prefill kernel at a model's shape; the engine on
+CUDA, colocated and disaggregated (two ranks sharing one GPU over gloo with host staging, or
+NCCL across two GPUs), eager and with CUDA graphs
 (colocated whole-step graphs; disaggregated stage graphs; TP 2 with NCCL captured where
 there are 2 or 4 GPUs), against `transformers` exactly as the CPU layout tests do; and
 flex_attention's compiled kernel over the paged pool.
@@ -48,6 +49,17 @@ def test_paged_decode_matches_reference(block_size, splits):
         p = torch.softmax(torch.einsum("hd,nhd->hn", q[i].float(), k) / math.sqrt(d), -1)
         ref = torch.einsum("hn,nhd->hd", p, v)
         assert ((out[i].float() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+def test_paged_prefill_matches_reference():
+    """Every prefill chunk of a micro-batch in one launch, bfloat16, at a model's shape: a fresh
+    1000-token prompt, a continuation at 1024 and a short one at 5, decode rows in between
+    left untouched (test_triton_prefill.py has the small exact cases)."""
+    from test_triton_prefill import check_prefill, random_prefill_batch
+
+    inputs, untouched = random_prefill_batch([(0, 1000), (1024, 512), (5, 37)], 16, heads=32, kv_heads=8,
+                                             d=128, dtype=torch.bfloat16)
+    check_prefill(inputs, untouched, 2e-2)
 
 
 @pytest.mark.parametrize("block_size", [16, 64])

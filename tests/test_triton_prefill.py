@@ -1,0 +1,156 @@
+"""The Triton paged attention kernels (attention/triton_prefill.py, attention/triton_paged.py)
+against float64 torch references, on CPU through Triton's interpreter.
+
+Skipped where Triton is not installed (CI). Without a CUDA device TRITON_INTERPRET=1 is set
+before Triton is imported, so the kernels run as numpy on the CPU: float32 dots are exact
+("ieee"), hence the tight tolerance. Shapes are tiny because the interpreter is slow; the
+realistic bfloat16 shape is in test_gpu.py. The interpreter does not check GPU limits
+(shared memory, registers) nor compile the kernels, so this covers indexing and math only.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+triton = pytest.importorskip("triton")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _kernels(name: str):
+    """The kernels' module. The interpreter must have been on when triton was first imported
+    (conftest.py sees to that for the whole suite): triton's own @jit helpers (tl.sum, ...)
+    are decorated then, and a kernel decorated for the GPU stays so."""
+    module = importlib.import_module(f"megatron_lamina.attention.{name}")
+    kernel = module._prefill_kernel if name == "triton_prefill" else module._decode_kernel
+    if INTERPRETED and not all(type(f).__name__ == "InterpretedFunction" for f in (kernel, triton.language.sum)):
+        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; run this file alone")
+    return module
+
+
+def random_prefill_batch(chunks, block_size, heads, kv_heads, d, dtype=torch.float32, seed=0, device=DEVICE):
+    """A random paged cache and one prefill chunk per (start, n) of `chunks`, each its own
+    request with a shuffled block table (padded by 2 columns of other blocks). Decode-like
+    rows (0, 1, 2, ... of them) lie before each chunk and one at the end: the kernel must not
+    touch them. Returns the kernel's inputs and those rows."""
+    g = torch.Generator().manual_seed(seed)
+    blocks = [math.ceil((start + n) / block_size) for start, n in chunks]
+    num_blocks = sum(blocks) + 3
+    k_cache = torch.randn(num_blocks, kv_heads, block_size, d, generator=g)
+    v_cache = torch.randn(num_blocks, kv_heads, block_size, d, generator=g)
+    order = torch.randperm(num_blocks, generator=g)
+    tables = torch.randint(0, num_blocks, (len(chunks), max(blocks) + 2), generator=g)
+    q_starts, untouched, row, used = [], [], 0, 0
+    for c, nb in enumerate(blocks):
+        tables[c, :nb] = order[used:used + nb]
+        used += nb
+        untouched += range(row, row + c)
+        row += c
+        q_starts.append(row)
+        row += chunks[c][1]
+    untouched.append(row)
+    q = torch.randn(row + 1, heads, d, generator=g)
+    ints = {"dtype": torch.int32, "device": device}
+    return {"q": q.to(device, dtype), "k_cache": k_cache.to(device, dtype), "v_cache": v_cache.to(device, dtype),
+            "block_tables": tables.to(**ints), "q_starts": torch.tensor(q_starts, **ints),
+            "q_lens": torch.tensor([n for _, n in chunks], **ints),
+            "positions0": torch.tensor([start for start, _ in chunks], **ints)}, untouched
+
+
+def reference_prefill(q, k_cache, v_cache, block_tables, q_starts, q_lens, positions0, dtype=torch.float64):
+    """{first row: [n, heads, d]} per chunk: its context gathered through the block table,
+    an explicit causal mask by position, softmax, all in `dtype`."""
+    block_size, group = k_cache.shape[2], q.shape[1] // k_cache.shape[1]
+    result = {}
+    for table, row, n, start in zip(block_tables.tolist(), q_starts.tolist(), q_lens.tolist(), positions0.tolist()):
+        pos = torch.arange(start + n, device=q.device)
+        blocks = torch.tensor(table, device=q.device)[pos // block_size]
+        k = k_cache[blocks, :, pos % block_size].to(dtype).repeat_interleave(group, 1)   # [ctx, heads, d]
+        v = v_cache[blocks, :, pos % block_size].to(dtype).repeat_interleave(group, 1)
+        scores = torch.einsum("qhd,khd->hqk", q[row:row + n].to(dtype), k) / math.sqrt(q.shape[-1])
+        causal = pos[None, :] <= (start + torch.arange(n, device=q.device))[:, None]   # [n, ctx]
+        probs = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
+        result[row] = torch.einsum("hqk,khd->qhd", probs, v)
+    return result
+
+
+def check_prefill(inputs, untouched, tol, **config):
+    """paged_prefill into a NaN-poisoned buffer: chunk rows match the reference, every one
+    written; the other rows keep the poison."""
+    paged_prefill = _kernels("triton_prefill").paged_prefill
+    out = torch.full_like(inputs["q"], float("nan"))
+    # max_q_len is a bound (as from a plan's token budget): the grid's extra tiles do nothing.
+    got = paged_prefill(**inputs, out=out, max_q_len=int(inputs["q_lens"].max()) + 17, **config)
+    assert got is out
+    ref_dtype = torch.float64 if out.device.type == "cpu" else torch.float32
+    for row, ref in reference_prefill(**inputs, dtype=ref_dtype).items():
+        chunk = out[row:row + ref.shape[0]].to(ref.dtype)
+        assert torch.isfinite(chunk).all(), f"rows of the chunk at {row} not written"
+        err = ((chunk - ref).norm() / ref.norm()).item()
+        assert err < tol, (row, err)
+    assert torch.isnan(out[untouched]).all(), "a row outside the chunks was written"
+
+
+# (chunks as (start position, length), block size, kv heads, group, block_m, block_n): fresh
+# prompts (start 0) and continuations at unaligned starts, so tiles straddle key tiles and
+# blocks; a one-token chunk; BLOCK_N below, equal to and above the block size (a key tile
+# inside one block: one table entry; spanning blocks: one per token).
+CASES = {
+    "bs1-mha": ([(0, 20), (7, 5), (33, 2)], 1, 2, 1, 16, 16),
+    "bs4-gqa3": ([(0, 37), (50, 17), (3, 1)], 4, 1, 3, 16, 16),
+    "bs16-gqa4-tile-in-block": ([(0, 19), (30, 12)], 16, 1, 4, 16, 16),
+    "bs16-gqa4-tile-spans-blocks": ([(5, 30), (0, 3), (40, 9)], 16, 2, 4, 32, 32),
+    "bs4-bm-above-bn": ([(0, 33), (18, 40)], 4, 1, 1, 32, 16),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_paged_prefill_matches_reference(case):
+    chunks, block_size, kv_heads, group, block_m, block_n = CASES[case]
+    inputs, untouched = random_prefill_batch(chunks, block_size, kv_heads * group, kv_heads, d=16,
+                                             seed=len(chunks) + block_size)
+    check_prefill(inputs, untouched, 1e-5, block_m=block_m, block_n=block_n)
+
+
+def test_paged_prefill_default_tiles():
+    """The default 64 x 64 tiles at head_dim 64: several unmasked key tiles before the diagonal."""
+    inputs, untouched = random_prefill_batch([(0, 130), (200, 70), (64, 64)], 16, 4, 2, d=64, seed=3)
+    check_prefill(inputs, untouched, 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [
+    # The interpreter keeps bfloat16 as its uint16 bits and tl.dot multiplies those
+    # (unsupported there: triton-lang/triton#11584); test_gpu.py runs bfloat16 on a GPU.
+    pytest.param(torch.bfloat16, marks=pytest.mark.skipif(INTERPRETED, reason="no bfloat16 tl.dot in the interpreter")),
+    torch.float16])
+def test_paged_prefill_half_precision(dtype):
+    """Half-precision inputs: P is cast to V's dtype for the second dot, the output to q's."""
+    inputs, untouched = random_prefill_batch([(0, 17), (9, 8)], 4, 4, 2, d=32, dtype=dtype)
+    check_prefill(inputs, untouched, 2e-2, block_m=16, block_n=16)
+
+
+@pytest.mark.parametrize("block_size, splits, lens", [(1, 1, [1, 17, 40]), (4, 3, [1, 17, 40]),
+                                                      (16, 2, [33, 5]), (16, 4, [70])])
+def test_paged_decode_matches_reference(block_size, splits, lens):
+    """triton_paged.paged_decode (GPU-tested in test_gpu.py) under the same CPU coverage:
+    one query per request at its last position, split contexts merged by log-sum-exp
+    (including splits with no key, with more splits than a short context has tiles)."""
+    paged_decode = _kernels("triton_paged").paged_decode
+    heads, kv_heads = 6, 2
+    inputs, _ = random_prefill_batch([(n - 1, 1) for n in lens], block_size, heads, kv_heads, d=16, seed=block_size)
+    q = inputs["q"][inputs["q_starts"].long()]
+    context_lens = inputs["positions0"] + 1
+    out = paged_decode(q, inputs["k_cache"], inputs["v_cache"], inputs["block_tables"], context_lens,
+                       block_n=16, num_splits=splits, max_context=max(lens))
+    ref = reference_prefill(**{**inputs, "q": q, "q_starts": torch.arange(len(lens), dtype=torch.int32)})
+    for i, want in ref.items():
+        err = ((out[i].double() - want[0]).norm() / want[0].norm()).item()
+        assert err < 1e-5, (i, err)
