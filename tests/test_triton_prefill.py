@@ -154,3 +154,46 @@ def test_paged_decode_matches_reference(block_size, splits, lens):
     for i, want in ref.items():
         err = ((out[i].double() - want[0]).norm() / want[0].norm()).item()
         assert err < 1e-5, (i, err)
+
+
+def test_paged_attention_matches_the_reference_on_a_mixed_micro_batch():
+    """attention/gpu.py's PagedAttention (decode kernel for the decode rows, prefill kernel for
+    the chunks, one host index copied to the device) against attention/reference.py on the same
+    cache: decode rows and prefill chunks interleaved, every layer's new K/V written."""
+    _kernels("triton_prefill")
+    from megatron_lamina.attention.gpu import PagedAttention
+    from megatron_lamina.attention.kv_cache import PagedKVCache
+    from megatron_lamina.attention.reference import ReferenceAttention
+    from megatron_lamina.host_to_device import to_device
+    from megatron_lamina.plan import SequenceChunk
+
+    g = torch.Generator().manual_seed(3)
+    block_size, heads, kv_heads, d = 4, 6, 2, 16
+    specs = [(9, 1), (0, 7), (13, 1), (5, 6), (0, 1), (2, 1)]  # (start, tokens): decode rows and chunks
+    order = torch.randperm(40, generator=g).tolist()
+    chunks, used = [], 0
+    for i, (start, n) in enumerate(specs):
+        blocks = math.ceil((start + n) / block_size)
+        chunks.append(SequenceChunk(i, 0, start, [0] * n, [], True, block_table=order[used:used + blocks]))
+        used += blocks
+    caches = [PagedKVCache(2, 40, block_size, kv_heads, d, torch.float32, DEVICE) for _ in range(2)]
+    for layer in range(2):
+        history = torch.randn(2, 40, kv_heads, block_size, d, generator=g)
+        for cache in caches:
+            cache.k[layer].copy_(history[0])
+            cache.v[layer].copy_(history[1])
+    rows = sum(n for _, n in specs)
+    outs = []
+    for cache, backend in zip(caches, (PagedAttention, ReferenceAttention)):
+        attend = backend(cache)
+        [index] = to_device([attend.host_index(chunks)], torch.device(DEVICE))
+        g.manual_seed(4)
+        layer_outs = []
+        for layer in range(2):
+            q, k, v = (torch.randn(rows, h, d, generator=g) for h in (heads, kv_heads, kv_heads))
+            layer_outs.append(attend(layer, index, q, k, v))
+        outs.append(torch.stack(layer_outs))
+    got, want = outs
+    assert ((got - want).norm() / want.norm()).item() < 1e-5
+    for layer in range(2):
+        assert torch.equal(caches[0].k[layer], caches[1].k[layer]) and torch.equal(caches[0].v[layer], caches[1].v[layer])

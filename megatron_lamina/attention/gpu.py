@@ -1,5 +1,6 @@
 """Attention over the paged KV cache on a CUDA device: the Triton decode kernel for decode
-tokens, SDPA over the gathered context for prefill chunks.
+tokens, the Triton prefill kernel for prefill chunks (all chunks of a micro-batch in one
+launch, reading the cache through the block tables).
 
 `PagedAttention` is what the attention workers (and colocated model workers) call per layer
 on the GPU, with the same contract as `reference.ReferenceAttention`: append the chunks' k,
@@ -17,20 +18,23 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from megatron_lamina.attention.kv_cache import PagedKVCache, padded_block_tables
 from megatron_lamina.attention.triton_paged import paged_decode
+from megatron_lamina.attention.triton_prefill import paged_prefill
 from megatron_lamina.host_to_device import HostArrays
 from megatron_lamina.plan import SequenceChunk
 
 
 @dataclass
-class PrefillChunk:
-    row: int                 # first row of the chunk in the micro-batch
-    start: int               # position of its first token
-    end: int                 # context length after it
-    context: torch.Tensor    # cache slots of positions 0 .. end-1
+class PrefillChunks:
+    """The prefill chunks of a micro-batch, as the prefill kernel reads them."""
+
+    block_tables: torch.Tensor   # [chunks, max blocks]
+    q_starts: torch.Tensor       # [chunks] first row of each chunk
+    q_lens: torch.Tensor         # [chunks] its rows
+    starts: torch.Tensor         # [chunks] the position of its first token
+    max_q_len: int               # the longest chunk, known on the host
 
 
 @dataclass
@@ -40,13 +44,17 @@ class PagedBatchIndex:
     block_tables: torch.Tensor        # [decode rows, max blocks] int64
     context_lens: torch.Tensor        # [decode rows] int64
     max_context: int                  # an upper bound of context_lens, known on the host (no sync)
-    prefill: list[PrefillChunk]
+    prefill: PrefillChunks | None
 
 
 def chunk_slots(block_table: list[int], start: int, end: int, block_size: int) -> np.ndarray:
     """Flat cache slots of positions start..end-1 of a request with this block table."""
     positions = np.arange(start, end)
     return np.asarray(block_table, dtype=np.int64)[positions // block_size] * block_size + positions % block_size
+
+
+# Tiles of the prefill kernel for head_dim 128 on Hopper (128 query rows, 64 keys a tile).
+PREFILL_CONFIG = {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 3}
 
 
 class PagedAttention:
@@ -74,34 +82,36 @@ class PagedAttention:
         every_row = len(decode_rows) == row
         if not every_row:
             arrays["decode_rows"] = np.asarray(decode_rows, np.int64)
-        for i, (_, chunk) in enumerate(prefill):
-            arrays[f"context{i}"] = chunk_slots(chunk.block_table, 0, chunk.end, bs)
+        if prefill:
+            arrays.update(prefill_tables=padded_block_tables([c.block_table for _, c in prefill], 0),
+                          q_starts=np.asarray([r for r, _ in prefill], np.int64),
+                          q_lens=np.asarray([len(c.tokens) for _, c in prefill], np.int64),
+                          starts=np.asarray([c.start for _, c in prefill], np.int64))
         max_context = max(lens, default=1)
+        max_q_len = max((len(c.tokens) for _, c in prefill), default=0)
 
         def finish(t: dict[str, torch.Tensor]) -> PagedBatchIndex:
-            return PagedBatchIndex(
-                t["new_slots"], None if every_row else t["decode_rows"], t["tables"], t["lens"], max_context,
-                [PrefillChunk(r, c.start, c.end, t[f"context{i}"]) for i, (r, c) in enumerate(prefill)])
+            chunks = PrefillChunks(t["prefill_tables"], t["q_starts"], t["q_lens"], t["starts"], max_q_len) \
+                if prefill else None
+            return PagedBatchIndex(t["new_slots"], None if every_row else t["decode_rows"], t["tables"], t["lens"],
+                                   max_context, chunks)
 
         return HostArrays(arrays, finish)
 
     def __call__(self, layer: int, index: PagedBatchIndex, q, k, v) -> torch.Tensor:
+        k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
         self.cache.write(layer, index.new_slots, k, v)
-        if not index.prefill and index.decode_rows is None:  # a decode-only micro-batch
-            return paged_decode(q, self.cache.k[layer], self.cache.v[layer], index.block_tables,
-                                index.context_lens, max_context=index.max_context)
+        if index.prefill is None and index.decode_rows is None:  # a decode-only micro-batch
+            return paged_decode(q, k_cache, v_cache, index.block_tables, index.context_lens,
+                                max_context=index.max_context)
         out = torch.empty_like(q)
         if index.block_tables.shape[0]:
             rows = index.decode_rows
-            out[rows] = paged_decode(q[rows], self.cache.k[layer], self.cache.v[layer], index.block_tables,
-                                     index.context_lens, max_context=index.max_context)
-        for chunk in index.prefill:
-            n = chunk.end - chunk.start
-            keys, values = self.cache.read(layer, chunk.context)           # [ctx, kv_heads, d]
-            causal = torch.arange(chunk.end, device=q.device)[None, :] <= \
-                torch.arange(chunk.start, chunk.end, device=q.device)[:, None]
-            o = F.scaled_dot_product_attention(q[chunk.row:chunk.row + n].transpose(0, 1), keys.transpose(0, 1),
-                                               values.transpose(0, 1), attn_mask=causal, enable_gqa=True)
-            out[chunk.row:chunk.row + n] = o.transpose(0, 1)
+            out[rows] = paged_decode(q[rows], k_cache, v_cache, index.block_tables, index.context_lens,
+                                     max_context=index.max_context)
+        if index.prefill is not None:
+            p = index.prefill
+            paged_prefill(q, k_cache, v_cache, p.block_tables, p.q_starts, p.q_lens, p.starts, out, p.max_q_len,
+                          **PREFILL_CONFIG)
         return out
 

@@ -110,7 +110,8 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     max_len = max_context if max_context is not None else (int(context_lens.max()) if batch else 0)
     tiles = max(1, math.ceil(max_len / block_n))
     if num_splits is None:
-        sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+        # (Triton's interpreter on a CPU, in the tests: a few "multiprocessors".)
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
         num_splits = max(1, min(tiles, math.ceil(waves * sms / max(1, batch * kv_heads))))
     # One split writes the output directly (the store casts); several write float32 partials.
     part = torch.empty(batch, num_splits, heads, head_dim, device=q.device,
