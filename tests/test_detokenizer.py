@@ -14,7 +14,7 @@ import random
 
 import pytest
 
-from megatron_lamina.engine.tokenizer import IncrementalDetokenizer, TextCodec, find_stop
+from megatron_lamina.engine.tokenizer import TextCodec, find_stop
 
 TEXTS = ["naïve café — 東京タワー 🚀🎉 Ünïcödé ½ ‰ €", "emoji only: 👩‍👩‍👧‍👦🧑🏽‍🚀", "plain ascii, then 한국어 and ελληνικά."]
 
