@@ -26,6 +26,7 @@ rank gets the same plan, so all of them capture and replay the same bucket at th
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Callable
 
@@ -57,7 +58,7 @@ class DecodeGraphs:
         self.max_blocks, self.scratch_block = max_blocks, scratch_block
         self.block_size = attention.cache.block_size
         self.sizes = batch_buckets(max_batch)
-        self.pool = pool if pool is not None else torch.cuda.graph_pool_handle()
+        self.pool = pool
         n, device = self.sizes[-1], model.device
         self.tokens = torch.zeros(n, dtype=torch.long, device=device)
         self.positions = torch.zeros(n, dtype=torch.long, device=device)
@@ -106,20 +107,23 @@ class DecodeGraphs:
         self.graphs[size].replay()
         return self.logits[:n]
 
+    def forward(self, size: int) -> None:
+        """The step of bucket `size` over the static tensors: what its graph captures."""
+        index = PagedBatchIndex(self.slots[:size], None, self.tables[:size], self.lens[:size],
+                                self.max_blocks * self.block_size, None)
+        inputs = MicroBatchInputs(size, self.tokens[:size], self.positions[:size], None)
+        [logits] = run_pipeline(EagerStages(self.model), LocalChannel(self.attention), [inputs], [index],
+                                self.model.num_layers)
+        self.logits[:size].copy_(logits)
+
     @torch.inference_mode()
     def capture(self, progress: Callable[[str], None] = lambda _: None) -> None:
         """Capture every bucket, largest first (the smaller ones reuse its pool memory)."""
         started = time.monotonic()
-        channel = LocalChannel(self.attention)
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
         for size in reversed(self.sizes):
-            index = PagedBatchIndex(self.slots[:size], None, self.tables[:size], self.lens[:size],
-                                    self.max_blocks * self.block_size, [])
-            inputs = MicroBatchInputs(size, self.tokens[:size], self.positions[:size], None)
-
-            def forward() -> None:
-                [logits] = run_pipeline(EagerStages(self.model), channel, [inputs], [index], self.model.num_layers)
-                self.logits[:size].copy_(logits)
-
+            forward = functools.partial(self.forward, size)
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
