@@ -34,6 +34,16 @@ def model_name(cfg) -> str:
     return Path(cfg.model.checkpoint).resolve().name
 
 
+def raise_open_files_limit() -> None:
+    """Every client connection is a file descriptor: lift the soft limit (often 1024) to the
+    hard one, or a burst of clients is refused at the socket, before any HTTP error."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def serve_driver(ctx) -> int:
     import uvicorn
 
@@ -43,6 +53,7 @@ def serve_driver(ctx) -> int:
     from megatron_lamina.server.metrics import ServerMetrics
 
     cfg = ctx.cfg
+    raise_open_files_limit()
     metrics = ServerMetrics()
     engine = AsyncEngine(LLMEngine(ctx), cfg.server.max_queued_requests,
                          heartbeat_s=cfg.runtime.step_timeout_s / 4, listener=metrics)

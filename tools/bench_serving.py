@@ -259,6 +259,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    import resource  # one connection per request in flight: lift the soft open-files limit (often 1024)
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     records, wall, t0_monotonic = asyncio.run(replay(args, requests))
     failures: dict[str, int] = {}
     for r in records:

@@ -147,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", default="/tmp/lamina-random-ckpt")
     p.add_argument("--config", default=str(ROOT / "configs" / "gpu-colocated.yaml"))
     p.add_argument("--set", action="append", default=None, metavar="KEY=VALUE",
-                   help="server overrides (default: TP 1, batch 256, 1 micro-batch, prefill 4096)")
+                   help="server overrides (default: TP 1, batch 256, 1 micro-batch, prefill 4096, 4096 requests "
+                        "in flight before a 503: the trace replay offers more than the server serves)")
     p.add_argument("--closed", type=int, default=256)
     p.add_argument("--input-len", type=int, default=1024)
     p.add_argument("--output-len", type=int, default=256)
@@ -158,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-prompts", type=int, default=1000)
     args = p.parse_args(argv)
     args.set = args.set or ["parallel.tensor_parallel=1", "scheduler.max_batch_size=256", "scheduler.micro_batches=1",
-                            "scheduler.max_prefill_tokens=4096"]
+                            "scheduler.max_prefill_tokens=4096", "server.max_queued_requests=4096"]
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = Path(args.checkpoint)

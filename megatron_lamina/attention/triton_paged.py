@@ -29,7 +29,9 @@ except ImportError:  # CPU-only install
 
 if triton is not None:
 
-    @triton.jit
+    # Index tensors are views at any offset of the step's one host-to-device buffer and a table's
+    # width changes every step: specializing on them would compile a new kernel mid-serving.
+    @triton.jit(do_not_specialize=["stride_tb"], do_not_specialize_on_alignment=["table_ptr", "lens_ptr"])
     def _decode_kernel(
         q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, o_ptr, m_ptr, l_ptr,
         stride_qb, stride_qh, stride_kblk, stride_kh, stride_ktok, stride_tb,
@@ -77,7 +79,7 @@ if triton is not None:
         tl.store(m_ptr + stats, m_i, mask=g_mask)
         tl.store(l_ptr + stats, l_i, mask=g_mask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["splits"])
     def _merge_kernel(part_ptr, m_ptr, l_ptr, o_ptr, splits, heads, HEAD_DIM: tl.constexpr):
         b, hq = tl.program_id(0), tl.program_id(1)
         offs_d = tl.arange(0, HEAD_DIM)

@@ -79,7 +79,10 @@ if triton is not None:
             m_i = m_new
         return acc, m_i, l_i
 
-    @triton.jit
+    # Index tensors are views at any offset of the step's one host-to-device buffer and the
+    # tables' width changes every step: specializing on them would compile mid-serving.
+    @triton.jit(do_not_specialize=["stride_tb"],
+                do_not_specialize_on_alignment=["table_ptr", "q_starts_ptr", "q_lens_ptr", "pos0_ptr"])
     def _prefill_kernel(
         q_ptr, k_ptr, v_ptr, o_ptr, table_ptr, q_starts_ptr, q_lens_ptr, pos0_ptr,
         stride_qt, stride_qh, stride_ot, stride_oh, stride_kblk, stride_kh, stride_ktok, stride_tb,

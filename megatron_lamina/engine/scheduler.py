@@ -69,14 +69,22 @@ class Scheduler:
     def schedule(self) -> StepPlan:
         chunks: list[SequenceChunk] = []
         budget = self.max_prefill_tokens
+        blocks, block_size, limit = self.blocks, self.blocks.block_size, self.blocks.num_blocks
+        # The running requests, in admission order; a decode request (one pending token) is
+        # the common case of every step and the loop is kept cheap for it (a step plans
+        # hundreds of them while the GPU runs the previous one).
         for request in list(self.running):
             if request.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
-            if request.num_pending and self._last_token_in_flight(request):
-                continue  # it ends when that token is read back
-            pending = request.num_tokens + request.num_pending - request.num_computed
+            outputs = len(request.output_token_ids) + request.num_pending
+            total = len(request.prompt_token_ids) + outputs
+            if request.num_pending and (outputs >= request.params.max_tokens or total >= self.max_model_len):
+                continue  # the token in flight is its last: it ends when that token is read back
+            computed = request.num_computed
+            pending = total - computed
             n = 1 if pending == 1 else min(pending, budget)
-            if self.blocks.blocks_needed(request.num_computed + n) > self.blocks.num_blocks:
+            needed = -(-(computed + n) // block_size)
+            if needed > limit:
                 if request.num_pending:
                     continue  # decided once its token is read back, as a synchronous loop would
                 # Its context no longer fits a whole shard's cache: it ends here, like at the
@@ -84,30 +92,25 @@ class Scheduler:
                 self.finish(request, "length")
                 self._ended.append(request)
                 continue
-            if n == 0 or not self._reserve(request, request.num_computed + n):
+            if n == 0 or (needed > len(request.block_table) and not self._reserve(request, computed + n)):
                 continue
             budget -= n if pending > 1 else 0
-            chunks.append(self._chunk(request, n))
+            chunks.append(self._chunk(request, n, total))
         while self.waiting and len(self.running) < self.max_batch_size and budget > 0:
             request = self.waiting[0]
             if request.num_pending:
                 break  # preempted with a token in flight: its tokens are not all known yet
-            shard = self.blocks.emptiest_shard()
+            shard = blocks.emptiest_shard()
             n = min(request.num_tokens, budget)
-            if self.blocks.num_free(shard) < self.blocks.blocks_needed(n):
+            if blocks.num_free(shard) < blocks.blocks_needed(n):
                 break
             self.waiting.popleft()
             request.status, request.shard, request.num_computed = RequestStatus.RUNNING, shard, 0
-            self.blocks.grow(request, n)
+            blocks.grow(request, n)
             self.running.append(request)
             budget -= n
-            chunks.append(self._chunk(request, n))
+            chunks.append(self._chunk(request, n, request.num_tokens))
         return StepPlan(self._split(chunks), released=self.take_released() if chunks else [])
-
-    def _last_token_in_flight(self, request: Request) -> bool:
-        """The token on the device will end the request (length), whatever it is."""
-        outputs = len(request.output_token_ids) + request.num_pending
-        return outputs >= request.params.max_tokens or request.num_tokens + request.num_pending >= self.max_model_len
 
     def _reserve(self, request: Request, context_len: int) -> bool:
         """Grow the request's blocks, preempting the youngest on its shard if needed."""
@@ -139,21 +142,20 @@ class Scheduler:
         request.num_blocks_sent = 0
         self._released.append(request.request_id)
 
-    def _chunk(self, request: Request, n: int) -> SequenceChunk:
+    def _chunk(self, request: Request, n: int, total: int) -> SequenceChunk:
+        """The next `n` tokens of `request` (`total`: its tokens, those in flight included)."""
         start = request.num_computed
         if request.num_pending:  # the newest token is still on the device: fed from there
-            assert n == 1 and start == request.num_tokens, (request.request_id, n, start)
+            assert n == 1 and start == total - 1, (request.request_id, n, start)
             tokens, feed = [0], request.feed_row
         else:
             tokens, feed = request.tokens(start, start + n), -1
-        new_blocks = request.block_table[request.num_blocks_sent:]
-        request.num_blocks_sent = len(request.block_table)
+        table = request.block_table
+        new_blocks = table[request.num_blocks_sent:] if request.num_blocks_sent < len(table) else []
+        request.num_blocks_sent = len(table)
         request.num_computed = start + n
-        return SequenceChunk(
-            request_id=request.request_id, shard=request.shard, start=start, tokens=tokens,
-            new_blocks=new_blocks, sample=start + n == request.num_tokens + request.num_pending,
-            feed=feed, block_table=request.block_table,
-        )
+        return SequenceChunk(request.request_id, request.shard, start, tokens, new_blocks, start + n == total, feed,
+                             table)
 
     def _split(self, chunks: list[SequenceChunk]) -> list[MicroBatch]:
         groups: list[list[SequenceChunk]] = [[] for _ in range(min(self.micro_batches, len(chunks)))]

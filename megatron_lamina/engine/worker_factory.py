@@ -123,10 +123,10 @@ def _model_worker(cfg, arch, topology, groups, rank, device, log, weights) -> Bu
         return decode
 
     peak = 0
-    if cfg.kv_cache.num_blocks == "auto" and device.type == "cuda":
+    if device.type == "cuda":  # on a tiny cache: the memory the steps need, and every kernel compiled
         probe = PagedKVCache(arch.num_layers, 2, cfg.kv_cache.block_size, kv_heads, arch.head_dim,
                              cfg.torch_dtype, device)
-        decode = decode_graphs_over(probe, scratch=1) if graphs else None
+        decode = decode_graphs_over(probe, scratch=1) if graphs and cfg.kv_cache.num_blocks == "auto" else None
         peak = _profile_largest_step(cfg, arch, worker_over(probe, decode), device)
         del probe, decode
     num_blocks = _agree(cfg, groups, (PagedKVCache.bytes_per_block(
@@ -143,7 +143,7 @@ def _attention_worker(cfg, arch, topology, groups, rank, device, log) -> BuiltWo
     kv_lo, _ = topology.group_kv_range(group)
     kv_heads = arch.num_kv_heads // topology.head_groups
     peak = 0
-    if cfg.kv_cache.num_blocks == "auto" and device.type == "cuda":
+    if device.type == "cuda":  # on a tiny cache: the memory the steps need, and every kernel compiled
         probe = PagedKVCache(arch.num_layers, 1, cfg.kv_cache.block_size, kv_heads, arch.head_dim,
                              cfg.torch_dtype, device)
         peak = _profile_attention(cfg, arch, attention_backend(probe, device), kv_heads, device)
@@ -170,29 +170,42 @@ def _largest_step(cfg: LaminaConfig, arch: ModelArchitecture) -> StepPlan:
     return StepPlan([MicroBatch(chunks)])
 
 
+def _longest_decode(cfg: LaminaConfig, arch: ModelArchitecture) -> StepPlan:
+    """One decode row at the longest context (split over the multiprocessors: the decode
+    kernel's float32 variant and its merge kernel), all in block 0."""
+    context = arch.max_position_embeddings - 1
+    blocks = math.ceil((context + 1) / cfg.kv_cache.block_size)
+    return StepPlan([MicroBatch([SequenceChunk(0, 0, context, [0], [], True, block_table=[0] * blocks)])])
+
+
 def _profile_largest_step(cfg, arch, worker: ModelWorker, device) -> int:
+    """Peak memory of the largest step and its sampling (top-p sorts the vocabulary); with the
+    longest decode after it, every kernel an eager step can launch is compiled here."""
     plan = _largest_step(cfg, arch)
     params = [SamplingParams(temperature=1.0, top_p=0.9, top_k=50)] * plan.num_sampled
     with measure_peak(device) as peak:
         logits = worker.run(plan)
         sample_tokens_on_device(logits, params, [p.make_generator(device) for p in params])
         del logits
+    worker.run(_longest_decode(cfg, arch))
     return peak[0]
 
 
 def _profile_attention(cfg, arch, attend, kv_heads: int, device) -> int:
-    plan = _largest_step(cfg, arch)
-    rows, d = plan.micro_batches[0].num_rows, arch.head_dim
-    heads = kv_heads * arch.queries_per_kv_head
-    with measure_peak(device) as peak:
-        [index] = to_device([attend.host_index(plan.micro_batches[0].chunks)], device)
-        q = torch.randn(rows, heads, d, dtype=cfg.torch_dtype, device=device)
-        k = torch.randn(rows, kv_heads, d, dtype=cfg.torch_dtype, device=device)
-        # The receive buffers of the transport and the reply: about q, k, v and o once more.
-        extra = torch.empty(2 * q.numel() + 2 * k.numel(), dtype=cfg.torch_dtype, device=device)
-        attend(0, index, q, k, k.clone())
-        del q, k, extra
-    return peak[0]
+    d, heads = arch.head_dim, kv_heads * arch.queries_per_kv_head
+    peaks = []
+    for plan in (_largest_step(cfg, arch), _longest_decode(cfg, arch)):
+        rows = plan.micro_batches[0].num_rows
+        with measure_peak(device) as peak:
+            [index] = to_device([attend.host_index(plan.micro_batches[0].chunks)], device)
+            q = torch.randn(rows, heads, d, dtype=cfg.torch_dtype, device=device)
+            k = torch.randn(rows, kv_heads, d, dtype=cfg.torch_dtype, device=device)
+            # The receive buffers of the transport and the reply: about q, k, v and o once more.
+            extra = torch.empty(2 * q.numel() + 2 * k.numel(), dtype=cfg.torch_dtype, device=device)
+            attend(0, index, q, k, k.clone())
+            del q, k, extra
+        peaks.append(peak[0])
+    return max(peaks)
 
 
 def _agree(cfg: LaminaConfig, groups: ProcessGroups, sizing) -> int:
