@@ -85,10 +85,10 @@ class SchedulerConfig:
 class KVCacheConfig:
     block_size: int = _key(16, min=1)  # tokens per KV block
     # Blocks in each KV cache (one per attention worker; per model worker when colocated);
-    # auto: as many as memory_fraction of the device memory holds once the model is loaded.
+    # auto: what memory_fraction leaves once the weights, graphs and activations are in place.
     num_blocks: Literal["auto"] | int = _key("auto", min=1)
-    # Share of device memory this process may use (weights, activations, KV cache); with
-    # num_blocks auto the KV cache gets what is left of it after start-up.
+    # Share of the whole device this process may use (vLLM's gpu_memory_utilization; ranks
+    # sharing a GPU split it); with num_blocks auto the KV cache gets what is left of it.
     memory_fraction: float = _key(0.9, above=0.0, max=1.0)
 
 

@@ -85,6 +85,9 @@ GPU_LAYOUTS = {  # (tensor_parallel, attention_workers, transport, CUDA graphs[,
                                                           "scheduler.async_scheduling=false"]),
     "colocated-eager": (1, 0, "auto", False),
     "disaggregated-shared-gpu": (1, 1, "gloo", False),
+    # Two ranks on one GPU size their caches from an even split of the fraction (memory.py).
+    "disaggregated-shared-gpu-auto-kv": (1, 1, "gloo", True, ["kv_cache.num_blocks=auto",
+                                                             "kv_cache.memory_fraction=0.3"]),
     # The model worker's stages replayed from CUDA graphs (StageGraphs), transport in between.
     "disaggregated-stage-graphs": (1, 1, "gloo", True),
 }
