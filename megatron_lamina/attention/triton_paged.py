@@ -27,11 +27,21 @@ except ImportError:  # CPU-only install
     triton = None
 
 
+def jit_unspecialized(values=(), pointers=()):
+    """`triton.jit`, told not to specialize on these integer arguments' values (==1, %16) and
+    these pointers' alignment, where this Triton knows how (a compile mid-serving costs
+    seconds; the index tensors are views at any offset of a step's one host-to-device copy)."""
+    import inspect
+
+    options = {"do_not_specialize": list(values)}
+    if "do_not_specialize_on_alignment" in inspect.signature(triton.jit).parameters:
+        options["do_not_specialize_on_alignment"] = list(pointers)
+    return triton.jit(**options)
+
+
 if triton is not None:
 
-    # Index tensors are views at any offset of the step's one host-to-device buffer and a table's
-    # width changes every step: specializing on them would compile a new kernel mid-serving.
-    @triton.jit(do_not_specialize=["stride_tb"], do_not_specialize_on_alignment=["table_ptr", "lens_ptr"])
+    @jit_unspecialized(values=["stride_tb"], pointers=["table_ptr", "lens_ptr"])
     def _decode_kernel(
         q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, o_ptr, m_ptr, l_ptr,
         stride_qb, stride_qh, stride_kblk, stride_kh, stride_ktok, stride_tb,
@@ -79,7 +89,7 @@ if triton is not None:
         tl.store(m_ptr + stats, m_i, mask=g_mask)
         tl.store(l_ptr + stats, l_i, mask=g_mask)
 
-    @triton.jit(do_not_specialize=["splits"])
+    @jit_unspecialized(values=["splits"])
     def _merge_kernel(part_ptr, m_ptr, l_ptr, o_ptr, splits, heads, HEAD_DIM: tl.constexpr):
         b, hq = tl.program_id(0), tl.program_id(1)
         offs_d = tl.arange(0, HEAD_DIM)

@@ -30,6 +30,8 @@ import math
 
 import torch
 
+from megatron_lamina.attention.triton_paged import jit_unspecialized
+
 try:
     import triton
     import triton.language as tl
@@ -79,10 +81,7 @@ if triton is not None:
             m_i = m_new
         return acc, m_i, l_i
 
-    # Index tensors are views at any offset of the step's one host-to-device buffer and the
-    # tables' width changes every step: specializing on them would compile mid-serving.
-    @triton.jit(do_not_specialize=["stride_tb"],
-                do_not_specialize_on_alignment=["table_ptr", "q_starts_ptr", "q_lens_ptr", "pos0_ptr"])
+    @jit_unspecialized(values=["stride_tb"], pointers=["table_ptr", "q_starts_ptr", "q_lens_ptr", "pos0_ptr"])
     def _prefill_kernel(
         q_ptr, k_ptr, v_ptr, o_ptr, table_ptr, q_starts_ptr, q_lens_ptr, pos0_ptr,
         stride_qt, stride_qh, stride_ot, stride_oh, stride_kblk, stride_kh, stride_ktok, stride_tb,
