@@ -178,7 +178,7 @@ def test_paged_attention_matches_the_reference_on_a_mixed_micro_batch():
         used += blocks
     caches = [PagedKVCache(2, 40, block_size, kv_heads, d, torch.float32, DEVICE) for _ in range(2)]
     for layer in range(2):
-        history = torch.randn(2, 40, kv_heads, block_size, d, generator=g)
+        history = torch.randn(2, 40, kv_heads, block_size, d, generator=g).to(DEVICE)
         for cache in caches:
             cache.k[layer].copy_(history[0])
             cache.v[layer].copy_(history[1])
@@ -190,7 +190,7 @@ def test_paged_attention_matches_the_reference_on_a_mixed_micro_batch():
         g.manual_seed(4)
         layer_outs = []
         for layer in range(2):
-            q, k, v = (torch.randn(rows, h, d, generator=g) for h in (heads, kv_heads, kv_heads))
+            q, k, v = (torch.randn(rows, h, d, generator=g).to(DEVICE) for h in (heads, kv_heads, kv_heads))
             layer_outs.append(attend(layer, index, q, k, v))
         outs.append(torch.stack(layer_outs))
     got, want = outs

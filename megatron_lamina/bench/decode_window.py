@@ -48,5 +48,5 @@ def decode_window(report: dict, metrics: list[tuple[float, dict]], gpu: list[tup
         if period > 0:
             out["gpu_busy_events"] = (b["lamina_gpu_busy_seconds_total"] - a["lamina_gpu_busy_seconds_total"]) / period
     util = [u for t, u in gpu if start <= t <= end]
-    out["gpu_util_nvml"] = sum(util) / len(util) / 100 if util else None
+    out["gpu_util_nvml"] = sum(util) / len(util) if util else None
     return out

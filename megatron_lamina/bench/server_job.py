@@ -145,7 +145,8 @@ class MetricsPoller(_Poller):
 
 
 class GpuPoller(_Poller):
-    """GPU utilization (%) of device `index` every `interval` seconds, through NVML."""
+    """GPU utilization (a fraction: NVML's percent / 100) of device `index` every `interval`
+    seconds, through NVML: the share of the sample period in which a kernel ran."""
 
     def __init__(self, index: int = 0, interval: float = 0.1):
         import pynvml
@@ -155,7 +156,7 @@ class GpuPoller(_Poller):
         super().__init__(interval)
 
     def sample(self) -> float:
-        return float(self.nvml.nvmlDeviceGetUtilizationRates(self.handle).gpu)
+        return self.nvml.nvmlDeviceGetUtilizationRates(self.handle).gpu / 100
 
 
 def mean_between(samples: list[tuple[float, float]], start: float, end: float) -> float | None:
