@@ -1,7 +1,6 @@
-#!/usr/bin/env python
 """Convert a checkpoint (Hugging Face, GGUF, Megatron, DeepSpeed) into a canonical megatron-lamina checkpoint.
 
-The canonical directory (config.json, tokenizer/, model.safetensors in Megatron naming; see
+`lamina convert ...` and `python tools/convert_checkpoint.py ...` run `main`. The canonical directory (config.json, tokenizer/, model.safetensors in Megatron naming; see
 megatron_lamina/architecture.py) serves every tensor-parallel layout: model workers slice it
 at load time. Sources are listed in megatron_lamina/checkpoint/readers.py.
 """
@@ -12,10 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-# Runnable as `python tools/convert_checkpoint.py` from a checkout without `pip install`.
-sys.path[0] = str(Path(__file__).resolve().parent.parent)  # not tools/: tools/profile.py would shadow the stdlib profile
-
-from megatron_lamina.checkpoint.readers import READERS  # noqa: E402
+from megatron_lamina.checkpoint.readers import READERS
 
 EXAMPLES = """examples:
   # a Hugging Face LLaMA / Mistral / Qwen2 directory (safetensors or pytorch_model*.bin)
@@ -50,9 +46,9 @@ EXAMPLES = """examples:
 """
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser(prog: str | None = "convert_checkpoint.py") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="convert_checkpoint.py",
+        prog=prog,
         description=__doc__.splitlines()[0],
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -80,11 +76,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="megatron: JSON of Megatron training arguments (override those stored in the checkpoint); "
         "deepspeed: a Hugging Face config.json (or its directory), or Megatron arguments as for megatron",
     )
-    return parser.parse_args(argv)
+    return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(argv: list[str] | None = None, prog: str | None = "convert_checkpoint.py") -> int:
+    args = build_parser(prog).parse_args(argv)
     from megatron_lamina.checkpoint.convert import convert_checkpoint
 
     try:

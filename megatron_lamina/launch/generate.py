@@ -1,13 +1,19 @@
-"""Offline batch generation: JSONL in, JSONL out, under torchrun.
+"""Offline batch generation, JSONL in, JSONL out: the program of every rank of a batch job.
 
+    lamina generate --config CFG --input IN.jsonl --output OUT.jsonl [--resume] [--quiet]
     torchrun --nproc-per-node N launcher/generate.py --config CFG --input IN.jsonl --output OUT.jsonl
 
-N must equal parallel.tensor_parallel + parallel.attention_workers. Rank 0 reads the input,
-feeds every line to the continuous-batching engine and appends one output record per input
-line as soon as it finishes (flushed; error records for malformed lines, see
-engine/batch_job.py), with a progress bar; the other ranks execute the step plans it
-broadcasts. `--resume` keeps what an interrupted run already wrote and runs only the
-missing ids, so a killed job restarted with it loses and duplicates nothing.
+`lamina generate` checks the config, the input and the output first and starts the N =
+parallel.tensor_parallel + parallel.attention_workers ranks itself; launcher/generate.py is
+this module for torchrun. Every rank dies with its launcher (`ranks.exit_with_parent`).
+Rank 0 locks the output (`engine/batch_output.py`: a second job on the same file is refused),
+reads the input (`engine/batch_job.py`), and runs every line through the continuous-batching
+engine (`engine/batch_run.py`): exactly one record per input line, appended and flushed as
+its request finishes, error records for lines that cannot run. The job ends with a summary
+line; it exits 0 when every line has a result, 1 when some line failed, 2 on a usage or
+config mistake. `--resume` keeps what an interrupted run wrote and runs only the missing ids,
+so a killed job restarted with it loses and duplicates nothing. The other ranks execute the
+step plans rank 0 broadcasts.
 """
 
 from __future__ import annotations
@@ -15,86 +21,71 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import torch.distributed as dist  # noqa: E402
-
-from megatron_lamina.config import add_config_arguments  # noqa: E402
+from megatron_lamina.config import add_config_arguments
+from megatron_lamina.launch.ranks import exit_with_parent, require_launcher
 
 
-def run_job(engine, input_path: str, output_path: str, show: bool, resume: bool) -> int:
-    """Run every line of the input through the engine; returns how many lines failed."""
-    from tqdm import tqdm
-
-    from megatron_lamina.engine.batch_job import completed_keys, read_batch, write_record
-
-    lines = read_batch(input_path)
-    done = completed_keys(output_path) if resume else set()
-    failed = 0
-    with open(output_path, "a" if resume else "w", encoding="utf-8") as out:
-        todo = [line for line in lines if line.key not in done]
-        for line in todo:
-            if line.error is None:
-                try:
-                    engine.add_request(line.item)
-                    continue
-                except ValueError as e:
-                    line.error = f"line {line.line_no}: {e}"
-            failed += 1
-            print(f"{input_path}:{line.error}", file=sys.stderr)
-            write_record(out, line.error_record())
-        bar = tqdm(total=len(lines), initial=len(lines) - len(todo) + failed, unit="req",
-                   disable=None, dynamic_ncols=True)
-        generated, started = 0, time.monotonic()
-        while engine.has_work():
-            updated = engine.step()
-            generated += len(updated)
-            bar.set_postfix_str(f"{generated / max(time.monotonic() - started, 1e-9):.1f} tok/s")
-            for request in updated:
-                if request.finished:
-                    write_record(out, {"id": request.user_id, "text": request.text,
-                                       "token_ids": request.output_token_ids,
-                                       "finish_reason": request.finish_reason})
-                    bar.update(1)
-                    if show:
-                        bar.write(f"[{request.user_id}] {request.text}")
-        bar.close()
-    return failed
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
     parser.add_argument("--input", required=True, help="JSONL file, one request per line")
-    parser.add_argument("--output", required=True, help="JSONL file for the results")
+    parser.add_argument("--output", required=True,
+                        help="JSONL file for the results (its directory is created; locked while the job runs)")
     parser.add_argument("--quiet", action="store_true", help="do not print the answers")
     parser.add_argument("--resume", action="store_true",
                         help="keep the records already in --output and run only the ids missing there")
-    args = parser.parse_args(argv)
+    parser.add_argument("--progress-interval", type=float, default=10.0, metavar="SECONDS",
+                        help="when stderr is not a terminal, print a progress line this often (default 10)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not require_launcher("generate", args):
+        return 2
+    exit_with_parent()
+    driver = os.environ["RANK"] == "0"
     if not Path(args.input).is_file():
-        if os.environ.get("RANK", "0") == "0":
+        if driver:
             print(f"error: --input {args.input}: no such file", file=sys.stderr)
         return 2
+    import torch.distributed as dist
+
+    from megatron_lamina.engine.batch_job import read_batch
+    from megatron_lamina.engine.batch_output import BatchOutput, OutputError
     from megatron_lamina.engine.runtime import serve_plans, start_from_args
 
+    if driver:  # before the ranks start up: a busy output or a bad input fails in a second
+        try:
+            output = BatchOutput.open(args.output, args.resume)
+            lines = read_batch(args.input)
+        except (OutputError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     ctx = start_from_args(args)
     if ctx is None:
         return 2
+    code = 0
     if ctx.rank == 0:
+        from megatron_lamina.engine.batch_run import run_batch
         from megatron_lamina.engine.llm_engine import LLMEngine
 
         engine = LLMEngine(ctx)
         try:
-            run_job(engine, args.input, args.output, show=not args.quiet, resume=args.resume)
+            summary = run_batch(engine, args.input, lines, output, show=not args.quiet,
+                                progress_interval_s=args.progress_interval)
         finally:
             engine.shutdown()
+            output.close()
+        print(summary.line(args.output), file=sys.stderr, flush=True)
+        code = summary.exit_code
     else:
         serve_plans(ctx)
     dist.destroy_process_group()
-    return 0
+    return code
 
 
 if __name__ == "__main__":

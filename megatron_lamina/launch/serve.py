@@ -1,8 +1,11 @@
-"""OpenAI-compatible serving under torchrun.
+"""OpenAI-compatible serving: the program of every rank of a serving job.
 
+    lamina serve --config CFG [--set key=value ...]
     torchrun --nproc-per-node N launcher/serve.py --config CFG [--set key=value ...]
 
-Rank 0 runs the HTTP server (uvicorn, `server.host`:`server.port`) and the engine thread;
+`lamina serve` checks the config and starts the N = parallel.tensor_parallel +
+parallel.attention_workers ranks itself; launcher/serve.py is this module for torchrun.
+Every rank dies with its launcher (`ranks.exit_with_parent`). Rank 0 runs the HTTP server (uvicorn, `server.host`:`server.port`) and the engine thread;
 the other ranks execute the step plans it broadcasts. Shutdown and faults:
   * SIGTERM to rank 0 drains: new requests get 503, running ones finish (at most
     `server.drain_timeout_s`, then they are failed), the other ranks are released and the
@@ -23,11 +26,8 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import torch.distributed as dist  # noqa: E402
-
-from megatron_lamina.config import add_config_arguments  # noqa: E402
+from megatron_lamina.config import add_config_arguments
+from megatron_lamina.launch.ranks import exit_with_parent, require_launcher
 
 
 def model_name(cfg) -> str:
@@ -82,11 +82,21 @@ def serve_driver(ctx) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
-    args = parser.parse_args(argv)
-    is_driver = os.environ.get("RANK", "0") == "0"
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not require_launcher("serve", args):
+        return 2
+    exit_with_parent()
+    import torch.distributed as dist
+
+    is_driver = os.environ["RANK"] == "0"
     if not is_driver:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the driver decides when the job ends
     from megatron_lamina.engine.runtime import serve_plans, start_from_args

@@ -1,0 +1,15 @@
+#!/usr/bin/env python
+"""Convert a checkpoint (Hugging Face, GGUF, Megatron, DeepSpeed) into a canonical megatron-lamina
+checkpoint: `lamina convert` as a script (megatron_lamina/launch/convert.py; `--help` shows an
+example per source)."""
+
+import sys
+from pathlib import Path
+
+# Runnable as `python tools/convert_checkpoint.py` from a checkout without `pip install`.
+sys.path[0] = str(Path(__file__).resolve().parent.parent)  # not tools/: tools/profile.py would shadow the stdlib profile
+
+from megatron_lamina.launch.convert import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())
