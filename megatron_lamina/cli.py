@@ -67,12 +67,15 @@ def main(argv: list[str] | None = None) -> int:
 def check_job(command: str, args):
     """The config of a serve / generate job, checked as far as it can be without the ranks."""
     from megatron_lamina.architecture import read_architecture
+    from megatron_lamina.checkpoint.errors import open_safetensors
+    from megatron_lamina.checkpoint.writer import MODEL_FILE
     from megatron_lamina.config import config_from_args, validate_layout
 
     cfg = config_from_args(args)
     try:
         arch = read_architecture(cfg.model.checkpoint)
-    except (OSError, ValueError) as e:
+        open_safetensors(Path(cfg.model.checkpoint) / MODEL_FILE)  # reads the header: truncated, corrupt?
+    except (OSError, ValueError) as e:  # CheckpointInputError is a ValueError
         raise ValueError(f"model.checkpoint: {e}") from None
     validate_layout(cfg, cfg.world_size, arch)
     if command == "generate":
