@@ -1,4 +1,5 @@
-"""`lamina` and the launcher scripts as a user meets them: --help, mistakes, and no orphans.
+"""`lamina` and the launcher scripts as a user meets them: --help, mistakes, no orphans, and the
+Quick start that CI runs.
 
 Every launcher lists its options; a config or layout mistake is one `error:` line from the
 launcher before any rank starts (no torchrun traceback); a launcher script run without a
@@ -104,3 +105,12 @@ def test_lamina_serve_counts_the_ranks_and_they_die_with_it(tmp_path, tiny_model
         server.stop()
         for pid in wait_gone(ranks, timeout=0):  # had they outlived the launcher
             os.kill(pid, signal.SIGKILL)
+
+
+def test_ci_runs_the_readme_quick_start():
+    """.ci/run runs the README's Quick start commands, in order: what a new user runs first is what CI runs."""
+    readme = (ROOT / "README.md").read_text().split("## Quick start", 1)[1].split("```bash\n", 1)[1]
+    commands = readme.split("```", 1)[0].strip().splitlines()
+    ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines()
+          if line and not line.startswith(("#", "set ", "cd "))]
+    assert ci == commands and "lamina generate" in commands[0]
