@@ -18,7 +18,7 @@ import time
 
 import httpx
 import pytest
-from server_proc import ServerProcess, tiny_server_config, wait_gone
+from server_proc import ServerProcess, child_pids, tiny_server_config, wait_gone
 from torchrun import ROOT, lamina
 
 
@@ -114,3 +114,29 @@ def test_ci_runs_the_readme_quick_start():
     ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines()
           if line and not line.startswith(("#", "set ", "cd "))]
     assert ci == commands and "lamina generate" in commands[0]
+
+
+def test_ctrl_c_stops_a_batch_job_cleanly(tmp_path, tiny_models):
+    """SIGINT to lamina generate: the driver stops at the next step and releases the other rank;
+    a 'stopped:' line, exit status 130, no traceback, no rank left."""
+    config = tmp_path / "job.yaml"
+    config.write_text(f"model:\n  checkpoint: {tiny_models['untied'].canonical_dir}\nparallel:\n  attention_workers: 1\n"
+                      "kv_cache:\n  block_size: 4\n  num_blocks: 256\n")
+    job = tmp_path / "in.jsonl"
+    job.write_text("".join(f'{{"id": {i}, "prompt": "w{i} w5", "max_tokens": 200, "ignore_eos": true}}\n'
+                           for i in range(40)))
+    cmd = [sys.executable, "-m", "megatron_lamina.cli", "generate", "--config", str(config), "--input", str(job),
+           "--output", str(tmp_path / "out.jsonl"), "--quiet", "--progress-interval", "0"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    lines = []
+    for line in proc.stderr:  # the first progress line: the job is stepping
+        lines.append(line)
+        if line.startswith("progress: "):
+            break
+    ranks = child_pids(proc.pid)
+    proc.send_signal(signal.SIGINT)
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=60) == 130, lines + [rest]
+    assert "Traceback" not in rest and rest.splitlines()[-1].startswith("stopped: "), rest
+    assert "unfinished; records in" in rest and wait_gone(ranks, timeout=5) == []

@@ -12,6 +12,7 @@ finishes. Progress goes to stderr: a bar on a terminal, otherwise one line every
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ class BatchSummary:
     failed: int = 0
     skipped: int = 0          # already in the output (--resume)
     skipped_failed: int = 0   # of those, error records
+    unfinished: int = 0       # stopped by a signal before they finished
 
     @property
     def exit_code(self) -> int:
@@ -35,12 +37,17 @@ class BatchSummary:
     def line(self, output: str) -> str:
         skipped = (f", {self.skipped} skipped by --resume ({self.skipped_failed} of them failed earlier)"
                    if self.skipped else "")
+        if self.unfinished:
+            return (f"stopped: {self.ok} ok, {self.failed} failed{skipped}, {self.unfinished} unfinished; records in "
+                    f"{output} (run again with --resume to finish)")
         return f"summary: {self.ok} ok, {self.failed} failed{skipped}; records in {output}"
 
 
 def run_batch(engine, input_name: str, lines: list[BatchLine], output: BatchOutput, show: bool,
-              progress_interval_s: float) -> BatchSummary:
-    """Run the lines of `input_name` on the driver's `LLMEngine`; error lines go to stderr too."""
+              progress_interval_s: float, stop: threading.Event | None = None) -> BatchSummary:
+    """Run the lines of `input_name` on the driver's `LLMEngine`; error lines go to stderr too.
+    Once `stop` is set no further step runs (the launcher then shuts the engine down)."""
+    stop = stop or threading.Event()
     summary = BatchSummary()
     todo = []
     for line in lines:
@@ -64,7 +71,7 @@ def run_batch(engine, input_name: str, lines: list[BatchLine], output: BatchOutp
         print(f"{input_name}:{line.error}", file=sys.stderr, flush=True)
         output.write(line.error_record())
     progress = Progress(len(lines), summary.skipped + summary.failed, progress_interval_s)
-    while engine.has_work():
+    while engine.has_work() and not stop.is_set():
         updated = engine.step()
         progress.tokens += len(updated)
         for request in updated:
@@ -77,6 +84,7 @@ def run_batch(engine, input_name: str, lines: list[BatchLine], output: BatchOutp
                     progress.write(f"[{request.user_id}] {request.text}")
         progress.show()
     progress.close()
+    summary.unfinished = len(lines) - summary.skipped - summary.failed - summary.ok
     return summary
 
 

@@ -12,15 +12,18 @@ engine (`engine/batch_run.py`): exactly one record per input line, appended and 
 its request finishes, error records for lines that cannot run. The job ends with a summary
 line; it exits 0 when every line has a result, 1 when some line failed, 2 on a usage or
 config mistake. `--resume` keeps what an interrupted run wrote and runs only the missing ids,
-so a killed job restarted with it loses and duplicates nothing. The other ranks execute the
-step plans rank 0 broadcasts.
+so a killed job restarted with it loses and duplicates nothing. Ctrl-C or SIGTERM stops the
+job at the next step (exit status 128 + the signal); --resume finishes it. The other ranks
+execute the step plans rank 0 broadcasts.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from megatron_lamina.config import add_config_arguments
@@ -48,6 +51,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     exit_with_parent()
     driver = os.environ["RANK"] == "0"
+    # Ctrl-C or SIGTERM (the launcher passes either to every rank): the driver stops at the
+    # next step and releases the others, which wait for it (a rank leaving in the middle of
+    # a collective would leave the rest stuck in theirs).
+    stop = Stop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop.handler if driver else signal.SIG_IGN)
     if not Path(args.input).is_file():
         if driver:
             print(f"error: --input {args.input}: no such file", file=sys.stderr)
@@ -76,16 +85,27 @@ def main(argv: list[str] | None = None) -> int:
         engine = LLMEngine(ctx)
         try:
             summary = run_batch(engine, args.input, lines, output, show=not args.quiet,
-                                progress_interval_s=args.progress_interval)
+                                progress_interval_s=args.progress_interval, stop=stop.event)
         finally:
             engine.shutdown()
             output.close()
         print(summary.line(args.output), file=sys.stderr, flush=True)
-        code = summary.exit_code
+        code = 128 + stop.signal if stop.signal else summary.exit_code
     else:
         serve_plans(ctx)
     dist.destroy_process_group()
     return code
+
+
+class Stop:
+    """The signal that asked the job to stop, and an event the batch loop checks each step."""
+
+    def __init__(self):
+        self.event, self.signal = threading.Event(), 0
+
+    def handler(self, sig, frame) -> None:
+        self.signal = self.signal or sig
+        self.event.set()
 
 
 if __name__ == "__main__":

@@ -7,10 +7,11 @@
 parallel.attention_workers ranks itself; launcher/serve.py is this module for torchrun.
 Every rank dies with its launcher (`ranks.exit_with_parent`). Rank 0 runs the HTTP server (uvicorn, `server.host`:`server.port`) and the engine thread;
 the other ranks execute the step plans it broadcasts. Shutdown and faults:
-  * SIGTERM to rank 0 drains: new requests get 503, running ones finish (at most
-    `server.drain_timeout_s`, then they are failed), the other ranks are released and the
-    job exits 0. (SIGTERM to torchrun reaches every rank: the others ignore it and wait for
-    the driver, which drains as above; torchrun itself then reports the signal.)
+  * SIGTERM (or SIGINT, Ctrl-C) to rank 0 drains: new requests get 503, running ones finish
+    (at most `server.drain_timeout_s`, then they are failed), the other ranks are released
+    and the job exits 0. (Either signal to lamina or torchrun reaches every rank: the others
+    ignore it and wait for the driver, which drains as above; the launcher then reports the
+    signal.)
   * a rank that dies or stops answering makes the current step fail (gloo reports the closed
     connection at once, a hang after `runtime.step_timeout_s`): every in-flight request gets
     an error, /health turns 503 and the job exits non-zero.
@@ -51,7 +52,7 @@ def serve_driver(ctx) -> int:
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):
-            if sig == signal.SIGTERM:  # drain instead of uvicorn's immediate graceful exit
+            if sig in (signal.SIGTERM, signal.SIGINT):  # drain instead of uvicorn's immediate exit
                 engine.begin_drain()
                 drain.set()
             else:
@@ -98,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
 
     is_driver = os.environ["RANK"] == "0"
     if not is_driver:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the driver decides when the job ends
+        for sig in (signal.SIGTERM, signal.SIGINT):  # the driver decides when the job ends
+            signal.signal(sig, signal.SIG_IGN)
     from megatron_lamina.engine.runtime import serve_plans, start_from_args
 
     ctx = start_from_args(args)
