@@ -53,9 +53,12 @@ def _mistakes(tmp_path, checkpoint):
     common = ["--config", str(config)]
     io = ["--input", str(job), "--output", str(tmp_path / "out.jsonl")]
     return busy, [
-        (["serve", *common, "--set", "scheduler.micro_batchez=2"], "error: config: unknown key 'scheduler.micro_batchez'"),
-        (["generate", *common, "--set", "parallel.tensor_parallel=3", *io], "error: config: parallel.tensor_parallel = 3"),
-        (["serve", *common, "--set", "model.checkpoint=nowhere"], "error: model.checkpoint: nowhere/config.json: not a"),
+        (["serve", *common, "--set", "scheduler.micro_batchez=2"],
+         "error: config: unknown key 'scheduler.micro_batchez'"),
+        (["generate", *common, "--set", "parallel.tensor_parallel=3", *io],
+         "error: config: parallel.tensor_parallel = 3"),
+        (["serve", *common, "--set", "model.checkpoint=nowhere"],
+         "error: model.checkpoint: nowhere/config.json: not a"),
         (["generate", *common, "--input", str(tmp_path / "missing.jsonl"), "--output", "x.jsonl"],
          f"error: --input {tmp_path / 'missing.jsonl'}: no such file"),
         (["serve", *common, "--set", f"server.port={busy.getsockname()[1]}"],
@@ -120,8 +123,8 @@ def test_ctrl_c_stops_a_batch_job_cleanly(tmp_path, tiny_models):
     """SIGINT to lamina generate: the driver stops at the next step and releases the other rank;
     a 'stopped:' line, exit status 130, no traceback, no rank left."""
     config = tmp_path / "job.yaml"
-    config.write_text(f"model:\n  checkpoint: {tiny_models['untied'].canonical_dir}\nparallel:\n  attention_workers: 1\n"
-                      "kv_cache:\n  block_size: 4\n  num_blocks: 256\n")
+    config.write_text(f"model:\n  checkpoint: {tiny_models['untied'].canonical_dir}\n"
+                      "parallel:\n  attention_workers: 1\nkv_cache:\n  block_size: 4\n  num_blocks: 256\n")
     job = tmp_path / "in.jsonl"
     job.write_text("".join(f'{{"id": {i}, "prompt": "w{i} w5", "max_tokens": 200, "ignore_eos": true}}\n'
                            for i in range(40)))

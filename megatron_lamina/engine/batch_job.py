@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
 from pydantic import Field, model_validator
 
 from megatron_lamina.engine.llm_engine import PromptInput

@@ -1,6 +1,7 @@
 """Convert a checkpoint (Hugging Face, GGUF, Megatron, DeepSpeed) into a canonical megatron-lamina checkpoint.
 
-`lamina convert ...` and `python tools/convert_checkpoint.py ...` run `main`. The canonical directory (config.json, tokenizer/, model.safetensors in Megatron naming; see
+`lamina convert ...` and `python tools/convert_checkpoint.py ...` run `main`. The canonical
+directory (config.json, tokenizer/, model.safetensors in Megatron naming; see
 megatron_lamina/architecture.py) serves every tensor-parallel layout: model workers slice it
 at load time. Sources are listed in megatron_lamina/checkpoint/readers.py.
 """

@@ -5,8 +5,9 @@
 
 `lamina serve` checks the config and starts the N = parallel.tensor_parallel +
 parallel.attention_workers ranks itself; launcher/serve.py is this module for torchrun.
-Every rank dies with its launcher (`ranks.exit_with_parent`). Rank 0 runs the HTTP server (uvicorn, `server.host`:`server.port`) and the engine thread;
-the other ranks execute the step plans it broadcasts. Shutdown and faults:
+Every rank dies with its launcher (`ranks.exit_with_parent`). Rank 0 runs the HTTP server
+(uvicorn, `server.host`:`server.port`) and the engine thread; the other ranks execute the
+step plans it broadcasts. Shutdown and faults:
   * SIGTERM (or SIGINT, Ctrl-C) to rank 0 drains: new requests get 503, running ones finish
     (at most `server.drain_timeout_s`, then they are failed), the other ranks are released
     and the job exits 0. (Either signal to lamina or torchrun reaches every rank: the others

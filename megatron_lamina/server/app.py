@@ -1,12 +1,13 @@
 """The OpenAI-compatible HTTP API (FastAPI), served by uvicorn on the driver rank.
 
 Routes: `POST /v1/completions`, `POST /v1/chat/completions` (JSON or Server-Sent Events with
-`stream: true`, ending with `data: [DONE]`), `GET /v1/models`, `GET /v1/models/{id}`, `GET /health` (503
-once the engine is draining or dead), `GET /metrics` (Prometheus text). Every error is an
-OpenAI error body: 400 for bad input (naming the field), 404 for an unknown model or route,
-405 for a wrong method, 415 for a body that is not JSON, 503 when the engine takes no
-request (queue full, draining, dead) or fails one mid-way, and a 500 (a bug of ours) too. A
-client that disconnects cancels its request (its blocks are freed at the next step).
+`stream: true`, ending with `data: [DONE]`), `GET /v1/models`, `GET /v1/models/{id}`,
+`GET /health` (503 once the engine is draining or dead), `GET /metrics` (Prometheus text).
+Every error is an OpenAI error body: 400 for bad input (naming the field), 404 for an
+unknown model or route, 405 for a wrong method, 415 for a body that is not JSON, 503 when
+the engine takes no request (queue full, draining, dead) or fails one mid-way, and a 500 (a
+bug of ours) too. A client that disconnects cancels its request (its blocks are freed at the
+next step).
 """
 
 from __future__ import annotations
