@@ -98,9 +98,12 @@ def read_checkpoint_config(checkpoint_dir: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(
             f"{path}: not a megatron-lamina checkpoint (no config.json); "
-            "convert one with tools/convert_checkpoint.py"
+            "convert one with lamina convert (tools/convert_checkpoint.py)"
         )
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); convert the checkpoint again") from None
     if data.get("format") != FORMAT:
         raise ValueError(f"{path}: format is {data.get('format')!r}, expected {FORMAT!r}")
     return data

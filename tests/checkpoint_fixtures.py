@@ -328,6 +328,7 @@ class FrameworkCheckpoints:
             "legacy_tp2": megatron / "legacy_tp2",
             "legacy_tp2_pp2": megatron / "legacy_tp2_pp2",
             "mcore_no_args": megatron / "mcore_no_args",
+            "torch_dist_wrapped": megatron / "torch_dist_wrapped",
             "zero1": deepspeed / "zero1",
             "zero2": deepspeed / "zero2",
             "zero3": deepspeed / "zero3",
@@ -344,6 +345,7 @@ class FrameworkCheckpoints:
             "legacy_tp2": [],  # the tokenizer_model named in the stored args
             "legacy_tp2_pp2": ["--tokenizer", self.tokenizer_model],
             "mcore_no_args": ["--tokenizer", self.tokenizer_model, "--model-config", model_config],
+            "torch_dist_wrapped": ["--tokenizer", self.tokenizer_model],
             "zero1": [],  # config.json and tokenizer beside `latest`, as HF Trainer saves them
             "zero2": [],  # --input is the global_step1 dir itself (see below)
             "zero3": ["--model-config", tied.hf_dir / "config.json", "--tokenizer", tied.hf_dir],
@@ -361,9 +363,10 @@ class FrameworkCheckpoints:
         from layout_job import generate_on_ranks
         from spawn_ranks import run_ranks
 
-        # These two hold torch_dist's tensors in other keys; their conversions are compared
-        # with it tensor for tensor.
-        served = [name for name in self.converted if name not in ("mcore_no_args", "torch_dist_per_layer")]
+        # These hold torch_dist's tensors in other keys; their conversions are compared with
+        # it tensor for tensor.
+        served = [name for name in self.converted
+                  if name not in ("mcore_no_args", "torch_dist_per_layer", "torch_dist_wrapped")]
         cases = [(str(self.converted[name]), list(self.SERVE_LAYOUT)) for name in served]
         results = run_ranks(generate_on_ranks, 3, cases, REQUESTS[: self.SERVED_REQUESTS])
         self.served = dict(zip(served, results))

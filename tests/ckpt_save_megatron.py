@@ -10,6 +10,8 @@ values in the rows of the padded vocabulary (as training leaves them), and write
     OUT_DIR/torch_dist_per_layer/  the same with Megatron's `singleton_local_shards` metadata: layers
                              kept apart (decoder.layers.N.*), fc1 split into ..._w / ..._v keys
     OUT_DIR/mcore_no_args/   a bare megatron-core `dist_checkpointing.save` of the model only
+    OUT_DIR/torch_dist_wrapped/  torch_dist with the keys under a wrapper's prefix
+                             (`module.model.decoder...`), as trainers that wrap the model save it
     OUT_DIR/legacy_tp2/      --ckpt-format torch: iter_0000010/mp_rank_0T/model_optim_rng.pt with
                              each rank's `model.state_dict()`
 It runs under a script (not in the pytest process) because dist_checkpointing.save starts
@@ -117,9 +119,10 @@ def save_on_rank(canonical_dir: str, out_dir: str, tokenizer_model: str) -> None
     torch_dist = out / "torch_dist" / f"iter_{ITERATION:07d}"
     per_layer = out / "torch_dist_per_layer" / f"iter_{ITERATION:07d}"
     no_args = out / "mcore_no_args"
+    wrapped = out / "torch_dist_wrapped"
     legacy = out / "legacy_tp2" / f"iter_{ITERATION:07d}" / f"mp_rank_{rank:02d}"
     if rank == 0:
-        for directory in (torch_dist, per_layer, no_args):
+        for directory in (torch_dist, per_layer, no_args, wrapped):
             directory.mkdir(parents=True)
         for save_dir in (out / "torch_dist", out / "legacy_tp2"):
             save_dir.mkdir(parents=True, exist_ok=True)
@@ -132,6 +135,7 @@ def save_on_rank(canonical_dir: str, out_dir: str, tokenizer_model: str) -> None
     per_layer_model = model.sharded_state_dict(metadata={"singleton_local_shards": True})
     dist_checkpointing.save({**state, "model": per_layer_model}, str(per_layer))
     dist_checkpointing.save(model.sharded_state_dict(), str(no_args))
+    dist_checkpointing.save({**state, "model": model.sharded_state_dict(prefix="module.model.")}, str(wrapped))
     legacy_args = megatron_lm_args(arch, tokenizer_model, TP, 1, "torch")
     rng_state = [{"random_rng_state": torch.get_rng_state(), "rng_tracker_states": {}}]
     torch.save(

@@ -1,4 +1,5 @@
-"""A real server for tests: `torchrun launcher/serve.py` on 127.0.0.1, waited for, torn down."""
+"""A real server for tests: `torchrun launcher/serve.py` (or `lamina serve`) on 127.0.0.1, waited
+for, torn down; and the processes a launcher started (`child_pids`, `wait_gone`)."""
 
 from __future__ import annotations
 
@@ -32,12 +33,49 @@ def tiny_server_config(tmp_path: Path, checkpoint, **sections) -> tuple[Path, in
     return path, port
 
 
+def child_pids(parent: int) -> list[int]:
+    """The live children of `parent` (for a launcher: its ranks, each in a session of its own)."""
+    pids = []
+    for pid in os.listdir("/proc"):
+        try:
+            if pid.isdigit() and _stat(pid)[1] == parent:
+                pids.append(int(pid))
+        except (OSError, ValueError):
+            continue
+    return pids
+
+
+def _stat(pid) -> tuple[str, int]:
+    """(state, parent pid) of a process, from /proc/PID/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return fields[0], int(fields[1])
+
+
+def wait_gone(pids: list[int], timeout: float) -> list[int]:
+    """Wait until none of `pids` runs (a zombie no longer runs); return those still running."""
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = []
+        for pid in pids:
+            try:
+                if _stat(pid)[0] != "Z":
+                    alive.append(pid)
+            except (OSError, ValueError):
+                pass
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        time.sleep(0.05)
+
+
 class ServerProcess:
-    def __init__(self, config: Path, port: int, nproc: int, log: Path):
+    def __init__(self, config: Path, port: int, nproc: int, log: Path, launcher: str = "torchrun"):
         self.url, self.log_path = f"http://127.0.0.1:{port}", log
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-               "--master-addr=127.0.0.1", f"--master-port={free_port()}",
-               str(ROOT / "launcher" / "serve.py"), "--config", str(config)]
+        if launcher == "lamina":  # counts the ranks from the config
+            cmd = [sys.executable, "-m", "megatron_lamina.cli", "serve", "--config", str(config)]
+        else:
+            cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+                   "--master-addr=127.0.0.1", f"--master-port={free_port()}",
+                   str(ROOT / "launcher" / "serve.py"), "--config", str(config)]
         self.log = open(log, "w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT,
                                      env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"),
@@ -73,23 +111,15 @@ class ServerProcess:
 
     @staticmethod
     def _parent(pid: str) -> int:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return int(stat.rsplit(")", 1)[1].split()[1])
+        return _stat(pid)[1]
 
     def output(self) -> str:
         self.log.flush()
         return self.log_path.read_text()
 
     def worker_pids(self) -> list[int]:
-        """torchrun's children (the ranks); they run in sessions of their own."""
-        pids = []
-        for pid in os.listdir("/proc"):
-            try:
-                if pid.isdigit() and self._parent(pid) == self.proc.pid:
-                    pids.append(int(pid))
-            except (OSError, ValueError):
-                continue
-        return pids
+        """The launcher's children (the ranks); they run in sessions of their own."""
+        return child_pids(self.proc.pid)
 
     def stop(self) -> None:
         workers = self.worker_pids()

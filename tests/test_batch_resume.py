@@ -1,5 +1,7 @@
-"""A batch job killed mid-way (SIGKILL to torchrun and every rank) and restarted with
---resume yields every id exactly once, with the reference model's tokens."""
+"""A batch job killed mid-way and restarted with --resume yields every id exactly once, with the
+reference model's tokens. While it runs, a second job on the same output is refused (the file is
+locked); SIGKILL to torchrun alone takes every rank with it within seconds (each rank is in a
+session of its own: without that, the old job would go on writing beside the resumed one)."""
 
 from __future__ import annotations
 
@@ -10,9 +12,10 @@ import subprocess
 import sys
 import time
 
+from server_proc import child_pids, wait_gone
 from spawn_ranks import free_port
 from tiny_models import make_tokenizer, reference_generate
-from torchrun import ROOT
+from torchrun import ROOT, lamina
 
 from megatron_lamina.engine.sampling import SamplingParams
 
@@ -46,8 +49,17 @@ def test_killed_job_resumes_without_loss_or_duplicates(tmp_path, tiny_models):
             break
         time.sleep(0.01)
     assert first.poll() is None, "the job finished before it could be killed"
-    os.killpg(first.pid, signal.SIGKILL)
+    ranks = child_pids(first.pid)
+    assert len(ranks) == 2, ranks
+    beside = lamina("generate", "--config", str(config), "--input", str(job), "--output", str(out), "--resume")
+    assert beside.returncode == 2 and beside.stderr.startswith(f"error: {out}: another job (pid "), beside.stderr
+    assert "is writing it" in beside.stderr and len(beside.stderr.splitlines()) == 1
+    os.kill(first.pid, signal.SIGKILL)
     first.wait()
+    left = wait_gone(ranks, timeout=5)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert left == [], "ranks outlived torchrun"
     written = out.read_text().count("\n")
     assert 4 <= written < N + 1
     with open(out, "a") as f:  # as if the kill had cut a record in half
@@ -55,7 +67,10 @@ def test_killed_job_resumes_without_loss_or_duplicates(tmp_path, tiny_models):
 
     second = subprocess.run(_cmd(config, job, out, "--resume"), cwd=ROOT, env=env, capture_output=True,
                             text=True, timeout=300)
-    assert second.returncode == 0, second.stderr[-3000:]
+    assert second.returncode == 1, second.stderr[-3000:]  # the broken line has an error record
+    summary = (f"summary: {N + 1 - written} ok, 0 failed, {written} skipped by --resume (1 of them failed earlier); "
+               f"records in {out}")
+    assert summary in second.stderr.splitlines(), second.stderr[-3000:]
     records = [json.loads(line) for line in out.read_text().splitlines()]
     ids = [r["id"] for r in records]
     assert sorted(ids, key=str) == sorted([f"r{i}" for i in range(N)] + [None], key=str)  # once each

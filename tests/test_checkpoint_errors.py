@@ -1,4 +1,5 @@
-"""User errors of tools/convert_checkpoint.py: one `error: <file>: <reason>` line, exit code 2."""
+"""User errors of tools/convert_checkpoint.py (lamina convert): one `error: <file>: <reason>` line, exit code 2,
+nothing written."""
 
 from __future__ import annotations
 
@@ -87,6 +88,47 @@ def test_unsupported_gguf_architecture_and_bad_file(tmp_path, tokenizer, capsys)
     (tmp_path / "bad.gguf").write_bytes(b"not a gguf file at all")
     line = _error_line(capsys, "--source", "gguf", "--input", tmp_path / "bad.gguf", "--output", tmp_path / "out")
     assert line.startswith(f"error: {tmp_path / 'bad.gguf'}: not a readable GGUF file")
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda data: data[:100], "invalid header length"),                       # cut inside the header
+    (lambda data: data[:-1000], "incomplete metadata, file not fully covered"),  # cut inside the tensors
+    (lambda data: b"\0" * 50, "invalid JSON in header"),                       # not safetensors at all
+])
+def test_damaged_safetensors_named_and_nothing_written(tmp_path, hf_dir, capsys, damage, problem):
+    (tmp_path / "src").mkdir()
+    src = _hf_dir_with_config(tmp_path / "src", hf_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (src / name).symlink_to(hf_dir / name)
+    (src / "model.safetensors").write_bytes(damage((hf_dir / "model.safetensors").read_bytes()))
+    line = _error_line(capsys, "--source", "hf", "--input", src, "--output", tmp_path / "out")
+    assert line.startswith(f"error: {src / 'model.safetensors'}: not a readable safetensors file, truncated or "
+                           f"corrupt (") and problem in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no output, no temporary directory
+
+
+def test_wrong_kind_of_path_or_source_says_what_to_pass(tmp_path, hf_dir, tokenizer, capsys):
+    model = random_hf_model(hf_config(vocab_size=len(tokenizer)))
+    gguf = write_tiny_gguf(tmp_path / "m.gguf", model, tokenizer, {})
+    out = tmp_path / "out"
+    cases = [
+        (["hf", gguf], f"{gguf}: is a file, not a directory (expected a Hugging Face model directory); "
+                       f"{gguf} looks like a --source gguf input"),
+        (["gguf", hf_dir], f"{hf_dir}: is a directory, not a file (expected a .gguf file); "
+                           f"{hf_dir} looks like a --source hf input"),
+        (["megatron", hf_dir], f"{hf_dir}: neither a Megatron distributed checkpoint (metadata.json) nor a legacy "
+                               f"one (mp_rank_* directories); {hf_dir} looks like a --source hf input"),
+        (["deepspeed", gguf], f"{gguf}: is a file, not a directory (expected a DeepSpeed checkpoint directory); "
+                              f"{gguf} looks like a --source gguf input"),
+        (["gguf", hf_dir / "model.safetensors"], f"{hf_dir / 'model.safetensors'}: not a readable GGUF file (GGUF "
+                                                 f"magic invalid); its directory {hf_dir} looks like a --source hf input"),
+    ]
+    for (source, path), message in cases:
+        assert _error_line(capsys, "--source", source, "--input", path, "--output", out) == f"error: {message}"
+    out.write_text("a file")
+    line = _error_line(capsys, "--source", "hf", "--input", hf_dir, "--output", out, "--overwrite")
+    assert line == f"error: {out}: is a file; --output names the directory to write the checkpoint in"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "out"]
 
 
 def test_existing_output_needs_overwrite(tmp_path, hf_dir, capsys):

@@ -2,8 +2,8 @@
 
 The checkpoints (see checkpoint_fixtures.FrameworkCheckpoints): a real Megatron-core GPTModel
 split over two gloo ranks saved with `dist_checkpointing.save` (Megatron-LM's torch_dist
-layout with its args, the same with per-layer keys, and a bare megatron-core save without
-args) and as per-rank
+layout with its args, the same with per-layer keys and with the keys under a wrapper's
+prefix, and a bare megatron-core save without args) and as per-rank
 `model_optim_rng.pt` files (legacy, TP=2); and a TP=2 x PP=2 legacy save sliced by hand
 from Megatron's conventions. All hold the untied tiny LLaMA of conftest, with the padded
 vocabulary rows filled with noise. Converted, each must equal the Hugging Face conversion of
@@ -23,7 +23,8 @@ from safetensors.torch import load_file
 
 from megatron_lamina.architecture import read_architecture
 
-MEGATRON = ["torch_dist", "torch_dist_per_layer", "legacy_tp2", "legacy_tp2_pp2", "mcore_no_args"]
+MEGATRON = ["torch_dist", "torch_dist_per_layer", "legacy_tp2", "legacy_tp2_pp2", "mcore_no_args",
+            "torch_dist_wrapped"]
 SERVED = ["torch_dist", "legacy_tp2", "legacy_tp2_pp2"]
 
 

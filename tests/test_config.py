@@ -86,6 +86,24 @@ def test_default_yaml_layout():
     assert cfg.kv_cache.num_blocks == 256 and cfg.scheduler.max_batch_size == 32
 
 
+def test_default_yaml_documents_every_key():
+    """configs/default.yaml is the reference of the config: every key of every section is in it,
+    on a line of its own with a comment."""
+    import yaml
+
+    from megatron_lamina.config import _SECTIONS
+
+    text = (CONFIGS / "default.yaml").read_text()
+    data = yaml.safe_load(text)
+    for section, section_cls in _SECTIONS.items():
+        keys = [f.name for f in dataclasses.fields(section_cls)]
+        assert sorted(data[section]) == sorted(keys), section
+        block = text.split(f"\n{section}:\n", 1)[1].split("\n\n", 1)[0].splitlines()
+        for key in keys:
+            line = [line for line in block if line.startswith(f"  {key}:")]
+            assert len(line) == 1 and "#" in line[0].split(":", 1)[1], f"{section}.{key} has no comment"
+
+
 def test_checkpoint_kept_as_given(tmp_path):
     cfg = load_config(write(tmp_path, "model:\n  checkpoint: ../rel/ckpt\n"))
     assert cfg.model.checkpoint == "../rel/ckpt"

@@ -1,9 +1,12 @@
-"""launcher/generate.py under real torchrun: JSONL in, JSONL out, errors reported per line.
+"""The batch job for real (tiny model, 1 model worker + 1 attention worker): `lamina generate`,
+and launcher/generate.py under torchrun.
 
-The tiny model runs disaggregated (1 model worker + 1 attention worker). Good lines must
-produce the reference model's greedy tokens; each malformed line must come back as an error
-record naming its line and the problem, without stopping the others. Layout mistakes must
-stop the job at start-up with one line naming the keys and values.
+Good lines must produce the reference model's greedy tokens; every other line (not UTF-8, not
+JSON, a field the shared schema refuses, a repeated id, a prompt or max_tokens beyond the
+context) must come back as exactly one error record naming its line and the problem, without
+stopping the others; the job ends with a summary line and exits 1. Without a terminal,
+progress comes as log lines. Layout mistakes stop the job at start-up with one line naming
+the keys and values.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import json
 
 import pytest
 from tiny_models import make_tokenizer
-from torchrun import torchrun
+from torchrun import lamina, torchrun
 
 from megatron_lamina.engine.sampling import SamplingParams
 
@@ -20,15 +23,25 @@ GOOD = [
     {"id": "a", "prompt": "w5 w9 w14 w3", "max_tokens": 5, "temperature": 0, "ignore_eos": True},
     {"id": 7, "messages": [{"role": "user", "content": "w40 w41 w42"}], "max_tokens": 4, "temperature": 0, "ignore_eos": True},
 ]
-BAD = [
-    ("{not json", "invalid JSON"),
-    (json.dumps({"prompt": "w1"}), "'id' is required"),
-    (json.dumps({"id": "b", "prompt": "w1", "messages": []}), "exactly one of 'prompt' and 'messages'"),
-    (json.dumps({"id": "c", "prompt": "w1", "colour": "red"}), "unknown field(s) ['colour']"),
-    (json.dumps({"id": "d", "prompt": "w1", "max_tokens": "ten"}), "'max_tokens' has the wrong type"),
-    (json.dumps({"id": "e", "prompt": "w1", "temperature": -1}), "temperature = -1"),
-    (json.dumps({"id": "f", "prompt": ""}), "'prompt' must be a non-empty string"),
-    (json.dumps({"id": "g", "prompt": " ".join(["w3"] * 300)}), "the model's context is 256 tokens"),
+BAD = [  # (the line's bytes, what its error says)
+    (b"{not json", "invalid JSON (Expecting property name enclosed in double quotes at column 2)"),
+    (b'{"id": "x", "prompt": "caf\xe9"}', "not valid UTF-8 (byte 0xe9"),
+    (json.dumps({"prompt": "w1"}).encode(), "id: required"),
+    (json.dumps({"id": "b", "prompt": "w1", "messages": [{"role": "user", "content": "w1"}]}).encode(),
+     "exactly one of 'prompt' and 'messages' is required"),
+    (json.dumps({"id": "c", "prompt": "w1", "colour": "red"}).encode(), "unknown field 'colour'"),
+    (json.dumps({"id": "d", "prompt": "w1", "max_tokens": "ten"}).encode(),
+     "max_tokens: Input should be a valid integer"),
+    (json.dumps({"id": "e", "prompt": "w1", "temperature": 5}).encode(),
+     "temperature: Input should be less than or equal to 2"),
+    (json.dumps({"id": "f", "prompt": ""}).encode(), "prompt: the prompt is empty"),
+    (json.dumps({"id": "g", "prompt": " ".join(["w3"] * 300)}).encode(), "the model's context is 256 tokens"),
+    (json.dumps({"id": "h", "prompt": "w1", "max_tokens": 10**8}).encode(),
+     "max_tokens = 100000000 is too large: the prompt has 2 tokens and the model's context is 256"),
+    (json.dumps({"id": "i", "prompt": "w1 \ud800"}).encode(), "prompt: not valid Unicode (a lone surrogate"),
+    (json.dumps({"id": "j", "prompt": [True, False]}).encode(), "prompt: must be a string, a list of one string"),
+    (json.dumps({"id": "k", "prompt": "w1", "seed": 2**64}).encode(), "seed: Input should be less than or equal to"),
+    (json.dumps({"id": "a", "prompt": "w2"}).encode(), "duplicate id 'a' (first on line 1)"),
 ]
 
 
@@ -41,23 +54,29 @@ def _config(tmp_path, checkpoint, **parallel):
     return path
 
 
-def test_batch_job_with_malformed_lines(tmp_path, tiny_models):
+def test_batch_job_keeps_its_promises(tmp_path, tiny_models):
     model = tiny_models["untied"]
     job = tmp_path / "in.jsonl"
-    lines = [json.dumps(GOOD[0])] + [text for text, _ in BAD] + [json.dumps(GOOD[1])]
-    job.write_text("\n".join(lines) + "\n")
-    out = tmp_path / "out.jsonl"
-    result = torchrun("launcher/generate.py", 2, "--config", str(_config(tmp_path, model.canonical_dir)),
-                      "--input", str(job), "--output", str(out))
-    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [json.dumps(GOOD[0]).encode()] + [raw for raw, _ in BAD] + [json.dumps(GOOD[1]).encode()]
+    job.write_bytes(b"\n".join(lines) + b"\n")
+    out = tmp_path / "new" / "dir" / "out.jsonl"  # its directory does not exist yet
+    result = lamina("generate", "--config", str(_config(tmp_path, model.canonical_dir)),
+                    "--input", str(job), "--output", str(out), "--progress-interval", "0")
+    assert result.returncode == 1, result.stderr[-3000:]  # some lines failed
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
     records = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(records) == len(lines)
+    assert len(records) == len(lines)  # one record per line
     errors = [r for r in records if r["finish_reason"] == "error"]
     assert len(errors) == len(BAD)
     for line_no, (_, message) in enumerate(BAD, start=2):
-        hit = [r for r in errors if r["error"].startswith(f"line {line_no}:")]
-        assert len(hit) == 1 and message in hit[0]["error"], (line_no, hit)
+        hit = [r for r in errors if r["line"] == line_no]
+        assert len(hit) == 1 and hit[0]["error"].startswith(f"line {line_no}: ") and message in hit[0]["error"], \
+            (line_no, hit)
         assert f"in.jsonl:line {line_no}:" in result.stderr
+    assert [r["id"] for r in records].count("a") == 1  # the duplicate's record has no id
+    stderr = result.stderr.splitlines()
+    assert stderr[-1] == f"summary: 2 ok, {len(BAD)} failed; records in {out}", stderr[-5:]
+    assert any(line.startswith("progress: ") and "/16 lines" in line for line in stderr), stderr  # no TTY
 
     # The good lines: exactly the reference model's greedy continuation of the same ids.
     from tiny_models import reference_generate

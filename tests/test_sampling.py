@@ -66,6 +66,32 @@ def test_bad_parameters_name_the_field(kwargs, field):
         SamplingParams(**kwargs)
 
 
+@pytest.mark.parametrize("kwargs", [
+    {"temperature": 1e-39}, {"temperature": 1e-30}, {"temperature": 5e-6},  # logits / t overflow float32
+    {"temperature": 1.0, "top_p": 1e-46}, {"temperature": 1.0, "top_p": 1e-300},  # top_p a float32 zero
+])
+def test_extreme_values_sample_their_limit_never_an_underflow(kwargs):
+    """Tiny temperatures and top_p tend to greedy: the argmax (token 1 here), never the token 0 of an
+    all-NaN / all -inf row."""
+    assert draws(SamplingParams(seed=0, **kwargs), 50) == {1}
+
+
+@pytest.mark.parametrize("seed", [-2**63, 2**64 - 1])
+def test_seeds_at_the_generator_limits(seed):
+    assert SamplingParams(temperature=1.0, seed=seed).make_generator().initial_seed() == seed % 2**64
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"seed": 2**64}, "seed"), ({"seed": -2**63 - 1}, "seed"), ({"seed": True}, "seed"),
+    ({"temperature": float("nan")}, "temperature"), ({"temperature": float("inf")}, "temperature"),
+    ({"temperature": True}, "temperature"), ({"top_p": float("nan")}, "top_p"), ({"max_tokens": True}, "max_tokens"),
+    ({"min_tokens": -1}, "min_tokens"),
+])
+def test_values_torch_cannot_take_are_refused(kwargs, field):
+    with pytest.raises(ValueError, match=f"^{field} = "):
+        SamplingParams(**kwargs)
+
+
 def per_row_reference(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
     """The per-row sampler `sample_tokens` replaced, verbatim: the CPU numbers must not change."""
     logits = logits.float().cpu()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import time
 
 import httpx
@@ -121,13 +122,18 @@ def test_chat_completion_and_streaming_agree(server):
     ({"prompt": "w5", "n": 2}, "n"),
     ({"prompt": "w5", "stop": [""]}, "stop"),
     ({"messages": []}, "messages"),
+    ({"prompt": "w5 \ud800"}, "prompt"),                              # not valid Unicode: a lone surrogate
+    ({"messages": [{"role": "user", "content": "\udc00"}]}, "messages"),
+    ({"prompt": "w5", "model": "\ud800"}, "model"),
+    ({"prompt": "w5", "seed": 2**64}, "seed"),                          # beyond torch.Generator's seeds
+    ({"prompt": "w5", "seed": -2**63 - 1}, "seed"),
+    ({"prompt": [True, False]}, "prompt"),                             # booleans are no token ids
+    ({"prompt": "w5", "temperature": True}, "temperature"),
 ])
 def test_bad_input_gets_400_and_serving_goes_on(server, body, param):
     url = f"{server.url}/v1/{'chat/' if 'messages' in body else ''}completions"
-    if isinstance(body, str):
-        r = httpx.post(url, content=body, headers={"content-type": "application/json"}, timeout=30)
-    else:
-        r = httpx.post(url, json=body, timeout=30)
+    content = body if isinstance(body, str) else json.dumps(body)  # \u escapes: lone surrogates travel as JSON allows
+    r = httpx.post(url, content=content, headers={"content-type": "application/json"}, timeout=30)
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["type"] == "invalid_request_error" and error["message"]
@@ -139,6 +145,42 @@ def test_bad_input_gets_400_and_serving_goes_on(server, body, param):
 def test_unknown_model_is_404(server):
     r = httpx.post(f"{server.url}/v1/completions", json={"prompt": "w5", "model": "gpt-9"}, timeout=30)
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+def _openai_error(r: httpx.Response, status: int) -> dict:
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"], error
+    return error
+
+
+def test_http_errors_are_openai_bodies_and_models_by_id(server, tiny_models):
+    name = tiny_models["untied"].canonical_dir.name
+    assert "GET /v1/nope" in _openai_error(httpx.get(f"{server.url}/v1/nope"), 404)["message"]
+    assert _openai_error(httpx.delete(f"{server.url}/health"), 405)["code"] == "method_not_allowed"
+    assert "use POST" in _openai_error(httpx.get(f"{server.url}/v1/completions"), 405)["message"]
+    body = json.dumps({"prompt": "w5", "max_tokens": 2})
+    plain = httpx.post(f"{server.url}/v1/completions", content=body, headers={"content-type": "text/plain"})
+    assert "content-type: application/json" in _openai_error(plain, 415)["message"]
+    bare = httpx.post(f"{server.url}/v1/completions", content=body)  # no content-type header
+    assert bare.status_code == 200 and bare.json()["usage"]["completion_tokens"] == 2  # no header: read as JSON
+    card = httpx.get(f"{server.url}/v1/models/{name}").json()
+    assert card == httpx.get(f"{server.url}/v1/models").json()["data"][0] and card["id"] == name
+    assert _openai_error(httpx.get(f"{server.url}/v1/models/org/gpt-9"), 404)["code"] == "model_not_found"
+
+
+def test_extreme_sampling_values_are_greedy(server):
+    """A temperature or top_p that underflows float32 samples the argmax (their limit), never token 0."""
+    def tokens(**sampling):
+        body = {"prompt": "w5 w9 w14", "max_tokens": 6, "ignore_eos": True, "return_token_ids": True, **sampling}
+        r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["token_ids"]
+
+    greedy = tokens(temperature=0)
+    assert len(set(greedy)) > 1
+    assert tokens(temperature=1e-39, seed=1) == greedy
+    assert tokens(temperature=1.0, top_p=1e-46, seed=2) == greedy
 
 
 def test_models_health_metrics(server, tiny_models):
@@ -191,3 +233,69 @@ def test_load_tool_loses_and_duplicates_nothing(server):
     summary = json.loads(result.stdout)
     assert result.returncode == 0, summary
     assert summary["completed"] == 300 and summary["duplicated_ids"] == 0 and summary["generated_tokens"] == 1200
+
+
+# ---------------------------------------------------------------------------------- fuzzing
+
+FUZZ_VALUES = [None, True, False, 0, -1, 1, 3, 2**63, 2**64, -2**63 - 1, 10**30, 1e308, -0.0, 1e-320, 1e-45, 0.5, 2.5,
+               "", "w5", "\ud800", "w\udfff\ud800", "x" * 3000, [], [True], [1, 2], [-1], [10**9], [2**64], ["w5"],
+               ["w5", "w6"], [""], {}, {"a": 1}, {"\ud800": 1}, [[1]], "NaN", {"include_usage": "yes"}]
+FUZZ_MESSAGES = [[{"role": "user", "content": "\ud800"}], [{"role": True, "content": "w5"}], [{"role": "user"}],
+                 [{"role": "user", "content": [{"type": "text", "text": "\udbff"}]}],
+                 [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}],
+                 [{"role": "user", "content": "w5", "name": "\ud800"}], [{"role": "user", "content": "w5"}] * 3]
+FUZZ_FIELDS = ["prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed",
+               "stop", "stream", "stream_options", "n", "user", "model", "logit_bias", "ignore_eos", "min_tokens",
+               "return_token_ids", "logprobs", "echo", "presence_penalty", "best_of", "\ud800", "colour"]
+
+
+def hostile_requests(rng: random.Random, count: int):
+    """(route, body bytes, content-type) of requests built to break the server: valid bodies with 1-3
+    fields (0-3) set to hostile values, then some cut short, made invalid UTF-8, nested deeply, or not objects."""
+    for _ in range(count):
+        chat = rng.random() < 0.5
+        body = {"messages": [{"role": "user", "content": "w5 w9"}]} if chat else {"prompt": "w5 w9"}
+        body.update(max_tokens=2, stream=rng.random() < 0.3)
+        for _ in range(rng.choice([0, 1, 1, 2, 3])):
+            field = rng.choice(FUZZ_FIELDS)
+            body[field] = rng.choice(FUZZ_MESSAGES if field == "messages" and rng.random() < 0.7 else FUZZ_VALUES)
+        raw = json.dumps(body).encode()
+        damage = rng.random()
+        if damage < 0.08:
+            raw = raw[: rng.randrange(len(raw))]
+        elif damage < 0.14:
+            raw = raw.replace(b'"w5', b'"\xe9\xff\xc0', 1)
+        elif damage < 0.18:
+            raw = b"[" * rng.choice([1, 50, 5000, 200_000])
+        elif damage < 0.22:
+            raw = json.dumps(rng.choice(FUZZ_VALUES)).encode()
+        elif damage < 0.26:
+            raw = raw[:-1] + rng.choice([b', "temperature": NaN}', b', "top_p": -Infinity}', b', "seed": 1e999}'])
+        content_type = rng.choice(["application/json"] * 6 + [None, "text/plain", "application/json; charset=latin-1"])
+        yield ("/v1/chat/completions" if chat else "/v1/completions"), raw, content_type
+
+
+def test_fuzzed_bodies_never_get_a_5xx(server):
+    """Both completion routes, 200 hostile bodies (fixed seed): every answer is a 200 or a 4xx with an
+    OpenAI error body, never a 5xx; afterwards the server is healthy and holds no KV block."""
+    statuses = []
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        for route, raw, content_type in hostile_requests(random.Random(13), 200):
+            headers = {"content-type": content_type} if content_type else {}
+            with client.stream("POST", route, content=raw, headers=headers) as r:
+                text = "".join(r.iter_text())
+            statuses.append(r.status_code)
+            assert r.status_code < 500, (route, raw[:300], text[:500])
+            if r.status_code != 200:
+                assert 400 <= r.status_code < 500 and json.loads(text)["error"]["message"], text[:500]
+            elif r.headers["content-type"].startswith("text/event-stream"):
+                assert text.rstrip().endswith("data: [DONE]"), text[-300:]
+            else:
+                assert json.loads(text)["choices"], text[:500]
+    assert statuses.count(200) >= 20 and sum(400 <= s < 500 for s in statuses) >= 100, statuses
+    assert httpx.get(f"{server.url}/health").status_code == 200
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and sum(_metric(server, "lamina_kv_blocks_used")) > 0:
+        time.sleep(0.05)
+    assert sum(_metric(server, "lamina_kv_blocks_used")) == 0
+    assert sum(_metric(server, "lamina_requests_running")) == 0

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from megatron_lamina.checkpoint.errors import CheckpointInputError
+from megatron_lamina.checkpoint.errors import CheckpointInputError, expect_directory
 from megatron_lamina.checkpoint.hf_reader import HF_PART_NAMES, read_hf_architecture
 from megatron_lamina.checkpoint.layout import canonical_tensors
 from megatron_lamina.checkpoint.megatron_args import architecture_from_args, merged_args, read_model_config
@@ -44,8 +44,7 @@ class DeepSpeedCheckpointReader:
 
     def __init__(self, path: Path, tokenizer: Path | None = None, model_config: Path | None = None):
         self.path = path.absolute()
-        if not self.path.is_dir():
-            raise CheckpointInputError(path, "no such directory (expected a DeepSpeed checkpoint directory)")
+        expect_directory(path, "a DeepSpeed checkpoint directory")
         self.checkpoint_dir, self.tag = _checkpoint_dir_and_tag(self.path)
         self.tag_dir = self.checkpoint_dir / self.tag
         self.model_states_file = self._model_states_file()

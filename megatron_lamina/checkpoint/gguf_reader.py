@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from megatron_lamina.architecture import ModelArchitecture
-from megatron_lamina.checkpoint.errors import CheckpointInputError
+from megatron_lamina.checkpoint.errors import CheckpointInputError, expect_file
 from megatron_lamina.checkpoint.layout import canonical_tensors
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
@@ -63,8 +63,7 @@ class GGUFCheckpointReader:
 
     def __init__(self, path: Path):
         self.path = path.absolute()
-        if not self.path.is_file():
-            raise CheckpointInputError(path, "no such file (expected a .gguf file)")
+        expect_file(path, "a .gguf file")
         from gguf import GGUFReader
 
         try:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from megatron_lamina.architecture import ModelArchitecture, RopeScaling
-from megatron_lamina.checkpoint.errors import CheckpointInputError
+from megatron_lamina.checkpoint.errors import CheckpointInputError, expect_directory, open_safetensors
 from megatron_lamina.checkpoint.layout import canonical_tensors
 from megatron_lamina.checkpoint.writer import DTYPES
 
@@ -47,8 +47,7 @@ HF_PART_NAMES = {
 class HFCheckpointReader:
     def __init__(self, path: Path):
         self.path = path.absolute()
-        if not self.path.is_dir():
-            raise CheckpointInputError(path, "no such directory (expected a Hugging Face model directory)")
+        expect_directory(path, "a Hugging Face model directory")
         self._open_files: dict[str, Any] = {}
         self._config_path = self.path / "config.json"
         self.config, self.architecture, self.notes = read_hf_architecture(self._config_path)
@@ -92,9 +91,7 @@ class HFCheckpointReader:
             if not path.is_file():
                 raise CheckpointInputError(path, "listed in the weight index but missing")
             if (kind or self._weights_kind) == "safetensors":
-                from safetensors import safe_open
-
-                cache[file_name] = safe_open(path, framework="pt")
+                cache[file_name] = open_safetensors(path)
             else:
                 cache[file_name] = _load_bin(path)
         return cache[file_name]

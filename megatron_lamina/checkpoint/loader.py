@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from megatron_lamina.architecture import ModelArchitecture, read_checkpoint_config
-from megatron_lamina.checkpoint.errors import CheckpointInputError
+from megatron_lamina.checkpoint.errors import CheckpointInputError, open_safetensors
 from megatron_lamina.checkpoint.layout import EMBEDDING, OUTPUT_LAYER
 from megatron_lamina.checkpoint.writer import MODEL_FILE
 
@@ -51,8 +51,6 @@ class CheckpointShardLoader:
     ):
         """`dtype` None keeps the stored dtype. The vocab is padded to a multiple of
         `make_vocab_size_divisible_by * tp_size`, as Megatron pads it."""
-        from safetensors import safe_open
-
         self.checkpoint_dir = Path(checkpoint_dir)
         self.config = read_checkpoint_config(self.checkpoint_dir)
         self.arch = ModelArchitecture.from_dict(self.config["architecture"])
@@ -71,7 +69,7 @@ class CheckpointShardLoader:
         self.model_file = self.checkpoint_dir / MODEL_FILE
         if not self.model_file.is_file():
             raise CheckpointInputError(self.model_file, "missing; the checkpoint is incomplete")
-        self._file = safe_open(self.model_file, framework="pt")
+        self._file = open_safetensors(self.model_file)
         self._names = set(self._file.keys())
 
     def tensor(self, name: str) -> torch.Tensor:

@@ -5,6 +5,8 @@ its Transformer-Engine spec (norms fused into the next linear layer: `layer_norm
 and the pre-core "legacy" model of older Megatron-LM and Megatron-DeepSpeed
 (`language_model.encoder.layers.N.self_attention.query_key_value.weight`, ...). All three
 lay out the fused QKV rows and the SwiGLU fc1 rows the same way, so renaming is all there is.
+Trainers built on Megatron that wrap the model (DDP's `module.`, a `model.` attribute) save
+the same names under that prefix; it is dropped first (`strip_wrappers`).
 `canonical_name` is called by the Megatron readers (torch_dist, mp_rank) and the DeepSpeed
 reader for each stored name.
 """
@@ -19,6 +21,8 @@ from megatron_lamina.checkpoint.layout import EMBEDDING, FINAL_NORM, OUTPUT_LAYE
 MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.", "language_model.")
 # Buffers and Transformer-Engine metadata stored next to the weights.
 IGNORED_SUFFIXES = ("_extra_state", "inv_freq")
+# Prefixes of a wrapped model (DistributedDataParallel's `module.`, a trainer's `model.`).
+WRAPPER_PREFIXES = ("module.", "model.")
 
 TOP_LEVEL = {
     "embedding.word_embeddings.weight": EMBEDDING,
@@ -55,14 +59,27 @@ LAYER_SUFFIXES = {
 _LAYER = re.compile(r"(?:decoder|language_model\.(?:encoder|transformer))\.layers\.(?:(\d+)\.)?(.+)")
 
 
+def strip_wrappers(name: str) -> str:
+    """`module.model.decoder.layers...` -> `decoder.layers...`: wrapper prefixes before a Megatron
+    name are dropped (a name that is no Megatron name under them is kept as it is)."""
+    stripped = name
+    while stripped.startswith(WRAPPER_PREFIXES):
+        stripped = stripped.split(".", 1)[1]
+        if stripped.startswith(MODEL_PREFIXES):
+            return stripped
+    return name
+
+
 def is_model_tensor(name: str) -> bool:
+    name = strip_wrappers(name)
     return name.startswith(MODEL_PREFIXES) and not name.endswith(IGNORED_SUFFIXES)
 
 
 def canonical_name(name: str) -> str:
-    """The canonical name of Megatron tensor `name`; for torch_dist's stacked layer tensors a
-    template with `{layer}` in place of the layer index. Raises KeyError for a name we
-    cannot serve."""
+    """The canonical name of Megatron tensor `name` (wrapper prefixes allowed); for torch_dist's
+    stacked layer tensors a template with `{layer}` in place of the layer index. Raises
+    KeyError for a name we cannot serve."""
+    name = strip_wrappers(name)
     if name in TOP_LEVEL:
         return TOP_LEVEL[name]
     match = _LAYER.fullmatch(name)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from megatron_lamina.architecture import ModelArchitecture
-from megatron_lamina.checkpoint.errors import CheckpointInputError
+from megatron_lamina.checkpoint.errors import CheckpointInputError, expect_directory
 from megatron_lamina.checkpoint.layout import EMBEDDING, OUTPUT_LAYER, canonical_tensor_shapes
 from megatron_lamina.checkpoint.megatron_args import (
     architecture_from_args,
@@ -55,8 +55,7 @@ class MegatronTensors(Protocol):
 class MegatronCheckpointReader:
     def __init__(self, path: Path, tokenizer: Path | None = None, model_config: Path | None = None):
         self.path = path.absolute()
-        if not self.path.is_dir():
-            raise CheckpointInputError(path, "no such directory (expected a Megatron checkpoint directory)")
+        expect_directory(path, "a Megatron checkpoint directory")
         self.iteration_dir = _iteration_dir(self.path)
         self._layout: dict[str, int] = {}  # the legacy save's parallel sizes, for provenance
         if (self.iteration_dir / "metadata.json").is_file():

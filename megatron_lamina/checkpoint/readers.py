@@ -4,7 +4,9 @@
 with `open_reader`; adding a source means writing one reader module and adding one line
 here. Reader modules are imported only when used, so `--source hf` does not need the `gguf`
 package. Options beyond the input path (`tokenizer`, `model_config`) go to the readers whose
-constructors take them; giving one to a reader that does not is an error.
+constructors take them; giving one to a reader that does not is an error. When a reader
+refuses an input that looks like another source's (`guess_source`), the error says which
+`--source` it looks like.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from megatron_lamina.architecture import ModelArchitecture
+from megatron_lamina.checkpoint.errors import CheckpointInputError
 
 if TYPE_CHECKING:
     import torch
@@ -62,4 +65,38 @@ def open_reader(source: str, input_path: str | Path, **options: Path | None) -> 
     for name in options:
         if name not in accepted:
             raise ValueError(f"--{name.replace('_', '-')} does not apply to --source {source}")
-    return reader_class(Path(input_path), **options)
+    try:
+        return reader_class(Path(input_path), **options)
+    except CheckpointInputError as e:
+        hint = _source_hint(source, Path(input_path))
+        if hint is None:
+            raise
+        raise CheckpointInputError(e.path, f"{e.reason}; {hint}") from None
+
+
+def _source_hint(source: str, path: Path) -> str | None:
+    """What to pass instead, when `path` (or the directory of a file) looks like some source's input."""
+    guess = guess_source(path)
+    if guess is not None:
+        return None if guess == source else f"{path} looks like a --source {guess} input"
+    if path.is_file() and (parent := guess_source(path.parent)) is not None:
+        return f"its directory {path.parent} looks like a --source {parent} input"
+    return None
+
+
+def guess_source(path: Path) -> str | None:
+    """The source format `path` looks like, from its file names alone (or a GGUF file's magic)."""
+    if path.is_file():
+        with open(path, "rb") as f:
+            return "gguf" if f.read(4) == b"GGUF" else None
+    if not path.is_dir():
+        return None
+    names = {p.name for p in path.iterdir()}
+    if "latest" in names or any(n.startswith("global_step") or n.endswith("_optim_states.pt") for n in names):
+        return "deepspeed"
+    if names & {"latest_checkpointed_iteration.txt", "metadata.json"} or any(
+            n.startswith(("iter_", "mp_rank_")) for n in names):
+        return "megatron"
+    if "config.json" in names and any(n.endswith((".safetensors", ".bin", ".index.json")) for n in names):
+        return "hf"
+    return None

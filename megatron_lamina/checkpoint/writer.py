@@ -34,10 +34,10 @@ _SAFETENSORS_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float1
 def check_output_dir(output_dir: str | Path, overwrite: bool) -> None:
     """Fail early (before any reading) when the output exists and may not be replaced."""
     output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise CheckpointInputError(output_dir, "is a file; --output names the directory to write the checkpoint in")
     if output_dir.exists() and not overwrite:
         raise CheckpointInputError(output_dir, "already exists; pass --overwrite to replace it")
-    if output_dir.exists() and not output_dir.is_dir():
-        raise CheckpointInputError(output_dir, "exists and is not a directory")
 
 
 def write_canonical_checkpoint(

@@ -1,34 +1,53 @@
-"""Offline batch jobs: parse the JSONL input, write the JSONL output (driver only).
+"""Offline batch jobs: the JSONL input, line by line, into checked requests (driver only).
 
-Each input line is `{"id", "prompt"}` or `{"id", "messages"}` with optional `max_tokens`,
-`temperature`, `top_p`, `top_k`, `seed`, `stop`, `ignore_eos`. A line that is not valid
-JSON, lacks an id, has both or neither of prompt/messages, an unknown field or a value of
-the wrong type becomes a `BatchLine` with an `error` that names the line number and the
-field; the job writes it as an error record and runs the other lines. Output records are
-`{"id", "text", "token_ids", "finish_reason"}` (plus `"error"` for failed lines), appended
-and flushed one by one as requests finish; `completed_keys` reads them back for `--resume`.
-Ids are the job's keys: a resumed job skips every id already in the output.
+Each input line is `{"id", "prompt"}` or `{"id", "messages"}` plus the sampling fields of the
+shared request schema (`engine/request_schema.py`: `max_tokens` (default 16), `temperature`,
+`top_p`, `top_k`, `seed`, `stop`, `ignore_eos`, `min_tokens`), checked exactly as the server
+checks them. The file is read as bytes, so a line that is not UTF-8 spoils only itself. Every
+non-blank line becomes one `BatchLine`; a line that cannot run (not UTF-8, not JSON, a
+field the schema refuses, an id seen on an earlier line) carries an `error` that names the
+line number and the field, and the job writes it as an error record and runs the others.
+Ids are the job's keys: a line's `key` is its id, or `("line", N)` for a line without a
+usable id (none, the wrong type, or a duplicate, whose error names the first line).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+
+from pydantic import Field, model_validator
 
 from megatron_lamina.engine.llm_engine import PromptInput
-from megatron_lamina.engine.sampling import SamplingParams
+from megatron_lamina.engine.request_schema import (
+    ChatMessage, Prompt, RequestError, SamplingFields, decode_json, is_unicode, parse_request, prompt_input,
+)
 
-SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos")
-_TYPES = {"max_tokens": int, "temperature": (int, float), "top_p": (int, float), "top_k": int,
-          "seed": int, "ignore_eos": bool}
+DEFAULT_MAX_TOKENS = 16
+
+
+class BatchRequest(SamplingFields):
+    """One input line: the shared sampling fields, an id, and a prompt or chat messages."""
+
+    id: str | int
+    prompt: Prompt | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_prompt(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("exactly one of 'prompt' and 'messages' is required")
+        return self
+
+    def prompt_input(self) -> PromptInput:
+        params = self.sampling_params(self.max_tokens or DEFAULT_MAX_TOKENS)
+        return prompt_input(self.prompt, self.messages, params=params, user_id=self.id)
 
 
 @dataclass
 class BatchLine:
     line_no: int
-    id: object
+    id: str | int | None             # None: no usable id (the record's id is null)
     item: PromptInput | None = None
     error: str | None = None
 
@@ -37,78 +56,43 @@ class BatchLine:
         """What identifies the line in the output: its id, or its line number if it has none."""
         return self.id if self.id is not None else ("line", self.line_no)
 
+    def fail(self, message: str) -> None:
+        self.item, self.error = None, f"line {self.line_no}: {message}"
+
     def error_record(self) -> dict:
         return {"id": self.id, "line": self.line_no, "error": self.error, "finish_reason": "error"}
 
 
-def parse_line(line_no: int, text: str) -> BatchLine:
+def parse_line(line_no: int, raw: bytes) -> BatchLine:
     try:
-        record = json.loads(text)
-    except json.JSONDecodeError as e:
-        return BatchLine(line_no, None, error=f"line {line_no}: invalid JSON ({e.msg} at column {e.colno})")
-    if not isinstance(record, dict):
-        return BatchLine(line_no, None, error=f"line {line_no}: expected a JSON object")
-    rid = record.get("id")
-
-    def bad(message: str) -> BatchLine:
-        return BatchLine(line_no, rid, error=f"line {line_no}: {message}")
-
-    if rid is None or isinstance(rid, bool) or not isinstance(rid, (str, int)):
-        return bad("'id' is required and must be a string or an integer")
-    unknown = set(record) - {"id", "prompt", "messages", *SAMPLING_FIELDS}
-    if unknown:
-        return bad(f"unknown field(s) {sorted(unknown)}; allowed: id, prompt, messages, "
-                   + ", ".join(SAMPLING_FIELDS))
-    if ("prompt" in record) == ("messages" in record):
-        return bad("exactly one of 'prompt' and 'messages' is required")
-    prompt, messages = record.get("prompt"), record.get("messages")
-    if prompt is not None and (not isinstance(prompt, str) or not prompt):
-        return bad("'prompt' must be a non-empty string")
-    if messages is not None and not (
-        isinstance(messages, list) and messages
-        and all(isinstance(m, dict) and isinstance(m.get("role"), str)
-                and isinstance(m.get("content"), str) for m in messages)
-    ):
-        return bad("'messages' must be a non-empty list of {\"role\": str, \"content\": str}")
-    kwargs = {k: record[k] for k in SAMPLING_FIELDS if k in record}
-    for key, types in _TYPES.items():
-        value = kwargs.get(key)
-        if value is not None and (not isinstance(value, types) or (types is not bool and isinstance(value, bool))):
-            return bad(f"'{key}' has the wrong type ({type(value).__name__})")
+        data = decode_json(raw)
+    except RequestError as e:
+        return BatchLine(line_no, None, error=f"line {line_no}: {e.message}")
+    rid = data.get("id") if isinstance(data, dict) else None
+    line = BatchLine(line_no, rid if type(rid) is int or isinstance(rid, str) and is_unicode(rid) else None)
     try:
-        params = SamplingParams(**kwargs)
-    except (TypeError, ValueError) as e:
-        return bad(str(e))
-    return BatchLine(line_no, rid, PromptInput(prompt=prompt, messages=messages, params=params, user_id=rid))
+        line.item = parse_request(BatchRequest, data).prompt_input()
+    except RequestError as e:
+        line.fail(e.message)
+    return line
 
 
 def read_batch(path: str | Path) -> list[BatchLine]:
-    lines = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, text in enumerate(f, start=1):
-            if text.strip():
-                lines.append(parse_line(line_no, text))
+    """Every non-blank line of the file, parsed; a repeated id makes that line an error."""
+    lines, first_line = [], {}
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            if line_no == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark
+            if not raw.strip():
+                continue
+            line = parse_line(line_no, raw)
+            if line.id is not None and line.id in first_line:
+                duplicate = line.id
+                line.id = None
+                line.fail(f"duplicate id {duplicate!r} (first on line {first_line[duplicate]}); "
+                          "ids are the job's keys")
+            elif line.id is not None:
+                first_line[line.id] = line_no
+            lines.append(line)
     return lines
-
-
-def write_record(out: IO[str], record: dict) -> None:
-    out.write(json.dumps(record, ensure_ascii=False) + "\n")
-    out.flush()
-
-
-def completed_keys(path: str | Path) -> set:
-    """Keys (see `BatchLine.key`) already recorded in an output file. A last line cut short by a kill is removed
-    (its request runs again), so appending after it keeps the file valid JSONL."""
-    path = Path(path)
-    if not path.exists():
-        return set()
-    data = path.read_bytes()
-    complete = data[: data.rfind(b"\n") + 1]
-    if len(complete) != len(data):
-        path.write_bytes(complete)
-    keys = set()
-    for line in complete.decode("utf-8").splitlines():
-        if line.strip():
-            record = json.loads(line)
-            keys.add(record["id"] if record["id"] is not None else ("line", record["line"]))
-    return keys

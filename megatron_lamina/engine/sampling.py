@@ -30,6 +30,19 @@ import torch
 
 @dataclass
 class SamplingParams:
+    """One request's sampling settings, checked here (every caller gets the same rules).
+
+    Values at the edge are taken as the limit they tend to, never as an overflow: a
+    temperature below `GREEDY_BELOW` (vLLM's epsilon) is greedy, since dividing logits by it
+    overflows float32 into inf - inf = NaN; a top_p below `MIN_TOP_P` counts as `MIN_TOP_P`
+    (one that rounds to a float32 zero would drop every token), which keeps the most likely
+    token only. A seed must fit `torch.Generator.manual_seed` (`SEED_RANGE`).
+    """
+
+    GREEDY_BELOW = 1e-5
+    MIN_TOP_P = 1e-8
+    SEED_RANGE = (-2**63, 2**64 - 1)
+
     max_tokens: int = 16
     temperature: float = 1.0
     top_p: float = 1.0
@@ -42,17 +55,31 @@ class SamplingParams:
     def __post_init__(self):
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+
+        def integer(value) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        def number(value) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+        low, high = self.SEED_RANGE
         checks = [
-            (isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens", "an integer >= 1"),
-            (self.temperature >= 0, "temperature", "a number >= 0"),
-            (0 < self.top_p <= 1, "top_p", "a number in (0, 1]"),
-            (isinstance(self.top_k, int) and (self.top_k == -1 or self.top_k >= 0), "top_k",
-             "-1, 0 or a positive integer"),
+            (integer(self.max_tokens) and self.max_tokens >= 1, "max_tokens", "an integer >= 1"),
+            (number(self.temperature) and 0 <= self.temperature < float("inf"), "temperature",
+             "a finite number >= 0"),
+            (number(self.top_p) and 0 < self.top_p <= 1, "top_p", "a number in (0, 1]"),
+            (integer(self.top_k) and self.top_k >= -1, "top_k", "-1, 0 or a positive integer"),
+            (self.seed is None or integer(self.seed) and low <= self.seed <= high, "seed",
+             "null or an integer in [-2**63, 2**64 - 1]"),
             (all(isinstance(s, str) and s for s in self.stop), "stop", "a string or a list of non-empty strings"),
+            (integer(self.min_tokens) and self.min_tokens >= 0, "min_tokens", "an integer >= 0"),
         ]
         for ok, name, allowed in checks:
             if not ok:
                 raise ValueError(f"{name} = {getattr(self, name)!r}: must be {allowed}")
+        if self.temperature < self.GREEDY_BELOW:
+            self.temperature = 0.0
+        self.top_p = max(float(self.top_p), self.MIN_TOP_P)
 
     def make_generator(self, device: torch.device | str = "cpu") -> torch.Generator:
         """This request's generator on `device` (where its logits will be): seeded with `seed`,

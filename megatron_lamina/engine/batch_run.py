@@ -1,0 +1,132 @@
+"""The batch job's loop on the driver: every input line to exactly one output record.
+
+`run_batch` skips the lines whose key an earlier run already wrote (`--resume`), writes an
+error record for each line that cannot run (`BatchLine.error`, or what the engine refuses:
+a prompt longer than the context, `max_tokens` beyond it, with the server's messages),
+feeds the rest to the continuous-batching engine and writes each record as its request
+finishes. Progress goes to stderr: a bar on a terminal, otherwise one line every
+`progress_interval_s` (a log file or CI shows that the job moves). It returns the
+`BatchSummary` whose line ends the job; the launcher's exit status is `summary.exit_code`.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+from megatron_lamina.engine.batch_job import BatchLine
+from megatron_lamina.engine.batch_output import BatchOutput
+from megatron_lamina.engine.request_schema import check_max_tokens
+
+
+@dataclass
+class BatchSummary:
+    ok: int = 0
+    failed: int = 0
+    skipped: int = 0          # already in the output (--resume)
+    skipped_failed: int = 0   # of those, error records
+    unfinished: int = 0       # stopped by a signal before they finished
+    tokens: int = 0           # generated, and the seconds the engine took for them
+    seconds: float = 0.0
+
+    @property
+    def exit_code(self) -> int:
+        """0 when every line of the input has a result in the output, 1 when some have an error."""
+        return 1 if self.failed or self.skipped_failed else 0
+
+    def line(self, output: str) -> str:
+        skipped = (f", {self.skipped} skipped by --resume ({self.skipped_failed} of them failed earlier)"
+                   if self.skipped else "")
+        if self.unfinished:
+            return (f"stopped: {self.ok} ok, {self.failed} failed{skipped}, {self.unfinished} unfinished; records in "
+                    f"{output} (run again with --resume to finish)")
+        return f"summary: {self.ok} ok, {self.failed} failed{skipped}; records in {output}"
+
+    def throughput(self) -> str:
+        return (f"generated {self.tokens} tokens in {self.seconds:.2f} s "
+                f"({self.tokens / max(self.seconds, 1e-9):.1f} tokens/s)")
+
+
+def run_batch(engine, input_name: str, lines: list[BatchLine], output: BatchOutput, show: bool,
+              progress_interval_s: float, stop: threading.Event | None = None) -> BatchSummary:
+    """Run the lines of `input_name` on the driver's `LLMEngine`; error lines go to stderr too.
+    Once `stop` is set no further step runs (the launcher then shuts the engine down)."""
+    stop = stop or threading.Event()
+    summary = BatchSummary()
+    todo = []
+    for line in lines:
+        if line.key in output.done:
+            summary.skipped += 1
+            summary.skipped_failed += output.done[line.key]
+        else:
+            todo.append(line)
+    max_model_len = engine.ctx.arch.max_position_embeddings
+    for line in todo:
+        if line.error is None:
+            try:
+                request = engine.make_request(line.item)
+                engine.scheduler.check_fits(request)  # the prompt first, as the server checks
+                check_max_tokens(request.params.max_tokens, request.num_tokens, max_model_len)
+                engine.scheduler.add(request)
+                continue
+            except ValueError as e:  # RequestError, or the scheduler's: never fits the cache
+                line.fail(str(e))
+        summary.failed += 1
+        print(f"{input_name}:{line.error}", file=sys.stderr, flush=True)
+        output.write(line.error_record())
+    progress = Progress(len(lines), summary.skipped + summary.failed, progress_interval_s)
+    while engine.has_work() and not stop.is_set():
+        updated = engine.step()
+        progress.tokens += len(updated)
+        for request in updated:
+            if request.finished:
+                output.write({"id": request.user_id, "text": request.text, "token_ids": request.output_token_ids,
+                              "finish_reason": request.finish_reason})
+                summary.ok += 1
+                progress.done += 1
+                if show:
+                    progress.write(f"[{request.user_id}] {request.text}")
+        progress.show()
+    progress.close()
+    summary.unfinished = len(lines) - summary.skipped - summary.failed - summary.ok
+    summary.tokens, summary.seconds = progress.tokens, time.monotonic() - progress.started
+    return summary
+
+
+class Progress:
+    """Lines done and tokens/s on stderr: a tqdm bar on a terminal, else a line every `interval_s`."""
+
+    def __init__(self, total: int, done: int, interval_s: float):
+        self.total, self.done, self.tokens = total, done, 0
+        self.interval_s, self.started = interval_s, time.monotonic()
+        self._next_line = self.started + interval_s
+        self._bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, initial=done, unit="req", dynamic_ncols=True)
+
+    def rate(self) -> float:
+        return self.tokens / max(time.monotonic() - self.started, 1e-9)
+
+    def show(self) -> None:
+        if self._bar is not None:
+            self._bar.n = self.done
+            self._bar.set_postfix_str(f"{self.rate():.1f} tok/s")
+        elif time.monotonic() >= self._next_line:
+            self._next_line = time.monotonic() + self.interval_s
+            print(f"progress: {self.done}/{self.total} lines, {self.tokens} tokens, {self.rate():.1f} tok/s",
+                  file=sys.stderr, flush=True)
+
+    def write(self, text: str) -> None:
+        if self._bar is not None:
+            self._bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.n = self.done
+            self._bar.close()

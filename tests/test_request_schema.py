@@ -1,0 +1,150 @@
+"""The shared request schema, the batch job's input and its output file, in-process (fast).
+
+The server's bodies and the batch job's lines must refuse the same mistakes with the same
+message; hostile values (lone surrogates anywhere, booleans as numbers, seeds torch cannot
+take, non-UTF-8 bytes, deep nesting, endless numbers) must be a RequestError, never a crash
+further down. The batch input keeps every line (a bad one spoils only itself, a repeated id
+is an error naming the first line); the output file takes one writer at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from megatron_lamina.engine.batch_job import read_batch
+from megatron_lamina.engine.batch_output import BatchOutput, OutputError, check_output_free
+from megatron_lamina.engine.request_schema import RequestError, decode_json
+from megatron_lamina.server.protocol import ApiError, ChatCompletionRequest, CompletionRequest, read_body
+
+SHARED_MISTAKES = [  # (fields, param, message): refused alike by the server and the batch job
+    ({"temperature": 5}, "temperature", "temperature: Input should be less than or equal to 2"),
+    ({"temperature": True}, "temperature", "temperature: Input should be a valid number"),
+    ({"top_p": 0}, "top_p", "top_p: Input should be greater than 0"),
+    ({"seed": 2**64}, "seed", "seed: Input should be less than or equal to 18446744073709551615"),
+    ({"seed": -2**63 - 1}, "seed", "seed: Input should be greater than or equal to -9223372036854775808"),
+    ({"max_tokens": 0}, "max_tokens", "max_tokens: Input should be greater than or equal to 1"),
+    ({"max_tokens": "ten"}, "max_tokens", "max_tokens: Input should be a valid integer"),
+    ({"stop": [""]}, "stop", "stop: stop strings must not be empty"),
+    ({"prompt": [True, False]}, "prompt", "prompt: must be a string, a list of one string, or a list of token ids"),
+    ({"prompt": ""}, "prompt", "prompt: the prompt is empty"),
+    ({"prompt": "\ud800"}, "prompt", "prompt: not valid Unicode (a lone surrogate \\ud800 at index 0)"),
+    ({"stop": ["ok", "\udfff"]}, "stop", "stop.1: not valid Unicode"),
+    ({"colour": "red"}, "colour", "unknown field 'colour'"),
+]
+
+
+def _server(fields: dict, model=CompletionRequest) -> ApiError:
+    body = {"prompt": "w5", **fields} if model is CompletionRequest else fields
+    with pytest.raises(ApiError) as e:
+        read_body("application/json", json.dumps(body).encode(), model)
+    return e.value
+
+
+def _batch_error(tmp_path, *lines: bytes) -> list:
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return read_batch(path)
+
+
+@pytest.mark.parametrize("fields, param, message", SHARED_MISTAKES)
+def test_server_and_batch_refuse_alike(tmp_path, fields, param, message):
+    error = _server(fields)
+    assert error.status == 400 and error.param == param and error.message.startswith(message), error.message
+    [line] = _batch_error(tmp_path, json.dumps({"id": "a", "prompt": "w5", **fields}).encode())
+    assert line.item is None and line.error == f"line 1: {error.message}"
+    assert line.id == "a"
+
+
+@pytest.mark.parametrize("messages, param, message", [
+    ([{"role": "user", "content": "\ud83d"}], "messages", "messages.0.content: not valid Unicode"),
+    ([{"role": "bot", "content": "hi"}], "messages", "messages.0.role: Input should be 'system'"),
+    ([{"role": "user", "content": [{"type": "text", "text": 3}]}], "messages",
+     "messages.0.content.0.text: Input should be a valid string"),
+    ([], "messages", "messages: List should have at least 1 item"),
+])
+def test_chat_messages_refused_alike(tmp_path, messages, param, message):
+    error = _server({"messages": messages}, ChatCompletionRequest)
+    assert error.param == param and error.message.startswith(message), error.message
+    [line] = _batch_error(tmp_path, json.dumps({"id": 1, "messages": messages}).encode())
+    assert line.error == f"line 1: {error.message}"
+
+
+@pytest.mark.parametrize("raw, message", [
+    (b'{"prompt": "caf\xe9"}', "not valid UTF-8 (byte 0xe9 at offset 15)"),
+    (b'{"prompt": "a\x01b"}', "invalid JSON (Invalid control character at column 14)"),
+    (b'{"prompt": "x",', "invalid JSON (Expecting property name enclosed in double quotes at column 16)"),
+    (b"[" * 100_000, "invalid JSON (nested too deeply)"),
+    (b'{"seed": ' + b"9" * 5000 + b"}", "invalid JSON (a number too long to read)"),
+    (b'{"\\udc00": 1}', "a key: not valid Unicode"),
+    (b"[1]", "expected a JSON object, got an array"),
+])
+def test_bytes_that_are_no_request(raw, message):
+    with pytest.raises(ApiError) as e:
+        read_body(None, raw, CompletionRequest)
+    assert e.value.status == 400 and e.value.message.startswith(message), e.value.message
+    assert json.dumps(e.value.body()).encode("utf-8")  # the error body itself can be sent
+
+
+def test_content_type():
+    ok = read_body("application/json; charset=utf-8", b'{"prompt": [1, 2]}', CompletionRequest)
+    assert ok.prompt == [1, 2] and read_body(None, b'{"prompt": "w"}', CompletionRequest).prompt == "w"
+    with pytest.raises(ApiError) as e:
+        read_body("application/x-www-form-urlencoded", b'{"prompt": "w"}', CompletionRequest)
+    assert e.value.status == 415 and "content-type: application/json" in e.value.message
+
+
+def test_numbers_at_the_limits_pass():
+    body = read_body(None, json.dumps({"prompt": "w", "seed": 2**64 - 1, "temperature": 1e-40,
+                                       "top_p": 1e-46}).encode(), CompletionRequest)
+    params = body.sampling_params(4)
+    assert params.seed == 2**64 - 1 and params.temperature == 0.0 and params.top_p == params.MIN_TOP_P
+    with pytest.raises(RequestError, match="not valid UTF-8"):
+        decode_json(b"\xed\xa0\x80")  # a surrogate encoded as UTF-8 bytes: not UTF-8 either
+
+
+def test_every_line_is_kept_and_ids_are_keys(tmp_path):
+    lines = _batch_error(
+        tmp_path,
+        b'\xef\xbb\xbf{"id": "a", "prompt": "w1"}',           # a byte-order mark before line 1
+        b'{"id": "b", "prompt": "caf\xe9"}',                   # Latin-1, not UTF-8
+        b'{"id": "a", "prompt": "w2"}',                        # a duplicate id
+        b"",
+        b'{"id": true, "prompt": "w3"}',                       # an id of the wrong type
+        b'{"id": "c", "messages": [{"role": "user", "content": "w4"}], "temperature": 0}',
+        b'{"id": "c", "prompt": "w5", "temperature": 9}',      # a duplicate of a good line, itself bad too
+    )
+    assert [line.line_no for line in lines] == [1, 2, 3, 5, 6, 7]
+    assert [line.error is None for line in lines] == [True, False, False, False, True, False]
+    assert lines[1].error == "line 2: not valid UTF-8 (byte 0xe9 at offset 26); send UTF-8 text" and lines[1].id is None
+    assert lines[2].error == "line 3: duplicate id 'a' (first on line 1); ids are the job's keys"
+    assert lines[2].key == ("line", 3) and lines[2].error_record()["id"] is None
+    assert lines[3].error.startswith("line 5: id: Input should be a valid") and lines[3].key == ("line", 5)
+    assert lines[4].item.messages == [{"role": "user", "content": "w4"}] and lines[4].item.params.temperature == 0
+    assert lines[5].error.startswith("line 7: duplicate id 'c' (first on line 6)")
+
+
+def test_output_takes_one_writer_and_resumes(tmp_path):
+    path = tmp_path / "new" / "dir" / "out.jsonl"
+    first = BatchOutput.open(path, resume=False)  # creates the directory
+    first.write({"id": "a", "text": "x", "token_ids": [1], "finish_reason": "length"})
+    with pytest.raises(OutputError) as e:  # a second open file description: flock refuses it
+        BatchOutput.open(path, resume=True)
+    assert str(e.value).startswith(f"{path}: another job (pid {os.getpid()}) is writing it")
+    with pytest.raises(OutputError):
+        check_output_free(path)
+    first.write({"id": None, "line": 4, "error": "line 4: bad", "finish_reason": "error"})
+    first._file.write(b'{"id": "cut sh')  # a record cut short by a kill
+    first.close()
+    check_output_free(path)
+    again = BatchOutput.open(path, resume=True)
+    assert again.done == {"a": False, ("line", 4): True}
+    again.close()
+    assert path.read_bytes().endswith(b'"error"}\n')
+    BatchOutput.open(path, resume=False).close()
+    assert path.read_bytes() == b""
+    path.write_text("not json\n")
+    with pytest.raises(OutputError, match=r"out.jsonl:1: not a record of a batch job"):
+        BatchOutput.open(path, resume=True)
