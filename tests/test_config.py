@@ -180,7 +180,7 @@ def test_section_not_a_mapping(tmp_path):
 
 def test_unknown_key(tmp_path):
     expected = ("config: unknown key 'scheduler.max_batch' (known keys in scheduler: "
-                "max_batch_size, micro_batches, max_prefill_tokens)")
+                "max_batch_size, micro_batches, max_prefill_tokens, async_scheduling)")
     assert config_error(write(tmp_path, "model:\n  checkpoint: a\nscheduler:\n  max_batch: 3\n")) == expected
     assert config_error(None, ["model.checkpoint=a", "scheduler.max_batch=3"]) == expected
 
