@@ -3,7 +3,9 @@ attention workers):
 
 * queue bound reached: 503 with an OpenAI error body;
 * SIGTERM to the driver: /health and new requests 503 (draining), in-flight requests finish,
-  the job exits 0;
+  the job exits 0; requests still running at `server.drain_timeout_s` end with an error their
+  callers receive (plain: an OpenAI error body; streamed: an error event, then [DONE]), and the
+  job still exits 0;
 * an attention worker killed (SIGKILL) mid-request: in-flight requests fail with an error
   body (non-streaming: 503; streaming: an error event, then [DONE]), the job exits non-zero
   within a bound;
@@ -96,6 +98,28 @@ def test_queue_bound_then_sigterm_drains_and_exits_zero(tmp_path, tiny_models):
             assert response.json()["choices"][0]["finish_reason"] == "length"
             assert response.json()["usage"]["completion_tokens"] == 250
         assert server.proc.wait(timeout=60) == 0, server.output()[-3000:]
+    finally:
+        server.stop()
+
+
+def test_drain_deadline_fails_what_is_left_and_exits_zero(tmp_path, tiny_models):
+    server = _start(tmp_path, tiny_models, server={"drain_timeout_s": 0.5})
+    try:
+        plain = _in_background(_post(server, LONG))
+        streamed = _in_background(_stream_events(server, LONG))
+        _wait_running(server, 2)
+        os.kill(server.rank_pid(0), signal.SIGTERM)
+        plain[0].join(timeout=60)
+        response = plain[1]["result"]
+        assert response.status_code == 503, response.text
+        error = response.json()["error"]
+        assert error["type"] == "server_error" and "server.drain_timeout_s" in error["message"]
+        streamed[0].join(timeout=60)
+        events = streamed[1]["result"]
+        assert events[-1] == "[DONE]" and events.count("[DONE]") == 1
+        assert "server.drain_timeout_s" in json.loads(events[-2])["error"]["message"]
+        assert server.proc.wait(timeout=60) == 0, server.output()[-3000:]
+        assert "Event loop is closed" not in server.output()
     finally:
         server.stop()
 

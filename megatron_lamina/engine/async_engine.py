@@ -10,7 +10,8 @@ engine wait and never queues more than one delta per request. A caller that stop
 When idle the thread sends an empty plan every `heartbeat_s` seconds so that every rank's
 collective timeout keeps measuring liveness.
 
-States: `serving`; `draining` (SIGTERM: new requests refused, running ones finish);
+States: `serving`; `draining` (SIGTERM: new requests refused, running ones finish; at the
+drain deadline `fail_running` ends what is left with an error the callers still receive);
 `stopped` (after `stop`: what was left is failed, the other ranks are released); `dead` (a
 step raised: a rank died or timed out; every request is failed with an error, `/health`
 reports it, and the launcher exits non-zero).
@@ -131,6 +132,11 @@ class AsyncEngine:
     def idle(self) -> bool:
         return self._pending == 0
 
+    def fail_running(self, message: str) -> None:
+        """End every request in flight with `message` (its caller gets an error, a stream its
+        error event and [DONE]); the engine goes on running. The drain's deadline."""
+        self._inbox.put(("fail", None, message))
+
     def stop(self) -> None:
         """Fail what is left, release the other ranks and end the engine thread."""
         self._stop.set()
@@ -170,7 +176,9 @@ class AsyncEngine:
             except queue.Empty:
                 return
             block = False
-            if kind == "add":
+            if kind == "fail":
+                self._fail_all(stream)
+            elif kind == "add":
                 self._streams[request.request_id] = stream
                 self.engine.scheduler.add(request)
             elif kind == "abort" and self._streams.pop(request.request_id, None) is not None:

@@ -74,12 +74,21 @@ def serve_driver(ctx) -> int:
                                    timeout_graceful_shutdown=5))
 
     def watch() -> None:
-        """Ends the server when a drain is over or the engine died."""
+        """Ends the server when a drain is over or the engine died. At the drain's deadline the
+        requests still running are failed first, and the HTTP server stops only once their
+        callers have their error (a stream: an error event, then [DONE]; plain: an error body)."""
         deadline = None
         while not engine.stopped.wait(0.2):
             if drain.is_set():
                 deadline = deadline or time.monotonic() + cfg.server.drain_timeout_s
-                if engine.idle() or time.monotonic() >= deadline:
+                if engine.idle():
+                    break
+                if time.monotonic() >= deadline:
+                    engine.fail_running(f"the server is shutting down: requests still running after "
+                                        f"server.drain_timeout_s = {cfg.server.drain_timeout_s:g} s were stopped")
+                    answered = time.monotonic() + 10
+                    while not engine.idle() and time.monotonic() < answered:
+                        time.sleep(0.05)
                     break
         server.should_exit = True
 
