@@ -1,6 +1,6 @@
 """Start-up of one rank and the control plane: process groups, the worker, the plan loop.
 
-Every launcher calls `start_rank(cfg)` under torchrun. It joins the job, validates the layout
+Every launcher calls `start_rank(cfg)` under torchrun (or `lamina`, which starts torchrun's ranks). It joins the job, validates the layout
 against the checkpoint (one clear line on a mismatch), creates the process groups
 (topology.py) and asks the worker factory (worker_factory.py) for this rank's worker, printing
 a line per start-up phase on the driver. Rank 0 then drives an `LLMEngine`; every other rank
@@ -55,11 +55,12 @@ def start_from_args(args) -> RankContext | None:
     """Launchers: the config from --config/--set, then `start_rank`. A user's mistake (config,
     layout, missing checkpoint) is printed by the driver as one `error:` line and None is
     returned; the launcher exits 2."""
+    from megatron_lamina.checkpoint.errors import CheckpointInputError
     from megatron_lamina.config import ConfigError, config_from_args
 
     try:
         return start_rank(config_from_args(args))
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, CheckpointInputError, FileNotFoundError) as e:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {e}", file=sys.stderr)
         return None
@@ -69,8 +70,8 @@ def init_distributed(cfg: LaminaConfig) -> None:
     if dist.is_initialized():
         return
     if "RANK" not in os.environ:
-        raise RuntimeError("start the job with torchrun (e.g. torchrun --nproc-per-node "
-                           f"{cfg.world_size} launcher/generate.py --config ...)")
+        raise RuntimeError("a rank runs under a launcher: start the job with `lamina serve|generate --config ...` "
+                           f"(or torchrun --nproc-per-node {cfg.world_size} launcher/serve.py|generate.py ...)")
     backend = "gloo" if cfg.runtime.device == "cpu" or cfg.runtime.transport == "gloo" else "cpu:gloo,cuda:nccl"
     dist.init_process_group(backend=backend, timeout=timedelta(seconds=cfg.runtime.step_timeout_s))
 
