@@ -36,6 +36,7 @@ class SequenceChunk:
     new_blocks: list[int]
     sample: bool        # the logits of the last token are needed (decode, or last prefill chunk)
     feed: int = -1      # >= 0: the one token is row `feed` of the previous step's sampled tokens
+    all_logits: bool = False  # the logits of every token are needed (prompt log-probabilities)
     # The request's whole block table on this rank (set by the driver's scheduler, or by a
     # receiving rank's BlockTables); never sent.
     block_table: list[int] = field(default_factory=list, repr=False, compare=False)
@@ -44,6 +45,11 @@ class SequenceChunk:
     def end(self) -> int:
         """Context length after this chunk is appended."""
         return self.start + len(self.tokens)
+
+    @property
+    def logit_rows(self) -> int:
+        """Rows of logits the model computes for it: all its tokens', its last one's, or none."""
+        return len(self.tokens) if self.all_logits else int(self.sample)
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -102,3 +108,17 @@ class StepPlan:
     @property
     def num_sampled(self) -> int:
         return sum(c.sample for mb in self.micro_batches for c in mb.chunks)
+
+    def logit_layout(self) -> tuple[list[int], list[tuple[SequenceChunk, int]]]:
+        """Where the model's logits rows of this plan come from (one block per chunk, in plan
+        order, of `chunk.logit_rows` rows): the row of every sampled chunk (in
+        `sampled_chunks` order) and the first row of every chunk that wants all its logits."""
+        sampled, whole, row = [], [], 0
+        for mb in self.micro_batches:
+            for c in mb.chunks:
+                if c.all_logits:
+                    whole.append((c, row))
+                row += c.logit_rows
+                if c.sample:
+                    sampled.append(row - 1)
+        return sampled, whole

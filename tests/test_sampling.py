@@ -192,3 +192,62 @@ def test_one_host_transfer_per_batch(monkeypatch):
     calls = count_host_transfers(monkeypatch)
     sample_tokens(logits, MIXED, generators)
     assert calls == {**dict.fromkeys(HOST_TRANSFERS, 0), "tolist": 1}
+
+
+# ----------------------------------------------------------- penalties, bias, min_p
+
+def _reference_adjusted(logits: list[float], p: SamplingParams, prompt: list[int], output: list[int]) -> list[float]:
+    """The definitions, one token at a time (OpenAI's presence/frequency/logit_bias, HF's repetition)."""
+    out = list(logits)
+    for t, bias in (p.logit_bias or {}).items():
+        out[t] += bias
+    for t in range(len(out)):
+        if t in prompt or t in output:
+            out[t] = out[t] / p.repetition_penalty if out[t] > 0 else out[t] * p.repetition_penalty
+        count = output.count(t)
+        out[t] -= p.frequency_penalty * count + (p.presence_penalty if count else 0.0)
+    return out
+
+
+def test_penalties_and_bias_against_their_definitions():
+    from megatron_lamina.engine.sampling import adjust_logits
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 12, generator=g) * 3
+    prompt, output = [1, 4, 4, 7], [4, 9, 9, 9, 2]
+    cases = [SamplingParams(presence_penalty=0.7), SamplingParams(frequency_penalty=-0.4),
+             SamplingParams(repetition_penalty=1.6), SamplingParams(repetition_penalty=0.5),
+             SamplingParams(logit_bias={3: 5.0, 11: -100}),
+             SamplingParams(presence_penalty=0.3, frequency_penalty=0.2, repetition_penalty=1.2, logit_bias={0: 2})]
+    for p in cases:
+        got = adjust_logits(logits, p, (prompt, output))[0].tolist()
+        want = _reference_adjusted(logits[0].tolist(), p, prompt, output)
+        assert all(abs(a - b) < 1e-5 for a, b in zip(got, want)), (p, got, want)
+        # Greedy sampling takes the argmax of the adjusted row, batched with unpenalized rows.
+        greedy = SamplingParams(temperature=0, presence_penalty=p.presence_penalty,
+                                frequency_penalty=p.frequency_penalty, repetition_penalty=p.repetition_penalty,
+                                logit_bias=p.logit_bias)
+        plain = SamplingParams(temperature=0)
+        tokens = sample_tokens(torch.cat([logits, logits]), [plain, greedy], [plain.make_generator()] * 2,
+                               [None, (prompt, output)])
+        assert tokens == [int(logits[0].argmax()), max(range(12), key=lambda t: want[t])]
+
+
+def test_min_p_keeps_tokens_near_the_most_likely():
+    probs = torch.softmax(LOGITS, -1)  # 1: .37, 5: .33, 2: .22, 4: .04, 0: .03, 3: .01
+    kept = {t for t in range(6) if probs[t] >= 0.5 * probs.max()}
+    assert kept == {1, 5, 2}
+    assert draws(SamplingParams(temperature=1.0, min_p=0.5, seed=0), n=600) == kept
+    assert draws(SamplingParams(temperature=1.0, min_p=1.0, seed=0)) == {1}
+    a = SamplingParams(temperature=1.0, min_p=0.1, seed=4)
+    first = [sample_token(LOGITS, a, a.make_generator()) for _ in range(1)]
+    assert first == [sample_token(LOGITS, a, a.make_generator())]  # seeded: repeatable
+
+
+def test_new_fields_are_checked():
+    for bad in (dict(min_p=1.5), dict(presence_penalty=3), dict(repetition_penalty=0), dict(logprobs=21),
+                dict(prompt_logprobs=-1), dict(logit_bias={"x": 1}), dict(logit_bias={1: 200}),
+                dict(stop_token_ids=[-1]), dict(max_tokens=0)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            SamplingParams(**bad)
+    assert SamplingParams(max_tokens=0, prompt_logprobs=0).max_tokens == 0  # scoring a prompt

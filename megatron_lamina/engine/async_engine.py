@@ -63,9 +63,11 @@ def merge_outputs(outputs: list[RequestOutput]) -> RequestOutput:
     last = outputs[-1]
     if len(outputs) == 1:
         return last
+    logprobs = None if last.logprobs is None else [x for o in outputs for x in (o.logprobs or [])]
+    prompt_logprobs = next((o.prompt_logprobs for o in outputs if o.prompt_logprobs is not None), None)
     return RequestOutput(last.request_id, "".join(o.text for o in outputs),
                          [t for o in outputs for t in o.token_ids], last.finished, last.finish_reason,
-                         last.prompt_tokens, last.completion_tokens, last.error)
+                         last.prompt_tokens, last.completion_tokens, last.error, logprobs, prompt_logprobs)
 
 
 def _deliver_all(batch: list[tuple[_Stream, RequestOutput]]) -> None:

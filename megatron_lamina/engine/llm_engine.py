@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 
 from megatron_lamina.engine.block_manager import BlockManager
+from megatron_lamina.engine.logprobs import StepLogprobs, token_logprobs
 from megatron_lamina.engine.request import Request
 from megatron_lamina.engine.runtime import RankContext, broadcast_plan
 from megatron_lamina.engine.sampling import SamplingParams, sample_tokens_on_device
@@ -66,6 +67,7 @@ class _InFlight:
     launched: float
     events: tuple | None = None         # (start, end) CUDA timing events
     logits: torch.Tensor | None = None  # kept only for `on_logits`
+    logprobs: "StepLogprobs | None" = None
 
 
 class LLMEngine:
@@ -114,8 +116,13 @@ class LLMEngine:
     def step(self) -> list[Request]:
         """Launch a step and read back the previous one; return the requests that got a
         token (or ended) in what was read back."""
+        updated = []
+        if self._inflight is not None and any(r.params.needs_history for r in self.scheduler.running):
+            # A penalty depends on every token before: this step is planned synchronously.
+            updated += self._read_back(self._inflight)
+            self._inflight = None
         plan = self.scheduler.schedule()
-        updated = self.scheduler.take_ended()
+        updated += self.scheduler.take_ended()
         launched = self._launch(plan) if plan.micro_batches else None
         if self._inflight is not None:
             updated += self._read_back(self._inflight)
@@ -137,24 +144,31 @@ class LLMEngine:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
         logits = self.worker.run(plan)
+        sampled_rows, whole = plan.logit_layout()
+        sampled = logits if len(sampled_rows) == logits.shape[0] else logits.index_select(
+            0, torch.tensor(sampled_rows, dtype=torch.long).to(logits.device, non_blocking=True))
         by_id = {r.request_id: r for r in self.scheduler.running}
         requests = [by_id[c.request_id] for c in plan.sampled_chunks]
-        tokens = sample_tokens_on_device(logits, [r.params for r in requests], [r.generator for r in requests])
+        params = [r.params for r in requests]
+        history = [(r.prompt_token_ids, r.output_token_ids) if r.params.needs_history else None for r in requests]
+        tokens = sample_tokens_on_device(sampled, params, [r.generator for r in requests], history)
         self.worker.feed.publish(tokens)
         for row, request in enumerate(requests):
             request.num_pending += 1
             request.feed_row = row
+        logprobs = token_logprobs(sampled, tokens, params, logits, [(by_id[c.request_id], c, row) for c, row in whole])
         done = None
-        if self.cuda:  # one pinned copy of the B token ids, waited on later by its event
+        if self.cuda:  # one pinned copy of the B token ids (and any log-probabilities), waited on by its event
             host = torch.empty(len(requests), dtype=torch.long, pin_memory=True)
             host.copy_(tokens, non_blocking=True)
+            logprobs = logprobs.to_host() if logprobs else None
             end.record()
             done = end
         else:
             host = tokens
         stats = StepStats(len(requests), sum(mb.num_rows for mb in plan.micro_batches), 0.0)
-        kept = logits.clone() if self.on_logits is not None else None  # graphs reuse their logits buffer
-        return _InFlight(requests, host, done, stats, launched, (start, end) if self.cuda else None, kept)
+        kept = sampled.clone() if self.on_logits is not None else None  # graphs reuse their logits buffer
+        return _InFlight(requests, host, done, stats, launched, (start, end) if self.cuda else None, kept, logprobs)
 
     def _read_back(self, step: _InFlight) -> list[Request]:
         if step.done is not None:
@@ -168,6 +182,7 @@ class LLMEngine:
                 step.stats.gpu_period_s = self._previous_end.elapsed_time(end) / 1e3
             self._previous_end = end
         self.stats.append(step.stats)
+        generated = step.logprobs.attach_prompts() if step.logprobs else {}
         updated = []
         for row, (request, token) in enumerate(zip(step.requests, tokens)):
             request.num_pending -= 1
@@ -175,13 +190,19 @@ class LLMEngine:
                 continue
             if self.on_logits is not None:
                 self.on_logits(request, step.logits[row])
+            if row in generated:
+                request.output_logprobs.append(generated[row])
             self._append_token(request, token)
             updated.append(request)
         return updated
 
     def _append_token(self, request: Request, token: int) -> None:
-        request.output_token_ids.append(token)
         params = request.params
+        if params.max_tokens == 0:  # a prompt scored, nothing generated (echo with max_tokens 0)
+            request.output_logprobs.clear()
+            self.scheduler.finish(request, "length")
+            return
+        request.output_token_ids.append(token)
         text = request.text + request.detokenizer.push(token)
         produced = len(request.output_token_ids)
         reason = None
@@ -191,7 +212,8 @@ class LLMEngine:
             if cut is not None:
                 text, reason = text[:cut], "stop"
         if reason is None:
-            if token in self.eos_token_ids and not params.ignore_eos and produced > params.min_tokens:
+            if (token in self.eos_token_ids and not params.ignore_eos
+                    or token in params.stop_token_ids) and produced > params.min_tokens:
                 reason = "stop"
             elif produced >= params.max_tokens or request.num_tokens >= self.ctx.arch.max_position_embeddings:
                 reason = "length"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megatron_lamina.engine.request import Request
+from megatron_lamina.engine.request import Request, TokenLogprob
 
 
 @dataclass
@@ -24,6 +24,8 @@ class RequestOutput:
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None     # set when the engine failed the request
+    logprobs: list[TokenLogprob] | None = None  # of the new tokens, when the request asked for them
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # in the first output, when asked for
 
 
 class OutputTracker:
@@ -31,6 +33,7 @@ class OutputTracker:
         self.request = request
         self.sent_text = 0
         self.sent_tokens = 0
+        self.sent_prompt = request.params.prompt_logprobs is None
         self.holdback = max((len(s) for s in request.params.stop), default=1) - 1
 
     def next_output(self, error: str | None = None) -> RequestOutput:
@@ -47,5 +50,9 @@ class OutputTracker:
             finish_reason="error" if error is not None else r.finish_reason,
             prompt_tokens=len(r.prompt_token_ids), completion_tokens=len(r.output_token_ids), error=error,
         )
+        if r.params.logprobs is not None:
+            out.logprobs = r.output_logprobs[self.sent_tokens:]
+        if not self.sent_prompt and (len(r.prompt_logprobs) >= len(r.prompt_token_ids) or finished):
+            out.prompt_logprobs, self.sent_prompt = list(r.prompt_logprobs), True
         self.sent_text, self.sent_tokens = end, len(r.output_token_ids)
         return out

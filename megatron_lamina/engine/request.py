@@ -23,6 +23,15 @@ import torch
 from megatron_lamina.engine.sampling import SamplingParams
 
 
+@dataclass
+class TokenLogprob:
+    """A token's log-probability under the model (raw logits: before temperature, penalties
+    or any cut) and the `top` most likely tokens there, as (token id, log-probability)."""
+
+    logprob: float
+    top: list[tuple[int, float]]
+
+
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -45,6 +54,8 @@ class Request:
     feed_row: int = -1                # row of the newest pending token in its step's sampled tokens
     text: str = ""
     stop_searched: int = 0            # text before this index was searched for stop strings
+    output_logprobs: list[TokenLogprob] = field(default_factory=list)  # with params.logprobs
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)  # with params.prompt_logprobs
     finish_reason: str | None = None
     generator: torch.Generator | None = None
     detokenizer: Any = None           # the engine's incremental detokenizer for this request

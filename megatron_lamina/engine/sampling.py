@@ -43,14 +43,24 @@ class SamplingParams:
     MIN_TOP_P = 1e-8
     SEED_RANGE = (-2**63, 2**64 - 1)
 
-    max_tokens: int = 16
+    MAX_LOGPROBS = 20
+
+    max_tokens: int = 16        # 0 only to score a prompt (with prompt_logprobs): nothing is generated
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1             # -1 or 0: no top-k cut
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
-    min_tokens: int = 0         # EOS and stop strings do not end the request before this many
+    min_tokens: int = 0         # EOS, stop strings and stop tokens do not end the request before this many
+    stop_token_ids: list[int] = field(default_factory=list)  # end the request like EOS ("stop")
+    min_p: float = 0.0          # drop tokens below min_p x the most likely one's probability
+    presence_penalty: float = 0.0    # OpenAI: - p for every token the output already holds
+    frequency_penalty: float = 0.0   # OpenAI: - f x the number of times the output holds it
+    repetition_penalty: float = 1.0  # HF/vLLM: logits of prompt and output tokens / r (x r if negative)
+    logit_bias: dict[int, float] | None = None  # added to the logits (OpenAI), token id -> bias
+    logprobs: int | None = None          # per generated token: its log-probability and this many alternatives
+    prompt_logprobs: int | None = None   # the same for the prompt's tokens (echo), the first one has none
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -63,8 +73,14 @@ class SamplingParams:
             return isinstance(value, (int, float)) and not isinstance(value, bool)
 
         low, high = self.SEED_RANGE
+
+        def logprob_count(value) -> bool:
+            return value is None or integer(value) and 0 <= value <= self.MAX_LOGPROBS
+
+        scoring = self.prompt_logprobs is not None  # max_tokens 0 scores the prompt only
         checks = [
-            (integer(self.max_tokens) and self.max_tokens >= 1, "max_tokens", "an integer >= 1"),
+            (integer(self.max_tokens) and self.max_tokens >= (0 if scoring else 1), "max_tokens",
+             "an integer >= 1 (0 only with prompt log-probabilities: echo)"),
             (number(self.temperature) and 0 <= self.temperature < float("inf"), "temperature",
              "a finite number >= 0"),
             (number(self.top_p) and 0 < self.top_p <= 1, "top_p", "a number in (0, 1]"),
@@ -73,6 +89,19 @@ class SamplingParams:
              "null or an integer in [-2**63, 2**64 - 1]"),
             (all(isinstance(s, str) and s for s in self.stop), "stop", "a string or a list of non-empty strings"),
             (integer(self.min_tokens) and self.min_tokens >= 0, "min_tokens", "an integer >= 0"),
+            (all(integer(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids", "a list of token ids"),
+            (number(self.min_p) and 0 <= self.min_p <= 1, "min_p", "a number in [0, 1]"),
+            (number(self.presence_penalty) and -2 <= self.presence_penalty <= 2, "presence_penalty",
+             "a number in [-2, 2]"),
+            (number(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2, "frequency_penalty",
+             "a number in [-2, 2]"),
+            (number(self.repetition_penalty) and 0 < self.repetition_penalty <= 2, "repetition_penalty",
+             "a number in (0, 2]"),
+            (self.logit_bias is None or all(integer(t) and t >= 0 and number(b) and -100 <= b <= 100
+                                            for t, b in self.logit_bias.items()),
+             "logit_bias", "a map of token ids to biases in [-100, 100]"),
+            (logprob_count(self.logprobs), "logprobs", f"null or an integer in 0..{self.MAX_LOGPROBS}"),
+            (logprob_count(self.prompt_logprobs), "prompt_logprobs", f"null or an integer in 0..{self.MAX_LOGPROBS}"),
         ]
         for ok, name, allowed in checks:
             if not ok:
@@ -80,6 +109,16 @@ class SamplingParams:
         if self.temperature < self.GREEDY_BELOW:
             self.temperature = 0.0
         self.top_p = max(float(self.top_p), self.MIN_TOP_P)
+
+    @property
+    def needs_history(self) -> bool:
+        """Its next token depends on the tokens before it (the penalties)."""
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+    @property
+    def per_row(self) -> bool:
+        """Sampled on its own row (penalties or a logit bias), not in a group of identical rows."""
+        return self.needs_history or bool(self.logit_bias)
 
     def make_generator(self, device: torch.device | str = "cpu") -> torch.Generator:
         """This request's generator on `device` (where its logits will be): seeded with `seed`,
@@ -92,16 +131,17 @@ class SamplingParams:
         return generator
 
 
-def sample_tokens(logits: torch.Tensor, params: list[SamplingParams],
-                  generators: list[torch.Generator]) -> list[int]:
+def sample_tokens(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator],
+                  history: list[tuple[list[int], list[int]] | None] | None = None) -> list[int]:
     """logits: [B, vocab] (any float dtype, any device); row i is sampled with params[i] and
-    generators[i] (on the logits' device). Returns the B token ids; the only transfer to the
-    host is the final one of those B integers."""
-    return sample_tokens_on_device(logits, params, generators).tolist()
+    generators[i] (on the logits' device), `history[i]` its (prompt, output) tokens where its
+    params need them (the penalties). Returns the B token ids; the only transfer to the host
+    is the final one of those B integers."""
+    return sample_tokens_on_device(logits, params, generators, history).tolist()
 
 
-def sample_tokens_on_device(logits: torch.Tensor, params: list[SamplingParams],
-                            generators: list[torch.Generator]) -> torch.Tensor:
+def sample_tokens_on_device(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator],
+                            history: list[tuple[list[int], list[int]] | None] | None = None) -> torch.Tensor:
     """`sample_tokens` without the transfer: the B token ids as an int64 tensor on the
     logits' device, computed without any host synchronisation (the engine reads them back
     later, and feeds them to the next step on the device)."""
@@ -111,22 +151,33 @@ def sample_tokens_on_device(logits: torch.Tensor, params: list[SamplingParams],
     if rows == 0:
         return torch.empty(0, dtype=torch.long, device=logits.device)
     logits = logits.float()
-    groups: dict[tuple, list[int]] = {}  # (temperature, top_k, top_p) -> rows; every greedy row in one
+    groups: dict[tuple, list[int]] = {}  # parameters -> rows; every greedy row in one group
     for i, p in enumerate(params):
-        groups.setdefault((0.0, -1, 1.0) if p.temperature == 0 else (p.temperature, p.top_k, p.top_p), []).append(i)
+        if p.per_row:
+            key = ("row", i)
+        elif p.temperature == 0:
+            key = (0.0, -1, 1.0, 0.0)
+        else:
+            key = (p.temperature, p.top_k, p.top_p, p.min_p)
+        groups.setdefault(key, []).append(i)
     order = [i for rows_of_group in groups.values() for i in rows_of_group]
     permuted = order != list(range(rows))
     if permuted:  # make each group a contiguous block of rows: one gather, one scatter back
         index = _index_tensor(order, logits.device)
         logits = logits.index_select(0, index)
     chosen, start = [], 0
-    for (temperature, top_k, top_p), members in groups.items():
+    for key, members in groups.items():
         block = logits[start:start + len(members)]
         start += len(members)
+        if key[0] == "row":
+            p = params[members[0]]
+            block = adjust_logits(block, p, history[members[0]] if history else None)
+            key = (p.temperature, p.top_k, p.top_p, p.min_p)
+        temperature, top_k, top_p, min_p = key
         if temperature == 0:
             chosen.append(torch.argmax(block, dim=-1))
         else:
-            probs = _probabilities(block, temperature, top_k, top_p)
+            probs = _probabilities(block, temperature, top_k, top_p, min_p)
             chosen.append(_draw(probs, [generators[i] for i in members]))
     tokens = chosen[0] if len(chosen) == 1 else torch.cat(chosen)
     if permuted:
@@ -134,7 +185,35 @@ def sample_tokens_on_device(logits: torch.Tensor, params: list[SamplingParams],
     return tokens
 
 
-def _probabilities(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+def adjust_logits(logits: torch.Tensor, params: SamplingParams,
+                  history: tuple[list[int], list[int]] | None) -> torch.Tensor:
+    """One row [1, vocab] float32 with its logit bias and penalties applied, as OpenAI (bias,
+    presence, frequency: over the output) and HF/vLLM (repetition: over prompt and output)
+    define them."""
+    logits = logits.clone()
+    vocab = logits.shape[-1]
+    if params.logit_bias:
+        ids = [t for t in params.logit_bias if t < vocab]
+        logits[0, ids] += torch.tensor([float(params.logit_bias[t]) for t in ids], device=logits.device)
+    if params.needs_history:
+        prompt, output = history or ([], [])
+        device = logits.device
+        if params.repetition_penalty != 1:
+            seen = torch.zeros(vocab, dtype=torch.bool, device=device)
+            seen[_index_tensor([t for t in prompt + output if t < vocab], device)] = True
+            row = logits[0]
+            penalized = torch.where(row > 0, row / params.repetition_penalty, row * params.repetition_penalty)
+            logits[0] = torch.where(seen, penalized, row)
+        if output and (params.presence_penalty or params.frequency_penalty):
+            counts = torch.zeros(vocab, dtype=torch.float32, device=device)
+            counts.index_add_(0, _index_tensor([t for t in output if t < vocab], device),
+                              torch.ones(len(output), device=device))
+            logits[0] -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).float()
+    return logits
+
+
+def _probabilities(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                   min_p: float = 0.0) -> torch.Tensor:
     """[G, vocab] float32 logits of rows sharing these parameters -> their sampling probabilities."""
     logits = logits / temperature
     if 0 < top_k < logits.shape[-1]:
@@ -146,7 +225,11 @@ def _probabilities(logits: torch.Tensor, temperature: float, top_k: int, top_p: 
         # Drop a token when the tokens ranked above it already reach top_p.
         drop = (torch.cumsum(probs, dim=-1) - probs) >= top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return torch.softmax(logits, dim=-1)
+    probs = torch.softmax(logits, dim=-1)
+    if min_p > 0:  # keep tokens at least min_p x as likely as the most likely one (it always stays)
+        probs = probs.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs
 
 
 def _draw(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:

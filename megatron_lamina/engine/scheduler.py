@@ -154,8 +154,11 @@ class Scheduler:
         new_blocks = table[request.num_blocks_sent:] if request.num_blocks_sent < len(table) else []
         request.num_blocks_sent = len(table)
         request.num_computed = start + n
+        # Prompt log-probabilities (echo) come from the logits of every prompt token, once.
+        wants_all = request.params.prompt_logprobs is not None and start < len(request.prompt_token_ids) \
+            and len(request.prompt_logprobs) < len(request.prompt_token_ids)
         return SequenceChunk(request.request_id, request.shard, start, tokens, new_blocks, start + n == total, feed,
-                             table)
+                             wants_all, table)
 
     def _split(self, chunks: list[SequenceChunk]) -> list[MicroBatch]:
         groups: list[list[SequenceChunk]] = [[] for _ in range(min(self.micro_batches, len(chunks)))]

@@ -24,7 +24,7 @@ class MicroBatchInputs:
     num_rows: int
     token_ids: torch.Tensor                  # [rows] int64
     positions: torch.Tensor                  # [rows] int64
-    sample_rows: torch.Tensor | None         # rows whose logits are sampled (None: every row)
+    sample_rows: torch.Tensor | None         # rows whose logits are computed (None: every row)
 
 
 def host_inputs(mb: MicroBatch, fed: torch.Tensor | None) -> HostArrays:
@@ -35,11 +35,15 @@ def host_inputs(mb: MicroBatch, fed: torch.Tensor | None) -> HostArrays:
     else:
         positions = np.concatenate([np.arange(c.start, c.end) for c in mb.chunks])
     ends = np.cumsum([len(c.tokens) for c in mb.chunks]) - 1
-    sampled = np.fromiter((c.sample for c in mb.chunks), bool, len(mb.chunks))
-    every_row = bool(sampled.all()) and len(tokens) == len(mb.chunks)
+    # The rows whose logits the head computes: every token's of a chunk that wants them all
+    # (prompt log-probabilities), else the last token's of a sampled chunk (StepPlan.logit_layout).
+    rows = [np.arange(end - len(c.tokens) + 1, end + 1) if c.all_logits else [end]
+            for c, end in zip(mb.chunks, ends) if c.all_logits or c.sample]
+    logit_rows = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+    every_row = len(logit_rows) == len(tokens)
     arrays = {"token_ids": tokens, "positions": positions}
     if not every_row:
-        arrays["sample_rows"] = ends[sampled]
+        arrays["sample_rows"] = logit_rows
     feeds = [(row, c.feed) for row, c in zip(ends, mb.chunks) if c.feed >= 0]
     if feeds:
         assert fed is not None, "a chunk is fed from a previous step that this rank did not see"
