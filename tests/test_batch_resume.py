@@ -19,7 +19,7 @@ from torchrun import ROOT, lamina
 
 from megatron_lamina.engine.sampling import SamplingParams
 
-N, MAX_TOKENS = 12, 120
+N, MAX_TOKENS = 12, 200
 
 
 def _cmd(config, job, out, *extra):
@@ -32,7 +32,7 @@ def test_killed_job_resumes_without_loss_or_duplicates(tmp_path, tiny_models):
     model = tiny_models["untied"]
     config = tmp_path / "job.yaml"
     config.write_text(f"model:\n  checkpoint: {model.canonical_dir}\nparallel:\n  attention_workers: 1\n"
-                      "scheduler:\n  max_batch_size: 3\nkv_cache:\n  block_size: 4\n  num_blocks: 128\n")
+                      "scheduler:\n  max_batch_size: 1\n  micro_batches: 1\nkv_cache:\n  block_size: 4\n  num_blocks: 128\n")
     prompts = [" ".join(f"w{10 + (i * 7 + j) % 200}" for j in range(3 + i % 5)) for i in range(N)]
     job = tmp_path / "in.jsonl"
     lines = [json.dumps({"id": f"r{i}", "prompt": p, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True})
