@@ -23,7 +23,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-sys.path[0] = str(Path(__file__).resolve().parents[1])  # not tools/: tools/profile.py would shadow the stdlib profile
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without pip install
 
 import torch
 

@@ -15,6 +15,6 @@ One job per module, data flowing down the list:
   stats.py       percentiles and the latency summary shared with tools/bench_serving.py
   search.py      enumerate layouts, simulate each, rank by throughput per dollar under a SLO
 
-tools/profile.py writes cost tables, tools/plan.py drives the rest; docs/PLANNER.md says how
+tools/profile_costs.py writes cost tables, tools/plan.py drives the rest; docs/PLANNER.md says how
 the simulator models the engine and what it assumes.
 """

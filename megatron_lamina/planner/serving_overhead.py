@@ -1,6 +1,6 @@
 """Host time a real server spends per step beyond the profiled forward pass, measured and fitted.
 
-A cost table (tools/profile.py) times `ModelWorker.run` and the sampler; the serving driver
+A cost table (tools/profile_costs.py) times `ModelWorker.run` and the sampler; the serving driver
 also schedules, broadcasts the plan, copies the inputs, reads the tokens back, detokenizes and
 streams (with asynchronous scheduling much of it while the GPU runs the next step).
 `ServingOverhead` is
