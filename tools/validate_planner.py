@@ -6,7 +6,8 @@
     python tools/validate_planner.py --device cpu --shape tiny --slice azure configs/planner/traces/azure-conv-slice.csv 6 8 ...
 
 Steps, each with the project's own tools:
-  1. a random-weight checkpoint of --shape (tools/random_checkpoint.py; --checkpoint reuses one);
+  1. a random-weight checkpoint of --shape (checkpoint/random_weights.py, tools/random_checkpoint.py's
+     program; --checkpoint reuses one);
   2. its cost table on this device, TP 1, grids sized for the slices: model up to the prefill
      budget in tokens, attention up to the batch cap and the slices' longest context
      (tools/profile_costs.py; --costs reuses one);
@@ -55,6 +56,7 @@ sys.path.insert(0, str(ROOT))  # runnable from a checkout without pip install
 
 from megatron_lamina.bench import serving_replay  # noqa: E402
 from megatron_lamina.bench.server_job import MetricsPoller, ServerJob, free_port  # noqa: E402
+from megatron_lamina.checkpoint.random_weights import write_random_checkpoint  # noqa: E402
 from megatron_lamina.config import load_config  # noqa: E402
 from megatron_lamina.planner.cost_table import CostTable  # noqa: E402
 from megatron_lamina.planner.layout import Layout  # noqa: E402
@@ -303,9 +305,12 @@ def main(argv: list[str] | None = None) -> int:
     # 1. checkpoint
     checkpoint = Path(args.checkpoint) if args.checkpoint else work / f"random-{shape.name}"
     if not args.checkpoint:
-        run_tool([sys.executable, str(ROOT / "tools" / "random_checkpoint.py"), "--shape", shape.name,
-                  "--dtype", args.dtype, "--device", args.device, "--output", str(checkpoint), "--overwrite"],
-                 work / "random_checkpoint.log")
+        log(f"random checkpoint of {shape.name} ({args.dtype}, drawn on {args.device}): {checkpoint}")
+        write_random_checkpoint(checkpoint, shape.name, args.dtype, args.device, overwrite=True)
+        if args.device == "cuda":  # the server starts on this GPU next: give back what the drawing cached
+            import torch
+
+            torch.cuda.empty_cache()
     # 2. cost table
     costs_path = out / "costs.json"
     if args.costs:
