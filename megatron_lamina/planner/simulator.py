@@ -225,7 +225,9 @@ class EngineSimulator:
                 index = arrivals[next_arrival]
                 next_arrival += 1
                 replay, n = replays[index], trace[index].input_len
-                request = Request(index, prompts.setdefault(n, [0] * n),
+                if n not in prompts:
+                    prompts[n] = [0] * n
+                request = Request(index, prompts[n],
                                   SamplingParams(max_tokens=trace[index].output_len, ignore_eos=True),
                                   generator=no_sampling)
                 try:
