@@ -1,26 +1,27 @@
 """The typed run configuration: one YAML file (plus `--set KEY=VALUE` overrides) turned into
-checked dataclasses, one per section (DESIGN.md sections 2 and 10). The launchers call
+checked pydantic models, one per section (DESIGN.md sections 2 and 10). The launchers call
 `add_config_arguments` / `config_from_args` (or `load_config`) once at start-up, then every
 rank calls `validate_layout` against the torchrun world size and the checkpoint's
 `ModelArchitecture` before building anything; everything below reads the resulting
-`LaminaConfig`. The sections' dataclass fields *are* the schema: the known keys, their
-types (`int`, `float`, `str`, `Literal[...]` choices, unions of those), defaults and ranges
-(field metadata) all come from them, so a new key is one new field. Every mistake a user
-can make is a `ConfigError` whose message is one line naming the dotted key, the value and
-what is allowed.
+`LaminaConfig`. The sections' fields *are* the schema: the known keys, their types (`int`,
+`float`, `str`, `bool`, `Literal[...]` choices, unions of those), defaults and ranges
+(`Field(ge=..., le=..., gt=...)`) all come from them, so a new key is one new field. Pydantic
+checks the values (strictly: `true` is not 1, `2.0` is not an integer; an integer is a
+number); `_one_line` turns its first error into a `ConfigError` whose message is one line
+naming the dotted key, the value and what is allowed.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Annotated, Any, Literal, Sequence
 
+import annotated_types
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from megatron_lamina.architecture import ModelArchitecture
 
@@ -33,84 +34,81 @@ class ConfigError(ValueError):
         super().__init__(f"config: {message}")
 
 
-def _key(default: Any = dataclasses.MISSING, *, min: float | None = None,
-         max: float | None = None, above: float | None = None) -> Any:
-    """A config key: its default (none = required) and the range of a numeric value
-    (`min` <= value <= `max`, `above` < value)."""
-    bounds = {"min": min, "max": max, "above": above}
-    return field(default=default, metadata={k: v for k, v in bounds.items() if v is not None})
+class _Section(BaseModel):
+    # strict: no coercion (true is not 1, "2" is not 2), except an int for a float key;
+    # frozen: a config is read, never changed, once checked.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
 # ---------------------------------------------------------------------------------- sections
 
-@dataclass
-class ModelConfig:
+class ModelConfig(_Section):
     # A canonical checkpoint directory (tools/convert_checkpoint.py). A relative path is
     # relative to the launcher's working directory, not to the YAML file; kept as given.
-    checkpoint: str = _key()
-    dtype: Literal["float32", "bfloat16", "float16"] = _key("float32")
+    checkpoint: str
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
 
-@dataclass
-class ParallelConfig:
-    tensor_parallel: int = _key(1, min=1)
-    attention_workers: int = _key(0, min=0)  # 0: attention runs on the model workers (colocated)
-    attention_head_groups: int = _key(1, min=1)  # attention workers form head_groups x request_shards
+class ParallelConfig(_Section):
+    tensor_parallel: int = Field(1, ge=1)
+    attention_workers: int = Field(0, ge=0)  # 0: attention runs on the model workers (colocated)
+    attention_head_groups: int = Field(1, ge=1)  # attention workers form head_groups x request_shards
 
 
-@dataclass
-class RuntimeConfig:
-    device: Literal["cpu", "cuda"] = _key("cpu")
-    transport: Literal["auto", "gloo", "nccl"] = _key("auto")  # auto: nccl on cuda, gloo on cpu
+class RuntimeConfig(_Section):
+    device: Literal["cpu", "cuda"] = "cpu"
+    transport: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl on cuda, gloo on cpu
     # A collective or P2P exchange that takes longer than this fails the job (a rank died or
     # hangs); the driver also sends an empty plan after this long idle / 4 as a heartbeat.
-    step_timeout_s: float = _key(120.0, above=0.0)
+    step_timeout_s: float = Field(120.0, gt=0.0)
     # CUDA only: replay steps from CUDA graphs, all captured at start-up (colocated decode
     # steps whole; every step's stages between attention calls at token buckets). At
     # tensor_parallel > 1 the TP group must be NCCL (not transport gloo).
-    cuda_graphs: bool = _key(True)
+    cuda_graphs: bool = True
 
 
-@dataclass
-class SchedulerConfig:
-    max_batch_size: int = _key(64, min=1)  # requests in one step, over all micro-batches
-    micro_batches: int = _key(2, min=1)  # staggered pipelining depth (DESIGN.md section 4)
-    max_prefill_tokens: int = _key(2048, min=1)  # prompt tokens per step (chunked prefill)
+class SchedulerConfig(_Section):
+    max_batch_size: int = Field(64, ge=1)  # requests in one step, over all micro-batches
+    micro_batches: int = Field(2, ge=1)  # staggered pipelining depth (DESIGN.md section 4)
+    max_prefill_tokens: int = Field(2048, ge=1)  # prompt tokens per step (chunked prefill)
     # Plan step n+1 while step n runs (its tokens fed on the device); false: plan after reading
     # step n back (same tokens, the GPU idles meanwhile).
-    async_scheduling: bool = _key(True)
+    async_scheduling: bool = True
 
 
-@dataclass
-class KVCacheConfig:
-    block_size: int = _key(16, min=1)  # tokens per KV block
+class KVCacheConfig(_Section):
+    block_size: int = Field(16, ge=1)  # tokens per KV block
     # Blocks in each KV cache (one per attention worker; per model worker when colocated);
     # auto: what memory_fraction leaves once the weights, graphs and activations are in place.
-    num_blocks: Literal["auto"] | int = _key("auto", min=1)
+    num_blocks: Literal["auto"] | Annotated[int, Field(ge=1)] = "auto"
     # Share of the whole device this process may use (vLLM's gpu_memory_utilization; ranks
     # sharing a GPU split it); with num_blocks auto the KV cache gets what is left of it.
-    memory_fraction: float = _key(0.9, above=0.0, max=1.0)
+    memory_fraction: float = Field(0.9, gt=0.0, le=1.0)
 
 
-@dataclass
-class ServerConfig:
-    host: str = _key("127.0.0.1")
-    port: int = _key(8000, min=1, max=65535)
-    max_queued_requests: int = _key(1024, min=1)  # waiting + running beyond this: 503
-    drain_timeout_s: float = _key(30.0, min=0.0)  # SIGTERM: finish running requests this long
+class ServerConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    max_queued_requests: int = Field(1024, ge=1)  # waiting + running beyond this: 503
+    drain_timeout_s: float = Field(30.0, ge=0.0)  # SIGTERM: finish running requests this long
 
 
-@dataclass
-class LaminaConfig:
-    """The whole run configuration. `load_config` / `from_dict` check every value; building
-    the dataclasses directly (as tests may) checks nothing."""
+def request_shards(attention_workers: int, head_groups: int) -> int:
+    """Independent KV pools a request can be placed on: attention workers form a grid of
+    head groups x request shards; colocated (no attention workers) there is one."""
+    return attention_workers // head_groups if attention_workers else 1
+
+
+class LaminaConfig(_Section):
+    """The whole run configuration. `load_config` / `from_dict` check every value and give
+    one-line errors; `LaminaConfig(...)` checks too but raises pydantic's ValidationError."""
 
     model: ModelConfig
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    kv_cache: KVCacheConfig = field(default_factory=KVCacheConfig)
-    server: ServerConfig = field(default_factory=ServerConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    kv_cache: KVCacheConfig = Field(default_factory=KVCacheConfig)
+    server: ServerConfig = Field(default_factory=ServerConfig)
 
     @property
     def world_size(self) -> int:
@@ -124,9 +122,7 @@ class LaminaConfig:
     @property
     def request_shards(self) -> int:
         """Independent KV pools a request can be placed on (1 when colocated)."""
-        if self.colocated:
-            return 1
-        return self.parallel.attention_workers // self.parallel.attention_head_groups
+        return request_shards(self.parallel.attention_workers, self.parallel.attention_head_groups)
 
     @property
     def torch_dtype(self):
@@ -135,7 +131,7 @@ class LaminaConfig:
         return getattr(torch, self.model.dtype)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        return dataclasses.asdict(self)
+        return self.model_dump()
 
     @classmethod
     def from_dict(cls, data: Any) -> "LaminaConfig":
@@ -148,92 +144,55 @@ class LaminaConfig:
         for name in data:
             if name not in _SECTIONS:
                 raise ConfigError(f"unknown section {str(name)!r} (known sections: {', '.join(_SECTIONS)})")
-        sections = {name: _build_section(name, section_cls, data.get(name))
-                    for name, section_cls in _SECTIONS.items()}
-        return cls(**sections)
+        # A missing section, or one with every key commented out (`scheduler:`), is all defaults.
+        sections = {name: {} if data.get(name) is None else data[name] for name in _SECTIONS}
+        try:
+            return cls.model_validate(sections)
+        except ValidationError as e:
+            raise ConfigError(_one_line(e)) from None
 
 
-_SECTIONS: dict[str, type] = {f.name: typing.get_type_hints(LaminaConfig)[f.name]
-                              for f in dataclasses.fields(LaminaConfig)}
+_SECTIONS: dict[str, type[_Section]] = {name: f.annotation for name, f in LaminaConfig.model_fields.items()}
 
 
-# -------------------------------------------------------------------------------- checking
+# -------------------------------------------------------------------------------- messages
 
-def _build_section(name: str, section_cls: type, raw: Any) -> Any:
-    if raw is None:  # `scheduler:` with every key commented out
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{name} = {raw!r}: expected a mapping of keys "
-                          f"({', '.join(_known_keys(section_cls))})")
-    for key in raw:
-        if key not in _known_keys(section_cls):
-            raise ConfigError(f"unknown key {f'{name}.{key}'!r} "
-                              f"(known keys in {name}: {', '.join(_known_keys(section_cls))})")
-    hints = typing.get_type_hints(section_cls)
-    values = {}
-    for f in dataclasses.fields(section_cls):
-        dotted = f"{name}.{f.name}"
-        if f.name not in raw:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ConfigError(f"{dotted} is required: set it in the config file "
-                                  f"or with --set {dotted}=VALUE")
-            continue
-        values[f.name] = _check_value(dotted, raw[f.name], hints[f.name], f.metadata)
-    return section_cls(**values)
-
-
-def _known_keys(section_cls: type) -> list[str]:
-    return [f.name for f in dataclasses.fields(section_cls)]
-
-
-def _check_value(dotted: str, value: Any, annotation: Any, bounds: typing.Mapping[str, float]) -> Any:
-    """Return `value` as a valid value of `annotation` (an int becomes a float for a float
-    key), or raise a ConfigError that says what the key accepts."""
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        for alternative in typing.get_args(annotation):
-            ok, checked = _accepts(alternative, value, bounds)
-            if ok:
-                return checked
-        described = " or ".join(_describe(a, bounds) for a in typing.get_args(annotation))
-        raise ConfigError(f"{dotted} = {value!r}: must be {described}")
-    ok, checked = _accepts(annotation, value, bounds)
-    if ok:
-        return checked
-    if typing.get_origin(annotation) is Literal:
-        raise ConfigError(f"{dotted} = {value!r}: allowed values are "
-                          f"{', '.join(str(c) for c in typing.get_args(annotation))}")
-    if _accepts(annotation, value, {})[0]:  # right type, out of range
-        raise ConfigError(f"{dotted} = {value!r}: must be {_describe(annotation, bounds)}")
-    raise ConfigError(f"{dotted} = {value!r}: expected {_describe(annotation, {})}")
+def _one_line(error: ValidationError) -> str:
+    """The first of pydantic's errors, in the order a reader checks a file (a section that is
+    no mapping, an unknown key, then the keys in order), as one line naming the dotted key,
+    the value and what the key accepts."""
+    errors = error.errors()
+    first = min(range(len(errors)), key=lambda i: (
+        list(_SECTIONS).index(errors[i]["loc"][0]),
+        errors[i]["type"] not in ("model_type", "extra_forbidden", "invalid_key"), i))
+    e = errors[first]
+    section, section_cls = e["loc"][0], _SECTIONS[e["loc"][0]]
+    known = ", ".join(section_cls.model_fields)
+    if e["type"] == "model_type":
+        return f"{section} = {e['input']!r}: expected a mapping of keys ({known})"
+    key = e["loc"][1]
+    dotted = f"{section}.{key}"
+    if e["type"] in ("extra_forbidden", "invalid_key"):
+        return f"unknown key {dotted!r} (known keys in {section}: {known})"
+    if e["type"] == "missing":
+        return f"{dotted} is required: set it in the config file or with --set {dotted}=VALUE"
+    field = section_cls.model_fields[key]
+    value = e["input"]
+    if typing.get_origin(field.annotation) in (typing.Union, types.UnionType):
+        return f"{dotted} = {value!r}: must be {' or '.join(_allowed(a) for a in typing.get_args(field.annotation))}"
+    if typing.get_origin(field.annotation) is Literal:
+        return f"{dotted} = {value!r}: allowed values are {', '.join(map(str, typing.get_args(field.annotation)))}"
+    if e["type"] in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        return f"{dotted} = {value!r}: must be {_allowed(field.annotation, field.metadata)}"
+    return f"{dotted} = {value!r}: expected {_allowed(field.annotation)}"
 
 
-def _accepts(annotation: Any, value: Any, bounds: typing.Mapping[str, float]) -> tuple[bool, Any]:
-    if annotation is type(None):
-        return value is None, value
-    if typing.get_origin(annotation) is Literal:
-        # type() as well as ==, so that true does not pass for 1 nor 1 for 1.0
-        return any(type(value) is type(c) and value == c for c in typing.get_args(annotation)), value
-    if annotation is bool:
-        return isinstance(value, bool), value
-    if annotation in (int, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float) if annotation is float else int):
-            return False, value
-        value = annotation(value)
-        if annotation is float and value != value:  # NaN: in no range, and not a usable number
-            return not bounds, value
-        in_range = (("min" not in bounds or value >= bounds["min"])
-                    and ("max" not in bounds or value <= bounds["max"])
-                    and ("above" not in bounds or value > bounds["above"]))
-        return in_range, value
-    if annotation is str:
-        return isinstance(value, str), value
-    raise AssertionError(f"config keys of type {annotation!r} are not supported yet")
-
-
-def _describe(annotation: Any, bounds: typing.Mapping[str, float]) -> str:
-    """'an integer >= 1', 'a number in (0, 1]', "'auto'", ... for error messages."""
-    if annotation is type(None):
-        return "null"
+def _allowed(annotation: Any, metadata: Sequence[Any] = ()) -> str:
+    """'an integer >= 1', 'a number in (0, 1]', "'auto'", 'true or false', ... of a field's
+    type and its range (`metadata`: annotated_types bounds, or found inside `Annotated`)."""
+    if typing.get_origin(annotation) is Annotated:
+        annotation, *extra = typing.get_args(annotation)
+        metadata = [*metadata, *(m for field in extra for m in field.metadata)]
     if typing.get_origin(annotation) is Literal:
         return " or ".join(repr(c) for c in typing.get_args(annotation))
     if annotation is bool:
@@ -241,7 +200,9 @@ def _describe(annotation: Any, bounds: typing.Mapping[str, float]) -> str:
     if annotation is str:
         return "a string"
     noun = "an integer" if annotation is int else "a number"
-    lo, hi, above = bounds.get("min"), bounds.get("max"), bounds.get("above")
+    lo = next((m.ge for m in metadata if isinstance(m, annotated_types.Ge)), None)
+    hi = next((m.le for m in metadata if isinstance(m, annotated_types.Le)), None)
+    above = next((m.gt for m in metadata if isinstance(m, annotated_types.Gt)), None)
     if above is not None and hi is not None:
         return f"{noun} in ({above:g}, {hi:g}]"
     if lo is not None and hi is not None:
@@ -250,8 +211,6 @@ def _describe(annotation: Any, bounds: typing.Mapping[str, float]) -> str:
         return f"{noun} > {above:g}"
     if lo is not None:
         return f"{noun} >= {lo:g}"
-    if hi is not None:
-        return f"{noun} <= {hi:g}"
     return noun
 
 
@@ -307,9 +266,9 @@ def _apply_override(data: dict[str, Any], override: str) -> None:
     if section not in _SECTIONS:
         raise ConfigError(f"unknown section {section!r} in --set {override!r} "
                           f"(known sections: {', '.join(_SECTIONS)})")
-    if name not in _known_keys(_SECTIONS[section]):
+    if name not in _SECTIONS[section].model_fields:
         raise ConfigError(f"unknown key '{key}' (known keys in {section}: "
-                          f"{', '.join(_known_keys(_SECTIONS[section]))})")
+                          f"{', '.join(_SECTIONS[section].model_fields)})")
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -318,7 +277,7 @@ def _apply_override(data: dict[str, Any], override: str) -> None:
         data[section] = {}
     if not isinstance(data[section], dict):
         raise ConfigError(f"{section} = {data[section]!r}: expected a mapping of keys "
-                          f"({', '.join(_known_keys(_SECTIONS[section]))})")
+                          f"({', '.join(_SECTIONS[section].model_fields)})")
     data[section][name] = value
 
 

@@ -46,8 +46,7 @@ class Topology:
     @classmethod
     def from_config(cls, cfg, num_kv_heads: int) -> "Topology":
         p = cfg.parallel
-        shards = p.attention_workers // p.attention_head_groups if p.attention_workers else 1
-        return cls(p.tensor_parallel, p.attention_head_groups, shards, num_kv_heads,
+        return cls(p.tensor_parallel, p.attention_head_groups, cfg.request_shards, num_kv_heads,
                    p.attention_workers)
 
     @property

@@ -4,11 +4,20 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 
-from tools.bench_peers import main
+TOOL = Path(__file__).resolve().parents[1] / "tools" / "bench_peers.py"
+
+
+def main(argv: list[str]) -> int:
+    spec = importlib.util.spec_from_file_location("bench_peers", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(argv)
 
 
 @pytest.fixture

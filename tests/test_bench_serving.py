@@ -20,6 +20,8 @@ import httpx
 import pytest
 from server_proc import ServerProcess, tiny_server_config
 
+from megatron_lamina.planner.trace import read_trace
+
 ROOT = Path(__file__).resolve().parents[1]
 TRACES = ROOT.parent / "shared" / "traces"
 AZURE_CONV = TRACES / "AzureLLMInferenceTrace_conv.csv"
@@ -69,7 +71,7 @@ def test_trace_slice_against_the_real_server(tmp_path, tiny_models):
     assert report["sent"] == report["completed"] == 20 and report["failed"] == 0
     assert report["clipped"] == {"input": 17, "output": 14}
     # Exactly the trace's (clipped) output length, every request.
-    trace = load_tool("bench_serving").read_trace(AZURE_CONV, limit=20)
+    trace = read_trace(AZURE_CONV, limit=20)
     for record, request in zip(report["requests"], trace):
         assert record["input_len"] == min(request.input_len, 160)
         assert record["output_len"] == min(request.output_len, 48)

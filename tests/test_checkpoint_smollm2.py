@@ -56,13 +56,58 @@ def test_every_tensor_equals_transformers(smollm2):
 
 
 def test_tp3_shards(smollm2):
-    _, out = smollm2
+    """Each TP-3 rank's shard as Megatron lays it out, against the canonical tensors and
+    transformers' own: vocabulary rows, whole KV groups of the fused QKV, the gate and up
+    halves of fc1 sliced each (a rank's fc1 is its gate rows then its up rows, not a
+    contiguous slice), columns of the output projection and fc2."""
+    import dataclasses
+
+    hf_model, out = smollm2
+    hf = hf_model.state_dict()
     whole = CheckpointShardLoader(out)
+    arch = whole.arch
     shards = [CheckpointShardLoader(out, t, 3) for t in range(3)]
-    for name in ("embedding.word_embeddings.weight", "decoder.layers.7.self_attention.linear_qkv.weight"):
-        assert torch.equal(torch.cat([s.tensor(name) for s in shards]), whole.tensor(name))
-    name = "decoder.layers.7.self_attention.linear_proj.weight"
-    assert torch.equal(torch.cat([s.tensor(name) for s in shards], dim=1), whole.tensor(name))
+    rank_arch = dataclasses.replace(arch, num_attention_heads=arch.num_attention_heads // 3,
+                                    num_kv_heads=arch.num_kv_heads // 3)
+    rows = arch.vocab_size // 3  # 49152 = 3 x 16384: no padding at TP 3
+    p, h = "decoder.layers.7", "model.layers.7"
+    gate, up = hf[f"{h}.mlp.gate_proj.weight"], hf[f"{h}.mlp.up_proj.weight"]
+    inter, d = arch.intermediate_size // 3, arch.head_dim
+    q_rows, kv_rows = rank_arch.num_attention_heads * d, rank_arch.num_kv_heads * d
+    for t, shard in enumerate(shards):
+        embedding = shard.tensor("embedding.word_embeddings.weight")
+        assert torch.equal(embedding, hf["model.embed_tokens.weight"][t * rows:(t + 1) * rows])
+        q, k, v = split_qkv(shard.tensor(f"{p}.self_attention.linear_qkv.weight"), rank_arch)
+        assert torch.equal(q, hf[f"{h}.self_attn.q_proj.weight"][t * q_rows:(t + 1) * q_rows]), f"rank {t} q"
+        assert torch.equal(k, hf[f"{h}.self_attn.k_proj.weight"][t * kv_rows:(t + 1) * kv_rows]), f"rank {t} k"
+        assert torch.equal(v, hf[f"{h}.self_attn.v_proj.weight"][t * kv_rows:(t + 1) * kv_rows]), f"rank {t} v"
+        fc1 = shard.tensor(f"{p}.mlp.linear_fc1.weight")
+        assert torch.equal(fc1, torch.cat([gate[t * inter:(t + 1) * inter], up[t * inter:(t + 1) * inter]]))
+        assert torch.equal(shard.tensor(f"{p}.self_attention.linear_proj.weight"),
+                           hf[f"{h}.self_attn.o_proj.weight"][:, t * q_rows:(t + 1) * q_rows])
+        assert torch.equal(shard.tensor(f"{p}.mlp.linear_fc2.weight"),
+                           hf[f"{h}.mlp.down_proj.weight"][:, t * inter:(t + 1) * inter])
+    # Contiguous slices of fc1 would be gate rows on rank 0 and up rows on rank 2: not the layout.
+    name = f"{p}.mlp.linear_fc1.weight"
+    assert not torch.equal(torch.cat([s.tensor(name) for s in shards]), whole.tensor(name))
+
+
+def test_tp3_shards_pad_the_vocabulary(smollm2):
+    """Padded to a multiple the vocabulary is not one of (Megatron's make_vocab_size_divisible_by
+    x TP; 49152 is a multiple of 3 x 2^14, so any power of two divides it), the embedding's
+    rows past the real vocabulary are zeros, all on the last rank, and the rest are the
+    canonical rows."""
+    _, out = smollm2
+    canonical = CheckpointShardLoader(out).tensor("embedding.word_embeddings.weight")
+    vocab = canonical.shape[0]
+    shards = [CheckpointShardLoader(out, t, 3, make_vocab_size_divisible_by=1000) for t in range(3)]
+    padded = shards[0].padded_vocab_size
+    assert padded == 51000 and all(s.padded_vocab_size == padded for s in shards)
+    parts = [s.tensor("embedding.word_embeddings.weight") for s in shards]
+    assert [part.shape[0] for part in parts] == [padded // 3] * 3
+    stitched = torch.cat(parts)
+    assert torch.equal(stitched[:vocab], canonical)
+    assert not stitched[vocab:].any() and stitched[vocab:].shape[0] == padded - vocab == 1848
 
 
 def test_tokenizer_and_chat_template(smollm2):

@@ -96,7 +96,7 @@ def test_default_yaml_documents_every_key():
     text = (CONFIGS / "default.yaml").read_text()
     data = yaml.safe_load(text)
     for section, section_cls in _SECTIONS.items():
-        keys = [f.name for f in dataclasses.fields(section_cls)]
+        keys = list(section_cls.model_fields)
         assert sorted(data[section]) == sorted(keys), section
         block = text.split(f"\n{section}:\n", 1)[1].split("\n\n", 1)[0].splitlines()
         for key in keys:

@@ -3,8 +3,10 @@
 The simulator runs on constant cost tables (small integers as seconds), where the engine's
 timing has closed forms: a lone request's TTFT is its prefill step(s) and its end-to-end
 time adds one decode step per further token; a constant batch decodes `batch` tokens per
-step; the disaggregated step is pipeline.uniform_step_time for 1..4 micro-batches. Its
-scheduling is checked against the engine's own Scheduler, step by step, preemptions included.
+step; the disaggregated step is pipeline.uniform_step_time for 1..4 micro-batches. The
+simulator drives the engine's own Scheduler; that it drives it as the engine's driver does
+(arrivals, tokens, stop rules, the scheduler's own endings) is checked step by step against
+the real LLMEngine on a stand-in worker, preemptions and both `length` endings included.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from megatron_lamina.planner.cost_table import CostTable, Curve, Grid, prefill_pairs
 from megatron_lamina.planner.devices import DeviceSpec, Interconnect, load_prices
@@ -20,7 +23,7 @@ from megatron_lamina.planner.layout import Layout, config_yaml, kv_blocks_per_ca
 from megatron_lamina.planner.pipeline import uniform_step_time
 from megatron_lamina.planner.search import SearchSpace, Slo, search
 from megatron_lamina.planner.shapes import PRESETS, ModelShape
-from megatron_lamina.planner.simulator import EngineSimulator, SimRequest, simulate
+from megatron_lamina.planner.simulator import EngineSimulator, StepCostModel, simulate
 from megatron_lamina.planner.synthetic import synthetic_cost_table
 from megatron_lamina.planner.trace import TraceRequest, read_trace, select
 
@@ -129,48 +132,121 @@ def test_kv_capacity_bounds_the_batch_and_preempts():
     assert run([TraceRequest(0.0, 200, 5)], colocated(), blocks=8).rejected_kv == 1
 
 
-# ------------------------------------------------------ the engine's scheduler, mirrored
+# ------------------------------------------------- the engine's own scheduling, replayed
 
-def test_scheduling_matches_the_engine_scheduler_step_by_step():
-    from megatron_lamina.engine.block_manager import BlockManager
-    from megatron_lamina.engine.request import Request
+class _OneRank:
+    """The process group of a lone colocated driver: nobody to broadcast plans or tokens to."""
+
+    def size(self) -> int:
+        return 1
+
+
+class _RecordingWorker:
+    """A model worker that records each plan it is given and makes token 3 the argmax of
+    every sampled row: the engine's driver (LLMEngine.step) runs as it does, without a model."""
+
+    def __init__(self, vocab: int):
+        from megatron_lamina.engine.token_feed import TokenFeed
+
+        self.vocab, self.plans = vocab, []
+        self.feed = TokenFeed(_OneRank(), torch.device("cpu"))
+
+    def run(self, plan):
+        self.plans.append(plan)
+        logits = torch.zeros(plan.num_sampled, self.vocab)
+        logits[:, 3] = 1.0
+        return logits
+
+
+def chunks_of(plan) -> list[list[tuple[int, int, int, int]]]:
+    return [[(c.request_id, c.shard, c.start, len(c.tokens)) for c in mb.chunks] for mb in plan.micro_batches]
+
+
+def engine_replay(trace, layout: Layout, num_blocks: int, max_model_len: int, tokenizer_dir: Path):
+    """The real LLMEngine (synchronous scheduling) on `trace`, every request added at once: its
+    plans, and per request its output length and finish reason."""
+    from megatron_lamina.architecture import ModelArchitecture
+    from megatron_lamina.config import load_config
+    from megatron_lamina.engine.llm_engine import LLMEngine, PromptInput
+    from megatron_lamina.engine.runtime import RankContext
     from megatron_lamina.engine.sampling import SamplingParams
-    from megatron_lamina.engine.scheduler import Scheduler
+    from megatron_lamina.topology import ProcessGroups, Topology
 
-    lengths = [(9, 30), (20, 12), (5, 40), (17, 25), (3, 8), (12, 30), (25, 20), (8, 35), (14, 14), (6, 28)]
-    blocks, block_size, shards = 12, 4, 2
-    engine = Scheduler(BlockManager(shards, blocks, block_size), max_batch_size=6, max_prefill_tokens=16,
-                       micro_batches=3, max_model_len=256)
-    layout = Layout("X", 1, "X", shards, 1, 3, 6, 16, block_size)
-    sim = EngineSimulator(layout, SHAPE, constant_table(), constant_table(), blocks, 256)
-    real, mirror = {}, {}
-    for i, (prompt, out) in enumerate(lengths):
-        real[i] = Request(i, [7] * prompt, SamplingParams(max_tokens=out, ignore_eos=True))
-        engine.add(real[i])
-        mirror[i] = SimRequest(i, TraceRequest(0.0, prompt, out))
-        sim.waiting.append(mirror[i])
-    steps = 0
-    while engine.has_work():
-        plan = engine.schedule()
-        groups = sim.split(sim.schedule())
-        assert [[(c.request_id, c.shard, c.start, len(c.tokens)) for c in mb.chunks] for mb in plan.micro_batches] \
-            == [[(r.index, r.shard, r.num_computed, n) for r, n in sorted(g, key=lambda c: c[0].shard)]
-                for g in groups], f"step {steps}"
-        for chunk in (c for mb in plan.micro_batches for c in mb.chunks):
-            real[chunk.request_id].num_computed = chunk.end
-        for r, n in (c for g in groups for c in g):
-            r.num_computed += n
-        for chunk in plan.sampled_chunks:
-            request, twin = real[chunk.request_id], mirror[chunk.request_id]
-            request.output_token_ids.append(5)
-            twin.generated += 1
-            if len(request.output_token_ids) >= request.params.max_tokens:
-                engine.finish(request, "length")
-                sim.finish(twin, "length", float(steps))
-        assert [len(f) for f in engine.blocks.free] == sim.free
-        steps += 1
-    assert not sim.running and not sim.waiting
-    assert engine.num_preemptions == sim.preemptions > 0
+    cfg = load_config(None, [f"model.checkpoint={tokenizer_dir}", "scheduler.async_scheduling=false",
+                             f"parallel.attention_workers={layout.attention_workers}",
+                             f"scheduler.max_batch_size={layout.max_batch_size}",
+                             f"scheduler.micro_batches={layout.micro_batches}",
+                             f"scheduler.max_prefill_tokens={layout.max_prefill_tokens}",
+                             f"kv_cache.block_size={layout.block_size}", f"kv_cache.num_blocks={num_blocks}"])
+    arch = ModelArchitecture(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
+                             num_attention_heads=4, num_kv_heads=2, head_dim=16,
+                             max_position_embeddings=max_model_len, eos_token_ids=[2])
+    worker = _RecordingWorker(arch.vocab_size)
+    ctx = RankContext(cfg, arch, Topology.from_config(cfg, arch.num_kv_heads),
+                      ProcessGroups(None, _OneRank(), _OneRank()), 0, torch.device("cpu"), num_blocks, worker)
+    engine = LLMEngine(ctx)
+    requests = engine.generate([PromptInput(prompt_token_ids=[7] * r.input_len,
+                                            params=SamplingParams(max_tokens=r.output_len, temperature=0.0,
+                                                                  ignore_eos=True)) for r in trace])
+    assert all(token == 3 for r in requests for token in r.output_token_ids)
+    return worker.plans, [(len(r.output_token_ids), r.finish_reason) for r in requests], engine.scheduler
+
+
+def simulator_replay(trace, layout: Layout, num_blocks: int, max_model_len: int):
+    plans = []
+    costs = StepCostModel(layout, SHAPE, constant_table(), constant_table())
+    sim = EngineSimulator(costs, num_blocks, max_model_len)
+    result = sim.run(trace, on_step=lambda plan: plans.append(plan) if plan.micro_batches else None)
+    return plans, result
+
+
+def scaled(path: Path, input_div: int, output_div: int, count: int, max_input: int) -> list[TraceRequest]:
+    """The first `count` requests of a committed trace slice, all arriving at once, lengths
+    divided to the tiny engine's scale (prompts at most `max_input`)."""
+    return [TraceRequest(0.0, min(max_input, max(1, r.input_len // input_div)), max(1, r.output_len // output_div))
+            for r in read_trace(path, limit=count)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    from tiny_models import make_tokenizer
+
+    path = tmp_path_factory.mktemp("codec")
+    make_tokenizer().save_pretrained(path / "tokenizer")
+    return path
+
+
+SLICES = ROOT / "configs" / "planner" / "traces"
+
+
+AZURE = scaled(SLICES / "azure-conv-slice.csv", 40, 6, 24, 40)
+MOONCAKE = scaled(SLICES / "mooncake-conv-slice.jsonl", 150, 8, 12, 36)
+
+
+@pytest.mark.parametrize("trace, layout, num_blocks, max_model_len, ending", [
+    # 2 request shards of 12 blocks of 4, 3 micro-batches: preemptions on both shards.
+    (AZURE, Layout("X", 1, "X", 2, 1, 3, 6, 16, 4), 12, 256, "preempted"),
+    # Long contexts, colocated, one 10-block cache: requests outgrow the whole cache and the
+    # scheduler ends them itself (`length` to the client, `kv_capacity` here) ...
+    (MOONCAKE, Layout("X", 1, None, 0, 1, 2, 5, 24, 4), 10, 72, "kv_capacity"),
+    # ... or a 44-token model context comes first (`length`, `truncated` here).
+    (MOONCAKE, Layout("X", 1, None, 0, 1, 2, 5, 24, 4), 12, 44, "truncated"),
+], ids=["preempting", "outgrowing-the-cache", "at-the-context"])
+def test_the_simulator_schedules_as_the_engine(trace, layout, num_blocks, max_model_len, ending, tokenizer_dir):
+    """The simulator drives the engine's Scheduler: its steps (every chunk of every
+    micro-batch), its tokens and its endings are the real LLMEngine's on the same requests."""
+    engine_plans, engine_requests, scheduler = engine_replay(trace, layout, num_blocks, max_model_len, tokenizer_dir)
+    sim_plans, result = simulator_replay(trace, layout, num_blocks, max_model_len)
+    assert [chunks_of(p) for p in sim_plans] == [chunks_of(p) for p in engine_plans]
+    assert result.steps == len(engine_plans) and result.preemptions == scheduler.num_preemptions
+    assert result.output_tokens == sum(n for n, _ in engine_requests)
+    assert {reason for _, reason in engine_requests} == {"length"} and result.completed == len(trace)
+    # The endings the engine reports as `length` short of max_tokens, told apart here.
+    short = [(r, n) for r, (n, _) in zip(trace, engine_requests) if n < r.output_len]
+    outgrew = sum(r.input_len + n < max_model_len for r, n in short)
+    assert (result.kv_capacity, result.truncated) == (outgrew, len(short) - outgrew)
+    counts = {"preempted": result.preemptions, "kv_capacity": result.kv_capacity, "truncated": result.truncated}
+    assert counts[ending] > 0
 
 
 # --------------------------------------------------------------------------- cost tables

@@ -1,8 +1,8 @@
-"""The planner's command-line tools: tools/plan.py (search, simulate) and tools/profile.py.
+"""The planner's command-line tools: tools/plan.py (search, simulate) and tools/profile_costs.py.
 
 `search` on synthetic (datasheet) costs and a small trace slice must print a ranking, write
 a JSON of every evaluated layout, a PNG, and a recommended config that our config loader
-accepts; `simulate` predicts one config. tools/profile.py measures a tiny cost table on this
+accepts; `simulate` predicts one config. tools/profile_costs.py measures a tiny cost table on this
 CPU, which the simulator then runs on.
 """
 
@@ -83,7 +83,7 @@ def test_plan_simulate_predicts_a_config(tmp_path, capsys):
 def test_profile_measures_a_cost_table_on_this_cpu(tmp_path):
     out = tmp_path / "cpu.json"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "profile.py"), "--model", "tiny", "--batches", "1,8",
+        [sys.executable, str(ROOT / "tools" / "profile_costs.py"), "--model", "tiny", "--batches", "1,8",
          "--contexts", "16,64", "--prefill", "0+16,16+16", "--message-bytes", "256,65536",
          "--warmup", "1", "--repeats", "2", "--threads", "1", "--out", str(out)],
         capture_output=True, text=True, timeout=120, cwd=ROOT)
@@ -105,7 +105,7 @@ def test_profile_emulates_tp_on_one_cpu(tmp_path):
     from the datasheet, and the table says so; the planner loads it and searches TP 2."""
     out = tmp_path / "emulated.json"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "profile.py"), "--model", "tiny", "--emulate-tp", "--tp", "1,2",
+        [sys.executable, str(ROOT / "tools" / "profile_costs.py"), "--model", "tiny", "--emulate-tp", "--tp", "1,2",
          "--tp-link", "H100", "--batches", "1,8", "--contexts", "16,64", "--prefill", "0+16",
          "--message-bytes", "256,65536", "--warmup", "1", "--repeats", "2", "--threads", "1", "--out", str(out)],
         capture_output=True, text=True, timeout=120, cwd=ROOT)
@@ -135,14 +135,14 @@ def test_profile_emulates_tp_on_one_cpu(tmp_path):
 def test_tp_shard_is_a_ranks_gemm_shapes():
     s = PRESETS["llama3-70b"].tp_shard(8)
     assert (s.hidden_size, s.num_heads, s.num_kv_heads, s.head_dim, s.intermediate_size) == (8192, 8, 1, 128, 3584)
-    assert s.vocab_size == PRESETS["llama3-70b"].padded_vocab(8) // 8 == 16128
+    assert s.vocab_size == PRESETS["llama3-70b"].padded_vocab(8) // 8 == 128256 // 8  # the engine pads to 8
     assert PRESETS["llama3-8b"].tp_shard(1) == PRESETS["llama3-8b"]
     with pytest.raises(ValueError, match="does not divide"):
         PRESETS["llama3-8b"].tp_shard(16)
 
 
 def profile_tool():
-    spec = importlib.util.spec_from_file_location("profile_tool", ROOT / "tools" / "profile.py")
+    spec = importlib.util.spec_from_file_location("profile_tool", ROOT / "tools" / "profile_costs.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -175,7 +175,7 @@ def test_profile_merges_model_curves_into_a_table(tmp_path):
     base.save(tmp_path / "base.json")
     out = tmp_path / "merged.json"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "profile.py"), "--model", "tiny", "--parts", "model", "--batches", "1,8",
+        [sys.executable, str(ROOT / "tools" / "profile_costs.py"), "--model", "tiny", "--parts", "model", "--batches", "1,8",
          "--warmup", "1", "--repeats", "2", "--threads", "1", "--merge-into", str(tmp_path / "base.json"),
          "--out", str(out)], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -187,7 +187,7 @@ def test_profile_merges_model_curves_into_a_table(tmp_path):
     assert merged["parts_kept"] == ["attention", "network"] and merged["replaced_model_layer"]["1"]["seconds"] == [1, 1]
     assert table.meta["attention"] == "reference"
     mismatch = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "profile.py"), "--model", "llama3-8b", "--parts", "model",
+        [sys.executable, str(ROOT / "tools" / "profile_costs.py"), "--model", "llama3-8b", "--parts", "model",
          "--merge-into", str(tmp_path / "base.json"), "--out", str(tmp_path / "x.json")],
         capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert mismatch.returncode == 2 and "its shape is" in mismatch.stderr

@@ -1,5 +1,6 @@
-"""tools/random_checkpoint.py: a canonical checkpoint of a preset's shape that the loader and
-the tokenizer code read, the same values whatever the thread count."""
+"""checkpoint/random_weights.py and its CLI, tools/random_checkpoint.py: a canonical checkpoint
+of a preset's shape that the loader and the tokenizer code read, the same values whatever the
+thread count and the row blocks the values are drawn in."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from transformers import AutoTokenizer
 from megatron_lamina.architecture import read_architecture
 from megatron_lamina.checkpoint.layout import canonical_tensor_shapes
 from megatron_lamina.checkpoint.loader import CheckpointShardLoader
+from megatron_lamina.checkpoint.random_weights import write_random_checkpoint
 from megatron_lamina.planner.shapes import PRESETS, load_shape
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,11 +27,13 @@ def load_tool(name: str):
     return module
 
 
-def test_random_checkpoint_has_the_shape_and_loads(tmp_path, monkeypatch):
-    tool = load_tool("random_checkpoint")
-    monkeypatch.setattr(tool, "ROWS_PER_BLOCK_ELEMENTS", 64 * 16)  # several row blocks per matrix
-    one = tool.write_random_checkpoint(tmp_path / "one", "tiny", "float32", threads=1)
-    assert tool.main(["--shape", "tiny", "--dtype", "float32", "--threads", "2", "--output", str(tmp_path / "two")]) == 0
+def test_random_checkpoint_has_the_shape_and_loads(tmp_path):
+    # several row blocks per matrix, drawn by one thread and by two
+    one = write_random_checkpoint(tmp_path / "one", "tiny", "float32", threads=1, block_elements=64 * 16)
+    write_random_checkpoint(tmp_path / "two", "tiny", "float32", threads=2, block_elements=64 * 16)
+    assert load_tool("random_checkpoint").main(["--shape", "tiny", "--dtype", "float32", "--output",
+                                                str(tmp_path / "cli")]) == 0
+    assert read_architecture(tmp_path / "cli") == read_architecture(one)
     arch = read_architecture(one)
     assert load_shape(str(one)).to_dict() == {**PRESETS["tiny"].to_dict(), "name": "one"}
     assert (arch.bos_token_id, arch.eos_token_ids) == (1, [2])

@@ -3,8 +3,14 @@
 The end-to-end test is the device validation in miniature: a random tiny checkpoint, its cost
 table, the real server (torchrun, colocated, gloo), closed-batch calibration and a few requests
 of each committed trace slice (configs/planner/traces), then the simulator on the same
-requests. It checks that every request is accounted for on both sides and that every compared
-number exists, not that they agree: a shared 2-core CPU is no place for the 15 % target.
+requests. It checks that every request is accounted for on both sides (the same requests,
+the same output tokens), that the tool's verdict follows from its own numbers (each error is
+(predicted - measured) / measured, a slice is within tolerance exactly when every target's
+error is), and that each predicted throughput is within a factor of 10 of the measured one:
+a gross error (the simulator off in its units, a cost table ignored, steps or requests
+lost) fails it. It does not check the 15 % target: on a shared 2-core CPU, under other
+load, the measured side alone moves by 2x and more (predicted/measured throughput seen from
+0.8 to 2.6 with the serving overhead, up to 4.9 from the cost table alone).
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ import importlib.util
 import json
 import math
 from pathlib import Path
+
+import pytest
 
 from megatron_lamina.planner.cost_table import CostTable, Curve, Grid
 from megatron_lamina.planner.layout import Layout
@@ -94,7 +102,7 @@ def test_serving_overhead_adds_to_every_step():
     assert math.isclose(extra.duration_s - plain.duration_s, 5 * 1e-3 + 15 * 1e-4, rel_tol=1e-9)
 
 
-def test_validation_end_to_end_on_cpu(tmp_path):
+def test_validation_runs_end_to_end_and_its_verdict_follows_its_numbers(tmp_path):
     out = tmp_path / "out"
     slices = [("azure", TRACES / "azure-conv-slice.csv", 6, 8.0), ("mooncake", TRACES / "mooncake-conv-slice.jsonl", 5, 20.0)]
     argv = ["--device", "cpu", "--shape", "tiny", "--max-input-len", "64", "--max-output-len", "16",
@@ -103,7 +111,8 @@ def test_validation_end_to_end_on_cpu(tmp_path):
             "--work-dir", str(tmp_path / "work"), "--out-dir", str(out)]
     for name, trace, requests, rate in slices:
         argv += ["--slice", name, str(trace), str(requests), str(rate)]
-    code = load_tool("validate_planner").main(argv)
+    tool = load_tool("validate_planner")
+    code = tool.main(argv)
     report = json.loads((out / "validation.json").read_text())
     assert code == 0, (out / "server.log").read_text()[-2000:]
     assert report["calibration_samples"] and all(c["failed"] == 0 for c in report["calibration"])
@@ -122,7 +131,11 @@ def test_validation_end_to_end_on_cpu(tmp_path):
         for side in ("measured", "predicted", "predicted_profile_only"):
             assert all(s[side][k] > 0 for k in ("request_throughput", "output_throughput", "tpot_mean",
                                                 "tpot_p50", "tpot_p90", "ttft_p50"))
-        assert all(s["error"][k] is not None for k in s["measured"])
-        assert isinstance(s["within_tolerance"], bool)
+        for k, measured in s["measured"].items():
+            assert s["error"][k] == pytest.approx((s["predicted"][k] - measured) / measured, rel=1e-9)
+        assert s["within_tolerance"] == all(abs(s["error"][k]) <= report["tolerance"] for k in tool.TARGETS)
+        for side in ("predicted", "predicted_profile_only"):
+            ratio = s[side]["output_throughput"] / s["measured"]["output_throughput"]
+            assert 1 / 10 < ratio < 10, (name, side, ratio)
     assert CostTable.load(out / "costs.json").shape == PRESETS["tiny"]
     assert (out / "validation.png").stat().st_size > 1000

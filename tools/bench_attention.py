@@ -22,60 +22,16 @@ import math
 import sys
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from torch.nn.attention.flex_attention import flex_attention
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without pip install
 
-# The repo root replaces tools/ on the path: tools/profile.py must not shadow the stdlib profile.
-sys.path[0] = str(Path(__file__).resolve().parents[1])
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.nn.attention.flex_attention import flex_attention  # noqa: E402
 
 from megatron_lamina.attention.flex_paged import decode_block_mask, flex_paged_decode  # noqa: E402
 from megatron_lamina.attention.triton_paged import paged_decode  # noqa: E402
-
-
-def graph_ms(fn, sets, calls=10, repeat=7) -> float:
-    """Median time of one call, replayed from a CUDA graph of `calls` calls over `sets`."""
-    for args in sets:
-        fn(*args)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(calls):
-            fn(*sets[i % len(sets)])
-    graph.replay()
-    times = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / calls)
-    del graph
-    return sorted(times)[len(times) // 2]
-
-
-def time_ms(fn, sets, repeat=20, warmup=3) -> float:
-    for i in range(warmup):
-        fn(*sets[i % len(sets)])
-    torch.cuda.synchronize()
-    times = []
-    for i in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn(*sets[i % len(sets)])
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
-
-
-def copy_bandwidth() -> float:
-    """Bytes read + written per second of a large device-to-device copy."""
-    src = torch.randn(2 * 1024**3 // 2, dtype=torch.bfloat16, device="cuda")
-    dst = torch.empty_like(src)
-    ms = time_ms(lambda a, b: b.copy_(a), [(src, dst)])
-    return 2 * src.numel() * 2 / (ms / 1e3)
+from megatron_lamina.bench.timing import copy_bandwidth, graph_ms, time_ms  # noqa: E402
+from megatron_lamina.planner.shapes import PRESETS  # noqa: E402
 
 
 def make_inputs(batch, ctx, block_size, heads, kv_heads, d, dtype, seed):
@@ -194,7 +150,8 @@ def main(argv=None) -> int:
                         help="skip FlashInfer (also skipped where it is not installed)")
     parser.add_argument("--out", default="bench_attention.json")
     args = parser.parse_args(argv)
-    heads, kv_heads, d, dtype = 32, 8, 128, torch.bfloat16
+    shape = PRESETS["llama3-8b"]  # its attention: 32 query heads, 8 KV heads, head_dim 128
+    heads, kv_heads, d, dtype = shape.num_heads, shape.num_kv_heads, shape.head_dim, torch.bfloat16
     bandwidth = copy_bandwidth()
     flex = torch.compile(flex_attention) if args.flex else None
     if args.flashinfer:
@@ -226,7 +183,7 @@ def main(argv=None) -> int:
                     if best is None or ms < best[1]:
                         best = (kw, ms, err)
                 kw = best[0]
-                eager = time_ms(lambda q, kc, vc, t, n: paged_decode(q, kc, vc, t, n, **kw), sets)
+                eager = time_ms(lambda q, kc, vc, t, n: paged_decode(q, kc, vc, t, n, **kw), repeat=20, inputs=sets)
                 dense_sets = [(s[0], contiguous(s[1], s[3], ctx), contiguous(s[2], s[3], ctx)) for s in sets]
                 sdpa_err = ((sdpa(q, kd, vd).float() - ref).norm() / ref.norm()).item()
                 sdpa_ms = graph_ms(sdpa, dense_sets)

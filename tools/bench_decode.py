@@ -21,141 +21,31 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import math
 import os
 import sys
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without pip install
 
-# Run as a script, the repo root replaces tools/ on the path: tools/profile.py must not shadow
-# the stdlib profile. Imported (by bench_peers), the path is the importer's.
-if Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 
-from megatron_lamina.architecture import ModelArchitecture
-from megatron_lamina.attention.gpu import PagedAttention
-from megatron_lamina.attention.kv_cache import PagedKVCache
-from megatron_lamina.bench.stand_ins import ZeroAttention
-from megatron_lamina.engine.cuda_graphs import DecodeGraphs
-from megatron_lamina.engine.model_worker import ModelWorker
-from megatron_lamina.engine.token_feed import TokenFeed
-from megatron_lamina.model.llama import LlamaModel
-from megatron_lamina.plan import MicroBatch, SequenceChunk, StepPlan
-from megatron_lamina.transport.channel import LocalChannel
-
-SHAPES = {
-    "llama3-8b": {"vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336, "num_layers": 32,
-                  "num_attention_heads": 32, "num_kv_heads": 8, "head_dim": 128, "max_position_embeddings": 131072,
-                  "rope_theta": 500000.0},
-}
-
-
-def time_ms(fn, repeat=10, warmup=3, argument=None) -> float:
-    """Median ms of `fn()` (or `fn(argument)`), timed with CUDA events after `warmup` calls."""
-    if argument is not None:
-        fn = functools.partial(fn, argument)
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
-
-
-def copy_rate() -> float:
-    src = torch.randn(1024**3, dtype=torch.bfloat16, device="cuda")
-    dst = torch.empty_like(src)
-    return 2 * src.numel() * 2 / (time_ms(lambda: dst.copy_(src)) / 1e3)
-
-
-def ceilings() -> tuple[float, float]:
-    copy = copy_rate()
-    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
-    b = torch.randn_like(a)
-    gemm = 2 * 8192**3 / (time_ms(lambda: a @ b) / 1e3)
-    return copy, gemm
-
-
-def start_one_gpu(port: int) -> None:
-    """A one-rank NCCL world on GPU 0 (Megatron's layers want a process group)."""
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(port))
-    dist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda", 0))
-    torch.cuda.set_device(0)
-
-
-def start_tp_world() -> int:
-    """Under torchrun: one NCCL rank per GPU, all of them one TP group; returns the TP size."""
-    rank = int(os.environ["LOCAL_RANK"])
-    torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", device_id=torch.device("cuda", rank))
-    return dist.get_world_size()
-
-
-def decode_plan(batch: int, context: int, block_size: int) -> StepPlan:
-    blocks = math.ceil((context + 1) / block_size)
-    chunks = [SequenceChunk(i, 0, context, [i % 1000 + 1], [], True,
-                            block_table=list(range(i * blocks, (i + 1) * blocks))) for i in range(batch)]
-    return StepPlan([MicroBatch(chunks)])
-
-
-def kv_bytes(arch: ModelArchitecture, batch: int, context: int) -> int:
-    """K and V of `batch` requests at `context` tokens plus the new one, bf16."""
-    return 2 * batch * (context + 1) * arch.num_layers * arch.num_kv_heads * arch.head_dim * 2
-
-
-def roofline_s(arch: ModelArchitecture, params: int, batch: int, context: int, copy_bw: float,
-               gemm_rate: float) -> float:
-    """max((weights + KV read once) / copy bandwidth, FLOPs / GEMM rate) of one decode step."""
-    flops = 2 * params * batch + 4 * batch * (context + 1) * arch.num_attention_heads * arch.head_dim * arch.num_layers
-    return max((params * 2 + kv_bytes(arch, batch, context)) / copy_bw, flops / gemm_rate)
-
-
-def colocated_model(arch: ModelArchitecture, tp, fused: bool = True) -> LlamaModel:
-    """Our bf16 model on the GPU (weights uninitialised), with the compiled elementwise kernels
-    the graphs capture unless `fused` is False."""
-    return LlamaModel(arch, torch.bfloat16, tp, arch.vocab_size, fused_elementwise=fused).cuda()
-
-
-def worker(model: LlamaModel, attention, tp, decode_graphs: DecodeGraphs | None = None) -> ModelWorker:
-    return ModelWorker(model, LocalChannel(attention), TokenFeed(tp, torch.device("cuda")),
-                       decode_graphs=decode_graphs)
-
-
-def captured(model: LlamaModel, attention, batch: int, max_blocks: int, scratch_block: int) -> DecodeGraphs:
-    graphs = DecodeGraphs(model, attention, batch, max_blocks, scratch_block)
-    graphs.capture()
-    return graphs
-
-
-def colocated_decode_ms(model: LlamaModel, tp, arch: ModelArchitecture, batch: int, context: int,
-                        block_size: int, graph_modes: list[bool], repeat: int = 5, tp_size: int = 1) -> dict[bool, float]:
-    """Median ms of our colocated decode step (every request at `context` cached tokens, a
-    random paged cache of this rank's KV heads, the Triton kernel), eager and/or replayed
-    from CUDA graphs."""
-    blocks = batch * math.ceil((context + 1) / block_size)
-    cache = PagedKVCache(arch.num_layers, blocks + 1, block_size, arch.num_kv_heads // tp_size, arch.head_dim,
-                         torch.bfloat16, "cuda")
-    for t in cache.k + cache.v:
-        t.normal_()
-    attention = PagedAttention(cache)
-    plan = decode_plan(batch, context, block_size)
-    result = {}
-    for graphs in graph_modes:
-        decode = captured(model, attention, batch, math.ceil((context + 1) / block_size), blocks) if graphs else None
-        result[graphs] = time_ms(worker(model, attention, tp, decode).run, repeat=repeat, argument=plan)
-        del decode
-    del cache, attention
-    torch.cuda.empty_cache()
-    return result
+from megatron_lamina.architecture import ModelArchitecture  # noqa: E402
+from megatron_lamina.attention.kv_cache import PagedKVCache  # noqa: E402
+from megatron_lamina.bench.decode_step import (  # noqa: E402
+    check_context,
+    colocated_decode_ms,
+    decode_graphs,
+    kv_bytes,
+    local_worker,
+    random_model,
+    roofline_s,
+)
+from megatron_lamina.bench.plans import decode_plan  # noqa: E402
+from megatron_lamina.bench.ranks import init_one_rank, init_torchrun_tp  # noqa: E402
+from megatron_lamina.bench.stand_ins import ZeroAttention  # noqa: E402
+from megatron_lamina.bench.timing import ceilings, time_ms  # noqa: E402
+from megatron_lamina.planner.shapes import PRESETS  # noqa: E402
 
 
 def kernel_kind(name: str) -> str:
@@ -195,7 +85,7 @@ def _kernel_ms(step) -> tuple[dict[str, float], dict[str, float]]:
     return kinds, names
 
 
-def kernel_breakdown(model: LlamaModel, tp, arch: ModelArchitecture, batch: int, block_size: int) -> dict:
+def kernel_breakdown(model, arch: ModelArchitecture, batch: int, block_size: int) -> dict:
     """GPU kernel time of one model step (attention returns zeros) by kind, eager and replayed
     from a CUDA graph, and the time of the same GEMMs alone (torch.mm on [batch, in] x [in,
     out], every layer's four plus the LM head): how far the step's GEMMs are from cuBLAS on
@@ -203,10 +93,10 @@ def kernel_breakdown(model: LlamaModel, tp, arch: ModelArchitecture, batch: int,
     plan = decode_plan(batch, 16, block_size)
     cache = PagedKVCache(arch.num_layers, 2, block_size, arch.num_kv_heads, arch.head_dim, torch.bfloat16, "cuda")
     zero = ZeroAttention(cache)
-    eager = worker(model, zero, tp)
+    eager = local_worker(model, zero)
     eager_kinds, eager_names = _kernel_ms(lambda: eager.run(plan))
     graph_kinds, graph_names = _kernel_ms(functools.partial(
-        worker(model, zero, tp, captured(model, zero, batch, 1, 1)).run, plan))
+        local_worker(model, zero, decode_graphs(model, zero, batch, 1, 1)).run, plan))
     h, d = arch.hidden_size, arch.head_dim
     qkv = (arch.num_attention_heads + 2 * arch.num_kv_heads) * d
     shapes = [(h, qkv), (arch.num_attention_heads * d, h), (h, 2 * arch.intermediate_size),
@@ -223,7 +113,8 @@ def kernel_breakdown(model: LlamaModel, tp, arch: ModelArchitecture, batch: int,
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default="llama3-8b", choices=SHAPES)
+    parser.add_argument("--shape", default="llama3-8b", choices=PRESETS,
+                        help="model shape preset (megatron_lamina/planner/shapes.py)")
     parser.add_argument("--batches", default="64,128,256")
     parser.add_argument("--model-batches", default="1,64,256,512,1024", help="batches for the model-worker step (b)")
     parser.add_argument("--contexts", default="1024,4096")
@@ -238,21 +129,22 @@ def main(argv=None) -> int:
                         help="the model runs eager SwiGLU and RoPE kernels, not the compiled ones (which "
                              "otherwise eager steps run too: their host cost shows in the eager figures)")
     args = parser.parse_args(argv)
+    arch = PRESETS[args.shape].to_architecture()
+    try:
+        check_context(arch, [int(c) for c in args.contexts.split(",")], args.shape)
+    except ValueError as e:
+        parser.error(f"--contexts: {e}")
     if "LOCAL_RANK" in os.environ:
-        tp_size = start_tp_world()
+        tp_size = init_torchrun_tp()
     else:
-        start_one_gpu(29655)
+        init_one_rank("nccl")
         tp_size = 1
     if tp_size > 1 and args.kernel_breakdown:
         parser.error("--kernel-breakdown is for one GPU")
-    arch = ModelArchitecture(**SHAPES[args.shape])
     copy_bw, gemm_rate = ceilings()
     tp = dist.new_group(list(range(tp_size)))
 
-    model = colocated_model(arch, tp, fused=not args.unfused)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02)
+    model = random_model(arch, tp, fused=not args.unfused)
     # The whole model's figures (this rank holds 1/tp of the matrices; the norms, replicated,
     # are counted tp times: a few hundred thousand parameters).
     counts = torch.tensor([sum(p.numel() for p in model.parameters()),
@@ -276,7 +168,7 @@ def main(argv=None) -> int:
         import pstats
 
         plan = decode_plan(64, 16, args.block_size)
-        eager = worker(model, zero, tp)
+        eager = local_worker(model, zero)
         eager.run(plan)
         torch.cuda.synchronize()
         profiler = cProfile.Profile()
@@ -286,14 +178,14 @@ def main(argv=None) -> int:
         torch.cuda.synchronize()
         profiler.disable()
         pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
-    breakdowns = [kernel_breakdown(model, tp, arch, int(b), args.block_size)
+    breakdowns = [kernel_breakdown(model, arch, int(b), args.block_size)
                   for b in args.kernel_breakdown.split(",") if b]
     result["kernel_breakdown"] = breakdowns
     graph_modes = [bool(int(x)) for x in args.cuda_graphs.split(",")]
     for batch in map(int, args.model_batches.split(",")):
         plan = decode_plan(batch, 16, args.block_size)
         for graphs in graph_modes:  # o = 0 for attention; the throwaway cache lends the scratch block
-            step = worker(model, zero, tp, captured(model, zero, batch, 1, 1) if graphs else None)
+            step = local_worker(model, zero, decode_graphs(model, zero, batch, 1, 1) if graphs else None)
             ms = time_ms(lambda plan=plan, step=step: step.run(plan))
             del step
             flops = 2 * gemm_params * batch
@@ -309,8 +201,7 @@ def main(argv=None) -> int:
                 result["decode"].append({"batch": batch, "context": context, "skipped": "KV does not fit"})
                 continue
             bound = roofline_s(arch, params, batch, context, copy_bw, gemm_rate)
-            times = colocated_decode_ms(model, tp, arch, batch, context, args.block_size, graph_modes,
-                                        tp_size=tp_size)
+            times = colocated_decode_ms(model, arch, batch, context, args.block_size, graph_modes)
             for graphs, ms in times.items():
                 result["decode"].append({"batch": batch, "context": context, "cuda_graphs": graphs, "ms": ms,
                                          "tokens_per_s": batch / (ms / 1e3), "roofline_ms": bound * 1e3,

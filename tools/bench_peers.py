@@ -6,7 +6,7 @@ built from the SAME random weights on the same GPU in one run, against the roofl
     python tools/bench_peers.py --device cpu --shape tiny --batches 2 --contexts 16   # smoke run
 
 Every system decodes `batch` requests that already hold `context` tokens, one token each:
-  * ours: `bench_decode.colocated_decode_ms` (paged cache with random K/V, Triton kernel,
+  * ours: `bench/decode_step.colocated_decode_ms` (paged cache with random K/V, Triton kernel,
     CUDA graphs and eager; the faster is reported), model step only;
   * Megatron-core: `GPTModel` from `get_gpt_layer_local_spec()` (Transformer-Engine and
     flash-attn are not on the device image, so the dynamic engine cannot run; its static
@@ -31,40 +31,34 @@ import contextlib
 import gc
 import json
 import math
-import os
 import statistics
 import sys
 import time
 import traceback
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-import torch.nn.functional as F
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without pip install
 
-if Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
-from megatron_lamina.architecture import ModelArchitecture
-from megatron_lamina.attention.kv_cache import PagedKVCache
-from megatron_lamina.checkpoint.layout import canonical_tensor_shapes, split_qkv
-from megatron_lamina.engine.worker_factory import attention_backend
-from megatron_lamina.model.llama import LlamaModel
-from megatron_lamina.plan import MicroBatch, SequenceChunk, StepPlan
-from tools.bench_decode import SHAPES as DECODE_SHAPES
-from tools.bench_decode import (
-    ceilings,
+from megatron_lamina.architecture import ModelArchitecture  # noqa: E402
+from megatron_lamina.attention.kv_cache import PagedKVCache  # noqa: E402
+from megatron_lamina.bench.decode_step import (  # noqa: E402
+    check_context,
     colocated_decode_ms,
     kv_bytes,
+    local_worker,
     roofline_s,
-    start_one_gpu,
-    time_ms,
-    worker,
 )
-
-SHAPES = {**DECODE_SHAPES, "tiny": {"vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "num_layers": 2,
-                                    "num_attention_heads": 4, "num_kv_heads": 2, "head_dim": 16,
-                                    "max_position_embeddings": 512, "rope_theta": 500000.0}}
+from megatron_lamina.bench.ranks import init_one_rank  # noqa: E402
+from megatron_lamina.bench.timing import ceilings, time_ms, wall_s  # noqa: E402
+from megatron_lamina.checkpoint.layout import canonical_tensor_shapes, split_qkv  # noqa: E402
+from megatron_lamina.engine.worker_factory import attention_backend  # noqa: E402
+from megatron_lamina.model.llama import LlamaModel  # noqa: E402
+from megatron_lamina.plan import MicroBatch, SequenceChunk, StepPlan  # noqa: E402
+from megatron_lamina.planner.shapes import PRESETS  # noqa: E402
 
 
 def free_gpu() -> None:
@@ -73,15 +67,10 @@ def free_gpu() -> None:
 
 
 def step_ms(fn, device: str, repeat: int = 10) -> float:
+    """Median ms of `fn()`: CUDA events on a GPU, the host clock on the CPU (one warm-up)."""
     if device == "cuda":
         return time_ms(fn, repeat=repeat)
-    fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return wall_s(lambda _: fn(), torch.device(device), 1, repeat) * 1e3
 
 
 def random_weights(arch: ModelArchitecture, dtype: torch.dtype, std: float, seed: int, device: str) -> dict:
@@ -118,7 +107,7 @@ def ours_greedy(model, arch, prompts: torch.Tensor, steps: int, device: str) -> 
     per_request = math.ceil((length + steps) / block)
     cache = PagedKVCache(arch.num_layers, batch * per_request, block, arch.num_kv_heads, arch.head_dim,
                          model.config.params_dtype, device)
-    step_worker = worker(model, attention_backend(cache, torch.device(device)), model.tp_group)
+    step_worker = local_worker(model, attention_backend(cache, torch.device(device)))
     tables = [list(range(i * per_request, (i + 1) * per_request)) for i in range(batch)]
     chunks = [SequenceChunk(i, 0, 0, prompts[i].tolist(), [], True, block_table=tables[i]) for i in range(batch)]
     out = []
@@ -134,7 +123,7 @@ def measure_ours(arch, weights, cases, args) -> dict:
     model = build_ours(arch, weights, torch.bfloat16, "cuda")
     result = {"greedy": ours_greedy(model, arch, args.check_prompts, args.check_tokens, "cuda").tolist()}
     for batch, context in cases:
-        times = colocated_decode_ms(model, model.tp_group, arch, batch, context, args.block_size, [False, True])
+        times = colocated_decode_ms(model, arch, batch, context, args.block_size, [False, True])
         result[f"{batch}x{context}"] = {"eager_ms": times[False], "graphs_ms": times[True], "ms": min(times.values())}
     return result
 
@@ -437,8 +426,8 @@ def agreement(tokens: dict) -> dict:
 
 
 def run_gpu(args) -> dict:
-    start_one_gpu(29656)
-    arch = ModelArchitecture(**SHAPES[args.shape])
+    init_one_rank("nccl")
+    arch = PRESETS[args.shape].to_architecture()
     copy_bw, gemm_rate = ceilings()
     weights = random_weights(arch, torch.bfloat16, 0.02, 0, "cuda")
     params = sum(t.numel() for t in weights.values())
@@ -509,11 +498,9 @@ def print_table(result: dict) -> None:
 def run_cpu(args) -> dict:
     """The tiny smoke run: greedy agreement of the three systems on one set of float32
     weights, and each system's decode step timed on the CPU (not a performance figure)."""
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29657")
     if not dist.is_initialized():
-        dist.init_process_group("gloo", rank=0, world_size=1)
-    arch = ModelArchitecture(**SHAPES[args.shape])
+        init_one_rank("gloo")
+    arch = PRESETS[args.shape].to_architecture()
     weights = random_weights(arch, torch.float32, 0.1, 0, "cpu")
     prompts = torch.randint(3, arch.vocab_size, (3, 7), generator=torch.Generator().manual_seed(1))
     steps, batch, context = 5, int(args.batches.split(",")[0]), int(args.contexts.split(",")[0])
@@ -534,7 +521,8 @@ def run_cpu(args) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default="llama3-8b", choices=SHAPES)
+    parser.add_argument("--shape", default="llama3-8b", choices=PRESETS,
+                        help="model shape preset (megatron_lamina/planner/shapes.py)")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--batches", default="64,128,256")
     parser.add_argument("--contexts", default="1024,4096")
@@ -543,6 +531,11 @@ def main(argv=None) -> int:
     parser.add_argument("--block-size", type=int, default=64)
     parser.add_argument("--out", default="bench_peers.json")
     args = parser.parse_args(argv)
+    try:
+        check_context(PRESETS[args.shape].to_architecture(),
+                      [int(c) + args.steps for c in args.contexts.split(",")], args.shape)
+    except ValueError as e:
+        parser.error(f"--contexts (+ --steps): {e}")
     result = run_gpu(args) if args.device == "cuda" else run_cpu(args)
     Path(args.out).write_text(json.dumps(result, indent=2))
     if args.device == "cuda":

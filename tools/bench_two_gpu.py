@@ -34,25 +34,22 @@ import argparse
 import functools
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-
 ROOT = Path(__file__).resolve().parents[1]
-# The repo root replaces tools/ on the path: tools/profile.py must not shadow the stdlib profile.
-sys.path[0] = str(ROOT)
+sys.path.insert(0, str(ROOT))  # runnable from a checkout without pip install
 
-HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 
+from megatron_lamina.bench.ranks import spawn_ranks  # noqa: E402
+from megatron_lamina.bench.timing import median  # noqa: E402
+from megatron_lamina.planner.shapes import PRESETS  # noqa: E402
 
-def _median(xs):
-    return sorted(xs)[len(xs) // 2]
+SHAPE = PRESETS["llama3-8b"]  # parts 2 and 3: LLaMA-3-8B's heads and, in part 3, its whole shape
 
 
 def _direction_groups():
@@ -69,16 +66,17 @@ def _transport_rank(rank, port, token_counts, iters, layers, results):
     from megatron_lamina.transport.p2p import AttentionEndpoint, P2PChannel
 
     to_attention, to_model = _direction_groups()
-    topo = Topology(tp_size=1, head_groups=1, request_shards=1, num_kv_heads=KV_HEADS, attention_workers=1)
+    heads, kv_heads, head_dim = SHAPE.num_heads, SHAPE.num_kv_heads, SHAPE.head_dim
+    topo = Topology(tp_size=1, head_groups=1, request_shards=1, num_kv_heads=kv_heads, attention_workers=1)
     dev, dtype = torch.device("cuda", rank), torch.bfloat16
-    channel = P2PChannel(topo.routes_from_tp(0), 0, HEADS // KV_HEADS, False, to_attention, to_model)
-    endpoint = AttentionEndpoint(topo.routes_to_attention(1), 0, 0, KV_HEADS, HEADS // KV_HEADS, HEAD_DIM,
+    channel = P2PChannel(topo.routes_from_tp(0), 0, heads // kv_heads, False, to_attention, to_model)
+    endpoint = AttentionEndpoint(topo.routes_to_attention(1), 0, 0, kv_heads, heads // kv_heads, head_dim,
                                  dtype, dev, False, to_attention, to_model)
     rows = []
     for n in token_counts:
         mb = MicroBatch([SequenceChunk(0, 0, 0, [0] * n, [0], True)])
-        q = torch.randn(n, HEADS, HEAD_DIM, dtype=dtype, device=dev)
-        k = torch.randn(n, KV_HEADS, HEAD_DIM, dtype=dtype, device=dev)
+        q = torch.randn(n, heads, head_dim, dtype=dtype, device=dev)
+        k = torch.randn(n, kv_heads, head_dim, dtype=dtype, device=dev)
         v = torch.randn_like(k)
         out_bytes, back_bytes = (q.numel() + 2 * k.numel()) * 2, q.numel() * 2
         ping = torch.empty(out_bytes // 2, dtype=dtype, device=dev)
@@ -122,7 +120,7 @@ def _transport_rank(rank, port, token_counts, iters, layers, results):
                 if i >= 2:
                     samples.append((time.perf_counter() - t0) / layers * 1e6)
                     host.append((t1 - t0) / layers * 1e6)
-            times[name], times[name + "_host"] = _median(samples), _median(host)
+            times[name], times[name + "_host"] = median(samples), median(host)
         if rank == 0:
             rows.append({"tokens": n, "bytes_out": out_bytes, "bytes_back": back_bytes,
                          "nccl_pingpong_us": times["bare"], "ours_roundtrip_us": times["ours"],
@@ -134,59 +132,7 @@ def _transport_rank(rank, port, token_counts, iters, layers, results):
 
 
 def transport(token_counts, iters, layers) -> list[dict]:
-    return _spawn(_transport_rank, (token_counts, iters, layers), timeout_s=300)
-
-
-def _guarded(target, rank, port, args, results, hang_s):
-    """Run one rank; a failure or a hang is reported (with every thread's stack) instead of
-    leaving the other rank waiting forever."""
-    import faulthandler
-    import traceback
-
-    faulthandler.dump_traceback_later(hang_s, exit=True)  # a hang prints where, then exits
-    try:
-        target(rank, port, *args, results)
-    except BaseException:
-        message = f"rank {rank} failed:\n{traceback.format_exc()}"
-        print(message, file=sys.stderr, flush=True)
-        results.put(message)
-        results.close()
-        results.join_thread()  # the message is in the pipe before the process ends
-        os._exit(1)
-
-
-def _spawn(target, args, timeout_s: float):
-    """Two ranks on GPUs 0 and 1; returns what rank 0 puts on the queue. A rank that dies or
-    hangs ends the run with its traceback (the parent watches both, it never waits blind)."""
-    import queue
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_guarded, args=(target, r, port, args, results, timeout_s)) for r in range(2)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + timeout_s + 30
-    rows = None
-    try:
-        while rows is None:
-            try:
-                rows = results.get(timeout=5)
-            except queue.Empty:
-                dead = [p for p in procs if p.exitcode not in (None, 0)]
-                if dead or time.monotonic() > deadline:
-                    what = ", ".join(f"rank {procs.index(p)} exit {p.exitcode}" for p in dead) or "timeout"
-                    raise RuntimeError(f"two-GPU run failed ({what}); the ranks' stacks are above")
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-    if isinstance(rows, str):
-        raise RuntimeError(rows)
-    return rows
+    return spawn_ranks(_transport_rank, (token_counts, iters, layers), world=2, timeout_s=300)
 
 
 def _trace_step(step, path: Path, log) -> None:
@@ -201,24 +147,40 @@ def _trace_step(step, path: Path, log) -> None:
     prof.export_chrome_trace(str(path))
 
 
+class _TimedAttention:
+    """The attention worker's backend, each call between two CUDA events (its busy time)."""
+
+    def __init__(self, attend):
+        self.attend, self.busy = attend, []
+
+    def host_index(self, chunks):
+        return self.attend.host_index(chunks)
+
+    def __call__(self, layer, index, q, k, v):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        o = self.attend(layer, index, q, k, v)
+        end.record()
+        self.busy.append((start, end))
+        return o
+
+
 def _throughput_cases(rank, port, cases, layers_only, trace_dir, stage_graphs, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.cuda.set_device(rank)
     dev = torch.device("cuda", rank)
     dist.init_process_group("nccl", rank=rank, world_size=2, device_id=dev)
-    from tools.bench_decode import SHAPES, decode_plan, time_ms
-
-    from megatron_lamina.architecture import ModelArchitecture
-    from megatron_lamina.attention.gpu import PagedAttention
-    from megatron_lamina.attention.kv_cache import PagedKVCache
-    from megatron_lamina.engine.attention_runner import AttentionRunner
-    from megatron_lamina.engine.cuda_graphs import DecodeGraphs
-    from megatron_lamina.engine.model_runner import ModelRunner
+    from megatron_lamina.bench.decode_step import decode_graphs, local_worker, random_cache, random_model
+    from megatron_lamina.bench.plans import announced, blocks_for, decode_plan
+    from megatron_lamina.bench.stand_ins import ZeroAttention
+    from megatron_lamina.bench.timing import time_ms
+    from megatron_lamina.engine.attention_worker import AttentionWorker
+    from megatron_lamina.engine.model_worker import ModelWorker
     from megatron_lamina.engine.stage_graphs import StageGraphs
-    from megatron_lamina.model.llama import LlamaModel
-    from megatron_lamina.plan import MicroBatch, StepPlan
+    from megatron_lamina.engine.token_feed import TokenFeed
+    from megatron_lamina.engine.worker_factory import attention_backend
+    from megatron_lamina.host_to_device import to_device
     from megatron_lamina.topology import Topology
-    from megatron_lamina.transport.channel import LocalChannel
     from megatron_lamina.transport.p2p import AttentionEndpoint, P2PChannel
 
     log = functools.partial(print, f"[rank {rank}]", flush=True)
@@ -226,105 +188,90 @@ def _throughput_cases(rank, port, cases, layers_only, trace_dir, stage_graphs, r
     # rank (TP = 1 issues no collectives); gloo keeps NCCL out of it.
     own = [dist.new_group([r], backend="gloo") for r in range(2)][rank]
     to_attention, to_model = _direction_groups()
-    arch = ModelArchitecture(**SHAPES["llama3-8b"])
-    if layers_only:
-        arch = ModelArchitecture(**{**SHAPES["llama3-8b"], "num_layers": layers_only})
+    arch = SHAPE.with_layers(layers_only).to_architecture() if layers_only else SHAPE.to_architecture()
     L, bs, dtype = arch.num_layers, 64, torch.bfloat16
-    model = LlamaModel(arch, dtype, own, None, arch.vocab_size).to(dev)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02)
+    # The compiled elementwise kernels, as an engine with CUDA graphs builds its model.
+    model = random_model(arch, own, dtype, dev)
     topo = Topology(tp_size=1, head_groups=1, request_shards=1, num_kv_heads=arch.num_kv_heads, attention_workers=1)
     log("model built")
 
-    def set_channel(channel):
-        for layer in model.decoder.layers:
-            layer.remote_attention.channel = channel
-
-    def random_cache(batch, ctx):
-        blocks = batch * -(-(ctx + 1) // bs)
-        cache = PagedKVCache(arch.num_layers, blocks + 1, bs, arch.num_kv_heads, arch.head_dim, dtype, dev)
-        for t in cache.k + cache.v:
-            t.normal_()
-        return cache, blocks
-
-    rows, paged, graphs = [], None, None
+    rows, graphs = [], None
     for batch, ctx, mode, micro in cases:
         log(f"case batch={batch} context={ctx} {mode} micro_batches={micro}")
         dist.barrier()
+        blocks = batch * blocks_for(ctx + 1, bs)
         if mode == "colocated-dp":
             half = batch // 2
-            cache, blocks = random_cache(half, ctx)
-            attend = PagedAttention(cache)
-            set_channel(LocalChannel(attend))
+            cache = random_cache(arch, half * blocks_for(ctx + 1, bs) + 1, bs, arch.num_kv_heads, dtype, dev)
+            attend = attention_backend(cache, dev)
             plan = decode_plan(half, ctx, bs)
-            runner = ModelRunner(model, DecodeGraphs(model, attend, half, -(-(ctx + 1) // bs), scratch_block=blocks))
-            runner.run(plan)
+            step = local_worker(model, attend, decode_graphs(model, attend, half, blocks_for(ctx + 1, bs),
+                                                             scratch_block=half * blocks_for(ctx + 1, bs)))
             log("graphs captured")
             dist.barrier()
-            ms = torch.tensor([time_ms(lambda: runner.run(plan), repeat=5)], device=dev)
+            ms = torch.tensor([time_ms(step.run, repeat=5, inputs=[(plan,)])], device=dev)
             dist.all_reduce(ms, op=dist.ReduceOp.MAX)
             row = {"batch": batch, "context": ctx, "mode": mode, "micro_batches": 1, "step_ms": ms.item()}
         else:
             if rank == 1 and model is not None:  # the attention GPU holds only the KV cache
                 model = None
                 torch.cuda.empty_cache()
-            chunks = decode_plan(batch, ctx, bs).micro_batches[0].chunks
+            plan = decode_plan(batch, ctx, bs, micro_batches=micro)
+            first = announced(plan)  # the attention worker learns the block tables from it
             per = -(-batch // micro)
-            plan = StepPlan([MicroBatch(chunks[i:i + per]) for i in range(0, batch, per)])
             stats = torch.zeros(5, device=dev)
             if rank == 0:
-                # The graphs capture only the stages (not the channel): captured in the first
-                # warm-up step of the model alone, replayed by both runs.
-                graphs = StageGraphs(model, per, micro) if stage_graphs else None
-                set_channel(LocalChannel(lambda layer, c, q, k, v: torch.zeros_like(q)))
-                stats[1] = time_ms(lambda: ModelRunner(model, graphs).run(plan), repeat=5)  # the model alone
-                set_channel(P2PChannel(topo.routes_from_tp(0), 0, arch.queries_per_kv_head, False,
-                                       to_attention, to_model))
-                runner = ModelRunner(model, graphs)
+                # The graphs capture only the stages (not the channel): captured before the
+                # model alone is timed, replayed by both runs.
+                if stage_graphs:
+                    graphs = StageGraphs(model, per, micro)
+                    graphs.capture()
+                alone = local_worker(model, ZeroAttention(), stage_graphs=graphs)
+                stats[1] = time_ms(alone.run, repeat=5, inputs=[(plan,)])  # the model alone
+                channel = P2PChannel(topo.routes_from_tp(0), 0, arch.queries_per_kv_head, False, to_attention, to_model)
+                step = ModelWorker(model, channel, TokenFeed(own, dev), stage_graphs=graphs)
+                run = step.run
             else:
-                cache, _ = random_cache(batch, ctx)
-                paged = PagedAttention(cache)
-                shapes = [(mb.chunks, len(mb.chunks)) for mb in plan.micro_batches]
+                cache = random_cache(arch, blocks, bs, arch.num_kv_heads, dtype, dev)
+                paged = attention_backend(cache, dev)
+                qkv = [(torch.empty(len(mb.chunks), arch.num_attention_heads, arch.head_dim, dtype=dtype, device=dev),
+                        torch.empty(len(mb.chunks), arch.num_kv_heads, arch.head_dim, dtype=dtype, device=dev))
+                       for mb in first.micro_batches]
+                indices = to_device([paged.host_index(mb.chunks) for mb in first.micro_batches], dev)
 
                 def attention_alone():  # the same kernels, no transport
                     for layer in range(L):
-                        for mb_chunks, n in shapes:
-                            q = torch.empty(n, arch.num_attention_heads, arch.head_dim, dtype=dtype, device=dev)
-                            k = torch.empty(n, arch.num_kv_heads, arch.head_dim, dtype=dtype, device=dev)
-                            paged(layer, mb_chunks, q, k, k)
+                        for index, (q, k) in zip(indices, qkv):
+                            paged(layer, index, q, k, k)
 
                 stats[2] = time_ms(attention_alone, repeat=5)
-                busy = []
-
-                def timed_attend(layer, c, q, k, v):
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    o = paged(layer, c, q, k, v)
-                    end.record()
-                    busy.append((start, end))
-                    return o
-
+                timed = _TimedAttention(paged)
                 endpoint = AttentionEndpoint(topo.routes_to_attention(1), 0, 0, arch.num_kv_heads,
                                              arch.queries_per_kv_head, arch.head_dim, dtype, dev, False,
                                              to_attention, to_model)
-                runner = AttentionRunner(endpoint, timed_attend, L)
+                step = AttentionWorker(endpoint, timed, L, dev)
+                run = step.serve
             log("measured alone; pipelined run")
             dist.barrier()
-            ms = time_ms(lambda: runner.run(plan), repeat=5)  # both ranks run 3 + 5 steps
+            run(first)  # both ranks: one untimed step that carries the block tables
+            timed_steps, calls = 3 + 5, L * len(plan.micro_batches)  # time_ms's warm-up + repeats
+            ms = time_ms(run, repeat=5, warmup=3, inputs=[(plan,)])
             torch.cuda.synchronize()
             if trace_dir:
                 name = f"trace_rank{rank}_{batch}x{ctx}_mb{micro}.json"
-                _trace_step(lambda: runner.run(plan), Path(trace_dir) / name, log)
+                _trace_step(lambda: run(plan), Path(trace_dir) / name, log)
             if rank == 0:
                 stats[0] = ms
             else:
-                stats[3] = sum(s.elapsed_time(e) for s, e in busy) / 8  # 8 steps ran
+                # the attention calls of the timed steps (not the first one, nor a traced one after)
+                busy = timed.busy[-timed_steps * calls:] if not trace_dir else \
+                    timed.busy[-(timed_steps + 1) * calls:-calls]
+                stats[3] = sum(s.elapsed_time(e) for s, e in busy) / timed_steps
             dist.all_reduce(stats)
-            step, model_ms, attention_alone_ms, attention_busy_ms, _ = stats.tolist()
-            row = {"batch": batch, "context": ctx, "mode": mode, "micro_batches": micro, "step_ms": step,
+            step_ms, model_ms, attention_alone_ms, attention_busy_ms, _ = stats.tolist()
+            row = {"batch": batch, "context": ctx, "mode": mode, "micro_batches": micro, "step_ms": step_ms,
                    "stage_graphs": stage_graphs, "model_alone_ms": model_ms, "attention_alone_ms": attention_alone_ms,
-                   "model_busy": model_ms / step, "attention_busy": attention_busy_ms / step}
+                   "model_busy": model_ms / step_ms, "attention_busy": attention_busy_ms / step_ms}
             # Part 4 (`predict`): the planner's pipeline model fed with these costs per layer and
             # micro-batch, and the round trip of this message size from part 2.
             row["pipeline_inputs"] = {"layers": L, "M_ms": model_ms / (L * micro),
@@ -332,7 +279,7 @@ def _throughput_cases(rank, port, cases, layers_only, trace_dir, stage_graphs, r
         row["tokens_per_s"] = batch / (row["step_ms"] / 1e3)
         row["tpot_ms"] = row["step_ms"]
         rows.append(row)
-        runner = cache = paged = graphs = None  # the closures above hold `paged`: the cache goes with it
+        step = run = cache = paged = attend = graphs = timed = None  # the closures hold the cache
         torch.cuda.empty_cache()
     if rank == 0:
         results.put(rows)
@@ -340,7 +287,7 @@ def _throughput_cases(rank, port, cases, layers_only, trace_dir, stage_graphs, r
 
 
 def throughput(cases, layers_only=0, hang_s=540, trace_dir=None, stage_graphs=False) -> list[dict]:
-    return _spawn(_throughput_cases, (cases, layers_only, trace_dir, stage_graphs), timeout_s=hang_s)
+    return spawn_ranks(_throughput_cases, (cases, layers_only, trace_dir, stage_graphs), world=2, timeout_s=hang_s)
 
 
 def predict(rows: list[dict], transport_rows: list[dict]) -> None:

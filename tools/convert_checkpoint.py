@@ -6,8 +6,7 @@ example per source)."""
 import sys
 from pathlib import Path
 
-# Runnable as `python tools/convert_checkpoint.py` from a checkout without `pip install`.
-sys.path[0] = str(Path(__file__).resolve().parent.parent)  # not tools/: tools/profile.py would shadow the stdlib profile
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without pip install
 
 from megatron_lamina.launch.convert import main  # noqa: E402
 

@@ -1,7 +1,7 @@
 """The paper-style comparison (issue #6): homogeneous H100 vs H100 model workers + H20 or H200
 attention workers, at equal cost, per model and trace, from the planner's search.
 
-    # on CPU, from the H100 cost tables measured (8B) / TP-emulated (70B) by tools/profile.py;
+    # on CPU, from the H100 cost tables measured (8B) / TP-emulated (70B) by tools/profile_costs.py;
     # H20 and H200 come from datasheet numbers (--synthetic) and are labelled so
     python tools/paper_table.py --costs llama3-8b=out/costs-h100-llama3-8b.json \\
         --costs llama3-70b=out/costs-h100-llama3-70b.json --out-dir out/paper
@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[0] = str(ROOT)  # not tools/: tools/profile.py would shadow the stdlib profile
+sys.path.insert(0, str(ROOT))  # runnable from a checkout without pip install
 
 TRACES = {"azure-conv": ROOT.parent / "shared" / "traces" / "AzureLLMInferenceTrace_conv.csv",
           "mooncake-conv": ROOT.parent / "shared" / "traces" / "mooncake_conversation_trace.jsonl"}
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", default="out/paper")
     parser.add_argument("--network", choices=("link", "measured"), default="link",
                         help="link: the measured tables' network curve is replaced by prices.yaml's interconnect, "
-                             "as the synthetic tables have it (default); measured: keep what profile.py measured")
+                             "as the synthetic tables have it (default); measured: keep what profile_costs.py measured")
     args = parser.parse_args(argv)
 
     costs = dict(c.split("=", 1) for c in args.costs)

@@ -12,7 +12,7 @@
     python tools/plan.py simulate --config configs/gpu-colocated.yaml --model llama3-8b \\
         --costs h100.json --model-device H100 --trace ... --requests 200 --rate-scale 1
 
-Cost tables come from tools/profile.py (one JSON per device type, measured) or, with
+Cost tables come from tools/profile_costs.py (one JSON per device type, measured) or, with
 --synthetic, from the datasheet numbers in configs/planner/prices.yaml for every device that has no
 measured table. `search` prints the ranked table, writes the recommended config (and the
 best colocated one, the equal-cost baseline) in configs/ format, a JSON of every evaluated
@@ -27,7 +27,7 @@ import json
 import sys
 from pathlib import Path
 
-sys.path[0] = str(Path(__file__).resolve().parents[1])  # not tools/: tools/profile.py would shadow the stdlib profile
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without pip install
 
 from megatron_lamina.planner.cost_table import CostTable  # noqa: E402
 from megatron_lamina.planner.devices import DEFAULT_PRICES, load_prices  # noqa: E402
@@ -58,7 +58,7 @@ def load_tables(args, shape: ModelShape, devices: set[str], tp_sizes: tuple[int,
         tables[table.device] = table
     for name in sorted(devices - set(tables)):
         if not args.synthetic:
-            raise ValueError(f"no cost table for device {name}: pass one with --costs (tools/profile.py "
+            raise ValueError(f"no cost table for device {name}: pass one with --costs (tools/profile_costs.py "
                              "writes them) or --synthetic for datasheet estimates")
         if name not in specs:
             raise ValueError(f"device {name} is not in {args.prices} (devices: {', '.join(specs)})")
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--costs", nargs="*", metavar="JSON", help="cost tables from tools/profile.py")
+    common.add_argument("--costs", nargs="*", metavar="JSON", help="cost tables from tools/profile_costs.py")
     common.add_argument("--synthetic", action="store_true",
                         help="datasheet roofline tables for devices without a measured one (labelled synthetic)")
     common.add_argument("--prices", default=str(DEFAULT_PRICES), help="device prices and datasheet numbers")

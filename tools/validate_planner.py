@@ -6,10 +6,11 @@
     python tools/validate_planner.py --device cpu --shape tiny --slice azure configs/planner/traces/azure-conv-slice.csv 6 8 ...
 
 Steps, each with the project's own tools:
-  1. a random-weight checkpoint of --shape (tools/random_checkpoint.py; --checkpoint reuses one);
+  1. a random-weight checkpoint of --shape (checkpoint/random_weights.py, tools/random_checkpoint.py's
+     program; --checkpoint reuses one);
   2. its cost table on this device, TP 1, grids sized for the slices: model up to the prefill
      budget in tokens, attention up to the batch cap and the slices' longest context
-     (tools/profile.py; --costs reuses one);
+     (tools/profile_costs.py; --costs reuses one);
   3. the real server (torchrun launcher/serve.py, colocated TP 1, CUDA graphs on a GPU as the
      profile's --graphs model curves (--eager: neither), a fixed `kv_cache.num_blocks` so that
      the simulator gets the same capacity), and against it, with tools/bench_serving.py:
@@ -51,22 +52,24 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[0] = str(ROOT)  # not tools/: tools/profile.py would shadow the stdlib profile
+sys.path.insert(0, str(ROOT))  # runnable from a checkout without pip install
 
-from megatron_lamina.bench.server_job import MetricsPoller, ServerJob, free_port
-from megatron_lamina.config import load_config
-from megatron_lamina.planner.cost_table import CostTable
-from megatron_lamina.planner.layout import Layout
-from megatron_lamina.planner.serving_overhead import (
+from megatron_lamina.bench import serving_replay  # noqa: E402
+from megatron_lamina.bench.server_job import MetricsPoller, ServerJob, free_port  # noqa: E402
+from megatron_lamina.checkpoint.random_weights import write_random_checkpoint  # noqa: E402
+from megatron_lamina.config import load_config  # noqa: E402
+from megatron_lamina.planner.cost_table import CostTable  # noqa: E402
+from megatron_lamina.planner.layout import Layout  # noqa: E402
+from megatron_lamina.planner.serving_overhead import (  # noqa: E402
     ServingOverhead,
     decode_step_samples,
     fit,
     measure_detokenization,
     serving_simulator,
 )
-from megatron_lamina.planner.shapes import load_shape
-from megatron_lamina.planner.simulator import StepCostModel
-from megatron_lamina.planner.trace import read_trace, select
+from megatron_lamina.planner.shapes import load_shape  # noqa: E402
+from megatron_lamina.planner.simulator import StepCostModel  # noqa: E402
+from megatron_lamina.planner.trace import read_trace, select  # noqa: E402
 
 TRACES = ROOT / "configs" / "planner" / "traces"
 DEFAULT_SLICES = [("azure", str(TRACES / "azure-conv-slice.csv"), "400", "2"),
@@ -76,15 +79,6 @@ TARGETS = ("request_throughput", "output_throughput", "tpot_mean", "tpot_p50", "
 
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def load_bench():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_serving", ROOT / "tools" / "bench_serving.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def run_tool(cmd: list[str], log_path: Path) -> None:
@@ -121,7 +115,7 @@ def gauge_summary(samples: list[tuple[float, dict]]) -> dict:
     return out
 
 
-def bench(bench_module, url: str, trace: Path, requests: int, rate_scale: float, args, out: Path, plot_path: Path,
+def bench(url: str, trace: Path, requests: int, rate_scale: float, args, out: Path, plot_path: Path,
           max_input_len: int | None, max_output_len: int | None) -> dict:
     argv = ["--url", url, "--trace", str(trace), "--skip", str(args.skip), "--max-requests", str(requests),
             "--rate-scale", str(rate_scale), "--seed", str(args.seed), "--timeout", "600",
@@ -133,7 +127,7 @@ def bench(bench_module, url: str, trace: Path, requests: int, rate_scale: float,
     printed = io.StringIO()
     try:
         with contextlib.redirect_stdout(printed):
-            bench_module.main(argv)
+            serving_replay.main(argv)
     except ImportError as e:  # no matplotlib: the JSON is written before the plot
         log(f"bench_serving: no plot ({e})")
     report = json.loads(out.read_text())
@@ -148,7 +142,7 @@ def _grid(points: list[int], top: int) -> str:
 
 
 def profile_command(args, shape_name: str, out: Path, cap: int, prefill: int, max_context: int) -> list[str]:
-    """tools/profile.py for TP 1 with grids that cover the slices: the model and the sampler up to
+    """tools/profile_costs.py for TP 1 with grids that cover the slices: the model and the sampler up to
     a full prefill step plus the batch (tokens), attention up to the batch cap and the longest
     context, prefill chunks up to the budget (and chunked continuations). On the CPU one thread,
     as the server's rank gets (OMP_NUM_THREADS=1), and the profiler's default layers and repeats."""
@@ -158,7 +152,7 @@ def profile_command(args, shape_name: str, out: Path, cap: int, prefill: int, ma
     if max_context > prefill:
         prefill_points.append((max_context - prefill, prefill))
     graphs = ["--graphs", "--graph-max-batch", str(tokens)] if args.device == "cuda" and not args.eager else []
-    return [sys.executable, str(ROOT / "tools" / "profile.py"), "--model", shape_name, "--device", args.device,
+    return [sys.executable, str(ROOT / "tools" / "profile_costs.py"), "--model", shape_name, "--device", args.device,
             "--dtype", args.dtype, "--tp", "1",
             "--batches", _grid([1, 4, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192], tokens),
             "--attention-batches", _grid([1, 4, 8, 16, 32, 64, 128, 256, 512], cap),
@@ -311,9 +305,12 @@ def main(argv: list[str] | None = None) -> int:
     # 1. checkpoint
     checkpoint = Path(args.checkpoint) if args.checkpoint else work / f"random-{shape.name}"
     if not args.checkpoint:
-        run_tool([sys.executable, str(ROOT / "tools" / "random_checkpoint.py"), "--shape", shape.name,
-                  "--dtype", args.dtype, "--device", args.device, "--output", str(checkpoint), "--overwrite"],
-                 work / "random_checkpoint.log")
+        log(f"random checkpoint of {shape.name} ({args.dtype}, drawn on {args.device}): {checkpoint}")
+        write_random_checkpoint(checkpoint, shape.name, args.dtype, args.device, overwrite=True)
+        if args.device == "cuda":  # the server starts on this GPU next: give back what the drawing cached
+            import torch
+
+            torch.cuda.empty_cache()
     # 2. cost table
     costs_path = out / "costs.json"
     if args.costs:
@@ -343,7 +340,6 @@ def main(argv: list[str] | None = None) -> int:
     layout = Layout(table.device, 1, None, 0, 1, s.micro_batches, s.max_batch_size, s.max_prefill_tokens,
                     cfg.kv_cache.block_size)
     base_costs = StepCostModel(layout, shape, table, table)
-    bench_module = load_bench()
     log(f"server: {args.config} {' '.join(overrides)}")
     server = ServerJob(overrides, args.config, port, out / "server.log", cpu=args.device == "cpu")
     watchdog = threading.Timer(max(1.0, args.budget_s - (time.monotonic() - started)), server.kill)
@@ -358,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
             trace.write_text("".join(json.dumps({"timestamp": 0, "input_length": args.calibration_prompt,
                                                  "output_length": args.calibration_output}) + "\n"
                                      for _ in range(batch)))
-            report = bench(bench_module, server.url, trace, batch, 1.0, argparse.Namespace(skip=0, seed=args.seed),
+            report = bench(server.url, trace, batch, 1.0, argparse.Namespace(skip=0, seed=args.seed),
                            work / f"bench-calibration-{batch}.json", work / f"bench-calibration-{batch}.png",
                            None, None)
             got = decode_step_samples(report["requests"], args.calibration_prompt, base_costs)
@@ -373,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"slice {sl['name']}: {sl['requests']} requests x{sl['rate_scale']:g} ({sl['trace']})")
             poller = MetricsPoller(server.url)
             try:
-                report = bench(bench_module, server.url, Path(sl["trace"]), sl["requests"], sl["rate_scale"],
+                report = bench(server.url, Path(sl["trace"]), sl["requests"], sl["rate_scale"],
                                args, out / f"bench-{sl['name']}.json", work / f"bench-{sl['name']}.png",
                                args.max_input_len, args.max_output_len)
             finally:

@@ -1,1 +1,13 @@
-"""Shared machinery of the benchmark and profiling tools (tools/bench_*.py, tools/profile.py)."""
+"""Shared machinery of the benchmark and profiling tools (tools/bench_*.py, tools/profile_costs.py,
+tools/validate_planner.py), so that each tool is a thin command line over it:
+
+  timing.py          CUDA-event, CUDA-graph and host-clock timing; copy and GEMM ceilings
+  ranks.py           a one-rank or torchrun TP world; ranks spawned for a measurement
+  plans.py           step plans built by hand (decode steps, paged chunks)
+  decode_step.py     our decode step on random weights and caches, and its roofline
+  stand_ins.py       parts that stand in for the engine's (attention that returns zeros)
+  serving_replay.py  the serving benchmark: a trace or closed batch against an endpoint
+  server_job.py      a real server started, sampled and stopped for a benchmark
+  decode_window.py   the decode phase of a closed batch, from the client's and server's view
+Model shapes are the planner's presets (planner/shapes.py): one description of each model.
+"""

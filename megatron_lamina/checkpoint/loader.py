@@ -1,9 +1,9 @@
 """Loads one tensor-parallel rank's shard of a canonical checkpoint into a Megatron model.
 
-Model workers build their `GPTModel` and call `CheckpointShardLoader(dir, tp_rank, tp_size,
-dtype).load_into(model)`. Each tensor is sliced as Megatron shards it, reading only that
-slice from `model.safetensors` (safetensors slices are lazy), so one unsharded checkpoint
-serves every TP size:
+The worker factory builds a model worker's `LlamaModel` (model/llama.py) and calls
+`CheckpointShardLoader(dir, tp_rank, tp_size, dtype).load_into(model)`. Each tensor is
+sliced as Megatron shards it, reading only that slice from `model.safetensors` (safetensors
+slices are lazy), so one unsharded checkpoint serves every TP size:
 
     word embeddings, output layer   rows, over the vocab padded to a multiple of tp_size
                                     (rows past the real vocab are zeros)

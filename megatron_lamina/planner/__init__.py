@@ -9,12 +9,12 @@ One job per module, data flowing down the list:
   trace.py       request traces (Azure CSV, Mooncake JSONL) as arrival time + token counts
   layout.py      one candidate layout: devices, KV capacity, price, the config it becomes
   pipeline.py    the time of one engine step: staggered pipeline or colocated
-  simulator.py   discrete-event replay of a trace through a mirror of the engine's scheduler
+  simulator.py   discrete-event replay of a trace through the engine's own scheduler
   serving_overhead.py  a real server's per-step host time beyond the profile, fitted from
                  calibration runs (tools/validate_planner.py)
   stats.py       percentiles and the latency summary shared with tools/bench_serving.py
   search.py      enumerate layouts, simulate each, rank by throughput per dollar under a SLO
 
-tools/profile.py writes cost tables, tools/plan.py drives the rest; docs/PLANNER.md says how
+tools/profile_costs.py writes cost tables, tools/plan.py drives the rest; docs/PLANNER.md says how
 the simulator models the engine and what it assumes.
 """

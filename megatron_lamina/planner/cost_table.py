@@ -1,6 +1,6 @@
 """Cost tables: what one device type costs for the pieces of an engine step (JSON on disk).
 
-tools/profile.py measures a table on a device (or `synthetic.py` derives one from a
+tools/profile_costs.py measures a table on a device (or `synthetic.py` derives one from a
 datasheet); the simulator reads it through the lookups below. One table is for one device
 type, one model shape and one dtype. Times are seconds:
 
@@ -150,7 +150,7 @@ class CostTable:
     def from_dict(cls, d: dict) -> "CostTable":
         if d.get("format") != FORMAT:
             raise ValueError(f"not a cost table: format is {d.get('format')!r}, expected {FORMAT!r} "
-                             "(tools/profile.py writes them)")
+                             "(tools/profile_costs.py writes them)")
         return cls(device=d["device"], source=d["source"], shape=ModelShape.from_dict(d["shape"]),
                    dtype=d["dtype"],
                    model_layer={int(tp): Curve.from_dict(c) for tp, c in d["model_layer"].items()},
@@ -168,7 +168,7 @@ class CostTable:
         try:
             return cls.from_dict(json.loads(Path(path).read_text()))
         except FileNotFoundError:
-            raise ValueError(f"{path}: no such cost table (write one with tools/profile.py)") from None
+            raise ValueError(f"{path}: no such cost table (write one with tools/profile_costs.py)") from None
 
 
 def prefill_pairs(tokens: int, context_end: int) -> int:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 
 import yaml
 
-from megatron_lamina.config import LaminaConfig
+from megatron_lamina.config import LaminaConfig, request_shards
 from megatron_lamina.planner.devices import DeviceSpec
 from megatron_lamina.planner.shapes import ModelShape
 
@@ -43,7 +43,7 @@ class Layout:
 
     @property
     def request_shards(self) -> int:
-        return 1 if self.colocated else self.attention_workers // self.head_groups
+        return request_shards(self.attention_workers, self.head_groups)
 
     @property
     def num_devices(self) -> int:

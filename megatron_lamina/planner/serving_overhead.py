@@ -1,6 +1,6 @@
 """Host time a real server spends per step beyond the profiled forward pass, measured and fitted.
 
-A cost table (tools/profile.py) times `ModelWorker.run` and the sampler; the serving driver
+A cost table (tools/profile_costs.py) times `ModelWorker.run` and the sampler; the serving driver
 also schedules, broadcasts the plan, copies the inputs, reads the tokens back, detokenizes and
 streams (with asynchronous scheduling much of it while the GPU runs the next step).
 `ServingOverhead` is
@@ -27,8 +27,7 @@ from dataclasses import dataclass
 from megatron_lamina.planner.cost_table import CostTable
 from megatron_lamina.planner.layout import Layout
 from megatron_lamina.planner.shapes import ModelShape
-from megatron_lamina.planner.simulator import EngineSimulator, SimRequest, StepCostModel
-from megatron_lamina.planner.trace import TraceRequest
+from megatron_lamina.planner.simulator import ChunkWork, EngineSimulator, StepCostModel
 
 
 @dataclass
@@ -50,20 +49,17 @@ class ServingOverhead:
 class ServingStepCostModel(StepCostModel):
     overhead: ServingOverhead | None = None
 
-    def step_time(self, micro_batches, sampled_rows: int) -> float:
-        decoded = sum(r.generated + 1 for chunks in micro_batches for r, n in chunks
-                      if r.num_computed + n == r.num_tokens)   # the rows that get a token
-        return super().step_time(micro_batches, sampled_rows) + self.overhead.time(sampled_rows, decoded)
+    def step_time(self, micro_batches: list[list[ChunkWork]], sampled_rows: int, decoded_tokens: int = 0) -> float:
+        return super().step_time(micro_batches, sampled_rows) + self.overhead.time(sampled_rows, decoded_tokens)
 
 
 def serving_simulator(layout: Layout, shape: ModelShape, costs: CostTable, num_blocks: int,
                       overhead: ServingOverhead | None, max_model_len: int | None = None) -> EngineSimulator:
     """A colocated or disaggregated `EngineSimulator` whose steps also pay `overhead` (None: not)."""
     layout.check(shape)
-    sim = EngineSimulator(layout, shape, costs, None, num_blocks, max_model_len)
-    if overhead is not None:
-        sim.costs = ServingStepCostModel(layout, shape, costs, costs, overhead)
-    return sim
+    step_costs = (StepCostModel(layout, shape, costs, costs) if overhead is None
+                  else ServingStepCostModel(layout, shape, costs, costs, overhead))
+    return EngineSimulator(step_costs, num_blocks, max_model_len)
 
 
 def decode_step_samples(records: list[dict], prompt_len: int, costs: StepCostModel) -> list[tuple[int, int, float]]:
@@ -90,12 +86,8 @@ def decode_step_samples(records: list[dict], prompt_len: int, costs: StepCostMod
     for k, values in sorted(gaps.items()):
         if len(values) < max(1, batch // 2):
             continue
-        rows = []
-        for i in range(batch):
-            r = SimRequest(i, TraceRequest(0.0, prompt_len, k + 1))
-            r.generated, r.num_computed, r.shard = k, prompt_len + k - 1, 0
-            rows.append((r, 1))
-        modelled = StepCostModel.step_time(costs, [rows], batch)
+        # B decode rows on shard 0, each feeding its (k-1)-th output token: context prompt + k
+        modelled = StepCostModel.step_time(costs, [[(0, prompt_len + k, 1)] * batch], batch)
         samples.append((batch, batch * (k + 1), statistics.median(values) - modelled))
     return samples
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_lamina.architecture import ModelArchitecture, read_architecture
+from megatron_lamina.checkpoint.loader import padded_vocab_size
 
 
 @dataclass(frozen=True)
@@ -95,15 +96,15 @@ class ModelShape:
         return dataclasses.replace(self, num_layers=num_layers)
 
     def padded_vocab(self, tp: int) -> int:
-        """The vocabulary padded as `LlamaModel` is built for TP `tp` (a multiple of 128 x tp)."""
-        multiple = 128 * tp
-        return -(-self.vocab_size // multiple) * multiple
+        """The vocabulary padded as the engine builds `LlamaModel` for TP `tp` (the worker
+        factory's rule, `checkpoint.loader.padded_vocab_size`: a multiple of tp)."""
+        return padded_vocab_size(self.vocab_size, tp)
 
     def tp_shard(self, tp: int) -> "ModelShape":
         """What one rank of TP `tp` holds, as a shape to build at TP 1: the same hidden size and
         head dim, query heads, KV heads and MLP intermediate size / tp, and the LM head's (and
         embedding's) padded vocabulary / tp: exactly the GEMM shapes a TP rank runs
-        (tools/profile.py --emulate-tp)."""
+        (tools/profile_costs.py --emulate-tp)."""
         if tp == 1:
             return self
         for what, n in (("KV heads", self.num_kv_heads), ("query heads", self.num_heads),

@@ -1,28 +1,31 @@
-"""Discrete-event replay of a trace through a mirror of the engine (DESIGN.md section 8).
+"""Discrete-event replay of a trace through the engine's own scheduler (DESIGN.md section 8).
 
-The scheduling is the engine's own logic (engine/scheduler.py, block_manager.py,
-llm_engine.py), restated over token counts instead of tokens:
-  * one step at a time; requests that arrived by the start of a step join `waiting`;
-  * every running request feeds its pending tokens: one for decode, else a prompt chunk
-    under the step's `max_prefill_tokens` budget; then waiting requests are admitted, FIFO,
-    while the batch cap and the budget allow, each on the request shard with the most free
-    KV blocks, if that shard has the blocks for its first chunk;
-  * a request whose shard has no block for its next token preempts the youngest running
-    request of that shard (possibly itself): its blocks are freed and it goes back to the
-    head of `waiting`, to be recomputed (prompt + the tokens it already has) later;
-  * the step's chunks are dealt into `micro_batches` micro-batches, balancing tokens;
-  * every chunk that ends its request's known tokens yields one token at the end of the
-    step; a request is done at its trace output length (ignore_eos) or at the model's
-    context length.
-The step's duration comes from the cost tables through pipeline.py (see there and
-docs/PLANNER.md for the formula). One deviation: a request whose context outgrows a whole
-shard's cache is finished as `kv_capacity` here; the engine would preempt and recompute it
-forever.
+The scheduling policy is not restated here: `EngineSimulator` drives the engine's
+`Scheduler` and `BlockManager` (engine/scheduler.py, block_manager.py) with `Request`s whose
+tokens are placeholders, and supplies only what the engine's driver (llm_engine.py) and the
+devices would:
+  * a clock: requests that arrived by the start of a step are added (`Scheduler.add`; a
+    request its `check_fits` refuses is `rejected` when the prompt reaches the model's
+    context, `rejected_kv` when it is longer than one shard's whole cache), and every
+    planned step advances the clock by its duration;
+  * one placeholder token per sampled chunk at the end of the step, and the driver's stop
+    rule (the trace's output length with ignore_eos, or the model's context): the request
+    ends with `length` (`Scheduler.finish`). A request the scheduler ended itself because its
+    context outgrew a whole shard's cache (`take_ended`, also `length` to the client) is
+    counted as `kv_capacity`, one stopped at the model's context short of its output length
+    as `truncated`; both count as completed;
+  * the step's duration, from the cost tables through pipeline.py (`StepCostModel`; see there
+    and docs/PLANNER.md for the formula).
+It replays the synchronous loop (`scheduler.async_scheduling: false`: plan, run, read back).
+With asynchronous scheduling the tokens are the same, but a request's last token is read
+back after the next step is planned, so its batch slot and blocks free one step later.
 
 `decode_only=True` is the paper's setting instead of our engine's: prefill runs on other
-workers that are not modelled, so an admitted request arrives with its prompt's KV (blocks
-for the whole prompt, no prefill budget) and every step only decodes; TTFT then excludes
-prefill.
+workers that are not modelled, so an admitted request arrives with its prompt's KV and every
+step only decodes; TTFT then excludes prefill. The scheduler plans it with an unbounded
+prefill budget (an admission takes no budget, the blocks of its whole prompt), and each chunk
+costs one decode token at its context, the step's chunks dealt round-robin into the
+micro-batches as the scheduler deals single tokens.
 
 `simulate(..., saturate=True)` measures the layout's capacity instead of replaying the
 trace's arrival times: the trace's lengths, cycled, all waiting at time 0; throughput is
@@ -33,10 +36,16 @@ that ran entirely inside it.
 
 from __future__ import annotations
 
-import heapq
-from collections import deque
+import sys
 from dataclasses import dataclass, field
+from typing import Callable
+import torch
 
+from megatron_lamina.engine.block_manager import BlockManager
+from megatron_lamina.engine.request import Request
+from megatron_lamina.engine.sampling import SamplingParams
+from megatron_lamina.engine.scheduler import Scheduler
+from megatron_lamina.plan import StepPlan
 from megatron_lamina.planner.cost_table import CostTable, prefill_pairs
 from megatron_lamina.planner.layout import Layout
 from megatron_lamina.planner.pipeline import (
@@ -46,23 +55,11 @@ from megatron_lamina.planner.shapes import ModelShape
 from megatron_lamina.planner.stats import summarize
 from megatron_lamina.planner.trace import TraceRequest
 
-WAITING, RUNNING, FINISHED = 0, 1, 2
 
-
-class SimRequest:
-    __slots__ = ("index", "arrival_s", "prompt_len", "output_len", "generated", "num_computed", "shard",
-                 "blocks", "status", "first_token_s", "finish_s", "finish_reason", "preemptions")
-
-    def __init__(self, index: int, r: TraceRequest):
-        self.index, self.arrival_s, self.prompt_len, self.output_len = index, r.arrival_s, r.input_len, r.output_len
-        self.generated = self.num_computed = self.blocks = self.preemptions = 0
-        self.shard, self.status = -1, WAITING
-        self.first_token_s = self.finish_s = None
-        self.finish_reason: str | None = None
-
-    @property
-    def num_tokens(self) -> int:
-        return self.prompt_len + self.generated
+# What one chunk of a step costs: (shard, end, tokens): `tokens` fed on request shard `shard`,
+# the request's context being `end` tokens after them (one token: a decode row; more: a
+# prefill chunk). A plain tuple: a step of a large batch builds hundreds.
+ChunkWork = tuple[int, int, int]
 
 
 @dataclass
@@ -85,16 +82,17 @@ class StepCostModel:
         self.send_bytes_per_row = shape.attention_in_bytes_per_token(b) / split
         self.reply_bytes_per_row = shape.attention_out_bytes_per_token(b) / split
 
-    def step_time(self, micro_batches: list[list[tuple[SimRequest, int]]], sampled_rows: int) -> float:
+    def step_time(self, micro_batches: list[list[ChunkWork]], sampled_rows: int, decoded_tokens: int = 0) -> float:
+        """`decoded_tokens`: the output tokens the sampled rows hold after the step (only a
+        serving overhead's per-token term reads it, serving_overhead.py)."""
         lay, model, att = self.layout, self.model_costs, self.attention_costs
         costs = []
         for chunks in micro_batches:
             tokens = 0
             per_shard: dict[int, list] = {}   # shard -> [decode requests, context sum, prefill s, rows]
-            for r, n in chunks:
+            for shard, end, n in chunks:
                 tokens += n
-                work = per_shard.setdefault(r.shard, [0, 0, 0.0, 0])
-                end = r.num_computed + n
+                work = per_shard.setdefault(shard, [0, 0, 0.0, 0])
                 if n == 1:
                     work[0] += 1
                     work[1] += end
@@ -122,7 +120,7 @@ class SimResult:
     completed: int
     rejected: int                 # could never run: prompt >= the model's context ...
     rejected_kv: int              # ... or longer than one shard's KV cache
-    kv_capacity: int              # outgrew one shard's cache while running (see module doc)
+    kv_capacity: int              # ended by the scheduler: outgrew one shard's cache while running
     truncated: int                # stopped at the model's context before their output length
     duration_s: float             # the measured window (saturate) or first arrival .. last finish
     output_tokens: int            # in the window
@@ -157,215 +155,163 @@ class SimResult:
                 "ttft_s": self.ttft_s, "tpot_s": self.tpot_s, "e2e_s": self.e2e_s}
 
 
+FINISHED = ("length", "context", "kv_capacity")
+
+
+@dataclass(slots=True)
+class Replayed:
+    """One trace request in the replay: the engine's `Request` (None if it was refused) and
+    what the clock saw of it. `outcome`: length (its output length), context (the model's
+    context came first), kv_capacity (ended by the scheduler), rejected or rejected_kv."""
+
+    trace: TraceRequest
+    request: Request | None = None
+    outcome: str | None = None
+    first_token_s: float | None = None
+    finish_s: float | None = None
+
+    @property
+    def generated(self) -> int:
+        return len(self.request.output_token_ids) if self.request is not None else 0
+
+
 class EngineSimulator:
-    def __init__(self, layout: Layout, shape: ModelShape, model_costs: CostTable,
-                 attention_costs: CostTable | None, num_blocks: int, max_model_len: int | None = None,
+    """The engine's scheduler on a clock: `run` replays a trace, one engine step at a time."""
+
+    def __init__(self, costs: StepCostModel, num_blocks: int, max_model_len: int | None = None,
                  decode_only: bool = False):
         if num_blocks < 1:
-            raise ValueError(f"{layout.label}: no KV blocks (the weights do not fit, or kv blocks = {num_blocks})")
-        self.layout, self.shape = layout, shape
-        self.num_blocks, self.block_size = num_blocks, layout.block_size
-        self.max_model_len = max_model_len or shape.max_context
-        self.costs = StepCostModel(layout, shape, model_costs, attention_costs or model_costs)
-        self.free = [num_blocks] * layout.request_shards
-        self.waiting: deque[SimRequest] = deque()
-        self.running: list[SimRequest] = []
-        self.preemptions = 0
+            raise ValueError(f"{costs.layout.label}: no KV blocks (the weights do not fit, or kv blocks = "
+                             f"{num_blocks})")
+        self.costs, self.layout, self.num_blocks = costs, costs.layout, num_blocks
+        self.max_model_len = max_model_len or costs.shape.max_context
         self.decode_only = decode_only
-        self.prefilled = 0  # prompt tokens in the last scheduled step
 
-    # -------------------------------------------------------------- the scheduler's mirror
-    def blocks_needed(self, tokens: int) -> int:
-        return -(-tokens // self.block_size)
+    def scheduler(self) -> Scheduler:
+        """A fresh engine scheduler over this layout's request shards and KV blocks."""
+        lay = self.layout
+        budget = sys.maxsize if self.decode_only else lay.max_prefill_tokens
+        return Scheduler(BlockManager(lay.request_shards, self.num_blocks, lay.block_size), lay.max_batch_size,
+                         budget, lay.micro_batches, self.max_model_len)
 
-    def schedule(self) -> list[tuple[SimRequest, int]]:
-        chunks: list[tuple[SimRequest, int]] = []
-        budget = self.layout.max_prefill_tokens
-        capacity = self.block_size
-        for r in list(self.running):
-            if r.status != RUNNING:
-                continue  # preempted earlier in this loop
-            pending = r.prompt_len + r.generated - r.num_computed
-            if pending == 1:  # decode; the common case: the token fits in the last block
-                if r.num_computed < r.blocks * capacity or self.reserve(r, r.num_computed + 1):
-                    chunks.append((r, 1))
-                continue
-            n = min(pending, budget)
-            if n == 0 or not self.reserve(r, r.num_computed + n):
-                continue
-            budget -= n
-            chunks.append((r, n))
-        while self.waiting and len(self.running) < self.layout.max_batch_size and budget > 0:
-            r = self.waiting[0]
-            shard = max(range(len(self.free)), key=lambda s: (self.free[s], -s))
-            if self.decode_only:  # the prompt's KV comes from a prefill worker: decode its last token
-                computed, n = r.num_tokens - 1, 1
-            else:
-                computed, n = 0, min(r.num_tokens, budget)
-            if self.free[shard] < self.blocks_needed(computed + n):
-                break
-            self.waiting.popleft()
-            r.status, r.shard, r.num_computed = RUNNING, shard, computed
-            self.grow(r, computed + n)
-            self.running.append(r)
-            budget -= n if not self.decode_only else 0
-            chunks.append((r, n))
-        self.prefilled = self.layout.max_prefill_tokens - budget  # 0: every chunk is one token
-        return chunks
-
-    def grow(self, r: SimRequest, context_len: int) -> None:
-        extra = self.blocks_needed(context_len) - r.blocks
-        if extra > 0:
-            self.free[r.shard] -= extra
-            r.blocks += extra
-
-    def reserve(self, r: SimRequest, context_len: int) -> bool:
-        if self.blocks_needed(context_len) > self.num_blocks:
-            self.finish(r, "kv_capacity", None)
-            return False
-        while self.blocks_needed(context_len) - r.blocks > self.free[r.shard]:
-            victim = next(v for v in reversed(self.running) if v.shard == r.shard)
-            self.preempt(victim)
-            if victim is r:
-                return False
-        self.grow(r, context_len)
-        return True
-
-    def release(self, r: SimRequest) -> None:
-        self.free[r.shard] += r.blocks
-        r.blocks = 0
-
-    def preempt(self, r: SimRequest) -> None:
-        self.preemptions += 1
-        r.preemptions += 1
-        self.release(r)
-        self.running.remove(r)
-        r.status, r.shard, r.num_computed = WAITING, -1, 0
-        self.waiting.appendleft(r)
-
-    def finish(self, r: SimRequest, reason: str, now: float | None) -> None:
-        if r in self.running:
-            self.release(r)
-            self.running.remove(r)
-        r.status, r.finish_reason, r.finish_s = FINISHED, reason, now
-
-    def split(self, chunks: list[tuple[SimRequest, int]]) -> list[list[tuple[SimRequest, int]]]:
-        """Scheduler._split: each chunk to the micro-batch with the fewest tokens so far (the
-        first such one on ties)."""
+    def work(self, plan: StepPlan) -> list[list[ChunkWork]]:
+        """The plan's micro-batches as the cost model reads them (module doc for decode_only)."""
+        if not self.decode_only:
+            return [[(c.shard, c.start + len(c.tokens), len(c.tokens)) for c in mb.chunks]
+                    for mb in plan.micro_batches]
+        chunks = [(c.shard, c.start + len(c.tokens), 1) for mb in plan.micro_batches for c in mb.chunks]
         count = min(self.layout.micro_batches, len(chunks))
-        if count == 1:
-            return [chunks]
-        if self.prefilled == 0:  # all chunks are single tokens: the greedy deal is round-robin
-            return [chunks[i::count] for i in range(count)]
-        groups: list[list[tuple[SimRequest, int]]] = [[] for _ in range(count)]
-        loads = [(0, i) for i in range(count)]  # a heap: fewest tokens, then lowest index
-        for chunk in chunks:
-            load, i = loads[0]
-            groups[i].append(chunk)
-            heapq.heapreplace(loads, (load + chunk[1], i))
-        return groups
+        return [chunks[i::count] for i in range(count)]
 
-    # ------------------------------------------------------------------------ the replay
-    def run(self, trace: list[TraceRequest], saturate: bool = False) -> SimResult:
+    def run(self, trace: list[TraceRequest], saturate: bool = False,
+            on_step: Callable[[StepPlan], None] | None = None) -> SimResult:
+        """Replay `trace` (module doc); `on_step` sees every plan the scheduler makes (tests)."""
         if saturate:
             count = max(len(trace), 4 * self.layout.max_batch_size)
             trace = [TraceRequest(0.0, trace[i % len(trace)].input_len, trace[i % len(trace)].output_len)
                      for i in range(count)]
-        requests = [SimRequest(i, r) for i, r in enumerate(trace)]
-        arrivals = [(r.arrival_s, r.index) for r in requests]
-        heapq.heapify(arrivals)
-        rejected = []
-        now, steps, batch_sum, max_batch, generated = 0.0, 0, 0, 0, 0
-        warmup = min(self.layout.max_batch_size, len(requests) // 4) if saturate else 0
+        scheduler = self.scheduler()
+        replays = [Replayed(r) for r in trace]
+        arrivals = sorted(range(len(trace)), key=lambda i: (trace[i].arrival_s, i))
+        next_arrival = 0
+        prompts: dict[int, list[int]] = {}   # one placeholder prompt per length, shared: never written
+        no_sampling = torch.Generator()      # every Request wants one; nothing samples here
+        now, steps, batch_sum, max_batch, generated, completed = 0.0, 0, 0, 0, 0, 0
+        warmup = min(self.layout.max_batch_size, len(replays) // 4) if saturate else 0
         window_start: tuple[float, int] | None = None if saturate else (0.0, 0)
         window_end: tuple[float, int] | None = None
-        completed = 0
-        while arrivals or self.waiting or self.running:
-            while arrivals and arrivals[0][0] <= now:
-                r = requests[heapq.heappop(arrivals)[1]]
-                if r.num_tokens >= self.max_model_len:
-                    r.status, r.finish_reason = FINISHED, "rejected"
-                    rejected.append(r)
-                elif self.blocks_needed(r.num_tokens + 1) > self.num_blocks:
-                    r.status, r.finish_reason = FINISHED, "rejected_kv"
-                    rejected.append(r)
-                else:
-                    self.waiting.append(r)
-            if not self.waiting and not self.running:
-                if arrivals:
-                    now = max(now, arrivals[0][0])
+        while next_arrival < len(arrivals) or scheduler.has_work():
+            while next_arrival < len(arrivals) and trace[arrivals[next_arrival]].arrival_s <= now:
+                index = arrivals[next_arrival]
+                next_arrival += 1
+                replay, n = replays[index], trace[index].input_len
+                if n not in prompts:
+                    prompts[n] = [0] * n
+                request = Request(index, prompts[n],
+                                  SamplingParams(max_tokens=trace[index].output_len, ignore_eos=True),
+                                  generator=no_sampling)
+                try:
+                    scheduler.add(request)
+                except ValueError:  # Scheduler.check_fits: the engine refuses it
+                    replay.outcome = "rejected" if n >= self.max_model_len else "rejected_kv"
+                    continue
+                replay.request = request
+            if not scheduler.has_work():
+                if next_arrival < len(arrivals):
+                    now = max(now, trace[arrivals[next_arrival]].arrival_s)
                 continue
-            was_waiting = bool(self.waiting)
-            chunks = self.schedule()
-            if not chunks:
-                # Nothing runs (so nothing is running) and the head of the queue cannot get the
-                # blocks of its first chunk even from an empty shard: it never could.
-                assert not self.running
-                self.finish(self.waiting.popleft(), "kv_capacity", None)
+            was_waiting = bool(scheduler.waiting)
+            plan = scheduler.schedule()
+            if on_step is not None:
+                on_step(plan)
+            ended = scheduler.take_ended()
+            for request in ended:
+                replay = replays[request.request_id]
+                replay.outcome, replay.finish_s = "kv_capacity", now
+            completed += len(ended)
+            if not plan.micro_batches:
+                assert ended, "the engine's scheduler planned nothing while requests wait"
                 continue
-            sampled = [r for r, n in chunks if r.num_computed + n == r.prompt_len + r.generated]
-            now += self.costs.step_time(self.split(chunks), len(sampled))
+            sampled = [replays[c.request_id] for c in plan.sampled_chunks]
+            decoded = sum(r.generated + 1 for r in sampled)
+            now += self.costs.step_time(self.work(plan), len(sampled), decoded)
             steps += 1
-            batch_sum += len(chunks)
-            max_batch = max(max_batch, len(chunks))
-            for r, n in chunks:
-                r.num_computed += n
-            done = 0
-            for r in sampled:
-                r.generated += 1
-                if r.first_token_s is None:
-                    r.first_token_s = now
-                if r.generated >= r.output_len or r.prompt_len + r.generated >= self.max_model_len:
-                    # finish(), with one pass over `running` per step instead of one per request
-                    self.release(r)
-                    r.status, r.finish_s = FINISHED, now
-                    r.finish_reason = "length" if r.generated >= r.output_len else "context"
-                    done += 1
-            if done:
-                self.running = [r for r in self.running if r.status == RUNNING]
+            rows = sum(len(mb.chunks) for mb in plan.micro_batches)
+            batch_sum += rows
+            max_batch = max(max_batch, rows)
+            for replay in sampled:  # the driver's read-back: a token each, and its stop rule
+                request = replay.request
+                request.output_token_ids.append(0)
+                if replay.first_token_s is None:
+                    replay.first_token_s = now
+                produced = len(request.output_token_ids)
+                if produced >= request.params.max_tokens or request.num_tokens >= self.max_model_len:
+                    scheduler.finish(request, "length")
+                    replay.outcome = "length" if produced >= replay.trace.output_len else "context"
+                    replay.finish_s = now
+                    completed += 1
             generated += len(sampled)
-            completed += done
             if saturate:
                 if window_start is None and completed >= warmup:
                     window_start = (now, generated)
                 if was_waiting and window_start is not None:
                     window_end = (now, generated)
-        return self._result(requests, rejected, now, steps, batch_sum, max_batch, generated, saturate,
-                            window_start, window_end)
+        return self._result(replays, now, steps, batch_sum, max_batch, generated, scheduler.num_preemptions,
+                            saturate, window_start, window_end)
 
-    def _result(self, requests, rejected, now, steps, batch_sum, max_batch, generated, saturate,
+    def _result(self, replays, now, steps, batch_sum, max_batch, generated, preemptions, saturate,
                 window_start, window_end):
-        finished = [r for r in requests if r.finish_reason in ("length", "context")]
+        finished = [r for r in replays if r.outcome in FINISHED]
         saturated = None
         if saturate:
             saturated = window_start is not None and window_end is not None and window_end[0] > window_start[0]
         if saturated:
             (t0, g0), (t1, g1) = window_start, window_end
-            inside = [r for r in finished if r.first_token_s is not None and r.arrival_s <= t1
+            inside = [r for r in finished if r.first_token_s is not None and r.trace.arrival_s <= t1
                       and r.finish_s <= t1 and r.first_token_s >= t0]
             measured = inside if len(inside) >= 10 else finished
             duration, output_tokens = t1 - t0, g1 - g0
             done_in_window = [r for r in finished if t0 < r.finish_s <= t1]
         else:
-            start = min((r.arrival_s for r in requests), default=0.0)
+            start = min((r.trace.arrival_s for r in replays), default=0.0)
             measured, duration, output_tokens, done_in_window = finished, now - start, generated, finished
+        measured = [r for r in measured if r.first_token_s is not None]
         tpot = [(r.finish_s - r.first_token_s) / (r.generated - 1) for r in measured if r.generated > 1]
+        outcomes = [r.outcome for r in replays]
         return SimResult(
-            layout=self.layout, num_blocks=self.num_blocks, requests=len(requests),
-            completed=len(done_in_window), rejected=sum(r.finish_reason == "rejected" for r in rejected),
-            rejected_kv=sum(r.finish_reason == "rejected_kv" for r in rejected),
-            kv_capacity=sum(r.finish_reason == "kv_capacity" for r in requests),
-            truncated=sum(r.finish_reason == "context" and r.generated < r.output_len for r in requests),
+            layout=self.layout, num_blocks=self.num_blocks, requests=len(replays), completed=len(done_in_window),
+            rejected=outcomes.count("rejected"), rejected_kv=outcomes.count("rejected_kv"),
+            kv_capacity=outcomes.count("kv_capacity"), truncated=outcomes.count("context"),
             duration_s=duration, output_tokens=output_tokens,
-            input_tokens=sum(r.prompt_len for r in done_in_window), steps=steps,
-            mean_batch=batch_sum / steps if steps else 0.0, max_batch=max_batch, preemptions=self.preemptions, saturated=saturated,
-            ttft_s=summarize([r.first_token_s - r.arrival_s for r in measured]),
-            tpot_s=summarize(tpot), e2e_s=summarize([r.finish_s - r.arrival_s for r in measured]))
+            input_tokens=sum(r.trace.input_len for r in done_in_window), steps=steps,
+            mean_batch=batch_sum / steps if steps else 0.0, max_batch=max_batch, preemptions=preemptions,
+            saturated=saturated, ttft_s=summarize([r.first_token_s - r.trace.arrival_s for r in measured]),
+            tpot_s=summarize(tpot), e2e_s=summarize([r.finish_s - r.trace.arrival_s for r in measured]))
 
 
 def simulate(trace: list[TraceRequest], layout: Layout, shape: ModelShape, model_costs: CostTable,
              attention_costs: CostTable | None, num_blocks: int, max_model_len: int | None = None,
              saturate: bool = False, decode_only: bool = False) -> SimResult:
     layout.check(shape)
-    return EngineSimulator(layout, shape, model_costs, attention_costs, num_blocks, max_model_len,
-                           decode_only).run(trace, saturate)
+    costs = StepCostModel(layout, shape, model_costs, attention_costs or model_costs)
+    return EngineSimulator(costs, num_blocks, max_model_len, decode_only).run(trace, saturate)

@@ -4,7 +4,7 @@ Every time is max(FLOPs / (efficiency x peak FLOP/s), bytes / (efficiency x HBM 
 plus a fixed launch cost, with the efficiencies below. They are ASSUMPTIONS, calibrated only
 against the H100 numbers in DESIGN.md section 1 (bf16 GEMM at 77 % of peak, HBM copies at
 89 % of bandwidth, a LLaMA-3-8B layer at batch 1 in 0.19 ms); a measured table from
-tools/profile.py replaces all of them. A table built here says "synthetic" in its `source`,
+tools/profile_costs.py replaces all of them. A table built here says "synthetic" in its `source`,
 and tools/plan.py labels every result computed from it.
 """
 
@@ -37,7 +37,7 @@ def _roofline(flops: float, nbytes: float, device: DeviceSpec, flop_efficiency: 
 def ring_all_reduce_s(nbytes: float, tp: int, link_gbs: float) -> float:
     """One all-reduce of `nbytes` over `tp` GPUs as a ring: 2 (tp-1)/tp x nbytes over one
     link direction of `link_gbs` GB/s, plus ALLREDUCE_LATENCY_S; 0 for tp 1. Synthetic tables
-    and tools/profile.py --emulate-tp (the collectives an emulated TP rank does not run)."""
+    and tools/profile_costs.py --emulate-tp (the collectives an emulated TP rank does not run)."""
     if tp <= 1:
         return 0.0
     return ALLREDUCE_LATENCY_S + 2 * (tp - 1) / tp * nbytes / (link_gbs * 1e9)

@@ -1,13 +1,13 @@
 """Measure the cost table of one device type for the planner (DESIGN.md section 8).
 
     # on a GPU machine: LLaMA-3-8B shapes, TP 1 and 2, bf16
-    python tools/profile.py --model llama3-8b --device cuda --dtype bfloat16 --tp 1,2 \\
+    python tools/profile_costs.py --model llama3-8b --device cuda --dtype bfloat16 --tp 1,2 \\
         --device-name H100 --out out/costs-h100-llama3-8b.json
     # the model curves again with the model worker's stages from CUDA graphs, into that table
-    python tools/profile.py --model llama3-8b --device cuda --tp 1,2 --emulate-tp --parts model --graphs \
+    python tools/profile_costs.py --model llama3-8b --device cuda --tp 1,2 --emulate-tp --parts model --graphs \
         --merge-into out/costs-h100-llama3-8b.json --out out/costs-h100-llama3-8b-graphs.json
     # on CPU, small and quick (the default): the tests' tiny shape
-    python tools/profile.py --out out/costs-cpu-tiny.json
+    python tools/profile_costs.py --out out/costs-cpu-tiny.json
 
 Three measurements, all on the device this runs on, with our own code paths:
   model      `ModelWorker.run` of a `LlamaModel` with random weights of the given shape and
@@ -63,19 +63,17 @@ import datetime
 import functools
 import importlib
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
 
-# This file's name shadows the standard library's `profile` (which torch imports through
-# cProfile) when its directory leads sys.path, as it does for a script: drop that entry.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-sys.path.insert(0, str(_HERE.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without pip install
 
 import torch  # noqa: E402
 
+from megatron_lamina.bench.plans import decode_plan, paged_chunks  # noqa: E402
+from megatron_lamina.bench.ranks import Ranks  # noqa: E402
+from megatron_lamina.bench.timing import wall_s  # noqa: E402
 from megatron_lamina.planner.cost_table import CostTable, Curve, Grid, prefill_pairs  # noqa: E402
 from megatron_lamina.planner.shapes import ModelShape, load_shape  # noqa: E402
 
@@ -86,84 +84,13 @@ def _ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v]
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device: torch.device, warmup: int, repeats: int, setup=None) -> float:
-    """Median seconds of fn(setup()) over `repeats` runs, after `warmup` untimed runs."""
-    times = []
-    for i in range(warmup + repeats):
-        arg = setup() if setup else None
-        _sync(device)
-        start = time.perf_counter()
-        fn(arg)
-        _sync(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 # ------------------------------------------------------------------------------- model
-
-class Ranks:
-    """fn(rank, world, init_method, *args) on `world` ranks: ranks 1.. are spawned when this
-    is built, rank 0 is this process, in `run()`, which returns rank 0's value."""
-
-    def __init__(self, fn, world: int, *args):
-        import multiprocessing as mp
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.init_method = f"tcp://127.0.0.1:{s.getsockname()[1]}"
-        ctx = mp.get_context("spawn")
-        self.fn, self.world, self.args, self.errors = fn, world, args, ctx.Queue()
-        self.procs = [ctx.Process(target=_spawned_rank, args=(fn, rank, world, self.init_method, self.errors, args))
-                      for rank in range(1, world)]
-        for p in self.procs:
-            p.start()
-
-    def run(self):
-        try:
-            value = self.fn(0, self.world, self.init_method, *self.args)
-        except BaseException:
-            self.kill()
-            raise
-        for p in self.procs:
-            p.join(timeout=60)
-        if not self.errors.empty():
-            raise RuntimeError(self.errors.get())
-        return value
-
-    def kill(self):
-        for p in self.procs:
-            if p.is_alive():
-                p.kill()
-
-
-def _spawned_rank(fn, rank, world, init_method, errors, args):
-    import traceback
-
-    try:
-        fn(rank, world, init_method, *args)
-    except BaseException:
-        errors.put(f"rank {rank}: {traceback.format_exc()}")
-        raise
-
 
 def _device_for(rank: int, device_type: str) -> torch.device:
     if device_type == "cuda":
         torch.cuda.set_device(rank % torch.cuda.device_count())
         return torch.device("cuda", rank % torch.cuda.device_count())
     return torch.device("cpu")
-
-
-def _decode_plan(batch: int, context: int):
-    from megatron_lamina.plan import MicroBatch, SequenceChunk, StepPlan
-
-    return StepPlan([MicroBatch([SequenceChunk(i, 0, context, [3 + i % 100], [], True) for i in range(batch)])])
 
 
 def _model_rank(rank, world, init_method, shape_dict, dtype_name, device_type, layer_counts, batches, warmup,
@@ -217,7 +144,7 @@ def _measure_model(rank, world, device, tp_group, shape_dict, dtype_name, device
             if world > 1:
                 dist.barrier(group=tp_group)
 
-        out["run"][layers] = {b: timed(run, device, warmup, repeats, setup=lambda b=b: _decode_plan(b, context))
+        out["run"][layers] = {b: wall_s(run, device, warmup, repeats, setup=lambda b=b: decode_plan(b, context))
                               for b in batches if graph_cap is None or b > graph_cap}
         if graph_cap is not None:
             out["graphs"] = _graph_points(batches, graph_cap)
@@ -232,7 +159,7 @@ def _measure_model(rank, world, device, tp_group, shape_dict, dtype_name, device
     generator = greedy.make_generator(device)
     for b in batches:  # the engine's batched sampler, where the logits are (llm_engine.py)
         logits = torch.randn(b, sample_vocab or shape.vocab_size, device=device, dtype=dtype)
-        out["sample"][b] = timed(lambda _, logits=logits, b=b: sample_tokens(logits, [greedy] * b, [generator] * b),
+        out["sample"][b] = wall_s(lambda _, logits=logits, b=b: sample_tokens(logits, [greedy] * b, [generator] * b),
                                  device, warmup, repeats)
     return out
 
@@ -262,10 +189,10 @@ def _time_graphs(model, channel, tp_group, batch: int, bucket: int, context: int
     graphs = StageGraphs(model, bucket, 1, sizes=[bucket])
     graphs.capture()
     runner = ModelWorker(model, channel, TokenFeed(tp_group, device), stage_graphs=graphs)
-    plan = functools.partial(_decode_plan, batch, context)
+    plan = functools.partial(decode_plan, batch, context)
     if not graphs.can_run(plan()):
         raise RuntimeError(f"StageGraphs cannot run a decode batch of {batch}")
-    seconds = timed(runner.run, device, warmup, repeats, setup=plan)
+    seconds = wall_s(runner.run, device, warmup, repeats, setup=plan)
     if runner.graph_steps != warmup + repeats:
         raise RuntimeError(f"batch {batch}: the timed steps did not all replay bucket {bucket}'s stage graphs")
     del runner, graphs
@@ -361,10 +288,12 @@ def profile_model(args, shape: ModelShape, name: str = "") -> tuple[dict[int, Cu
 # --------------------------------------------------------------------------- attention
 
 def attention_kernel(choice: str, device_type: str):
-    """cache -> an attention backend (host_index, then a call per layer), as the worker
-    factory picks it per device."""
+    """cache -> an attention backend (host_index, then a call per layer): "engine" is the
+    worker factory's own choice for the device (`attention_backend`)."""
     if choice == "engine":
-        choice = "gpu" if device_type == "cuda" else "reference"
+        from megatron_lamina.engine.worker_factory import attention_backend
+
+        return functools.partial(attention_backend, device=torch.device(device_type))
     if choice == "gpu":
         from megatron_lamina.attention.gpu import PagedAttention
 
@@ -380,7 +309,6 @@ def attention_kernel(choice: str, device_type: str):
 def profile_attention(args, shape: ModelShape) -> tuple[Grid, Curve]:
     from megatron_lamina.attention.kv_cache import PagedKVCache
     from megatron_lamina.host_to_device import to_device
-    from megatron_lamina.plan import SequenceChunk
 
     kernel = attention_kernel(args.attention, args.device)
     device, dtype, block = torch.device(args.device), DTYPES[args.dtype], 16
@@ -388,19 +316,15 @@ def profile_attention(args, shape: ModelShape) -> tuple[Grid, Curve]:
 
     def cost(chunks_spec: list[tuple[int, int]]) -> float:
         """chunks_spec: (start, tokens) per request; one layer, all heads."""
-        blocks_per = [-(-(s + n) // block) for s, n in chunks_spec]
-        cache = PagedKVCache(1, sum(blocks_per), block, kv, d, dtype, device)
-        chunks, first = [], 0
-        for i, ((start, n), count) in enumerate(zip(chunks_spec, blocks_per)):
-            chunks.append(SequenceChunk(i, 0, start, [0] * n, [], True, block_table=list(range(first, first + count))))
-            first += count
+        chunks = paged_chunks([(start, [0] * n) for start, n in chunks_spec], block)
+        cache = PagedKVCache(1, sum(len(c.block_table) for c in chunks), block, kv, d, dtype, device)
         tokens = sum(n for _, n in chunks_spec)
         q = torch.randn(tokens, heads, d, dtype=dtype, device=device)
         k = torch.randn(tokens, kv, d, dtype=dtype, device=device)
         v = torch.randn(tokens, kv, d, dtype=dtype, device=device)
         attend = kernel(cache)
         [index] = to_device([attend.host_index(chunks)], device)  # once per step in the engine
-        return timed(lambda _: attend(0, index, q, k, v), device, args.warmup, args.repeats)
+        return wall_s(lambda _: attend(0, index, q, k, v), device, args.warmup, args.repeats)
 
     batches = args.attention_batches or args.batches
     print(f"attention: decode batches {batches} x contexts {args.contexts}", flush=True)
@@ -441,7 +365,7 @@ def _measure_network(rank, device, sizes, warmup, repeats, backend):
                 dist.recv(buf, peer)
                 dist.send(buf, peer)
 
-        out["seconds"][size] = timed(ping, device, warmup, repeats) / 2
+        out["seconds"][size] = wall_s(ping, device, warmup, repeats) / 2
     return out
 
 

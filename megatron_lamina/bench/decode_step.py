@@ -1,0 +1,106 @@
+"""Our decode step on random weights and a random paged cache, for the benchmark tools, and
+the roofline it is compared with.
+
+Built from the engine's public pieces, as the worker factory builds a colocated model worker
+(engine/worker_factory.py), but for one model reused over many caches and batch sizes (the
+factory builds one worker per config): `random_model` (a `LlamaModel` with N(0, std)
+parameters), `local_worker` (a `ModelWorker` over a `LocalChannel` to an attention backend,
+`attention_backend` picking the kernel per device as the factory does), `decode_graphs`
+(the colocated decode graphs, captured), `random_cache` (a paged KV cache of random values).
+`colocated_decode_ms` times the colocated decode step at batch x context, eager and/or
+replayed from graphs. `kv_bytes` and `roofline_s` are the step's memory traffic and its
+bound on a device of given copy bandwidth and GEMM rate.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_lamina.architecture import ModelArchitecture
+from megatron_lamina.attention.kv_cache import PagedKVCache
+from megatron_lamina.bench.plans import blocks_for, decode_plan
+from megatron_lamina.bench.timing import time_ms
+from megatron_lamina.checkpoint.loader import padded_vocab_size
+from megatron_lamina.engine.cuda_graphs import DecodeGraphs
+from megatron_lamina.engine.model_worker import ModelWorker
+from megatron_lamina.engine.stage_graphs import StageGraphs
+from megatron_lamina.engine.token_feed import TokenFeed
+from megatron_lamina.engine.worker_factory import attention_backend
+from megatron_lamina.model.llama import LlamaModel
+from megatron_lamina.transport.channel import LocalChannel
+
+
+def random_model(arch: ModelArchitecture, tp_group, dtype: torch.dtype = torch.bfloat16, device="cuda",
+                 fused: bool = True, std: float = 0.02) -> LlamaModel:
+    """This TP rank's shard of `arch` on `device`, every parameter N(0, std) (drawn there),
+    with the compiled elementwise kernels the engine's graphs use unless `fused` is False."""
+    model = LlamaModel(arch, dtype, tp_group, padded_vocab_size(arch.vocab_size, tp_group.size()),
+                       fused_elementwise=fused).to(device)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, std)
+    return model
+
+
+def local_worker(model: LlamaModel, attention, decode_graphs: DecodeGraphs | None = None,
+                 stage_graphs: StageGraphs | None = None) -> ModelWorker:
+    """A colocated model worker over `attention` (a backend, or a stand-in of bench/stand_ins.py)."""
+    return ModelWorker(model, LocalChannel(attention), TokenFeed(model.tp_group, model.device),
+                       decode_graphs=decode_graphs, stage_graphs=stage_graphs)
+
+
+def decode_graphs(model: LlamaModel, attention, batch: int, max_blocks: int, scratch_block: int) -> DecodeGraphs:
+    """The colocated decode graphs up to `batch` rows of at most `max_blocks` blocks, captured."""
+    graphs = DecodeGraphs(model, attention, batch, max_blocks, scratch_block)
+    graphs.capture()
+    return graphs
+
+
+def random_cache(arch: ModelArchitecture, blocks: int, block_size: int, kv_heads: int, dtype: torch.dtype,
+                 device) -> PagedKVCache:
+    cache = PagedKVCache(arch.num_layers, blocks, block_size, kv_heads, arch.head_dim, dtype, device)
+    for t in cache.k + cache.v:
+        t.normal_()
+    return cache
+
+
+def colocated_decode_ms(model: LlamaModel, arch: ModelArchitecture, batch: int, context: int, block_size: int,
+                        graph_modes: list[bool], repeat: int = 5) -> dict[bool, float]:
+    """Median ms of our colocated decode step (every request at `context` cached tokens, a
+    random paged cache of this rank's KV heads, the engine's attention kernel), eager (False)
+    and/or replayed from CUDA graphs (True)."""
+    per_request = blocks_for(context + 1, block_size)
+    blocks = batch * per_request
+    kv_heads = arch.num_kv_heads // model.tp_group.size()
+    cache = random_cache(arch, blocks + 1, block_size, kv_heads, torch.bfloat16, model.device)  # + scratch
+    attention = attention_backend(cache, model.device)
+    plan = decode_plan(batch, context, block_size)
+    result = {}
+    for graphs in graph_modes:
+        decode = decode_graphs(model, attention, batch, per_request, blocks) if graphs else None
+        result[graphs] = time_ms(local_worker(model, attention, decode).run, repeat=repeat, inputs=[(plan,)])
+        del decode
+    del cache, attention
+    torch.cuda.empty_cache()
+    return result
+
+
+def kv_bytes(arch: ModelArchitecture, batch: int, context: int, dtype_bytes: int = 2) -> int:
+    """K and V of `batch` requests at `context` tokens plus the new one."""
+    return 2 * batch * (context + 1) * arch.num_layers * arch.num_kv_heads * arch.head_dim * dtype_bytes
+
+
+def roofline_s(arch: ModelArchitecture, params: int, batch: int, context: int, copy_bw: float,
+               gemm_rate: float) -> float:
+    """max((weights + KV read once) / copy bandwidth, FLOPs / GEMM rate) of one bf16 decode step."""
+    flops = 2 * params * batch + 4 * batch * (context + 1) * arch.num_attention_heads * arch.head_dim * arch.num_layers
+    return max((params * 2 + kv_bytes(arch, batch, context)) / copy_bw, flops / gemm_rate)
+
+
+def check_context(arch: ModelArchitecture, contexts: list[int], shape_name: str) -> None:
+    """A decode context must leave room for the decoded token within the shape's context."""
+    too_long = [c for c in contexts if c + 1 > arch.max_position_embeddings]
+    if too_long:
+        raise ValueError(f"contexts {too_long} do not fit {shape_name}'s {arch.max_position_embeddings}-token "
+                         "context; pick a longer preset (llama3.1-8b and llama3.1-70b: 131072 tokens)")
+
