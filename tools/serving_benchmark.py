@@ -4,7 +4,7 @@
     python3 tools/serving_benchmark.py --phases server --trace-requests 300 ...
 
 Phases (--phases, in this order; each is timed and any failure is reported, not fatal):
-  checkpoint  a random-weight checkpoint of --shape (tools/random_checkpoint.py, on the GPU)
+  checkpoint  a random-weight checkpoint of --shape (checkpoint/random_weights.py, on the GPU)
   server      the server (torchrun launcher/serve.py --config --set ...), its start-up time and
               the phases it logged; a closed batch of --closed requests x (--input-len,
               --output-len) through tools/bench_serving.py, with the server's /metrics and
@@ -31,8 +31,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[0] = str(ROOT)
+sys.path.insert(0, str(ROOT))  # runnable from a checkout without pip install
 
+from megatron_lamina.bench import serving_replay  # noqa: E402
 from megatron_lamina.bench.decode_window import decode_window  # noqa: E402
 from megatron_lamina.bench.server_job import (  # noqa: E402
     GpuPoller,
@@ -42,6 +43,7 @@ from megatron_lamina.bench.server_job import (  # noqa: E402
     launcher_command,
     mean_between,
 )
+from megatron_lamina.checkpoint.random_weights import write_random_checkpoint  # noqa: E402
 
 PHASES = ("checkpoint", "server", "batch", "decode")
 
@@ -51,13 +53,9 @@ def log(message: str) -> None:
 
 
 def bench_serving(argv: list[str]) -> dict:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_serving", ROOT / "tools" / "bench_serving.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    """tools/bench_serving.py's program, in this process; its JSON report."""
     with contextlib.redirect_stdout(io.StringIO()):
-        module.main(argv)
+        serving_replay.main(argv)
     return json.loads(Path(argv[argv.index("--out") + 1]).read_text())
 
 
@@ -170,9 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if phase == "checkpoint":
                 if not (checkpoint / "config.json").exists():
-                    subprocess.check_call([sys.executable, str(ROOT / "tools" / "random_checkpoint.py"), "--shape",
-                                           args.shape, "--dtype", args.dtype, "--device", args.device, "--output",
-                                           str(checkpoint), "--overwrite"], cwd=ROOT)
+                    write_random_checkpoint(checkpoint, args.shape, args.dtype, args.device, overwrite=True)
             elif phase == "server":
                 run_server(args, out, checkpoint, results.setdefault("server", {}))
             elif phase == "batch":

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -21,13 +20,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+from megatron_lamina.bench.ranks import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launcher_command(launcher: str, nproc: int, config: str, overrides: list[str]) -> list[str]:
