@@ -98,6 +98,9 @@ class ServerConfig:
     port: int = _key(8000, min=1, max=65535)
     max_queued_requests: int = _key(1024, min=1)  # waiting + running beyond this: 503
     drain_timeout_s: float = _key(30.0, min=0.0)  # SIGTERM: finish running requests this long
+    # A bearer token every route but /health and /metrics requires (null: $LAMINA_API_KEY if set).
+    api_key: str | None = _key(None)
+    cors_origins: list[str] = field(default_factory=list)  # origins allowed by CORS ("*": any); empty: no CORS
 
 
 @dataclass
@@ -227,6 +230,9 @@ def _accepts(annotation: Any, value: Any, bounds: typing.Mapping[str, float]) ->
         return in_range, value
     if annotation is str:
         return isinstance(value, str), value
+    if typing.get_origin(annotation) is list:  # a list of one key type (server.cors_origins)
+        (item,) = typing.get_args(annotation)
+        return isinstance(value, list) and all(_accepts(item, v, {})[0] for v in value), value
     raise AssertionError(f"config keys of type {annotation!r} are not supported yet")
 
 
@@ -240,6 +246,8 @@ def _describe(annotation: Any, bounds: typing.Mapping[str, float]) -> str:
         return "true or false"
     if annotation is str:
         return "a string"
+    if typing.get_origin(annotation) is list:
+        return f"a list of {_describe(typing.get_args(annotation)[0], {}).removeprefix('a ')}s"
     noun = "an integer" if annotation is int else "a number"
     lo, hi, above = bounds.get("min"), bounds.get("max"), bounds.get("above")
     if above is not None and hi is not None:
