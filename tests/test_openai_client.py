@@ -16,7 +16,7 @@ import openai
 import pytest
 import torch
 from server_proc import ServerProcess, tiny_server_config
-from tiny_models import make_tokenizer
+from tiny_models import continue_with as _continue, make_tokenizer, penalized as _penalized
 
 API_KEY = "test-key"
 ORIGIN = "https://eval.example"
@@ -54,29 +54,6 @@ def hf(tiny_models):
 def _log_softmax(hf, ids: list[int]) -> torch.Tensor:
     with torch.no_grad():
         return torch.log_softmax(hf(torch.tensor([ids])).logits[0].float(), -1)
-
-
-def _continue(hf, prompt: list[int], steps: int, choose) -> list[int]:
-    """A reference loop: `choose(raw logits row, prompt, output so far)` picks each next token."""
-    output = []
-    for _ in range(steps):
-        with torch.no_grad():
-            row = hf(torch.tensor([prompt + output])).logits[0, -1].float()
-        output.append(choose(row, prompt, output))
-    return output
-
-
-def _penalized(row, prompt, output, presence=0.0, frequency=0.0, repetition=1.0, bias=None) -> torch.Tensor:
-    """OpenAI's logit_bias, presence and frequency penalties (over the output) and HF's
-    repetition penalty (over prompt and output), one token at a time, in float32."""
-    row = row.clone()
-    for token, value in (bias or {}).items():
-        row[token] += value
-    for token in set(prompt) | set(output):
-        row[token] = row[token] / repetition if row[token] > 0 else row[token] * repetition
-    for token in set(output):
-        row[token] -= frequency * output.count(token) + presence
-    return row
 
 
 def _ids(text: str) -> list[int]:
