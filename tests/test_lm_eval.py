@@ -1,9 +1,9 @@
 """EleutherAI's lm-evaluation-harness against the server, as users evaluate a converted checkpoint.
 
 The default model (SmolLM2, float32) served disaggregated (1 model worker + 1 attention
-worker, prompts prefilled in chunks) with an API key, evaluated by lm-eval's own
-`local-completions` model (token-id prompts, `echo` + `logprobs` + `max_tokens: 1` for
-log-likelihoods; greedy `generate_until` with stop strings) on two tiny tasks of
+worker, prompts prefilled in chunks) with an API key, evaluated by lm-eval's own `local-
+completions` model (token-id prompts, 4 per request; `echo` + `logprobs` + `max_tokens: 1`
+for log-likelihoods; greedy `generate_until` with stop strings) on two tiny tasks of
 tests/lm_eval_tasks/ (local JSONL, no network), and by lm-eval's `hf` model on the same
 weights in transformers: every choice's log-likelihood within 1e-3, the same accuracy, the
 same generated text.
@@ -48,8 +48,9 @@ def test_lm_eval_through_the_server_equals_hf(smollm2, tmp_path, monkeypatch):
         reference = _evaluate(HFLM(pretrained=hf_model, tokenizer=tokenizer, batch_size=1))  # while the server starts
         server.wait_healthy()
         served = _evaluate("local-completions", {
-            "base_url": f"{server.url}/v1/completions", "model": canonical.name, "tokenizer": str(canonical / "tokenizer"),
-            "tokenizer_backend": "huggingface", "tokenized_requests": True, "num_concurrent": 1, "max_retries": 1})
+            "base_url": f"{server.url}/v1/completions", "model": canonical.name,
+            "tokenizer": str(canonical / "tokenizer"), "tokenizer_backend": "huggingface",
+            "tokenized_requests": True, "num_concurrent": 1, "max_retries": 1, "batch_size": 4})
         log = server.output()
     finally:
         server.stop()
@@ -65,5 +66,6 @@ def test_lm_eval_through_the_server_equals_hf(smollm2, tmp_path, monkeypatch):
     assert served["results"]["lamina_mc"]["acc,none"] == reference["results"]["lamina_mc"]["acc,none"]
     generated, want_text = _by_doc(served, "lamina_gen"), _by_doc(reference, "lamina_gen")
     assert generated == want_text and any(text[0].strip() for text in generated.values())
-    # lm-eval's requests went through the API key and are in the access log, one line each
-    assert log.count('"POST /v1/completions" 200') == 18 + 4, log[-3000:]
+    # lm-eval's requests (4 prompts per request: 18 log-likelihoods, 4 generations) went through
+    # the API key and are in the access log, one line each
+    assert log.count('"POST /v1/completions" 200') == 5 + 1, log[-3000:]

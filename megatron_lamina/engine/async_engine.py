@@ -1,14 +1,14 @@
 """The driver's engine behind a server: a thread that steps, callers that await (rank 0 only).
 
 `LLMEngine.step` blocks on collectives, so it runs on its own thread; HTTP handlers run on
-asyncio. `AsyncEngine.generate` (`generate_all`: several, admitted together or not at all) hands a
-request to the engine thread through an inbox and returns its `RequestOutput` deltas. The thread posts a step's deltas of every request in one
-`call_soon_threadsafe` (not one per request: each wakes the event loop), and a caller that
-falls behind gets the deltas that piled up merged into one, so the HTTP side never makes the
-engine wait and never queues more than one delta per request. A caller that stops iterating
-(a client that disconnected) closes its outputs, which aborts its request and frees its
-blocks at the next step.
-When idle the thread sends an empty plan every `heartbeat_s` seconds so that every rank's
+asyncio. `AsyncEngine.generate` (`generate_all`: several, admitted together or not at all)
+hands a request to the engine thread through an inbox and returns its `RequestOutput`
+deltas. The thread posts a step's deltas of every request in one `call_soon_threadsafe` (not
+one per request: each wakes the event loop), and a caller that falls behind gets the deltas
+that piled up merged into one, so the HTTP side never makes the engine wait and never queues
+more than one delta per request. A caller that stops iterating (a client that disconnected)
+closes its outputs, which aborts its request and frees its blocks at the next step. When
+idle the thread sends an empty plan every `heartbeat_s` seconds so that every rank's
 collective timeout keeps measuring liveness.
 
 States: `serving`; `draining` (SIGTERM: new requests refused, running ones finish; at the

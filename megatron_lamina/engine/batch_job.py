@@ -1,15 +1,16 @@
 """Offline batch jobs: the JSONL input, line by line, into checked requests (driver only).
 
-Each input line is `{"id", "prompt"}` or `{"id", "messages"}` plus the sampling fields of the
-shared request schema (`engine/request_schema.py`: `max_tokens` (default 16), `temperature`,
-`top_p`, `top_k`, `min_p`, `seed`, `stop`, `stop_token_ids`, `ignore_eos`, `min_tokens`,
-`presence_penalty`, `frequency_penalty`, `repetition_penalty`, `logit_bias`), checked
-exactly as the server checks them, and the log-probabilities it wants (`logprobs`: top-N per
-generated token, `prompt_logprobs`: per prompt token; 0..20; `max_tokens: 0` with
-`prompt_logprobs` scores the prompt only). The file is read as bytes, so a line that is not UTF-8 spoils only itself. Every
-non-blank line becomes one `BatchLine`; a line that cannot run (not UTF-8, not JSON, a
-field the schema refuses, an id seen on an earlier line) carries an `error` that names the
-line number and the field, and the job writes it as an error record and runs the others.
+Each input line is `{"id", "prompt"}` or `{"id", "messages"}` plus the sampling fields of
+the shared request schema (`engine/request_schema.py`: `max_tokens` (default 16),
+`temperature`, `top_p`, `top_k`, `min_p`, `seed`, `stop`, `stop_token_ids`, `ignore_eos`,
+`min_tokens`, `presence_penalty`, `frequency_penalty`, `repetition_penalty`, `logit_bias`),
+checked exactly as the server checks them, and the log-probabilities it wants (`logprobs`:
+top-N per generated token, `prompt_logprobs`: per prompt token; 0..20; `max_tokens: 0` with
+`prompt_logprobs` scores the prompt only). The file is read as bytes, so a line that is not
+UTF-8 spoils only itself. Every non-blank line becomes one `BatchLine`; a line that cannot
+run (not UTF-8, not JSON, a field the schema refuses, an id seen on an earlier line) carries
+an `error` that names the line number and the field, and the job writes it as an error
+record and runs the others.
 Ids are the job's keys: a line's `key` is its id, or `("line", N)` for a line without a
 usable id (none, the wrong type, or a duplicate, whose error names the first line).
 """

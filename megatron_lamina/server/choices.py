@@ -55,11 +55,11 @@ async def make_choices(engine: AsyncEngine, body: CompletionRequest | ChatComple
             raise ApiError(400, which + e.message, e.param) from None
         except ValueError as e:  # the tokenizer's or the scheduler's: the prompt cannot run
             raise ApiError(400, which + str(e), field) from None
-        echo = None
-        if not chat and body.echo:
-            echo = item.prompt if item.prompt is not None else engine.engine.codec.tokenizer.decode(item.prompt_token_ids)
+        ids, echo = first.prompt_token_ids, None
+        if not chat and body.echo:  # the prompt as given, or its token ids' text
+            echo = item.prompt if item.prompt is not None else engine.engine.codec.tokenizer.decode(ids)
         for sample, sample_params in enumerate(body.sample_params(params)):
-            request = first if sample == 0 else engine.make_request(PromptInput(prompt_token_ids=first.prompt_token_ids))
+            request = first if sample == 0 else engine.make_request(PromptInput(prompt_token_ids=ids))
             request.params = sample_params
             request.generator = sample_params.make_generator(first.generator.device)  # the engine's device
             request.user_id = f"{request_id}-{len(choices)}"
