@@ -1,12 +1,12 @@
 """EleutherAI's lm-evaluation-harness against the server, as users evaluate a converted checkpoint.
 
 The default model (SmolLM2, float32) served disaggregated (1 model worker + 1 attention
-worker, prompts prefilled in chunks) with an API key, evaluated by lm-eval's own `local-
-completions` model (token-id prompts, 4 per request; `echo` + `logprobs` + `max_tokens: 1`
-for log-likelihoods; greedy `generate_until` with stop strings) on two tiny tasks of
-tests/lm_eval_tasks/ (local JSONL, no network), and by lm-eval's `hf` model on the same
-weights in transformers: every choice's log-likelihood within 1e-3, the same accuracy, the
-same generated text.
+worker, prompts prefilled in chunks) with an API key, evaluated by lm-eval's own
+`local-completions` model (token-id prompts, 4 per request; `echo` + `logprobs` +
+`max_tokens: 1` for log-likelihoods; greedy `generate_until` with stop strings) on two tiny
+tasks of tests/lm_eval_tasks/ (local JSONL, no network), and by lm-eval's `hf` model on the
+same weights in transformers: every choice's log-likelihood within 1e-3, the same accuracy,
+the same generated text.
 """
 
 from __future__ import annotations
