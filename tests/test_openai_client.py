@@ -185,6 +185,8 @@ def test_token_id_prompts_as_a_list_of_lists(client, model_name, hf):
                                          max_tokens=3, temperature=0, extra_body={"ignore_eos": True})
     assert [c.index for c in chat.choices] == [0, 1]
     assert chat.choices[0].message.content == chat.choices[1].message.content  # greedy: n equal samples
+    with pytest.raises(openai.BadRequestError, match="65 prompts x n = 16 are 1040 choices"):  # never admissible
+        client.completions.create(model=model_name, prompt=["w5"] * 65, n=16, max_tokens=1)
 
 
 # -------------------------------------------------------------- penalties, bias, min_p, stops

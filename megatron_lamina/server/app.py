@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 
 from fastapi import FastAPI, Request as HttpRequest
@@ -46,7 +47,7 @@ def package_version() -> str:
 
 
 def build_app(engine: AsyncEngine, model_name: str, max_model_len: int, metrics: ServerMetrics,
-              api_key: str | None = None, cors_origins: list[str] = (),
+              api_key: str | None = None, cors_origins: Sequence[str] = (),
               access_log: logging.Logger | None = None) -> FastAPI:
     app = FastAPI(title="megatron-lamina", version=package_version())
     if api_key:

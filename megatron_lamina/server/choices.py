@@ -40,6 +40,9 @@ async def make_choices(engine: AsyncEngine, body: CompletionRequest | ChatComple
     chat = isinstance(body, ChatCompletionRequest)
     field = "messages" if chat else "prompt"
     items = body.prompt_inputs()
+    if len(items) * body.n > engine.max_queued:  # could never be admitted: say so before tokenizing
+        raise ApiError(400, f"{len(items)} prompts x n = {body.n} are {len(items) * body.n} choices, more than the "
+                            f"server holds at once (server.max_queued_requests = {engine.max_queued})", field)
     logprobs, prompt_logprobs = body.logprob_counts()
     vocab_size = engine.engine.ctx.arch.vocab_size
     choices: list[Choice] = []
