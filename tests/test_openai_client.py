@@ -279,3 +279,12 @@ def test_tokenize_detokenize_version(server, model_name):
     from importlib.metadata import version
 
     assert base.get("/version", cast_to=object) == {"version": version("megatron-lamina")}
+
+
+def test_api_key_from_the_config_or_the_environment():
+    from megatron_lamina.config import load_config
+    from megatron_lamina.launch.serve import server_api_key
+
+    assert server_api_key(load_config(None, ["model.checkpoint=c", "server.api_key=k1"]), {"LAMINA_API_KEY": "k2"}) == "k1"
+    assert server_api_key(load_config(None, ["model.checkpoint=c"]), {"LAMINA_API_KEY": "k2"}) == "k2"
+    assert server_api_key(load_config(None, ["model.checkpoint=c"]), {"LAMINA_API_KEY": ""}) is None

@@ -37,6 +37,11 @@ def model_name(cfg) -> str:
     return Path(cfg.model.checkpoint).resolve().name
 
 
+def server_api_key(cfg, environ=os.environ) -> str | None:
+    """The bearer token clients must send: server.api_key, else $LAMINA_API_KEY, else none."""
+    return cfg.server.api_key or environ.get("LAMINA_API_KEY") or None
+
+
 def raise_open_files_limit() -> None:
     """Every client connection is a file descriptor: lift the soft limit (often 1024) to the
     hard one, or a burst of clients is refused at the socket, before any HTTP error."""
@@ -60,7 +65,7 @@ def serve_driver(ctx) -> int:
     metrics = ServerMetrics()
     engine = AsyncEngine(LLMEngine(ctx), cfg.server.max_queued_requests,
                          heartbeat_s=cfg.runtime.step_timeout_s / 4, listener=metrics)
-    api_key = cfg.server.api_key or os.environ.get("LAMINA_API_KEY") or None
+    api_key = server_api_key(cfg)
     app = build_app(engine, model_name(cfg), ctx.arch.max_position_embeddings, metrics, api_key=api_key,
                     cors_origins=cfg.server.cors_origins)
     drain = threading.Event()
