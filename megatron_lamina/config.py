@@ -91,6 +91,9 @@ class ServerConfig(_Section):
     port: int = Field(8000, ge=1, le=65535)
     max_queued_requests: int = Field(1024, ge=1)  # waiting + running beyond this: 503
     drain_timeout_s: float = Field(30.0, ge=0.0)  # SIGTERM: finish running requests this long
+    # A bearer token every route but /health and /metrics requires (null: $LAMINA_API_KEY if set).
+    api_key: str | None = None
+    cors_origins: list[str] = Field(default_factory=list)  # origins allowed by CORS ("*": any); empty: no CORS
 
 
 def request_shards(attention_workers: int, head_groups: int) -> int:
@@ -199,6 +202,10 @@ def _allowed(annotation: Any, metadata: Sequence[Any] = ()) -> str:
         return "true or false"
     if annotation is str:
         return "a string"
+    if annotation is type(None):
+        return "null"
+    if typing.get_origin(annotation) is list:
+        return f"a list of {_allowed(typing.get_args(annotation)[0]).removeprefix('a ')}s"
     noun = "an integer" if annotation is int else "a number"
     lo = next((m.ge for m in metadata if isinstance(m, annotated_types.Ge)), None)
     hi = next((m.le for m in metadata if isinstance(m, annotated_types.Le)), None)

@@ -301,3 +301,15 @@ def test_micro_batches_at_most_max_batch_size():
     cfg = loaded("scheduler.max_batch_size=2", "scheduler.micro_batches=3")
     message = layout_error(cfg, 1, ARCH_2KV)
     assert "scheduler.micro_batches = 3" in message and "scheduler.max_batch_size (2)" in message
+
+
+@pytest.mark.parametrize("override, message", [
+    ("server.cors_origins=5", "config: server.cors_origins = 5: expected a list of strings"),
+    ("server.cors_origins=[1]", "config: server.cors_origins = 1: expected a list of strings"),
+    ("server.api_key=3", "config: server.api_key = 3: must be a string or null"),
+])
+def test_server_list_and_optional_keys(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["model.checkpoint=x", override])
+    assert str(e.value) == message
+    assert load_config(None, ["model.checkpoint=x", "server.cors_origins=[a, b]"]).server.cors_origins == ["a", "b"]

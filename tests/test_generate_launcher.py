@@ -23,6 +23,10 @@ GOOD = [
     {"id": "a", "prompt": "w5 w9 w14 w3", "max_tokens": 5, "temperature": 0, "ignore_eos": True},
     {"id": 7, "messages": [{"role": "user", "content": "w40 w41 w42"}], "max_tokens": 4, "temperature": 0, "ignore_eos": True},
 ]
+PENALIZED = {"id": "p", "prompt": "w5 w9 w5 w9", "max_tokens": 4, "temperature": 0, "ignore_eos": True,
+             "repetition_penalty": 1.5, "presence_penalty": 0.5, "frequency_penalty": 0.25, "logit_bias": {"9": -100},
+             "logprobs": 2}
+SCORED = {"id": "s", "prompt": [1, 7, 8, 9], "max_tokens": 0, "prompt_logprobs": 1}
 BAD = [  # (the line's bytes, what its error says)
     (b"{not json", "invalid JSON (Expecting property name enclosed in double quotes at column 2)"),
     (b'{"id": "x", "prompt": "caf\xe9"}', "not valid UTF-8 (byte 0xe9"),
@@ -39,7 +43,10 @@ BAD = [  # (the line's bytes, what its error says)
     (json.dumps({"id": "h", "prompt": "w1", "max_tokens": 10**8}).encode(),
      "max_tokens = 100000000 is too large: the prompt has 2 tokens and the model's context is 256"),
     (json.dumps({"id": "i", "prompt": "w1 \ud800"}).encode(), "prompt: not valid Unicode (a lone surrogate"),
-    (json.dumps({"id": "j", "prompt": [True, False]}).encode(), "prompt: must be a string, a list of one string"),
+    (json.dumps({"id": "j", "prompt": [True, False]}).encode(), "prompt: must be a string, a list of strings"),
+    (json.dumps({"id": "l", "prompt": "w1", "logit_bias": {"300": 1}}).encode(),
+     "logit_bias: token ids [300] are outside the vocabulary (0..255)"),
+    (json.dumps({"id": "m", "prompt": "w1", "max_tokens": 0}).encode(), "max_tokens: 0 generates nothing"),
     (json.dumps({"id": "k", "prompt": "w1", "seed": 2**64}).encode(), "seed: Input should be less than or equal to"),
     (json.dumps({"id": "a", "prompt": "w2"}).encode(), "duplicate id 'a' (first on line 1)"),
 ]
@@ -57,7 +64,8 @@ def _config(tmp_path, checkpoint, **parallel):
 def test_batch_job_keeps_its_promises(tmp_path, tiny_models):
     model = tiny_models["untied"]
     job = tmp_path / "in.jsonl"
-    lines = [json.dumps(GOOD[0]).encode()] + [raw for raw, _ in BAD] + [json.dumps(GOOD[1]).encode()]
+    lines = [json.dumps(GOOD[0]).encode()] + [raw for raw, _ in BAD] + [json.dumps(g).encode()
+                                                                          for g in (GOOD[1], PENALIZED, SCORED)]
     job.write_bytes(b"\n".join(lines) + b"\n")
     out = tmp_path / "new" / "dir" / "out.jsonl"  # its directory does not exist yet
     result = lamina("generate", "--config", str(_config(tmp_path, model.canonical_dir)),
@@ -75,8 +83,8 @@ def test_batch_job_keeps_its_promises(tmp_path, tiny_models):
         assert f"in.jsonl:line {line_no}:" in result.stderr
     assert [r["id"] for r in records].count("a") == 1  # the duplicate's record has no id
     stderr = result.stderr.splitlines()
-    assert stderr[-1] == f"summary: 2 ok, {len(BAD)} failed; records in {out}", stderr[-5:]
-    assert any(line.startswith("progress: ") and "/16 lines" in line for line in stderr), stderr  # no TTY
+    assert stderr[-1] == f"summary: 4 ok, {len(BAD)} failed; records in {out}", stderr[-5:]
+    assert any(line.startswith("progress: ") and f"/{len(lines)} lines" in line for line in stderr), stderr  # no TTY
 
     # The good lines: exactly the reference model's greedy continuation of the same ids.
     from tiny_models import reference_generate
@@ -93,6 +101,32 @@ def test_batch_job_keeps_its_promises(tmp_path, tiny_models):
         assert record["token_ids"] == tokens and record["finish_reason"] == "length"
         assert record["text"] == tok.decode(tokens, skip_special_tokens=True)
     assert f"[a] {by_id['a']['text']}" in result.stdout
+    _check_new_fields(model, by_id["p"], by_id["s"])
+
+
+def _check_new_fields(model, penalized_record, scored):
+    """The fields of issue 15 reach the engine: penalties and bias as their definitions on
+    transformers' logits; log-probabilities of the raw logits; a prompt scored."""
+    import torch
+    from tiny_models import continue_with, penalized
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(model.hf_dir, dtype=torch.float32).eval()
+    prompt = make_tokenizer()(PENALIZED["prompt"])["input_ids"]
+    want = continue_with(hf, prompt, 4, lambda row, p, o: int(penalized(row, p, o, 0.5, 0.25, 1.5, {9: -100}).argmax()))
+    assert penalized_record["token_ids"] == want != continue_with(hf, prompt, 4, lambda row, p, o: int(row.argmax()))
+    with torch.no_grad():
+        raw = torch.log_softmax(hf(torch.tensor([prompt + want])).logits[0].float(), -1)
+    for j, entry in enumerate(penalized_record["logprobs"]):
+        row = raw[len(prompt) - 1 + j]
+        assert entry["token_id"] == want[j] and abs(entry["logprob"] - row[want[j]].item()) < 1e-4
+        assert [t["token_id"] for t in entry["top_logprobs"]] == row.topk(2).indices.tolist()
+    ids = SCORED["prompt"]
+    with torch.no_grad():
+        raw = torch.log_softmax(hf(torch.tensor([ids])).logits[0].float(), -1)
+    assert scored["token_ids"] == [] and scored["finish_reason"] == "length" and scored["prompt_logprobs"][0] is None
+    assert [round(e["logprob"], 4) for e in scored["prompt_logprobs"][1:]] == \
+        [round(raw[i - 1, ids[i]].item(), 4) for i in range(1, len(ids))]
 
 
 @pytest.mark.parametrize("nproc, overrides, message", [

@@ -25,10 +25,22 @@ SHARED_MISTAKES = [  # (fields, param, message): refused alike by the server and
     ({"top_p": 0}, "top_p", "top_p: Input should be greater than 0"),
     ({"seed": 2**64}, "seed", "seed: Input should be less than or equal to 18446744073709551615"),
     ({"seed": -2**63 - 1}, "seed", "seed: Input should be greater than or equal to -9223372036854775808"),
-    ({"max_tokens": 0}, "max_tokens", "max_tokens: Input should be greater than or equal to 1"),
+    ({"max_tokens": -1}, "max_tokens", "max_tokens: Input should be greater than or equal to 0"),
     ({"max_tokens": "ten"}, "max_tokens", "max_tokens: Input should be a valid integer"),
     ({"stop": [""]}, "stop", "stop: stop strings must not be empty"),
-    ({"prompt": [True, False]}, "prompt", "prompt: must be a string, a list of one string, or a list of token ids"),
+    ({"prompt": [True, False]}, "prompt", "prompt: must be a string, a list of strings, a list of token ids, or "),
+    ({"prompt": ["w1", 5]}, "prompt", "prompt: must be a string, a list of strings, a list of token ids, or "),
+    ({"prompt": [[1], [True]]}, "prompt", "prompt: prompt 1 must be a string or a list of token ids"),
+    ({"logit_bias": {"a": 1}}, "logit_bias", "logit_bias: keys must be token ids written as decimal strings"),
+    ({"logit_bias": {"-5": 1}}, "logit_bias", "logit_bias: keys must be token ids"),
+    ({"logit_bias": {"5": 101}}, "logit_bias", "logit_bias: Input should be less than or equal to 100"),
+    ({"logit_bias": {"5": True}}, "logit_bias", "logit_bias: Input should be a valid number"),
+    ({"presence_penalty": 2.5}, "presence_penalty", "presence_penalty: Input should be less than or equal to 2"),
+    ({"frequency_penalty": -3}, "frequency_penalty", "frequency_penalty: Input should be greater than or equal"),
+    ({"repetition_penalty": 0}, "repetition_penalty", "repetition_penalty: Input should be greater than 0"),
+    ({"min_p": 1.5}, "min_p", "min_p: Input should be less than or equal to 1"),
+    ({"stop_token_ids": [-1]}, "stop_token_ids", "stop_token_ids.0: Input should be greater than or equal to 0"),
+    ({"stop_token_ids": [True]}, "stop_token_ids", "stop_token_ids.0: Input should be a valid integer"),
     ({"prompt": ""}, "prompt", "prompt: the prompt is empty"),
     ({"prompt": "\ud800"}, "prompt", "prompt: not valid Unicode (a lone surrogate \\ud800 at index 0)"),
     ({"stop": ["ok", "\udfff"]}, "stop", "stop.1: not valid Unicode"),
@@ -90,7 +102,7 @@ def test_bytes_that_are_no_request(raw, message):
 
 def test_content_type():
     ok = read_body("application/json; charset=utf-8", b'{"prompt": [1, 2]}', CompletionRequest)
-    assert ok.prompt == [1, 2] and read_body(None, b'{"prompt": "w"}', CompletionRequest).prompt == "w"
+    assert ok.prompt == [[1, 2]] and read_body(None, b'{"prompt": "w"}', CompletionRequest).prompt == ["w"]
     with pytest.raises(ApiError) as e:
         read_body("application/x-www-form-urlencoded", b'{"prompt": "w"}', CompletionRequest)
     assert e.value.status == 415 and "content-type: application/json" in e.value.message
@@ -148,3 +160,85 @@ def test_output_takes_one_writer_and_resumes(tmp_path):
     path.write_text("not json\n")
     with pytest.raises(OutputError, match=r"out.jsonl:1: not a record of a batch job"):
         BatchOutput.open(path, resume=True)
+
+
+# ------------------------------------------------------------- the fields of issue 15
+
+NEW_FIELDS = {"min_p": 0.1, "presence_penalty": 0.5, "frequency_penalty": -0.25, "repetition_penalty": 1.3,
+              "stop_token_ids": [7, 9], "logit_bias": {"5": -100, "17": 2.5}, "seed": 4}
+
+
+def test_new_sampling_fields_reach_the_engine_alike(tmp_path):
+    server = read_body(None, json.dumps({"prompt": "w5", **NEW_FIELDS}).encode(), CompletionRequest)
+    [line] = _batch_error(tmp_path, json.dumps({"id": 1, "prompt": "w5", **NEW_FIELDS}).encode())
+    for params in (server.sampling_params(16), line.item.params):
+        assert (params.min_p, params.presence_penalty, params.frequency_penalty, params.repetition_penalty) == \
+            (0.1, 0.5, -0.25, 1.3)
+        assert params.stop_token_ids == [7, 9] and params.logit_bias == {5: -100.0, 17: 2.5}
+        assert params.logprobs is None and params.prompt_logprobs is None
+
+
+@pytest.mark.parametrize("fields, param, message", [
+    ({"n": 17}, "n", "n: Input should be less than or equal to 16"),
+    ({"n": 0}, "n", "n: Input should be greater than or equal to 1"),
+    ({"n": True}, "n", "n: Input should be a valid integer"),
+    ({"n": 2, "best_of": 3}, "best_of", "best_of: only best_of = n (2) is supported"),
+    ({"suffix": "x"}, "suffix", "suffix: not supported"),
+    ({"response_format": {"type": "json_object"}}, "response_format",
+     'response_format: only {"type": "text"} is supported (structured output is not)'),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "tools: tool calling is not supported"),
+    ({"tool_choice": "auto"}, "tool_choice", 'tool_choice: only "none" is supported'),
+    ({"logprobs": 21}, "logprobs", "logprobs: Input should be less than or equal to 20"),
+    ({"logprobs": True}, "logprobs", "logprobs: Input should be a valid integer"),
+    ({"max_tokens": 0}, "max_tokens", "max_tokens: 0 generates nothing and is allowed only with echo: true"),
+    ({"n": 3, "seed": 2**64 - 2}, "seed", "seed: with n = 3 the samples take seeds seed .. seed + 2"),
+])
+def test_completion_only_fields(fields, param, message):
+    error = _server(fields)
+    assert error.status == 400 and error.param == param and error.message.startswith(message), error.message
+
+
+def test_neutral_values_of_unimplemented_fields_pass():
+    body = read_body(None, json.dumps({"prompt": "w5", "response_format": {"type": "text"}, "tool_choice": "none",
+                                       "tools": [], "best_of": 2, "n": 2, "suffix": None, "echo": True,
+                                       "logprobs": 0, "max_tokens": 0}).encode(), CompletionRequest)
+    assert body.logprob_counts() == (0, 0)
+    chat = read_body(None, json.dumps({"messages": [{"role": "user", "content": "w5"}], "logprobs": True,
+                                       "top_logprobs": 3, "tool_choice": "none"}).encode(), ChatCompletionRequest)
+    assert chat.logprob_counts() == (3, None)
+    error = _server({"messages": [{"role": "user", "content": "w5"}], "top_logprobs": 2}, ChatCompletionRequest)
+    assert error.param == "top_logprobs" and error.message == "top_logprobs: needs logprobs: true"
+
+
+@pytest.mark.parametrize("prompt, expected", [
+    ("w5", ["w5"]), (["w5"], ["w5"]), (["w5", "w6"], ["w5", "w6"]), ([4, 5], [[4, 5]]), ([[4, 5]], [[4, 5]]),
+    ([[4, 5], [6]], [[4, 5], [6]]), (["w5", [6]], ["w5", [6]]),
+])
+def test_prompt_lists(prompt, expected):
+    body = read_body(None, json.dumps({"prompt": prompt}).encode(), CompletionRequest)
+    assert body.prompt == expected
+    assert [item.prompt or item.prompt_token_ids for item in body.prompt_inputs()] == expected
+
+
+def test_n_samples_take_consecutive_seeds():
+    body = read_body(None, b'{"prompt": "w5", "n": 3, "seed": 7}', CompletionRequest)
+    assert [p.seed for p in body.sample_params(body.sampling_params(4))] == [7, 8, 9]
+    unseeded = read_body(None, b'{"prompt": "w5", "n": 2}', CompletionRequest)
+    assert [p.seed for p in unseeded.sample_params(unseeded.sampling_params(4))] == [None, None]
+
+
+def test_batch_lines_take_logprobs_and_score_prompts(tmp_path):
+    lines = _batch_error(
+        tmp_path,
+        b'{"id": 1, "prompt": "w5", "logprobs": 2, "prompt_logprobs": 0}',
+        b'{"id": 2, "prompt": [4, 5], "max_tokens": 0, "prompt_logprobs": 1}',
+        b'{"id": 3, "prompt": "w5", "max_tokens": 0}',
+        b'{"id": 4, "prompt": ["w5", "w6"]}',
+        b'{"id": 5, "prompt": "w5", "n": 2}',
+    )
+    assert (lines[0].item.params.logprobs, lines[0].item.params.prompt_logprobs) == (2, 0)
+    assert lines[1].item.params.max_tokens == 0 and lines[1].item.prompt_token_ids == [4, 5]
+    assert lines[2].error == ("line 3: max_tokens: 0 generates nothing and is allowed only with prompt_logprobs "
+                              "(to score the prompt)")
+    assert lines[3].error == "line 4: prompt: one prompt per line: put each prompt on a line of its own"
+    assert lines[4].error == "line 5: unknown field 'n'"

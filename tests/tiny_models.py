@@ -63,3 +63,28 @@ def reference_generate(hf_dir: Path, prompts: list[list[int]], params: list, dev
         tokens.append(ids[len(prompt):])
         logits.append(torch.stack(steps))
     return tokens, logits
+
+
+def continue_with(model, prompt: list[int], steps: int, choose) -> list[int]:
+    """A reference loop on a loaded HF model: `choose(raw float32 logits row, prompt, output so
+    far)` picks each next token (full forward each step, no cache)."""
+    output = []
+    for _ in range(steps):
+        with torch.no_grad():
+            row = model(torch.tensor([prompt + output])).logits[0, -1].float()
+        output.append(choose(row, prompt, output))
+    return output
+
+
+def penalized(row: torch.Tensor, prompt: list[int], output: list[int], presence: float = 0.0, frequency: float = 0.0,
+              repetition: float = 1.0, bias: dict[int, float] | None = None) -> torch.Tensor:
+    """The definitions, one token at a time in float32: OpenAI's logit_bias, presence and
+    frequency penalties (over the output), HF's repetition penalty (over prompt and output)."""
+    row = row.clone()
+    for token, value in (bias or {}).items():
+        row[token] += value
+    for token in set(prompt) | set(output):
+        row[token] = row[token] / repetition if row[token] > 0 else row[token] * repetition
+    for token in set(output):
+        row[token] -= frequency * output.count(token) + presence
+    return row

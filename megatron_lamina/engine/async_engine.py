@@ -1,13 +1,14 @@
 """The driver's engine behind a server: a thread that steps, callers that await (rank 0 only).
 
 `LLMEngine.step` blocks on collectives, so it runs on its own thread; HTTP handlers run on
-asyncio. `AsyncEngine.generate` hands a request to the engine thread through an inbox and
-yields `RequestOutput` deltas. The thread posts a step's deltas of every request in one
-`call_soon_threadsafe` (not one per request: each wakes the event loop), and a caller that
-falls behind gets the deltas that piled up merged into one, so the HTTP side never makes the
-engine wait and never queues more than one delta per request. A caller that stops iterating
-(a client that disconnected) aborts its request, which frees its blocks at the next step.
-When idle the thread sends an empty plan every `heartbeat_s` seconds so that every rank's
+asyncio. `AsyncEngine.generate` (`generate_all`: several, admitted together or not at all)
+hands a request to the engine thread through an inbox and returns its `RequestOutput`
+deltas. The thread posts a step's deltas of every request in one `call_soon_threadsafe` (not
+one per request: each wakes the event loop), and a caller that falls behind gets the deltas
+that piled up merged into one, so the HTTP side never makes the engine wait and never queues
+more than one delta per request. A caller that stops iterating (a client that disconnected)
+closes its outputs, which aborts its request and frees its blocks at the next step. When
+idle the thread sends an empty plan every `heartbeat_s` seconds so that every rank's
 collective timeout keeps measuring liveness.
 
 States: `serving`; `draining` (SIGTERM: new requests refused, running ones finish; at the
@@ -23,7 +24,7 @@ import asyncio
 import queue
 import threading
 import time
-from typing import AsyncIterator, Protocol
+from typing import Protocol
 
 from megatron_lamina.engine.llm_engine import LLMEngine, PromptInput
 from megatron_lamina.engine.output import OutputTracker, RequestOutput
@@ -70,6 +71,33 @@ def merge_outputs(outputs: list[RequestOutput]) -> RequestOutput:
                          last.prompt_tokens, last.completion_tokens, last.error, logprobs, prompt_logprobs)
 
 
+class RequestOutputs:
+    """One admitted request's deltas, as an async iterator. A caller that stops before the
+    last one calls `aclose` (also when it never started iterating): that aborts the request
+    and frees its blocks at the next step."""
+
+    def __init__(self, engine: "AsyncEngine", request: Request, stream: _Stream):
+        self.engine, self.request, self.stream = engine, request, stream
+        self.done = False  # released: finished, or closed
+
+    def __aiter__(self) -> "RequestOutputs":
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.done:
+            raise StopAsyncIteration
+        output = await self.stream.next()
+        if output.finished:
+            self.done = True
+            self.engine._release(self.request, finished=True)
+        return output
+
+    async def aclose(self) -> None:
+        if not self.done:
+            self.done = True
+            self.engine._release(self.request, finished=False)
+
+
 def _deliver_all(batch: list[tuple[_Stream, RequestOutput]]) -> None:
     for stream, output in batch:
         stream.deliver(output)
@@ -100,31 +128,35 @@ class AsyncEngine:
         self.engine.scheduler.check_fits(request)
         return request
 
-    def generate(self, request: Request) -> AsyncIterator[RequestOutput]:
+    def generate(self, request: Request) -> "RequestOutputs":
         """Admit the request now (EngineUnavailable if it cannot be) and return its outputs."""
+        return self.generate_all([request])[0]
+
+    def generate_all(self, requests: list[Request]) -> list["RequestOutputs"]:
+        """Admit all the requests or none (EngineUnavailable): the choices of one HTTP request."""
         with self._lock:
             if self.state != "serving":
                 raise EngineUnavailable(f"the server is {self.state}" + (f": {self.error}" if self.error else ""))
-            if self._pending >= self.max_queued:
-                raise EngineUnavailable(f"too many requests in flight ({self._pending}); retry later")
-            self._pending += 1
-            request.arrival_time = time.monotonic()
-            stream = _Stream(request, asyncio.get_running_loop())
-            self._inbox.put(("add", request, stream))
-        return self._outputs(request, stream)
+            if self._pending + len(requests) > self.max_queued:
+                raise EngineUnavailable(f"too many requests in flight ({self._pending}, this one would add "
+                                        f"{len(requests)}); retry later")
+            self._pending += len(requests)
+            outputs, now, loop = [], time.monotonic(), asyncio.get_running_loop()
+            for request in requests:
+                request.arrival_time = now
+                stream = _Stream(request, loop)
+                self._inbox.put(("add", request, stream))
+                outputs.append(self._outputs(request, stream))
+        return outputs
 
-    async def _outputs(self, request: Request, stream: _Stream) -> AsyncIterator[RequestOutput]:
-        finished = False
-        try:
-            while not finished:
-                output = await stream.next()
-                finished = output.finished
-                yield output
-        finally:
-            with self._lock:
-                self._pending -= 1
-            if not finished:
-                self._inbox.put(("abort", request, None))
+    def _outputs(self, request: Request, stream: _Stream) -> "RequestOutputs":
+        return RequestOutputs(self, request, stream)
+
+    def _release(self, request: Request, finished: bool) -> None:
+        with self._lock:
+            self._pending -= 1
+        if not finished:
+            self._inbox.put(("abort", request, None))
 
     def begin_drain(self) -> None:
         with self._lock:

@@ -1,12 +1,16 @@
 """Offline batch jobs: the JSONL input, line by line, into checked requests (driver only).
 
-Each input line is `{"id", "prompt"}` or `{"id", "messages"}` plus the sampling fields of the
-shared request schema (`engine/request_schema.py`: `max_tokens` (default 16), `temperature`,
-`top_p`, `top_k`, `seed`, `stop`, `ignore_eos`, `min_tokens`), checked exactly as the server
-checks them. The file is read as bytes, so a line that is not UTF-8 spoils only itself. Every
-non-blank line becomes one `BatchLine`; a line that cannot run (not UTF-8, not JSON, a
-field the schema refuses, an id seen on an earlier line) carries an `error` that names the
-line number and the field, and the job writes it as an error record and runs the others.
+Each input line is `{"id", "prompt"}` or `{"id", "messages"}` plus the sampling fields of
+the shared request schema (`engine/request_schema.py`: `max_tokens` (default 16),
+`temperature`, `top_p`, `top_k`, `min_p`, `seed`, `stop`, `stop_token_ids`, `ignore_eos`,
+`min_tokens`, `presence_penalty`, `frequency_penalty`, `repetition_penalty`, `logit_bias`),
+checked exactly as the server checks them, and the log-probabilities it wants (`logprobs`:
+top-N per generated token, `prompt_logprobs`: per prompt token; 0..20; `max_tokens: 0` with
+`prompt_logprobs` scores the prompt only). The file is read as bytes, so a line that is not
+UTF-8 spoils only itself. Every non-blank line becomes one `BatchLine`; a line that cannot
+run (not UTF-8, not JSON, a field the schema refuses, an id seen on an earlier line) carries
+an `error` that names the line number and the field, and the job writes it as an error
+record and runs the others.
 Ids are the job's keys: a line's `key` is its id, or `("line", N)` for a line without a
 usable id (none, the wrong type, or a duplicate, whose error names the first line).
 """
@@ -20,7 +24,8 @@ from pydantic import Field, model_validator
 
 from megatron_lamina.engine.llm_engine import PromptInput
 from megatron_lamina.engine.request_schema import (
-    ChatMessage, Prompt, RequestError, SamplingFields, decode_json, is_unicode, parse_request, prompt_input,
+    ChatMessage, LogprobCount, Prompt, RequestError, SamplingFields, decode_json, is_unicode, parse_request,
+    prompt_input,
 )
 
 DEFAULT_MAX_TOKENS = 16
@@ -32,6 +37,9 @@ class BatchRequest(SamplingFields):
     id: str | int
     prompt: Prompt | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1)
+    max_tokens: int | None = Field(None, ge=0)  # 0: score the prompt (with prompt_logprobs)
+    logprobs: LogprobCount | None = None
+    prompt_logprobs: LogprobCount | None = None
 
     @model_validator(mode="after")
     def _one_prompt(self):
@@ -39,8 +47,14 @@ class BatchRequest(SamplingFields):
             raise ValueError("exactly one of 'prompt' and 'messages' is required")
         return self
 
+    def check(self) -> None:
+        if self.max_tokens == 0 and self.prompt_logprobs is None:
+            raise RequestError("max_tokens: 0 generates nothing and is allowed only with prompt_logprobs (to "
+                               "score the prompt)", "max_tokens")
+
     def prompt_input(self) -> PromptInput:
-        params = self.sampling_params(self.max_tokens or DEFAULT_MAX_TOKENS)
+        max_tokens = DEFAULT_MAX_TOKENS if self.max_tokens is None else self.max_tokens
+        params = self.sampling_params(max_tokens, self.logprobs, self.prompt_logprobs)
         return prompt_input(self.prompt, self.messages, params=params, user_id=self.id)
 
 

@@ -18,7 +18,9 @@ from dataclasses import dataclass
 
 from megatron_lamina.engine.batch_job import BatchLine
 from megatron_lamina.engine.batch_output import BatchOutput
-from megatron_lamina.engine.request_schema import check_max_tokens
+from megatron_lamina.engine.request import Request, TokenLogprob
+from megatron_lamina.engine.request_schema import check_max_tokens, check_token_ids
+from megatron_lamina.engine.tokenizer import TextCodec
 
 
 @dataclass
@@ -69,6 +71,7 @@ def run_batch(engine, input_name: str, lines: list[BatchLine], output: BatchOutp
                 request = engine.make_request(line.item)
                 engine.scheduler.check_fits(request)  # the prompt first, as the server checks
                 check_max_tokens(request.params.max_tokens, request.num_tokens, max_model_len)
+                check_token_ids(request.params, engine.ctx.arch.vocab_size)
                 engine.scheduler.add(request)
                 continue
             except ValueError as e:  # RequestError, or the scheduler's: never fits the cache
@@ -82,8 +85,7 @@ def run_batch(engine, input_name: str, lines: list[BatchLine], output: BatchOutp
         progress.tokens += len(updated)
         for request in updated:
             if request.finished:
-                output.write({"id": request.user_id, "text": request.text, "token_ids": request.output_token_ids,
-                              "finish_reason": request.finish_reason})
+                output.write(record(request, engine.codec))
                 summary.ok += 1
                 progress.done += 1
                 if show:
@@ -93,6 +95,28 @@ def run_batch(engine, input_name: str, lines: list[BatchLine], output: BatchOutp
     summary.unfinished = len(lines) - summary.skipped - summary.failed - summary.ok
     summary.tokens, summary.seconds = progress.tokens, time.monotonic() - progress.started
     return summary
+
+
+def record(request: Request, codec: TextCodec) -> dict:
+    """A finished request's output line; `logprobs` / `prompt_logprobs` when it asked for them:
+    per token its text, id, log-probability (raw logits, before temperature and penalties)
+    and the top alternatives (the prompt's first token has none: null)."""
+    out = {"id": request.user_id, "text": request.text, "token_ids": request.output_token_ids,
+           "finish_reason": request.finish_reason}
+    if request.params.logprobs is not None:
+        out["logprobs"] = [_logprob(codec, t, e) for t, e in zip(request.output_token_ids, request.output_logprobs)]
+    if request.params.prompt_logprobs is not None:
+        entries = request.prompt_logprobs
+        entries = [None] * (len(request.prompt_token_ids) - len(entries)) + entries  # a one-token prompt has []
+        out["prompt_logprobs"] = [_logprob(codec, t, e) for t, e in zip(request.prompt_token_ids, entries)]
+    return out
+
+
+def _logprob(codec: TextCodec, token_id: int, entry: TokenLogprob | None) -> dict | None:
+    if entry is None:
+        return None
+    return {"token": codec.token_text(token_id), "token_id": token_id, "logprob": entry.logprob,
+            "top_logprobs": [{"token": codec.token_text(t), "token_id": t, "logprob": lp} for t, lp in entry.top]}
 
 
 class Progress:

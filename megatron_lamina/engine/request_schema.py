@@ -1,12 +1,13 @@
 """The one schema of a generation request, shared by the HTTP server and the batch job.
 
-`server/protocol.py` builds the OpenAI request bodies on `SamplingFields`, `Prompt` and
+`server/protocol.py` builds the OpenAI request bodies on `SamplingFields`, `Prompts` and
 `ChatMessage`; `engine/batch_job.py` builds its JSONL line on the same pieces, so both take
 the same fields with the same limits and answer a mistake with the same message. Input
 travels `decode_json` (bytes -> JSON value) -> `parse_request` (JSON value -> model) ->
 `prompt_input` / `SamplingFields.sampling_params` (-> what `LLMEngine` takes), and
-`check_max_tokens` once the prompt is tokenized. Every mistake is a `RequestError`: one line
-naming the field (`param`, the top-level field as OpenAI reports it) and what is allowed.
+`check_max_tokens` and `check_token_ids` once the prompt is tokenized. Every mistake is a
+`RequestError`: one line naming the field (`param`, the top-level field as OpenAI reports
+it) and what is allowed. A model's rules across fields (`check`) run after its fields.
 
 Hostile input is refused here, before it reaches the tokenizer or torch: strings that are
 not valid Unicode (lone surrogates, from an unpaired `\\ud800` escape) anywhere in the
@@ -17,6 +18,7 @@ request, booleans where numbers belong (strict types: `true` is no token id), se
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
@@ -26,6 +28,8 @@ from megatron_lamina.engine.sampling import SamplingParams
 
 SEED_MIN, SEED_MAX = SamplingParams.SEED_RANGE
 MAX_TEMPERATURE = 2.0
+MAX_LOGPROBS = SamplingParams.MAX_LOGPROBS
+_TOKEN_ID_KEY = re.compile(r"[0-9]{1,12}")
 
 
 class RequestError(ValueError):
@@ -41,26 +45,49 @@ class StrictModel(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
+    def check(self) -> None:
+        """Rules across fields, once every field is valid: a RequestError naming the field."""
 
-def _check_prompt(value: Any) -> str | list[int]:
-    """A prompt: a non-empty string, a list of one string, or a non-empty list of token ids."""
-    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], str):
-        value = value[0]
+
+def _one_prompt(value: Any, where: str = "the prompt") -> str | list[int]:
     if isinstance(value, str):
         if not value:
-            raise ValueError("the prompt is empty")
+            raise ValueError(f"{where} is empty")
         return value
-    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
-        raise ValueError("only one prompt per request is supported (n=1)")
     if isinstance(value, list) and value and all(type(v) is int for v in value):
         return value
     if value == []:
+        raise ValueError(f"{where} is empty")
+    raise ValueError(f"{where} must be a string or a list of token ids (integers; true and false are not "
+                     "token ids)")
+
+
+def _check_prompts(value: Any) -> list[str | list[int]]:
+    """Prompts as OpenAI's completions take them: a string, a list of strings, a list of token
+    ids (one prompt), or a list of token-id lists (several)."""
+    if isinstance(value, str) or isinstance(value, list) and value and all(type(v) is int for v in value):
+        return [_one_prompt(value)]
+    if isinstance(value, list) and value and all(isinstance(v, (str, list)) for v in value):
+        if len(value) == 1:
+            return [_one_prompt(value[0])]
+        return [_one_prompt(v, f"prompt {i}") for i, v in enumerate(value)]
+    if value == []:
         raise ValueError("the prompt is empty")
-    raise ValueError("must be a string, a list of one string, or a list of token ids (integers; true and "
-                     "false are not token ids)")
+    raise ValueError("must be a string, a list of strings, a list of token ids, or a list of token-id lists "
+                     "(integers; true and false are not token ids)")
+
+
+def _check_prompt(value: Any) -> str | list[int]:
+    """Exactly one prompt, in any of the forms `_check_prompts` takes (a batch job's line)."""
+    prompts = _check_prompts(value)
+    if len(prompts) > 1:
+        raise ValueError("one prompt per line: put each prompt on a line of its own")
+    return prompts[0]
 
 
 Prompt = Annotated[str | list[int], BeforeValidator(_check_prompt)]
+Prompts = Annotated[list[str | list[int]], BeforeValidator(_check_prompts)]
+LogprobCount = Annotated[int, Field(ge=0, le=MAX_LOGPROBS)]
 
 
 def _not_bool(value: Any) -> Any:
@@ -98,6 +125,13 @@ class SamplingFields(StrictModel):
     stop: str | list[str] | None = None
     ignore_eos: bool = False
     min_tokens: int = Field(0, ge=0)
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None  # end the request like EOS
+    min_p: float = Field(0.0, ge=0.0, le=1.0, allow_inf_nan=False)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=2.0, allow_inf_nan=False)
+    # OpenAI's JSON: token ids as strings ("50256": -100), added to the logits
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0, allow_inf_nan=False)]] | None = None
 
     @field_validator("stop")
     @classmethod
@@ -106,11 +140,24 @@ class SamplingFields(StrictModel):
             raise ValueError("stop strings must not be empty")
         return stop
 
-    def sampling_params(self, max_tokens: int) -> SamplingParams:
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_keys_are_token_ids(cls, bias):
+        for key in bias or {}:
+            if not _TOKEN_ID_KEY.fullmatch(key):
+                raise ValueError(f"keys must be token ids written as decimal strings (\"50256\"), not {key!r}")
+        return bias
+
+    def sampling_params(self, max_tokens: int, logprobs: int | None = None,
+                        prompt_logprobs: int | None = None) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        bias = {int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None
         return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
                               top_k=self.top_k, seed=self.seed, stop=stop, ignore_eos=self.ignore_eos,
-                              min_tokens=self.min_tokens)
+                              min_tokens=self.min_tokens, stop_token_ids=list(self.stop_token_ids or []),
+                              min_p=self.min_p, presence_penalty=self.presence_penalty,
+                              frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
+                              logit_bias=bias, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
 
 
 def prompt_input(prompt: str | list[int] | None = None, messages: list[ChatMessage] | None = None,
@@ -128,6 +175,14 @@ def check_max_tokens(max_tokens: int, prompt_tokens: int, max_model_len: int) ->
     if prompt_tokens + max_tokens > max_model_len:
         raise RequestError(f"max_tokens = {max_tokens} is too large: the prompt has {prompt_tokens} tokens and "
                            f"the model's context is {max_model_len}", "max_tokens")
+
+
+def check_token_ids(params: SamplingParams, vocab_size: int) -> None:
+    """Token ids of `logit_bias` must be in the model's vocabulary (vLLM refuses them too)."""
+    outside = sorted(t for t in params.logit_bias or {} if t >= vocab_size)
+    if outside:
+        raise RequestError(f"logit_bias: token ids {outside[:5]} are outside the vocabulary (0..{vocab_size - 1})",
+                           "logit_bias")
 
 
 # ------------------------------------------------------------------------------ parsing
@@ -157,9 +212,11 @@ def parse_request(model: type[StrictModel], data: Any) -> StrictModel:
         raise RequestError(f"expected a JSON object, got {_json_type(data)}")
     _check_unicode(data)
     try:
-        return model.model_validate(data)
+        request = model.model_validate(data)
     except ValidationError as e:
         raise describe_error(e.errors()) from None
+    request.check()
+    return request
 
 
 def describe_error(errors: list[dict[str, Any]]) -> RequestError:

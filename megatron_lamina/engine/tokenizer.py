@@ -18,13 +18,23 @@ from transformers import AutoTokenizer
 class TextCodec:
     def __init__(self, checkpoint_dir: str | Path):
         self.tokenizer = AutoTokenizer.from_pretrained(str(Path(checkpoint_dir) / "tokenizer"))
+        self._token_texts: dict[int, str] = {}
 
-    def encode_prompt(self, prompt: str) -> list[int]:
-        return list(self.tokenizer(prompt)["input_ids"])
+    def encode_prompt(self, prompt: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                  tokenize=False)
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def token_text(self, token_id: int) -> str:
+        """One token's text on its own, special tokens kept (what log-probability reports name
+        a token by, as vLLM does; a piece of a multi-byte character shows as U+FFFD)."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self.tokenizer.decode([token_id], clean_up_tokenization_spaces=False)
+        return text
 
     def decode(self, token_ids: list[int]) -> str:
         """The whole text of `token_ids`: what the incremental detokenizer's pieces add up to."""

@@ -6,8 +6,9 @@
 `lamina serve` checks the config and starts the N = parallel.tensor_parallel +
 parallel.attention_workers ranks itself; launcher/serve.py is this module for torchrun.
 Every rank dies with its launcher (`ranks.exit_with_parent`). Rank 0 runs the HTTP server
-(uvicorn, `server.host`:`server.port`) and the engine thread; the other ranks execute the
-step plans it broadcasts. Shutdown and faults:
+(uvicorn, `server.host`:`server.port`; with `server.api_key` or $LAMINA_API_KEY every route
+but /health and /metrics needs it; an access-log line per request on stderr) and the engine
+thread; the other ranks execute the step plans it broadcasts. Shutdown and faults:
   * SIGTERM (or SIGINT, Ctrl-C) to rank 0 drains: new requests get 503, running ones finish
     (at most `server.drain_timeout_s`, then they are failed), the other ranks are released
     and the job exits 0. (Either signal to lamina or torchrun reaches every rank: the others
@@ -36,6 +37,11 @@ def model_name(cfg) -> str:
     return Path(cfg.model.checkpoint).resolve().name
 
 
+def server_api_key(cfg, environ=os.environ) -> str | None:
+    """The bearer token clients must send: server.api_key, else $LAMINA_API_KEY, else none."""
+    return cfg.server.api_key or environ.get("LAMINA_API_KEY") or None
+
+
 def raise_open_files_limit() -> None:
     """Every client connection is a file descriptor: lift the soft limit (often 1024) to the
     hard one, or a burst of clients is refused at the socket, before any HTTP error."""
@@ -59,7 +65,9 @@ def serve_driver(ctx) -> int:
     metrics = ServerMetrics()
     engine = AsyncEngine(LLMEngine(ctx), cfg.server.max_queued_requests,
                          heartbeat_s=cfg.runtime.step_timeout_s / 4, listener=metrics)
-    app = build_app(engine, model_name(cfg), ctx.arch.max_position_embeddings, metrics)
+    api_key = server_api_key(cfg)
+    app = build_app(engine, model_name(cfg), ctx.arch.max_position_embeddings, metrics, api_key=api_key,
+                    cors_origins=cfg.server.cors_origins)
     drain = threading.Event()
 
     class Server(uvicorn.Server):
@@ -95,7 +103,7 @@ def serve_driver(ctx) -> int:
     engine.start()
     threading.Thread(target=watch, name="lamina-watch", daemon=True).start()
     print(f"serving {model_name(cfg)} on http://{cfg.server.host}:{cfg.server.port} "
-          f"(driver pid {os.getpid()})", flush=True)
+          f"(driver pid {os.getpid()}{'; API key required' if api_key else ''})", flush=True)
     server.run()
     engine.stop()
     if engine.state == "dead":

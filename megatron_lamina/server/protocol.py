@@ -1,27 +1,34 @@
-"""OpenAI request bodies (completions, chat completions) and error bodies.
+"""OpenAI request bodies (completions, chat completions, tokenize, detokenize) and error bodies.
 
 The bodies are the shared request schema (`engine/request_schema.py`: the sampling fields,
-prompt and chat messages, strict types, limits) plus the fields only HTTP has. Fields of
-OpenAI's API that we accept but do not implement must keep their neutral value (`n` 1,
-penalties 0, no logprobs, no echo, no logit_bias). Extensions, as in vLLM: `top_k`,
-`ignore_eos`, `min_tokens` (EOS and stop strings do not end a request before it),
-`return_token_ids`. `read_body` turns the bytes of a POST into one of them; every mistake is
-an `ApiError` (HTTP 4xx, OpenAI error body) naming the field.
+prompt and chat messages, strict types, limits) plus the fields only HTTP has: `n`
+independent samples per prompt (seeded `seed`, `seed + 1`, ...), several prompts in one
+completion request, log-probabilities (completions: `logprobs` 0..20 and `echo`; chat:
+`logprobs` and `top_logprobs`), `stream`. Fields of OpenAI's API that we do not implement
+are accepted at their neutral value only (`response_format` {"type": "text"}, `tool_choice`
+"none", no `tools`, `suffix` null, `best_of` equal to `n`); any other value is a 400 saying
+it is not supported. Extensions, as in vLLM: `top_k`, `min_p`, `repetition_penalty`,
+`stop_token_ids`, `ignore_eos`, `min_tokens` (EOS and stop strings do not end a request
+before it), `return_token_ids`. `read_body` turns the bytes of a POST into one of them;
+every mistake is an `ApiError` (HTTP 4xx, OpenAI error body) naming the field.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+import dataclasses
+from typing import Any
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from megatron_lamina.engine.llm_engine import PromptInput
 from megatron_lamina.engine.request_schema import (
-    ChatMessage, NotBool, Prompt, RequestError, SamplingFields, StrictModel, decode_json, parse_request,
-    prompt_input,
+    SEED_MAX, ChatMessage, LogprobCount, Prompts, RequestError, SamplingFields, StrictModel, decode_json,
+    parse_request, prompt_input,
 )
+from megatron_lamina.engine.sampling import SamplingParams
 
 JSON_TYPES = ("application/json",)
+MAX_N = 16  # samples per prompt
 
 
 class ApiError(Exception):
@@ -52,34 +59,128 @@ class _OpenAIFields(SamplingFields):
     model: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: Annotated[Literal[1], NotBool] = 1
+    n: int = Field(1, ge=1, le=MAX_N)
     user: str | None = None
-    presence_penalty: Annotated[Literal[0], NotBool] = 0
-    frequency_penalty: Annotated[Literal[0], NotBool] = 0
-    logprobs: Literal[False] | None = None
-    logit_bias: dict[str, float] | None = Field(None, max_length=0)
     return_token_ids: bool = False
+    # Not implemented: accepted at their neutral value only (see _neutral_only).
+    response_format: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+
+    @field_validator("response_format")
+    @classmethod
+    def _plain_text_only(cls, value):
+        if value not in (None, {"type": "text"}):
+            raise ValueError('only {"type": "text"} is supported (structured output is not)')
+        return value
+
+    @field_validator("tools")
+    @classmethod
+    def _no_tools(cls, value):
+        if value not in (None, []):
+            raise ValueError("tool calling is not supported: send no tools")
+        return value
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _no_tool_choice(cls, value):
+        if value not in (None, "none"):
+            raise ValueError('only "none" is supported (tool calling is not)')
+        return value
+
+    def check(self) -> None:
+        if self.seed is not None and self.seed + self.n - 1 > SEED_MAX:
+            raise RequestError(f"seed: with n = {self.n} the samples take seeds seed .. seed + {self.n - 1}, "
+                               f"which must be <= {SEED_MAX}", "seed")
+
+    def sample_params(self, params: SamplingParams) -> list[SamplingParams]:
+        """The `n` samples' parameters: sample i seeded `seed + i` (unseeded: each its own
+        random generator), so the n samples differ and a seeded request repeats."""
+        if self.seed is None:
+            return [params] * self.n
+        return [params] + [dataclasses.replace(params, seed=self.seed + i) for i in range(1, self.n)]
 
 
 class CompletionRequest(_OpenAIFields):
-    prompt: Prompt
-    echo: Literal[False] = False
-    best_of: Annotated[Literal[1], NotBool] | None = None
-    suffix: None = None
+    prompt: Prompts
+    max_tokens: int | None = Field(None, ge=0)  # 0: score the prompt (with echo), generate nothing
+    echo: bool = False
+    logprobs: LogprobCount | None = None
+    best_of: int | None = None
+    suffix: Any = None
 
-    def prompt_input(self) -> PromptInput:
-        return prompt_input(prompt=self.prompt)
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, value):
+        if value is not None:
+            raise ValueError("not supported (insertion): send null")
+        return value
+
+    def check(self) -> None:
+        super().check()
+        if self.max_tokens == 0 and not self.echo:
+            raise RequestError("max_tokens: 0 generates nothing and is allowed only with echo: true (to score "
+                               "the prompt)", "max_tokens")
+        if self.best_of is not None and self.best_of != self.n:
+            raise RequestError(f"best_of: only best_of = n ({self.n}) is supported (no server-side ranking)",
+                               "best_of")
+
+    def prompt_inputs(self) -> list[PromptInput]:
+        return [prompt_input(prompt=p) for p in self.prompt]
+
+    def default_max_tokens(self, prompt_tokens: int, max_model_len: int) -> int:
+        return 16 if self.max_tokens is None else self.max_tokens
+
+    def logprob_counts(self) -> tuple[int | None, int | None]:
+        """(top-N per generated token, per prompt token) the engine computes; scoring a prompt
+        (max_tokens 0) needs the prompt's even when no log-probabilities are reported."""
+        prompt = self.logprobs if self.echo else None
+        if self.max_tokens == 0 and prompt is None:
+            prompt = 0
+        return self.logprobs, prompt
 
 
 class ChatCompletionRequest(_OpenAIFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: LogprobCount | None = None
 
-    def prompt_input(self) -> PromptInput:
-        return prompt_input(messages=self.messages)
+    def check(self) -> None:
+        super().check()
+        if self.top_logprobs and not self.logprobs:
+            raise RequestError("top_logprobs: needs logprobs: true", "top_logprobs")
+
+    def prompt_inputs(self) -> list[PromptInput]:
+        return [prompt_input(messages=self.messages)]
+
+    def default_max_tokens(self, prompt_tokens: int, max_model_len: int) -> int:
+        """The rest of the context unless max_completion_tokens or max_tokens says less."""
+        return self.max_completion_tokens or self.max_tokens or max_model_len - prompt_tokens
+
+    def logprob_counts(self) -> tuple[int | None, int | None]:
+        return (self.top_logprobs or 0) if self.logprobs else None, None
 
 
-def read_body(content_type: str | None, raw: bytes, model: type[_OpenAIFields]) -> _OpenAIFields:
+class TokenizeRequest(StrictModel):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_special_tokens: bool = True        # a prompt's; a chat's come from its template
+    add_generation_prompt: bool = True     # a chat's
+
+    def check(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise RequestError("exactly one of 'prompt' and 'messages' is required", "prompt")
+
+
+class DetokenizeRequest(StrictModel):
+    model: str | None = None
+    tokens: list[int]
+
+
+def read_body(content_type: str | None, raw: bytes, model: type[StrictModel]) -> StrictModel:
     """The body of a POST -> `model`. JSON is expected; a body without a content-type header is
     read as JSON too (curl -d without -H), any other declared type is a 415."""
     media_type = (content_type or "").split(";")[0].strip().lower()

@@ -1,0 +1,155 @@
+"""Offline generation in one Python process, as users of vLLM's `LLM` class expect.
+
+    from megatron_lamina import LLM
+    from megatron_lamina.engine.sampling import SamplingParams
+
+    llm = LLM("checkpoints/smollm2-135m-instruct")
+    [out] = llm.generate("The capital of France is", SamplingParams(max_tokens=8, temperature=0))
+    print(out.text)
+    llm.chat([{"role": "user", "content": "Hi!"}], SamplingParams(max_tokens=32))
+
+The job is the colocated single-device layout (one model worker, attention on it) run in
+this process, without torchrun: a one-rank process group on a free loopback port when none
+exists (gloo; NCCL too on CUDA), then the launchers' own start-up (`runtime.start_rank`)
+and the same `LLMEngine`, scheduler and batched sampler the server and the batch job run.
+`generate` and `chat` take one prompt or conversation or a list of them (prompts as text or
+token ids), one `SamplingParams` for all or one per prompt, run them through continuous
+batching and return a `Generation` per input, in input order. `close` (or a `with` block)
+releases the process group this object created.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Sequence
+
+import torch.distributed as dist
+
+from megatron_lamina.config import LaminaConfig
+from megatron_lamina.engine.llm_engine import LLMEngine, PromptInput
+from megatron_lamina.engine.request import Request, TokenLogprob
+from megatron_lamina.engine.runtime import start_rank
+from megatron_lamina.engine.sampling import SamplingParams
+
+CPU_KV_BLOCKS = 1024  # `num_blocks` default on a CPU, where "auto" would take most of the host's memory
+
+Message = dict[str, str]
+
+
+@dataclass
+class Generation:
+    """What one prompt produced."""
+
+    prompt_token_ids: list[int]
+    text: str
+    token_ids: list[int]
+    finish_reason: str                                # "stop" (EOS, stop string or token) or "length"
+    logprobs: list[TokenLogprob] | None               # per generated token, with SamplingParams.logprobs
+    prompt_logprobs: list[TokenLogprob | None] | None  # per prompt token (the first None), with prompt_logprobs
+
+
+class LLM:
+    def __init__(self, checkpoint: str, *, device: str = "cpu", dtype: str = "float32", max_batch_size: int = 64,
+                 num_blocks: int | str | None = None, block_size: int = 16, max_prefill_tokens: int = 2048,
+                 memory_fraction: float = 0.9, cuda_graphs: bool = True, async_scheduling: bool = True):
+        """`checkpoint`: a canonical checkpoint directory (`lamina convert`). The other arguments
+        are config keys (configs/default.yaml); `num_blocks` (KV blocks) defaults to "auto" on
+        CUDA and to CPU_KV_BLOCKS on a CPU. A wrong value raises `ConfigError` naming it."""
+        if num_blocks is None:
+            num_blocks = "auto" if device == "cuda" else CPU_KV_BLOCKS
+        self.cfg = LaminaConfig.from_dict({
+            "model": {"checkpoint": str(checkpoint), "dtype": dtype},
+            "parallel": {"tensor_parallel": 1, "attention_workers": 0},
+            "runtime": {"device": device, "cuda_graphs": cuda_graphs},
+            "scheduler": {"max_batch_size": max_batch_size, "micro_batches": 1,
+                          "max_prefill_tokens": max_prefill_tokens, "async_scheduling": async_scheduling},
+            "kv_cache": {"block_size": block_size, "num_blocks": num_blocks, "memory_fraction": memory_fraction},
+        })
+        self._owns_group = not dist.is_initialized()
+        if self._owns_group:
+            _init_one_rank(self.cfg)
+        elif dist.get_world_size() != 1:
+            raise RuntimeError(f"LLM runs in one process, but this one is rank {dist.get_rank()} of a "
+                               f"{dist.get_world_size()}-rank job: use `lamina serve|generate` for several ranks")
+        try:
+            self.engine = LLMEngine(start_rank(self.cfg))
+        except BaseException:
+            if self._owns_group:
+                dist.destroy_process_group()
+            raise
+
+    @property
+    def tokenizer(self):
+        """The checkpoint's Hugging Face tokenizer."""
+        return self.engine.codec.tokenizer
+
+    def generate(self, prompts: str | list[int] | Sequence[str | list[int]],
+                 sampling: SamplingParams | Sequence[SamplingParams] | None = None) -> list[Generation]:
+        """One prompt (text, or token ids) or a list of them."""
+        if isinstance(prompts, str) or prompts and all(type(t) is int for t in prompts):
+            prompts = [prompts]
+        items = [PromptInput(prompt=p) if isinstance(p, str) else PromptInput(prompt_token_ids=list(p))
+                 for p in prompts]
+        return self._run(items, sampling)
+
+    def chat(self, conversations: list[Message] | Sequence[list[Message]],
+             sampling: SamplingParams | Sequence[SamplingParams] | None = None) -> list[Generation]:
+        """One conversation (a list of {"role", "content"} messages) or a list of them; the
+        checkpoint's chat template is applied with the generation prompt."""
+        if conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]
+        return self._run([PromptInput(messages=list(c)) for c in conversations], sampling)
+
+    def _run(self, items: list[PromptInput], sampling) -> list[Generation]:
+        if sampling is None or isinstance(sampling, SamplingParams):
+            sampling = [sampling or SamplingParams()] * len(items)
+        if len(sampling) != len(items):
+            raise ValueError(f"{len(items)} prompts but {len(sampling)} SamplingParams: give one, or one per prompt")
+        requests = []
+        for item, params in zip(items, sampling):
+            item.params = params
+            request = self.engine.make_request(item)
+            self.engine.scheduler.check_fits(request)  # every prompt checked before any runs
+            requests.append(request)
+        for request in requests:
+            self.engine.scheduler.add(request)
+        while self.engine.has_work():
+            self.engine.step()
+        return [_generation(r) for r in requests]
+
+    def close(self) -> None:
+        """Release the engine and, if this object created it, the process group."""
+        if self.engine is None:
+            return
+        self.engine.shutdown()
+        self.engine = None
+        if self._owns_group:
+            dist.destroy_process_group()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _generation(request: Request) -> Generation:
+    p = request.params
+    prompt_logprobs = None
+    if p.prompt_logprobs is not None:  # a one-token prompt's list is empty: its only entry is None
+        prompt_logprobs = [None] * (len(request.prompt_token_ids) - len(request.prompt_logprobs))
+        prompt_logprobs += request.prompt_logprobs
+    return Generation(request.prompt_token_ids, request.text, request.output_token_ids, request.finish_reason,
+                      list(request.output_logprobs) if p.logprobs is not None else None, prompt_logprobs)
+
+
+def _init_one_rank(cfg: LaminaConfig) -> None:
+    """A one-rank process group on a free loopback port (the launchers' backends)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    backend = "gloo" if cfg.runtime.device == "cpu" else "cpu:gloo,cuda:nccl"
+    dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
+                            timeout=timedelta(seconds=cfg.runtime.step_timeout_s))

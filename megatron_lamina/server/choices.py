@@ -1,0 +1,104 @@
+"""The choices of one completion or chat request: made, admitted together, run side by side.
+
+A body with P prompts and `n` samples per prompt becomes P x n engine requests; choice
+`index = prompt_index * n + sample_index` (OpenAI's order). Each prompt is tokenized once;
+its samples share the token ids and differ in their generator (sample i seeded `seed + i`
+when the body has a seed, `_OpenAIFields.sample_params`). `admit` checks every choice
+before any runs and admits them all or none (`AsyncEngine.generate_all`); `merged` runs their
+outputs side by side and yields `(index, delta)` as they come, and closes every choice when
+its consumer stops early (a client gone: each request is aborted, its blocks freed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from starlette.concurrency import run_in_threadpool
+
+from megatron_lamina.engine.async_engine import AsyncEngine, EngineUnavailable, RequestOutputs
+from megatron_lamina.engine.llm_engine import PromptInput
+from megatron_lamina.engine.output import RequestOutput
+from megatron_lamina.engine.request import Request
+from megatron_lamina.engine.request_schema import RequestError, check_max_tokens, check_token_ids
+from megatron_lamina.server.protocol import ApiError, ChatCompletionRequest, CompletionRequest
+
+
+@dataclass
+class Choice:
+    index: int
+    prompt_index: int
+    request: Request
+    echo: str | None = None  # completions with echo: the prompt's text, returned before the output
+
+
+async def make_choices(engine: AsyncEngine, body: CompletionRequest | ChatCompletionRequest, request_id: str,
+                       max_model_len: int) -> list[Choice]:
+    """Tokenize and check every prompt, then build its `n` samples; a mistake is a 400 naming
+    the field (and, with several prompts, which one)."""
+    chat = isinstance(body, ChatCompletionRequest)
+    field = "messages" if chat else "prompt"
+    items = body.prompt_inputs()
+    if len(items) * body.n > engine.max_queued:  # could never be admitted: say so before tokenizing
+        raise ApiError(400, f"{len(items)} prompts x n = {body.n} are {len(items) * body.n} choices, more than the "
+                            f"server holds at once (server.max_queued_requests = {engine.max_queued})", field)
+    logprobs, prompt_logprobs = body.logprob_counts()
+    vocab_size = engine.engine.ctx.arch.vocab_size
+    choices: list[Choice] = []
+    for p, item in enumerate(items):
+        which = f"prompt {p}: " if len(items) > 1 else ""
+        try:
+            first = await run_in_threadpool(engine.make_request, item)
+            max_tokens = body.default_max_tokens(first.num_tokens, max_model_len)
+            check_max_tokens(max_tokens, first.num_tokens, max_model_len)
+            params = body.sampling_params(max_tokens, logprobs, prompt_logprobs)
+            check_token_ids(params, vocab_size)
+        except RequestError as e:
+            raise ApiError(400, which + e.message, e.param) from None
+        except ValueError as e:  # the tokenizer's or the scheduler's: the prompt cannot run
+            raise ApiError(400, which + str(e), field) from None
+        ids, echo = first.prompt_token_ids, None
+        if not chat and body.echo:  # the prompt as given, or its token ids' text
+            echo = item.prompt if item.prompt is not None else engine.engine.codec.tokenizer.decode(ids)
+        for sample, sample_params in enumerate(body.sample_params(params)):
+            request = first if sample == 0 else engine.make_request(PromptInput(prompt_token_ids=ids))
+            request.params = sample_params
+            request.generator = sample_params.make_generator(first.generator.device)  # the engine's device
+            request.user_id = f"{request_id}-{len(choices)}"
+            choices.append(Choice(len(choices), p, request, echo))
+    return choices
+
+
+def admit(engine: AsyncEngine, choices: list[Choice]) -> list[RequestOutputs]:
+    try:
+        return engine.generate_all([c.request for c in choices])
+    except EngineUnavailable as e:
+        raise ApiError(503, str(e), None, type="server_error") from e
+
+
+async def merged(outputs: list[RequestOutputs]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(choice index, delta) of every choice as the deltas come, until every choice finished."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, deltas: RequestOutputs) -> None:
+        try:
+            async for delta in deltas:
+                queue.put_nowait((index, delta))
+        finally:
+            queue.put_nowait((index, None))
+
+    tasks = [asyncio.create_task(pump(i, o)) for i, o in enumerate(outputs)]
+    try:
+        live = len(tasks)
+        while live:
+            index, delta = await queue.get()
+            if delta is None:
+                live -= 1
+            else:
+                yield index, delta
+    finally:
+        for task in tasks:
+            task.cancel()
+        for deltas in outputs:
+            await deltas.aclose()

@@ -1,0 +1,128 @@
+"""The answer to a completion or chat request: one JSON body, or Server-Sent Events.
+
+Both are built from the same pieces: `ChoiceWriter.piece` turns a choice's delta (a
+`RequestOutput`) into its OpenAI choice object; a streamed choice gets one piece per delta
+(chunks of several choices interleave, each tagged with its index), a non-streamed choice one
+piece of all its deltas merged. With echo the first piece of a choice starts with the
+prompt's text (and, with logprobs, the prompt tokens' log-probabilities, the first null).
+Usage counts each prompt once and every choice's generated tokens. A choice the engine fails
+makes the whole answer a 503 (or, streaming, an error event, then `data: [DONE]`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from megatron_lamina.engine.async_engine import merge_outputs
+from megatron_lamina.engine.output import RequestOutput
+from megatron_lamina.engine.tokenizer import TextCodec
+from megatron_lamina.server.choices import Choice, merged
+from megatron_lamina.server.logprob_format import chat_logprobs, completion_logprobs
+from megatron_lamina.server.protocol import ApiError, ChatCompletionRequest, CompletionRequest
+
+
+@dataclass
+class _ChoiceState:
+    started: bool = False
+    text_offset: int = 0  # characters of the choice's text its logprobs' tokens covered so far
+
+
+class ChoiceWriter:
+    def __init__(self, body: CompletionRequest | ChatCompletionRequest, choices: list[Choice], codec: TextCodec):
+        self.body, self.choices, self.codec = body, choices, codec
+        self.chat = isinstance(body, ChatCompletionRequest)
+        self.states = [_ChoiceState() for _ in choices]
+
+    def piece(self, index: int, out: RequestOutput, stream: bool) -> dict:
+        choice, state = self.choices[index], self.states[index]
+        first, state.started = not state.started, True
+        piece: dict = {"index": index}
+        if self.chat:
+            if stream:
+                piece["delta"] = {"content": out.text} if out.text else {}
+            else:
+                piece["message"] = {"role": "assistant", "content": out.text}
+            piece["logprobs"] = ({"content": chat_logprobs(self.codec, out.token_ids, out.logprobs or [])}
+                                 if self.body.logprobs else None)
+        else:
+            piece["text"] = (choice.echo if first and choice.echo is not None else "") + out.text
+            piece["logprobs"] = self._completion_logprobs(choice, state, out) if self.body.logprobs is not None \
+                else None
+        piece["finish_reason"] = out.finish_reason if out.finished else None
+        if self.body.return_token_ids:
+            piece["token_ids"] = out.token_ids
+        return piece
+
+    def _completion_logprobs(self, choice: Choice, state: _ChoiceState, out: RequestOutput) -> dict:
+        token_ids, entries = [], []
+        if choice.echo is not None and out.prompt_logprobs is not None:
+            prompt = choice.request.prompt_token_ids
+            token_ids += prompt
+            # The engine leaves a one-token prompt's list empty: its only entry is the null one.
+            entries += [None] * (len(prompt) - len(out.prompt_logprobs)) + out.prompt_logprobs
+        token_ids += out.token_ids
+        entries += out.logprobs or []
+        logprobs, state.text_offset = completion_logprobs(self.codec, token_ids, entries, state.text_offset)
+        return logprobs
+
+    def usage(self, lasts: list[RequestOutput | None]) -> dict[str, int]:
+        prompt = sum(len(c.request.prompt_token_ids) for c in self.choices if c.index % self.body.n == 0)
+        completion = sum(last.completion_tokens for last in lasts if last is not None)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+async def collect(writer: ChoiceWriter, outputs) -> tuple[list[dict], dict[str, int]]:
+    """Run every choice to its end: (choice objects by index, usage); ApiError 503 when the
+    engine failed one."""
+    deltas: list[list[RequestOutput]] = [[] for _ in writer.choices]
+    async with aclosing(merged(outputs)) as events:
+        async for index, out in events:
+            if out.error is not None:
+                raise ApiError(503, out.error, None, type="server_error")
+            deltas[index].append(out)
+    whole = [merge_outputs(d) for d in deltas]
+    return [writer.piece(i, out, stream=False) for i, out in enumerate(whole)], writer.usage(whole)
+
+
+async def respond_json(writer: ChoiceWriter, outputs, is_disconnected, header: dict) -> dict | None:
+    """The whole body, or None when the client left first (every choice is then aborted)."""
+    task = asyncio.create_task(collect(writer, outputs))
+    while not task.done():  # a non-streaming client that leaves cancels its request
+        await asyncio.wait({task}, timeout=0.5)
+        if not task.done() and await is_disconnected():
+            task.cancel()
+            return None
+    choices, usage = task.result()
+    return {**header, "choices": choices, "usage": usage}
+
+
+async def sse_events(writer: ChoiceWriter, outputs, header: dict, include_usage: bool,
+                     on_usage) -> AsyncIterator[str]:
+    """`data: {chunk}` events as the choices' deltas come, then `data: [DONE]`."""
+    def event(choices, **extra) -> str:
+        return f"data: {json.dumps({**header, 'choices': choices, **extra}, ensure_ascii=False)}\n\n"
+
+    if writer.chat:
+        for choice in writer.choices:
+            yield event([{"index": choice.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                          "finish_reason": None}])
+    lasts: list[RequestOutput | None] = [None] * len(writer.choices)
+    failed = False
+    async with aclosing(merged(outputs)) as deltas:
+        async for index, out in deltas:
+            if out.error is not None:
+                yield f"data: {json.dumps(ApiError(503, out.error, None, type='server_error').body())}\n\n"
+                failed = True
+                break
+            lasts[index] = out
+            yield event([writer.piece(index, out, stream=True)])
+    if not failed:
+        usage = writer.usage(lasts)
+        on_usage(usage)
+        if include_usage:
+            yield event([], usage=usage)
+    yield "data: [DONE]\n\n"

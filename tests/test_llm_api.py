@@ -1,0 +1,67 @@
+"""`megatron_lamina.LLM`, the offline Python API, in this process (no torchrun): the tiny model
+colocated on one rank against `transformers`: greedy and seeded tokens, prompts as text and
+token ids, one SamplingParams per prompt, chat through the template, log-probabilities; the
+process group it created is gone after `close`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from tiny_models import make_tokenizer, reference_generate
+
+from megatron_lamina.engine.sampling import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_models):
+    import megatron_lamina
+
+    engine = megatron_lamina.LLM(str(tiny_models["untied"].canonical_dir), num_blocks=64, block_size=4,
+                                 max_prefill_tokens=8)
+    yield engine
+    engine.close()
+    assert not dist.is_initialized()
+
+
+def test_generate_equals_transformers(llm, tiny_models):
+    tok = make_tokenizer()
+    prompts = ["w5 w9 w14 w3", tok("w40 w41 w42 w43 w44 w45 w46 w47 w48 w49")["input_ids"], "w77"]
+    ids = [tok(p)["input_ids"] if isinstance(p, str) else p for p in prompts]
+    params = [SamplingParams(max_tokens=6, temperature=0, ignore_eos=True),
+              SamplingParams(max_tokens=5, temperature=0.9, top_k=40, seed=3, ignore_eos=True),
+              SamplingParams(max_tokens=7, temperature=0, ignore_eos=True, logprobs=2)]
+    out = llm.generate(prompts, params)
+    expected, logits = reference_generate(tiny_models["untied"].hf_dir, ids, params)
+    assert [o.token_ids for o in out] == expected
+    assert [o.prompt_token_ids for o in out] == ids
+    assert all(o.finish_reason == "length" for o in out)
+    assert out[0].text == tok.decode(expected[0], skip_special_tokens=True) and out[0].logprobs is None
+    reference = torch.log_softmax(logits[2], -1)
+    assert [round(e.logprob, 4) for e in out[2].logprobs] == \
+        [round(reference[j, t].item(), 4) for j, t in enumerate(expected[2])]
+    [alone] = llm.generate("w5 w9 w14 w3", SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+    assert alone.token_ids == expected[0]  # one prompt, one SamplingParams
+
+
+def test_chat_uses_the_template(llm, tiny_models):
+    tok = make_tokenizer()
+    messages = [{"role": "user", "content": "w40 w41 w42"}]
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, prompt_logprobs=0)
+    [out] = llm.chat(messages, params)
+    ids = tok(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),
+              add_special_tokens=False)["input_ids"]
+    expected, _ = reference_generate(tiny_models["untied"].hf_dir, [ids], [params])
+    assert out.prompt_token_ids == ids and out.token_ids == expected[0]
+    assert len(out.prompt_logprobs) == len(ids) and out.prompt_logprobs[0] is None
+    two = llm.chat([messages, messages], [params, params])
+    assert [o.token_ids for o in two] == [expected[0]] * 2
+
+
+def test_mistakes_name_the_problem(llm):
+    with pytest.raises(ValueError, match="2 prompts but 1 SamplingParams"):
+        llm.generate(["w1", "w2"], [SamplingParams()])
+    with pytest.raises(ValueError, match="prompt has 300 tokens"):
+        llm.generate([[5] * 300])
+    [ok] = llm.generate("w1", SamplingParams(max_tokens=2, ignore_eos=True, temperature=0))
+    assert len(ok.token_ids) == 2  # nothing of the refused prompts was left running
