@@ -137,10 +137,7 @@ class LLM:
 
 def _generation(request: Request) -> Generation:
     p = request.params
-    prompt_logprobs = None
-    if p.prompt_logprobs is not None:  # a one-token prompt's list is empty: its only entry is None
-        prompt_logprobs = [None] * (len(request.prompt_token_ids) - len(request.prompt_logprobs))
-        prompt_logprobs += request.prompt_logprobs
+    prompt_logprobs = list(request.prompt_logprobs) if p.prompt_logprobs is not None else None
     return Generation(request.prompt_token_ids, request.text, request.output_token_ids, request.finish_reason,
                       list(request.output_logprobs) if p.logprobs is not None else None, prompt_logprobs)
 

@@ -60,6 +60,7 @@ def test_logprobs_match_transformers(tiny_models, layout):
     overrides = layout + ["kv_cache.block_size=4", "kv_cache.num_blocks=32", "scheduler.max_prefill_tokens=4"]
     requests = [(PROMPT, SamplingParams(max_tokens=5, temperature=0, ignore_eos=True, logprobs=3, prompt_logprobs=2)),
                 (PROMPT[:4], SamplingParams(max_tokens=0, prompt_logprobs=0)),
+                (PROMPT[:1], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True, prompt_logprobs=1)),
                 (PROMPT[2:], SamplingParams(max_tokens=4, temperature=0.8, seed=3, ignore_eos=True, logprobs=0))]
     world = 1 if "parallel.attention_workers=0" in layout else 3
     results = run_ranks(_run, world, str(model.canonical_dir), overrides, requests)

@@ -106,9 +106,8 @@ def record(request: Request, codec: TextCodec) -> dict:
     if request.params.logprobs is not None:
         out["logprobs"] = [_logprob(codec, t, e) for t, e in zip(request.output_token_ids, request.output_logprobs)]
     if request.params.prompt_logprobs is not None:
-        entries = request.prompt_logprobs
-        entries = [None] * (len(request.prompt_token_ids) - len(entries)) + entries  # a one-token prompt has []
-        out["prompt_logprobs"] = [_logprob(codec, t, e) for t, e in zip(request.prompt_token_ids, entries)]
+        out["prompt_logprobs"] = [_logprob(codec, t, e)
+                                  for t, e in zip(request.prompt_token_ids, request.prompt_logprobs)]
     return out
 
 

@@ -68,9 +68,7 @@ class StepLogprobs:
         tokens' by their row in the step's sampled tokens."""
         if self.prompt is not None:
             for (request, position), entry in zip(self.prompt_targets, self.prompt.entries()):
-                if not request.prompt_logprobs:
-                    request.prompt_logprobs.append(None)  # the first prompt token has none
-                if position == len(request.prompt_logprobs):
+                if position == len(request.prompt_logprobs):  # [None] for position 0 from the start
                     request.prompt_logprobs.append(entry)
         if self.generated is None:
             return {}

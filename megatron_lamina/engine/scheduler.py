@@ -53,6 +53,8 @@ class Scheduler:
 
     def add(self, request: Request) -> None:
         self.check_fits(request)
+        if request.params.prompt_logprobs is not None and not request.prompt_logprobs:
+            request.prompt_logprobs.append(None)  # the first prompt token has no log-probability
         self.waiting.append(request)
 
     def has_work(self) -> bool:

@@ -62,8 +62,7 @@ class ChoiceWriter:
         if choice.echo is not None and out.prompt_logprobs is not None:
             prompt = choice.request.prompt_token_ids
             token_ids += prompt
-            # The engine leaves a one-token prompt's list empty: its only entry is the null one.
-            entries += [None] * (len(prompt) - len(out.prompt_logprobs)) + out.prompt_logprobs
+            entries += out.prompt_logprobs
         token_ids += out.token_ids
         entries += out.logprobs or []
         logprobs, state.text_offset = completion_logprobs(self.codec, token_ids, entries, state.text_offset)
