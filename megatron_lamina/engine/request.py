@@ -38,7 +38,7 @@ class RequestStatus(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass
+@dataclass(eq=False)  # a request is itself: `in`/`remove` on the queues compare identities
 class Request:
     request_id: int
     prompt_token_ids: list[int]
