@@ -1,7 +1,8 @@
 """The time of one engine step, from the per-layer costs of its micro-batches (DESIGN.md s. 4).
 
-Disaggregated: `ModelWorker.run` resumes the micro-batches' generators in a fixed rotation,
-layer-major: (mb 0, layer 0), (mb 1, layer 0), .., (mb n-1, layer 0), (mb 0, layer 1), ..
+Disaggregated: `ModelWorker.run` walks the engine's one rotation (engine/rotation.py's
+`exchange_order`, which this model walks too), layer-major: (mb 0, layer 0), (mb 1, layer 0),
+.., (mb n-1, layer 0), (mb 0, layer 1), ..
 The model worker is one serial resource; each resumption of micro-batch j at layer l first
 waits for j's attention output of layer l-1, then runs j's model work and sends q, k, v
 (`model_s` = post-attention of layer l-1 plus pre-attention of layer l; we book a layer's
@@ -37,6 +38,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from megatron_lamina.engine.rotation import exchange_order
+
 
 @dataclass
 class ShardWork:
@@ -69,15 +72,17 @@ def disaggregated_step_time(layers: int, micro_batches: list[MicroBatchCost], fa
     attention_free = {s: 0.0 for s in shards}
     output_at = [0.0] * n         # when micro-batch j's attention output of the last layer is back
     previous = [model_free, *attention_free.values(), *output_at]
-    for layer in range(layers):
-        for j, mb in enumerate(micro_batches):
-            model_free = max(model_free, output_at[j]) + mb.model_s
-            back = model_free
-            for w in mb.shards:
-                done = max(attention_free[w.shard], model_free + w.send_s) + w.attention_s
-                attention_free[w.shard] = done
-                back = max(back, done + w.reply_s)
-            output_at[j] = back
+    for layer, j in exchange_order(n, layers):  # the engine's own rotation (engine/rotation.py)
+        mb = micro_batches[j]
+        model_free = max(model_free, output_at[j]) + mb.model_s
+        back = model_free
+        for w in mb.shards:
+            done = max(attention_free[w.shard], model_free + w.send_s) + w.attention_s
+            attention_free[w.shard] = done
+            back = max(back, done + w.reply_s)
+        output_at[j] = back
+        if j < n - 1:
+            continue
         state = [model_free, *attention_free.values(), *output_at]
         deltas = [a - b for a, b in zip(state, previous)]
         if fast_forward and max(deltas) - min(deltas) <= 1e-12 * max(1.0, abs(model_free)):
