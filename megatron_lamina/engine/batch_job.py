@@ -24,7 +24,14 @@ from pydantic import Field, model_validator
 
 from megatron_lamina.engine.llm_engine import PromptInput
 from megatron_lamina.engine.request_schema import (
-    ChatMessage, LogprobCount, Prompt, RequestError, SamplingFields, decode_json, is_unicode, parse_request,
+    ChatMessage,
+    LogprobCount,
+    Prompt,
+    RequestError,
+    SamplingFields,
+    decode_json,
+    is_unicode,
+    parse_request,
     prompt_input,
 )
 

@@ -25,9 +25,10 @@ from typing import Callable
 import torch
 
 from megatron_lamina.engine.block_manager import BlockManager
+from megatron_lamina.engine.control_plane import broadcast_plan
 from megatron_lamina.engine.logprobs import StepLogprobs, token_logprobs
 from megatron_lamina.engine.request import Request
-from megatron_lamina.engine.runtime import RankContext, broadcast_plan
+from megatron_lamina.engine.runtime import RankContext
 from megatron_lamina.engine.sampling import SamplingParams, sample_tokens_on_device
 from megatron_lamina.engine.scheduler import Scheduler
 from megatron_lamina.engine.tokenizer import TextCodec, find_stop

@@ -1,11 +1,10 @@
-"""Start-up of one rank and the control plane: process groups, the worker, the plan loop.
+"""Start-up of one rank: the process groups, the worker, the start-up log.
 
 Every launcher calls `start_rank(cfg)` under torchrun (or `lamina`, which starts torchrun's ranks). It joins the job, validates the layout
 against the checkpoint (one clear line on a mismatch), creates the process groups
 (topology.py) and asks the worker factory (worker_factory.py) for this rank's worker, printing
 a line per start-up phase on the driver. Rank 0 then drives an `LLMEngine`; every other rank
-runs `serve_plans`, executing each plan the driver broadcasts (`broadcast_plan`, the control
-plane) until the shutdown plan.
+runs `control_plane.serve_plans` until the driver's shutdown plan.
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ from megatron_lamina.config import LaminaConfig, validate_layout
 from megatron_lamina.engine.attention_worker import AttentionWorker
 from megatron_lamina.engine.model_worker import ModelWorker
 from megatron_lamina.engine.worker_factory import build_worker
-from megatron_lamina.plan import StepPlan
 from megatron_lamina.topology import ProcessGroups, Topology, init_process_groups
 
 
@@ -101,21 +99,3 @@ def _device(cfg: LaminaConfig) -> torch.device:
     index = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
     torch.cuda.set_device(index)
     return torch.device("cuda", index)
-
-
-def broadcast_plan(plan: StepPlan | None, groups: ProcessGroups) -> StepPlan:
-    if groups.control.size() == 1:  # a lone colocated rank: nobody to tell (and no pickling)
-        return plan
-    box = [plan]
-    dist.broadcast_object_list(box, src=0, group=groups.control)
-    return box[0]
-
-
-def serve_plans(ctx: RankContext) -> None:
-    """Non-driver ranks: execute every plan the driver broadcasts, until shutdown."""
-    while True:
-        plan = broadcast_plan(None, ctx.groups)
-        if plan.shutdown:
-            return
-        if plan.micro_batches:  # not a heartbeat
-            ctx.worker.serve(plan)

@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from megatron_lamina.engine.batch_job import read_batch
     from megatron_lamina.engine.batch_output import BatchOutput, OutputError
-    from megatron_lamina.engine.runtime import serve_plans, start_from_args
+    from megatron_lamina.engine.control_plane import serve_plans
+    from megatron_lamina.engine.runtime import start_from_args
 
     if driver:  # before the ranks start up: a busy output or a bad input fails in a second
         try:

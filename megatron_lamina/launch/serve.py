@@ -130,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     if not is_driver:
         for sig in (signal.SIGTERM, signal.SIGINT):  # the driver decides when the job ends
             signal.signal(sig, signal.SIG_IGN)
-    from megatron_lamina.engine.runtime import serve_plans, start_from_args
+    from megatron_lamina.engine.control_plane import serve_plans
+    from megatron_lamina.engine.runtime import start_from_args
 
     ctx = start_from_args(args)
     if ctx is None:
