@@ -24,9 +24,14 @@ def main(argv: list[str]) -> int:
 def restored_environ():
     """Megatron's GPTModel exports NVTE_* attention-backend variables into os.environ (local
     backend: NVTE_FLASH_ATTN=0, ...), which later subprocesses would inherit: a Megatron save
-    in another test then refuses its own default backend. Put the environment back."""
+    in another test then refuses its own default backend. Put the environment back, and close
+    the one-rank process group the tool opened in this process."""
+    import torch.distributed as dist
+
     saved = dict(os.environ)
     yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
     os.environ.clear()
     os.environ.update(saved)
 
