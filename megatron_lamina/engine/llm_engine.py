@@ -151,7 +151,9 @@ class LLMEngine:
         by_id = {r.request_id: r for r in self.scheduler.running}
         requests = [by_id[c.request_id] for c in plan.sampled_chunks]
         params = [r.params for r in requests]
-        history = [(r.prompt_token_ids, r.output_token_ids) if r.params.needs_history else None for r in requests]
+        history = None  # the penalized rows' (prompt, output) tokens, where there are any
+        if any(p.needs_history for p in params):
+            history = [(r.prompt_token_ids, r.output_token_ids) if r.params.needs_history else None for r in requests]
         tokens = sample_tokens_on_device(sampled, params, [r.generator for r in requests], history)
         self.worker.feed.publish(tokens)
         for row, request in enumerate(requests):
