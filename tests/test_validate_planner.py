@@ -102,6 +102,20 @@ def test_serving_overhead_adds_to_every_step():
     assert math.isclose(extra.duration_s - plain.duration_s, 5 * 1e-3 + 15 * 1e-4, rel_tol=1e-9)
 
 
+def test_decode_steps_only_overhead_skips_the_steps_that_carry_prefill():
+    """With `decode_steps_only` the per-step constant is paid by the four decode steps and not by
+    the prefill step (a server with whole-step decode graphs); the per-row term by all five."""
+    table = constant_table()
+    trace = [TraceRequest(0.0, 8, 5)]
+    plain = serving_simulator(LAYOUT, PRESETS["tiny"], table, 64, None).run(trace)
+    terms = ServingOverhead(-1e-3, 2e-4, 0.0, decode_steps_only=True)
+    extra = serving_simulator(LAYOUT, PRESETS["tiny"], table, 64, terms).run(trace)
+    assert plain.steps == extra.steps == 5
+    assert math.isclose(extra.duration_s - plain.duration_s, 4 * -1e-3 + 5 * 2e-4, rel_tol=1e-9)
+    assert terms.time(3, 0, prefill=True) == 3 * 2e-4 and terms.to_dict()["decode_steps_only"] is True
+    assert fit([(b, 0, -1e-3) for b in (1, 8)], decode_steps_only=True).decode_steps_only
+
+
 def test_validation_runs_end_to_end_and_its_verdict_follows_its_numbers(tmp_path):
     out = tmp_path / "out"
     slices = [("azure", TRACES / "azure-conv-slice.csv", 6, 8.0), ("mooncake", TRACES / "mooncake-conv-slice.jsonl", 5, 20.0)]

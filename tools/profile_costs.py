@@ -40,7 +40,9 @@ Three measurements, all on the device this runs on, with our own code paths:
              PagedAttention, Triton decode + SDPA prefill, on CUDA; attention/reference.py
              on CPU) over a one-layer `PagedKVCache` holding all KV heads: B decode requests
              of context C (grid), and prefill chunks (n tokens after s cached ones) recorded
-             by their query-key pairs
+             by their query-key pairs. With --graphs the decode points are replayed from a
+             CUDA graph (`graph_ms`: the kernel's device time, as the engine's whole-step
+             decode graphs run it); the prefill points stay host-timed (eager in the engine)
   network    `torch.distributed` send/recv ping-pong between this process and a spawned one,
              one-way time (half the round trip) vs message size (NCCL between 2 GPUs when
              there are 2, else gloo on host memory)
@@ -73,7 +75,7 @@ import torch  # noqa: E402
 
 from megatron_lamina.bench.plans import decode_plan, paged_chunks  # noqa: E402
 from megatron_lamina.bench.ranks import Ranks  # noqa: E402
-from megatron_lamina.bench.timing import wall_s  # noqa: E402
+from megatron_lamina.bench.timing import graph_ms, wall_s  # noqa: E402
 from megatron_lamina.planner.cost_table import CostTable, Curve, Grid, prefill_pairs  # noqa: E402
 from megatron_lamina.planner.shapes import ModelShape, load_shape  # noqa: E402
 
@@ -324,7 +326,11 @@ def profile_attention(args, shape: ModelShape) -> tuple[Grid, Curve]:
         v = torch.randn(tokens, kv, d, dtype=dtype, device=device)
         attend = kernel(cache)
         [index] = to_device([attend.host_index(chunks)], device)  # once per step in the engine
+        if graphed and all(n == 1 for _, n in chunks_spec):
+            return graph_ms(lambda: attend(0, index, q, k, v), [()], calls=10, repeat=args.repeats) / 1e3
         return wall_s(lambda _: attend(0, index, q, k, v), device, args.warmup, args.repeats)
+
+    graphed = args.graphs and device.type == "cuda"
 
     batches = args.attention_batches or args.batches
     print(f"attention: decode batches {batches} x contexts {args.contexts}", flush=True)
@@ -495,7 +501,8 @@ def main(argv: list[str] | None = None) -> int:
         source += (f" (model worker stages replayed from CUDA graphs (StageGraphs) for decode batches up to "
                    f"{', '.join(map(str, caps)) or 'none'}, eager above"
                    + ("; TP > 1: an emulated shard's graphs, all-reduces added from the datasheet"
-                      if any(tp > 1 for tp in graphs) else "") + ")")
+                      if any(tp > 1 for tp in graphs) else "")
+                   + ("; decode attention replayed from a CUDA graph" if "attention" in parts else "") + ")")
     graph_meta = {}
     if graphs:
         graph_meta = {"graphs": {

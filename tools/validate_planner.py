@@ -26,7 +26,8 @@ Steps, each with the project's own tools:
         --max-output-len, token-id prompts and exact output lengths;
   4. the simulator on exactly the same requests (same slice, clipping, rate scale, seed, batch
      cap, micro-batches, prefill budget, block size, KV blocks), once with the cost table
-     alone and once with the fitted serving overhead added to every step;
+     alone and once with the fitted serving overhead added to every step (its constant to the
+     pure-decode steps only when the server runs CUDA graphs: planner/serving_overhead.py);
   5. per slice: measured vs predicted request and output-token throughput (completed requests
      over first send .. last token, the same window in both), TPOT mean/p50/p90 ((last token -
      first token) / (output tokens - 1) per request, both sides), TTFT p50 (information
@@ -389,8 +390,10 @@ def main(argv: list[str] | None = None) -> int:
         overhead = fit(samples, f"fitted on {len(samples)} pure-decode steps of closed batches "
                                 f"{args.calibration_batches} (prompt {args.calibration_prompt}, output "
                                 f"{args.calibration_output}) against this server; no term grows with the output "
-                                f"(incremental detokenization, {detokenize_s * 1e6:.2f} us per token, in per_row)",
-                       per_token_s=0.0)
+                                f"(incremental detokenization, {detokenize_s * 1e6:.2f} us per token, in per_row)"
+                                + ("; per_step on pure-decode steps only (whole-step CUDA graphs there, the "
+                                   "profile's stage graphs on steps with prefill)" if graphs else ""),
+                       per_token_s=0.0, decode_steps_only=graphs)
     else:  # the run stopped before any calibration: both predictions are the profile's
         overhead = ServingOverhead(0.0, 0.0, 0.0, "not measured (no calibration step completed)")
     log(f"serving overhead: {overhead.per_step_s * 1e3:.3f} ms/step + {overhead.per_row_s * 1e6:.1f} us/row "

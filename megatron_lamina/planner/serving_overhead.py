@@ -7,7 +7,11 @@ streams (with asynchronous scheduling much of it while the GPU runs the next ste
 
     extra step time = per_step + per_row * sampled rows + per_token * sum(output length after the step)
 
-(per_step may come out negative: see `fit`). The per_token term was the engine's old
+(per_step may come out negative: see `fit`). With `decode_steps_only` the per_step term is
+paid by pure-decode steps alone: a server with CUDA graphs replays those as one whole-step graph
+(engine/cuda_graphs.py), which launches faster than the stage-by-stage graphs and eager
+attention the profile times, while a step that carries a prefill chunk runs exactly those
+stage graphs, so the profile already is its cost. The per_token term was the engine's old
 detokenization, which decoded each request's whole output every token; the incremental
 detokenizer costs a constant per token (`measure_detokenization` times it), part of
 per_row, and validation fixes per_token at 0. `fit` estimates the rest from calibration runs
@@ -36,13 +40,16 @@ class ServingOverhead:
     per_row_s: float
     per_token_s: float    # per output token decoded (each sampled row decodes its whole output)
     source: str = ""
+    decode_steps_only: bool = False   # per_step_s on pure-decode steps only (see the module's text)
 
-    def time(self, rows: int, decoded_tokens: int) -> float:
-        return self.per_step_s + self.per_row_s * rows + self.per_token_s * decoded_tokens
+    def time(self, rows: int, decoded_tokens: int, prefill: bool = False) -> float:
+        """`prefill`: the step carries a prefill chunk."""
+        per_step = 0.0 if prefill and self.decode_steps_only else self.per_step_s
+        return per_step + self.per_row_s * rows + self.per_token_s * decoded_tokens
 
     def to_dict(self) -> dict:
         return {"per_step_s": self.per_step_s, "per_row_s": self.per_row_s, "per_token_s": self.per_token_s,
-                "source": self.source}
+                "decode_steps_only": self.decode_steps_only, "source": self.source}
 
 
 @dataclass
@@ -50,7 +57,9 @@ class ServingStepCostModel(StepCostModel):
     overhead: ServingOverhead | None = None
 
     def step_time(self, micro_batches: list[list[ChunkWork]], sampled_rows: int, decoded_tokens: int = 0) -> float:
-        return super().step_time(micro_batches, sampled_rows) + self.overhead.time(sampled_rows, decoded_tokens)
+        prefill = any(tokens > 1 for chunks in micro_batches for _, _, tokens in chunks)
+        return (super().step_time(micro_batches, sampled_rows)
+                + self.overhead.time(sampled_rows, decoded_tokens, prefill))
 
 
 def serving_simulator(layout: Layout, shape: ModelShape, costs: CostTable, num_blocks: int,
@@ -114,7 +123,8 @@ def measure_detokenization(checkpoint_dir, tokens: int = 2048, repeats: int = 5)
     return statistics.median(times)
 
 
-def fit(samples: list[tuple[int, int, float]], source: str = "", per_token_s: float | None = None) -> ServingOverhead:
+def fit(samples: list[tuple[int, int, float]], source: str = "", per_token_s: float | None = None,
+        decode_steps_only: bool = False) -> ServingOverhead:
     """Least squares of residual = a + b * rows + c * decoded tokens over the samples, with
     b, c >= 0 (host work per row and per token is never negative) and `a` free: a negative
     constant is the profile's separately timed pieces (model, attention, overhead, each
@@ -142,4 +152,4 @@ def fit(samples: list[tuple[int, int, float]], source: str = "", per_token_s: fl
                 best, best_error = [0.0, 0.0, fixed], error
                 for column, value in zip(columns, solution.tolist()):
                     best[column] = value
-    return ServingOverhead(*best, source)
+    return ServingOverhead(*best, source, decode_steps_only)
