@@ -65,6 +65,10 @@ class RuntimeConfig(_Section):
     # steps whole; every step's stages between attention calls at token buckets). At
     # tensor_parallel > 1 the TP group must be NCCL (not transport gloo).
     cuda_graphs: bool = True
+    # Disaggregated layouts only: each exchange sends q before k, v; the attention worker
+    # attends a decode micro-batch's cached tokens while k, v travel, then merges the new
+    # token's term exactly by log-sum-exp (the Lamina paper's overlap; issue 16).
+    q_first: bool = False
 
 
 class SchedulerConfig(_Section):

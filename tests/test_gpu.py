@@ -1,9 +1,10 @@
 """The CUDA code paths (run on a GPU machine; skipped where there is none, e.g. in CI).
 
 The Triton paged decode kernel against a float32 reference over mixed lengths, block sizes
-and context splits, and the Triton paged prefill kernel at a model's shape; the engine on
-CUDA, colocated and disaggregated (two ranks sharing one GPU over gloo with host staging, or
-NCCL across two GPUs), eager and with CUDA graphs
+and context splits (and its log-sum-exp with q-first's merge), and the Triton paged prefill
+kernel at a model's shape; the engine on CUDA, colocated and disaggregated (two ranks
+sharing one GPU over gloo with host staging, or NCCL across two GPUs; q-first too), eager
+and with CUDA graphs
 (colocated whole-step graphs; disaggregated stage graphs; TP 2 with NCCL captured where
 there are 2 or 4 GPUs), against `transformers` exactly as the CPU layout tests do; and
 flex_attention's compiled kernel over the paged pool.
@@ -51,6 +52,49 @@ def test_paged_decode_matches_reference(block_size, splits):
         assert ((out[i].float() - ref).norm() / ref.norm()).item() < 1e-2
 
 
+@pytest.mark.parametrize("splits", [None, 1, 4])
+def test_paged_decode_lse_matches_reference(splits):
+    """q-first's `return_lse` at a model's shape in bfloat16: the float32 partial output and the
+    log-sum-exp over each request's cached keys (one request with none: o 0, lse -inf), then
+    lse_merge's merge of the new token against attention over the whole context."""
+    from megatron_lamina.attention.lse_merge import CachedPartial, merge_new_token
+    from megatron_lamina.attention.triton_paged import paged_decode
+
+    g = torch.Generator(device="cuda").manual_seed(7)
+    heads, kv_heads, d, block_size = 32, 8, 128, 16
+    cached = [0, 1, 15, 16, 700, 2400]
+    blocks = [math.ceil((n + 1) / block_size) for n in cached]
+    kc = torch.randn(sum(blocks) + 3, kv_heads, block_size, d, dtype=torch.bfloat16, device="cuda", generator=g)
+    vc = torch.randn_like(kc)
+    order = torch.randperm(kc.shape[0], device="cuda", generator=g)
+    tables = torch.zeros(len(cached), max(blocks), dtype=torch.int32, device="cuda")
+    used = 0
+    for i, nb in enumerate(blocks):
+        tables[i, :nb] = order[used:used + nb]
+        used += nb
+    q = torch.randn(len(cached), heads, d, dtype=torch.bfloat16, device="cuda", generator=g)
+    lens = torch.tensor(cached, dtype=torch.int64, device="cuda")
+    out, lse = paged_decode(q, kc, vc, tables, lens, num_splits=splits, max_context=max(cached), return_lse=True)
+    assert out.dtype == lse.dtype == torch.float32
+    for i, n in enumerate(cached):  # request i: keys 0..n-1 cached, the new token at position n
+        pos = torch.arange(n + 1, device="cuda")
+        slots = tables[i].long()[pos // block_size] * block_size + pos % block_size
+        k = kc[slots // block_size, :, slots % block_size].float().repeat_interleave(heads // kv_heads, 1)
+        v = vc[slots // block_size, :, slots % block_size].float().repeat_interleave(heads // kv_heads, 1)
+        scores = torch.einsum("hd,nhd->hn", q[i].float(), k) / math.sqrt(d)
+        if n == 0:
+            assert torch.isneginf(lse[i]).all() and not out[i].any()
+        else:
+            want_lse = torch.logsumexp(scores[:, :n], -1)
+            assert torch.allclose(lse[i], want_lse, atol=2e-3, rtol=0), (lse[i] - want_lse).abs().max()
+            want = torch.einsum("hn,nhd->hd", torch.softmax(scores[:, :n], -1), v[:n])
+            assert ((out[i] - want).norm() / want.norm()).item() < 1e-2
+        whole = torch.einsum("hn,nhd->hd", torch.softmax(scores, -1), v)
+        new = (slots[-1] // block_size, slice(None), slots[-1] % block_size)
+        got = merge_new_token(CachedPartial(out[i:i + 1], lse[i:i + 1]), q[i:i + 1], kc[new][None], vc[new][None])[0]
+        assert ((got - whole).norm() / whole.norm()).item() < 1e-2, (i, n)
+
+
 def test_paged_prefill_matches_reference():
     """Every prefill chunk of a micro-batch in one launch, bfloat16, at a model's shape: a fresh
     1000-token prompt, a continuation at 1024 and a short one at 5, decode rows in between
@@ -90,10 +134,13 @@ GPU_LAYOUTS = {  # (tensor_parallel, attention_workers, transport, CUDA graphs[,
                                                              "kv_cache.memory_fraction=0.3"]),
     # The model worker's stages replayed from CUDA graphs (StageGraphs), transport in between.
     "disaggregated-stage-graphs": (1, 1, "gloo", True),
+    # q-first: the decode kernel over the cached tokens with its log-sum-exp, then the merge.
+    "disaggregated-q-first": (1, 1, "gloo", True, ["runtime.q_first=true"]),
 }
 if torch.cuda.is_available() and torch.cuda.device_count() >= 2:
     GPU_LAYOUTS["disaggregated-nccl"] = (1, 1, "nccl", True)
     GPU_LAYOUTS["disaggregated-nccl-eager"] = (1, 1, "nccl", False)
+    GPU_LAYOUTS["disaggregated-nccl-q-first"] = (1, 1, "nccl", True, ["runtime.q_first=true"])
     # TP 2: the graphs hold the TP all-reduces (NCCL captured).
     GPU_LAYOUTS["colocated-tp2-cuda-graphs"] = (2, 0, "auto", True)
 if torch.cuda.is_available() and torch.cuda.device_count() >= 4:

@@ -64,6 +64,8 @@ class RecordingChannel:
 
 
 class RecordingEndpoint:
+    q_first = False
+
     def __init__(self, shard: int, peer_log: list):
         self.shard, self.log, self.calls = shard, peer_log, {}
 

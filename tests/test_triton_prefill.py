@@ -1,5 +1,6 @@
 """The Triton paged attention kernels (attention/triton_prefill.py, attention/triton_paged.py)
-against float64 torch references, on CPU through Triton's interpreter.
+against float64 torch references (the q-first log-sum-exp against the float32 reference
+backend), on CPU through Triton's interpreter.
 
 Skipped where Triton is not installed (CI). Without a CUDA device TRITON_INTERPRET=1 is set
 before Triton is imported, so the kernels run as numpy on the CPU: float32 dots are exact
@@ -156,6 +157,84 @@ def test_paged_decode_matches_reference(block_size, splits, lens):
         assert err < 1e-5, (i, err)
 
 
+def _reference_cached(inputs, cached, q):
+    """attention/reference.py's attend_cached (q-first) over the same cache and block tables:
+    one decode row per request at position `cached[i]`."""
+    from megatron_lamina.attention.kv_cache import PagedKVCache
+    from megatron_lamina.attention.reference import ReferenceAttention
+    from megatron_lamina.host_to_device import to_device
+    from megatron_lamina.plan import SequenceChunk
+
+    num_blocks, kv_heads, block_size, d = inputs["k_cache"].shape
+    cache = PagedKVCache(1, num_blocks, block_size, kv_heads, d, torch.float32)
+    cache.k[0].copy_(inputs["k_cache"].cpu())
+    cache.v[0].copy_(inputs["v_cache"].cpu())
+    chunks = [SequenceChunk(i, 0, n, [0], [], True, block_table=table)
+              for i, (n, table) in enumerate(zip(cached, inputs["block_tables"].tolist()))]
+    attend = ReferenceAttention(cache)
+    [index] = to_device([attend.host_index(chunks)], torch.device("cpu"))
+    return attend.attend_cached(0, index, q.cpu())
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log")  # the interpreter's log(0) = -inf
+@pytest.mark.parametrize("block_size, splits, cached", [(1, 1, [0, 17, 40]), (4, 3, [0, 17, 40]), (4, 3, [0]),
+                                                        (16, 2, [33, 5]), (16, 4, [70, 0])])
+def test_paged_decode_lse_matches_the_reference(block_size, splits, cached):
+    """`return_lse` (q-first): the output (float32) and log-sum-exp over each request's cached
+    keys equal the float32 reference's; a request with no cached key gives o 0 and lse -inf,
+    with one split or several (every split empty: the merge kernel's guarded path)."""
+    paged_decode = _kernels("triton_paged").paged_decode
+    heads, kv_heads = 6, 2
+    inputs, _ = random_prefill_batch([(n, 1) for n in cached], block_size, heads, kv_heads, d=16, seed=block_size)
+    q = inputs["q"][inputs["q_starts"].long()]
+    out, lse = paged_decode(q, inputs["k_cache"], inputs["v_cache"], inputs["block_tables"], inputs["positions0"],
+                            block_n=16, num_splits=splits, max_context=max(cached), return_lse=True)
+    assert out.dtype == lse.dtype == torch.float32 and lse.shape == q.shape[:2]
+    want = _reference_cached(inputs, cached, q)
+    assert torch.equal(torch.isneginf(lse.cpu()), torch.isneginf(want.lse))
+    empty = torch.isneginf(want.lse)
+    assert torch.allclose(lse.cpu()[~empty], want.lse[~empty], atol=1e-5, rtol=0)
+    assert torch.allclose(out.cpu(), want.out, atol=1e-5, rtol=0)
+    assert not out[empty].any(), "no cached key: the partial output is 0"
+
+
+def test_paged_attention_q_first_matches_the_reference():
+    """attention/gpu.py's q-first path (attend_cached over context_lens - 1 with the kernel's
+    own split count, then lse_merge's append_and_merge) against the reference's append and
+    attend on the same cache, a request with no cached token included."""
+    _kernels("triton_paged")
+    from megatron_lamina.attention.gpu import PagedAttention
+    from megatron_lamina.attention.kv_cache import PagedKVCache
+    from megatron_lamina.attention.reference import ReferenceAttention
+    from megatron_lamina.host_to_device import to_device
+    from megatron_lamina.plan import SequenceChunk
+
+    g = torch.Generator().manual_seed(5)
+    block_size, heads, kv_heads, d = 4, 6, 2, 16
+    positions = [9, 0, 70, 3]
+    order = torch.randperm(40, generator=g).tolist()
+    chunks, used = [], 0
+    for i, p in enumerate(positions):
+        blocks = math.ceil((p + 1) / block_size)
+        chunks.append(SequenceChunk(i, 0, p, [0], [], True, block_table=order[used:used + blocks]))
+        used += blocks
+    # The kernels' cache on the device, the reference's on the CPU (it is the CPU backend).
+    caches = [PagedKVCache(1, 40, block_size, kv_heads, d, torch.float32, device) for device in (DEVICE, "cpu")]
+    history = torch.randn(2, 40, kv_heads, block_size, d, generator=g)
+    for cache in caches:
+        cache.k[0].copy_(history[0])
+        cache.v[0].copy_(history[1])
+    q, k, v = (torch.randn(len(positions), h, d, generator=g) for h in (heads, kv_heads, kv_heads))
+    gpu, ref = PagedAttention(caches[0]), ReferenceAttention(caches[1])
+    [gpu_index] = to_device([gpu.host_index(chunks)], torch.device(DEVICE))
+    [ref_index] = to_device([ref.host_index(chunks)], torch.device("cpu"))
+    qd, kd, vd = (t.to(DEVICE) for t in (q, k, v))
+    got = gpu.append_and_merge(0, gpu_index, gpu.attend_cached(0, gpu_index, qd), qd, kd, vd).cpu()
+    want = ref(0, ref_index, q, k, v)
+    assert torch.allclose(got, want, atol=1e-5, rtol=0), (got - want).abs().max()
+    assert torch.equal(caches[0].k[0].cpu(), caches[1].k[0]) and torch.equal(caches[0].v[0].cpu(), caches[1].v[0])
+
+
 def test_paged_attention_matches_the_reference_on_a_mixed_micro_batch():
     """attention/gpu.py's PagedAttention (decode kernel for the decode rows, prefill kernel for
     the chunks, one host index copied to the device) against attention/reference.py on the same
@@ -176,24 +255,26 @@ def test_paged_attention_matches_the_reference_on_a_mixed_micro_batch():
         blocks = math.ceil((start + n) / block_size)
         chunks.append(SequenceChunk(i, 0, start, [0] * n, [], True, block_table=order[used:used + blocks]))
         used += blocks
-    caches = [PagedKVCache(2, 40, block_size, kv_heads, d, torch.float32, DEVICE) for _ in range(2)]
+    # The kernels' cache on the device, the reference's on the CPU (it is the CPU backend).
+    caches = [PagedKVCache(2, 40, block_size, kv_heads, d, torch.float32, device) for device in (DEVICE, "cpu")]
     for layer in range(2):
-        history = torch.randn(2, 40, kv_heads, block_size, d, generator=g).to(DEVICE)
+        history = torch.randn(2, 40, kv_heads, block_size, d, generator=g)
         for cache in caches:
             cache.k[layer].copy_(history[0])
             cache.v[layer].copy_(history[1])
     rows = sum(n for _, n in specs)
     outs = []
     for cache, backend in zip(caches, (PagedAttention, ReferenceAttention)):
-        attend = backend(cache)
-        [index] = to_device([attend.host_index(chunks)], torch.device(DEVICE))
+        attend, device = backend(cache), cache.k[0].device
+        [index] = to_device([attend.host_index(chunks)], device)
         g.manual_seed(4)
         layer_outs = []
         for layer in range(2):
-            q, k, v = (torch.randn(rows, h, d, generator=g).to(DEVICE) for h in (heads, kv_heads, kv_heads))
-            layer_outs.append(attend(layer, index, q, k, v))
+            q, k, v = (torch.randn(rows, h, d, generator=g).to(device) for h in (heads, kv_heads, kv_heads))
+            layer_outs.append(attend(layer, index, q, k, v).cpu())
         outs.append(torch.stack(layer_outs))
     got, want = outs
     assert ((got - want).norm() / want.norm()).item() < 1e-5
     for layer in range(2):
-        assert torch.equal(caches[0].k[layer], caches[1].k[layer]) and torch.equal(caches[0].v[layer], caches[1].v[layer])
+        assert torch.equal(caches[0].k[layer].cpu(), caches[1].k[layer])
+        assert torch.equal(caches[0].v[layer].cpu(), caches[1].v[layer])

@@ -9,7 +9,9 @@ the padded block tables and context lengths of the decode rows, the context slot
 prefill chunks) depends only on the plan, so the worker builds it once per micro-batch and
 step, on the host as numpy arrays (`host_index`), copies it to the device together with the
 rest of the step's inputs (host_to_device.py), and passes it to every layer's call
-explicitly.
+explicitly. For q-first (lse_merge.py), `attend_cached` runs the decode kernel over each
+decode row's context minus its new token and returns the log-sum-exp with the output;
+`append_and_merge` then writes k, v and adds the new token's term.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import numpy as np
 import torch
 
 from megatron_lamina.attention.kv_cache import PagedKVCache, padded_block_tables
+from megatron_lamina.attention.lse_merge import CachedPartial, append_and_merge
 from megatron_lamina.attention.triton_paged import paged_decode
 from megatron_lamina.attention.triton_prefill import paged_prefill
 from megatron_lamina.host_to_device import HostArrays
@@ -115,3 +118,12 @@ class PagedAttention:
                           **PREFILL_CONFIG)
         return out
 
+    def attend_cached(self, layer: int, index: PagedBatchIndex, q) -> CachedPartial:
+        """q-first, a decode-only micro-batch: the decode kernel over context_lens - 1 keys."""
+        assert index.prefill is None and index.decode_rows is None, "attend_cached takes decode rows only"
+        out, lse = paged_decode(q, self.cache.k[layer], self.cache.v[layer], index.block_tables,
+                                index.context_lens - 1, max_context=index.max_context, return_lse=True)
+        return CachedPartial(out, lse)
+
+    def append_and_merge(self, layer: int, index: PagedBatchIndex, partial: CachedPartial, q, k, v) -> torch.Tensor:
+        return append_and_merge(self.cache, layer, index.new_slots, partial, q, k, v)

@@ -5,7 +5,9 @@ back through the block table and attend with a causal mask by position (query at
 sees keys 0..p). GQA by repeating KV heads. Softmax in float32. Slow and plain on purpose:
 it is the CPU path and the reference the GPU kernels are tested against.
 `ReferenceAttention` gives it the interface the workers call (`host_index` once per
-micro-batch and step, then a call per layer), like `gpu.PagedAttention`.
+micro-batch and step, then a call per layer), like `gpu.PagedAttention`; for q-first
+(lse_merge.py) also `attend_cached` (decode rows over their cached tokens, with the
+log-sum-exp) and `append_and_merge`.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import numpy as np
 import torch
 
 from megatron_lamina.attention.kv_cache import PagedKVCache, slot_indices
+from megatron_lamina.attention.lse_merge import CachedPartial, append_and_merge
 from megatron_lamina.host_to_device import HostArrays
 from megatron_lamina.plan import SequenceChunk
 
@@ -75,3 +78,24 @@ class ReferenceAttention:
 
     def __call__(self, layer: int, index: ReferenceIndex, q, k, v) -> torch.Tensor:
         return _attend(self.cache, layer, index.spans, q, k, v)
+
+    def attend_cached(self, layer: int, index: ReferenceIndex, q) -> CachedPartial:
+        """q-first, decode rows only: each row's attention over its context before the new
+        token, in float32, with the log-sum-exp of the scaled scores (-inf, o 0: no token)."""
+        out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        lse = torch.full(q.shape[:2], float("-inf"), device=q.device)
+        scale, group = 1.0 / math.sqrt(q.shape[-1]), q.shape[1] // self.cache.k[layer].shape[1]
+        for row, (start, end, _, context) in enumerate(index.spans):
+            assert end == start + 1, "attend_cached takes decode rows only"
+            if start == 0:
+                continue
+            keys, values = (t.repeat_interleave(group, dim=1).transpose(0, 1).float()    # [h, ctx, d]
+                            for t in self.cache.read(layer, context[:start]))
+            scores = torch.matmul(keys, q[row].float()[:, :, None])[..., 0] * scale    # [h, ctx]
+            lse[row] = torch.logsumexp(scores, dim=-1)
+            out[row] = torch.matmul(torch.exp(scores - lse[row, :, None])[:, None, :], values)[:, 0]
+        return CachedPartial(out, lse)
+
+    def append_and_merge(self, layer: int, index: ReferenceIndex, partial: CachedPartial, q, k, v) -> torch.Tensor:
+        new_slots = torch.cat([slots for _, _, slots, _ in index.spans])
+        return append_and_merge(self.cache, layer, new_slots, partial, q, k, v)

@@ -9,6 +9,8 @@ the group's queries are the rows of one `tl.dot`, padded to 16). Tiles are gathe
 the block table token by token (`block_table[pos // block_size]`), so any block size works
 and a tile may span several blocks. Long contexts with few (request, head) pairs are split
 along the context; a second small kernel merges the splits with their log-sum-exp, exactly.
+That log-sum-exp is also returned on request (`return_lse`): q-first attends the cached
+tokens with it and merges the new token's term afterwards (lse_merge.py).
 
 No Triton on the machine (CPU, CI): importing this module still works; `paged_decode`
 is only called on CUDA tensors.
@@ -90,12 +92,15 @@ if triton is not None:
         tl.store(l_ptr + stats, l_i, mask=g_mask)
 
     @jit_unspecialized(values=["splits"])
-    def _merge_kernel(part_ptr, m_ptr, l_ptr, o_ptr, splits, heads, HEAD_DIM: tl.constexpr):
+    def _merge_kernel(part_ptr, m_ptr, l_ptr, o_ptr, lse_ptr, splits, heads, HEAD_DIM: tl.constexpr,
+                      WRITE_LSE: tl.constexpr):
         b, hq = tl.program_id(0), tl.program_id(1)
         offs_d = tl.arange(0, HEAD_DIM)
         m_max = float("-inf")
         for s in range(splits):
             m_max = tl.maximum(m_max, tl.load(m_ptr + (b * splits + s) * heads + hq))
+        # No key in any split (an empty context, q-first only): weights 0, output 0, lse -inf.
+        m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
         total = 0.0
         acc = tl.zeros([HEAD_DIM], tl.float32)
         for s in range(splits):
@@ -103,19 +108,24 @@ if triton is not None:
             w = tl.load(l_ptr + idx) * tl.exp(tl.load(m_ptr + idx) - m_max)
             acc += w * tl.load(part_ptr + idx * HEAD_DIM + offs_d)
             total += w
-        tl.store(o_ptr + (b * heads + hq) * HEAD_DIM + offs_d, acc / total)
+        tl.store(o_ptr + (b * heads + hq) * HEAD_DIM + offs_d, acc / tl.where(total > 0, total, 1.0))
+        if WRITE_LSE:
+            tl.store(lse_ptr + b * heads + hq, m_max + tl.log(total))
 
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  block_tables: torch.Tensor, context_lens: torch.Tensor, block_n: int = 64,
                  num_splits: int | None = None, num_warps: int = 4, num_stages: int = 3,
-                 waves: float = 2.0, max_context: int | None = None) -> torch.Tensor:
+                 waves: float = 2.0, max_context: int | None = None, return_lse: bool = False):
     """q [batch, heads, d]; caches [blocks, kv_heads, block_size, d]; block_tables [batch,
     max_blocks] int32; context_lens [batch] int32 (keys 0..len-1 are attended) -> o like q.
     Without `num_splits`, contexts are split so that there are about `waves` programs per
     multiprocessor. float32 runs the dots in full precision (no TF32). `max_context`, an upper
     bound of `context_lens` known on the host, avoids reading them back (a device sync, and
-    not allowed while a CUDA graph is captured)."""
+    not allowed while a CUDA graph is captured).
+    `return_lse` (q-first, attention/lse_merge.py): returns (o, lse) instead, o in float32 and
+    lse [batch, heads] float32, the natural log-sum-exp of each query head's scaled scores (the
+    statistics the splits are merged with); a context of 0 keys gives o = 0 and lse = -inf."""
     batch, heads, head_dim = q.shape
     _, kv_heads, block_size, _ = k_cache.shape
     group = heads // kv_heads
@@ -127,7 +137,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         num_splits = max(1, min(tiles, math.ceil(waves * sms / max(1, batch * kv_heads))))
     # One split writes the output directly (the store casts); several write float32 partials.
     part = torch.empty(batch, num_splits, heads, head_dim, device=q.device,
-                       dtype=q.dtype if num_splits == 1 else torch.float32)
+                       dtype=q.dtype if num_splits == 1 and not return_lse else torch.float32)
     m = torch.empty(batch, num_splits, heads, device=q.device, dtype=torch.float32)
     l = torch.empty_like(m)
     _decode_kernel[(batch, kv_heads, num_splits)](
@@ -140,7 +150,8 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits == 1:
-        return part[:, 0]
-    out = torch.empty(batch, heads, head_dim, device=q.device, dtype=q.dtype)
-    _merge_kernel[(batch, heads)](part, m, l, out, num_splits, heads, HEAD_DIM=head_dim)
-    return out
+        return (part[:, 0], m[:, 0] + torch.log(l[:, 0])) if return_lse else part[:, 0]
+    out = torch.empty(batch, heads, head_dim, device=q.device, dtype=torch.float32 if return_lse else q.dtype)
+    lse = torch.empty(batch, heads, device=q.device, dtype=torch.float32) if return_lse else m
+    _merge_kernel[(batch, heads)](part, m, l, out, lse, num_splits, heads, HEAD_DIM=head_dim, WRITE_LSE=return_lse)
+    return (out, lse) if return_lse else out

@@ -5,6 +5,12 @@ attention index of each micro-batch with rows on its request shard (one host-to-
 copy). Then, for every exchange in `exchange_order` (rotation.py) whose micro-batch has rows
 here, it receives the q, k, v rows of its KV-head group, appends k, v to the paged cache,
 attends and sends the output back: exactly the order in which the model workers post them.
+
+With q-first (runtime.q_first; transport/p2p.py sends q, then k, v) the worker takes q
+first; if the micro-batch's chunks on this shard are all decode tokens it attends their
+cached tokens while k, v are still travelling, then appends k, v and merges the new tokens'
+terms by log-sum-exp (attention/lse_merge.py); a micro-batch with a prefill chunk waits for
+k, v and takes the usual path.
 """
 
 from __future__ import annotations
@@ -31,8 +37,18 @@ class AttentionWorker:
         mine = [j for j, mb in enumerate(mbs) if mb.shard_chunks(shard)]
         indices = dict(zip(mine, to_device([self.attend.host_index(mbs[j].shard_chunks(shard)) for j in mine],
                                            self.device)))
+        decode_only = {j for j in mine if all(len(c.tokens) == 1 for c in mbs[j].shard_chunks(shard))}
         for layer, j in exchange_order(len(mbs), self.num_layers):
-            if j in indices:
-                q, k, v = self.endpoint.receive(mbs[j])
-                self.endpoint.reply(self.attend(layer, indices[j], q, k, v))
+            if j not in indices:
+                continue
+            if not self.endpoint.q_first:
+                self.endpoint.reply(self.attend(layer, indices[j], *self.endpoint.receive(mbs[j])))
+                continue
+            q, posted_kv = self.endpoint.receive_q(mbs[j])
+            if j in decode_only:  # attend the cached tokens while k, v travel
+                partial = self.attend.attend_cached(layer, indices[j], q)
+                o = self.attend.append_and_merge(layer, indices[j], partial, q, *self.endpoint.receive_kv(posted_kv))
+            else:
+                o = self.attend(layer, indices[j], q, *self.endpoint.receive_kv(posted_kv))
+            self.endpoint.reply(o)
         self.endpoint.drain()

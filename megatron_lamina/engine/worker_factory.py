@@ -10,6 +10,8 @@ what the rank is from the topology and builds it in the order that sizes the KV 
     block count every rank agrees on, and the decode graphs captured over it;
   * attention worker: the eager activations of the largest step measured, the cache, the
     endpoint of the transport.
+Both ends of the transport get `runtime.q_first` from the same config (colocated layouts have
+no transport and ignore it).
 Every phase prints a line through `log` (the driver's start-up log). Nothing is captured
 later: the server answers /health only once this has returned.
 """
@@ -104,7 +106,7 @@ def _model_worker(cfg, arch, topology, groups, rank, device, log, weights) -> Bu
         kv_lo, _ = topology.tp_kv_range(rank)
         host_staging = device.type == "cuda" and dist.get_backend() == "gloo"
         channel = P2PChannel(topology.routes_from_tp(rank), kv_lo, arch.queries_per_kv_head, host_staging,
-                             groups.to_attention, groups.to_model)
+                             groups.to_attention, groups.to_model, q_first=cfg.runtime.q_first)
         return BuiltWorker(ModelWorker(model, channel, feed, stage_graphs=stage_graphs), num_blocks, None)
 
     kv_heads = arch.num_kv_heads // topology.tp_size
@@ -155,7 +157,7 @@ def _attention_worker(cfg, arch, topology, groups, rank, device, log) -> BuiltWo
     host_staging = device.type == "cuda" and dist.get_backend() == "gloo"
     endpoint = AttentionEndpoint(topology.routes_to_attention(rank), shard, kv_lo, kv_heads,
                                  arch.queries_per_kv_head, arch.head_dim, cfg.torch_dtype, device, host_staging,
-                                 groups.to_attention, groups.to_model)
+                                 groups.to_attention, groups.to_model, q_first=cfg.runtime.q_first)
     return BuiltWorker(AttentionWorker(endpoint, attention_backend(cache, device), arch.num_layers, device),
                        num_blocks, cache)
 

@@ -26,6 +26,13 @@ class AttentionBackend(Protocol):
 
     def __call__(self, layer: int, index: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
 
+    # q-first, attention workers only (attention/lse_merge.py): decode rows over their cached
+    # tokens, then the new tokens' k, v written and their terms merged in.
+    def attend_cached(self, layer: int, index: Any, q: torch.Tensor) -> Any: ...
+
+    def append_and_merge(self, layer: int, index: Any, partial: Any, q: torch.Tensor, k: torch.Tensor,
+                         v: torch.Tensor) -> torch.Tensor: ...
+
 
 class AttentionChannel(Protocol):
     def prepare(self, mb: MicroBatch) -> HostArrays: ...
