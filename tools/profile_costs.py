@@ -32,17 +32,20 @@ Three measurements, all on the device this runs on, with our own code paths:
              cap (the grid's largest batch <= --graph-max-batch, the engine's
              scheduler.max_batch_size) gets its own StageGraphs holding only the bucket the
              engine would pad B to, captured by an untimed first run and freed after the point;
-             larger batches (prefill-sized token counts, which the engine runs eager too) are
-             timed eager. meta["graphs"] lists the graph and the eager points per TP size.
+             larger batches are timed eager (the engine's stage graphs go up to its prefill
+             budget in tokens: validate_planner.py passes --graph-max-batch up to there, so
+             prefill-sized points are graphs as well). meta["graphs"] lists the graph and the
+             eager points per TP size.
              An emulated TP > 1 shard's graphs hold no all-reduce (the datasheet figure is
              added instead), where the engine's TP > 1 graphs capture the NCCL all-reduces.
   attention  the kernel the engine runs on this device (--attention engine: attention/gpu.py's
-             PagedAttention, Triton decode + SDPA prefill, on CUDA; attention/reference.py
+             PagedAttention, Triton decode and Triton paged prefill, on CUDA; attention/reference.py
              on CPU) over a one-layer `PagedKVCache` holding all KV heads: B decode requests
              of context C (grid), and prefill chunks (n tokens after s cached ones) recorded
              by their query-key pairs. With --graphs the decode points are replayed from a
              CUDA graph (`graph_ms`: the kernel's device time, as the engine's whole-step
-             decode graphs run it); the prefill points stay host-timed (eager in the engine)
+             decode graphs run it); the prefill points stay host-timed (the engine
+             runs prefill attention eagerly between its stage graphs)
   network    `torch.distributed` send/recv ping-pong between this process and a spawned one,
              one-way time (half the round trip) vs message size (NCCL between 2 GPUs when
              there are 2, else gloo on host memory)
