@@ -95,3 +95,23 @@ def test_trace_slice_against_the_real_server(tmp_path, tiny_models):
     assert values["lamina_step_batch_size_sum"] == values["lamina_generation_tokens_total"]
     assert values["lamina_step_seconds_count"] == values["lamina_step_batch_size_count"] > 0
     assert values["lamina_step_tokens_sum"] >= values["lamina_step_batch_size_sum"]
+
+
+def test_serving_benchmark_runs_a_disaggregated_layout_with_its_ranks(tmp_path):
+    """tools/serving_benchmark.py on CPU with a 2-rank layout (1 model worker + 1 attention
+    worker): the server and the batch job are started with the config's ranks (it used to start
+    one, which the layout check refuses), every request of the closed batch and every prompt of
+    the batch job comes back, and no phase reports an error."""
+    tool = load_tool("serving_benchmark")
+    out = tmp_path / "out"
+    assert tool.main(["--device", "cpu", "--shape", "tiny", "--dtype", "float32", "--checkpoint", str(tmp_path / "ckpt"),
+                      "--config", str(ROOT / "configs" / "default.yaml"), "--set", "runtime.device=cpu",
+                      "--set", "parallel.attention_workers=1", "--set", "scheduler.max_batch_size=8",
+                      "--closed", "4", "--input-len", "16", "--output-len", "6", "--trace-requests", "0",
+                      "--batch-prompts", "3", "--phases", "checkpoint,server,batch", "--out-dir", str(out)]) == 0
+    result = json.loads((out / "serving_benchmark.json").read_text())
+    assert not [k for k in result if k.endswith("_error")], result
+    assert result["server"]["ranks"] == 2
+    assert result["server"]["closed"]["completed"] == 4 and result["server"]["closed"]["failed"] == 0
+    assert result["batch"]["exit_code"] == 0 and result["batch"]["records"] == 3
+    assert result["batch"]["tokens"] == 3 * 6

@@ -5,13 +5,16 @@
 
 Phases (--phases, in this order; each is timed and any failure is reported, not fatal):
   checkpoint  a random-weight checkpoint of --shape (checkpoint/random_weights.py, on the GPU)
-  server      the server (torchrun launcher/serve.py --config --set ...), its start-up time and
+  server      the server (torchrun launcher/serve.py --config --set ..., as many ranks as the
+              config's layout has: model workers + attention workers), its start-up time and
               the phases it logged; a closed batch of --closed requests x (--input-len,
               --output-len) through tools/bench_serving.py, with the server's /metrics and
-              the GPU's utilization (NVML) sampled, and the decode phase of that batch read
+              the utilization (NVML) of every GPU the ranks use sampled (rank r runs on GPU
+              r mod the GPUs there; the headline figure is their mean, each one beside it),
+              and the decode phase of that batch read
               out (bench/decode_window.py); then the --trace replay (first --trace-requests,
               --rate-scale x their arrival rate, prompts clipped to --max-input-len); stop
-  batch       the batch job (torchrun launcher/generate.py) on --batch-prompts prompts of the
+  batch       the batch job (torchrun launcher/generate.py, the same ranks) on --batch-prompts prompts of the
               closed batch's shape, its generation throughput from its own summary line
   decode      tools/bench_decode.py's CUDA-graph step at the decode window's mean batch and
               context: the component figure the server's decode step is compared with
@@ -44,6 +47,7 @@ from megatron_lamina.bench.server_job import (  # noqa: E402
     mean_between,
 )
 from megatron_lamina.checkpoint.random_weights import write_random_checkpoint  # noqa: E402
+from megatron_lamina.config import load_config  # noqa: E402
 
 PHASES = ("checkpoint", "server", "batch", "decode")
 
@@ -64,11 +68,18 @@ def summary(report: dict) -> dict:
                                    "request_throughput_req_s", "ttft_s", "tpot_s", "itl_s")}
 
 
+def job_ranks(args) -> int:
+    """The torchrun job's ranks for this config and these overrides (a config error stops here)."""
+    return load_config(args.config, args.set).world_size
+
+
 def run_server(args, out: Path, checkpoint: Path, result: dict) -> None:
     """Fills `result` as it goes (a later failure keeps what was measured)."""
+    ranks = job_ranks(args)
+    result["ranks"] = ranks
     server = ServerJob(args.set + [f"model.checkpoint={checkpoint}"], args.config, free_port(), out / "server.log",
-                       cpu=args.device == "cpu")
-    gpu = GpuPoller(interval=0.1) if args.device == "cuda" else None
+                       cpu=args.device == "cpu", nproc=ranks)
+    gpu = GpuPoller(devices=ranks, interval=0.1) if args.device == "cuda" else None
     try:
         server.wait_healthy(timeout=900)
         result["startup_s"] = server.ready_s
@@ -81,8 +92,9 @@ def run_server(args, out: Path, checkpoint: Path, result: dict) -> None:
         samples = poller.stop()
         result["closed"] = summary(closed)
         gpu_samples = gpu.samples if gpu else []
-        result["closed"]["gpu_util_nvml"] = mean_between(gpu_samples, closed["t0_monotonic"],
-                                                         closed["t0_monotonic"] + closed["wall_s"])
+        window = (closed["t0_monotonic"], closed["t0_monotonic"] + closed["wall_s"])
+        result["closed"]["gpu_util_nvml"] = mean_between(gpu_samples, *window)
+        result["closed"]["gpu_util_nvml_per_device"] = gpu.per_device_between(*window) if gpu else []
         result["decode_window"] = decode_window(closed, samples, gpu_samples)
         log(f"closed batch: {closed['output_throughput_tok_s']:.0f} output tok/s; decode window "
             f"{result['decode_window']}")
@@ -108,7 +120,7 @@ def run_batch(args, out: Path, checkpoint: Path) -> dict:
     lines = [json.dumps({"id": i, "prompt": words, "max_tokens": args.output_len, "temperature": 0,
                          "ignore_eos": True}) for i in range(args.batch_prompts)]
     (out / "batch-in.jsonl").write_text("\n".join(lines) + "\n")
-    cmd = launcher_command("generate.py", 1, args.config, args.set + [f"model.checkpoint={checkpoint}"])
+    cmd = launcher_command("generate.py", job_ranks(args), args.config, args.set + [f"model.checkpoint={checkpoint}"])
     cmd += ["--input", str(out / "batch-in.jsonl"), "--output", str(out / "batch-out.jsonl"), "--quiet"]
     started = time.monotonic()
     with open(out / "batch.log", "w") as f:
@@ -189,14 +201,17 @@ def print_table(r: dict) -> None:
         return "-" if v is None else fmt.format(v)
 
     server, closed = r.get("server", {}), r.get("server", {}).get("closed", {})
+    per_gpu = [u for u in closed.get("gpu_util_nvml_per_device") or [] if u is not None]
     window, trace, batch, decode = server.get("decode_window", {}), server.get("trace", {}), r.get("batch", {}), \
         r.get("decode", {})
     rows = [
+        ("server ranks", str(server.get("ranks", "-"))),
         ("server start-up (s)", f(server.get("startup_s"))),
         ("closed batch: output tok/s", f(closed.get("output_throughput_tok_s"), "{:.0f}")),
         ("closed batch: TTFT p50 / TPOT p50 (ms)", f"{f((closed.get('ttft_s') or {}).get('p50'), '{:.3f}')} / "
                                                    f"{f((closed.get('tpot_s') or {}).get('p50'), '{:.4f}')}"),
-        ("closed batch: GPU util (NVML, whole batch)", f(closed.get("gpu_util_nvml"), "{:.2f}")),
+        ("closed batch: GPU util (NVML, whole batch)", f(closed.get("gpu_util_nvml"), "{:.2f}")
+         + (f" (per GPU {', '.join(f'{u:.2f}' for u in per_gpu)})" if len(per_gpu) > 1 else "")),
         ("decode window: mean step (ms)", f(window.get("mean_step_s") and window["mean_step_s"] * 1e3, "{:.2f}")),
         ("decode window: mean batch / context", f"{f(window.get('mean_batch'))} / {f(window.get('mean_context'))}"),
         ("decode window: GPU busy (events) / util (NVML)", f"{f(window.get('gpu_busy_events'), '{:.3f}')} / "

@@ -140,18 +140,27 @@ class MetricsPoller(_Poller):
 
 
 class GpuPoller(_Poller):
-    """GPU utilization (a fraction: NVML's percent / 100) of device `index` every `interval`
-    seconds, through NVML: the share of the sample period in which a kernel ran."""
+    """GPU utilization (a fraction: NVML's percent / 100) every `interval` seconds, through
+    NVML: the share of the sample period in which a kernel ran. `devices` ranks: the GPUs
+    0 .. min(devices, GPUs there) - 1 (rank r runs on GPU r mod the count, engine/runtime.py);
+    each sample is their mean, `per_device_between` gives each one's."""
 
-    def __init__(self, index: int = 0, interval: float = 0.1):
+    def __init__(self, devices: int = 1, interval: float = 0.1):
         import pynvml
 
         pynvml.nvmlInit()
-        self.nvml, self.handle = pynvml, pynvml.nvmlDeviceGetHandleByIndex(index)
+        self.nvml = pynvml
+        self.handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(min(devices, pynvml.nvmlDeviceGetCount()))]
+        self.per_device: list[tuple[float, list[float]]] = []
         super().__init__(interval)
 
     def sample(self) -> float:
-        return self.nvml.nvmlDeviceGetUtilizationRates(self.handle).gpu / 100
+        values = [self.nvml.nvmlDeviceGetUtilizationRates(h).gpu / 100 for h in self.handles]
+        self.per_device.append((time.monotonic(), values))
+        return sum(values) / len(values)
+
+    def per_device_between(self, start: float, end: float) -> list[float | None]:
+        return [mean_between([(t, v[i]) for t, v in self.per_device], start, end) for i in range(len(self.handles))]
 
 
 def mean_between(samples: list[tuple[float, float]], start: float, end: float) -> float | None:
