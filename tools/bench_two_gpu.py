@@ -25,6 +25,10 @@ attention replaced by zeros; the attention kernels of the step without transport
 Part 4, the planner's prediction: `planner/pipeline.py`'s step-time formula for n staggered
 micro-batches, fed with the model and attention times measured alone (per layer and
 micro-batch) and part 2's round trip at the micro-batch's size, against the measured step.
+With `--q-first` (runtime.q_first, issue 16) parts 2 and 3 send q before k, v: in part 2 the
+attention side takes q, then k, v, before replying; in part 3 the attention worker attends the
+cached tokens while k, v travel and merges the new token's term (attention/lse_merge.py). Run
+it once with and once without to decide whether q-first stays.
 A rank that fails or hangs (`--hang-s`) prints its traceback or every thread's stack.
 """
 
@@ -57,7 +61,7 @@ def _direction_groups():
     return dist.new_group([0, 1]), dist.new_group([0, 1])
 
 
-def _transport_rank(rank, port, token_counts, iters, layers, results):
+def _transport_rank(rank, port, token_counts, iters, layers, q_first, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", rank=rank, world_size=2, device_id=torch.device("cuda", rank))
@@ -69,9 +73,17 @@ def _transport_rank(rank, port, token_counts, iters, layers, results):
     heads, kv_heads, head_dim = SHAPE.num_heads, SHAPE.num_kv_heads, SHAPE.head_dim
     topo = Topology(tp_size=1, head_groups=1, request_shards=1, num_kv_heads=kv_heads, attention_workers=1)
     dev, dtype = torch.device("cuda", rank), torch.bfloat16
-    channel = P2PChannel(topo.routes_from_tp(0), 0, heads // kv_heads, False, to_attention, to_model)
+    channel = P2PChannel(topo.routes_from_tp(0), 0, heads // kv_heads, False, to_attention, to_model, q_first)
     endpoint = AttentionEndpoint(topo.routes_to_attention(1), 0, 0, kv_heads, heads // kv_heads, head_dim,
-                                 dtype, dev, False, to_attention, to_model)
+                                 dtype, dev, False, to_attention, to_model, q_first)
+
+    def receive_q(mb):  # the attention side's q (k, v taken too: the exchange is whole)
+        if not q_first:
+            return endpoint.receive(mb)[0]
+        rq, posted = endpoint.receive_q(mb)
+        endpoint.receive_kv(posted)
+        return rq
+
     rows = []
     for n in token_counts:
         mb = MicroBatch([SequenceChunk(0, 0, 0, [0] * n, [0], True)])
@@ -96,8 +108,7 @@ def _transport_rank(rank, port, token_counts, iters, layers, results):
                 if rank == 0:
                     channel.finish(channel.begin(0, mb, q, k, v))
                 else:
-                    rq, _, _ = endpoint.receive(mb)
-                    endpoint.reply(rq)  # o = q: only the transport is timed
+                    endpoint.reply(receive_q(mb))  # o = q: only the transport is timed
             if rank == 1:
                 endpoint.drain()
 
@@ -105,7 +116,7 @@ def _transport_rank(rank, port, token_counts, iters, layers, results):
             o = channel.finish(channel.begin(0, mb, q, k, v))
             assert torch.equal(o, q), "the exchange must return what the attention side sent"
         else:
-            endpoint.reply(endpoint.receive(mb)[0])
+            endpoint.reply(receive_q(mb))
             endpoint.drain()
         times = {}
         for name, fn in (("bare", bare), ("ours", ours)):
@@ -131,8 +142,8 @@ def _transport_rank(rank, port, token_counts, iters, layers, results):
     dist.destroy_process_group()
 
 
-def transport(token_counts, iters, layers) -> list[dict]:
-    return spawn_ranks(_transport_rank, (token_counts, iters, layers), world=2, timeout_s=300)
+def transport(token_counts, iters, layers, q_first=False) -> list[dict]:
+    return spawn_ranks(_transport_rank, (token_counts, iters, layers, q_first), world=2, timeout_s=300)
 
 
 def _trace_step(step, path: Path, log) -> None:
@@ -156,16 +167,26 @@ class _TimedAttention:
     def host_index(self, chunks):
         return self.attend.host_index(chunks)
 
-    def __call__(self, layer, index, q, k, v):
+    def _timed(self, fn, *args):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        o = self.attend(layer, index, q, k, v)
+        out = fn(*args)
         end.record()
         self.busy.append((start, end))
-        return o
+        return out
+
+    def __call__(self, layer, index, q, k, v):
+        return self._timed(self.attend, layer, index, q, k, v)
+
+    # q-first: the cached part and the merge, each timed (two intervals a call instead of one)
+    def attend_cached(self, layer, index, q):
+        return self._timed(self.attend.attend_cached, layer, index, q)
+
+    def append_and_merge(self, layer, index, partial, q, k, v):
+        return self._timed(self.attend.append_and_merge, layer, index, partial, q, k, v)
 
 
-def _throughput_cases(rank, port, cases, layers_only, trace_dir, stage_graphs, results):
+def _throughput_cases(rank, port, cases, layers_only, trace_dir, stage_graphs, q_first, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.cuda.set_device(rank)
     dev = torch.device("cuda", rank)
@@ -228,7 +249,8 @@ def _throughput_cases(rank, port, cases, layers_only, trace_dir, stage_graphs, r
                     graphs.capture()
                 alone = local_worker(model, ZeroAttention(), stage_graphs=graphs)
                 stats[1] = time_ms(alone.run, repeat=5, inputs=[(plan,)])  # the model alone
-                channel = P2PChannel(topo.routes_from_tp(0), 0, arch.queries_per_kv_head, False, to_attention, to_model)
+                channel = P2PChannel(topo.routes_from_tp(0), 0, arch.queries_per_kv_head, False, to_attention, to_model,
+                                     q_first)
                 step = ModelWorker(model, channel, TokenFeed(own, dev), stage_graphs=graphs)
                 run = step.run
             else:
@@ -248,13 +270,14 @@ def _throughput_cases(rank, port, cases, layers_only, trace_dir, stage_graphs, r
                 timed = _TimedAttention(paged)
                 endpoint = AttentionEndpoint(topo.routes_to_attention(1), 0, 0, arch.num_kv_heads,
                                              arch.queries_per_kv_head, arch.head_dim, dtype, dev, False,
-                                             to_attention, to_model)
+                                             to_attention, to_model, q_first)
                 step = AttentionWorker(endpoint, timed, L, dev)
                 run = step.serve
             log("measured alone; pipelined run")
             dist.barrier()
             run(first)  # both ranks: one untimed step that carries the block tables
-            timed_steps, calls = 3 + 5, L * len(plan.micro_batches)  # time_ms's warm-up + repeats
+            # time_ms's warm-up + repeats; q-first records two intervals an exchange (cached, merge)
+            timed_steps, calls = 3 + 5, L * len(plan.micro_batches) * (2 if q_first else 1)
             ms = time_ms(run, repeat=5, warmup=3, inputs=[(plan,)])
             torch.cuda.synchronize()
             if trace_dir:
@@ -270,7 +293,7 @@ def _throughput_cases(rank, port, cases, layers_only, trace_dir, stage_graphs, r
             dist.all_reduce(stats)
             step_ms, model_ms, attention_alone_ms, attention_busy_ms, _ = stats.tolist()
             row = {"batch": batch, "context": ctx, "mode": mode, "micro_batches": micro, "step_ms": step_ms,
-                   "stage_graphs": stage_graphs, "model_alone_ms": model_ms, "attention_alone_ms": attention_alone_ms,
+                   "stage_graphs": stage_graphs, "q_first": q_first, "model_alone_ms": model_ms, "attention_alone_ms": attention_alone_ms,
                    "model_busy": model_ms / step_ms, "attention_busy": attention_busy_ms / step_ms}
             # Part 4 (`predict`): the planner's pipeline model fed with these costs per layer and
             # micro-batch, and the round trip of this message size from part 2.
@@ -286,8 +309,9 @@ def _throughput_cases(rank, port, cases, layers_only, trace_dir, stage_graphs, r
     dist.destroy_process_group()
 
 
-def throughput(cases, layers_only=0, hang_s=540, trace_dir=None, stage_graphs=False) -> list[dict]:
-    return spawn_ranks(_throughput_cases, (cases, layers_only, trace_dir, stage_graphs), world=2, timeout_s=hang_s)
+def throughput(cases, layers_only=0, hang_s=540, trace_dir=None, stage_graphs=False, q_first=False) -> list[dict]:
+    return spawn_ranks(_throughput_cases, (cases, layers_only, trace_dir, stage_graphs, q_first), world=2,
+                       timeout_s=hang_s)
 
 
 def predict(rows: list[dict], transport_rows: list[dict]) -> None:
@@ -333,6 +357,8 @@ def main(argv=None) -> int:
                         help="part 3 with this many layers instead of LLaMA-3-8B's 32 (a quick check)")
     parser.add_argument("--stage-graphs", action="store_true",
                         help="part 3: the disaggregated model worker replays its stages from CUDA graphs (StageGraphs)")
+    parser.add_argument("--q-first", action="store_true",
+                        help="parts 2 and 3: q sent before k, v (runtime.q_first), the attention side merging by LSE")
     args = parser.parse_args(argv)
     assert torch.cuda.device_count() >= 2, "needs two GPUs"
     result = {"devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}
@@ -348,7 +374,8 @@ def main(argv=None) -> int:
         print("part 1 (tests/test_gpu.py, incl. model worker on GPU 0 + attention worker on GPU 1 over NCCL):",
               result["correctness"]["summary"])
     if not args.skip_transport:
-        rows = transport([int(t) for t in args.tokens.split(",")], args.iters, args.layers)
+        rows = transport([int(t) for t in args.tokens.split(",")], args.iters, args.layers, args.q_first)
+        result["q_first"] = args.q_first
         result["transport"] = rows
         Path(args.out).write_text(json.dumps(result, indent=2))
         print(f"{'tokens':>6} {'out KiB':>8} {'back KiB':>8} {'NCCL ping-pong us':>18} {'ours us':>8} "
@@ -361,12 +388,14 @@ def main(argv=None) -> int:
         shapes = [tuple(map(int, case.split("x"))) for case in args.throughput.split(",")]
         cases = [(b, c, "colocated-dp", 1) for b, c in shapes]  # first: GPU 1 drops its model after
         cases += [(b, c, "disaggregated", int(m)) for b, c in shapes for m in args.micro_batches.split(",")]
-        result["throughput"] = throughput(cases, args.model_layers, args.hang_s, args.trace_dir, args.stage_graphs)
+        result["throughput"] = throughput(cases, args.model_layers, args.hang_s, args.trace_dir, args.stage_graphs,
+                                          args.q_first)
         if result.get("transport"):
             predict(result["throughput"], result["transport"])
         Path(args.out).write_text(json.dumps(result, indent=2))
         nan = float("nan")
-        print("disaggregated model worker:", "stage CUDA graphs" if args.stage_graphs else "eager")
+        print("disaggregated model worker:", "stage CUDA graphs" if args.stage_graphs else "eager",
+              "; q-first" if args.q_first else "")
         print(f"{'batch':>6} {'ctx':>6} {'mode':>14} {'mb':>3} {'step ms':>8} {'tok/s':>8} {'model busy':>10} "
               f"{'attn busy':>9} {'model alone':>11} {'attn alone':>10} {'predicted':>9} {'error':>6} "
               f"{'pred.+host':>10} {'error':>6}")
