@@ -92,11 +92,42 @@ class ServerJob:
                 os.kill(pid, signal.SIGKILL)
         self.log.close()
 
+    def driver_pid(self) -> int | None:
+        """The rank-0 process (the driver: HTTP server and engine thread), by its RANK."""
+        for pid in self._workers():
+            with contextlib.suppress(OSError):
+                if b"RANK=0" in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                    return pid
+        return None
+
     def kill(self) -> None:
         """For a budget watchdog: in-flight requests fail at once (and are counted as failed)."""
         for pid in self._workers() + [self.proc.pid]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def thread_cpu_s(pid: int) -> dict[int, float]:
+    """CPU seconds (user + system) of each thread of a process, from /proc (Linux)."""
+    ticks, out = os.sysconf("SC_CLK_TCK"), {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+            out[int(tid)] = (int(fields[11]) + int(fields[12])) / ticks
+    return out
+
+
+def driver_cpu(pid: int, before: dict[int, float], after: dict[int, float], seconds: float, tokens: int) -> dict:
+    """Where the driver's host time went over a window: its main thread (uvicorn's event loop,
+    the HTTP side: launch/serve.py runs it there) against all its other threads (the engine
+    thread, plus the communication libraries' own); as shares of one core and per output token."""
+    spent = {tid: after[tid] - before.get(tid, 0.0) for tid in after}
+    http = spent.get(pid, 0.0)
+    rest = sum(spent.values()) - http
+    busiest = max((v for tid, v in spent.items() if tid != pid), default=0.0)
+    return {"http_thread_core_share": http / seconds, "other_threads_core_share": rest / seconds,
+            "busiest_other_thread_core_share": busiest / seconds,
+            "http_thread_us_per_token": http / tokens * 1e6 if tokens else None}
 
 
 def read_metrics(url: str) -> dict[str, float]:
