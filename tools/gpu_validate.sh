@@ -25,7 +25,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 - <<'EOF'
 import importlib
 for name in ("torch", "triton", "transformers", "tokenizers", "safetensors", "yaml", "tqdm", "megatron.core",
-             "fastapi", "uvicorn", "starlette", "pydantic", "prometheus_client", "httpx", "matplotlib"):
+             "fastapi", "uvicorn", "uvloop", "httptools", "starlette", "pydantic", "prometheus_client", "httpx", "matplotlib"):
     try:
         module = importlib.import_module(name)
         print(f"  {name:<18} {getattr(module, '__version__', '?'):<14} {module.__file__}")
