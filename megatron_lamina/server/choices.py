@@ -78,7 +78,16 @@ def admit(engine: AsyncEngine, choices: list[Choice]) -> list[RequestOutputs]:
 
 
 async def merged(outputs: list[RequestOutputs]) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """(choice index, delta) of every choice as the deltas come, until every choice finished."""
+    """(choice index, delta) of every choice as the deltas come, until every choice finished.
+    One choice (the usual request) is iterated directly: one task wake-up per delta, not two
+    (a pump task and a queue), which is per streamed token on the HTTP side."""
+    if len(outputs) == 1:
+        try:
+            async for delta in outputs[0]:
+                yield 0, delta
+        finally:
+            await outputs[0].aclose()
+        return
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(index: int, deltas: RequestOutputs) -> None:

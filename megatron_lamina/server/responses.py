@@ -101,9 +101,13 @@ async def respond_json(writer: ChoiceWriter, outputs, is_disconnected, header: d
 
 async def sse_events(writer: ChoiceWriter, outputs, header: dict, include_usage: bool,
                      on_usage) -> AsyncIterator[str]:
-    """`data: {chunk}` events as the choices' deltas come, then `data: [DONE]`."""
+    """`data: {chunk}` events as the choices' deltas come, then `data: [DONE]`. The header's
+    JSON is written once per answer (the same text `json.dumps` of the whole chunk gives)."""
+    opening = f"data: {json.dumps(header, ensure_ascii=False)[:-1]}, " if header else "data: {"
+
     def event(choices, **extra) -> str:
-        return f"data: {json.dumps({**header, 'choices': choices, **extra}, ensure_ascii=False)}\n\n"
+        body = json.dumps({"choices": choices, **extra}, ensure_ascii=False)
+        return f"{opening}{body[1:]}\n\n"
 
     if writer.chat:
         for choice in writer.choices:
