@@ -17,6 +17,7 @@ decode row's context minus its new token and returns the log-sum-exp with the ou
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -48,6 +49,11 @@ class PagedBatchIndex:
     context_lens: torch.Tensor        # [decode rows] int64
     max_context: int                  # an upper bound of context_lens, known on the host (no sync)
     prefill: PrefillChunks | None
+
+    @cached_property
+    def cached_lens(self) -> torch.Tensor:
+        """q-first: each decode row's context before its new token (once per step, not per layer)."""
+        return self.context_lens - 1
 
 
 def chunk_slots(block_table: list[int], start: int, end: int, block_size: int) -> np.ndarray:
@@ -122,7 +128,7 @@ class PagedAttention:
         """q-first, a decode-only micro-batch: the decode kernel over context_lens - 1 keys."""
         assert index.prefill is None and index.decode_rows is None, "attend_cached takes decode rows only"
         out, lse = paged_decode(q, self.cache.k[layer], self.cache.v[layer], index.block_tables,
-                                index.context_lens - 1, max_context=index.max_context, return_lse=True)
+                                index.cached_lens, max_context=index.max_context, return_lse=True)
         return CachedPartial(out, lse)
 
     def append_and_merge(self, layer: int, index: PagedBatchIndex, partial: CachedPartial, q, k, v) -> torch.Tensor:

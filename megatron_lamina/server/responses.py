@@ -103,7 +103,7 @@ async def sse_events(writer: ChoiceWriter, outputs, header: dict, include_usage:
                      on_usage) -> AsyncIterator[str]:
     """`data: {chunk}` events as the choices' deltas come, then `data: [DONE]`. The header's
     JSON is written once per answer (the same text `json.dumps` of the whole chunk gives)."""
-    opening = f"data: {json.dumps(header, ensure_ascii=False)[:-1]}, " if header else "data: {"
+    opening = f"data: {json.dumps(header, ensure_ascii=False)[:-1]}, "  # the header's keys, open
 
     def event(choices, **extra) -> str:
         body = json.dumps({"choices": choices, **extra}, ensure_ascii=False)
