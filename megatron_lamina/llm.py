@@ -28,7 +28,8 @@ from typing import Sequence
 import torch.distributed as dist
 
 from megatron_lamina.config import LaminaConfig
-from megatron_lamina.engine.llm_engine import LLMEngine, PromptInput
+from megatron_lamina.engine.llm_engine import LLMEngine
+from megatron_lamina.engine.prompt import PromptInput
 from megatron_lamina.engine.request import Request, TokenLogprob
 from megatron_lamina.engine.runtime import start_rank
 from megatron_lamina.engine.sampling import SamplingParams

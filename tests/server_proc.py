@@ -4,6 +4,7 @@ for, torn down; and the processes a launcher started (`child_pids`, `wait_gone`)
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -67,9 +68,13 @@ def wait_gone(pids: list[int], timeout: float) -> list[int]:
         time.sleep(0.05)
 
 
+LOGS_OF_THIS_TEST: list[Path] = []  # conftest shows their tails when a test fails, then clears it
+
+
 class ServerProcess:
     def __init__(self, config: Path, port: int, nproc: int, log: Path, launcher: str = "torchrun"):
         self.url, self.log_path = f"http://127.0.0.1:{port}", log
+        LOGS_OF_THIS_TEST.append(log)
         if launcher == "lamina":  # counts the ranks from the config
             cmd = [sys.executable, "-m", "megatron_lamina.cli", "serve", "--config", str(config)]
         else:
@@ -116,6 +121,13 @@ class ServerProcess:
     def output(self) -> str:
         self.log.flush()
         return self.log_path.read_text()
+
+    def frontend_pid(self) -> int:
+        """PID of the HTTP front end (a child of rank 0), from its "serving ..." log line."""
+        match = re.search(r"HTTP front end pid (\d+)", self.output())
+        if match is None:
+            raise LookupError("no 'serving' line in the log yet")
+        return int(match.group(1))
 
     def worker_pids(self) -> list[int]:
         """The launcher's children (the ranks); they run in sessions of their own."""

@@ -101,7 +101,8 @@ def test_serving_benchmark_runs_a_disaggregated_layout_with_its_ranks(tmp_path):
     """tools/serving_benchmark.py on CPU with a 2-rank layout (1 model worker + 1 attention
     worker): the server and the batch job are started with the config's ranks (it used to start
     one, which the layout check refuses), every request of the closed batch and every prompt of
-    the batch job comes back, the driver's thread CPU is read, and no phase reports an error."""
+    the batch job comes back, the engine's and the front end's CPU are read, and no phase reports
+    an error."""
     tool = load_tool("serving_benchmark")
     out = tmp_path / "out"
     assert tool.main(["--device", "cpu", "--shape", "tiny", "--dtype", "float32", "--checkpoint", str(tmp_path / "ckpt"),
@@ -113,7 +114,7 @@ def test_serving_benchmark_runs_a_disaggregated_layout_with_its_ranks(tmp_path):
     assert not [k for k in result if k.endswith("_error")], result
     assert result["server"]["ranks"] == 2
     assert result["server"]["closed"]["completed"] == 4 and result["server"]["closed"]["failed"] == 0
-    cpu = result["server"]["closed"]["driver_cpu"]  # the driver found by its RANK, its threads read from /proc
-    assert cpu["http_thread_us_per_token"] > 0 and cpu["other_threads_core_share"] > 0
+    cpu = result["server"]["closed"]["server_cpu"]  # rank 0 by its RANK, the front end by its log line
+    assert cpu["engine_loop_core_share"] > 0 and cpu["frontend_us_per_token"] > 0
     assert result["batch"]["exit_code"] == 0 and result["batch"]["records"] == 3
     assert result["batch"]["tokens"] == 3 * 6

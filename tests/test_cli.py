@@ -96,12 +96,13 @@ def test_lamina_serve_counts_the_ranks_and_they_die_with_it(tmp_path, tiny_model
         server.wait_healthy()
         ranks = server.worker_pids()
         assert len(ranks) == 3, ranks  # tensor_parallel 1 + attention_workers 2
+        ranks.append(server.frontend_pid())  # rank 0's child: it goes too
         r = httpx.post(f"{server.url}/v1/completions", json={"prompt": "w5 w9", "max_tokens": 3}, timeout=60)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
         assert "lamina: starting 3 ranks" in server.output()
         os.kill(server.proc.pid, signal.SIGKILL)  # the launcher alone: each rank is in a session of its own
         server.proc.wait(timeout=10)
-        assert wait_gone(ranks, timeout=5) == [], "ranks outlived their launcher"
+        assert wait_gone(ranks, timeout=5) == [], "ranks (or the front end) outlived their launcher"
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"{server.url}/health", timeout=2)
     finally:

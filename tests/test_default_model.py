@@ -20,7 +20,8 @@ MAX_TOKENS = 20
 def _chat_on_ranks(checkpoint):
     from megatron_lamina.config import load_config
     from megatron_lamina.engine.control_plane import serve_plans
-    from megatron_lamina.engine.llm_engine import LLMEngine, PromptInput
+    from megatron_lamina.engine.llm_engine import LLMEngine
+    from megatron_lamina.engine.prompt import PromptInput
     from megatron_lamina.engine.runtime import start_rank
 
     ctx = start_rank(load_config("configs/default.yaml", [f"model.checkpoint={checkpoint}"]))

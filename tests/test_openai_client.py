@@ -283,7 +283,7 @@ def test_tokenize_detokenize_version(server, model_name):
 
 def test_api_key_from_the_config_or_the_environment():
     from megatron_lamina.config import load_config
-    from megatron_lamina.launch.serve import server_api_key
+    from megatron_lamina.server.frontend import server_api_key
 
     assert server_api_key(load_config(None, ["model.checkpoint=c", "server.api_key=k1"]), {"LAMINA_API_KEY": "k2"}) == "k1"
     assert server_api_key(load_config(None, ["model.checkpoint=c"]), {"LAMINA_API_KEY": "k2"}) == "k2"

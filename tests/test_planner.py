@@ -167,7 +167,8 @@ def engine_replay(trace, layout: Layout, num_blocks: int, max_model_len: int, to
     plans, and per request its output length and finish reason."""
     from megatron_lamina.architecture import ModelArchitecture
     from megatron_lamina.config import load_config
-    from megatron_lamina.engine.llm_engine import LLMEngine, PromptInput
+    from megatron_lamina.engine.llm_engine import LLMEngine
+    from megatron_lamina.engine.prompt import PromptInput
     from megatron_lamina.engine.runtime import RankContext
     from megatron_lamina.engine.sampling import SamplingParams
     from megatron_lamina.topology import ProcessGroups, Topology

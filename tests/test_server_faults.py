@@ -10,7 +10,10 @@ attention workers):
   body (non-streaming: 503; streaming: an error event, then [DONE]), the job exits non-zero
   within a bound;
 * an attention worker that stops answering (SIGSTOP): the step times out after
-  runtime.step_timeout_s, requests fail with an error, the job exits non-zero.
+  runtime.step_timeout_s, requests fail with an error, the job exits non-zero;
+* the HTTP front end (a process of its own, a child of rank 0): SIGTERM to it drains as
+  SIGTERM to rank 0 does; killed (SIGKILL), the engine notices, releases the other ranks and
+  the job exits non-zero with every rank gone.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import time
 
 import httpx
 import pytest
-from server_proc import ServerProcess, tiny_server_config
+from server_proc import ServerProcess, tiny_server_config, wait_gone
 
 LONG = {"prompt": "w5 w6 w7", "max_tokens": 250, "ignore_eos": True}
 
@@ -153,4 +156,40 @@ def test_attention_worker_fault_fails_requests_and_exits(tmp_path, tiny_models, 
                 os.kill(victim, signal.SIGCONT)
             except (ProcessLookupError, UnboundLocalError):
                 pass
+        server.stop()
+
+
+def test_sigterm_to_the_front_end_drains_and_exits_zero(tmp_path, tiny_models):
+    server = _start(tmp_path, tiny_models, server={"drain_timeout_s": 60})
+    try:
+        running = _in_background(_post(server, LONG))
+        _wait_running(server, 1)
+        os.kill(server.frontend_pid(), signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while httpx.get(f"{server.url}/health").status_code == 200 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert httpx.get(f"{server.url}/health").json()["status"] == "draining"
+        running[0].join(timeout=120)
+        response = running[1]["result"]
+        assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 250, response.text
+        assert server.proc.wait(timeout=60) == 0, server.output()[-3000:]
+    finally:
+        server.stop()
+
+
+def test_front_end_killed_ends_the_job_and_its_ranks(tmp_path, tiny_models):
+    server = _start(tmp_path, tiny_models)
+    try:
+        ranks = server.worker_pids()
+        running = _in_background(_post(server, LONG))
+        _wait_running(server, 1)
+        started = time.monotonic()
+        os.kill(server.frontend_pid(), signal.SIGKILL)
+        running[0].join(timeout=30)
+        assert isinstance(running[1].get("error"), httpx.HTTPError)  # its connection went with the front end
+        assert server.proc.wait(timeout=60) != 0
+        assert time.monotonic() - started < 60
+        assert "error: the HTTP front end exited" in server.output()
+        assert wait_gone(ranks, timeout=10) == []
+    finally:
         server.stop()

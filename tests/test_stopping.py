@@ -20,7 +20,8 @@ PROMPT = [1, 5, 9, 14, 3]
 
 def _generate(checkpoint, params_list):
     from megatron_lamina.config import load_config
-    from megatron_lamina.engine.llm_engine import LLMEngine, PromptInput
+    from megatron_lamina.engine.llm_engine import LLMEngine
+    from megatron_lamina.engine.prompt import PromptInput
     from megatron_lamina.engine.runtime import start_rank
 
     ctx = start_rank(load_config(None, [f"model.checkpoint={checkpoint}", "parallel.attention_workers=0",

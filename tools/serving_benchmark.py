@@ -11,8 +11,8 @@ Phases (--phases, in this order; each is timed and any failure is reported, not 
               --output-len) through tools/bench_serving.py, with the server's /metrics and
               the utilization (NVML) of every GPU the ranks use sampled (rank r runs on GPU
               r mod the GPUs there; the headline figure is their mean, each one beside it) and
-              the CPU time of the driver's threads (/proc: uvicorn's main thread, the HTTP side,
-              against the others, the engine thread first among them), in shares of a core,
+              the CPU time of rank 0's main thread (/proc: the engine loop) against its other
+              threads, and of the HTTP front end process (all its threads), in shares of a core,
               and the decode phase of that batch read
               out (bench/decode_window.py); then the --trace replay (first --trace-requests,
               --rate-scale x their arrival rate, prompts clipped to --max-input-len); stop
@@ -44,7 +44,7 @@ from megatron_lamina.bench.server_job import (  # noqa: E402
     GpuPoller,
     MetricsPoller,
     ServerJob,
-    driver_cpu,
+    server_cpu,
     free_port,
     launcher_command,
     mean_between,
@@ -90,8 +90,8 @@ def run_server(args, out: Path, checkpoint: Path, result: dict) -> None:
         result["startup_log"] = [line for line in server.tail(20000).splitlines() if line.startswith("[lamina")]
         log(f"server healthy in {server.ready_s:.1f} s")
         poller = MetricsPoller(server.url, interval=0.2)
-        driver = server.driver_pid()
-        cpu_before, started = (thread_cpu_s(driver) if driver else {}), time.monotonic()
+        pids = [p for p in (server.driver_pid(), server.frontend_pid()) if p]
+        cpu_before, started = {p: thread_cpu_s(p) for p in pids}, time.monotonic()
         closed = bench_serving(["--url", server.url, "--closed", str(args.closed), "--input-len",
                                 str(args.input_len), "--output-len", str(args.output_len), "--timeout", "900",
                                 "--out", str(out / "bench-closed.json")])
@@ -102,9 +102,10 @@ def run_server(args, out: Path, checkpoint: Path, result: dict) -> None:
         result["closed"]["gpu_util_nvml"] = mean_between(gpu_samples, *window)
         result["closed"]["gpu_util_nvml_per_device"] = gpu.per_device_between(*window) if gpu else []
         result["decode_window"] = decode_window(closed, samples, gpu_samples)
-        if driver:
-            result["closed"]["driver_cpu"] = driver_cpu(driver, cpu_before, thread_cpu_s(driver),
-                                                        time.monotonic() - started, closed["output_tokens"])
+        if server.driver_pid():
+            cpu_after = {p: thread_cpu_s(p) for p in pids}
+            result["closed"]["server_cpu"] = server_cpu(server.driver_pid(), server.frontend_pid(), cpu_before,
+                                                        cpu_after, time.monotonic() - started, closed["output_tokens"])
         log(f"closed batch: {closed['output_throughput_tok_s']:.0f} output tok/s; decode window "
             f"{result['decode_window']}")
         if args.trace_requests:
@@ -211,7 +212,7 @@ def print_table(r: dict) -> None:
 
     server, closed = r.get("server", {}), r.get("server", {}).get("closed", {})
     per_gpu = [u for u in closed.get("gpu_util_nvml_per_device") or [] if u is not None]
-    cpu = closed.get("driver_cpu") or {}
+    cpu = closed.get("server_cpu") or {}
     window, trace, batch, decode = server.get("decode_window", {}), server.get("trace", {}), r.get("batch", {}), \
         r.get("decode", {})
     rows = [
@@ -222,9 +223,10 @@ def print_table(r: dict) -> None:
                                                    f"{f((closed.get('tpot_s') or {}).get('p50'), '{:.4f}')}"),
         ("closed batch: GPU util (NVML, whole batch)", f(closed.get("gpu_util_nvml"), "{:.2f}")
          + (f" (per GPU {', '.join(f'{u:.2f}' for u in per_gpu)})" if len(per_gpu) > 1 else "")),
-        ("closed batch: driver CPU, HTTP thread / others (cores)",
-         f"{f(cpu.get('http_thread_core_share'), '{:.2f}')} / {f(cpu.get('other_threads_core_share'), '{:.2f}')}"
-         f" ({f(cpu.get('http_thread_us_per_token'))} us of HTTP thread per output token)"),
+        ("closed batch: CPU, engine loop / rank 0's other threads / front end (cores)",
+         f"{f(cpu.get('engine_loop_core_share'), '{:.2f}')} / {f(cpu.get('engine_other_threads_core_share'), '{:.2f}')}"
+         f" / {f(cpu.get('frontend_core_share'), '{:.2f}')} ({f(cpu.get('frontend_us_per_token'))} us of front end "
+         "per output token)"),
         ("decode window: mean step (ms)", f(window.get("mean_step_s") and window["mean_step_s"] * 1e3, "{:.2f}")),
         ("decode window: mean batch / context", f"{f(window.get('mean_batch'))} / {f(window.get('mean_context'))}"),
         ("decode window: GPU busy (events) / util (NVML)", f"{f(window.get('gpu_busy_events'), '{:.3f}')} / "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -92,8 +93,13 @@ class ServerJob:
                 os.kill(pid, signal.SIGKILL)
         self.log.close()
 
+    def frontend_pid(self) -> int | None:
+        """The HTTP front end's process (a child of rank 0), from its "serving ..." log line."""
+        match = re.search(r"HTTP front end pid (\d+)", self.tail(200000))
+        return int(match.group(1)) if match else None
+
     def driver_pid(self) -> int | None:
-        """The rank-0 process (the driver: HTTP server and engine thread), by its RANK."""
+        """The rank-0 process (the driver: the engine loop), by its RANK."""
         for pid in self._workers():
             with contextlib.suppress(OSError):
                 if b"RANK=0" in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
@@ -117,17 +123,22 @@ def thread_cpu_s(pid: int) -> dict[int, float]:
     return out
 
 
-def driver_cpu(pid: int, before: dict[int, float], after: dict[int, float], seconds: float, tokens: int) -> dict:
-    """Where the driver's host time went over a window: its main thread (uvicorn's event loop,
-    the HTTP side: launch/serve.py runs it there) against all its other threads (the engine
-    thread, plus the communication libraries' own); as shares of one core and per output token."""
-    spent = {tid: after[tid] - before.get(tid, 0.0) for tid in after}
-    http = spent.get(pid, 0.0)
-    rest = sum(spent.values()) - http
-    busiest = max((v for tid, v in spent.items() if tid != pid), default=0.0)
-    return {"http_thread_core_share": http / seconds, "other_threads_core_share": rest / seconds,
-            "busiest_other_thread_core_share": busiest / seconds,
-            "http_thread_us_per_token": http / tokens * 1e6 if tokens else None}
+def server_cpu(engine_pid: int, frontend_pid: int | None, before: dict, after: dict, seconds: float,
+               tokens: int) -> dict:
+    """Where the server's host time went over a window, from `thread_cpu_s` of both processes
+    ({pid: {tid: s}} before and after): rank 0's main thread (the engine loop) against its
+    other threads (the communication libraries' own), and the HTTP front end's process (all
+    its threads); as shares of one core, and the front end's per output token."""
+    def spent(pid: int) -> dict[int, float]:
+        return {tid: v - before.get(pid, {}).get(tid, 0.0) for tid, v in after.get(pid, {}).items()}
+
+    engine = spent(engine_pid)
+    loop = engine.get(engine_pid, 0.0)
+    front = sum(spent(frontend_pid).values()) if frontend_pid else None
+    return {"engine_loop_core_share": loop / seconds,
+            "engine_other_threads_core_share": (sum(engine.values()) - loop) / seconds,
+            "frontend_core_share": None if front is None else front / seconds,
+            "frontend_us_per_token": front / tokens * 1e6 if front is not None and tokens else None}
 
 
 def read_metrics(url: str) -> dict[str, float]:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from pydantic import Field, model_validator
 
-from megatron_lamina.engine.llm_engine import PromptInput
+from megatron_lamina.engine.prompt import PromptInput
 from megatron_lamina.engine.request_schema import (
     ChatMessage,
     LogprobCount,

@@ -26,35 +26,15 @@ import torch
 
 from megatron_lamina.engine.block_manager import BlockManager
 from megatron_lamina.engine.control_plane import broadcast_plan
+from megatron_lamina.engine.engine_link import StepStats
 from megatron_lamina.engine.logprobs import StepLogprobs, token_logprobs
+from megatron_lamina.engine.prompt import PromptInput, prompt_ids
 from megatron_lamina.engine.request import Request
 from megatron_lamina.engine.runtime import RankContext
 from megatron_lamina.engine.sampling import SamplingParams, sample_tokens_on_device
 from megatron_lamina.engine.scheduler import Scheduler
 from megatron_lamina.engine.tokenizer import TextCodec, find_stop
 from megatron_lamina.plan import StepPlan
-
-
-@dataclass
-class PromptInput:
-    """One generation: a plain prompt, chat messages, or token ids (exactly one of them)."""
-
-    prompt: str | None = None
-    messages: list[dict] | None = None
-    prompt_token_ids: list[int] | None = None
-    params: SamplingParams | None = None
-    user_id: object = None
-
-
-@dataclass
-class StepStats:
-    """One step as the metrics see it (server/metrics.py)."""
-
-    rows: int                  # sampled rows (requests that got a token)
-    tokens: int                # token rows computed (decode tokens and prefill chunks)
-    wall_s: float              # host time from this step's launch to its tokens read back
-    gpu_s: float | None = None         # the step's span on the GPU (CUDA)
-    gpu_period_s: float | None = None  # GPU time since the previous step ended (back-to-back steps)
 
 
 @dataclass
@@ -91,17 +71,7 @@ class LLMEngine:
         self.on_logits: Callable[[Request, torch.Tensor], None] | None = None  # tests, debugging
 
     def make_request(self, item: PromptInput) -> Request:
-        if item.prompt_token_ids is not None:
-            ids = list(item.prompt_token_ids)
-        elif item.messages is not None:
-            ids = self.codec.encode_chat(item.messages)
-        else:
-            ids = self.codec.encode_prompt(item.prompt)
-        if not ids:
-            raise ValueError("the prompt is empty")
-        vocab = self.ctx.arch.vocab_size
-        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in ids):
-            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        ids = prompt_ids(self.codec, item, self.ctx.arch.vocab_size)
         params = item.params or SamplingParams()
         return Request(next(self._ids), ids, params, user_id=item.user_id,
                        generator=params.make_generator(self.ctx.device), detokenizer=self.codec.incremental())

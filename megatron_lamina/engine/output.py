@@ -28,6 +28,23 @@ class RequestOutput:
     prompt_logprobs: list[TokenLogprob | None] | None = None  # in the first output, when asked for
 
 
+def error_output(message: str) -> RequestOutput:
+    """The only output of a request that never ran: refused or failed before its first step."""
+    return RequestOutput(-1, "", [], True, "error", 0, 0, error=message)
+
+
+def merge_outputs(outputs: list[RequestOutput]) -> RequestOutput:
+    """Consecutive deltas of one request as one delta (a caller that fell behind)."""
+    last = outputs[-1]
+    if len(outputs) == 1:
+        return last
+    logprobs = None if last.logprobs is None else [x for o in outputs for x in (o.logprobs or [])]
+    prompt_logprobs = next((o.prompt_logprobs for o in outputs if o.prompt_logprobs is not None), None)
+    return RequestOutput(last.request_id, "".join(o.text for o in outputs),
+                         [t for o in outputs for t in o.token_ids], last.finished, last.finish_reason,
+                         last.prompt_tokens, last.completion_tokens, last.error, logprobs, prompt_logprobs)
+
+
 class OutputTracker:
     def __init__(self, request: Request):
         self.request = request

@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
-from megatron_lamina.engine.llm_engine import PromptInput
+from megatron_lamina.engine.prompt import PromptInput
 from megatron_lamina.engine.sampling import SamplingParams
 
 SEED_MIN, SEED_MAX = SamplingParams.SEED_RANGE

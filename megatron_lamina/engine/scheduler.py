@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections import deque
 
 from megatron_lamina.engine.block_manager import BlockManager
+from megatron_lamina.engine.prompt import Capacity
 from megatron_lamina.engine.request import Request, RequestStatus
 from megatron_lamina.plan import MicroBatch, SequenceChunk, StepPlan
 
@@ -40,16 +41,13 @@ class Scheduler:
         self._ended: list[Request] = []   # finished by schedule() itself; the engine reports them
         self._released: list[int] = []    # request ids whose blocks were freed since the last plan
 
+    @property
+    def capacity(self) -> Capacity:
+        return Capacity(self.max_model_len, self.blocks.num_blocks, self.blocks.block_size)
+
     def check_fits(self, request: Request) -> None:
         """Reject a request that could never run: too long for the model or the cache."""
-        n = request.num_tokens
-        if n >= self.max_model_len:
-            raise ValueError(f"prompt has {n} tokens; the model's context is {self.max_model_len} "
-                             "tokens and generation needs at least one more")
-        if self.blocks.blocks_needed(n + 1) > self.blocks.num_blocks:
-            capacity = self.blocks.num_blocks * self.blocks.block_size
-            raise ValueError(f"prompt has {n} tokens; one attention shard's KV cache holds "
-                             f"{capacity} tokens (kv_cache.num_blocks x kv_cache.block_size)")
+        self.capacity.check(request.num_tokens)
 
     def add(self, request: Request) -> None:
         self.check_fits(request)

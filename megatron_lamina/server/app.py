@@ -1,4 +1,4 @@
-"""The OpenAI-compatible HTTP API (FastAPI), served by uvicorn on the driver rank.
+"""The OpenAI-compatible HTTP API (FastAPI), served by uvicorn in the front end process.
 
 Routes: `POST /v1/completions`, `POST /v1/chat/completions` (JSON or Server-Sent Events with
 `stream: true`, ending with `data: [DONE]`; several prompts and `n` samples each, with
@@ -10,14 +10,17 @@ an OpenAI error body: 400 for bad input (naming the field), 401 without the API 
 for an unknown model or route, 405 for a wrong method, 415 for a body that is not JSON, 503
 when the engine takes no request (queue full, draining, dead) or fails one mid-way, and a
 500 (a bug of ours) too. A client that disconnects cancels its requests (their blocks are
-freed at the next step).
+freed at the next step). The app reaches the engine only through its `EngineClient`
+(server/engine_client.py), which it attaches to the event loop at start-up.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Sequence
+from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
 
 from fastapi import FastAPI, Request as HttpRequest
@@ -26,8 +29,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from megatron_lamina.engine.async_engine import AsyncEngine
 from megatron_lamina.server.choices import admit, make_choices
+from megatron_lamina.server.engine_client import EngineClient
 from megatron_lamina.server.metrics import ServerMetrics
 from megatron_lamina.server.middleware import ApiKeyCheck, RequestLog, access_logger
 from megatron_lamina.server.protocol import (
@@ -46,17 +49,23 @@ def package_version() -> str:
         return "unknown"
 
 
-def build_app(engine: AsyncEngine, model_name: str, max_model_len: int, metrics: ServerMetrics,
+def build_app(engine: EngineClient, model_name: str, max_model_len: int, metrics: ServerMetrics,
               api_key: str | None = None, cors_origins: Sequence[str] = (),
               access_log: logging.Logger | None = None) -> FastAPI:
-    app = FastAPI(title="megatron-lamina", version=package_version())
+    @asynccontextmanager
+    async def lifespan(_):
+        engine.attach(asyncio.get_running_loop())
+        yield
+        engine.detach()
+
+    app = FastAPI(title="megatron-lamina", version=package_version(), lifespan=lifespan)
     if api_key:
         app.add_middleware(ApiKeyCheck, api_key=api_key)
     if cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["*"],
                            allow_headers=["*"], expose_headers=["x-request-id"])
     app.add_middleware(RequestLog, log=access_log or access_logger())  # outermost: sees every answer
-    codec = engine.engine.codec
+    codec = engine.codec
 
     @app.exception_handler(ApiError)
     async def _api_error(_, exc: ApiError):
@@ -129,7 +138,7 @@ def build_app(engine: AsyncEngine, model_name: str, max_model_len: int, metrics:
     async def detokenize(http: HttpRequest):
         body = read_body(http.headers.get("content-type"), await http.body(), DetokenizeRequest)
         check_model(body)
-        vocab = engine.engine.ctx.arch.vocab_size
+        vocab = engine.vocab_size
         if any(not 0 <= t < vocab for t in body.tokens):
             raise ApiError(400, f"tokens: token ids must be in [0, {vocab})", "tokens")
         return {"prompt": await run_in_threadpool(codec.tokenizer.decode, body.tokens)}

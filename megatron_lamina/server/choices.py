@@ -2,9 +2,10 @@
 
 A body with P prompts and `n` samples per prompt becomes P x n engine requests; choice
 `index = prompt_index * n + sample_index` (OpenAI's order). Each prompt is tokenized once;
-its samples share the token ids and differ in their generator (sample i seeded `seed + i`
-when the body has a seed, `_OpenAIFields.sample_params`). `admit` checks every choice
-before any runs and admits them all or none (`AsyncEngine.generate_all`); `merged` runs their
+its samples share the token ids and differ in their sampling settings (sample i seeded
+`seed + i` when the body has a seed, `_OpenAIFields.sample_params`; the engine makes each
+one's generator). `admit` checks every choice
+before any runs and admits them all or none (`EngineClient.generate_all`); `merged` runs their
 outputs side by side and yields `(index, delta)` as they come, and closes every choice when
 its consumer stops early (a client gone: each request is aborted, its blocks freed).
 """
@@ -17,11 +18,10 @@ from typing import AsyncIterator
 
 from starlette.concurrency import run_in_threadpool
 
-from megatron_lamina.engine.async_engine import AsyncEngine, EngineUnavailable, RequestOutputs
-from megatron_lamina.engine.llm_engine import PromptInput
 from megatron_lamina.engine.output import RequestOutput
-from megatron_lamina.engine.request import Request
+from megatron_lamina.engine.prompt import PromptInput
 from megatron_lamina.engine.request_schema import RequestError, check_max_tokens, check_token_ids
+from megatron_lamina.server.engine_client import EngineClient, EngineUnavailable, RequestOutputs
 from megatron_lamina.server.protocol import ApiError, ChatCompletionRequest, CompletionRequest
 
 
@@ -29,11 +29,15 @@ from megatron_lamina.server.protocol import ApiError, ChatCompletionRequest, Com
 class Choice:
     index: int
     prompt_index: int
-    request: Request
+    item: PromptInput        # token ids, sampling settings, the caller's id: what the engine runs
     echo: str | None = None  # completions with echo: the prompt's text, returned before the output
 
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.item.prompt_token_ids
 
-async def make_choices(engine: AsyncEngine, body: CompletionRequest | ChatCompletionRequest, request_id: str,
+
+async def make_choices(engine: EngineClient, body: CompletionRequest | ChatCompletionRequest, request_id: str,
                        max_model_len: int) -> list[Choice]:
     """Tokenize and check every prompt, then build its `n` samples; a mistake is a 400 naming
     the field (and, with several prompts, which one)."""
@@ -44,35 +48,31 @@ async def make_choices(engine: AsyncEngine, body: CompletionRequest | ChatComple
         raise ApiError(400, f"{len(items)} prompts x n = {body.n} are {len(items) * body.n} choices, more than the "
                             f"server holds at once (server.max_queued_requests = {engine.max_queued})", field)
     logprobs, prompt_logprobs = body.logprob_counts()
-    vocab_size = engine.engine.ctx.arch.vocab_size
     choices: list[Choice] = []
     for p, item in enumerate(items):
         which = f"prompt {p}: " if len(items) > 1 else ""
         try:
-            first = await run_in_threadpool(engine.make_request, item)
-            max_tokens = body.default_max_tokens(first.num_tokens, max_model_len)
-            check_max_tokens(max_tokens, first.num_tokens, max_model_len)
+            ids = await run_in_threadpool(engine.prompt_ids, item)
+            max_tokens = body.default_max_tokens(len(ids), max_model_len)
+            check_max_tokens(max_tokens, len(ids), max_model_len)
             params = body.sampling_params(max_tokens, logprobs, prompt_logprobs)
-            check_token_ids(params, vocab_size)
+            check_token_ids(params, engine.vocab_size)
         except RequestError as e:
             raise ApiError(400, which + e.message, e.param) from None
-        except ValueError as e:  # the tokenizer's or the scheduler's: the prompt cannot run
+        except ValueError as e:  # the tokenizer's or the capacity's: the prompt cannot run
             raise ApiError(400, which + str(e), field) from None
-        ids, echo = first.prompt_token_ids, None
+        echo = None
         if not chat and body.echo:  # the prompt as given, or its token ids' text
-            echo = item.prompt if item.prompt is not None else engine.engine.codec.tokenizer.decode(ids)
-        for sample, sample_params in enumerate(body.sample_params(params)):
-            request = first if sample == 0 else engine.make_request(PromptInput(prompt_token_ids=ids))
-            request.params = sample_params
-            request.generator = sample_params.make_generator(first.generator.device)  # the engine's device
-            request.user_id = f"{request_id}-{len(choices)}"
-            choices.append(Choice(len(choices), p, request, echo))
+            echo = item.prompt if item.prompt is not None else engine.codec.tokenizer.decode(ids)
+        for sample_params in body.sample_params(params):
+            run = PromptInput(prompt_token_ids=ids, params=sample_params, user_id=f"{request_id}-{len(choices)}")
+            choices.append(Choice(len(choices), p, run, echo))
     return choices
 
 
-def admit(engine: AsyncEngine, choices: list[Choice]) -> list[RequestOutputs]:
+def admit(engine: EngineClient, choices: list[Choice]) -> list[RequestOutputs]:
     try:
-        return engine.generate_all([c.request for c in choices])
+        return engine.generate_all([c.item for c in choices])
     except EngineUnavailable as e:
         raise ApiError(503, str(e), None, type="server_error") from e
 

@@ -1,4 +1,4 @@
-"""Prometheus metrics of the server (`GET /metrics`), fed by the engine thread once per step.
+"""Prometheus metrics of the server (`GET /metrics`), kept by the front end, fed once per step.
 
 A private `CollectorRegistry` (no process-global state): requests running and waiting, KV
 blocks used per attention shard, prompt and generated tokens, histograms of
@@ -7,8 +7,10 @@ see whether the server is bound by the GPU or by its host: the time of each step
 (requests sampled) and token rows, and the share of the time the GPU was busy with steps
 (`lamina_gpu_busy_ratio`: the GPU's span of each step over the GPU time from the previous
 step's end to this one's, for steps that ran back to back, over the last
-`BUSY_WINDOW` steps; a host-bound server shows a low value). `ServerMetrics` is the
-`EngineListener` the launcher gives to the `AsyncEngine`.
+`BUSY_WINDOW` steps; a host-bound server shows a low value). The front end's `EngineClient`
+calls `on_step` with each step's deltas and the engine's `StepReport`; latencies are measured
+where the client meets them, from a request's admission by the front end to its tokens'
+arrival there.
 """
 
 from __future__ import annotations
@@ -17,9 +19,8 @@ from collections import deque
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from megatron_lamina.engine.llm_engine import LLMEngine
+from megatron_lamina.engine.engine_link import StepReport
 from megatron_lamina.engine.output import RequestOutput
-from megatron_lamina.engine.request import Request
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 STEP_BUCKETS = (0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0, 2.0)
@@ -59,25 +60,30 @@ class ServerMetrics:
         self._last_token_time: dict[int, float] = {}
         self._window: deque[tuple[float, float]] = deque(maxlen=BUSY_WINDOW)
 
-    def on_step(self, engine: LLMEngine, outputs: list[tuple[Request, RequestOutput]], now: float) -> None:
+    def on_step(self, report: StepReport | None, outputs: list[tuple[int, float, RequestOutput]],
+                now: float) -> None:
+        """`outputs`: (request key, admission time, delta) of the step's requests."""
         generated = 0
-        for request, output in outputs:
+        for key, arrival, output in outputs:
             new = len(output.token_ids)
             if new:
                 generated += new
-                last = self._last_token_time.get(request.request_id)
+                last = self._last_token_time.get(key)
                 if last is None:
                     self.prompt_tokens.inc(output.prompt_tokens)
-                    self.ttft.observe(now - request.arrival_time)
+                    self.ttft.observe(now - arrival)
                 else:
                     self.itl.observe((now - last) / new)
-                self._last_token_time[request.request_id] = now
+                self._last_token_time[key] = now
             if output.finished:
-                self._last_token_time.pop(request.request_id, None)
+                self._last_token_time.pop(key, None)
         if generated:
             self.generation_tokens.inc(generated)
-        while engine.stats:
-            step = engine.stats.popleft()
+        if report is not None:
+            self._engine_report(report)
+
+    def _engine_report(self, report: StepReport) -> None:
+        for step in report.steps:
             self.step_time.observe(step.wall_s)
             self.step_batch.observe(step.rows)
             self.step_tokens.observe(step.tokens)
@@ -91,13 +97,11 @@ class ServerMetrics:
                 self._window.append((busy, step.gpu_period_s))
         if self._window:
             self.gpu_busy.set(sum(b for b, _ in self._window) / sum(p for _, p in self._window))
-        scheduler = engine.scheduler
-        self.running.set(len(scheduler.running))
-        self.waiting.set(len(scheduler.waiting))
-        blocks = scheduler.blocks
-        self.kv_blocks_total.set(blocks.num_blocks)
-        for shard in range(len(blocks.free)):
-            self.kv_blocks_used.labels(shard=str(shard)).set(blocks.num_blocks - blocks.num_free(shard))
+        self.running.set(report.running)
+        self.waiting.set(report.waiting)
+        self.kv_blocks_total.set(report.blocks_total)
+        for shard, used in enumerate(report.blocks_used):
+            self.kv_blocks_used.labels(shard=str(shard)).set(used)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -20,7 +20,7 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from megatron_lamina.engine.llm_engine import PromptInput
+from megatron_lamina.engine.prompt import PromptInput
 from megatron_lamina.engine.request_schema import (
     SEED_MAX, ChatMessage, LogprobCount, Prompts, RequestError, SamplingFields, StrictModel, decode_json,
     parse_request, prompt_input,

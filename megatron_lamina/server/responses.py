@@ -17,8 +17,7 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import AsyncIterator
 
-from megatron_lamina.engine.async_engine import merge_outputs
-from megatron_lamina.engine.output import RequestOutput
+from megatron_lamina.engine.output import RequestOutput, merge_outputs
 from megatron_lamina.engine.tokenizer import TextCodec
 from megatron_lamina.server.choices import Choice, merged
 from megatron_lamina.server.logprob_format import chat_logprobs, completion_logprobs
@@ -60,7 +59,7 @@ class ChoiceWriter:
     def _completion_logprobs(self, choice: Choice, state: _ChoiceState, out: RequestOutput) -> dict:
         token_ids, entries = [], []
         if choice.echo is not None and out.prompt_logprobs is not None:
-            prompt = choice.request.prompt_token_ids
+            prompt = choice.prompt_token_ids
             token_ids += prompt
             entries += out.prompt_logprobs
         token_ids += out.token_ids
@@ -69,7 +68,7 @@ class ChoiceWriter:
         return logprobs
 
     def usage(self, lasts: list[RequestOutput | None]) -> dict[str, int]:
-        prompt = sum(len(c.request.prompt_token_ids) for c in self.choices if c.index % self.body.n == 0)
+        prompt = sum(len(c.prompt_token_ids) for c in self.choices if c.index % self.body.n == 0)
         completion = sum(last.completion_tokens for last in lasts if last is not None)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 

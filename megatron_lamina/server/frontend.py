@@ -1,0 +1,107 @@
+"""The HTTP front end: a process of its own beside rank 0's engine (vLLM V1's API-server split).
+
+Rank 0 calls `start_frontend` first thing, so the front end reads the config, loads the
+tokenizer and imports FastAPI while the model loads. `run` is the process: it waits for the
+engine's "ready" (engine/engine_link.py), then serves the OpenAI API (server/app.py) with
+uvicorn at `server.host`:`server.port`, talking to the engine through its `EngineClient`.
+The HTTP side (parsing, tokenizing prompts, JSON, an SSE event per token and stream, the
+socket writes) thus runs under its own interpreter lock, never the engine's.
+
+It never decides to stop by itself: SIGTERM or SIGINT to it asks the engine to drain. It
+exits once the engine sent "exit" (or its pipe closed) and every request still open got its
+answer (at most `ANSWER_GRACE_S`), with status 0 after a drain and 1 when the engine failed;
+and it dies with rank 0 (`exit_with_parent`).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import sys
+import time
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+
+ANSWER_GRACE_S = 10.0  # after the engine's exit, how long callers get to receive their last answer
+
+
+def model_name(cfg) -> str:
+    return Path(cfg.model.checkpoint).resolve().name
+
+
+def server_api_key(cfg, environ=os.environ) -> str | None:
+    """The bearer token clients must send: server.api_key, else $LAMINA_API_KEY, else none."""
+    return cfg.server.api_key or environ.get("LAMINA_API_KEY") or None
+
+
+def raise_open_files_limit() -> None:
+    """Every client connection is a file descriptor: lift the soft limit (often 1024) to the
+    hard one, or a burst of clients is refused at the socket, before any HTTP error."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def start_frontend(args) -> tuple[BaseProcess, Connection]:
+    """Spawn the front end for the job's parsed arguments; its process and rank 0's end of the pipe."""
+    ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold CUDA and gloo state
+    ours, theirs = ctx.Pipe(duplex=True)
+    process = ctx.Process(target=run, args=(theirs, args), name="lamina-frontend", daemon=True)
+    process.start()
+    theirs.close()
+    return process, ours
+
+
+def run(conn: Connection, args) -> None:
+    from megatron_lamina.launch.ranks import exit_with_parent
+
+    exit_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # until uvicorn's own handlers take over (below)
+    import uvicorn
+
+    from megatron_lamina.config import config_from_args
+    from megatron_lamina.engine.tokenizer import TextCodec
+    from megatron_lamina.server.app import build_app
+    from megatron_lamina.server.engine_client import EngineClient
+    from megatron_lamina.server.metrics import ServerMetrics
+
+    cfg = config_from_args(args)
+    codec = TextCodec(cfg.model.checkpoint)
+    raise_open_files_limit()
+    try:
+        kind, info = conn.recv()
+    except (EOFError, OSError):  # rank 0 failed before it could serve; it says why
+        sys.exit(1)
+    assert kind == "ready", kind
+    metrics = ServerMetrics()
+    client = EngineClient(conn, info, codec, cfg.server.max_queued_requests, metrics)
+    api_key = server_api_key(cfg)
+    app = build_app(client, model_name(cfg), info.capacity.max_model_len, metrics, api_key=api_key,
+                    cors_origins=cfg.server.cors_origins)
+
+    class Server(uvicorn.Server):
+        answered_by: float | None = None
+
+        def handle_exit(self, sig, frame):
+            if sig in (signal.SIGTERM, signal.SIGINT):  # the engine decides: it drains, then says exit
+                client.ask_drain()
+            else:
+                super().handle_exit(sig, frame)
+
+        async def on_tick(self, counter: int) -> bool:
+            if client.exited is not None and client.exited.is_set():
+                self.answered_by = self.answered_by or time.monotonic() + ANSWER_GRACE_S
+                if client.idle() or time.monotonic() >= self.answered_by:
+                    self.should_exit = True
+            return await super().on_tick(counter)
+
+    server = Server(uvicorn.Config(app, host=cfg.server.host, port=cfg.server.port, log_level="warning",
+                                   timeout_graceful_shutdown=5))
+    print(f"serving {model_name(cfg)} on http://{cfg.server.host}:{cfg.server.port} (engine pid {info.engine_pid}, "
+          f"HTTP front end pid {os.getpid()}{'; API key required' if api_key else ''})", flush=True)
+    server.run()
+    sys.exit(1 if client.state == "dead" else 0)
