@@ -103,14 +103,14 @@ def frameworks(tmp_path_factory, tiny_models):
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
-    """A failed test that started servers shows the end of each server's log (what a CI
-    failure report otherwise lacks); the list is emptied after every test."""
-    from server_proc import LOGS_OF_THIS_TEST
+    """A failed test shows the end of the log of every server it started or used (a module's
+    shared server too): what a CI failure report otherwise lacks."""
+    from server_proc import LIVE_LOGS, LOGS_OF_THIS_TEST
 
     outcome = yield
     report = outcome.get_result()
     if report.failed:
-        for log in LOGS_OF_THIS_TEST:
+        for log in dict.fromkeys(LOGS_OF_THIS_TEST + LIVE_LOGS):
             if log.exists():
                 report.sections.append((f"server log {log.name}", log.read_text(errors="replace")[-4000:]))
     if report.when == "teardown":

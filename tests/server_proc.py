@@ -69,12 +69,14 @@ def wait_gone(pids: list[int], timeout: float) -> list[int]:
 
 
 LOGS_OF_THIS_TEST: list[Path] = []  # conftest shows their tails when a test fails, then clears it
+LIVE_LOGS: list[Path] = []          # of servers not stopped yet (a module's shared server): shown too
 
 
 class ServerProcess:
     def __init__(self, config: Path, port: int, nproc: int, log: Path, launcher: str = "torchrun"):
         self.url, self.log_path = f"http://127.0.0.1:{port}", log
         LOGS_OF_THIS_TEST.append(log)
+        LIVE_LOGS.append(log)
         if launcher == "lamina":  # counts the ranks from the config
             cmd = [sys.executable, "-m", "megatron_lamina.cli", "serve", "--config", str(config)]
         else:
@@ -134,6 +136,8 @@ class ServerProcess:
         return child_pids(self.proc.pid)
 
     def stop(self) -> None:
+        if self.log_path in LIVE_LOGS:
+            LIVE_LOGS.remove(self.log_path)
         workers = self.worker_pids()
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)

@@ -4,11 +4,13 @@
 checks prompts (`prompt_ids`, against the engine's `Capacity`, in a worker thread), admits the
 choices of one HTTP request together or not at all (`generate_all`: at most
 `server.max_queued_requests` in flight), and sends them to the engine process as one "add"
-(engine/engine_link.py). The engine's "step" messages are read on the event loop as they
-come (`loop.add_reader` on the pipe) and handed to each request's `RequestOutputs`; a caller
-that fell behind gets its deltas merged into one. A caller that stops iterating closes its
-outputs, which sends "abort": the engine ends the request and frees its blocks. Sends go
-through a thread of their own, so the event loop never waits on the pipe. The engine's
+(engine/engine_link.py). The pipe is used by two threads of its own, both blocking: one
+sends what the event loop queued (the event loop never waits on the pipe), one reads the
+engine's messages and hands each to the event loop (one wake-up per step), which delivers a
+step's deltas to each request's `RequestOutputs`; a caller that fell behind gets its deltas
+merged into one. (Not `loop.add_reader`: libuv makes the descriptor non-blocking, and a send
+that meets a full pipe then fails instead of waiting.) A caller that stops iterating closes
+its outputs, which sends "abort": the engine ends the request and frees its blocks. The engine's
 "state" messages set `state` (serving, draining, stopped, dead: what `/health` reports);
 "exit", or the pipe closing, sets `exited` once every request still open got its last
 delta (an error when the engine could not finish it).
@@ -21,6 +23,7 @@ import itertools
 import queue
 import threading
 import time
+import traceback
 from multiprocessing.connection import Connection
 
 from megatron_lamina.engine.engine_link import EngineInfo, StepReport, unpack_output
@@ -28,9 +31,6 @@ from megatron_lamina.engine.output import RequestOutput, error_output, merge_out
 from megatron_lamina.engine.prompt import PromptInput, prompt_ids
 from megatron_lamina.engine.tokenizer import TextCodec
 from megatron_lamina.server.metrics import ServerMetrics
-
-READS_PER_WAKEUP = 16  # messages read per wake-up of the loop before other callbacks get a turn
-
 
 class EngineUnavailable(Exception):
     """The engine takes no new request now (draining, dead, or too many in flight)."""
@@ -98,14 +98,12 @@ class EngineClient:
 
     # ---- life ------------------------------------------------------------------------
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Start reading the engine's messages on `loop` and sending on a thread."""
+        """Start the pipe's reader and sender threads; the engine's messages are handled on `loop`."""
         self._loop, self.exited = loop, asyncio.Event()
-        loop.add_reader(self.conn.fileno(), self._readable)
         threading.Thread(target=self._send_forever, name="lamina-engine-send", daemon=True).start()
+        threading.Thread(target=self._read_forever, name="lamina-engine-read", daemon=True).start()
 
     def detach(self) -> None:
-        if self._loop is not None:
-            self._loop.remove_reader(self.conn.fileno())
         self._outbox.put(None)
 
     def ask_drain(self) -> None:
@@ -141,6 +139,7 @@ class EngineClient:
     def _release(self, key: int, finished: bool) -> None:
         self._streams.pop(key, None)
         if not finished:
+            self.metrics.forget(key)
             self._outbox.put(("abort", key))
 
     # ---- the pipe --------------------------------------------------------------------
@@ -150,18 +149,26 @@ class EngineClient:
                 self.conn.send(message)
             except OSError:  # the engine is gone; the reader sees the pipe close
                 return
+            except Exception:  # a bug (a message that does not pickle): say so, keep the pipe going
+                traceback.print_exc()
 
-    def _readable(self) -> None:
-        try:
-            for _ in range(READS_PER_WAKEUP):
-                self._handle(self.conn.recv())
-                if not self.conn.poll():
-                    return
-        except (EOFError, OSError):
-            self._loop.remove_reader(self.conn.fileno())
-            if self.state not in ("stopped", "dead"):
-                self.state, self.error = "dead", "the engine process exited"
-            self._finish("the engine process exited")
+    def _read_forever(self) -> None:
+        while True:
+            try:
+                message = self.conn.recv()
+            except (EOFError, OSError):
+                message = None
+            try:
+                self._loop.call_soon_threadsafe(self._handle if message else self._engine_gone, message)
+            except RuntimeError:  # the event loop is closed: the front end is exiting
+                return
+            if message is None:
+                return
+
+    def _engine_gone(self, _=None) -> None:
+        if self.state not in ("stopped", "dead"):
+            self.state, self.error = "dead", "the engine process exited"
+        self._finish("the engine process exited")
 
     def _handle(self, message: tuple) -> None:
         kind = message[0]

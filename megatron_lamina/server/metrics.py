@@ -82,6 +82,10 @@ class ServerMetrics:
         if report is not None:
             self._engine_report(report)
 
+    def forget(self, key: int) -> None:
+        """A request whose caller left before its end: no more latencies of it."""
+        self._last_token_time.pop(key, None)
+
     def _engine_report(self, report: StepReport) -> None:
         for step in report.steps:
             self.step_time.observe(step.wall_s)
