@@ -4,7 +4,6 @@ for, torn down; and the processes a launcher started (`child_pids`, `wait_gone`)
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -13,6 +12,8 @@ from pathlib import Path
 
 import httpx
 from spawn_ranks import free_port
+
+from megatron_lamina.bench.server_job import frontend_pid_in
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -126,10 +127,10 @@ class ServerProcess:
 
     def frontend_pid(self) -> int:
         """PID of the HTTP front end (a child of rank 0), from its "serving ..." log line."""
-        match = re.search(r"HTTP front end pid (\d+)", self.output())
-        if match is None:
+        pid = frontend_pid_in(self.output())
+        if pid is None:
             raise LookupError("no 'serving' line in the log yet")
-        return int(match.group(1))
+        return pid
 
     def worker_pids(self) -> list[int]:
         """The launcher's children (the ranks); they run in sessions of their own."""

@@ -90,7 +90,8 @@ def run_server(args, out: Path, checkpoint: Path, result: dict) -> None:
         result["startup_log"] = [line for line in server.tail(20000).splitlines() if line.startswith("[lamina")]
         log(f"server healthy in {server.ready_s:.1f} s")
         poller = MetricsPoller(server.url, interval=0.2)
-        pids = [p for p in (server.driver_pid(), server.frontend_pid()) if p]
+        engine_pid, frontend_pid = server.driver_pid(), server.frontend_pid()
+        pids = [p for p in (engine_pid, frontend_pid) if p]
         cpu_before, started = {p: thread_cpu_s(p) for p in pids}, time.monotonic()
         closed = bench_serving(["--url", server.url, "--closed", str(args.closed), "--input-len",
                                 str(args.input_len), "--output-len", str(args.output_len), "--timeout", "900",
@@ -102,10 +103,10 @@ def run_server(args, out: Path, checkpoint: Path, result: dict) -> None:
         result["closed"]["gpu_util_nvml"] = mean_between(gpu_samples, *window)
         result["closed"]["gpu_util_nvml_per_device"] = gpu.per_device_between(*window) if gpu else []
         result["decode_window"] = decode_window(closed, samples, gpu_samples)
-        if server.driver_pid():
+        if engine_pid:
             cpu_after = {p: thread_cpu_s(p) for p in pids}
-            result["closed"]["server_cpu"] = server_cpu(server.driver_pid(), server.frontend_pid(), cpu_before,
-                                                        cpu_after, time.monotonic() - started, closed["output_tokens"])
+            result["closed"]["server_cpu"] = server_cpu(engine_pid, frontend_pid, cpu_before, cpu_after,
+                                                        time.monotonic() - started, closed["output_tokens"])
         log(f"closed batch: {closed['output_throughput_tok_s']:.0f} output tok/s; decode window "
             f"{result['decode_window']}")
         if args.trace_requests:

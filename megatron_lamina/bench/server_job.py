@@ -95,8 +95,7 @@ class ServerJob:
 
     def frontend_pid(self) -> int | None:
         """The HTTP front end's process (a child of rank 0), from its "serving ..." log line."""
-        match = re.search(r"HTTP front end pid (\d+)", self.tail(200000))
-        return int(match.group(1)) if match else None
+        return frontend_pid_in(self.tail(200000))
 
     def driver_pid(self) -> int | None:
         """The rank-0 process (the driver: the engine loop), by its RANK."""
@@ -111,6 +110,12 @@ class ServerJob:
         for pid in self._workers() + [self.proc.pid]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def frontend_pid_in(log: str) -> int | None:
+    """The front end's pid in a server's log (server/frontend.py prints it when it serves)."""
+    match = re.search(r"HTTP front end pid (\d+)", log)
+    return int(match.group(1)) if match else None
 
 
 def thread_cpu_s(pid: int) -> dict[int, float]:

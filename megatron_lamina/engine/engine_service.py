@@ -148,8 +148,6 @@ class EngineService:
             self._keys[request.request_id] = key
         if refused:
             self._send(("step", [(key, pack_output(error_output(message))) for key, message in refused], None))
-        if self._deadline is not None and time.monotonic() >= self._deadline:
-            self._fail_all("the server is shutting down", True)
 
     # ---- outputs ---------------------------------------------------------------------
     def _publish(self, updated: list[Request]) -> None:

@@ -86,7 +86,7 @@ class RequestOutputs:
 class EngineClient:
     def __init__(self, conn: Connection, info: EngineInfo, codec: TextCodec, max_queued: int,
                  metrics: ServerMetrics):
-        self.conn, self.info, self.codec = conn, info, codec
+        self.conn, self.codec = conn, codec
         self.vocab_size, self.capacity, self.max_queued = info.vocab_size, info.capacity, max_queued
         self.metrics = metrics
         self.state, self.error = "serving", None
