@@ -16,7 +16,6 @@ program (megatron_lamina/launch/serve.py, generate.py) through torch's launcher 
 
 from __future__ import annotations
 
-import socket
 import sys
 from pathlib import Path
 
@@ -88,20 +87,10 @@ def check_job(command: str, args):
         except OutputError as e:
             raise ValueError(str(e)) from None
     else:
-        _check_port(cfg.server.host, cfg.server.port)
+        from megatron_lamina.server.frontend import listen_socket
+
+        listen_socket(cfg.server.host, cfg.server.port).close()
     return cfg
-
-
-def _check_port(host: str, port: int) -> None:
-    """Bind the server's address for a moment, as uvicorn will (SO_REUSEADDR)."""
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        with socket.socket(infos[0][0], socket.SOCK_STREAM) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind(infos[0][4])
-    except OSError as e:
-        raise ValueError(f"server.host:server.port = {host}:{port}: cannot listen there ({e.strerror or e}); "
-                         "pick another with --set server.port=N (or server.host)") from None
 
 
 if __name__ == "__main__":

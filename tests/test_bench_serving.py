@@ -118,3 +118,28 @@ def test_serving_benchmark_runs_a_disaggregated_layout_with_its_ranks(tmp_path):
     assert cpu["engine_loop_core_share"] > 0 and cpu["frontend_us_per_token"] > 0
     assert result["batch"]["exit_code"] == 0 and result["batch"]["records"] == 3
     assert result["batch"]["tokens"] == 3 * 6
+
+
+def test_decode_window_reads_the_steps_between_the_last_first_token_and_the_end():
+    """bench/decode_window.py on a hand-made closed batch: the window runs from the last first
+    token to the last token, steps and batch come from the /metrics samples at its edges, and a
+    batch where no request completed gives no window (it used to raise on max() of nothing)."""
+    from megatron_lamina.bench.decode_window import decode_window
+
+    report = {"t0_monotonic": 100.0, "requests": [
+        {"ok": True, "input_len": 10, "token_times_s": [1.0, 2.0, 3.0, 4.0]},
+        {"ok": True, "input_len": 20, "token_times_s": [2.0, 3.0, 4.0]},
+        {"ok": False, "input_len": 99, "token_times_s": [0.5]}]}
+    sample = {"lamina_step_seconds_count": 0, "lamina_step_batch_size_sum": 0, "lamina_generation_tokens_total": 0,
+              "lamina_gpu_busy_seconds_total": 0.0, "lamina_gpu_period_seconds_total": 0.0}
+    later = {"lamina_step_seconds_count": 4, "lamina_step_batch_size_sum": 8, "lamina_generation_tokens_total": 8,
+             "lamina_gpu_busy_seconds_total": 1.5, "lamina_gpu_period_seconds_total": 2.0}
+    window = decode_window(report, [(101.0, {**sample, "lamina_step_seconds_count": 9}), (102.0, sample),
+                                    (104.0, later), (105.0, later)], [(102.5, 0.5), (103.5, 1.0), (110.0, 0.0)])
+    assert (window["start_s"], window["end_s"], window["duration_s"]) == (2.0, 4.0, 2.0)
+    # Rows sampled after the window opened: tokens 2 and 3 of the first request (contexts 12,
+    # 13), tokens 1 and 2 of the second (21, 22).
+    assert window["tokens"] == 4 and window["mean_context"] == (12 + 13 + 21 + 22) / 4
+    assert window["steps"] == 4 and window["mean_step_s"] == 0.5 and window["mean_batch"] == 2
+    assert window["gpu_busy_events"] == 0.75 and window["gpu_util_nvml"] == 0.75
+    assert decode_window({"t0_monotonic": 0.0, "requests": [{"ok": False, "token_times_s": []}]}, [], []) == {}

@@ -19,7 +19,7 @@ import time
 import httpx
 import pytest
 from server_proc import ServerProcess, child_pids, tiny_server_config, wait_gone
-from torchrun import ROOT, lamina
+from torchrun import ROOT, lamina, torchrun
 
 
 def _run(*cmd: str) -> subprocess.CompletedProcess:
@@ -62,7 +62,7 @@ def _mistakes(tmp_path, checkpoint):
         (["generate", *common, "--input", str(tmp_path / "missing.jsonl"), "--output", "x.jsonl"],
          f"error: --input {tmp_path / 'missing.jsonl'}: no such file"),
         (["serve", *common, "--set", f"server.port={busy.getsockname()[1]}"],
-         f"error: server.host:server.port = 127.0.0.1:{busy.getsockname()[1]}: cannot listen there"),
+         f"error: config: server.host:server.port = 127.0.0.1:{busy.getsockname()[1]}: cannot listen there"),
     ]
 
 
@@ -76,6 +76,23 @@ def test_mistakes_are_one_line_before_any_rank(tmp_path, tiny_models):
             assert result.stderr.splitlines() == [result.stderr.strip()] and result.stderr.startswith(line), \
                 result.stderr
             assert time.monotonic() - started < 20  # refused by the launcher, not by a rank
+
+
+def test_torchrun_serve_on_a_port_in_use_fails_before_the_model_loads(tmp_path, tiny_models):
+    """Under torchrun (no `lamina` check first) rank 0 binds the port before anything loads and
+    hands the socket to the front end: a port in use is one error line naming the keys, exit 2,
+    and no rank builds a model (it used to load, then the front end died at uvicorn's bind)."""
+    config, _ = tiny_server_config(tmp_path, tiny_models["untied"].canonical_dir)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = torchrun("launcher/serve.py", 3, "--config", str(config), "--set", f"server.port={port}",
+                          timeout=120)
+    assert result.returncode != 0, result.stderr
+    assert f"error: config: server.host:server.port = 127.0.0.1:{port}: cannot listen there" in result.stderr, \
+        result.stderr
+    assert "weights loaded" not in result.stderr + result.stdout, result.stderr
 
 
 def test_launcher_script_without_a_launcher_names_the_command(tmp_path):

@@ -220,8 +220,9 @@ def print_table(r: dict) -> None:
         ("server ranks", str(server.get("ranks", "-"))),
         ("server start-up (s)", f(server.get("startup_s"))),
         ("closed batch: output tok/s", f(closed.get("output_throughput_tok_s"), "{:.0f}")),
-        ("closed batch: TTFT p50 / TPOT p50 (ms)", f"{f((closed.get('ttft_s') or {}).get('p50'), '{:.3f}')} / "
-                                                   f"{f((closed.get('tpot_s') or {}).get('p50'), '{:.4f}')}"),
+        ("closed batch: TTFT p50 (s) / TPOT p50 (ms)",
+         f"{f((closed.get('ttft_s') or {}).get('p50'), '{:.3f}')} / "
+         f"{f((closed.get('tpot_s') or {}).get('p50') and closed['tpot_s']['p50'] * 1e3, '{:.2f}')}"),
         ("closed batch: GPU util (NVML, whole batch)", f(closed.get("gpu_util_nvml"), "{:.2f}")
          + (f" (per GPU {', '.join(f'{u:.2f}' for u in per_gpu)})" if len(per_gpu) > 1 else "")),
         ("closed batch: CPU, engine loop / rank 0's other threads / front end (cores)",

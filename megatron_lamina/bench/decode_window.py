@@ -26,6 +26,8 @@ def decode_window(report: dict, metrics: list[tuple[float, dict]], gpu: list[tup
     """`report`: bench_serving's JSON (with `t0_monotonic`); `metrics`, `gpu`: poller samples
     on the time.monotonic() clock."""
     done = [r for r in report["requests"] if r["ok"] and r["token_times_s"]]
+    if not done:
+        return {}
     t0 = report["t0_monotonic"]
     start = t0 + max(r["token_times_s"][0] for r in done)
     end = t0 + max(r["token_times_s"][-1] for r in done)

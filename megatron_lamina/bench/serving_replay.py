@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import random
 import sys
@@ -119,13 +120,26 @@ async def send_one(client, args, index: int, r: TraceRequest, t0: float) -> dict
     return rec
 
 
+# Requests are spread over this many httpx clients (request i on client i mod CLIENTS). One
+# client's connection pool scans all its connections on every request start and end, so a
+# single client holding 1,000 streams spent most of the benchmark's CPU in that scan (py-spy:
+# httpcore's `_assign_requests_to_connections`), sent a closed batch of 1,000 over seconds and
+# read tokens late: the client, not the server, set the first TTFTs.
+CLIENTS = 64
+
+
 async def replay(args, requests: list[TraceRequest]) -> tuple[list[dict], float]:
     import httpx
 
-    limits = httpx.Limits(max_connections=args.max_concurrency, max_keepalive_connections=args.max_concurrency)
     semaphore = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
-    async with httpx.AsyncClient(timeout=httpx.Timeout(args.timeout), limits=limits) as client:
+    async with contextlib.AsyncExitStack() as stack:
+        clients = [await stack.enter_async_context(httpx.AsyncClient(
+            timeout=httpx.Timeout(args.timeout),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=None)))
+            for _ in range(min(CLIENTS, max(1, len(requests))))]
+
         async def bounded(i, r):
+            client = clients[i % len(clients)]
             if semaphore is None:
                 return await send_one(client, args, i, r, t0)
             async with semaphore:

@@ -122,7 +122,8 @@ def _write_safetensors(
         f.write(struct.pack("<Q", len(header_bytes)))
         f.write(header_bytes)
         f.truncate(data_start + offset)
-        for name, tensor in tqdm(tensors, total=len(shapes), desc="writing model.safetensors", unit="tensor"):
+        for name, tensor in tqdm(tensors, total=len(shapes), desc="writing model.safetensors", unit="tensor",
+                                 disable=None):
             if name not in shapes:
                 raise CheckpointInputError(source_path, f"unexpected tensor {name} (not in the canonical layout)")
             if tuple(tensor.shape) != shapes[name]:

@@ -250,8 +250,8 @@ def _check_unicode(data: Any) -> None:
             for key, item in value.items():
                 _check_string(key, path)
                 stack.append((item, path + (key,)))
-        elif isinstance(value, list):
-            stack.extend((item, path + (i,)) for i, item in enumerate(value))
+        elif isinstance(value, list):  # numbers skipped here: a prompt of token ids is thousands
+            stack.extend((item, path + (i,)) for i, item in enumerate(value) if isinstance(item, (str, list, dict)))
         elif isinstance(value, str):
             _check_string(value, path)
 

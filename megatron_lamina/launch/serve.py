@@ -69,20 +69,26 @@ def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
 
     is_driver = os.environ["RANK"] == "0"
-    if not is_driver:
-        for sig in (signal.SIGTERM, signal.SIGINT):  # the driver decides when the job ends
-            signal.signal(sig, signal.SIG_IGN)
     from megatron_lamina.engine.control_plane import serve_plans
     from megatron_lamina.engine.runtime import start_from_args
 
     if is_driver:  # the front end starts (imports, tokenizer) while the model loads
+        from megatron_lamina.config import ConfigError
         from megatron_lamina.server.frontend import start_frontend
 
-        frontend, conn = start_frontend(args)
+        try:
+            frontend, conn = start_frontend(args)
+        except ConfigError as e:  # the config, or the port in use: before any model loads
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            return 2
     ctx = start_from_args(args)
     if ctx is None:
         return 2
     if ctx.rank != 0:
+        # Serving, the driver decides when the job ends (a drain). Until then a launcher's
+        # SIGTERM ends the rank at once, as when rank 0 refused its config or port.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
         serve_plans(ctx)
         dist.destroy_process_group()
         return 0

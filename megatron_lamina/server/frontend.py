@@ -1,9 +1,10 @@
 """The HTTP front end: a process of its own beside rank 0's engine (vLLM V1's API-server split).
 
-Rank 0 calls `start_frontend` first thing, so the front end reads the config, loads the
-tokenizer and imports FastAPI while the model loads. `run` is the process: it waits for the
-engine's "ready" (engine/engine_link.py), then serves the OpenAI API (server/app.py) with
-uvicorn at `server.host`:`server.port`, talking to the engine through its `EngineClient`.
+Rank 0 calls `start_frontend` first thing: it binds `server.host`:`server.port` (a port in
+use fails the job before any model loads) and spawns the front end, which reads the config,
+loads the tokenizer and imports FastAPI while the model loads. `run` is the process: it waits
+for the engine's "ready" (engine/engine_link.py), then serves the OpenAI API (server/app.py)
+with uvicorn on that socket, talking to the engine through its `EngineClient`.
 The HTTP side (parsing, tokenizing prompts, JSON, an SSE event per token and stream, the
 socket writes) thus runs under its own interpreter lock, never the engine's.
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import socket
 import sys
 import time
 from multiprocessing.connection import Connection
@@ -46,17 +48,44 @@ def raise_open_files_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def listen_socket(host: str, port: int) -> socket.socket:
+    """The server's address, bound (SO_REUSEADDR, as uvicorn binds) but not yet listening.
+    Rank 0 binds it before the model loads and hands it to the front end, so a port in use
+    fails the job at once, naming the keys; `lamina serve` binds it for a moment before it
+    starts any rank. ConfigError when it cannot be bound."""
+    from megatron_lamina.config import ConfigError
+
+    sock = None
+    try:
+        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        return sock
+    except OSError as e:
+        if sock is not None:
+            sock.close()
+        raise ConfigError(f"server.host:server.port = {host}:{port}: cannot listen there ({e.strerror or e}); "
+                          "pick another with --set server.port=N (or server.host)") from None
+
+
 def start_frontend(args) -> tuple[BaseProcess, Connection]:
-    """Spawn the front end for the job's parsed arguments; its process and rank 0's end of the pipe."""
+    """Bind the port and spawn the front end for the job's parsed arguments; its process and
+    rank 0's end of the pipe. ConfigError for a config that does not load or a port in use."""
+    from megatron_lamina.config import config_from_args
+
+    server = config_from_args(args).server
+    sock = listen_socket(server.host, server.port)
     ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold CUDA and gloo state
     ours, theirs = ctx.Pipe(duplex=True)
-    process = ctx.Process(target=run, args=(theirs, args), name="lamina-frontend", daemon=True)
-    process.start()
+    process = ctx.Process(target=run, args=(theirs, args, sock), name="lamina-frontend", daemon=True)
+    process.start()  # the child gets its own copy of the socket
     theirs.close()
+    sock.close()
     return process, ours
 
 
-def run(conn: Connection, args) -> None:
+def run(conn: Connection, args, sock: socket.socket) -> None:
     from megatron_lamina.launch.ranks import exit_with_parent
 
     exit_with_parent()
@@ -92,6 +121,13 @@ def run(conn: Connection, args) -> None:
             else:
                 super().handle_exit(sig, frame)
 
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets=sockets)  # binds the port (or exits, saying why)
+            if self.started:
+                print(f"serving {model_name(cfg)} on http://{cfg.server.host}:{cfg.server.port} (engine pid "
+                      f"{info.engine_pid}, HTTP front end pid {os.getpid()}{'; API key required' if api_key else ''})",
+                      flush=True)
+
         async def on_tick(self, counter: int) -> bool:
             if client.exited is not None and client.exited.is_set():
                 self.answered_by = self.answered_by or time.monotonic() + ANSWER_GRACE_S
@@ -101,7 +137,5 @@ def run(conn: Connection, args) -> None:
 
     server = Server(uvicorn.Config(app, host=cfg.server.host, port=cfg.server.port, log_level="warning",
                                    timeout_graceful_shutdown=5))
-    print(f"serving {model_name(cfg)} on http://{cfg.server.host}:{cfg.server.port} (engine pid {info.engine_pid}, "
-          f"HTTP front end pid {os.getpid()}{'; API key required' if api_key else ''})", flush=True)
-    server.run()
+    server.run(sockets=[sock])
     sys.exit(1 if client.state == "dead" else 0)
