@@ -91,6 +91,7 @@ def test_chat_messages_refused_alike(tmp_path, messages, param, message):
     (b"[" * 100_000, "invalid JSON (nested too deeply)"),
     (b'{"seed": ' + b"9" * 5000 + b"}", "invalid JSON (a number too long to read)"),
     (b'{"\\udc00": 1}', "a key: not valid Unicode"),
+    (b'{"prompt": "ok \\u00e9", "stop": ["\\uD83D"]}', "stop.0: not valid Unicode"),  # upper-case hex too
     (b"[1]", "expected a JSON object, got an array"),
 ])
 def test_bytes_that_are_no_request(raw, message):

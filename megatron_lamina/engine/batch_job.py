@@ -31,6 +31,7 @@ from megatron_lamina.engine.request_schema import (
     SamplingFields,
     decode_json,
     is_unicode,
+    may_hold_surrogates,
     parse_request,
     prompt_input,
 )
@@ -92,7 +93,7 @@ def parse_line(line_no: int, raw: bytes) -> BatchLine:
     rid = data.get("id") if isinstance(data, dict) else None
     line = BatchLine(line_no, rid if type(rid) is int or isinstance(rid, str) and is_unicode(rid) else None)
     try:
-        line.item = parse_request(BatchRequest, data).prompt_input()
+        line.item = parse_request(BatchRequest, data, may_hold_surrogates(raw)).prompt_input()
     except RequestError as e:
         line.fail(e.message)
     return line

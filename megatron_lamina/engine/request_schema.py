@@ -49,12 +49,17 @@ class StrictModel(BaseModel):
         """Rules across fields, once every field is valid: a RequestError naming the field."""
 
 
+def is_token_ids(value: Any) -> bool:
+    """A non-empty list of ints (not bools), checked at C speed: prompts are thousands of ids."""
+    return isinstance(value, list) and bool(value) and set(map(type, value)) == {int}
+
+
 def _one_prompt(value: Any, where: str = "the prompt") -> str | list[int]:
     if isinstance(value, str):
         if not value:
             raise ValueError(f"{where} is empty")
         return value
-    if isinstance(value, list) and value and all(type(v) is int for v in value):
+    if is_token_ids(value):
         return value
     if value == []:
         raise ValueError(f"{where} is empty")
@@ -65,7 +70,7 @@ def _one_prompt(value: Any, where: str = "the prompt") -> str | list[int]:
 def _check_prompts(value: Any) -> list[str | list[int]]:
     """Prompts as OpenAI's completions take them: a string, a list of strings, a list of token
     ids (one prompt), or a list of token-id lists (several)."""
-    if isinstance(value, str) or isinstance(value, list) and value and all(type(v) is int for v in value):
+    if isinstance(value, str) or is_token_ids(value):
         return [_one_prompt(value)]
     if isinstance(value, list) and value and all(isinstance(v, (str, list)) for v in value):
         if len(value) == 1:
@@ -189,14 +194,15 @@ def check_token_ids(params: SamplingParams, vocab_size: int) -> None:
 
 def decode_json(raw: bytes | str) -> Any:
     """UTF-8 bytes (or text) of one JSON value -> the value; RequestError says what is wrong."""
+    text = raw
     if isinstance(raw, bytes):
         try:
-            raw = raw.decode("utf-8")
+            text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
             raise RequestError(f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start}); "
                                "send UTF-8 text") from None
     try:
-        return json.loads(raw)
+        value = json.loads(text)
     except json.JSONDecodeError as e:
         where = f"line {e.lineno} column {e.colno}" if e.lineno > 1 else f"column {e.colno}"
         raise RequestError(f"invalid JSON ({e.msg.removesuffix(' at')} at {where})") from None
@@ -204,13 +210,24 @@ def decode_json(raw: bytes | str) -> Any:
         raise RequestError("invalid JSON (nested too deeply)") from None
     except ValueError:  # an integer with more digits than Python converts (sys.get_int_max_str_digits)
         raise RequestError("invalid JSON (a number too long to read)") from None
+    return value
 
 
-def parse_request(model: type[StrictModel], data: Any) -> StrictModel:
-    """A decoded JSON value -> `model`, or the RequestError of its first mistake."""
+def may_hold_surrogates(raw: bytes | str) -> bool:
+    """Whether the value decoded from JSON `raw` can hold a lone surrogate. Strict UTF-8 bytes
+    hold none: only a \uD800-\uDFFF escape in them makes one. Text may hold one itself."""
+    return not isinstance(raw, bytes) or _SURROGATE.search(raw) is not None
+
+
+def parse_request(model: type[StrictModel], data: Any, surrogates: bool = True) -> StrictModel:
+    """A decoded JSON value -> `model`, or the RequestError of its first mistake. `surrogates`:
+    whether a string in `data` can hold a lone surrogate (`may_hold_surrogates` of its JSON);
+    when it cannot, the walk over every value is skipped (it cost more than decoding the JSON
+    of a prompt of token ids)."""
     if not isinstance(data, dict):
         raise RequestError(f"expected a JSON object, got {_json_type(data)}")
-    _check_unicode(data)
+    if surrogates:
+        _check_unicode(data)
     try:
         request = model.model_validate(data)
     except ValidationError as e:
@@ -241,6 +258,9 @@ def _is_field_name(part: Any) -> bool:
         "str", "int", "float", "bool", "list", "dict", "none")
 
 
+_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")  # the escape of a surrogate half, in JSON bytes
+
+
 def _check_unicode(data: Any) -> None:
     """Every string (keys too) must be encodable as UTF-8; iterative, so depth is no limit."""
     stack: list[tuple[Any, tuple]] = [(data, ())]
@@ -250,8 +270,8 @@ def _check_unicode(data: Any) -> None:
             for key, item in value.items():
                 _check_string(key, path)
                 stack.append((item, path + (key,)))
-        elif isinstance(value, list):  # numbers skipped here: a prompt of token ids is thousands
-            stack.extend((item, path + (i,)) for i, item in enumerate(value) if isinstance(item, (str, list, dict)))
+        elif isinstance(value, list):
+            stack.extend((item, path + (i,)) for i, item in enumerate(value))
         elif isinstance(value, str):
             _check_string(value, path)
 

@@ -52,7 +52,10 @@ async def make_choices(engine: EngineClient, body: CompletionRequest | ChatCompl
     for p, item in enumerate(items):
         which = f"prompt {p}: " if len(items) > 1 else ""
         try:
-            ids = await run_in_threadpool(engine.prompt_ids, item)
+            if item.prompt_token_ids is not None:  # checked in microseconds: no thread hop
+                ids = engine.prompt_ids(item)
+            else:  # the tokenizer: off the event loop
+                ids = await run_in_threadpool(engine.prompt_ids, item)
             max_tokens = body.default_max_tokens(len(ids), max_model_len)
             check_max_tokens(max_tokens, len(ids), max_model_len)
             params = body.sampling_params(max_tokens, logprobs, prompt_logprobs)

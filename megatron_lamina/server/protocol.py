@@ -23,7 +23,7 @@ from pydantic import Field, field_validator
 from megatron_lamina.engine.prompt import PromptInput
 from megatron_lamina.engine.request_schema import (
     SEED_MAX, ChatMessage, LogprobCount, Prompts, RequestError, SamplingFields, StrictModel, decode_json,
-    parse_request, prompt_input,
+    may_hold_surrogates, parse_request, prompt_input,
 )
 from megatron_lamina.engine.sampling import SamplingParams
 
@@ -188,7 +188,7 @@ def read_body(content_type: str | None, raw: bytes, model: type[StrictModel]) ->
         raise ApiError(415, f"content-type {media_type!r} is not supported: send the body as JSON with the "
                             "header 'content-type: application/json'", None, code="unsupported_media_type")
     try:
-        return parse_request(model, decode_json(raw))
+        return parse_request(model, decode_json(raw), may_hold_surrogates(raw))
     except RequestError as e:
         if not raw.strip():
             raise ApiError(400, "the request body is empty: send a JSON object") from None
