@@ -135,7 +135,7 @@ def run(conn: Connection, args, sock: socket.socket) -> None:
                 super().handle_exit(sig, frame)
 
         async def startup(self, sockets=None) -> None:
-            await super().startup(sockets=sockets)  # binds the port (or exits, saying why)
+            await super().startup(sockets=sockets)  # listens on the socket rank 0 bound
             if self.started:
                 print(f"serving {model_name(cfg)} on http://{cfg.server.host}:{cfg.server.port} (engine pid "
                       f"{info.engine_pid}, HTTP front end pid {os.getpid()}{'; API key required' if api_key else ''})",
