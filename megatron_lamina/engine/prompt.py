@@ -27,6 +27,11 @@ class PromptInput:
     user_id: object = None
 
 
+def is_token_ids(value) -> bool:
+    """A non-empty list of ints (not bools), checked at C speed: prompts are thousands of ids."""
+    return isinstance(value, list) and bool(value) and set(map(type, value)) == {int}
+
+
 def prompt_ids(codec: TextCodec, item: PromptInput, vocab_size: int) -> list[int]:
     """The prompt's token ids; ValueError when it is empty or an id is not a token."""
     if item.prompt_token_ids is not None:
@@ -37,7 +42,7 @@ def prompt_ids(codec: TextCodec, item: PromptInput, vocab_size: int) -> list[int
         ids = codec.encode_prompt(item.prompt)
     if not ids:
         raise ValueError("the prompt is empty")
-    if set(map(type, ids)) != {int} or min(ids) < 0 or max(ids) >= vocab_size:  # C speed: thousands of ids
+    if not is_token_ids(ids) or min(ids) < 0 or max(ids) >= vocab_size:
         raise ValueError(f"prompt token ids must be integers in [0, {vocab_size})")
     return ids
 

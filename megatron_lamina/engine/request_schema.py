@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
-from megatron_lamina.engine.prompt import PromptInput
+from megatron_lamina.engine.prompt import PromptInput, is_token_ids
 from megatron_lamina.engine.sampling import SamplingParams
 
 SEED_MIN, SEED_MAX = SamplingParams.SEED_RANGE
@@ -47,11 +47,6 @@ class StrictModel(BaseModel):
 
     def check(self) -> None:
         """Rules across fields, once every field is valid: a RequestError naming the field."""
-
-
-def is_token_ids(value: Any) -> bool:
-    """A non-empty list of ints (not bools), checked at C speed: prompts are thousands of ids."""
-    return isinstance(value, list) and bool(value) and set(map(type, value)) == {int}
 
 
 def _one_prompt(value: Any, where: str = "the prompt") -> str | list[int]:
