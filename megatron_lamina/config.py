@@ -98,6 +98,24 @@ class ServerConfig(_Section):
     # A bearer token every route but /health and /metrics requires (null: $LAMINA_API_KEY if set).
     api_key: str | None = None
     cors_origins: list[str] = Field(default_factory=list)  # origins allowed by CORS ("*": any); empty: no CORS
+    # The liveness watchdog: no engine progress for this long while requests are pending makes
+    # /health answer 503 (and logs a line); the engine's stall, not a slow client.
+    stall_timeout_s: float = Field(60.0, gt=0.0)
+
+
+class NodeConfig(_Section):
+    """One machine of a deployment: the role its ranks take and how many it runs."""
+
+    role: Literal["model", "attention"]
+    workers: int = Field(ge=1)
+
+
+class DeploymentConfig(_Section):
+    # One entry per machine, in node-rank order (`--node-rank R` is nodes[R]). Node 0 is the
+    # model node: its `workers` are the tensor-parallel ranks (TP stays inside one machine),
+    # and it runs the engine loop and the HTTP front end. Every other node is an attention
+    # node; the attention workers are numbered across them in node order. Empty: one machine.
+    nodes: list[NodeConfig] = Field(default_factory=list)
 
 
 def request_shards(attention_workers: int, head_groups: int) -> int:
@@ -116,6 +134,7 @@ class LaminaConfig(_Section):
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     kv_cache: KVCacheConfig = Field(default_factory=KVCacheConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
+    deployment: DeploymentConfig = Field(default_factory=DeploymentConfig)
 
     @property
     def world_size(self) -> int:
@@ -154,12 +173,53 @@ class LaminaConfig(_Section):
         # A missing section, or one with every key commented out (`scheduler:`), is all defaults.
         sections = {name: {} if data.get(name) is None else data[name] for name in _SECTIONS}
         try:
-            return cls.model_validate(sections)
+            cfg = cls.model_validate(sections)
         except ValidationError as e:
             raise ConfigError(_one_line(e)) from None
+        return _with_deployment(cfg)
+
+    @property
+    def nnodes(self) -> int:
+        """Machines the job runs on (1 without a deployment section)."""
+        return max(1, len(self.deployment.nodes))
+
+    def node_workers(self, node_rank: int) -> int:
+        """Ranks that machine `node_rank` runs (the whole job on one machine)."""
+        return self.deployment.nodes[node_rank].workers if self.deployment.nodes else self.world_size
 
 
 _SECTIONS: dict[str, type[_Section]] = {name: f.annotation for name, f in LaminaConfig.model_fields.items()}
+
+
+def _with_deployment(cfg: LaminaConfig) -> LaminaConfig:
+    """A config's `deployment.nodes` checked, and the parallel sizes they imply filled in:
+    parallel.tensor_parallel is the model node's workers, parallel.attention_workers the
+    attention nodes' together. Either may be written out too, but then it must agree."""
+    nodes = cfg.deployment.nodes
+    if not nodes:
+        return cfg
+    models = [i for i, node in enumerate(nodes) if node.role == "model"]
+    if len(models) != 1:
+        listed = ", ".join(f"nodes[{i}]" for i in models) or "none"
+        raise ConfigError(
+            f"deployment.nodes: {len(models)} nodes have role model ({listed}); tensor parallelism "
+            f"stays inside one machine, so a deployment has exactly one model node, with "
+            f"workers = parallel.tensor_parallel")
+    if models[0] != 0:
+        raise ConfigError(
+            f"deployment.nodes[0].role = 'attention': node rank 0 runs the engine and the HTTP "
+            f"server, so nodes[0] must be the model node (it is nodes[{models[0]}])")
+    implied = {"tensor_parallel": nodes[0].workers,
+               "attention_workers": sum(node.workers for node in nodes[1:])}
+    par = cfg.parallel
+    for key, value in implied.items():
+        if key in par.model_fields_set and getattr(par, key) != value:
+            what = ("the model node's workers (deployment.nodes[0].workers)" if key == "tensor_parallel"
+                    else "the attention nodes' workers together")
+            raise ConfigError(
+                f"parallel.{key} = {getattr(par, key)}: deployment.nodes gives {value}, {what}; "
+                f"remove parallel.{key} or make the two agree")
+    return cfg.model_copy(update={"parallel": par.model_copy(update=implied)})
 
 
 # -------------------------------------------------------------------------------- messages
@@ -175,6 +235,8 @@ def _one_line(error: ValidationError) -> str:
     e = errors[first]
     section, section_cls = e["loc"][0], _SECTIONS[e["loc"][0]]
     known = ", ".join(section_cls.model_fields)
+    if len(e["loc"]) > 2 or e["type"] == "list_type":  # a list of sections (deployment.nodes[i].role)
+        return _nested(f"{section}.{e['loc'][1]}", e, section_cls.model_fields[e["loc"][1]].annotation)
     if e["type"] == "model_type":
         return f"{section} = {e['input']!r}: expected a mapping of keys ({known})"
     key = e["loc"][1]
@@ -192,6 +254,28 @@ def _one_line(error: ValidationError) -> str:
     if e["type"] in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
         return f"{dotted} = {value!r}: must be {_allowed(field.annotation, field.metadata)}"
     return f"{dotted} = {value!r}: expected {_allowed(field.annotation)}"
+
+
+def _nested(dotted: str, e: dict, annotation: Any) -> str:
+    """An error inside a list of sections, e.g. deployment.nodes[1].workers = 0."""
+    where, item_cls = dotted, typing.get_args(annotation)[0]
+    for part in e["loc"][2:]:
+        where += f"[{part}]" if isinstance(part, int) else f".{part}"
+    field_name = e["loc"][-1]
+    if e["type"] in ("model_type", "model_attributes_type"):
+        return f"{where} = {e['input']!r}: expected a mapping with keys {', '.join(item_cls.model_fields)}"
+    if e["type"] in ("extra_forbidden", "invalid_key"):
+        return f"unknown key {where!r} (known keys: {', '.join(item_cls.model_fields)})"
+    if e["type"] == "list_type":
+        return f"{where} = {e['input']!r}: expected a list"
+    if e["type"] == "missing":
+        return f"{where} is required"
+    field = item_cls.model_fields.get(field_name)
+    if field is None:
+        return f"{where} = {e['input']!r}: {e['msg']}"
+    if typing.get_origin(field.annotation) is Literal:
+        return f"{where} = {e['input']!r}: allowed values are {', '.join(map(str, typing.get_args(field.annotation)))}"
+    return f"{where} = {e['input']!r}: must be {_allowed(field.annotation, field.metadata)}"
 
 
 def _allowed(annotation: Any, metadata: Sequence[Any] = ()) -> str:
