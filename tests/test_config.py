@@ -129,7 +129,7 @@ def test_to_dict_round_trips():
     cfg = loaded("parallel.attention_workers=4", "parallel.attention_head_groups=2")
     d = cfg.to_dict()
     assert d["parallel"] == {"tensor_parallel": 1, "attention_workers": 4, "attention_head_groups": 2}
-    assert list(d) == ["model", "parallel", "runtime", "scheduler", "kv_cache", "server"]
+    assert list(d) == ["model", "parallel", "runtime", "scheduler", "kv_cache", "server", "deployment"]
     assert LaminaConfig.from_dict(d) == cfg
     assert cfg.request_shards == 2 and cfg.world_size == 5
 
