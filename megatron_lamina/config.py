@@ -235,8 +235,9 @@ def _one_line(error: ValidationError) -> str:
     e = errors[first]
     section, section_cls = e["loc"][0], _SECTIONS[e["loc"][0]]
     known = ", ".join(section_cls.model_fields)
-    if len(e["loc"]) > 2 or e["type"] == "list_type":  # a list of sections (deployment.nodes[i].role)
-        return _nested(f"{section}.{e['loc'][1]}", e, section_cls.model_fields[e["loc"][1]].annotation)
+    listed = section_cls.model_fields.get(e["loc"][1]) if len(e["loc"]) > 1 else None
+    if listed is not None and _is_section_list(listed.annotation):  # deployment.nodes[i].role
+        return _nested(f"{section}.{e['loc'][1]}", e, listed.annotation)
     if e["type"] == "model_type":
         return f"{section} = {e['input']!r}: expected a mapping of keys ({known})"
     key = e["loc"][1]
@@ -254,6 +255,11 @@ def _one_line(error: ValidationError) -> str:
     if e["type"] in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
         return f"{dotted} = {value!r}: must be {_allowed(field.annotation, field.metadata)}"
     return f"{dotted} = {value!r}: expected {_allowed(field.annotation)}"
+
+
+def _is_section_list(annotation: Any) -> bool:
+    args = typing.get_args(annotation)
+    return typing.get_origin(annotation) is list and isinstance(args[0], type) and issubclass(args[0], _Section)
 
 
 def _nested(dotted: str, e: dict, annotation: Any) -> str:

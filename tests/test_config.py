@@ -170,7 +170,7 @@ def test_checkpoint_required(tmp_path):
 def test_unknown_section(tmp_path):
     message = config_error(write(tmp_path, "model:\n  checkpoint: a\nschedular:\n  micro_batches: 2\n"))
     assert message == ("config: unknown section 'schedular' (known sections: model, parallel, "
-                       "runtime, scheduler, kv_cache, server)")
+                       "runtime, scheduler, kv_cache, server, deployment)")
 
 
 def test_section_not_a_mapping(tmp_path):
