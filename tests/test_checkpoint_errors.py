@@ -133,24 +133,29 @@ def test_wrong_kind_of_path_or_source_says_what_to_pass(tmp_path, hf_dir, tokeni
 
 def test_existing_output_needs_overwrite(tmp_path, hf_dir, capsys):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "old-marker").write_text("old")
+    assert run_tool("--source", "hf", "--input", hf_dir, "--output", out, "--name", "old") == 0
+
+    def name():
+        return json.loads((out / "config.json").read_text())["source"].get("name")
+
     line = _error_line(capsys, "--source", "hf", "--input", hf_dir, "--output", out)
     assert line == f"error: {out}: already exists; pass --overwrite to replace it"
-    assert (out / "old-marker").exists()
+    assert name() == "old"
 
-    # A conversion that fails while writing leaves the old output and no temporary files.
+    # A conversion that fails (here on a tensor's shape, before writing) leaves the old output
+    # and no temporary files.
     (tmp_path / "broken").mkdir()
     broken = _hf_dir_with_config(tmp_path / "broken", hf_dir, vocab_size=999)
-    for name in ("model.safetensors", "tokenizer.json", "tokenizer_config.json"):
-        (broken / name).symlink_to(hf_dir / name)
+    for file_name in ("model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        (broken / file_name).symlink_to(hf_dir / file_name)
     line = _error_line(capsys, "--source", "hf", "--input", broken, "--output", out, "--overwrite")
-    assert "tensor embedding.word_embeddings.weight has shape (320, 64), the architecture needs (999, 64)" in line
-    assert (out / "old-marker").exists()
+    assert line == (f"error: {broken / 'model.safetensors'}: tensor model.embed_tokens.weight has shape (320, 64), "
+                    "the architecture needs (999, 64)")
+    assert name() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "out"]
 
     assert run_tool("--source", "hf", "--input", hf_dir, "--output", out, "--overwrite") == 0
-    assert not (out / "old-marker").exists() and (out / "config.json").is_file()
+    assert name() is None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "out"]
 
 

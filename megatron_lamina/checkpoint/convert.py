@@ -1,6 +1,8 @@
 """One conversion: open a source checkpoint with its reader and write the canonical one.
 
-The body of `tools/convert_checkpoint.py`, callable from Python (tests, scripts).
+The body of `tools/convert_checkpoint.py`, callable from Python (tests, scripts). The reader
+validates the source's architecture and tensor headers when opened (`validate`), before the
+writer creates anything; the writer checks the values as they stream.
 """
 
 from __future__ import annotations
@@ -21,16 +23,19 @@ def convert_checkpoint(
     name: str | None = None,
     tokenizer: str | Path | None = None,
     model_config: str | Path | None = None,
+    check_all_weights: bool = False,
 ) -> Path:
     """Convert `input_path` (a `source` checkpoint) into the canonical directory `output_dir`.
 
     `dtype` is "float32", "bfloat16", "float16" or "auto" (the reader's default_dtype).
     `name` is stored as config.json's source.name. `tokenizer` and `model_config` go to the
-    readers that take them (Megatron, DeepSpeed).
+    readers that take them (Megatron, DeepSpeed). Every weight is checked finite with
+    `check_all_weights`, a sample of each tensor's values otherwise.
     """
     if dtype != "auto" and dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
-    check_output_dir(output_dir, overwrite)
+    inputs = (input_path, tokenizer, model_config)
+    check_output_dir(output_dir, overwrite, inputs)
     reader = open_reader(source, input_path, tokenizer=tokenizer, model_config=model_config)
     dtype = reader.default_dtype if dtype == "auto" else dtype
     provenance = reader.provenance()
@@ -44,4 +49,6 @@ def convert_checkpoint(
         save_tokenizer=reader.save_tokenizer,
         source=provenance,
         overwrite=overwrite,
+        check_all_weights=check_all_weights,
+        inputs=inputs,
     )

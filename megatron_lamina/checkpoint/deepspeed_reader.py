@@ -28,12 +28,13 @@ from typing import Any
 import torch
 
 from megatron_lamina.checkpoint.errors import CheckpointInputError, expect_directory
-from megatron_lamina.checkpoint.hf_reader import HF_PART_NAMES, read_hf_architecture
+from megatron_lamina.checkpoint.hf_reader import HF_PART_NAMES, check_hf_tensors, read_hf_architecture
 from megatron_lamina.checkpoint.layout import canonical_tensors
 from megatron_lamina.checkpoint.megatron_args import architecture_from_args, merged_args, read_model_config
 from megatron_lamina.checkpoint.megatron_names import canonical_name, is_model_tensor
-from megatron_lamina.checkpoint.megatron_reader import check_megatron_tensor_names, megatron_canonical_tensors
+from megatron_lamina.checkpoint.megatron_reader import check_megatron_tensors, megatron_canonical_tensors
 from megatron_lamina.checkpoint.tokenizer_files import TokenizerSource
+from megatron_lamina.checkpoint.validate import StoredTensor, stored_tensor
 
 # One model-states file per model-parallel rank; rank 0's name by ZeRO stage.
 MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
@@ -92,19 +93,8 @@ class DeepSpeedCheckpointReader:
         config_path = self._hf_config_path(model_config)
         self.config, self.architecture, self.notes = read_hf_architecture(config_path)
         self._strip_model_prefix = "model.embed_tokens.weight" not in self._state
-        arch = self.architecture
-        parts = ["embed", "final_norm"] + ([] if arch.tie_word_embeddings else ["output"])
-        layer_parts = ["attn_norm", "q", "k", "v", "o", "mlp_norm", "gate", "up", "down"]
-        layer_parts += ["q_bias", "k_bias", "v_bias"] if arch.qkv_bias else []
-        needed = [self._hf_name(p, None) for p in parts]
-        needed += [self._hf_name(p, i) for i in range(arch.num_layers) for p in layer_parts]
-        missing = [name for name in needed if name not in self._state]
-        if missing:
-            raise CheckpointInputError(
-                self.tag_dir,
-                f"the consolidated weights lack {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} "
-                f"(architecture from {config_path})",
-            )
+        stored = {name: stored_tensor(value, name, self.tag_dir) for name, value in self._state.items()}
+        check_hf_tensors(self.architecture, stored, self._hf_name, config_path, self.tag_dir)
         if tokenizer is None:
             tokenizer = config_path.parent  # Trainer saves the tokenizer beside config.json
         self._tokenizer = TokenizerSource(tokenizer)
@@ -150,7 +140,13 @@ class DeepSpeedCheckpointReader:
                 raise CheckpointInputError(
                     self.model_states_file, f"tensor {stored} is not supported (not a LLaMA-style layer)"
                 ) from None
-        check_megatron_tensor_names(self.architecture, set(self._megatron_names), self.tag_dir)
+        check_megatron_tensors(self.architecture, self, self.tag_dir)
+
+    def names(self) -> set[str]:
+        return set(self._megatron_names)
+
+    def stored(self, name: str) -> StoredTensor:
+        return stored_tensor(self._state[self._megatron_names[name]], name, self.tag_dir)
 
     def tensor(self, name: str) -> torch.Tensor:
         """A Megatron-DeepSpeed tensor by canonical name (whole: one model-parallel rank)."""
@@ -194,6 +190,9 @@ def _checkpoint_dir_and_tag(path: Path) -> tuple[Path, str]:
 
 def _torch_load(path: Path) -> dict[str, Any]:
     try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        states = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
     except Exception as e:  # unpickling errors come in many types
         raise CheckpointInputError(path, f"cannot read as a DeepSpeed model-states file ({e})") from None
+    if not isinstance(states, dict):
+        raise CheckpointInputError(path, f"holds a {type(states).__name__}, not a DeepSpeed model-states dict")
+    return states

@@ -1,7 +1,8 @@
 """Reads a llama.cpp GGUF file (`--source gguf`), dequantizing each tensor as it is read.
 
 Supports general.architecture "llama" (LLaMA, Mistral, SmolLM, ... as llama.cpp converts them)
-and "qwen2". The architecture comes from the GGUF metadata (`{arch}.*` keys, tokenizer ids);
+and "qwen2". The architecture comes from the GGUF metadata (`{arch}.*` keys, tokenizer ids),
+and every tensor's type and shape are checked against it (`validate`) before any is read;
 tensors are memory-mapped by `gguf.GGUFReader`, dequantized one at a time with
 `gguf.quants.dequantize` and renamed to the canonical layout. Two llama.cpp conventions are
 undone here: numpy shapes are ggml's `ne[]` reversed, so a weight reads as [out, in] as in
@@ -22,7 +23,8 @@ import torch
 
 from megatron_lamina.architecture import ModelArchitecture
 from megatron_lamina.checkpoint.errors import CheckpointInputError, expect_file
-from megatron_lamina.checkpoint.layout import canonical_tensors
+from megatron_lamina.checkpoint.layout import canonical_tensors, part_shapes, source_parts
+from megatron_lamina.checkpoint.validate import StoredTensor, build_architecture, check_layer_count, check_stored_tensors
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
 # Tensor types gguf.quants can dequantize to floats (integer types are not weights).
@@ -51,6 +53,7 @@ GGUF_PART_NAMES = {
     "up": "blk.{layer}.ffn_up.weight",
     "down": "blk.{layer}.ffn_down.weight",
 }
+_LAYER_INDEX = re.compile(r"blk\.(\d+)\.")
 _KNOWN_TENSOR = re.compile(
     r"(token_embd|output_norm|output|rope_freqs)\.weight"
     r"|blk\.\d+\.(attn_norm|attn_q|attn_k|attn_v|attn_output|ffn_norm|ffn_gate|ffn_up|ffn_down)\.weight"
@@ -80,6 +83,7 @@ class GGUFCheckpointReader:
             )
         self._check_tensors()
         self.architecture = self._read_architecture()
+        self._check_tensor_shapes()
 
     def _meta(self, key: str, default: Any = None, required: bool = False) -> Any:
         field = self._reader.fields.get(key)
@@ -115,32 +119,55 @@ class GGUFCheckpointReader:
         rope_type = self._meta(f"{a}.rope.scaling.type", "none")
         if rope_type != "none":
             raise CheckpointInputError(self.path, f"rope scaling type {rope_type!r} is not supported")
-        hidden = self._meta(f"{a}.embedding_length", required=True)
-        heads = self._meta(f"{a}.attention.head_count", required=True)
-        head_dim = self._meta(f"{a}.attention.key_length") or hidden // heads
-        rotary_dim = self._meta(f"{a}.rope.dimension_count", head_dim)
-        if rotary_dim != head_dim:
-            raise CheckpointInputError(
-                self.path, f"partial rotary embeddings (rope.dimension_count {rotary_dim} != head_dim {head_dim})"
-            )
-        vocab = self._meta(f"{a}.vocab_size") or len(self._meta("tokenizer.ggml.tokens", []))
         eos_ids = [self._meta(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
-        return ModelArchitecture(
-            vocab_size=vocab,
-            hidden_size=hidden,
-            intermediate_size=self._meta(f"{a}.feed_forward_length", required=True),
-            num_layers=self._meta(f"{a}.block_count", required=True),
-            num_attention_heads=heads,
-            num_kv_heads=self._meta(f"{a}.attention.head_count_kv") or heads,
-            head_dim=head_dim,
-            max_position_embeddings=self._meta(f"{a}.context_length", required=True),
-            rms_norm_eps=self._meta(f"{a}.attention.layer_norm_rms_epsilon", 1e-5),
-            rope_theta=self._meta(f"{a}.rope.freq_base", 10000.0),
+        keys = {
+            "vocab_size": f"{a}.vocab_size", "hidden_size": f"{a}.embedding_length",
+            "intermediate_size": f"{a}.feed_forward_length", "num_layers": f"{a}.block_count",
+            "num_attention_heads": f"{a}.attention.head_count", "num_kv_heads": f"{a}.attention.head_count_kv",
+            "head_dim": f"{a}.attention.key_length", "max_position_embeddings": f"{a}.context_length",
+            "rms_norm_eps": f"{a}.attention.layer_norm_rms_epsilon", "rope_theta": f"{a}.rope.freq_base",
+            "bos_token_id": "tokenizer.ggml.bos_token_id", "eos_token_ids": "tokenizer.ggml.eos_token_id",
+        }  # fmt: skip
+        arch = build_architecture(
+            self.path,
+            keys,
+            vocab_size=self._meta(keys["vocab_size"]) or len(self._meta("tokenizer.ggml.tokens", [])),
+            hidden_size=self._meta(keys["hidden_size"], required=True),
+            intermediate_size=self._meta(keys["intermediate_size"], required=True),
+            num_layers=self._meta(keys["num_layers"], required=True),
+            num_attention_heads=self._meta(keys["num_attention_heads"], required=True),
+            num_kv_heads=self._meta(keys["num_kv_heads"]),
+            head_dim=self._meta(keys["head_dim"]),
+            max_position_embeddings=self._meta(keys["max_position_embeddings"], required=True),
+            rms_norm_eps=self._meta(keys["rms_norm_eps"], 1e-5),
+            rope_theta=self._meta(keys["rope_theta"], 10000.0),
             tie_word_embeddings="output.weight" not in self._tensors,
             qkv_bias="blk.0.attn_q.bias" in self._tensors,
-            bos_token_id=self._meta("tokenizer.ggml.bos_token_id"),
+            bos_token_id=self._meta(keys["bos_token_id"]),
             eos_token_ids=list(dict.fromkeys(i for i in eos_ids if i is not None)),
         )
+        rotary_dim = self._meta(f"{a}.rope.dimension_count", arch.head_dim)
+        if rotary_dim != arch.head_dim:
+            raise CheckpointInputError(
+                self.path, f"partial rotary embeddings (rope.dimension_count {rotary_dim} != head_dim {arch.head_dim})"
+            )
+        return arch
+
+    def _check_tensor_shapes(self) -> None:
+        """Every tensor the architecture needs is here, in its shape (types were checked by
+        `_check_tensors`), from the header alone."""
+        arch = self.architecture
+        layers = (int(m.group(1)) for name in self._tensors if (m := _LAYER_INDEX.match(name)))
+        check_layer_count(arch.num_layers, layers, f"{self.gguf_architecture}.block_count", self.path)
+        needed = {GGUF_PART_NAMES[part].format(layer=layer): part for part, layer in source_parts(arch)}
+        missing = [name for name in needed if name not in self._tensors]
+        if missing:
+            raise CheckpointInputError(self.path, f"no tensor {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
+        # ggml's ne[] is innermost-first: reversed, a weight reads [out, in] as in Hugging Face.
+        stored = {name: StoredTensor(tuple(int(n) for n in reversed(t.shape)), None, self.path)
+                  for name, t in self._tensors.items()}
+        shapes = part_shapes(arch)
+        check_stored_tensors({name: shapes[part] for name, part in needed.items()}, stored)
 
     def _dequantize(self, t: Any) -> np.ndarray:
         from gguf.quants import dequantize
@@ -150,8 +177,6 @@ class GGUFCheckpointReader:
 
     def _read_part(self, part: str, layer: int | None) -> torch.Tensor:
         name = GGUF_PART_NAMES[part].format(layer=layer)
-        if name not in self._tensors:
-            raise CheckpointInputError(self.path, f"no tensor {name}")
         values = self._dequantize(self._tensors[name])
         if self.gguf_architecture == "llama" and part in ("q", "k", "q_bias", "k_bias"):
             heads = self.architecture.num_attention_heads if part.startswith("q") else self.architecture.num_kv_heads

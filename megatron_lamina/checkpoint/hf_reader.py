@@ -2,22 +2,32 @@
 
 Supports model_type llama, mistral and qwen2, with weights in safetensors or
 `pytorch_model*.bin` files, single or sharded (`*.index.json`). The architecture comes from
-config.json (+ generation_config.json for the eos ids); tensors are read one at a time
-(safetensors handles, memory-mapped .bin) and fused into the canonical layout by
-`layout.canonical_tensors`. Registered in `readers.READERS`.
+config.json (+ generation_config.json for the eos ids); every weights file is opened and its
+tensors' shapes and dtypes checked against it (`validate`) before any is read; then tensors
+are read one at a time (safetensors handles, memory-mapped .bin) and fused into the canonical
+layout by `layout.canonical_tensors`. Registered in `readers.READERS`.
 """
 
 from __future__ import annotations
 
-import json
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from megatron_lamina.architecture import ModelArchitecture, RopeScaling
+from megatron_lamina.architecture import ModelArchitecture
 from megatron_lamina.checkpoint.errors import CheckpointInputError, expect_directory, open_safetensors
-from megatron_lamina.checkpoint.layout import canonical_tensors
+from megatron_lamina.checkpoint.layout import canonical_tensors, part_shapes, source_parts
+from megatron_lamina.checkpoint.validate import (
+    StoredTensor,
+    build_architecture,
+    check_layer_count,
+    check_stored_tensors,
+    positive_int,
+    read_json_object,
+    stored_tensor,
+)
 from megatron_lamina.checkpoint.writer import DTYPES
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -42,6 +52,9 @@ HF_PART_NAMES = {
     "up": "model.layers.{layer}.mlp.up_proj.weight",
     "down": "model.layers.{layer}.mlp.down_proj.weight",
 }
+# config.json's names of the architecture's fields, for errors (RoPE's depend on the version).
+HF_KEYS = {"num_layers": "num_hidden_layers", "num_kv_heads": "num_key_value_heads", "eos_token_ids": "eos_token_id"}
+_LAYER_INDEX = re.compile(r"(?:model\.)?layers\.(\d+)\.")
 
 
 class HFCheckpointReader:
@@ -56,7 +69,8 @@ class HFCheckpointReader:
         self._strip_model_prefix = "model.embed_tokens.weight" not in self._weight_map and (
             "embed_tokens.weight" in self._weight_map
         )
-        self._check_tensors_present()
+        check_hf_tensors(self.architecture, self._stored_tensors(), self._source_name, self._config_path,
+                         self.path)
         if not any((self.path / name).is_file() for name in TOKENIZER_FILES):
             raise CheckpointInputError(
                 self.path, f"no tokenizer ({' / '.join(TOKENIZER_FILES)}); copy the model's tokenizer files here"
@@ -73,9 +87,9 @@ class HFCheckpointReader:
             ("bin", "pytorch_model.bin", "pytorch_model.bin.index.json"),
         ):
             if (self.path / index).is_file():
-                weight_map = _read_json(self.path / index, required=True).get("weight_map")
-                if not isinstance(weight_map, dict):
-                    raise CheckpointInputError(self.path / index, "no weight_map")
+                weight_map = read_json_object(self.path / index, "a weight index").get("weight_map")
+                if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                    raise CheckpointInputError(self.path / index, "no weight_map of tensor names to file names")
                 return weight_map, kind
             if (self.path / single).is_file():
                 return {name: single for name in self._file(single, kind).keys()}, kind
@@ -102,19 +116,21 @@ class HFCheckpointReader:
             name = name[len("model.") :]
         return name
 
-    def _check_tensors_present(self) -> None:
-        arch = self.architecture
-        parts = ["embed", "final_norm"] + ([] if arch.tie_word_embeddings else ["output"])
-        layer_parts = ["attn_norm", "q", "k", "v", "o", "mlp_norm", "gate", "up", "down"]
-        layer_parts += ["q_bias", "k_bias", "v_bias"] if arch.qkv_bias else []
-        needed = [self._source_name(p, None) for p in parts]
-        needed += [self._source_name(p, i) for i in range(arch.num_layers) for p in layer_parts]
-        missing = [name for name in needed if name not in self._weight_map]
-        if missing:
-            hint = " (tie_word_embeddings is false in config.json)" if "lm_head.weight" in missing else ""
-            raise CheckpointInputError(
-                self.path, f"weights lack {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}{hint}"
-            )
+    def _stored_tensors(self) -> dict[str, StoredTensor]:
+        """Every tensor's shape and dtype from its file's header (every file is opened: a
+        missing or truncated shard fails here)."""
+        held = {file_name: set(self._file(file_name).keys()) for file_name in set(self._weight_map.values())}
+        stored = {}
+        for name, file_name in self._weight_map.items():
+            path, handle = self.path / file_name, self._file(file_name)
+            if name not in held[file_name]:
+                raise CheckpointInputError(path, f"lacks {name}, which the weight index lists")
+            if self._weights_kind == "safetensors":
+                piece = handle.get_slice(name)
+                stored[name] = StoredTensor(tuple(piece.get_shape()), piece.get_dtype(), path)
+            else:
+                stored[name] = stored_tensor(handle[name], name, path)
+        return stored
 
     def _read_part(self, part: str, layer: int | None) -> torch.Tensor:
         name = self._source_name(part, layer)
@@ -144,6 +160,24 @@ class HFCheckpointReader:
         return info
 
 
+def check_hf_tensors(arch: ModelArchitecture, stored: dict[str, StoredTensor], source_name, config_path: Path,
+                     where: Path) -> None:
+    """The stored tensors of a Hugging Face model (`source_name(part, layer)` names them) are
+    what `arch` (from `config_path`) needs: its layers, every part, floating point, each shape.
+    Also used by the DeepSpeed reader."""
+    layers = (int(m.group(1)) for name in stored if (m := _LAYER_INDEX.match(name)))
+    check_layer_count(arch.num_layers, layers, f"{config_path.name}'s num_hidden_layers", where)
+    needed = {source_name(part, layer): part for part, layer in source_parts(arch)}
+    missing = [name for name in needed if name not in stored]
+    if missing:
+        hint = f" (tie_word_embeddings is false in {config_path.name})" if "lm_head.weight" in missing else ""
+        raise CheckpointInputError(
+            where, f"weights lack {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}{hint}"
+        )
+    shapes = part_shapes(arch)
+    check_stored_tensors({name: shapes[part] for name, part in needed.items()}, stored)
+
+
 def read_hf_architecture(config_path: Path) -> tuple[dict[str, Any], ModelArchitecture, list[str]]:
     """(config.json's dict, the architecture, notes on adjustments) of a Hugging Face model's
     config.json (+ generation_config.json beside it for the eos ids). Also used by the
@@ -156,7 +190,7 @@ class _HFConfig:
     def __init__(self, config_path: Path):
         self._config_path = config_path
         self.path = config_path.parent
-        self.config = _read_json(config_path, required=True)
+        self.config = read_json_object(config_path, "a Hugging Face model config")
         self.notes: list[str] = []
 
     def read_architecture(self) -> ModelArchitecture:
@@ -178,56 +212,58 @@ class _HFConfig:
         missing = [k for k in REQUIRED_KEYS if k not in c]
         if missing:
             raise CheckpointInputError(where, f"lacks {', '.join(missing)}")
-        heads = c["num_attention_heads"]
-        max_positions = c.get("max_position_embeddings", 4096)
+        max_positions = positive_int(c.get("max_position_embeddings", 4096), "max_position_embeddings", where)
         sliding_window = c.get("sliding_window") if model_type == "mistral" else None
-        if sliding_window is not None and sliding_window < max_positions:
+        if sliding_window is not None and positive_int(sliding_window, "sliding_window", where) < max_positions:
             # Within the window, sliding-window attention is full attention: capping the
             # context keeps the model exact.
             self.notes.append(f"max_position_embeddings {max_positions} capped to sliding_window {sliding_window}")
             max_positions = sliding_window
-        rope_theta, rope_scaling = self._read_rope()
-        generation = _read_json(self.path / "generation_config.json", required=False)
+        rope_theta, rope_scaling, rope_keys = self._read_rope()
+        generation_path = self.path / "generation_config.json"
+        generation = read_json_object(generation_path, "a generation config") if generation_path.is_file() else {}
         eos_ids = _as_list(generation.get("eos_token_id")) + _as_list(c.get("eos_token_id"))
         bos = c.get("bos_token_id")
-        return ModelArchitecture(
+        return build_architecture(
+            where,
+            {**HF_KEYS, **rope_keys},
             vocab_size=c["vocab_size"],
             hidden_size=c["hidden_size"],
             intermediate_size=c["intermediate_size"],
             num_layers=c["num_hidden_layers"],
-            num_attention_heads=heads,
-            num_kv_heads=c.get("num_key_value_heads") or heads,
-            head_dim=c.get("head_dim") or c["hidden_size"] // heads,
+            num_attention_heads=c["num_attention_heads"],
+            num_kv_heads=c.get("num_key_value_heads"),
+            head_dim=c.get("head_dim"),
             max_position_embeddings=max_positions,
             rms_norm_eps=c.get("rms_norm_eps", 1e-6),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
-            tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
+            tie_word_embeddings=c.get("tie_word_embeddings", False),
             qkv_bias=model_type == "qwen2",
             bos_token_id=bos if bos is not None else generation.get("bos_token_id"),
             eos_token_ids=list(dict.fromkeys(eos_ids)),
         )
 
-    def _read_rope(self) -> tuple[float, RopeScaling | None]:
+    def _read_rope(self) -> tuple[Any, dict[str, Any] | None, dict[str, str]]:
+        """(rope_theta, rope_scaling's fields, their keys in config.json) as config.json gives
+        them; `build_architecture` checks the values."""
         # transformers >= 5 writes "rope_parameters" (theta included); older "rope_theta" and
         # "rope_scaling" (with "type" before "rope_type").
         c = self.config
-        params = c.get("rope_parameters") or c.get("rope_scaling") or {}
+        section = "rope_parameters" if c.get("rope_parameters") else "rope_scaling"
+        params = c.get(section) or {}
+        if not isinstance(params, dict):
+            raise CheckpointInputError(self._config_path, f"{section} is {params!r}, expected an object")
+        keys = {"rope_scaling": section, "rope_theta": f"{section}.rope_theta" if "rope_theta" in params else "rope_theta"}
         theta = params.get("rope_theta", c.get("rope_theta", 10000.0))
         rope_type = params.get("rope_type", params.get("type", "default"))
         if rope_type == "default":
-            return float(theta), None
+            return theta, None, keys
         if rope_type != "llama3":
             raise CheckpointInputError(
                 self._config_path, f"rope type {rope_type!r} is not supported (supported: default, llama3)"
             )
-        scaling = RopeScaling(
-            factor=float(params["factor"]),
-            low_freq_factor=float(params["low_freq_factor"]),
-            high_freq_factor=float(params["high_freq_factor"]),
-            original_max_position_embeddings=int(params["original_max_position_embeddings"]),
-        )
-        return float(theta), scaling
+        return theta, params, keys
 
 
 class _BinFile:
@@ -238,6 +274,8 @@ class _BinFile:
             self._tensors = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
         except RuntimeError:  # legacy (non-zip) format cannot be memory-mapped
             self._tensors = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(self._tensors, dict):
+            raise ValueError(f"holds a {type(self._tensors).__name__}, not a state dict")
 
     def keys(self):
         return self._tensors.keys()
@@ -253,18 +291,8 @@ def _load_bin(path: Path) -> _BinFile:
         raise CheckpointInputError(path, f"cannot read as a PyTorch state dict ({e})") from None
 
 
-def _read_json(path: Path, required: bool) -> dict[str, Any]:
-    if not path.is_file():
-        if required:
-            raise CheckpointInputError(path, "no such file (expected a Hugging Face model directory)")
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointInputError(path, f"invalid JSON ({e})") from None
-
-
-def _as_list(value: Any) -> list[int]:
+def _as_list(value: Any) -> list[Any]:
+    """An eos_token_id (one id or a list), as a list; `build_architecture` checks the ids."""
     if value is None:
         return []
-    return [int(v) for v in value] if isinstance(value, list) else [int(value)]
+    return list(value) if isinstance(value, list) else [value]

@@ -74,6 +74,25 @@ LAYER_PARTS = ("attn_norm", "q", "k", "v", "q_bias", "k_bias", "v_bias", "o", "m
 MODEL_PARTS = ("embed", "final_norm", "output")
 
 
+def source_parts(arch: ModelArchitecture) -> list[tuple[str, int | None]]:
+    """The (part, layer) pairs `canonical_tensors` reads for `arch` (layer None: a model part)."""
+    parts = [("embed", None), ("final_norm", None)] + ([] if arch.tie_word_embeddings else [("output", None)])
+    layer_parts = [p for p in LAYER_PARTS if arch.qkv_bias or not p.endswith("_bias")]
+    return parts + [(p, i) for i in range(arch.num_layers) for p in layer_parts]
+
+
+def part_shapes(arch: ModelArchitecture) -> dict[str, tuple[int, ...]]:
+    """The shape of each unfused part (one layer's, for layer parts) in Hugging Face layout."""
+    hidden, q_rows, kv_rows = arch.hidden_size, arch.num_attention_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
+    return {
+        "embed": (arch.vocab_size, hidden), "final_norm": (hidden,), "output": (arch.vocab_size, hidden),
+        "attn_norm": (hidden,), "q": (q_rows, hidden), "k": (kv_rows, hidden), "v": (kv_rows, hidden),
+        "q_bias": (q_rows,), "k_bias": (kv_rows,), "v_bias": (kv_rows,), "o": (hidden, q_rows),
+        "mlp_norm": (hidden,), "gate": (arch.intermediate_size, hidden), "up": (arch.intermediate_size, hidden),
+        "down": (hidden, arch.intermediate_size),
+    }  # fmt: skip
+
+
 def canonical_tensors(
     arch: ModelArchitecture, read_part: Callable[[str, int | None], torch.Tensor]
 ) -> Iterator[tuple[str, torch.Tensor]]:

@@ -12,12 +12,12 @@ Used by `megatron_reader` and `deepspeed_reader`.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from megatron_lamina.architecture import ModelArchitecture, RopeScaling
+from megatron_lamina.architecture import ModelArchitecture
 from megatron_lamina.checkpoint.errors import CheckpointInputError
+from megatron_lamina.checkpoint.validate import build_architecture, positive_int, read_json_object
 
 # Megatron-DeepSpeed / older Megatron-LM names -> current Megatron-LM names.
 ALIASES = {
@@ -52,16 +52,7 @@ LLAMA3_LOW_FREQ_FACTOR, LLAMA3_HIGH_FREQ_FACTOR, LLAMA3_ORIGINAL_CONTEXT = 1.0, 
 
 def read_model_config(path: Path) -> dict[str, Any]:
     """Read `--model-config`: a JSON object of Megatron argument names -> values."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointInputError(path, "no such file (expected a JSON object of Megatron arguments)")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointInputError(path, f"invalid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise CheckpointInputError(path, "expected a JSON object of Megatron arguments")
-    return data
+    return read_json_object(Path(path), "a JSON object of Megatron arguments")
 
 
 def merged_args(stored: Any, overrides: dict[str, Any] | None) -> dict[str, Any]:
@@ -96,48 +87,53 @@ def architecture_from_args(
             'e.g. {"num_layers": 32, "hidden_size": 4096, "num_attention_heads": 32, ...}',
         )
     _check_supported(args, where, get)
-    hidden, heads = args["hidden_size"], args["num_attention_heads"]
+    hidden = positive_int(args["hidden_size"], "hidden_size", where)
+    heads = args["num_attention_heads"]
     grouped = args.get("group_query_attention")  # Megatron-LM sets num_query_groups=1 without GQA
     if grouped is None:  # Megatron-DeepSpeed, hand-written configs: num_query_groups alone says it
         grouped = args.get("num_query_groups") is not None
-    kv_heads = args["num_query_groups"] if grouped and args.get("num_query_groups") else heads
+    kv_heads = args["num_query_groups"] if grouped and args.get("num_query_groups") is not None else None
     ffn = args.get("ffn_hidden_size") or int((4 * hidden * 2 / 3) / 64) * 64  # Megatron-LM's swiglu default
     max_positions = args.get("max_position_embeddings") or args.get("seq_length")
     if not max_positions:
         raise CheckpointInputError(where, "no training arguments give max_position_embeddings or seq_length")
     padded = args.get("padded_vocab_size")
-    if padded is not None and vocab_size > padded:
+    if padded is not None and vocab_size > positive_int(padded, "padded_vocab_size", where):
         raise CheckpointInputError(
             where, f"the tokenizer has {vocab_size} tokens, more than the model's padded vocabulary of {padded}"
         )
     rope_scaling = None
     if args.get("use_rope_scaling"):
-        rope_scaling = RopeScaling(
-            factor=float(args.get("rope_scaling_factor") or 8.0),
-            low_freq_factor=LLAMA3_LOW_FREQ_FACTOR,
-            high_freq_factor=LLAMA3_HIGH_FREQ_FACTOR,
-            original_max_position_embeddings=LLAMA3_ORIGINAL_CONTEXT,
-        )
-    try:
-        return ModelArchitecture(
-            vocab_size=vocab_size,
-            hidden_size=hidden,
-            intermediate_size=ffn,
-            num_layers=args["num_layers"],
-            num_attention_heads=heads,
-            num_kv_heads=kv_heads,
-            head_dim=args.get("kv_channels") or hidden // heads,
-            max_position_embeddings=max_positions,
-            rms_norm_eps=float(get("norm_epsilon")),
-            rope_theta=float(get("rotary_base")),
-            rope_scaling=rope_scaling,
-            tie_word_embeddings=not get("untie_embeddings_and_output_weights"),
-            qkv_bias=bool(get("add_qkv_bias")),
-            bos_token_id=bos_token_id,
-            eos_token_ids=eos_token_ids,
-        )
-    except AssertionError as e:
-        raise CheckpointInputError(where, f"inconsistent arguments: {e}") from None
+        rope_scaling = {
+            "factor": args.get("rope_scaling_factor") or 8.0,
+            "low_freq_factor": LLAMA3_LOW_FREQ_FACTOR,
+            "high_freq_factor": LLAMA3_HIGH_FREQ_FACTOR,
+            "original_max_position_embeddings": LLAMA3_ORIGINAL_CONTEXT,
+        }
+    keys = {"intermediate_size": "ffn_hidden_size", "num_kv_heads": "num_query_groups", "head_dim": "kv_channels",
+            "max_position_embeddings": "max_position_embeddings" if args.get("max_position_embeddings") else "seq_length",
+            "rms_norm_eps": "norm_epsilon", "rope_theta": "rotary_base", "rope_scaling": "rope_scaling_factor",
+            "vocab_size": "the tokenizer's vocabulary size", "bos_token_id": "the tokenizer's BOS id",
+            "eos_token_ids": "the tokenizer's EOS id"}  # fmt: skip
+    return build_architecture(
+        where,
+        keys,
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_layers=args["num_layers"],
+        num_attention_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=args.get("kv_channels"),
+        max_position_embeddings=max_positions,
+        rms_norm_eps=get("norm_epsilon"),
+        rope_theta=get("rotary_base"),
+        rope_scaling=rope_scaling,
+        tie_word_embeddings=not get("untie_embeddings_and_output_weights"),
+        qkv_bias=bool(get("add_qkv_bias")),
+        bos_token_id=bos_token_id,
+        eos_token_ids=eos_token_ids,
+    )
 
 
 def _check_supported(args: dict[str, Any], where: Path, get) -> None:
@@ -155,7 +151,7 @@ def _check_supported(args: dict[str, Any], where: Path, get) -> None:
         raise unsupported(f"position_embedding_type {get('position_embedding_type')!r}")
     if get("add_bias_linear"):
         raise unsupported("add_bias_linear (biases on every linear layer; only QKV biases are)")
-    if float(get("rotary_percent")) != 1.0:
+    if get("rotary_percent") != 1.0:
         raise unsupported(f"partial rotary embeddings (rotary_percent {get('rotary_percent')})")
     for name, what in UNSUPPORTED_WHEN_SET.items():
         if args.get(name):

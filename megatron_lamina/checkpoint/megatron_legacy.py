@@ -34,6 +34,7 @@ import torch
 from megatron_lamina.checkpoint.errors import CheckpointInputError
 from megatron_lamina.checkpoint.layout import EMBEDDING, OUTPUT_LAYER
 from megatron_lamina.checkpoint.megatron_names import IGNORED_SUFFIXES, canonical_name, split_layer
+from megatron_lamina.checkpoint.validate import StoredTensor
 
 MODEL_FILE = "model_optim_rng.pt"
 _RANK_DIR = re.compile(r"mp_rank_(\d{2})(?:_(\d{3}))?")
@@ -113,13 +114,12 @@ class LegacyShards:
         offset = 0
         for model_key in model_keys:  # virtual pipeline chunk
             for stage in range(self.pp_size):
-                state = self._states[(0, stage)].get(model_key)
-                if state is None:
-                    raise CheckpointInputError(self._file(stage), f"holds no {model_key!r} state dict")
-                flat = _flatten(state)
-                self._states[(0, stage)][model_key] = flat
-                for t in range(1, self.tp_size):
-                    self._states[(t, stage)][model_key] = _flatten(self._states[(t, stage)][model_key])
+                for t in range(self.tp_size):
+                    state = self._states[(t, stage)].get(model_key)
+                    if not isinstance(state, dict):
+                        raise CheckpointInputError(self._file(stage, t), f"holds no {model_key!r} state dict")
+                    self._states[(t, stage)][model_key] = _flatten(state)
+                flat = self._states[(0, stage)][model_key]
                 layers = 0
                 for stored in flat:
                     try:
@@ -144,6 +144,22 @@ class LegacyShards:
         return set(self._sources)
 
     def tensor(self, name: str) -> torch.Tensor:
+        return _merge_tensor_parallel(name, self._shards(name))
+
+    def stored(self, name: str) -> StoredTensor:
+        """The shape and dtype `tensor(name)` will have: its shards merged on the meta device
+        (shapes only, no data read)."""
+        stage, _, stored = self._sources[name]
+        shards = [torch.empty(s.shape, dtype=s.dtype, device="meta") for s in self._shards(name)]
+        try:
+            merged = _merge_tensor_parallel(name, shards)
+        except RuntimeError as e:  # torch.cat of shards whose other dimensions differ
+            raise CheckpointInputError(
+                self._file(stage), f"the tensor-parallel shards of {stored} do not fit together ({e})"
+            ) from None
+        return StoredTensor(tuple(merged.shape), merged.dtype, self._file(stage))
+
+    def _shards(self, name: str) -> list[torch.Tensor]:
         stage, model_key, stored = self._sources[name]
         shards = []
         for t in range(self.tp_size):
@@ -151,7 +167,7 @@ class LegacyShards:
             if shard is None:
                 raise CheckpointInputError(self._file(stage, t), f"lacks tensor {stored} (present on TP rank 0)")
             shards.append(shard)
-        return _merge_tensor_parallel(name, shards)
+        return shards
 
 
 def _merge_tensor_parallel(name: str, shards: list[torch.Tensor]) -> torch.Tensor:

@@ -32,7 +32,9 @@ from megatron_lamina.checkpoint.megatron_args import (
     read_model_config,
 )
 from megatron_lamina.checkpoint.megatron_legacy import LegacyShards, is_legacy_checkpoint
+from megatron_lamina.checkpoint.megatron_names import split_layer
 from megatron_lamina.checkpoint.tokenizer_files import TokenizerSource
+from megatron_lamina.checkpoint.validate import StoredTensor, check_layer_count, check_stored_tensors
 
 if TYPE_CHECKING:
     import torch
@@ -48,6 +50,10 @@ class MegatronTensors(Protocol):
     reader for Megatron-DeepSpeed models."""
 
     def names(self) -> set[str]: ...
+
+    def stored(self, name: str) -> StoredTensor:
+        """The shape and dtype `tensor(name)` will have, without reading its data."""
+        ...
 
     def tensor(self, name: str) -> torch.Tensor: ...
 
@@ -87,7 +93,7 @@ class MegatronCheckpointReader:
             eos_token_ids=self._tokenizer.eos_token_ids,
         )
         self.default_dtype = default_dtype(args)
-        check_megatron_tensor_names(self.architecture, self._source.names(), self.iteration_dir)
+        check_megatron_tensors(self.architecture, self._source, self.iteration_dir)
 
     def _open_tokenizer(self, tokenizer: Path | None, args: dict[str, Any]) -> TokenizerSource:
         if tokenizer is None and args.get("tokenizer_model") and Path(args["tokenizer_model"]).exists():
@@ -116,10 +122,15 @@ class MegatronCheckpointReader:
         }
 
 
-def check_megatron_tensor_names(arch: ModelArchitecture, names: set[str], where: Path) -> None:
-    """Fail before writing anything unless `names` (canonical names of the stored tensors)
-    are exactly what `arch` needs (a tied model may also store an output layer)."""
-    expected = set(canonical_tensor_shapes(arch))
+def check_megatron_tensors(arch: ModelArchitecture, source: MegatronTensors, where: Path) -> None:
+    """Fail before writing anything unless the stored tensors (by canonical name) are exactly
+    what `arch` needs (a tied model may also store an output layer), floating point and of
+    the architecture's shapes (the vocabulary rows padded)."""
+    names = source.names()
+    check_layer_count(arch.num_layers, (layer for name in names if (layer := split_layer(name)[0]) is not None),
+                      "num_layers", where)
+    shapes = canonical_tensor_shapes(arch)
+    expected = set(shapes)
     found = names - ({OUTPUT_LAYER} if arch.tie_word_embeddings else set())
     missing = sorted(expected - found, key=_natural)
     if missing:
@@ -134,6 +145,7 @@ def check_megatron_tensor_names(arch: ModelArchitecture, names: set[str], where:
             f"tensors {', '.join(unexpected[:4])}{' ...' if len(unexpected) > 4 else ''} do not fit the "
             f"architecture ({arch.num_layers} layers, qkv_bias={arch.qkv_bias})",
         )
+    check_stored_tensors(shapes, {name: source.stored(name) for name in shapes}, padded_rows=(EMBEDDING, OUTPUT_LAYER))
 
 
 def megatron_canonical_tensors(arch: ModelArchitecture, source: MegatronTensors) -> Iterator[tuple[str, torch.Tensor]]:

@@ -11,6 +11,11 @@ arranges), and layers are stacked along a leading axis (`decoder.layers.<name>`,
 [num_layers, ...]) or, when saved as non-homogeneous layers, kept apart
 (`decoder.layers.N.<name>`; fc1 then possibly split into `..._w` and `..._v`).
 
+Before any tensor is read, every model tensor's stored pieces are checked against the files
+(`_check_storage`): each `.distcp` file present and long enough, each piece's bytes enough for
+its values, the pieces covering the tensor's global shape; so a missing or truncated shard,
+or a shape no file holds, is one error naming the file.
+
 One layer is read out of a stacked tensor with a DCP load plan for just that region
 (`_RegionLoadPlanner`): only that layer's bytes are read, and no process group is needed.
 (`dist_checkpointing.load` would need one as large as the saving grid to load a part of a
@@ -22,6 +27,7 @@ from __future__ import annotations
 import argparse
 import enum
 import inspect
+import math
 import warnings
 from pathlib import Path
 from typing import Any
@@ -35,6 +41,7 @@ from torch.distributed.checkpoint.planner_helpers import create_read_items_for_c
 
 from megatron_lamina.checkpoint.errors import CheckpointInputError
 from megatron_lamina.checkpoint.megatron_names import canonical_name, is_model_tensor
+from megatron_lamina.checkpoint.validate import StoredTensor
 
 SUPPORTED_BACKEND = "torch_dist"
 
@@ -62,11 +69,48 @@ class TorchDistTensors:
         except Exception as e:  # DCP raises many kinds on a missing or damaged .metadata
             raise CheckpointInputError(checkpoint_dir, f"cannot read the tensor metadata ({e})") from None
         self._storage = _CachedMetadataReader(str(checkpoint_dir))
+        try:
+            stored = self._storage.read_metadata()
+        except Exception as e:  # a missing or damaged .metadata
+            raise CheckpointInputError(checkpoint_dir / ".metadata", f"cannot read the tensor metadata ({e})") from None
         # canonical name -> [(stored key, layer index in a stacked tensor or None, global shape, dtype)]
         self._sources: dict[str, list[tuple[str, int | None, tuple[int, ...], torch.dtype]]] = {}
         for key in sorted(metadata):
             if is_model_tensor(key):
+                self._check_storage(key, stored)
                 self._add(key, metadata[key])
+
+    def _check_storage(self, key: str, stored: Any) -> None:
+        """The pieces of tensor `key` that DCP's metadata lists are all in files that hold them
+        whole, and together cover its global shape."""
+        meta = stored.state_dict_metadata.get(key)
+        if meta is None or not hasattr(meta, "chunks"):
+            raise CheckpointInputError(self.path / ".metadata", f"lists no stored pieces of tensor {key}")
+        itemsize = torch.empty((), dtype=meta.properties.dtype).element_size()
+        covered = 0
+        for chunk in meta.chunks:
+            info = stored.storage_data.get(MetadataIndex(key, chunk.offsets))
+            if info is None:
+                raise CheckpointInputError(self.path / ".metadata", f"names no file for a piece of tensor {key}")
+            file, end = self.path / info.relative_path, info.offset + info.length
+            if not file.is_file():
+                raise CheckpointInputError(file, f"missing (a shard holding tensor {key})")
+            if file.stat().st_size < end:
+                raise CheckpointInputError(
+                    file, f"truncated: {file.stat().st_size} bytes, tensor {key} is stored up to byte {end}"
+                )
+            numel = math.prod(chunk.sizes)
+            if numel * itemsize > info.length:
+                raise CheckpointInputError(
+                    file, f"tensor {key}: a piece of shape {tuple(chunk.sizes)} needs {numel * itemsize} bytes, "
+                    f"the file stores {info.length}"
+                )
+            covered += numel
+        if covered != math.prod(meta.size):
+            raise CheckpointInputError(
+                self.path / ".metadata",
+                f"tensor {key} has shape {tuple(meta.size)}, but its stored pieces hold {covered} values",
+            )
 
     def _add(self, key: str, meta: Any) -> None:
         # Non-homogeneous saves may split fc1 into its gate (_w) and up (_v) halves.
@@ -76,6 +120,8 @@ class TorchDistTensors:
         except KeyError:
             raise CheckpointInputError(self.path, f"tensor {key} is not supported (not a LLaMA-style layer)") from None
         shape = tuple(meta.global_shape)
+        if "{layer}" in name and not shape:
+            raise CheckpointInputError(self.path, f"tensor {key} is a scalar, expected layers stacked on its first axis")
         layers = [None] if "{layer}" not in name else range(shape[0])
         for layer in layers:
             canonical = name if layer is None else name.format(layer=layer)
@@ -86,6 +132,17 @@ class TorchDistTensors:
 
     def names(self) -> set[str]:
         return set(self._sources)
+
+    def stored(self, name: str) -> StoredTensor:
+        """The shape and dtype `tensor(name)` will have, from the metadata."""
+        sources = self._sources[name]
+        shapes = [shape if layer is None else shape[1:] for _, layer, shape, _ in sources]
+        if len(shapes) == 1:
+            return StoredTensor(shapes[0], sources[0][3], self.path)
+        if not all(shapes) or len({shape[1:] for shape in shapes}) > 1:
+            keys = ", ".join(source[0] for source in sources)
+            raise CheckpointInputError(self.path, f"tensors {keys} (the halves of {name}) do not fit: {shapes}")
+        return StoredTensor((sum(shape[0] for shape in shapes), *shapes[0][1:]), sources[0][3], self.path)
 
     def tensor(self, name: str) -> torch.Tensor:
         """The whole (TP-merged) tensor `name`; fc1 halves are read and concatenated."""

@@ -2,9 +2,13 @@
 
 `run_batch` skips the lines whose key an earlier run already wrote (`--resume`), writes an
 error record for each line that cannot run (`BatchLine.error`, or what the engine refuses:
-a prompt longer than the context, `max_tokens` beyond it, with the server's messages),
-feeds the rest to the continuous-batching engine and writes each record as its request
-finishes. Progress goes to stderr: a bar on a terminal, otherwise one line every
+a prompt longer than the context, `max_tokens` beyond it, messages the chat template
+refuses, with the server's messages), feeds the rest to the continuous-batching engine and
+writes each record as its request finishes. The lines go in as the engine steps, a window
+ahead of what it runs (`ADMIT_AHEAD` batches), so the first step comes at once however long
+the input, and the tokens of lines not yet near their turn take no memory. Whatever one
+line raises, in its admission or in the engine (`LLMEngine.fail_request`), becomes that
+line's error record; the others go on. Progress goes to stderr: a bar on a terminal, otherwise one line every
 `progress_interval_s` (a log file or CI shows that the job moves). It returns the
 `BatchSummary` whose line ends the job; the launcher's exit status is `summary.exit_code`.
 """
@@ -14,6 +18,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+import traceback
 from dataclasses import dataclass
 
 from megatron_lamina.engine.batch_job import BatchLine
@@ -21,6 +26,10 @@ from megatron_lamina.engine.batch_output import BatchOutput
 from megatron_lamina.engine.request import Request, TokenLogprob
 from megatron_lamina.engine.request_schema import check_max_tokens, check_token_ids
 from megatron_lamina.engine.tokenizer import TextCodec
+
+# Lines admitted ahead of the running batch, in batches of `scheduler.max_batch_size`: the
+# scheduler always has the next batch's prompts waiting when a running request ends.
+ADMIT_AHEAD = 2
 
 
 @dataclass
@@ -64,37 +73,64 @@ def run_batch(engine, input_name: str, lines: list[BatchLine], output: BatchOutp
             summary.skipped_failed += output.done[line.key]
         else:
             todo.append(line)
-    max_model_len = engine.ctx.arch.max_position_embeddings
-    for line in todo:
-        if line.error is None:
-            try:
-                request = engine.make_request(line.item)
-                engine.scheduler.check_fits(request)  # the prompt first, as the server checks
-                check_max_tokens(request.params.max_tokens, request.num_tokens, max_model_len)
-                check_token_ids(request.params, engine.ctx.arch.vocab_size)
-                engine.scheduler.add(request)
-                continue
-            except ValueError as e:  # RequestError, or the scheduler's: never fits the cache
-                line.fail(str(e))
+    progress = Progress(len(lines), summary.skipped, progress_interval_s)
+    running: dict[int, BatchLine] = {}  # engine request id -> its line
+    pending = iter(todo)
+    ahead = ADMIT_AHEAD * engine.scheduler.max_batch_size
+
+    def fail(line: BatchLine, message: str | None = None) -> None:
+        if message is not None:
+            line.fail(message)
         summary.failed += 1
+        progress.done += 1
         print(f"{input_name}:{line.error}", file=sys.stderr, flush=True)
         output.write(line.error_record())
-    progress = Progress(len(lines), summary.skipped + summary.failed, progress_interval_s)
-    while engine.has_work() and not stop.is_set():
+
+    while not stop.is_set():
+        while len(engine.scheduler.waiting) < ahead and (line := next(pending, None)) is not None:
+            if line.error is not None:
+                fail(line)
+                continue
+            try:
+                running[_admit(engine, line).request_id] = line
+            except ValueError as e:  # RequestError, the chat template's, or the scheduler's: never fits
+                fail(line, str(e))
+            except Exception as e:  # noqa: BLE001 - a fault of ours with this line: it fails alone
+                print(f"error: line {line.line_no} failed; the others go on:", file=sys.stderr)
+                traceback.print_exception(e, file=sys.stderr)
+                fail(line, f"internal error while processing this line ({type(e).__name__}: {e})")
+        if not engine.has_work():
+            break
         updated = engine.step()
         progress.tokens += len(updated)
         for request in updated:
-            if request.finished:
-                output.write(record(request, engine.codec))
-                summary.ok += 1
-                progress.done += 1
-                if show:
-                    progress.write(f"[{request.user_id}] {request.text}")
+            if not request.finished:
+                continue
+            line = running.pop(request.request_id)
+            if request.error is not None:
+                fail(line, request.error)
+                continue
+            output.write(record(request, engine.codec))
+            summary.ok += 1
+            progress.done += 1
+            if show:
+                progress.write(f"[{request.user_id}] {request.text}")
         progress.show()
     progress.close()
     summary.unfinished = len(lines) - summary.skipped - summary.failed - summary.ok
     summary.tokens, summary.seconds = progress.tokens, time.monotonic() - progress.started
     return summary
+
+
+def _admit(engine, line: BatchLine) -> Request:
+    """The line's request, checked as the server checks one, and queued; ValueError names the problem."""
+    max_model_len = engine.ctx.arch.max_position_embeddings
+    request = engine.make_request(line.item)
+    engine.scheduler.check_fits(request)  # the prompt first, as the server checks
+    check_max_tokens(request.params.max_tokens, request.num_tokens, max_model_len)
+    check_token_ids(request.params, engine.ctx.arch.vocab_size)
+    engine.scheduler.add(request)
+    return request
 
 
 def record(request: Request, codec: TextCodec) -> dict:

@@ -5,9 +5,13 @@ sent (`engine/engine_link.py`: requests admitted, requests whose callers left, d
 steps, runs `LLMEngine.step`, and sends the front end each step's output deltas (one
 `OutputTracker` per request: text held back at a possible stop string or a split character)
 with a `StepReport` for the metrics, as one message. Nothing else runs in this process, so
-no HTTP work ever waits for the engine's interpreter lock or delays its steps. When idle it
-sends an empty plan every `heartbeat_s` so every rank's collective timeout keeps measuring
-liveness.
+no HTTP work ever waits for the engine's interpreter lock or delays its steps. Nor does the
+engine ever wait on the front end: its messages go through a bounded queue to a sender
+thread (vLLM's engine core has the same output thread). While the queue is full (a front end
+that stalls) the loop takes no step, since tokens nobody reads would only pile up, but it
+keeps reading the pipe, and the engine's heartbeats keep the other ranks alive meanwhile
+(engine/control_plane.py); stepping resumes once the front end reads again, nothing lost.
+A request that fails on its own (`LLMEngine.fail_request`) gets an error delta; the others go on.
 
 States: `serving`; `draining` (SIGTERM to rank 0, or to the front end: the front end refuses
 new requests, running ones finish; at `drain_timeout_s` what is left is failed with an error
@@ -19,7 +23,11 @@ front end that exits is an error too: the other ranks are released, exit 1.
 from __future__ import annotations
 
 import os
+import queue
+import sys
+import threading
 import time
+import traceback
 from multiprocessing.connection import Connection
 
 from megatron_lamina.engine.engine_link import EngineInfo, StepReport, pack_output
@@ -29,6 +37,10 @@ from megatron_lamina.engine.request import Request
 
 IDLE_POLL_S = 0.1  # how often an idle loop looks at the drain flag a signal handler sets
 FRONT_END_GRACE_S = 10.0  # after the drain's deadline, how long a silent front end is waited for
+# Messages the engine may be ahead of the front end before it stops stepping: enough that a
+# front end's pause (a garbage collection, a burst of connections) never stops the engine,
+# few enough that one that stalls holds little memory.
+OUTBOX_MESSAGES = 256
 
 
 class FrontEndGone(Exception):
@@ -36,15 +48,18 @@ class FrontEndGone(Exception):
 
 
 class EngineService:
-    def __init__(self, engine: LLMEngine, conn: Connection, heartbeat_s: float, drain_timeout_s: float):
+    def __init__(self, engine: LLMEngine, conn: Connection, drain_timeout_s: float):
         self.engine, self.conn = engine, conn
-        self.heartbeat_s, self.drain_timeout_s = heartbeat_s, drain_timeout_s
+        self.drain_timeout_s = drain_timeout_s
         self.state, self.error = "serving", None
         self._trackers: dict[int, OutputTracker] = {}  # front-end key -> the request's deltas
         self._keys: dict[int, int] = {}                 # engine request id -> front-end key
         self._drain_asked = False      # set by a signal handler or the front end
         self._front_draining = False   # the front end acknowledged: no "add" comes after
         self._deadline: float | None = None
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()  # bounded by the loop: see OUTBOX_MESSAGES
+        self._send_error: OSError | None = None  # the sender thread's: the front end is gone
+        self._sender = threading.Thread(target=self._send_forever, name="lamina-frontend-send", daemon=True)
 
     def begin_drain(self) -> None:
         """Safe from a signal handler: the loop starts the drain at its next turn."""
@@ -54,22 +69,18 @@ class EngineService:
         """Serve until drained (0), or until a rank or the front end failed (1)."""
         engine = self.engine
         front_alive = True
+        self._sender.start()
         try:
             self._send(("ready", EngineInfo(engine.scheduler.capacity, engine.ctx.arch.vocab_size, os.getpid())))
-            last_step = time.monotonic()
             while not self._drained():
                 self._check_drain()
-                idle = not engine.has_work()
+                blocked = self._outbox.qsize() >= OUTBOX_MESSAGES  # the front end is not reading: do not step
+                idle = blocked or not engine.has_work()
                 if idle:
                     engine.went_idle()
-                wait = min(IDLE_POLL_S, max(0.0, self.heartbeat_s - (time.monotonic() - last_step))) if idle else 0.0
-                self._take_messages(wait)
-                if engine.has_work():
+                self._take_messages(IDLE_POLL_S if idle else 0.0)
+                if not blocked and engine.has_work():
                     self._publish(engine.step())
-                    last_step = time.monotonic()
-                elif time.monotonic() - last_step >= self.heartbeat_s:
-                    engine.heartbeat()
-                    last_step = time.monotonic()
         except FrontEndGone:
             front_alive, self.error = False, "the HTTP front end exited"
         except Exception as e:  # a rank died, timed out, or a bug: never leave a caller waiting
@@ -80,7 +91,11 @@ class EngineService:
         if front_alive:
             self._quiet_send(("state", self.state, self.error))
             self._quiet_send(("exit",))
-        if not dead:
+        self._outbox.put(None)  # the sender's last message
+        self._sender.join(timeout=FRONT_END_GRACE_S)  # a front end that stopped reading is not waited for
+        if dead:
+            engine.abandon()
+        else:
             engine.shutdown()  # the other ranks are fine: release them
         return 1 if self.error else 0
 
@@ -100,18 +115,29 @@ class EngineService:
 
     # ---- the pipe --------------------------------------------------------------------
     def _send(self, message: tuple) -> None:
-        try:
-            self.conn.send(message)
-        except OSError as e:  # BrokenPipeError, ConnectionResetError
-            raise FrontEndGone() from e
+        """Queue a message for the front end; never waits."""
+        if self._send_error is not None:
+            raise FrontEndGone() from self._send_error
+        self._outbox.put(message)
 
     def _quiet_send(self, message: tuple) -> None:
-        try:
-            self.conn.send(message)
-        except OSError:
-            pass
+        """Queue a message on the way out, whether or not the front end is still there."""
+        self._outbox.put(message)
+
+    def _send_forever(self) -> None:
+        while (message := self._outbox.get()) is not None:
+            if self._send_error is not None:
+                continue  # drain the queue, so that the main thread's put never waits
+            try:
+                self.conn.send(message)
+            except OSError as e:  # BrokenPipeError, ConnectionResetError: the main loop raises FrontEndGone
+                self._send_error = e
+            except Exception:  # a bug (a message that does not pickle): say so, keep the pipe going
+                traceback.print_exc(file=sys.stderr)
 
     def _take_messages(self, wait: float) -> None:
+        if self._send_error is not None:
+            raise FrontEndGone() from self._send_error
         try:
             while self.conn.poll(wait):
                 wait = 0.0
@@ -142,6 +168,11 @@ class EngineService:
                 self.engine.scheduler.add(request)  # checks it fits, as the front end did
             except ValueError as e:
                 refused.append((key, str(e)))
+                continue
+            except Exception as e:  # noqa: BLE001 - a fault of ours with this request: it fails alone
+                print("error: admitting a request failed; the others go on:", file=sys.stderr)
+                traceback.print_exception(e, file=sys.stderr)
+                refused.append((key, f"internal error while admitting this request ({type(e).__name__}: {e})"))
                 continue
             request.arrival_time = now
             self._trackers[key] = OutputTracker(request)

@@ -12,12 +12,22 @@ that is not read back yet is fed to the next step on the device (scheduler.py,
 step_inputs.py). Without it, each step is read back right after its launch: the same tokens,
 with the GPU idle while the host works. `generate` is the offline loop over `step` for a
 list of prompts. `shutdown` releases the other ranks.
+
+Whatever one request's own work raises (tokenizing it, its logits callback, appending its
+token, detokenizing, its stop rules) ends that request alone, with `finish_reason` "error"
+and `Request.error` saying why (the traceback goes to stderr); the other requests go on. Only
+what is the step's as a whole (the plan's broadcast, the model, the sampler, the read-back
+copy) escapes `step`: a rank or the device failed, and the caller ends the job. From its
+construction on, the engine's `PlanSender` keeps every other rank's wait for a plan alive
+with heartbeats (control_plane.py).
 """
 
 from __future__ import annotations
 
 import itertools
+import sys
 import time
+import traceback
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable
@@ -25,7 +35,7 @@ from typing import Callable
 import torch
 
 from megatron_lamina.engine.block_manager import BlockManager
-from megatron_lamina.engine.control_plane import broadcast_plan
+from megatron_lamina.engine.control_plane import PlanSender
 from megatron_lamina.engine.engine_link import StepStats
 from megatron_lamina.engine.logprobs import StepLogprobs, token_logprobs
 from megatron_lamina.engine.prompt import PromptInput, prompt_ids
@@ -55,6 +65,8 @@ class LLMEngine:
     def __init__(self, ctx: RankContext):
         assert ctx.rank == 0, "the engine runs on the driver rank"
         self.ctx = ctx
+        # First: the other ranks wait for a plan from the moment start-up ends.
+        self.control = PlanSender(ctx.groups, ctx.cfg.runtime.step_timeout_s / 4)
         self.codec = TextCodec(ctx.cfg.model.checkpoint)
         self.eos_token_ids = set(ctx.arch.eos_token_ids)
         blocks = BlockManager(ctx.topology.request_shards, ctx.num_blocks, ctx.cfg.kv_cache.block_size)
@@ -71,6 +83,9 @@ class LLMEngine:
         self.on_logits: Callable[[Request, torch.Tensor], None] | None = None  # tests, debugging
 
     def make_request(self, item: PromptInput) -> Request:
+        """The request of one prompt. ValueError: the input is at fault (an empty prompt, an id
+        outside the vocabulary, messages the chat template refuses); any other exception is a
+        fault of ours with this one input, and its caller ends this request alone."""
         ids = prompt_ids(self.codec, item, self.ctx.arch.vocab_size)
         params = item.params or SamplingParams()
         return Request(next(self._ids), ids, params, user_id=item.user_id,
@@ -109,7 +124,7 @@ class LLMEngine:
 
     def _launch(self, plan: StepPlan) -> _InFlight:
         launched = time.monotonic()
-        broadcast_plan(plan, self.ctx.groups)
+        self.control.send(plan)
         start = end = None
         if self.cuda:  # right before the step's first GPU work: a late host shows as a gap before it
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -161,13 +176,24 @@ class LLMEngine:
             request.num_pending -= 1
             if request.finished:  # it ended (EOS, stop string, abort) while this token was in flight
                 continue
-            if self.on_logits is not None:
-                self.on_logits(request, step.logits[row])
-            if row in generated:
-                request.output_logprobs.append(generated[row])
-            self._append_token(request, token)
+            try:
+                if self.on_logits is not None:
+                    self.on_logits(request, step.logits[row])
+                if row in generated:
+                    request.output_logprobs.append(generated[row])
+                self._append_token(request, token)
+            except Exception as e:  # noqa: BLE001 - this request's fault ends this request only
+                self.fail_request(request, e)
             updated.append(request)
         return updated
+
+    def fail_request(self, request: Request, error: Exception) -> None:
+        """End one request with an error its caller receives; the traceback goes to the log."""
+        print(f"error: request {request.user_id!r} failed; the others go on:", file=sys.stderr)
+        traceback.print_exception(error, file=sys.stderr)
+        request.error = f"internal error while processing this request ({type(error).__name__}: {error})"
+        if not request.finished:
+            self.scheduler.finish(request, "error")
 
     def _append_token(self, request: Request, token: int) -> None:
         params = request.params
@@ -202,9 +228,10 @@ class LLMEngine:
             self.step()
         return requests
 
-    def heartbeat(self) -> None:
-        """An empty plan: every rank's collective completes, proving they are alive."""
-        broadcast_plan(StepPlan(), self.ctx.groups)
-
     def shutdown(self) -> None:
-        broadcast_plan(StepPlan(shutdown=True), self.ctx.groups)
+        """Release the other ranks (they leave their loop) after the last heartbeat."""
+        self.control.close(StepPlan(shutdown=True))
+
+    def abandon(self) -> None:
+        """No plan follows (a rank failed): stop the heartbeats, tell nobody."""
+        self.control.close()

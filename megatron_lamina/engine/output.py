@@ -23,7 +23,7 @@ class RequestOutput:
     finish_reason: str | None
     prompt_tokens: int
     completion_tokens: int
-    error: str | None = None     # set when the engine failed the request
+    error: str | None = None     # set when the engine failed the request (this one alone, or every one)
     logprobs: list[TokenLogprob] | None = None  # of the new tokens, when the request asked for them
     prompt_logprobs: list[TokenLogprob | None] | None = None  # in the first output, when asked for
 
@@ -55,6 +55,7 @@ class OutputTracker:
 
     def next_output(self, error: str | None = None) -> RequestOutput:
         r = self.request
+        error = error if error is not None else r.error  # the engine's, or this request's own failure
         finished = r.finished or error is not None
         end = len(r.text)
         if not finished:

@@ -57,6 +57,7 @@ class Request:
     output_logprobs: list[TokenLogprob] = field(default_factory=list)  # with params.logprobs
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)  # with params.prompt_logprobs
     finish_reason: str | None = None
+    error: str | None = None          # why it failed, with finish_reason "error" (its own fault)
     generator: torch.Generator | None = None
     detokenizer: Any = None           # the engine's incremental detokenizer for this request
     arrival_time: float = 0.0         # time.monotonic() when a server accepted it

@@ -5,13 +5,17 @@ plain prompts are encoded with the tokenizer's own special-token rules, chat mes
 through its chat template with the generation prompt appended. Output text is the decode of
 the generated tokens with special tokens skipped and no clean-up of spaces, built
 incrementally (`IncrementalDetokenizer`: each new token costs a few microseconds, whatever
-the length of the output); `find_stop` looks for stop strings in the new tail only.
+the length of the output); `find_stop` looks for stop strings in the new tail only. Messages
+a chat template refuses (Llama-2, Mistral and Gemma templates raise "Conversation roles must
+alternate") are a ValueError, the input's fault, like any other prompt that cannot run.
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
+from jinja2 import TemplateError
 from transformers import AutoTokenizer
 
 
@@ -24,8 +28,11 @@ class TextCodec:
         return list(self.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                                  tokenize=False)
+        try:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                      tokenize=False)
+        except TemplateError as e:  # the template's own raise_exception(...), or a message it cannot render
+            raise ValueError(f"the model's chat template refused these messages: {e}") from None
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def token_text(self, token_id: int) -> str:
@@ -54,6 +61,11 @@ class IncrementalDetokenizer:
     concatenate to `TextCodec.decode` of all tokens, except that bytes of a character not
     yet complete are held back; `flush` returns them as the full decode renders them (the
     replacement character) when the request ends there.
+
+    `DecodeStream.step` is known to raise on some tokenizers' invalid byte sequences
+    ("Invalid prefix encountered"): as vLLM does, the stream is then reset (here with the
+    last emitted tokens as its context, so spacing stays right) and the token retried; a
+    second failure is raised, and the engine ends this request alone.
     """
 
     WINDOW = 6  # tokens of left context for decoding a piece (covers multi-token characters)
@@ -63,16 +75,19 @@ class IncrementalDetokenizer:
         backend = getattr(codec.tokenizer, "backend_tokenizer", None)
         self.backend = backend
         if backend is not None:
-            from tokenizers.decoders import DecodeStream
-
-            self.stream = DecodeStream(skip_special_tokens=True)
+            self.stream = self._new_stream([])
         self.ids: list[int] = []
         self.emitted = 0  # ids[:emitted] are all in the text returned so far
 
     def push(self, token: int) -> str:
         self.ids.append(token)
         if self.backend is not None:
-            piece = self.stream.step(self.backend, token)
+            try:
+                piece = self.stream.step(self.backend, token)
+            except Exception as e:  # noqa: BLE001 - the tokenizers library's error type is not public
+                print(f"warning: the detokenizer failed on token {token} ({e}); its stream is reset",
+                      file=sys.stderr)
+                piece = self._reset_stream()
             if piece is None:
                 return ""
         else:
@@ -81,6 +96,19 @@ class IncrementalDetokenizer:
                 return ""
         self.emitted = len(self.ids)
         return piece
+
+    def _new_stream(self, context: list[int]):
+        from tokenizers.decoders import DecodeStream
+
+        return DecodeStream(ids=context or None, skip_special_tokens=True)
+
+    def _reset_stream(self) -> str | None:
+        """A fresh stream whose context is the last emitted tokens, fed the tokens after them."""
+        self.stream = self._new_stream(self.ids[max(0, self.emitted - self.WINDOW):self.emitted])
+        pieces = [self.stream.step(self.backend, t) for t in self.ids[self.emitted:]]
+        if pieces[-1] is None:
+            return None
+        return "".join(p for p in pieces if p is not None)
 
     def flush(self) -> str:
         """Text of the tokens held back (an incomplete character), as the full decode has it."""

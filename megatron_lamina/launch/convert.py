@@ -64,7 +64,14 @@ def build_parser(prog: str | None = "convert_checkpoint.py") -> argparse.Argumen
         help="dtype of the written tensors; auto: the source's own (HF; Megatron: bf16/fp16 training args), "
         "float32 (GGUF, dequantized; DeepSpeed, fp32 master weights)",
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace --output if it is a checkpoint (nothing else is replaced)"
+    )
+    parser.add_argument(
+        "--check-all-weights",
+        action="store_true",
+        help="check every weight for NaN and infinity (default: an evenly spaced sample of each tensor)",
+    )
     parser.add_argument("--name", help='model name stored in config.json ("source": {"name": ...})')
     parser.add_argument(
         "--tokenizer",
@@ -94,8 +101,9 @@ def main(argv: list[str] | None = None, prog: str | None = "convert_checkpoint.p
             name=args.name,
             tokenizer=args.tokenizer,
             model_config=args.model_config,
+            check_all_weights=args.check_all_weights,
         )
-    except ValueError as e:  # CheckpointInputError, an option that does not apply to --source
+    except (ValueError, OSError) as e:  # CheckpointInputError, an option that does not apply to --source, a disk
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {output}")

@@ -41,8 +41,7 @@ def serve_driver(ctx, frontend, conn) -> int:
     from megatron_lamina.engine.llm_engine import LLMEngine
 
     cfg = ctx.cfg
-    service = EngineService(LLMEngine(ctx), conn, heartbeat_s=cfg.runtime.step_timeout_s / 4,
-                            drain_timeout_s=cfg.server.drain_timeout_s)
+    service = EngineService(LLMEngine(ctx), conn, drain_timeout_s=cfg.server.drain_timeout_s)
     for sig in (signal.SIGTERM, signal.SIGINT):  # drain, do not die
         signal.signal(sig, lambda *_: service.begin_drain())
     code = service.run()

@@ -129,7 +129,10 @@ def build_app(engine: EngineClient, model_name: str, max_model_len: int, metrics
         check_model(body)
         if body.messages is not None:
             messages = [m.plain() for m in body.messages]
-            tokens = await run_in_threadpool(codec.encode_chat, messages, body.add_generation_prompt)
+            try:
+                tokens = await run_in_threadpool(codec.encode_chat, messages, body.add_generation_prompt)
+            except ValueError as e:  # the chat template refused the messages
+                raise ApiError(400, str(e), "messages") from None
         else:
             tokens = await run_in_threadpool(codec.encode_prompt, body.prompt, body.add_special_tokens)
         return {"count": len(tokens), "max_model_len": max_model_len, "tokens": tokens}
