@@ -10,7 +10,6 @@ be written, and an --output that is not (only) a checkpoint.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os

@@ -25,7 +25,8 @@ if TYPE_CHECKING:
 
 
 class CheckpointReader(Protocol):
-    """Opened source checkpoint. The constructor validates the input (raising
+    """Opened source checkpoint. The constructor validates the input with `validate`'s rules
+    (architecture, layer count, each tensor's dtype and shape, shards; raising
     `CheckpointInputError`) without reading tensor data."""
 
     path: Path

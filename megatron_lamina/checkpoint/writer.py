@@ -46,7 +46,8 @@ def check_output_dir(output_dir: str | Path, overwrite: bool, inputs: Iterable[s
         raise CheckpointInputError(output_dir, "is a file; --output names the directory to write the checkpoint in")
     if not output_dir.exists() or not any(output_dir.iterdir()):
         return
-    inside = [Path(p) for p in inputs if p is not None and Path(output_dir).resolve() in Path(p).resolve().parents]
+    resolved = output_dir.resolve()
+    inside = [Path(p) for p in inputs if p is not None and resolved in (Path(p).resolve(), *Path(p).resolve().parents)]
     if inside:
         raise CheckpointInputError(output_dir, f"holds {inside[0]}, an input of this conversion; choose another --output")
     others = sorted(entry.name for entry in output_dir.iterdir() if entry.name not in CHECKPOINT_ENTRIES)
