@@ -1,7 +1,7 @@
 """`lamina`: one command per job; the ranks are counted from the config, never by hand.
 
     lamina serve --config configs/default.yaml [--set KEY=VALUE ...]
-    lamina generate --config CFG --input IN.jsonl --output OUT.jsonl [--resume] [--quiet]
+    lamina generate --config CFG --input IN.jsonl --output OUT.jsonl [--resume | --overwrite] [--quiet]
     lamina convert --source gguf --input model.gguf --output checkpoints/model
 
 `serve` and `generate` first check, in this process, everything that can be checked before a
@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+
+from megatron_lamina.launch.nodes import node_launch
 
 COMMANDS = {
     "serve": "OpenAI-compatible HTTP server (rank 0 serves server.host:server.port)",
@@ -48,19 +50,45 @@ def main(argv: list[str] | None = None) -> int:
         from megatron_lamina.launch.serve import build_parser
     else:
         from megatron_lamina.launch.generate import build_parser
-    args = build_parser(prog=f"lamina {command}").parse_args(rest)
+    parser = build_parser(prog=f"lamina {command}")
+    parser.add_argument("--print-launch", action="store_true",
+                        help="print the command each machine runs for this config (deployment.nodes) and exit")
+    args = parser.parse_args(rest)
+    if args.print_launch:
+        return print_launch(command, args)
     try:
         cfg = check_job(command, args)
+        node = node_launch(cfg, args)
     except (ValueError, OSError) as e:  # ConfigError, a checkpoint or file that is not there, ...
         print(f"error: {e}", file=sys.stderr)
         return 2
     from megatron_lamina.launch.ranks import start_ranks
 
     par = cfg.parallel
-    print(f"lamina: starting {cfg.world_size} ranks ({par.tensor_parallel} model worker(s), "
-          f"{par.attention_workers} attention worker(s))", file=sys.stderr, flush=True)
+    where = f" on {node.describe(cfg)} of {node.nnodes}, rendezvous {node.endpoint}" if node.several else ""
+    print(f"lamina: starting {node.nproc} ranks{where} ({par.tensor_parallel} model worker(s), "
+          f"{par.attention_workers} attention worker(s) in the job)", file=sys.stderr, flush=True)
     grace = cfg.server.drain_timeout_s + 10 if command == "serve" else 30.0
-    return start_ranks(cfg.world_size, command, rest, shutdown_timeout_s=grace)
+    return start_ranks(node.nproc, command, rest, shutdown_timeout_s=grace, node=node, cfg=cfg)
+
+
+def print_launch(command: str, args) -> int:
+    """`--print-launch`: each machine's command line, one per line (node rank order)."""
+    from megatron_lamina.config import ConfigError, config_from_args
+    from megatron_lamina.launch.nodes import launch_commands, node_name
+
+    try:
+        cfg = config_from_args(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.config is None:
+        print("error: --print-launch needs --config (the file every machine reads)", file=sys.stderr)
+        return 2
+    commands = launch_commands(command, args.config, cfg, args.rdzv_endpoint, args.rdzv_id)
+    for rank, line in enumerate(commands):
+        print(f"# {node_name(cfg, rank)}\n{line}")
+    return 0
 
 
 def check_job(command: str, args):
@@ -70,23 +98,27 @@ def check_job(command: str, args):
     from megatron_lamina.checkpoint.writer import MODEL_FILE
     from megatron_lamina.config import config_from_args, validate_layout
 
+    from megatron_lamina.launch.nodes import node_rank_of
+
     cfg = config_from_args(args)
+    model_node = node_rank_of(cfg, args) == 0  # attention nodes read only the architecture
     try:
         arch = read_architecture(cfg.model.checkpoint)
-        open_safetensors(Path(cfg.model.checkpoint) / MODEL_FILE)  # reads the header: truncated, corrupt?
+        if model_node:
+            open_safetensors(Path(cfg.model.checkpoint) / MODEL_FILE)  # reads the header: truncated, corrupt?
     except (OSError, ValueError) as e:  # CheckpointInputError is a ValueError
         raise ValueError(f"model.checkpoint: {e}") from None
     validate_layout(cfg, cfg.world_size, arch)
-    if command == "generate":
-        from megatron_lamina.engine.batch_output import OutputError, check_output_free
+    if command == "generate" and model_node:  # the batch job's driver runs on node 0
+        from megatron_lamina.engine.batch_output import OutputError, check_output
 
         if not Path(args.input).is_file():
             raise ValueError(f"--input {args.input}: no such file")
         try:
-            check_output_free(args.output)
+            check_output(args.output, args.input, args.resume, args.overwrite)
         except OutputError as e:
             raise ValueError(str(e)) from None
-    else:
+    elif model_node:  # the HTTP server runs on node 0
         from megatron_lamina.server.frontend import listen_socket
 
         listen_socket(cfg.server.host, cfg.server.port).close()

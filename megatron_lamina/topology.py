@@ -68,6 +68,13 @@ class Topology:
         index = rank - self.tp_size
         return index % self.head_groups, index // self.head_groups
 
+    def describe_rank(self, rank: int) -> str:
+        """'model worker TP 0/2 (driver)', 'attention worker head group 0, shard 1', ..."""
+        if self.is_model_worker(rank):
+            return f"model worker TP {rank}/{self.tp_size}" + (" (driver)" if rank == 0 else "")
+        group, shard = self.attention_coords(rank)
+        return f"attention worker head group {group}/{self.head_groups}, shard {shard}/{self.request_shards}"
+
     def tp_kv_range(self, tp_rank: int) -> tuple[int, int]:
         per = self.num_kv_heads // self.tp_size
         return tp_rank * per, (tp_rank + 1) * per

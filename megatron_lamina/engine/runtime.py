@@ -1,6 +1,8 @@
 """Start-up of one rank: the process groups, the worker, the start-up log.
 
-Every launcher calls `start_rank(cfg)` under torchrun (or `lamina`, which starts torchrun's ranks). It joins the job, validates the layout
+Every launcher first joins the job (`join_from_args`: the config, this machine's node rank,
+and the placed ranks of placement.py, so roles follow the machines, not their join order), then
+calls `start_rank(cfg, placement)`, which validates the layout
 against the checkpoint (one clear line on a mismatch), creates the process groups
 (topology.py) and asks the worker factory (worker_factory.py) for this rank's worker, printing
 a line per start-up phase on the driver. Rank 0 then drives an `LLMEngine`; every other rank
@@ -23,6 +25,7 @@ from megatron_lamina.config import LaminaConfig, validate_layout
 from megatron_lamina.engine.attention_worker import AttentionWorker
 from megatron_lamina.engine.model_worker import ModelWorker
 from megatron_lamina.engine.worker_factory import build_worker
+from megatron_lamina.placement import Placement, placement_lines
 from megatron_lamina.topology import ProcessGroups, Topology, init_process_groups
 
 
@@ -36,6 +39,7 @@ class RankContext:
     device: torch.device
     num_blocks: int
     worker: ModelWorker | AttentionWorker
+    placement: Placement | None = None  # where every rank runs (None: an in-process `LLM`)
 
 
 class StartupLog:
@@ -49,33 +53,55 @@ class StartupLog:
             print(f"[lamina {time.monotonic() - self.started:7.1f}s] {message}", file=sys.stderr, flush=True)
 
 
-def start_from_args(args) -> RankContext | None:
-    """Launchers: the config from --config/--set, then `start_rank`. A user's mistake (config,
-    layout, missing checkpoint) is printed by the driver as one `error:` line and None is
-    returned; the launcher exits 2."""
-    from megatron_lamina.checkpoint.errors import CheckpointInputError
+def join_from_args(args) -> tuple[LaminaConfig, Placement] | None:
+    """Launchers, first thing: the config from --config/--set, this machine's node rank, and the
+    job joined with placed ranks (placement.py). A user's mistake (config, node rank, machines
+    that do not fit the deployment) is one `error:` line, printed by the first rank of each
+    machine, and None is returned; the launcher exits 2."""
     from megatron_lamina.config import ConfigError, config_from_args
+    from megatron_lamina.launch.nodes import node_rank_of
+    from megatron_lamina.placement import PlacementError, join_job
 
     try:
-        return start_rank(config_from_args(args))
+        cfg = config_from_args(args)
+        node_rank = node_rank_of(cfg, args, int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or None)
+        return cfg, join_job(cfg, node_rank)
+    except (ConfigError, PlacementError) as e:
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return None
+
+
+def start_from_placement(cfg: LaminaConfig, placement: Placement) -> RankContext | None:
+    """Launchers: `start_rank` on a joined job. A user's mistake (layout, missing checkpoint)
+    is printed by the driver as one `error:` line and None is returned; the launcher exits 2."""
+    from megatron_lamina.checkpoint.errors import CheckpointInputError
+    from megatron_lamina.config import ConfigError
+
+    try:
+        return start_rank(cfg, placement)
     except (ConfigError, CheckpointInputError, FileNotFoundError) as e:
-        if os.environ.get("RANK", "0") == "0":
+        if placement.rank == 0:
             print(f"error: {e}", file=sys.stderr)
         return None
 
 
-def init_distributed(cfg: LaminaConfig) -> None:
+def init_distributed(cfg: LaminaConfig) -> Placement | None:
+    """Join the job as one machine would (tests and tools that set torchrun's environment
+    themselves); nothing when a process group exists already (`LLM`)."""
     if dist.is_initialized():
-        return
+        return None
     if "RANK" not in os.environ:
         raise RuntimeError("a rank runs under a launcher: start the job with `lamina serve|generate --config ...` "
                            f"(or torchrun --nproc-per-node {cfg.world_size} launcher/serve.py|generate.py ...)")
-    backend = "gloo" if cfg.runtime.device == "cpu" or cfg.runtime.transport == "gloo" else "cpu:gloo,cuda:nccl"
-    dist.init_process_group(backend=backend, timeout=timedelta(seconds=cfg.runtime.step_timeout_s))
+    from megatron_lamina.placement import join_job
+
+    return join_job(cfg, node_rank=0)
 
 
-def start_rank(cfg: LaminaConfig) -> RankContext:
-    init_distributed(cfg)
+def start_rank(cfg: LaminaConfig, placement: Placement | None = None) -> RankContext:
+    if placement is None:
+        placement = init_distributed(cfg)
     rank, world = dist.get_rank(), dist.get_world_size()
     log = StartupLog(rank)
     arch = read_architecture(cfg.model.checkpoint)
@@ -84,12 +110,15 @@ def start_rank(cfg: LaminaConfig) -> RankContext:
         f"{arch.num_attention_heads}/{arch.num_kv_heads} heads; {world} ranks "
         f"(TP {cfg.parallel.tensor_parallel}, {cfg.parallel.attention_workers} attention workers)")
     topology = Topology.from_config(cfg, arch.num_kv_heads)
+    if placement is not None:
+        for line in placement_lines(placement, topology.describe_rank):
+            log(line)
     groups = init_process_groups(topology, rank, cfg.runtime.step_timeout_s)
     device = _device(cfg)
     built = build_worker(cfg, arch, topology, groups, rank, device, log)
     dist.barrier(group=groups.startup)  # every rank is ready before the driver takes requests
     log("every rank is ready")
-    return RankContext(cfg, arch, topology, groups, rank, device, built.num_blocks, built.worker)
+    return RankContext(cfg, arch, topology, groups, rank, device, built.num_blocks, built.worker, placement)
 
 
 def _device(cfg: LaminaConfig) -> torch.device:

@@ -1,6 +1,7 @@
 """Offline batch generation, JSONL in, JSONL out: the program of every rank of a batch job.
 
-    lamina generate --config CFG --input IN.jsonl --output OUT.jsonl [--resume] [--quiet]
+    lamina generate --config CFG --input IN.jsonl --output OUT.jsonl [--resume | --overwrite] [--quiet]
+    lamina generate --config CFG --nnodes N --node-rank R --rdzv-endpoint HOST:PORT ...   (each machine)
     torchrun --nproc-per-node N launcher/generate.py --config CFG --input IN.jsonl --output OUT.jsonl
 
 `lamina generate` checks the config, the input and the output first and starts the N =
@@ -27,6 +28,7 @@ import threading
 from pathlib import Path
 
 from megatron_lamina.config import add_config_arguments
+from megatron_lamina.launch.nodes import add_node_arguments
 from megatron_lamina.launch.ranks import exit_with_parent, require_launcher
 
 
@@ -34,12 +36,16 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
+    add_node_arguments(parser)
     parser.add_argument("--input", required=True, help="JSONL file, one request per line")
     parser.add_argument("--output", required=True,
                         help="JSONL file for the results (its directory is created; locked while the job runs)")
     parser.add_argument("--quiet", action="store_true", help="do not print the answers")
     parser.add_argument("--resume", action="store_true",
                         help="keep the records already in --output and run only the ids missing there")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an --output that already holds something (without it, or --resume, the job "
+                             "refuses to)")
     parser.add_argument("--progress-interval", type=float, default=10.0, metavar="SECONDS",
                         help="when stderr is not a terminal, print a progress line this often (default 10)")
     return parser
@@ -50,32 +56,38 @@ def main(argv: list[str] | None = None) -> int:
     if not require_launcher("generate", args):
         return 2
     exit_with_parent()
-    driver = os.environ["RANK"] == "0"
     # Ctrl-C or SIGTERM (the launcher passes either to every rank): the driver stops at the
     # next step and releases the others, which wait for it (a rank leaving in the middle of
     # a collective would leave the rest stuck in theirs).
     stop = Stop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, stop.handler if driver else signal.SIG_IGN)
-    if not Path(args.input).is_file():
-        if driver:
-            print(f"error: --input {args.input}: no such file", file=sys.stderr)
-        return 2
+        signal.signal(sig, stop.handler)
     import torch.distributed as dist
 
     from megatron_lamina.engine.batch_job import read_batch
     from megatron_lamina.engine.batch_output import BatchOutput, OutputError
     from megatron_lamina.engine.control_plane import serve_plans
-    from megatron_lamina.engine.runtime import start_from_args
+    from megatron_lamina.engine.runtime import join_from_args, start_from_placement
 
-    if driver:  # before the ranks start up: a busy output or a bad input fails in a second
+    joined = join_from_args(args)
+    if joined is None:
+        return 2
+    cfg, placement = joined
+    driver = placement.rank == 0  # on node 0: only its machine needs the input and the output
+    if not driver:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+    if driver:  # before the model loads: a busy output or a bad input fails in a second
+        if not Path(args.input).is_file():
+            print(f"error: --input {args.input}: no such file", file=sys.stderr)
+            return 2
         try:
-            output = BatchOutput.open(args.output, args.resume)
+            output = BatchOutput.open(args.output, args.resume, args.overwrite, input_path=args.input)
             lines = read_batch(args.input)
         except (OutputError, OSError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-    ctx = start_from_args(args)
+    ctx = start_from_placement(cfg, placement)
     if ctx is None:
         return 2
     code = 0

@@ -25,6 +25,8 @@ import threading
 import time
 import uuid
 
+from megatron_lamina.launch.roll_call import STALL_S
+
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
@@ -62,13 +64,17 @@ def require_launcher(program: str, args) -> bool:
     return False
 
 
-def start_ranks(nproc: int, program: str, argv: list[str], shutdown_timeout_s: float = 30.0) -> int:
+def start_ranks(nproc: int, program: str, argv: list[str], shutdown_timeout_s: float = 30.0,
+                node=None, cfg=None) -> int:
     """Run `python -m megatron_lamina.launch.<program> *argv` on `nproc` ranks; their exit status.
 
     `shutdown_timeout_s`: how long the ranks get after a SIGTERM / SIGINT to the launcher
-    (which is passed on to them) before they are killed."""
+    (which is passed on to them) before they are killed. `node` (a `nodes.NodeLaunch`, with
+    the job's `cfg`): this machine's part of a multi-machine job; the rendezvous waits for
+    every machine, and a machine that never joins or is lost is named (`roll_call.py`)."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     for name in list(logging.root.manager.loggerDict):  # each sets its own level at import
@@ -76,17 +82,104 @@ def start_ranks(nproc: int, program: str, argv: list[str], shutdown_timeout_s: f
             logging.getLogger(name).setLevel(logging.CRITICAL)
     if "OMP_NUM_THREADS" not in os.environ:  # as torchrun: ranks must not fight over the cores
         os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // nproc))
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
-                          rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0,
-                          shutdown_timeout=int(shutdown_timeout_s) + 1)
+    several = node is not None and node.several
+    if several:
+        config = LaunchConfig(min_nodes=node.nnodes, max_nodes=node.nnodes, nproc_per_node=nproc,
+                              run_id=node.rdzv_id, rdzv_backend="c10d", rdzv_endpoint=node.endpoint,
+                              rdzv_configs={"join_timeout": node.rdzv_timeout_s + 2 * STALL_S,
+                                            **({"is_host": True} if node.hosts_store else {})},
+                              local_addr=node.address, max_restarts=0, shutdown_timeout=int(shutdown_timeout_s) + 1)
+        roll = _roll_call(node, cfg).start()
+        watch = threading.Thread(target=_rendezvous_deadline, args=(roll, node, cfg), daemon=True)
+        watch.start()
+    else:
+        config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
+                              rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0,
+                              shutdown_timeout=int(shutdown_timeout_s) + 1)
+    code, reason = 0, "done"
     try:
         elastic_launch(config, sys.executable)("-m", f"megatron_lamina.launch.{program}", *argv)
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
+        code, reason = (1 if failure.exitcode < 0 else failure.exitcode), "its ranks failed"
+        if several:
+            lost = _lost_node(roll, node, cfg)
+            if lost is not None:
+                return lost
         if failure.exitcode < 0:
             print(f"error: rank {rank} was killed by {signal.Signals(-failure.exitcode).name}", file=sys.stderr)
-            return 1
-        return failure.exitcode
     except SignalException as e:
-        return 128 + e.sigval
-    return 0
+        code, reason = 128 + e.sigval, "stopped by a signal"
+    except RendezvousError:
+        if not several:
+            raise
+        _report_missing(roll, node, cfg)
+        code, reason = 1, "the rendezvous timed out"
+    finally:
+        if several:
+            roll.leave(reason)
+    return code
+
+
+# ---- several machines ------------------------------------------------------------------------
+LOST_NODE_EXIT = 10  # a multi-machine job that lost node R exits with LOST_NODE_EXIT + R
+
+
+def _roll_call(node, cfg):
+    from megatron_lamina.launch.nodes import node_name, split_endpoint
+    from megatron_lamina.launch.roll_call import RollCall
+
+    host, port = split_endpoint(node.endpoint)
+    entry = {"name": node_name(cfg, node.node_rank), "address": node.address, "hosts_store": node.hosts_store}
+    return RollCall(host, port, node.rdzv_id, node.nnodes, node.node_rank, entry)
+
+
+def _rendezvous_deadline(roll, node, cfg) -> None:
+    """At --rdzv-timeout, if a machine is still missing: one `error:` line naming it, and exit
+    (nothing has started on this machine yet)."""
+    deadline = time.monotonic() + node.rdzv_timeout_s
+    while time.monotonic() < deadline:
+        if not roll.missing():
+            return
+        time.sleep(0.5)
+    if roll.missing():
+        _report_missing(roll, node, cfg)
+        roll.leave("the rendezvous timed out")
+        sys.stderr.flush()
+        os._exit(1)
+
+
+def _report_missing(roll, node, cfg) -> None:
+    from megatron_lamina.launch.nodes import node_name
+
+    missing = roll.missing()
+    if not roll.entries:  # the store never answered: the machine that hosts it is not there
+        print(f"error: no machine answered at the rendezvous endpoint {node.endpoint} within "
+              f"{node.rdzv_timeout_s:g} s: the node that owns that address (node 0 in the recipes) never "
+              f"started, or the address is wrong", file=sys.stderr, flush=True)
+        return
+    names = ", ".join(node_name(cfg, n) for n in missing) or "a machine"
+    print(f"error: {names} never joined the rendezvous at {node.endpoint} within {node.rdzv_timeout_s:g} s "
+          f"(--rdzv-timeout); start it with --node-rank {missing[0] if missing else 'R'}",
+          file=sys.stderr, flush=True)
+
+
+def _lost_node(roll, node, cfg) -> int | None:
+    """After this machine's ranks failed: name the machine that was lost, if one was (its
+    exit status), else None."""
+    from megatron_lamina.launch.nodes import node_name
+
+    lost, silent = roll.verdict()
+    if lost:
+        gone = lost[0]
+        address = roll.entries.get(gone, {}).get("address", "?")
+        print(f"error: {node_name(cfg, gone)} at {address} was lost (its launcher stopped answering); "
+              f"this machine's ranks stopped", file=sys.stderr, flush=True)
+        return LOST_NODE_EXIT + gone
+    if silent and not node.hosts_store:
+        host = roll.store_host()
+        gone = 0 if host is None else host
+        print(f"error: {node_name(cfg, gone)}, which hosts the rendezvous at {node.endpoint}, was lost "
+              f"(or this machine was cut off from it); this machine's ranks stopped", file=sys.stderr, flush=True)
+        return LOST_NODE_EXIT + gone
+    return None

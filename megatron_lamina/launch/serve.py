@@ -1,6 +1,7 @@
 """OpenAI-compatible serving: the program of every rank of a serving job.
 
     lamina serve --config CFG [--set key=value ...]
+    lamina serve --config CFG --nnodes N --node-rank R --rdzv-endpoint HOST:PORT   (each machine)
     torchrun --nproc-per-node N launcher/serve.py --config CFG [--set key=value ...]
 
 `lamina serve` checks the config and starts the N = parallel.tensor_parallel +
@@ -30,6 +31,7 @@ import signal
 import sys
 
 from megatron_lamina.config import add_config_arguments
+from megatron_lamina.launch.nodes import add_node_arguments
 from megatron_lamina.launch.ranks import exit_with_parent, require_launcher
 
 FRONT_END_EXIT_S = 30.0  # the front end answers what is left (10 s at most) and stops uvicorn (5 s)
@@ -57,6 +59,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
+    add_node_arguments(parser)
     return parser
 
 
@@ -67,11 +70,14 @@ def main(argv: list[str] | None = None) -> int:
     exit_with_parent()
     import torch.distributed as dist
 
-    is_driver = os.environ["RANK"] == "0"
     from megatron_lamina.engine.control_plane import serve_plans
-    from megatron_lamina.engine.runtime import start_from_args
+    from megatron_lamina.engine.runtime import join_from_args, start_from_placement
 
-    if is_driver:  # the front end starts (imports, tokenizer) while the model loads
+    joined = join_from_args(args)
+    if joined is None:
+        return 2
+    cfg, placement = joined
+    if placement.rank == 0:  # the front end starts (imports, tokenizer) while the model loads
         from megatron_lamina.config import ConfigError
         from megatron_lamina.server.frontend import start_frontend
 
@@ -80,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as e:  # the config, or the port in use: before any model loads
             print(f"error: {e}", file=sys.stderr, flush=True)
             return 2
-    ctx = start_from_args(args)
+    ctx = start_from_placement(cfg, placement)
     if ctx is None:
         return 2
     if ctx.rank != 0:
