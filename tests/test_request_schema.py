@@ -15,16 +15,16 @@ import os
 import pytest
 
 from megatron_lamina.engine.batch_job import read_batch
-from megatron_lamina.engine.batch_output import BatchOutput, OutputError, check_output_free
+from megatron_lamina.engine.batch_output import BatchOutput, OutputError, check_output, check_output_free
 from megatron_lamina.engine.request_schema import RequestError, decode_json
 from megatron_lamina.server.protocol import ApiError, ChatCompletionRequest, CompletionRequest, read_body
 
 SHARED_MISTAKES = [  # (fields, param, message): refused alike by the server and the batch job
-    ({"temperature": 5}, "temperature", "temperature: Input should be less than or equal to 2"),
+    ({"temperature": 5}, "temperature", "temperature: must be a number in [0, 2]"),
     ({"temperature": True}, "temperature", "temperature: Input should be a valid number"),
-    ({"top_p": 0}, "top_p", "top_p: Input should be greater than 0"),
-    ({"seed": 2**64}, "seed", "seed: Input should be less than or equal to 18446744073709551615"),
-    ({"seed": -2**63 - 1}, "seed", "seed: Input should be greater than or equal to -9223372036854775808"),
+    ({"top_p": 0}, "top_p", "top_p: must be a number in (0, 1]"),
+    ({"seed": 2**64}, "seed", "seed: must be null or an integer in -9223372036854775808..18446744073709551615"),
+    ({"seed": -2**63 - 1}, "seed", "seed: must be null or an integer in -9223372036854775808"),
     ({"max_tokens": -1}, "max_tokens", "max_tokens: Input should be greater than or equal to 0"),
     ({"max_tokens": "ten"}, "max_tokens", "max_tokens: Input should be a valid integer"),
     ({"stop": [""]}, "stop", "stop: stop strings must not be empty"),
@@ -33,18 +33,26 @@ SHARED_MISTAKES = [  # (fields, param, message): refused alike by the server and
     ({"prompt": [[1], [True]]}, "prompt", "prompt: prompt 1 must be a string or a list of token ids"),
     ({"logit_bias": {"a": 1}}, "logit_bias", "logit_bias: keys must be token ids written as decimal strings"),
     ({"logit_bias": {"-5": 1}}, "logit_bias", "logit_bias: keys must be token ids"),
-    ({"logit_bias": {"5": 101}}, "logit_bias", "logit_bias: Input should be less than or equal to 100"),
+    ({"logit_bias": {"5": 101}}, "logit_bias", "logit_bias: must map token ids to biases in [-100, 100]"),
     ({"logit_bias": {"5": True}}, "logit_bias", "logit_bias: Input should be a valid number"),
-    ({"presence_penalty": 2.5}, "presence_penalty", "presence_penalty: Input should be less than or equal to 2"),
-    ({"frequency_penalty": -3}, "frequency_penalty", "frequency_penalty: Input should be greater than or equal"),
-    ({"repetition_penalty": 0}, "repetition_penalty", "repetition_penalty: Input should be greater than 0"),
-    ({"min_p": 1.5}, "min_p", "min_p: Input should be less than or equal to 1"),
-    ({"stop_token_ids": [-1]}, "stop_token_ids", "stop_token_ids.0: Input should be greater than or equal to 0"),
+    ({"presence_penalty": 2.5}, "presence_penalty", "presence_penalty: must be a number in [-2, 2]"),
+    ({"frequency_penalty": -3}, "frequency_penalty", "frequency_penalty: must be a number in [-2, 2]"),
+    ({"repetition_penalty": 0}, "repetition_penalty", "repetition_penalty: must be a number in (0, 2]"),
+    ({"min_p": 1.5}, "min_p", "min_p: must be a number in [0, 1]"),
+    ({"stop_token_ids": [-1]}, "stop_token_ids", "stop_token_ids: must be a list of token ids (integers >= 0)"),
     ({"stop_token_ids": [True]}, "stop_token_ids", "stop_token_ids.0: Input should be a valid integer"),
     ({"prompt": ""}, "prompt", "prompt: the prompt is empty"),
     ({"prompt": "\ud800"}, "prompt", "prompt: not valid Unicode (a lone surrogate \\ud800 at index 0)"),
     ({"stop": ["ok", "\udfff"]}, "stop", "stop.1: not valid Unicode"),
     ({"colour": "red"}, "colour", "unknown field 'colour'"),
+    # issue 23: no value may reach the sampler that overflows it, and stop strings are bounded
+    ({"repetition_penalty": 2.5}, "repetition_penalty", "repetition_penalty: must be a number in (0, 2]"),
+    ({"temperature": float("nan")}, "temperature", "temperature: must be a number in [0, 2]"),  # json: NaN
+    ({"top_k": -2}, "top_k", "top_k: must be an integer >= -1"),
+    ({"min_tokens": -1}, "min_tokens", "min_tokens: must be an integer >= 0"),
+    ({"stop": ["s"] * 65}, "stop", "stop: at most 64 stop strings are allowed, got 65"),
+    ({"stop": "s" * 1025}, "stop", "stop: a stop string may have at most 1024 characters, got one of 1025"),
+    ({"stop": ["ok", "s" * 10_000_000]}, "stop", "stop: a stop string may have at most 1024 characters"),
 ]
 
 
@@ -156,11 +164,64 @@ def test_output_takes_one_writer_and_resumes(tmp_path):
     assert again.done == {"a": False, ("line", 4): True}
     again.close()
     assert path.read_bytes().endswith(b'"error"}\n')
-    BatchOutput.open(path, resume=False).close()
+    with pytest.raises(OutputError, match=r"out.jsonl already holds \d+ bytes; pass --resume .* or --overwrite"):
+        BatchOutput.open(path, resume=False)
+    assert path.read_bytes().endswith(b'"error"}\n')  # refused: nothing lost
+    BatchOutput.open(path, resume=False, overwrite=True).close()
     assert path.read_bytes() == b""
     path.write_text("not json\n")
     with pytest.raises(OutputError, match=r"out.jsonl:1: not a record of a batch job"):
         BatchOutput.open(path, resume=True)
+
+
+def _input_file(tmp_path):
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"id": 1, "prompt": "w5"}\n')
+    return source
+
+
+@pytest.mark.parametrize("how", ["same path", "another spelling", "symlink", "symlinked directory", "hard link"])
+@pytest.mark.parametrize("resume", [False, True])
+def test_output_that_is_the_input_is_refused(tmp_path, how, resume):
+    """Issue 23: `--output` naming the input by any path empties the input; it is refused
+    before anything is written, by the launcher's check and by `open` alike."""
+    source = _input_file(tmp_path)
+    output = {"same path": source, "another spelling": tmp_path / "sub" / ".." / "in.jsonl"}.get(how)
+    (tmp_path / "sub").mkdir()
+    if how == "symlink":
+        output = tmp_path / "out.jsonl"
+        output.symlink_to(source)
+    elif how == "symlinked directory":
+        (tmp_path / "linked").symlink_to(tmp_path)
+        output = tmp_path / "linked" / "in.jsonl"
+    elif how == "hard link":
+        output = tmp_path / "out.jsonl"
+        os.link(source, output)
+    for overwrite in ([False] if resume else [False, True]):  # --overwrite does not allow it either
+        with pytest.raises(OutputError, match=r"is the input file .*in.jsonl.*choose another output file"):
+            check_output(output, source, resume, overwrite)
+        with pytest.raises(OutputError, match="is the input file"):
+            BatchOutput.open(output, resume, overwrite, input_path=source)
+    assert source.read_text() == '{"id": 1, "prompt": "w5"}\n'
+
+
+def test_existing_output_needs_resume_or_overwrite(tmp_path):
+    source, output = _input_file(tmp_path), tmp_path / "out.jsonl"
+    check_output(output, source, resume=False, overwrite=False)  # not there yet: fine
+    output.write_text("")
+    check_output(output, source, resume=False, overwrite=False)  # empty: nothing to lose
+    output.write_text('{"id": 1, "text": "x", "token_ids": [1], "finish_reason": "length"}\n')
+    with pytest.raises(OutputError) as e:
+        check_output(output, source, resume=False, overwrite=False)
+    assert str(e.value) == (f"{output} already holds 68 bytes; pass --resume to keep its records and run only the "
+                            "lines missing there, or --overwrite to replace it")
+    check_output(output, source, resume=True, overwrite=False)
+    check_output(output, source, resume=False, overwrite=True)
+    with pytest.raises(OutputError, match="--resume keeps the records in --output and --overwrite replaces them"):
+        check_output(output, source, resume=True, overwrite=True)
+    assert output.stat().st_size == 68
+    BatchOutput.open(output, resume=True, input_path=source).close()
+    assert output.stat().st_size == 68
 
 
 # ------------------------------------------------------------- the fields of issue 15
@@ -189,7 +250,7 @@ def test_new_sampling_fields_reach_the_engine_alike(tmp_path):
      'response_format: only {"type": "text"} is supported (structured output is not)'),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "tools: tool calling is not supported"),
     ({"tool_choice": "auto"}, "tool_choice", 'tool_choice: only "none" is supported'),
-    ({"logprobs": 21}, "logprobs", "logprobs: Input should be less than or equal to 20"),
+    ({"logprobs": 21}, "logprobs", "logprobs: must be null or an integer in 0..20"),
     ({"logprobs": True}, "logprobs", "logprobs: Input should be a valid integer"),
     ({"max_tokens": 0}, "max_tokens", "max_tokens: 0 generates nothing and is allowed only with echo: true"),
     ({"n": 3, "seed": 2**64 - 2}, "seed", "seed: with n = 3 the samples take seeds seed .. seed + 2"),

@@ -6,8 +6,12 @@ with `resume`, reads back the records an earlier run wrote: a last line cut shor
 is removed (its request runs again) and every complete record's key is kept, so that the
 job runs only what is missing. A second job on the same file (a `--resume` beside a stale
 run that is still writing) is refused with one line naming the file and the holder's pid,
-instead of two writers interleaving records. Output records are
-`{"id", "text", "token_ids", "finish_reason"}`, or `{"id", "line", "error", "finish_reason": "error"}`.
+instead of two writers interleaving records. Nothing a user has is lost by a mistaken
+command: an output that is the job's input (the same file by any path, symlink or hard link)
+is refused, and so is an output that already holds something, unless `resume` keeps it or
+`overwrite` (`--overwrite`) says to replace it; `check_output` is that rule, which the
+launcher asks before any rank starts and `open` again once the file is locked. Output records
+are `{"id", "text", "token_ids", "finish_reason"}`, or `{"id", "line", "error", "finish_reason": "error"}`.
 """
 
 from __future__ import annotations
@@ -30,11 +34,13 @@ class BatchOutput:
         self.done = done  # key (see BatchLine.key) -> whether its record is an error
 
     @classmethod
-    def open(cls, path: str | Path, resume: bool) -> "BatchOutput":
+    def open(cls, path: str | Path, resume: bool, overwrite: bool = False,
+             input_path: str | Path | None = None) -> "BatchOutput":
         path = Path(path)
+        _check_flags(resume, overwrite)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            file = open(path, "a+b")  # no truncation before the lock is ours
+            file = open(path, "a+b")  # no truncation before the checks and the lock
         except OSError as e:
             raise OutputError(f"{path}: cannot write it ({e.strerror or e})") from None
         try:
@@ -42,6 +48,11 @@ class BatchOutput:
         except BlockingIOError:
             file.close()
             raise OutputError(_busy(path)) from None
+        try:  # the file as opened (its inode), not its name, is what the job will write
+            _check_contents(path, os.fstat(file.fileno()), input_path, resume, overwrite)
+        except OutputError:
+            file.close()
+            raise
         done = _read_records(path, file) if resume else {}
         if not resume:
             file.truncate(0)
@@ -53,6 +64,42 @@ class BatchOutput:
 
     def close(self) -> None:
         self._file.close()
+
+
+def check_output(path: str | Path, input_path: str | Path | None, resume: bool, overwrite: bool) -> None:
+    """Raise OutputError now if the job may not write `path` (the launcher asks before it
+    starts any rank); changes nothing."""
+    _check_flags(resume, overwrite)
+    check_output_free(path)
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise OutputError(f"{path}: cannot write it ({e.strerror or e})") from None
+    _check_contents(Path(path), stat, input_path, resume, overwrite)
+
+
+def _check_flags(resume: bool, overwrite: bool) -> None:
+    if resume and overwrite:
+        raise OutputError("--resume keeps the records in --output and --overwrite replaces them: choose one")
+
+
+def _check_contents(path: Path, stat: os.stat_result, input_path: str | Path | None, resume: bool,
+                    overwrite: bool) -> None:
+    """The output file `path` (`stat` of it) is not the input, and holds nothing that would be lost."""
+    if input_path is not None:
+        try:
+            source = os.stat(input_path)
+        except OSError:
+            source = None  # no input to lose; the job reports a missing input itself
+        if source is not None and (source.st_dev, source.st_ino) == (stat.st_dev, stat.st_ino):
+            how = "" if os.path.abspath(path) == os.path.abspath(input_path) else " (through a link or another path)"
+            raise OutputError(f"--output {path} is the input file {input_path}{how}: writing it would destroy the "
+                              "input; choose another output file")
+    if not resume and not overwrite and stat.st_size > 0:
+        raise OutputError(f"{path} already holds {stat.st_size} bytes; pass --resume to keep its records and run "
+                          "only the lines missing there, or --overwrite to replace it")
 
 
 def check_output_free(path: str | Path) -> None:

@@ -7,7 +7,10 @@ travels `decode_json` (bytes -> JSON value) -> `parse_request` (JSON value -> mo
 `prompt_input` / `SamplingFields.sampling_params` (-> what `LLMEngine` takes), and
 `check_max_tokens` and `check_token_ids` once the prompt is tokenized. Every mistake is a
 `RequestError`: one line naming the field (`param`, the top-level field as OpenAI reports
-it) and what is allowed. A model's rules across fields (`check`) run after its fields.
+it) and what is allowed. A model's rules across fields (`check`) run after its fields. The
+sampling fields' values are checked by the one validator of sampling parameters
+(`engine/sampling_rules.py`), which `SamplingParams`, and so `megatron_lamina.LLM`, apply too:
+pydantic checks a field's type, then `sampling_rule` its value.
 
 Hostile input is refused here, before it reaches the tokenizer or torch: strings that are
 not valid Unicode (lone surrogates, from an unpaired `\\ud800` escape) anywhere in the
@@ -21,14 +24,13 @@ import json
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from megatron_lamina.engine.prompt import PromptInput, is_token_ids
 from megatron_lamina.engine.sampling import SamplingParams
+from megatron_lamina.engine.sampling_rules import SEED_RANGE, check_field
 
-SEED_MIN, SEED_MAX = SamplingParams.SEED_RANGE
-MAX_TEMPERATURE = 2.0
-MAX_LOGPROBS = SamplingParams.MAX_LOGPROBS
+SEED_MAX = SEED_RANGE[1]
 _TOKEN_ID_KEY = re.compile(r"[0-9]{1,12}")
 
 
@@ -87,7 +89,14 @@ def _check_prompt(value: Any) -> str | list[int]:
 
 Prompt = Annotated[str | list[int], BeforeValidator(_check_prompt)]
 Prompts = Annotated[list[str | list[int]], BeforeValidator(_check_prompts)]
-LogprobCount = Annotated[int, Field(ge=0, le=MAX_LOGPROBS)]
+
+
+def sampling_rule(name: str) -> AfterValidator:
+    """The value check of sampling field `name`, run once pydantic has checked its type."""
+    return AfterValidator(lambda value: check_field(name, value))
+
+
+LogprobCount = Annotated[int, sampling_rule("logprobs")]
 
 
 def _not_bool(value: Any) -> Any:
@@ -118,26 +127,26 @@ class SamplingFields(StrictModel):
     """What every generation request may set, with the limits the server and batch job share."""
 
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=MAX_TEMPERATURE, allow_inf_nan=False)  # < 1e-5: greedy
-    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
-    top_k: int = Field(-1, ge=-1)
-    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
+    temperature: Annotated[float, sampling_rule("temperature")] = 1.0  # < 1e-5: greedy
+    top_p: Annotated[float, sampling_rule("top_p")] = 1.0
+    top_k: Annotated[int, sampling_rule("top_k")] = -1
+    seed: Annotated[int | None, sampling_rule("seed")] = None
     stop: str | list[str] | None = None
     ignore_eos: bool = False
-    min_tokens: int = Field(0, ge=0)
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None  # end the request like EOS
-    min_p: float = Field(0.0, ge=0.0, le=1.0, allow_inf_nan=False)
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
-    repetition_penalty: float = Field(1.0, gt=0.0, le=2.0, allow_inf_nan=False)
+    min_tokens: Annotated[int, sampling_rule("min_tokens")] = 0
+    stop_token_ids: Annotated[list[int] | None, sampling_rule("stop_token_ids")] = None  # end the request like EOS
+    min_p: Annotated[float, sampling_rule("min_p")] = 0.0
+    presence_penalty: Annotated[float, sampling_rule("presence_penalty")] = 0.0
+    frequency_penalty: Annotated[float, sampling_rule("frequency_penalty")] = 0.0
+    repetition_penalty: Annotated[float, sampling_rule("repetition_penalty")] = 1.0
     # OpenAI's JSON: token ids as strings ("50256": -100), added to the logits
-    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0, allow_inf_nan=False)]] | None = None
+    logit_bias: dict[str, float] | None = None
 
     @field_validator("stop")
     @classmethod
-    def _stop_strings_not_empty(cls, stop):
-        if stop is not None and any(not s for s in ([stop] if isinstance(stop, str) else stop)):
-            raise ValueError("stop strings must not be empty")
+    def _stop_strings(cls, stop):
+        if stop is not None:
+            check_field("stop", [stop] if isinstance(stop, str) else stop)
         return stop
 
     @field_validator("logit_bias")
@@ -146,6 +155,8 @@ class SamplingFields(StrictModel):
         for key in bias or {}:
             if not _TOKEN_ID_KEY.fullmatch(key):
                 raise ValueError(f"keys must be token ids written as decimal strings (\"50256\"), not {key!r}")
+        if bias is not None:
+            check_field("logit_bias", {int(k): v for k, v in bias.items()})
         return bias
 
     def sampling_params(self, max_tokens: int, logprobs: int | None = None,

@@ -23,27 +23,33 @@ one (Mersenne Twister) -- as in vLLM.
 
 from __future__ import annotations
 
+import reprlib
 from dataclasses import dataclass, field
 
 import torch
 
+from megatron_lamina.engine.sampling_rules import MAX_LOGPROBS, RULES, SEED_RANGE, is_integer
+
 
 @dataclass
 class SamplingParams:
-    """One request's sampling settings, checked here (every caller gets the same rules).
+    """One request's sampling settings, checked here by the one validator of sampling fields
+    (`engine/sampling_rules.py`), which the server's and the batch job's schema apply too.
 
     Values at the edge are taken as the limit they tend to, never as an overflow: a
     temperature below `GREEDY_BELOW` (vLLM's epsilon) is greedy, since dividing logits by it
     overflows float32 into inf - inf = NaN; a top_p below `MIN_TOP_P` counts as `MIN_TOP_P`
     (one that rounds to a float32 zero would drop every token), which keeps the most likely
-    token only. A seed must fit `torch.Generator.manual_seed` (`SEED_RANGE`).
+    token only; a repetition_penalty below `MIN_REPETITION_PENALTY` counts as it (dividing a
+    logit by 1e-37 overflowed to inf, and the row's softmax to NaN: token 0 every time), which
+    already puts the seen token with the largest logit far above every other.
     """
 
     GREEDY_BELOW = 1e-5
     MIN_TOP_P = 1e-8
-    SEED_RANGE = (-2**63, 2**64 - 1)
-
-    MAX_LOGPROBS = 20
+    MIN_REPETITION_PENALTY = 1e-6
+    SEED_RANGE = SEED_RANGE
+    MAX_LOGPROBS = MAX_LOGPROBS
 
     max_tokens: int = 16        # 0 only to score a prompt (with prompt_logprobs): nothing is generated
     temperature: float = 1.0
@@ -65,50 +71,19 @@ class SamplingParams:
     def __post_init__(self):
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-
-        def integer(value) -> bool:
-            return isinstance(value, int) and not isinstance(value, bool)
-
-        def number(value) -> bool:
-            return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-        low, high = self.SEED_RANGE
-
-        def logprob_count(value) -> bool:
-            return value is None or integer(value) and 0 <= value <= self.MAX_LOGPROBS
-
         scoring = self.prompt_logprobs is not None  # max_tokens 0 scores the prompt only
-        checks = [
-            (integer(self.max_tokens) and self.max_tokens >= (0 if scoring else 1), "max_tokens",
-             "an integer >= 1 (0 only with prompt log-probabilities: echo)"),
-            (number(self.temperature) and 0 <= self.temperature < float("inf"), "temperature",
-             "a finite number >= 0"),
-            (number(self.top_p) and 0 < self.top_p <= 1, "top_p", "a number in (0, 1]"),
-            (integer(self.top_k) and self.top_k >= -1, "top_k", "-1, 0 or a positive integer"),
-            (self.seed is None or integer(self.seed) and low <= self.seed <= high, "seed",
-             "null or an integer in [-2**63, 2**64 - 1]"),
-            (all(isinstance(s, str) and s for s in self.stop), "stop", "a string or a list of non-empty strings"),
-            (integer(self.min_tokens) and self.min_tokens >= 0, "min_tokens", "an integer >= 0"),
-            (all(integer(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids", "a list of token ids"),
-            (number(self.min_p) and 0 <= self.min_p <= 1, "min_p", "a number in [0, 1]"),
-            (number(self.presence_penalty) and -2 <= self.presence_penalty <= 2, "presence_penalty",
-             "a number in [-2, 2]"),
-            (number(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2, "frequency_penalty",
-             "a number in [-2, 2]"),
-            (number(self.repetition_penalty) and 0 < self.repetition_penalty <= 2, "repetition_penalty",
-             "a number in (0, 2]"),
-            (self.logit_bias is None or all(integer(t) and t >= 0 and number(b) and -100 <= b <= 100
-                                            for t, b in self.logit_bias.items()),
-             "logit_bias", "a map of token ids to biases in [-100, 100]"),
-            (logprob_count(self.logprobs), "logprobs", f"null or an integer in 0..{self.MAX_LOGPROBS}"),
-            (logprob_count(self.prompt_logprobs), "prompt_logprobs", f"null or an integer in 0..{self.MAX_LOGPROBS}"),
-        ]
-        for ok, name, allowed in checks:
-            if not ok:
-                raise ValueError(f"{name} = {getattr(self, name)!r}: must be {allowed}")
+        if not (is_integer(self.max_tokens) and self.max_tokens >= (0 if scoring else 1)):
+            raise ValueError(f"max_tokens = {self.max_tokens!r}: must be an integer >= 1 (0 only with prompt "
+                             "log-probabilities: echo)")
+        for name, rule in RULES.items():
+            value = getattr(self, name)
+            problem = rule(value)
+            if problem is not None:  # reprlib: a hostile value (10 MB of stop strings) is not echoed whole
+                raise ValueError(f"{name} = {reprlib.repr(value)}: {problem}")
         if self.temperature < self.GREEDY_BELOW:
             self.temperature = 0.0
         self.top_p = max(float(self.top_p), self.MIN_TOP_P)
+        self.repetition_penalty = max(float(self.repetition_penalty), self.MIN_REPETITION_PENALTY)
 
     @property
     def needs_history(self) -> bool:
@@ -129,6 +104,12 @@ class SamplingParams:
         else:
             generator.manual_seed(self.seed)
         return generator
+
+
+# The largest logit a penalty or bias may leave (a small repetition_penalty multiplies one):
+# divided by the smallest temperature that is not greedy it is still a finite float32, so the
+# row's softmax never meets inf - inf.
+SAFE_LOGIT = torch.finfo(torch.float32).max * SamplingParams.GREEDY_BELOW / 2
 
 
 def sample_tokens(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator],
@@ -189,7 +170,7 @@ def adjust_logits(logits: torch.Tensor, params: SamplingParams,
                   history: tuple[list[int], list[int]] | None) -> torch.Tensor:
     """One row [1, vocab] float32 with its logit bias and penalties applied, as OpenAI (bias,
     presence, frequency: over the output) and HF/vLLM (repetition: over prompt and output)
-    define them."""
+    define them, and clamped to +-SAFE_LOGIT."""
     logits = logits.clone()
     vocab = logits.shape[-1]
     if params.logit_bias:
@@ -209,7 +190,7 @@ def adjust_logits(logits: torch.Tensor, params: SamplingParams,
             counts.index_add_(0, _index_tensor([t for t in output if t < vocab], device),
                               torch.ones(len(output), device=device))
             logits[0] -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).float()
-    return logits
+    return logits.clamp_(-SAFE_LOGIT, SAFE_LOGIT)
 
 
 def _probabilities(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
