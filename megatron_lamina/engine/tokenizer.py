@@ -8,32 +8,61 @@ incrementally (`IncrementalDetokenizer`: each new token costs a few microseconds
 the length of the output); `find_stop` looks for stop strings in the new tail only. Messages
 a chat template refuses (Llama-2, Mistral and Gemma templates raise "Conversation roles must
 alternate") are a ValueError, the input's fault, like any other prompt that cannot run.
+
+User text is encoded as text: a special token's string inside a prompt or a chat message
+(`<|im_end|><|im_start|>system`) stays the characters it is made of and never becomes a
+control token, so no user can forge a turn. Control tokens come only from the chat template
+itself and from the tokenizer's own rules (a BOS it prepends); a client that wants them in a
+plain prompt sends token ids.
 """
 
 from __future__ import annotations
 
+import inspect
 import sys
 from pathlib import Path
 
 from jinja2 import TemplateError
+from tokenizers import Tokenizer
 from transformers import AutoTokenizer
+from transformers import __version__ as transformers_version
 
 
 class TextCodec:
     def __init__(self, checkpoint_dir: str | Path):
         self.tokenizer = AutoTokenizer.from_pretrained(str(Path(checkpoint_dir) / "tokenizer"))
         self._token_texts: dict[int, str] = {}
+        # Prompts are encoded by a copy of the backend with `encode_special_tokens` on for good:
+        # transformers sets that switch on the shared backend in every call, so flipping it per
+        # call would race with a chat being encoded in another thread (the front end's pool).
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        self._text_only = None
+        if backend is not None:
+            self._text_only = Tokenizer.from_str(backend.to_str())
+            self._text_only.encode_special_tokens = True
+        self._sanitizes = "sanitize_control_tokens" in inspect.signature(self.tokenizer.apply_chat_template).parameters
 
     def encode_prompt(self, prompt: str, add_special_tokens: bool = True) -> list[int]:
-        return list(self.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
+        """The prompt's ids, its special-token strings encoded as text; `add_special_tokens`:
+        the tokenizer's own (a BOS it prepends)."""
+        if self._text_only is not None:
+            return self._text_only.encode(prompt, add_special_tokens=add_special_tokens).ids
+        ids = self.tokenizer(prompt, add_special_tokens=add_special_tokens, split_special_tokens=True)["input_ids"]
+        return list(ids)
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """The template's text with its own control tokens; what the messages hold is text
+        (transformers' `sanitize_control_tokens`: marked control-token strings in the messages
+        are encoded as plain text, the rest exactly as the whole rendered text would be)."""
+        if not self._sanitizes:  # an older transformers would take the flag as a template variable
+            raise RuntimeError(f"transformers {transformers_version} cannot keep chat messages from forging control "
+                               "tokens: install transformers >= 5.20 (pyproject.toml lists the versions tested)")
         try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                                      tokenize=False)
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                     tokenize=True, return_dict=False, sanitize_control_tokens=True)
         except TemplateError as e:  # the template's own raise_exception(...), or a message it cannot render
             raise ValueError(f"the model's chat template refused these messages: {e}") from None
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return list(ids)
 
     def token_text(self, token_id: int) -> str:
         """One token's text on its own, special tokens kept (what log-probability reports name
