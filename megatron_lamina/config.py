@@ -60,7 +60,7 @@ class RuntimeConfig(_Section):
     transport: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl on cuda, gloo on cpu
     # A collective or P2P exchange that takes longer than this fails the job (a rank died or
     # hangs); the driver also sends an empty plan after this long idle / 4 as a heartbeat.
-    step_timeout_s: float = Field(120.0, gt=0.0)
+    step_timeout_s: float = Field(120.0, gt=0.0, le=86400.0)  # at most a day: .inf and nan are refused
     # CUDA only: replay steps from CUDA graphs, all captured at start-up (colocated decode
     # steps whole; every step's stages between attention calls at token buckets). At
     # tensor_parallel > 1 the TP group must be NCCL (not transport gloo).
@@ -81,10 +81,10 @@ class SchedulerConfig(_Section):
 
 
 class KVCacheConfig(_Section):
-    block_size: int = Field(16, ge=1)  # tokens per KV block
+    block_size: int = Field(16, ge=1, le=1024)  # tokens per KV block
     # Blocks in each KV cache (one per attention worker; per model worker when colocated);
     # auto: what memory_fraction leaves once the weights, graphs and activations are in place.
-    num_blocks: Literal["auto"] | Annotated[int, Field(ge=1)] = "auto"
+    num_blocks: Literal["auto"] | Annotated[int, Field(ge=1, le=2**19)] = "auto"  # 8M tokens at block_size 16
     # Share of the whole device this process may use (vLLM's gpu_memory_utilization; ranks
     # sharing a GPU split it); with num_blocks auto the KV cache gets what is left of it.
     memory_fraction: float = Field(0.9, gt=0.0, le=1.0)
@@ -94,13 +94,13 @@ class ServerConfig(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     max_queued_requests: int = Field(1024, ge=1)  # waiting + running beyond this: 503
-    drain_timeout_s: float = Field(30.0, ge=0.0)  # SIGTERM: finish running requests this long
+    drain_timeout_s: float = Field(30.0, ge=0.0, le=86400.0)  # SIGTERM: finish running requests this long
     # A bearer token every route but /health and /metrics requires (null: $LAMINA_API_KEY if set).
     api_key: str | None = None
     cors_origins: list[str] = Field(default_factory=list)  # origins allowed by CORS ("*": any); empty: no CORS
     # The liveness watchdog: no engine progress for this long while requests are pending makes
     # /health answer 503 (and logs a line); the engine's stall, not a slow client.
-    stall_timeout_s: float = Field(60.0, gt=0.0)
+    stall_timeout_s: float = Field(60.0, gt=0.0, le=86400.0)
 
 
 class NodeConfig(_Section):

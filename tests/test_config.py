@@ -210,7 +210,7 @@ def test_bad_overrides(override, expected):
     ("scheduler.max_prefill_tokens=-5", "config: scheduler.max_prefill_tokens = -5: must be an integer >= 1"),
     ("parallel.attention_workers=-1", "config: parallel.attention_workers = -1: must be an integer >= 0"),
     ("parallel.attention_head_groups=0", "config: parallel.attention_head_groups = 0: must be an integer >= 1"),
-    ("kv_cache.block_size=0", "config: kv_cache.block_size = 0: must be an integer >= 1"),
+    ("kv_cache.block_size=0", "config: kv_cache.block_size = 0: must be an integer in 1..1024"),
     ("server.port=0", "config: server.port = 0: must be an integer in 1..65535"),
     ("server.port=70000", "config: server.port = 70000: must be an integer in 1..65535"),
     ("kv_cache.memory_fraction=0", "config: kv_cache.memory_fraction = 0: must be a number in (0, 1]"),
@@ -220,9 +220,9 @@ def test_bad_overrides(override, expected):
     ("runtime.device=tpu", "config: runtime.device = 'tpu': allowed values are cpu, cuda"),
     ("runtime.transport=mpi", "config: runtime.transport = 'mpi': allowed values are auto, gloo, nccl"),
     ("model.dtype=fp8", "config: model.dtype = 'fp8': allowed values are float32, bfloat16, float16"),
-    ("kv_cache.num_blocks=0", "config: kv_cache.num_blocks = 0: must be 'auto' or an integer >= 1"),
-    ("kv_cache.num_blocks=many", "config: kv_cache.num_blocks = 'many': must be 'auto' or an integer >= 1"),
-    ("kv_cache.num_blocks=true", "config: kv_cache.num_blocks = True: must be 'auto' or an integer >= 1"),
+    ("kv_cache.num_blocks=0", "config: kv_cache.num_blocks = 0: must be 'auto' or an integer in 1..524288"),
+    ("kv_cache.num_blocks=many", "config: kv_cache.num_blocks = 'many': must be 'auto' or an integer in 1..524288"),
+    ("kv_cache.num_blocks=true", "config: kv_cache.num_blocks = True: must be 'auto' or an integer in 1..524288"),
 ])
 def test_bad_values(override, expected):
     assert config_error(None, ["model.checkpoint=a", override]) == expected
@@ -313,3 +313,23 @@ def test_server_list_and_optional_keys(override, message):
         load_config(None, ["model.checkpoint=x", override])
     assert str(e.value) == message
     assert load_config(None, ["model.checkpoint=x", "server.cors_origins=[a, b]"]).server.cors_origins == ["a", "b"]
+
+
+@pytest.mark.parametrize("override, expected", [  # issue 23: values that passed and then crashed a rank
+    ("runtime.step_timeout_s=.inf", "config: runtime.step_timeout_s = inf: must be a number in (0, 86400]"),
+    ("runtime.step_timeout_s=.nan", "config: runtime.step_timeout_s = nan: must be a number in (0, 86400]"),
+    ("server.drain_timeout_s=.inf", "config: server.drain_timeout_s = inf: must be a number in [0, 86400]"),
+    ("server.drain_timeout_s=.nan", "config: server.drain_timeout_s = nan: must be a number in [0, 86400]"),
+    ("server.stall_timeout_s=.inf", "config: server.stall_timeout_s = inf: must be a number in (0, 86400]"),
+    ("kv_cache.block_size=1000000000", "config: kv_cache.block_size = 1000000000: must be an integer in 1..1024"),
+    ("kv_cache.num_blocks=1000000000",
+     "config: kv_cache.num_blocks = 1000000000: must be 'auto' or an integer in 1..524288"),
+])
+def test_infinite_timeouts_and_sizes_that_cannot_fit(override, expected):
+    assert config_error(None, ["model.checkpoint=a", override]) == expected
+
+
+def test_largest_timeouts_and_sizes_pass():
+    cfg = loaded("runtime.step_timeout_s=86400", "server.drain_timeout_s=86400", "server.stall_timeout_s=86400",
+                 "kv_cache.block_size=1024", "kv_cache.num_blocks=524288")
+    assert (cfg.runtime.step_timeout_s, cfg.kv_cache.block_size, cfg.kv_cache.num_blocks) == (86400, 1024, 524288)
