@@ -45,8 +45,8 @@ class TextCodec:
     def encode_prompt(self, prompt: str, add_special_tokens: bool = True) -> list[int]:
         """The prompt's ids, its special-token strings encoded as text; `add_special_tokens`:
         the tokenizer's own (a BOS it prepends)."""
-        if self._text_only is not None:
-            return self._text_only.encode(prompt, add_special_tokens=add_special_tokens).ids
+        if self._text_only is not None:  # encode_batch, as transformers calls it: it releases the GIL
+            return self._text_only.encode_batch([prompt], add_special_tokens=add_special_tokens)[0].ids
         ids = self.tokenizer(prompt, add_special_tokens=add_special_tokens, split_special_tokens=True)["input_ids"]
         return list(ids)
 
