@@ -18,8 +18,9 @@ import pytest
 import torch
 
 from megatron_lamina.planner.cost_table import CostTable, Curve, Grid, prefill_pairs
-from megatron_lamina.planner.devices import DeviceSpec, Interconnect, load_prices
+from megatron_lamina.planner.devices import DeviceSpec, load_prices
 from megatron_lamina.planner.layout import Layout, config_yaml, kv_blocks_per_cache
+from megatron_lamina.planner.link import LINKS, Link, choose_link
 from megatron_lamina.planner.pipeline import uniform_step_time
 from megatron_lamina.planner.search import SearchSpace, Slo, search
 from megatron_lamina.planner.shapes import PRESETS, ModelShape
@@ -119,6 +120,35 @@ def test_pipelined_constant_batch(n, costs):
     step = uniform_step_time(L, n, model, attention, 2 * net) + OVERHEAD
     assert result.tpot_s["p50"] == result.tpot_s["max"] == step
     assert result.output_throughput == batch / step
+
+
+def test_the_link_model_sets_the_exchange_time():
+    """Each exchange message costs the link's latency plus its bytes over the bandwidth: a lone
+    request's decode step pays one round trip per layer, so NCCL's 66.6 us against host-bypassed
+    RDMA's 33 us (the paper's figures) adds 2 x 33.6 us per layer, and halving the bandwidth
+    doubles the bytes' share. Without a link the cost table's network curve is used (NET)."""
+    send, reply = SHAPE.attention_in_bytes_per_token(2), SHAPE.attention_out_bytes_per_token(2)
+    rdma, nccl = LINKS["rdma"], LINKS["nccl"]
+    assert (rdma.latency_us, nccl.latency_us, rdma.bandwidth_gbps) == (33.0, 66.6, 400.0)
+    assert rdma.message_time(send) == pytest.approx(33e-6 + send * 8 / 400e9, rel=1e-12)
+    slow = choose_link("rdma", bandwidth_gbps=200, latency_us=0)
+    assert slow.message_time(send) == pytest.approx(2 * choose_link("rdma", latency_us=0).message_time(send), rel=1e-12)
+    assert "overridden" in slow.source and choose_link("table") is None
+
+    def decode_step(link):
+        table = constant_table()
+        result = simulate([TraceRequest(0.0, 40, 5)], disaggregated(n=1), SHAPE, table, table, 1000, link=link)
+        return result.tpot_s["p50"]
+
+    assert decode_step(None) == L * (M + A_DECODE + 2 * NET) + OVERHEAD
+    for link in (rdma, nccl, slow):
+        round_trip = link.message_time(send) + link.message_time(reply)
+        assert decode_step(link) == pytest.approx(L * (M + A_DECODE + round_trip) + OVERHEAD, rel=1e-12)
+    assert decode_step(nccl) - decode_step(rdma) == pytest.approx(L * 2 * 33.6e-6, rel=1e-6)
+    with pytest.raises(ValueError, match="presets: rdma, nccl, tcp"):
+        choose_link("infiniband")
+    with pytest.raises(ValueError, match="--link table keeps"):
+        choose_link("table", latency_us=5)
 
 
 def test_kv_capacity_bounds_the_batch_and_preempts():
@@ -305,7 +335,7 @@ def test_search_ranks_a_dominated_layout_below_a_better_one():
     fast = DeviceSpec("FAST", 9.0, 989, 80, 3.35, 450)
     cheap = DeviceSpec("CHEAP", 3.0, 989, 80, 3.35, 450)
     specs = {"FAST": fast, "CHEAP": cheap}
-    shape, link = PRESETS["llama3-8b"], Interconnect(50, 10)
+    shape, link = PRESETS["llama3-8b"], Link("test", 400, 10)
     tables = {name: synthetic_cost_table(shape, spec, link, [1]) for name, spec in specs.items()}
     trace = [TraceRequest(0.0, 500 + 37 * i % 700, 50 + 13 * i % 100) for i in range(64)]
     space = SearchSpace(model_devices=("FAST",), attention_devices=("FAST", "CHEAP"), tp_sizes=(1,),

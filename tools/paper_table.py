@@ -159,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                 "--attention-workers", args.attention_workers, "--micro-batches", args.micro_batches,
                 "--batch-caps", args.batch_caps, "--max-devices", str(args.max_devices), "--jobs", str(args.jobs),
                 "--out-dir", str(case_dir), "--config-out", str(case_dir / "recommended.yaml"), "--top", "10",
+                "--link", "table",  # the tables' network curves, as --network chose them above
                 *([] if args.inline_prefill else ["--decode-only"])]
             print(f"== {model} on {trace_name}: tools/plan.py {' '.join(argv_search)}", flush=True)
             started = time.time()

@@ -18,6 +18,13 @@ measured table. `search` prints the ranked table, writes the recommended config 
 best colocated one, the equal-cost baseline) in configs/ format, a JSON of every evaluated
 layout and a PNG of throughput per dollar against the attention:model ratio. docs/PLANNER.md
 explains the simulator and its assumptions.
+
+The model-attention network is a link model (megatron_lamina/planner/link.py): `--link rdma`
+(the Lamina paper's host-bypassed RDMA, the default), `nccl`, `tcp`, or `table` (the cost
+tables' own measured network curves), with `--link-bandwidth-gbps` / `--link-latency-us` to
+override a preset. For the layout it recommends, `search` also prints the machines it runs
+on, the config's `deployment.nodes` and one `lamina serve` command per machine
+(`--gpus-per-node`, default the device description's or 8).
 """
 
 from __future__ import annotations
@@ -30,8 +37,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without pip install
 
 from megatron_lamina.planner.cost_table import CostTable  # noqa: E402
+from megatron_lamina.planner.deployment import Machine, deployment_nodes, deployment_text, gpus_per_node, place  # noqa: E402,E501
 from megatron_lamina.planner.devices import DEFAULT_PRICES, load_prices  # noqa: E402
 from megatron_lamina.planner.layout import Layout, config_yaml, kv_blocks_per_cache  # noqa: E402
+from megatron_lamina.planner.link import LINKS, TABLE, Link, choose_link, describe_link  # noqa: E402
 from megatron_lamina.planner.search import Candidate, SearchSpace, Slo, search  # noqa: E402
 from megatron_lamina.planner.shapes import ModelShape, load_shape  # noqa: E402
 from megatron_lamina.planner.simulator import simulate  # noqa: E402
@@ -45,6 +54,24 @@ def _ints(text: str) -> tuple[int, ...]:
 
 def _names(text: str) -> tuple[str, ...]:
     return tuple(v for v in text.split(",") if v)
+
+
+def _gpus_per_node(text: str) -> tuple[int | None, dict[str, int]]:
+    """'8' (every device) or 'H100=8,H20=4' (per device), or both: (default, per device)."""
+    default, per_device = None, {}
+    for item in _names(text):
+        name, sep, value = item.rpartition("=")
+        if not value.isdigit() or int(value) < 1:
+            raise argparse.ArgumentTypeError(f"{item!r}: expected N or DEVICE=N with N >= 1")
+        if sep:
+            per_device[name] = int(value)
+        else:
+            default = int(value)
+    return default, per_device
+
+
+def link_of(args) -> Link | None:
+    return choose_link(args.link, args.link_bandwidth_gbps, args.link_latency_us)
 
 
 def load_tables(args, shape: ModelShape, devices: set[str], tp_sizes: tuple[int, ...]) -> dict[str, CostTable]:
@@ -120,7 +147,8 @@ def plot_ratio(candidates: list[Candidate], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def write_config(candidate: Candidate, path: Path, args, shape: ModelShape, tables, slo: Slo, what: str) -> None:
+def write_config(candidate: Candidate, path: Path, args, shape: ModelShape, tables, slo: Slo, what: str,
+                 link: Link | None, machines: list[Machine]) -> None:
     r = candidate.result
     header = [
         f"{what}, written by tools/plan.py for model {shape.name} on {Path(args.trace).name}",
@@ -128,30 +156,38 @@ def write_config(candidate: Candidate, path: Path, args, shape: ModelShape, tabl
         f"Predicted at saturation: {r.output_throughput:.0f} output tok/s, "
         f"{candidate.tokens_per_dollar / 1e6:.3f} M tokens per dollar at ${candidate.price_per_hour:.2f}/h, "
         f"TPOT p50 {r.tpot_s['p50'] * 1e3:.1f} ms / p90 {r.tpot_s['p90'] * 1e3:.1f} ms, mean batch {r.mean_batch:.0f}.",
-        f"Devices: {candidate.layout.hardware} ({candidate.layout.num_devices} ranks: torchrun "
-        f"--nproc-per-node {candidate.layout.num_devices}).",
+        f"Devices: {candidate.layout.hardware} on {len(machines)} machine{'s' * (len(machines) != 1)}: "
+        f"{'; '.join(f'node {i}: {m.describe()}' for i, m in enumerate(machines))}.",
+        "Each machine's command: lamina serve --config THIS_FILE --print-launch.",
+        f"Model-attention link: {describe_link(link)}.",
         f"KV cache: the planner estimated {r.num_blocks} blocks per cache; num_blocks auto measures it.",
         *[f"Costs {s}" for s in sources(tables)],
     ]
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(config_yaml(candidate.layout, args.checkpoint or f"checkpoints/{shape.name}", "bfloat16", header))
+    path.write_text(config_yaml(candidate.layout, args.checkpoint or f"checkpoints/{shape.name}", "bfloat16", header,
+                                deployment_nodes(machines)))
 
 
 def cmd_search(args) -> int:
     shape = load_shape(args.model)
     specs, _ = load_prices(args.prices)
+    link = link_of(args)
+    default_gpus, per_device_gpus = args.gpus_per_node
+    gpus = {name: gpus_per_node(name, specs, per_device_gpus, default_gpus)
+            for name in {*args.model_devices, *args.attention_devices}}
     space = SearchSpace(model_devices=args.model_devices, attention_devices=args.attention_devices,
                         tp_sizes=args.tp, attention_workers=args.attention_workers,
                         micro_batches=args.micro_batches, batch_caps=args.batch_caps,
                         max_devices=args.max_devices, max_prefill_tokens=args.max_prefill_tokens,
-                        block_size=args.block_size)
+                        block_size=args.block_size, gpus_per_node=gpus)
     tables = load_tables(args, shape, set(args.model_devices) | set(args.attention_devices), args.tp)
     trace, clipping = load_slice(args)
     slo = Slo(args.slo_tpot, args.slo_percentile)
     for line in sources(tables):
         print(f"costs {line}")
+    print(f"link {describe_link(link)}")
     candidates = search(trace, shape, tables, specs, slo, space, args.max_model_len, args.jobs,
-                        args.decode_only)
+                        args.decode_only, link)
     if not candidates:
         print("error: no layout fits the model (do the weights fit on the model devices?)", file=sys.stderr)
         return 1
@@ -167,6 +203,7 @@ def cmd_search(args) -> int:
               "decode_only": args.decode_only,
               "clipped": vars(clipping), "slo": {"tpot_s": slo.tpot_s, "percentile": slo.percentile},
               "cost_sources": sources(tables), "synthetic": any(t.synthetic for t in tables.values()),
+              "link": link.to_dict() if link is not None else TABLE, "gpus_per_node": gpus,
               "recommended": best.to_dict() if best.feasible else None,
               "best_colocated": colocated.to_dict() if colocated else None,
               "best_disaggregated": disaggregated.to_dict() if disaggregated else None,
@@ -183,14 +220,19 @@ def cmd_search(args) -> int:
         print("no layout meets the SLO; relax --slo-tpot or widen the search", file=sys.stderr)
         return 1
     config_out = Path(args.config_out or f"configs/plan-{shape.name}-{Path(args.trace).stem}.yaml")
-    write_config(best, config_out, args, shape, tables, slo, "Recommended layout")
+    machines = place(best.layout, gpus)
+    write_config(best, config_out, args, shape, tables, slo, "Recommended layout", link, machines)
     print(f"recommended: {best.layout.label} -> {config_out}")
     if colocated is not None and colocated is not best:
         baseline = config_out.with_name(config_out.stem + "-colocated.yaml")
-        write_config(colocated, baseline, args, shape, tables, slo, "Best colocated layout (baseline)")
+        write_config(colocated, baseline, args, shape, tables, slo, "Best colocated layout (baseline)", link,
+                     place(colocated.layout, gpus))
         print(f"best colocated: {colocated.layout.label} -> {baseline}")
     if gain is not None:
         print(f"best disaggregated vs best colocated, tokens per dollar: {gain * 100:+.1f}%{synthetic}")
+    from megatron_lamina.config import load_config
+
+    print("\n" + deployment_text(machines, str(config_out), load_config(config_out), args.rdzv_endpoint))
     return 0
 
 
@@ -215,13 +257,15 @@ def cmd_simulate(args) -> int:
     else:
         blocks = kv_blocks_per_cache(layout, shape, specs, tables[args.model_device].dtype_bytes)
     trace, clipping = load_slice(args)
+    link = link_of(args)
     result = simulate(trace, layout, shape, tables[args.model_device],
                       None if cfg.colocated else tables[args.attention_device], blocks,
-                      args.max_model_len, saturate=args.saturate, decode_only=args.decode_only)
+                      args.max_model_len, saturate=args.saturate, decode_only=args.decode_only, link=link)
     report = {"config": str(args.config), "model": shape.name, "trace": str(args.trace), "skip": args.skip,
               "requests": len(trace), "clipped": vars(clipping), "saturate": args.saturate,
               "decode_only": args.decode_only,
-              "cost_sources": sources(tables), **result.to_dict()}
+              "cost_sources": sources(tables), "link": link.to_dict() if link is not None else TABLE,
+              **result.to_dict()}
     text = json.dumps(report, indent=1)
     print(text)
     if args.out:
@@ -251,6 +295,13 @@ def main(argv: list[str] | None = None) -> int:
     common.add_argument("--decode-only", action="store_true",
                         help="the paper's setting: prefill on other (unmodelled) workers, requests "
                              "arrive with their prompt's KV; default: our engine's inline chunked prefill")
+    common.add_argument("--link", choices=(*LINKS, TABLE), default="rdma",
+                        help="the model-attention network (planner/link.py): rdma (Lamina paper, host-bypassed, "
+                             "33 us), nccl (66.6 us), tcp (an assumption), or table (the cost tables' network curves)")
+    common.add_argument("--link-bandwidth-gbps", type=float, default=None, metavar="GBPS",
+                        help="override the link's bandwidth, Gbit/s")
+    common.add_argument("--link-latency-us", type=float, default=None, metavar="US",
+                        help="override the link's latency per message, microseconds")
 
     s = sub.add_parser("search", parents=[common], help="rank layouts by throughput per dollar under a TPOT SLO")
     s.add_argument("--model", required=True, help="shape preset (llama3-8b, llama3-70b, ...) or checkpoint dir")
@@ -271,6 +322,11 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--out-dir", default="out/plan")
     s.add_argument("--config-out", default=None,
                    help="recommended config path (default configs/plan-MODEL-TRACE.yaml)")
+    s.add_argument("--gpus-per-node", type=_gpus_per_node, default=(None, {}), metavar="N|DEVICE=N,...",
+                   help="GPUs in one machine, for every device or per device (default: the device's "
+                        "gpus_per_node in --prices, else 8); TP stays inside one machine")
+    s.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT",
+                   help="node 0's address for the printed commands (default: NODE0_ADDRESS:29500)")
     s.set_defaults(run=cmd_search)
 
     m = sub.add_parser("simulate", parents=[common], help="predict one config on a trace replay")

@@ -114,8 +114,10 @@ def kv_blocks_per_cache(layout: Layout, shape: ModelShape, specs: dict[str, Devi
     return max(0, int((attention.memory_bytes * MEMORY_FRACTION - ATTENTION_WORKSPACE_BYTES) // per_block))
 
 
-def config_yaml(layout: Layout, checkpoint: str, dtype: str, header: list[str]) -> str:
-    """The run config of `layout` (checked by LaminaConfig.from_dict), with `header` as comments."""
+def config_yaml(layout: Layout, checkpoint: str, dtype: str, header: list[str],
+                nodes: list[dict] | None = None) -> str:
+    """The run config of `layout` (checked by LaminaConfig.from_dict), with `header` as comments;
+    `nodes`: its `deployment.nodes` when it runs on several machines (deployment.py)."""
     data = {
         "model": {"checkpoint": checkpoint, "dtype": dtype},
         "parallel": {"tensor_parallel": layout.tp, "attention_workers": layout.attention_workers,
@@ -126,6 +128,8 @@ def config_yaml(layout: Layout, checkpoint: str, dtype: str, header: list[str]) 
         "kv_cache": {"block_size": layout.block_size, "num_blocks": "auto",
                      "memory_fraction": MEMORY_FRACTION},
     }
+    if nodes:
+        data["deployment"] = {"nodes": nodes}
     LaminaConfig.from_dict(data)
     body = yaml.safe_dump(data, sort_keys=False)
     return "".join(f"# {line}\n" if line else "#\n" for line in header) + "\n" + body

@@ -2,7 +2,7 @@
 TPOT SLO (DESIGN.md section 8).
 
 Candidates: for each model-worker device and TP size the cost tables cover (TP dividing the
-KV heads, weights fitting), the colocated layout (one micro-batch: on one device more
+KV heads, weights fitting, one machine holding the TP ranks), the colocated layout (one micro-batch: on one device more
 micro-batches only shrink the GEMMs) and every disaggregated layout with 1..N attention
 workers of each attention device type, head groups = gcd(attention workers, KV heads) (and
 1, pure request shards, when that differs), 1..4 micro-batches; total devices bounded.
@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import math
 import multiprocessing as mp
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Mapping
 
 from megatron_lamina.planner.cost_table import CostTable
 from megatron_lamina.planner.devices import DeviceSpec
 from megatron_lamina.planner.layout import Layout, kv_blocks_per_cache
+from megatron_lamina.planner.link import Link
 from megatron_lamina.planner.shapes import ModelShape
 from megatron_lamina.planner.simulator import SimResult, simulate
 from megatron_lamina.planner.trace import TraceRequest
@@ -50,6 +52,9 @@ class SearchSpace:
     max_devices: int = 16
     max_prefill_tokens: int = 4096
     block_size: int = 16
+    # GPUs in one machine per model device: TP stays inside one machine (deployment.py);
+    # a device not listed bounds nothing.
+    gpus_per_node: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -85,7 +90,8 @@ def base_layouts(shape: ModelShape, tables: dict[str, CostTable], specs: dict[st
         if model_device not in tables:
             continue
         for tp in space.tp_sizes:
-            if kv % tp or tp not in tables[model_device].tp_sizes() or tp > space.max_devices:
+            if (kv % tp or tp not in tables[model_device].tp_sizes() or tp > space.max_devices
+                    or tp > space.gpus_per_node.get(model_device, tp)):
                 continue
             out.append(Layout(model_device, tp, None, 0, 1, 1, first_cap, space.max_prefill_tokens,
                               space.block_size))
@@ -115,6 +121,7 @@ class _Job:
     max_model_len: int | None
     dtype_bytes: int
     decode_only: bool
+    link: Link | None
 
 
 def _ladder(job: _Job) -> list[Candidate]:
@@ -130,7 +137,7 @@ def _ladder(job: _Job) -> list[Candidate]:
             continue
         layout = job.layout.with_batch(cap)
         result = simulate(job.trace, layout, job.shape, model, attention, blocks, job.max_model_len,
-                          saturate=True, decode_only=job.decode_only)
+                          saturate=True, decode_only=job.decode_only, link=job.link)
         why_not = []
         if not job.slo.met_by(result):
             why_not.append(f"TPOT p{job.slo.percentile} {result.tpot_s.get(f'p{job.slo.percentile}') or 0:.4f}s "
@@ -148,11 +155,13 @@ def _ladder(job: _Job) -> list[Candidate]:
 
 def search(trace: list[TraceRequest], shape: ModelShape, tables: dict[str, CostTable],
            specs: dict[str, DeviceSpec], slo: Slo, space: SearchSpace = SearchSpace(),
-           max_model_len: int | None = None, jobs: int = 1, decode_only: bool = False) -> list[Candidate]:
-    """Every evaluated (layout, batch cap), ranked: feasible first, then tokens per dollar."""
+           max_model_len: int | None = None, jobs: int = 1, decode_only: bool = False,
+           link: Link | None = None) -> list[Candidate]:
+    """Every evaluated (layout, batch cap), ranked: feasible first, then tokens per dollar.
+    `link`: the model-attention network (None: each attention table's `network` curve)."""
     dtype_bytes = next(iter(tables.values())).dtype_bytes
     work = [_Job(lay, shape, tables, specs, trace, slo, space.batch_caps, max_model_len, dtype_bytes,
-                 decode_only)
+                 decode_only, link)
             for lay in base_layouts(shape, tables, specs, space)]
     if jobs > 1:
         with mp.get_context("fork").Pool(jobs) as pool:

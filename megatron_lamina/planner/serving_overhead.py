@@ -67,7 +67,7 @@ def serving_simulator(layout: Layout, shape: ModelShape, costs: CostTable, num_b
     """A colocated or disaggregated `EngineSimulator` whose steps also pay `overhead` (None: not)."""
     layout.check(shape)
     step_costs = (StepCostModel(layout, shape, costs, costs) if overhead is None
-                  else ServingStepCostModel(layout, shape, costs, costs, overhead))
+                  else ServingStepCostModel(layout, shape, costs, costs, overhead=overhead))
     return EngineSimulator(step_costs, num_blocks, max_model_len)
 
 

@@ -14,8 +14,8 @@ devices would:
     context outgrew a whole shard's cache (`take_ended`, also `length` to the client) is
     counted as `kv_capacity`, one stopped at the model's context short of its output length
     as `truncated`; both count as completed;
-  * the step's duration, from the cost tables through pipeline.py (`StepCostModel`; see there
-    and docs/PLANNER.md for the formula).
+  * the step's duration, from the cost tables and the model-attention link (link.py) through
+    pipeline.py (`StepCostModel`; see there and docs/PLANNER.md for the formula).
 It replays the synchronous loop (`scheduler.async_scheduling: false`: plan, run, read back).
 With asynchronous scheduling the tokens are the same, but a request's last token is read
 back after the next step is planned, so its batch slot and blocks free one step later.
@@ -48,6 +48,7 @@ from megatron_lamina.engine.scheduler import Scheduler
 from megatron_lamina.plan import StepPlan
 from megatron_lamina.planner.cost_table import CostTable, prefill_pairs
 from megatron_lamina.planner.layout import Layout
+from megatron_lamina.planner.link import Link
 from megatron_lamina.planner.pipeline import (
     MicroBatchCost, ShardWork, colocated_step_time, disaggregated_step_time,
 )
@@ -70,6 +71,9 @@ class StepCostModel:
     shape: ModelShape
     model_costs: CostTable
     attention_costs: CostTable    # the model device's own table when colocated
+    # The model-attention network: each exchange message costs `link.message_time`; None:
+    # the attention table's own `network` curve (what profile_costs.py timed, on one host).
+    link: Link | None = None
 
     def __post_init__(self):
         lay, shape, b = self.layout, self.shape, self.model_costs.dtype_bytes
@@ -81,6 +85,10 @@ class StepCostModel:
         split = min(lay.tp, lay.head_groups)
         self.send_bytes_per_row = shape.attention_in_bytes_per_token(b) / split
         self.reply_bytes_per_row = shape.attention_out_bytes_per_token(b) / split
+
+    def exchange_time(self, nbytes: float) -> float:
+        """One message between the model node and an attention worker, one way."""
+        return self.attention_costs.network_time(nbytes) if self.link is None else self.link.message_time(nbytes)
 
     def step_time(self, micro_batches: list[list[ChunkWork]], sampled_rows: int, decoded_tokens: int = 0) -> float:
         """`decoded_tokens`: the output tokens the sampled rows hold after the step (only a
@@ -105,8 +113,8 @@ class StepCostModel:
                 if lay.colocated:
                     shards.append(ShardWork(shard, attention))
                 else:
-                    shards.append(ShardWork(shard, attention, att.network_time(rows * self.send_bytes_per_row),
-                                            att.network_time(rows * self.reply_bytes_per_row)))
+                    shards.append(ShardWork(shard, attention, self.exchange_time(rows * self.send_bytes_per_row),
+                                            self.exchange_time(rows * self.reply_bytes_per_row)))
             costs.append(MicroBatchCost(model.model_time(lay.tp, tokens), shards))
         step = (colocated_step_time if lay.colocated else disaggregated_step_time)(self.shape.num_layers, costs)
         return step + model.overhead_time(lay.tp, sampled_rows)
@@ -311,7 +319,8 @@ class EngineSimulator:
 
 def simulate(trace: list[TraceRequest], layout: Layout, shape: ModelShape, model_costs: CostTable,
              attention_costs: CostTable | None, num_blocks: int, max_model_len: int | None = None,
-             saturate: bool = False, decode_only: bool = False) -> SimResult:
+             saturate: bool = False, decode_only: bool = False, link: Link | None = None) -> SimResult:
+    """`link`: the model-attention network (None: the attention table's `network` curve)."""
     layout.check(shape)
-    costs = StepCostModel(layout, shape, model_costs, attention_costs or model_costs)
+    costs = StepCostModel(layout, shape, model_costs, attention_costs or model_costs, link)
     return EngineSimulator(costs, num_blocks, max_model_len, decode_only).run(trace, saturate)

@@ -11,7 +11,8 @@ and tools/plan.py labels every result computed from it.
 from __future__ import annotations
 
 from megatron_lamina.planner.cost_table import CostTable, Curve, Grid
-from megatron_lamina.planner.devices import DeviceSpec, Interconnect
+from megatron_lamina.planner.devices import DeviceSpec
+from megatron_lamina.planner.link import Link
 from megatron_lamina.planner.shapes import ModelShape
 
 GEMM_EFFICIENCY = 0.75       # of peak FLOP/s, large GEMMs
@@ -51,7 +52,7 @@ def ring_all_gather_s(nbytes_per_rank: float, tp: int, link_gbs: float) -> float
     return ALLREDUCE_LATENCY_S + (tp - 1) * nbytes_per_rank / (link_gbs * 1e9)
 
 
-def synthetic_cost_table(shape: ModelShape, device: DeviceSpec, link: Interconnect,
+def synthetic_cost_table(shape: ModelShape, device: DeviceSpec, link: Link,
                          tp_sizes: list[int], dtype_bytes: int = 2) -> CostTable:
     matmul_params = shape.layer_params - 2 * shape.hidden_size
     head_params = shape.vocab_size * shape.hidden_size
@@ -88,10 +89,10 @@ def synthetic_cost_table(shape: ModelShape, device: DeviceSpec, link: Interconne
                               [[decode(b, c) for c in context] for b in BATCH]),
         attention_prefill=Curve([float(p) for p in PAIRS], [prefill(p) for p in PAIRS]),
         network=Curve([float(b) for b in MESSAGE_BYTES],
-                      [link.latency_us * 1e-6 + b / (link.bandwidth_gbs * 1e9) for b in MESSAGE_BYTES]),
+                      [link.message_time(b) for b in MESSAGE_BYTES]),
         meta={"efficiencies": {"gemm": GEMM_EFFICIENCY, "attention_flops": ATTENTION_FLOP_EFFICIENCY,
                                "hbm": HBM_EFFICIENCY},
               "kernel_launch_s": KERNEL_LAUNCH_S, "step_cpu_s": STEP_CPU_S,
               "step_cpu_per_row_s": STEP_CPU_PER_ROW_S,
-              "interconnect": {"bandwidth_gbs": link.bandwidth_gbs, "latency_us": link.latency_us}},
+              "interconnect": link.to_dict()},
     )
