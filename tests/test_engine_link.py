@@ -45,7 +45,8 @@ def test_a_flood_of_requests_waits_for_the_engine_and_arrives_whole():
     from megatron_lamina.server.metrics import ServerMetrics
 
     engine_end, front_end = Pipe()
-    client = EngineClient(front_end, EngineInfo(Capacity(10**6, 10**6, 16), 50_000, 0), None, 10**6, ServerMetrics())
+    ready = asyncio.Event()
+    client = EngineClient(front_end, None, 10**6, ServerMetrics(), 60.0, on_ready=lambda info: ready.set())
     prompt = list(range(2000))  # ~8 KB pickled: 300 of them are several times a pipe's buffer
 
     def engine_reads(count: int) -> list:
@@ -56,6 +57,8 @@ def test_a_flood_of_requests_waits_for_the_engine_and_arrives_whole():
 
     async def run():
         client.attach(asyncio.get_running_loop())
+        engine_end.send(("ready", EngineInfo(Capacity(10**6, 10**6, 16), 50_000, 0)))
+        await asyncio.wait_for(ready.wait(), 30)
         outputs = [client.generate_all([PromptInput(prompt_token_ids=prompt)])[0] for _ in range(300)]
         await asyncio.sleep(1.0)  # the sender meets a full pipe meanwhile: it must wait, not fail
         adds = await asyncio.to_thread(engine_reads, 300)

@@ -1,7 +1,7 @@
 """A real server for the benchmark tools: `torchrun launcher/serve.py`, waited for, sampled, stopped.
 
 `ServerJob` starts the launcher in a session of its own with its output in a log file, waits
-for `/health`, and stops it (SIGTERM, which drains; then SIGKILL for whatever is left,
+for `/ready`, and stops it (SIGTERM, which drains; then SIGKILL for whatever is left,
 torchrun's workers included, which run in sessions of their own). `MetricsPoller` samples
 the server's `/metrics` at an interval during a run; `GpuPoller` samples the GPU's
 utilization (NVML, the figure `nvidia-smi` shows) meanwhile. Used by tools/validate_planner.py
@@ -45,7 +45,7 @@ class ServerJob:
         self.log_path, self.log = log_path, open(log_path, "w")  # noqa: SIM115 - closed by stop()
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
                                      start_new_session=True)
-        self.ready_s: float | None = None  # from the launch to a healthy /health
+        self.ready_s: float | None = None  # from the launch to /ready answering 200
 
     def wait_healthy(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -53,7 +53,7 @@ class ServerJob:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"the server exited {self.proc.returncode}:\n{self.tail()}")
             try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as resp:
+                with urllib.request.urlopen(f"{self.url}/ready", timeout=2) as resp:
                     if resp.status == 200:
                         self.ready_s = time.monotonic() - self.started
                         return

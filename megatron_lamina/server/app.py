@@ -3,15 +3,19 @@
 Routes: `POST /v1/completions`, `POST /v1/chat/completions` (JSON or Server-Sent Events with
 `stream: true`, ending with `data: [DONE]`; several prompts and `n` samples each, with
 log-probabilities: `server/choices.py`, `server/responses.py`), `GET /v1/models`,
-`GET /v1/models/{id}`, `POST /tokenize`, `POST /detokenize`, `GET /version`, `GET /health`
-(503 once the engine is draining or dead), `GET /metrics` (Prometheus text). Around them
+`GET /v1/models/{id}`, `POST /tokenize`, `POST /detokenize`, `GET /version`, `GET /metrics`
+(Prometheus text), and the probes: `GET /health` (liveness: 200 while the model loads and
+while the engine serves; 503 once it is draining, stopped or dead, or stalled: requests
+pending and no step for `server.stall_timeout_s`) and `GET /ready` (readiness: 200 only
+while serving, so an orchestrator tells "loading" from "dead"). Around them
 (`server/middleware.py`): the request id and access log, CORS, the API key. Every error is
 an OpenAI error body: 400 for bad input (naming the field), 401 without the API key, 404
 for an unknown model or route, 405 for a wrong method, 415 for a body that is not JSON, 503
-when the engine takes no request (queue full, draining, dead) or fails one mid-way, and a
-500 (a bug of ours) too. A client that disconnects cancels its requests (their blocks are
-freed at the next step). The app reaches the engine only through its `EngineClient`
-(server/engine_client.py), which it attaches to the event loop at start-up.
+while the model loads (every route that needs it), when the engine takes no request (queue
+full, draining, dead) or fails one mid-way, and a 500 (a bug of ours) too. A client that
+disconnects cancels its requests (their blocks are freed at the next step). The app reaches
+the engine only through its `EngineClient` (server/engine_client.py), which it attaches to
+the event loop at start-up.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from collections.abc import Sequence
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
 
-from fastapi import FastAPI, Request as HttpRequest
+from fastapi import APIRouter, Depends, FastAPI, Request as HttpRequest
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
@@ -39,7 +43,7 @@ from megatron_lamina.server.protocol import (
 from megatron_lamina.server.responses import ChoiceWriter, respond_json, sse_events
 
 ROUTES = ("POST /v1/completions, POST /v1/chat/completions, GET /v1/models, POST /tokenize, POST /detokenize, "
-          "GET /version, GET /health, GET /metrics")
+          "GET /version, GET /health, GET /ready, GET /metrics")
 
 
 def package_version() -> str:
@@ -49,9 +53,8 @@ def package_version() -> str:
         return "unknown"
 
 
-def build_app(engine: EngineClient, model_name: str, max_model_len: int, metrics: ServerMetrics,
-              api_key: str | None = None, cors_origins: Sequence[str] = (),
-              access_log: logging.Logger | None = None) -> FastAPI:
+def build_app(engine: EngineClient, model_name: str, metrics: ServerMetrics, api_key: str | None = None,
+              cors_origins: Sequence[str] = (), access_log: logging.Logger | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_):
         engine.attach(asyncio.get_running_loop())
@@ -88,42 +91,64 @@ def build_app(engine: EngineClient, model_name: str, max_model_len: int, metrics
         err = ApiError(500, f"internal error ({type(exc).__name__}); see the server log", type="server_error")
         return JSONResponse(err.body(), status_code=500)
 
+    def probe(readiness: bool) -> JSONResponse:
+        """Liveness fails only for an engine that cannot serve again (draining, stopped, dead)
+        or is stalled; readiness also while the model loads."""
+        engine.check_progress(time.monotonic())
+        status, error = engine.state, engine.error
+        if status == "serving" and engine.stall is not None:
+            status, error = "stalled", engine.stall
+        ok = status == "serving" or (status == "loading" and not readiness)
+        body = {"status": "ok" if status == "serving" else status, "error": error}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
     @app.get("/health")
     async def health():
-        ok = engine.state == "serving"
-        body = {"status": "ok" if ok else engine.state, "error": engine.error}
-        return JSONResponse(body, status_code=200 if ok else 503)
+        return probe(readiness=False)
+
+    @app.get("/ready")
+    async def ready():
+        return probe(readiness=True)
 
     @app.get("/metrics")
     async def prometheus():
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
-    model_card = {"id": model_name, "object": "model", "created": 0, "owned_by": "megatron-lamina",
-                  "max_model_len": max_model_len}
+    @app.get("/version")
+    async def server_version():
+        return {"version": package_version()}
+
+    async def model_loaded() -> None:
+        if engine.capacity is None:  # no "ready" from the engine yet: nothing to check a request against
+            message = ("the model is loading; retry once GET /ready answers 200" if engine.state == "loading"
+                       else f"the server is {engine.state}: {engine.error}")
+            raise ApiError(503, message, type="server_error", code="model_not_ready")
+
+    api = APIRouter(dependencies=[Depends(model_loaded)])  # the routes that need the model
+
+    def model_card() -> dict:
+        return {"id": model_name, "object": "model", "created": 0, "owned_by": "megatron-lamina",
+                "max_model_len": engine.capacity.max_model_len}
 
     def unknown_model(name: str) -> ApiError:
         return ApiError(404, f"model '{name}' does not exist; this server serves '{model_name}'",
                         "model", code="model_not_found")
 
-    @app.get("/v1/models")
+    @api.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [model_card]}
+        return {"object": "list", "data": [model_card()]}
 
-    @app.get("/v1/models/{model_id:path}")
+    @api.get("/v1/models/{model_id:path}")
     async def model(model_id: str):
         if model_id != model_name:
             raise unknown_model(model_id)
-        return model_card
-
-    @app.get("/version")
-    async def server_version():
-        return {"version": package_version()}
+        return model_card()
 
     def check_model(body) -> None:
         if body.model is not None and body.model != model_name:
             raise unknown_model(body.model)
 
-    @app.post("/tokenize")
+    @api.post("/tokenize")
     async def tokenize(http: HttpRequest):
         body = read_body(http.headers.get("content-type"), await http.body(), TokenizeRequest)
         check_model(body)
@@ -135,9 +160,9 @@ def build_app(engine: EngineClient, model_name: str, max_model_len: int, metrics
                 raise ApiError(400, str(e), "messages") from None
         else:
             tokens = await run_in_threadpool(codec.encode_prompt, body.prompt, body.add_special_tokens)
-        return {"count": len(tokens), "max_model_len": max_model_len, "tokens": tokens}
+        return {"count": len(tokens), "max_model_len": engine.capacity.max_model_len, "tokens": tokens}
 
-    @app.post("/detokenize")
+    @api.post("/detokenize")
     async def detokenize(http: HttpRequest):
         body = read_body(http.headers.get("content-type"), await http.body(), DetokenizeRequest)
         check_model(body)
@@ -146,12 +171,12 @@ def build_app(engine: EngineClient, model_name: str, max_model_len: int, metrics
             raise ApiError(400, f"tokens: token ids must be in [0, {vocab})", "tokens")
         return {"prompt": await run_in_threadpool(codec.tokenizer.decode, body.tokens)}
 
-    @app.post("/v1/completions")
+    @api.post("/v1/completions")
     async def completions(http: HttpRequest):
         body = read_body(http.headers.get("content-type"), await http.body(), CompletionRequest)
         return await generate(body, http, "cmpl", "text_completion", "text_completion")
 
-    @app.post("/v1/chat/completions")
+    @api.post("/v1/chat/completions")
     async def chat_completions(http: HttpRequest):
         body = read_body(http.headers.get("content-type"), await http.body(), ChatCompletionRequest)
         return await generate(body, http, "chatcmpl", "chat.completion", "chat.completion.chunk")
@@ -159,7 +184,7 @@ def build_app(engine: EngineClient, model_name: str, max_model_len: int, metrics
     async def generate(body, http: HttpRequest, prefix: str, obj: str, chunk_obj: str):
         check_model(body)
         request_id = f"{prefix}-{http.state.request_id}"
-        choices = await make_choices(engine, body, request_id, max_model_len)
+        choices = await make_choices(engine, body, request_id, engine.capacity.max_model_len)
         outputs = admit(engine, choices)
         writer = ChoiceWriter(body, choices, codec)
         header = {"id": request_id, "object": chunk_obj if body.stream else obj, "created": int(time.time()),
@@ -178,4 +203,5 @@ def build_app(engine: EngineClient, model_name: str, max_model_len: int, metrics
         record(answer["usage"])
         return answer
 
+    app.include_router(api)
     return app

@@ -10,10 +10,16 @@ engine's messages and hands each to the event loop (one wake-up per step), which
 step's deltas to each request's `RequestOutputs`; a caller that fell behind gets its deltas
 merged into one. (Not `loop.add_reader`: libuv makes the descriptor non-blocking, and a send
 that meets a full pipe then fails instead of waiting.) A caller that stops iterating closes
-its outputs, which sends "abort": the engine ends the request and frees its blocks. The engine's
-"state" messages set `state` (serving, draining, stopped, dead: what `/health` reports);
-"exit", or the pipe closing, sets `exited` once every request still open got its last
-delta (an error when the engine could not finish it).
+its outputs, which sends "abort": the engine ends the request and frees its blocks.
+
+`state` is what `/health` and `/ready` report: `loading` until the engine's "ready" (the
+client exists, and HTTP answers, while the model loads; no request is admitted), then
+`serving`, and the engine's "state" messages (draining, stopped, dead). "exit", or the pipe
+closing, sets `exited` once every request still open got its last delta (an error when the
+engine could not finish it). The stall watchdog (`check_progress`, every second and at each
+probe) lives here because the timestamps do: a request admitted and not finished waits for
+the engine, and a "step" message is the engine's progress; waiting `stall_timeout_s` with no
+step makes `stall` say so (one `error:` line on stderr per stall) until the next step.
 """
 
 from __future__ import annotations
@@ -21,19 +27,24 @@ from __future__ import annotations
 import asyncio
 import itertools
 import queue
+import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 
 from megatron_lamina.engine.engine_link import EngineInfo, StepReport, unpack_output
 from megatron_lamina.engine.output import RequestOutput, error_output, merge_outputs
-from megatron_lamina.engine.prompt import PromptInput, prompt_ids
+from megatron_lamina.engine.prompt import Capacity, PromptInput, prompt_ids
 from megatron_lamina.engine.tokenizer import TextCodec
 from megatron_lamina.server.metrics import ServerMetrics
 
+WATCH_S = 1.0  # how often the stall watchdog looks, between probes
+
+
 class EngineUnavailable(Exception):
-    """The engine takes no new request now (draining, dead, or too many in flight)."""
+    """The engine takes no new request now (loading, draining, dead, or too many in flight)."""
 
 
 class _Stream:
@@ -84,26 +95,34 @@ class RequestOutputs:
 
 
 class EngineClient:
-    def __init__(self, conn: Connection, info: EngineInfo, codec: TextCodec, max_queued: int,
-                 metrics: ServerMetrics):
-        self.conn, self.codec = conn, codec
-        self.vocab_size, self.capacity, self.max_queued = info.vocab_size, info.capacity, max_queued
-        self.metrics = metrics
-        self.state, self.error = "serving", None
+    def __init__(self, conn: Connection, codec: TextCodec, max_queued: int, metrics: ServerMetrics,
+                 stall_timeout_s: float, on_ready: Callable[[EngineInfo], None] | None = None):
+        self.conn, self.codec, self.max_queued, self.metrics = conn, codec, max_queued, metrics
+        self.stall_timeout_s, self.on_ready = stall_timeout_s, on_ready
+        self.vocab_size: int | None = None   # the engine's, from its "ready"
+        self.capacity: Capacity | None = None
+        self.state, self.error = "loading", None
+        self.stall: str | None = None  # why the engine counts as stalled (the watchdog), else None
+        self._last_step = time.monotonic()  # the engine's last progress: its last "step" message
         self._streams: dict[int, _Stream] = {}  # admitted and not released by their caller
         self._keys = itertools.count()
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._watch: asyncio.TimerHandle | None = None
         self.exited: asyncio.Event | None = None
 
     # ---- life ------------------------------------------------------------------------
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Start the pipe's reader and sender threads; the engine's messages are handled on `loop`."""
+        """Start the pipe's reader and sender threads and the stall watchdog; the engine's
+        messages are handled on `loop`."""
         self._loop, self.exited = loop, asyncio.Event()
         threading.Thread(target=self._send_forever, name="lamina-engine-send", daemon=True).start()
         threading.Thread(target=self._read_forever, name="lamina-engine-read", daemon=True).start()
+        self._watch_now()
 
     def detach(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
         self._outbox.put(None)
 
     def ask_drain(self) -> None:
@@ -112,6 +131,26 @@ class EngineClient:
 
     def idle(self) -> bool:
         return not self._streams
+
+    # ---- liveness --------------------------------------------------------------------
+    def check_progress(self, now: float) -> None:
+        """The stall watchdog: `stall` says why when requests wait (admitted, not finished) and
+        the engine sent no step for `stall_timeout_s`, counted from its last step or from the
+        oldest such request's arrival, whichever is later (an idle engine sends no steps)."""
+        waiting = [stream.arrival for stream in self._streams.values() if not stream.finished]
+        waited = now - max(self._last_step, min(waiting)) if waiting else 0.0
+        if waited < self.stall_timeout_s:
+            self.stall = None
+            return
+        if self.stall is None:  # once per stall
+            print(f"error: no engine progress for {waited:.0f} s with {len(waiting)} requests pending "
+                  f"(server.stall_timeout_s = {self.stall_timeout_s:g}); /health answers 503 until it resumes",
+                  file=sys.stderr, flush=True)
+        self.stall = f"no engine progress for {waited:.0f} s with {len(waiting)} requests pending"
+
+    def _watch_now(self) -> None:
+        self.check_progress(time.monotonic())
+        self._watch = self._loop.call_later(WATCH_S, self._watch_now)
 
     # ---- callers ---------------------------------------------------------------------
     def prompt_ids(self, item: PromptInput) -> list[int]:
@@ -173,13 +212,27 @@ class EngineClient:
     def _handle(self, message: tuple) -> None:
         kind = message[0]
         if kind == "step":
+            self._progress(time.monotonic())
             self._deliver(message[1], message[2])
+        elif kind == "ready":
+            self._ready(message[1])
         elif kind == "state":
             self.state, self.error = message[1], message[2]
             if self.state == "draining":
                 self._outbox.put(("draining",))  # after every "add" already sent
         elif kind == "exit":
             self._finish("the server is shutting down")
+
+    def _ready(self, info: EngineInfo) -> None:
+        self.vocab_size, self.capacity, self.state = info.vocab_size, info.capacity, "serving"
+        if self.on_ready is not None:
+            self.on_ready(info)
+
+    def _progress(self, now: float) -> None:
+        if self.stall is not None:
+            print(f"engine progress resumed after {now - self._last_step:.0f} s", file=sys.stderr, flush=True)
+            self.stall = None
+        self._last_step = now
 
     def _deliver(self, outputs: list[tuple[int, tuple]], report: StepReport | None) -> None:
         now, seen = time.monotonic(), []

@@ -2,9 +2,11 @@
 
 Rank 0 calls `start_frontend` first thing: it binds `server.host`:`server.port` (a port in
 use fails the job before any model loads) and spawns the front end, which reads the config,
-loads the tokenizer and imports FastAPI while the model loads. `run` is the process: it waits
-for the engine's "ready" (engine/engine_link.py), then serves the OpenAI API (server/app.py)
-with uvicorn on that socket, talking to the engine through its `EngineClient`.
+loads the tokenizer and imports FastAPI while the model loads. `run` is the process: it
+serves the OpenAI API (server/app.py) with uvicorn on that socket at once, talking to the
+engine through its `EngineClient`. Until the engine's "ready" (engine/engine_link.py) the
+probes say the model is loading (`/health` 200: alive; `/ready` 503: not ready) and the
+routes that need the model answer 503; the "serving ..." line is printed when it arrives.
 The HTTP side (parsing, tokenizing prompts, JSON, an SSE event per token and stream, the
 socket writes) thus runs under its own interpreter lock, never the engine's.
 
@@ -114,16 +116,19 @@ def run(conn: Connection, args, sock: socket.socket) -> None:
     cfg = config_from_args(args)
     codec = TextCodec(cfg.model.checkpoint)
     raise_open_files_limit()
-    try:
-        kind, info = conn.recv()
-    except (EOFError, OSError):  # rank 0 failed before it could serve; it says why
-        sys.exit(1)
-    assert kind == "ready", kind
-    metrics = ServerMetrics()
-    client = EngineClient(conn, info, codec, cfg.server.max_queued_requests, metrics)
     api_key = server_api_key(cfg)
-    app = build_app(client, model_name(cfg), info.capacity.max_model_len, metrics, api_key=api_key,
-                    cors_origins=cfg.server.cors_origins)
+    address = f"http://{cfg.server.host}:{cfg.server.port}"
+
+    engine_ready = []  # the engine's EngineInfo, once its "ready" came
+
+    def on_ready(info) -> None:  # from now on /ready answers 200
+        engine_ready.append(info)
+        server.announce()
+
+    metrics = ServerMetrics()
+    client = EngineClient(conn, codec, cfg.server.max_queued_requests, metrics, cfg.server.stall_timeout_s,
+                          on_ready=on_ready)
+    app = build_app(client, model_name(cfg), metrics, api_key=api_key, cors_origins=cfg.server.cors_origins)
 
     class Server(uvicorn.Server):
         answered_by: float | None = None
@@ -134,12 +139,18 @@ def run(conn: Connection, args, sock: socket.socket) -> None:
             else:
                 super().handle_exit(sig, frame)
 
+        def announce(self) -> None:
+            """The "serving ..." line, once uvicorn listens and the engine is ready, in either order."""
+            if self.started and engine_ready:
+                print(f"serving {model_name(cfg)} on {address} (engine pid {engine_ready[0].engine_pid}, HTTP front "
+                      f"end pid {os.getpid()}{'; API key required' if api_key else ''})", flush=True)
+
         async def startup(self, sockets=None) -> None:
             await super().startup(sockets=sockets)  # listens on the socket rank 0 bound
-            if self.started:
-                print(f"serving {model_name(cfg)} on http://{cfg.server.host}:{cfg.server.port} (engine pid "
-                      f"{info.engine_pid}, HTTP front end pid {os.getpid()}{'; API key required' if api_key else ''})",
-                      flush=True)
+            if self.started and not engine_ready:
+                print(f"listening on {address} while the model loads (HTTP front end pid {os.getpid()}): "
+                      "/health answers 200, /ready 503 until it serves", flush=True)
+            self.announce()
 
         async def on_tick(self, counter: int) -> bool:
             if client.exited is not None and client.exited.is_set():

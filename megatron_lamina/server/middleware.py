@@ -10,8 +10,9 @@ through untouched), in this order from the outside in:
   tokens (what a route put in `request.state.usage`), latency, request id.
 * Starlette's `CORSMiddleware`, with `server.cors_origins` (only when some are set): it
   answers preflights itself, so they need no key.
-* `ApiKeyCheck`: with a key set, every route but `/health` and `/metrics` needs the header
-  `Authorization: Bearer KEY`; anything else is a 401 with an OpenAI error body.
+* `ApiKeyCheck`: with a key set, every route but the probes (`/health`, `/ready`) and
+  `/metrics` needs the header `Authorization: Bearer KEY`; anything else is a 401 with an
+  OpenAI error body.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import sys
 import time
 import uuid
 
-OPEN_PATHS = ("/health", "/metrics")
+OPEN_PATHS = ("/health", "/ready", "/metrics")
 
 
 def access_logger() -> logging.Logger:
