@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -55,11 +56,12 @@ class Machines:
             _ip("-n", self.switch, "link", "set", "br0", "up")
             for i, name in enumerate(self.names):
                 _ip("netns", "add", name)
-                # `ip netns exec` mounts /etc/netns/NAME/hosts over /etc/hosts: every machine's
-                # address gets a name, so nothing waits on a reverse DNS lookup that cannot answer.
+                # `ip netns exec` mounts /etc/netns/NAME/hosts over /etc/hosts: the host name
+                # (shared: namespaces keep the host's) resolves to this machine's own address, as
+                # on a real machine, and every address has a name, so no lookup waits on DNS.
                 etc = Path("/etc/netns") / name
                 etc.mkdir(parents=True, exist_ok=True)
-                (etc / "hosts").write_text("127.0.0.1 localhost\n" + "".join(
+                (etc / "hosts").write_text(f"127.0.0.1 localhost\n{self.addresses[i]} {socket.gethostname()}\n" + "".join(
                     f"{address} machine{j}\n" for j, address in enumerate(self.addresses)))
                 _ip("-n", name, "link", "set", "lo", "up")
                 _ip("-n", name, "link", "add", "eth0", "type", "veth", "peer", "name", f"port{i}",

@@ -11,8 +11,8 @@ the rank program reads its node rank from its own `--node-rank`, since torchrun'
 the c10d rendezvous). `node_launch` checks them against the config and returns this machine's
 `NodeLaunch`: how many ranks it starts, its address on the route to the endpoint (given to torch
 elastic as `local_addr`, since the host name may resolve to an address the others do not
-reach), and whether it hosts the rendezvous store (the machine that owns the endpoint's
-address). `launch_commands` gives every machine's command line for a config: what `lamina serve
+reach), and whether it hosts the rendezvous store: node 0 always does, so the endpoint must be
+one of node 0's addresses (its launcher serves the store until every other machine has left). `launch_commands` gives every machine's command line for a config: what `lamina serve
 --print-launch` prints, what the planner prints and what the recipes in deploy/ must match.
 """
 
@@ -54,7 +54,7 @@ class NodeLaunch:
     rdzv_id: str = DEFAULT_RDZV_ID
     rdzv_timeout_s: float = DEFAULT_RDZV_TIMEOUT_S
     address: str = "127.0.0.1"  # this machine's address on the route to the endpoint
-    hosts_store: bool = False   # this machine owns the endpoint's address
+    hosts_store: bool = False   # node 0: its launcher serves the rendezvous store
 
     @property
     def several(self) -> bool:
@@ -119,20 +119,18 @@ def node_launch(cfg, args) -> NodeLaunch:
     from megatron_lamina.placement import node_address
 
     host, port = split_endpoint(args.rdzv_endpoint)
-    address = node_address(host)
+    if node_rank == 0 and not owns_address(host):
+        raise ConfigError(f"--rdzv-endpoint {args.rdzv_endpoint}: node 0 hosts the rendezvous, so the endpoint "
+                          f"must be an address of this machine (node 0); {host} is not")
     return NodeLaunch(nnodes, node_rank, cfg.node_workers(node_rank), f"{host}:{port}", args.rdzv_id,
-                      args.rdzv_timeout, address, owns_address(host))
+                      args.rdzv_timeout, node_address(host), hosts_store=node_rank == 0)
 
 
 def owns_address(host: str) -> bool:
-    """True when `host` is an address of this machine other than loopback (torch elastic
-    finds a loopback or host-name endpoint itself, but not an address of an interface that
-    the host name does not resolve to, as in a network namespace)."""
+    """True when `host` resolves to an address of this machine (loopback included)."""
     try:
         address = socket.gethostbyname(host)
     except OSError:
-        return False
-    if address.startswith("127."):
         return False
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         try:

@@ -84,10 +84,12 @@ def start_ranks(nproc: int, program: str, argv: list[str], shutdown_timeout_s: f
         os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // nproc))
     several = node is not None and node.several
     if several:
+        # Node 0's launcher serves the rendezvous store itself (every agent, its own included, is
+        # a client), so the store lives until this process ends, after the other machines left.
+        store = _serve_store(node) if node.hosts_store else None
         config = LaunchConfig(min_nodes=node.nnodes, max_nodes=node.nnodes, nproc_per_node=nproc,
                               run_id=node.rdzv_id, rdzv_backend="c10d", rdzv_endpoint=node.endpoint,
-                              rdzv_configs={"join_timeout": node.rdzv_timeout_s + 2 * STALL_S,
-                                            **({"is_host": True} if node.hosts_store else {})},
+                              rdzv_configs={"join_timeout": node.rdzv_timeout_s + 2 * STALL_S, "is_host": False},
                               local_addr=node.address, max_restarts=0, shutdown_timeout=int(shutdown_timeout_s) + 1)
         roll = _roll_call(node, cfg).start()
         watch = threading.Thread(target=_rendezvous_deadline, args=(roll, node, cfg), daemon=True)
@@ -113,16 +115,39 @@ def start_ranks(nproc: int, program: str, argv: list[str], shutdown_timeout_s: f
     except RendezvousError:
         if not several:
             raise
-        _report_missing(roll, node, cfg)
-        code, reason = 1, "the rendezvous timed out"
+        if roll.missing():
+            _report_missing(roll, node, cfg)
+            code, reason = 1, "the rendezvous timed out"
+        else:  # the job had assembled: the store (node 0) went away under this machine's ranks
+            lost = _lost_node(roll, node, cfg)
+            code, reason = (1, "the rendezvous store failed") if lost is None else (lost, "node 0 was lost")
     finally:
         if several:
             roll.leave(reason)
+            if store is not None:
+                roll.wait_others(timeout_s=shutdown_timeout_s)
     return code
 
 
 # ---- several machines ------------------------------------------------------------------------
 LOST_NODE_EXIT = 10  # a multi-machine job that lost node R exits with LOST_NODE_EXIT + R
+
+
+def _serve_store(node):
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+
+    from megatron_lamina.launch.nodes import split_endpoint
+
+    host, port = split_endpoint(node.endpoint)
+    try:
+        return TCPStore(host, port, is_master=True, multi_tenant=True, wait_for_workers=False,
+                        timeout=timedelta(seconds=node.rdzv_timeout_s))
+    except Exception as e:  # the port is taken (another job, or a launcher left behind)
+        print(f"error: --rdzv-endpoint {node.endpoint}: cannot serve the rendezvous there ({str(e).splitlines()[0]})",
+              file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 def _roll_call(node, cfg):

@@ -73,6 +73,20 @@ class RollCall:
                 return lost, silent
             time.sleep(BEAT_S / 4)
 
+    def wait_others(self, timeout_s: float) -> None:
+        """Node 0, before its store goes: wait until every other machine left or was lost."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                store = self._connect(timeout_s=BEAT_S)
+                self._read(store)
+            except Exception:
+                return
+            gone = set(self._left) | set(self.lost()) | {self.node}
+            if all(n in gone or n not in self.entries for n in range(self.nnodes)):
+                return
+            time.sleep(BEAT_S / 4)
+
     def leave(self, reason: str) -> None:
         """Say this node ends by itself (never reported lost), and stop beating."""
         self._stop.set()
