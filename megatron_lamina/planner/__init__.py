@@ -8,12 +8,14 @@ One job per module, data flowing down the list:
   synthetic.py   cost tables from a datasheet roofline, for devices nobody has profiled
   trace.py       request traces (Azure CSV, Mooncake JSONL) as arrival time + token counts
   layout.py      one candidate layout: devices, KV capacity, price, the config it becomes
+  link.py        the model-attention network: latency + bytes / bandwidth per message
   pipeline.py    the time of one engine step: staggered pipeline or colocated
   simulator.py   discrete-event replay of a trace through the engine's own scheduler
   serving_overhead.py  a real server's per-step host time beyond the profile, fitted from
                  calibration runs (tools/validate_planner.py)
   stats.py       percentiles and the latency summary shared with tools/bench_serving.py
   search.py      enumerate layouts, simulate each, rank by throughput per dollar under a SLO
+  deployment.py  the chosen layout on machines: deployment.nodes and each machine's command
 
 tools/profile_costs.py writes cost tables, tools/plan.py drives the rest; docs/PLANNER.md says how
 the simulator models the engine and what it assumes.
