@@ -149,6 +149,8 @@ def test_the_link_model_sets_the_exchange_time():
         choose_link("infiniband")
     with pytest.raises(ValueError, match="--link table keeps"):
         choose_link("table", latency_us=5)
+    with pytest.raises(ValueError, match=r"bandwidth 0 Gb/s must be > 0 \(--link-bandwidth-gbps\)"):
+        choose_link("rdma", bandwidth_gbps=0)
 
 
 def test_kv_capacity_bounds_the_batch_and_preempts():

@@ -40,7 +40,8 @@ def plan_tool():
 
 
 def planned_config(layout: Layout, machines: list[Machine]) -> LaminaConfig:
-    return LaminaConfig.from_dict(yaml.safe_load(config_yaml(layout, "ckpt", "bfloat16", [], deployment_nodes(machines))))
+    text = config_yaml(layout, "ckpt", "bfloat16", [], deployment_nodes(machines))
+    return LaminaConfig.from_dict(yaml.safe_load(text))
 
 
 def test_a_known_plan_prints_its_deployment():

@@ -37,7 +37,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without pip install
 
 from megatron_lamina.planner.cost_table import CostTable  # noqa: E402
-from megatron_lamina.planner.deployment import Machine, deployment_nodes, deployment_text, gpus_per_node, place  # noqa: E402,E501
+from megatron_lamina.planner.deployment import (  # noqa: E402
+    Machine, deployment_nodes, deployment_text, gpus_per_node, place,
+)
 from megatron_lamina.planner.devices import DEFAULT_PRICES, load_prices  # noqa: E402
 from megatron_lamina.planner.layout import Layout, config_yaml, kv_blocks_per_cache  # noqa: E402
 from megatron_lamina.planner.link import LINKS, TABLE, Link, choose_link, describe_link  # noqa: E402

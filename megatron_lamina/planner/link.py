@@ -28,9 +28,10 @@ class Link:
 
     def __post_init__(self):
         if not self.bandwidth_gbps > 0:
-            raise ValueError(f"link {self.name}: bandwidth {self.bandwidth_gbps:g} Gb/s must be > 0")
+            raise ValueError(f"link {self.name}: bandwidth {self.bandwidth_gbps:g} Gb/s must be > 0 "
+                             f"(--link-bandwidth-gbps)")
         if not self.latency_us >= 0:
-            raise ValueError(f"link {self.name}: latency {self.latency_us:g} us must be >= 0")
+            raise ValueError(f"link {self.name}: latency {self.latency_us:g} us must be >= 0 (--link-latency-us)")
 
     def message_time(self, nbytes: float) -> float:
         """Seconds for one message of `nbytes` bytes, one way."""
