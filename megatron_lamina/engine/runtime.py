@@ -1,7 +1,8 @@
 """Start-up of one rank: the process groups, the worker, the start-up log.
 
-Every launcher first joins the job (`join_from_args`: the config, this machine's node rank,
-and the placed ranks of placement.py, so roles follow the machines, not their join order), then
+Every launcher first reads its job (`job_from_args`: the config and this machine's node rank)
+and joins it (`join`: the placed ranks of placement.py, so roles follow the machines, not their
+join order), then
 calls `start_rank(cfg, placement)`, which validates the layout
 against the checkpoint (one clear line on a mismatch), creates the process groups
 (topology.py) and asks the worker factory (worker_factory.py) for this rank's worker, printing
@@ -53,23 +54,40 @@ class StartupLog:
             print(f"[lamina {time.monotonic() - self.started:7.1f}s] {message}", file=sys.stderr, flush=True)
 
 
-def join_from_args(args) -> tuple[LaminaConfig, Placement] | None:
-    """Launchers, first thing: the config from --config/--set, this machine's node rank, and the
-    job joined with placed ranks (placement.py). A user's mistake (config, node rank, machines
-    that do not fit the deployment) is one `error:` line, printed by the first rank of each
-    machine, and None is returned; the launcher exits 2."""
+def job_from_args(args) -> tuple[LaminaConfig, int] | None:
+    """Launchers, first thing: the config from --config/--set and this machine's node rank. The
+    driver is known from these alone (node 0's first local rank: placement.py sorts it first),
+    so a server's rank 0 can bind its port before the other machines have joined. A mistake is
+    one `error:` line, printed by the first rank of each machine, and None is returned."""
     from megatron_lamina.config import ConfigError, config_from_args
     from megatron_lamina.launch.nodes import node_rank_of
-    from megatron_lamina.placement import PlacementError, join_job
 
     try:
         cfg = config_from_args(args)
-        node_rank = node_rank_of(cfg, args, int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or None)
-        return cfg, join_job(cfg, node_rank)
-    except (ConfigError, PlacementError) as e:
+        return cfg, node_rank_of(cfg, args, int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or None)
+    except ConfigError as e:
         if os.environ.get("LOCAL_RANK", "0") == "0":
             print(f"error: {e}", file=sys.stderr, flush=True)
         return None
+
+
+def is_driver(node_rank: int) -> bool:
+    return node_rank == 0 and os.environ.get("LOCAL_RANK", "0") == "0"
+
+
+def join(cfg: LaminaConfig, node_rank: int) -> Placement | None:
+    """The job joined with placed ranks (placement.py); machines that do not fit the deployment
+    are one `error:` line (first rank of each machine) and None."""
+    from megatron_lamina.placement import PlacementError, join_job
+
+    try:
+        placement = join_job(cfg, node_rank)
+    except PlacementError as e:
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return None
+    assert (placement.rank == 0) == is_driver(node_rank), "the driver is node 0's first local rank"
+    return placement
 
 
 def start_from_placement(cfg: LaminaConfig, placement: Placement) -> RankContext | None:

@@ -67,13 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_lamina.engine.batch_job import read_batch
     from megatron_lamina.engine.batch_output import BatchOutput, OutputError
     from megatron_lamina.engine.control_plane import serve_plans
-    from megatron_lamina.engine.runtime import join_from_args, start_from_placement
+    from megatron_lamina.engine.runtime import is_driver, job_from_args, join, start_from_placement
 
-    joined = join_from_args(args)
-    if joined is None:
+    job = job_from_args(args)
+    if job is None:
         return 2
-    cfg, placement = joined
-    driver = placement.rank == 0  # on node 0: only its machine needs the input and the output
+    cfg, node_rank = job
+    driver = is_driver(node_rank)  # on node 0: only its machine needs the input and the output
     if not driver:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_IGN)
@@ -87,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
         except (OutputError, OSError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+    placement = join(cfg, node_rank)
+    if placement is None:
+        return 2
     ctx = start_from_placement(cfg, placement)
     if ctx is None:
         return 2

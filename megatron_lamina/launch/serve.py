@@ -71,13 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
 
     from megatron_lamina.engine.control_plane import serve_plans
-    from megatron_lamina.engine.runtime import join_from_args, start_from_placement
+    from megatron_lamina.engine.runtime import is_driver, job_from_args, join, start_from_placement
 
-    joined = join_from_args(args)
-    if joined is None:
+    job = job_from_args(args)
+    if job is None:
         return 2
-    cfg, placement = joined
-    if placement.rank == 0:  # the front end starts (imports, tokenizer) while the model loads
+    cfg, node_rank = job
+    if is_driver(node_rank):  # the front end binds the port and starts while the machines join and load
         from megatron_lamina.config import ConfigError
         from megatron_lamina.server.frontend import start_frontend
 
@@ -86,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as e:  # the config, or the port in use: before any model loads
             print(f"error: {e}", file=sys.stderr, flush=True)
             return 2
+    placement = join(cfg, node_rank)
+    if placement is None:
+        return 2
     ctx = start_from_placement(cfg, placement)
     if ctx is None:
         return 2
