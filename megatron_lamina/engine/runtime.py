@@ -139,6 +139,23 @@ def start_rank(cfg: LaminaConfig, placement: Placement | None = None) -> RankCon
     return RankContext(cfg, arch, topology, groups, rank, device, built.num_blocks, built.worker, placement)
 
 
+def serve_worker(ctx: RankContext) -> int:
+    """A non-driver rank: run the driver's plans until its shutdown plan (0). When a step fails
+    (the driver or another machine died, or a peer stopped answering) the rank says so in one
+    `error:` line naming itself and its node, and returns 1; the driver's side reports the job."""
+    from megatron_lamina.engine.control_plane import serve_plans
+
+    try:
+        serve_plans(ctx)
+        return 0
+    except Exception as e:  # a collective failed: nothing of this rank's own to save
+        where = f"node {ctx.placement.seat.node}" if ctx.placement is not None else "this machine"
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        print(f"error: rank {ctx.rank} ({ctx.topology.describe_rank(ctx.rank)}, {where}) stopped: "
+              f"{type(e).__name__}: {reason}", file=sys.stderr, flush=True)
+        return 1
+
+
 def _device(cfg: LaminaConfig) -> torch.device:
     if cfg.runtime.device == "cpu":
         return torch.device("cpu")

@@ -66,8 +66,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from megatron_lamina.engine.batch_job import read_batch
     from megatron_lamina.engine.batch_output import BatchOutput, OutputError
-    from megatron_lamina.engine.control_plane import serve_plans
-    from megatron_lamina.engine.runtime import is_driver, job_from_args, join, start_from_placement
+    from megatron_lamina.engine.runtime import is_driver, job_from_args, join, serve_worker, start_from_placement
 
     job = job_from_args(args)
     if job is None:
@@ -109,7 +108,9 @@ def main(argv: list[str] | None = None) -> int:
         print(summary.line(args.output), file=sys.stderr, flush=True)
         code = 128 + stop.signal if stop.signal else summary.exit_code
     else:
-        serve_plans(ctx)
+        if serve_worker(ctx):
+            sys.stderr.flush()
+            os._exit(1)  # never wait on a collective with a dead peer
     dist.destroy_process_group()
     return code
 

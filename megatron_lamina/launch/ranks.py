@@ -89,10 +89,12 @@ def start_ranks(nproc: int, program: str, argv: list[str], shutdown_timeout_s: f
         store = _serve_store(node) if node.hosts_store else None
         config = LaunchConfig(min_nodes=node.nnodes, max_nodes=node.nnodes, nproc_per_node=nproc,
                               run_id=node.rdzv_id, rdzv_backend="c10d", rdzv_endpoint=node.endpoint,
-                              rdzv_configs={"join_timeout": node.rdzv_timeout_s + 2 * STALL_S, "is_host": False},
+                              rdzv_configs={"join_timeout": node.rdzv_timeout_s + 2 * STALL_S, "is_host": False,
+                                            # a machine cut off from node 0 gives up on the store soon
+                                            "read_timeout": STORE_READ_TIMEOUT_S, "close_timeout": STORE_READ_TIMEOUT_S},
                               local_addr=node.address, max_restarts=0, shutdown_timeout=int(shutdown_timeout_s) + 1)
         roll = _roll_call(node, cfg).start()
-        watch = threading.Thread(target=_rendezvous_deadline, args=(roll, node, cfg), daemon=True)
+        watch = threading.Thread(target=_watch, args=(roll, node, cfg), daemon=True)
         watch.start()
     else:
         config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
@@ -130,6 +132,8 @@ def start_ranks(nproc: int, program: str, argv: list[str], shutdown_timeout_s: f
 
 
 # ---- several machines ------------------------------------------------------------------------
+STORE_LOST_S = 20  # a store silent this long under an assembled job: node 0 is gone, or this machine is cut off
+STORE_READ_TIMEOUT_S = 10  # torch elastic's default (60 s) kept a cut-off machine's agent a minute per read
 LOST_NODE_EXIT = 10  # a multi-machine job that lost node R exits with LOST_NODE_EXIT + R
 
 
@@ -159,19 +163,27 @@ def _roll_call(node, cfg):
     return RollCall(host, port, node.rdzv_id, node.nnodes, node.node_rank, entry)
 
 
-def _rendezvous_deadline(roll, node, cfg) -> None:
-    """At --rdzv-timeout, if a machine is still missing: one `error:` line naming it, and exit
-    (nothing has started on this machine yet)."""
+def _watch(roll, node, cfg) -> None:
+    """While torch elastic runs this machine's part. Before the job assembles: at --rdzv-timeout,
+    a machine still missing is named in one `error:` line, and this launcher exits (nothing has
+    started here yet). After: a machine other than node 0 that loses the store for
+    STORE_LOST_S (node 0 gone, or this machine cut off) names it and exits, its ranks with it
+    (torch's agent would wait on the store for minutes)."""
     deadline = time.monotonic() + node.rdzv_timeout_s
-    while time.monotonic() < deadline:
-        if not roll.missing():
-            return
+    while roll.missing():
+        if time.monotonic() >= deadline:
+            _report_missing(roll, node, cfg)
+            roll.leave("the rendezvous timed out")
+            sys.stderr.flush()
+            os._exit(1)
         time.sleep(0.5)
-    if roll.missing():
-        _report_missing(roll, node, cfg)
-        roll.leave("the rendezvous timed out")
-        sys.stderr.flush()
-        os._exit(1)
+    if node.hosts_store:
+        return
+    while roll.silent_for() < STORE_LOST_S:
+        time.sleep(0.5)
+    code = _lost_node(roll, node, cfg)
+    sys.stderr.flush()
+    os._exit(code if code is not None else 1)
 
 
 def _report_missing(roll, node, cfg) -> None:

@@ -36,6 +36,7 @@ class RollCall:
         self._beats: dict[int, tuple[int, float]] = {}  # node -> (counter, when it last changed)
         self._left: set[int] = set()
         self.last_contact: float | None = None  # when the store last answered
+        self.started = time.monotonic()
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="lamina-roll-call", daemon=True)
@@ -61,7 +62,11 @@ class RollCall:
             return next((n for n, e in sorted(self.entries.items()) if e.get("hosts_store")), None)
 
     def store_silent(self) -> bool:
-        return self.last_contact is None or time.monotonic() - self.last_contact > STALL_S
+        return self.silent_for() > STALL_S
+
+    def silent_for(self) -> float:
+        """Seconds since the store last answered (since this roll call started, if never)."""
+        return time.monotonic() - (self.last_contact or self.started)
 
     def verdict(self, wait_s: float = STALL_S + 2 * BEAT_S) -> tuple[list[int], bool]:
         """After a failure: (nodes lost, whether the store itself went silent), waiting up to

@@ -70,8 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     exit_with_parent()
     import torch.distributed as dist
 
-    from megatron_lamina.engine.control_plane import serve_plans
-    from megatron_lamina.engine.runtime import is_driver, job_from_args, join, start_from_placement
+    from megatron_lamina.engine.runtime import is_driver, job_from_args, join, serve_worker, start_from_placement
 
     job = job_from_args(args)
     if job is None:
@@ -97,7 +96,9 @@ def main(argv: list[str] | None = None) -> int:
         # SIGTERM ends the rank at once, as when rank 0 refused its config or port.
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_IGN)
-        serve_plans(ctx)
+        if serve_worker(ctx):
+            sys.stderr.flush()
+            os._exit(1)  # never wait on a collective with a dead peer
         dist.destroy_process_group()
         return 0
     code = serve_driver(ctx, frontend, conn)
