@@ -268,3 +268,32 @@ def test_a_batch_job_that_lost_a_machine_resumes(tmp_path, tiny_models):
                                                                              ignore_eos=True)] * len(prompts))
     assert [records[f"r{i}"]["token_ids"] for i in range(10)] == expected
     assert all(records[k] == v for k, v in done_before.items())
+
+
+def test_an_attention_machine_cut_off_mid_stream(tmp_path, tiny_models):
+    """Its cable out: no reset reaches anyone. The step times out (runtime.step_timeout_s), the
+    stream ends in an error, node 0 names node 1, and node 1, cut off from node 0's store, names
+    node 0 and exits; nothing is left on either machine."""
+    config = _config(tmp_path, tiny_models["untied"].canonical_dir, [("model", 1), ("attention", 2)],
+                     kv_cache={"block_size": 4, "num_blocks": 128}, runtime={"step_timeout_s": 10})
+    body = {"model": "canonical", "prompt": [1, 5, 9], "max_tokens": 200, "temperature": 0, "ignore_eos": True,
+            "stream": True}
+    with Machines(2) as machines:
+        procs = _start_all(machines, ["serve"], config, tmp_path)
+        client = _stream_in(machines, 0, body)
+        events = []
+        for line in client.stdout:
+            events.append(json.loads(line))
+            if len(events) >= 4:
+                break
+        assert events[0] == {"status": 200}, (events, _log(tmp_path, 0))
+        machines.cut(1)
+        rest = [json.loads(line) for line in client.stdout]
+        client.wait(timeout=60)
+        last = [e["event"] for e in events[1:] + rest]
+        assert last[-1] == "[DONE]" and "error" in json.loads(last[-2]), last[-3:]
+        assert procs[0].wait(timeout=120) == 11, _log(tmp_path, 0)
+        assert "node 1 (attention, 2 workers)" in _log(tmp_path, 0).strip().splitlines()[-1]
+        assert procs[1].wait(timeout=120) == 10, _log(tmp_path, 1)
+        assert "node 0 (model, 1 worker)" in _log(tmp_path, 1).strip().splitlines()[-1]
+        _no_process_left(machines)
