@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import socket
+import time
 from dataclasses import dataclass
 
 from megatron_lamina.config import ConfigError
@@ -28,6 +29,7 @@ from megatron_lamina.config import ConfigError
 DEFAULT_RDZV_TIMEOUT_S = 600
 DEFAULT_RDZV_PORT = 29500
 DEFAULT_RDZV_ID = "lamina"
+RESOLVE_WAIT_S = 60.0  # node 0: how long its endpoint's name may take to resolve
 
 
 def add_node_arguments(parser: argparse.ArgumentParser) -> None:
@@ -119,19 +121,26 @@ def node_launch(cfg, args) -> NodeLaunch:
     from megatron_lamina.placement import node_address
 
     host, port = split_endpoint(args.rdzv_endpoint)
-    if node_rank == 0 and not owns_address(host):
+    if node_rank == 0 and not owns_address(host, wait_s=RESOLVE_WAIT_S):
         raise ConfigError(f"--rdzv-endpoint {args.rdzv_endpoint}: node 0 hosts the rendezvous, so the endpoint "
                           f"must be an address of this machine (node 0); {host} is not")
     return NodeLaunch(nnodes, node_rank, cfg.node_workers(node_rank), f"{host}:{port}", args.rdzv_id,
                       args.rdzv_timeout, node_address(host), hosts_store=node_rank == 0)
 
 
-def owns_address(host: str) -> bool:
-    """True when `host` resolves to an address of this machine (loopback included)."""
-    try:
-        address = socket.gethostbyname(host)
-    except OSError:
-        return False
+def owns_address(host: str, wait_s: float = 0.0) -> bool:
+    """True when `host` resolves to an address of this machine (loopback included). A name that
+    does not resolve yet is retried for `wait_s` (a Kubernetes pod's own DNS record can appear
+    seconds after the pod starts)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            address = socket.gethostbyname(host)
+            break
+        except OSError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(1.0)
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         try:
             s.bind((address, 0))
