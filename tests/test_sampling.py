@@ -132,10 +132,12 @@ def mixed_logits(rows: int, vocab: int = 1000, seed: int = 0) -> torch.Tensor:
 
 
 def test_batched_equals_per_row_reference():
+    """Every row with a generator of its own (the unseeded one given one by hand) draws what
+    `torch.multinomial` draws with it."""
     logits = mixed_logits(len(MIXED))
-    batched = [p.make_generator() for p in MIXED]
+    batched = [p.make_generator() or torch.Generator().manual_seed(99) for p in MIXED]
     single, reference = [], []
-    for g in batched:  # the unseeded row too: copies of each generator's state
+    for g in batched:  # copies of each generator's state
         single.append(torch.Generator().set_state(g.get_state()))
         reference.append(torch.Generator().set_state(g.get_state()))
     for step in range(20):
@@ -163,6 +165,53 @@ def test_seeded_row_does_not_depend_on_its_batch_mates():
     assert tokens(MIXED[::-1], len(MIXED)) == alone
     same = [SamplingParams(temperature=0.9, top_k=40, top_p=0.9, seed=s) for s in range(4)]
     assert tokens(same, 2) == alone
+
+
+def test_unseeded_rows_share_one_batched_draw(monkeypatch):
+    """Rows without a seed have no generator: their noise is ONE `exponential_` over the batch
+    (one launch on a GPU, not one per row), from the default generator, so a fixed global
+    seed repeats them; seeded rows still draw their own rows, one call each."""
+    unseeded = [SamplingParams(temperature=1.0) for _ in range(64)]
+    assert all(p.make_generator() is None for p in unseeded)
+    logits = torch.zeros(64, 50)  # uniform: any token is as likely, rows must differ
+
+    def draw(params):
+        calls = []
+        original = torch.Tensor.exponential_
+
+        def counted(self, *args, **kwargs):
+            calls.append(tuple(self.shape))
+            return original(self, *args, **kwargs)
+        with monkeypatch.context() as m:
+            m.setattr(torch.Tensor, "exponential_", counted)
+            tokens = sample_tokens(logits[:len(params)], params, [p.make_generator() for p in params])
+        return tokens, calls
+
+    torch.manual_seed(0)
+    first, calls = draw(unseeded)
+    assert calls == [(64, 50)]
+    torch.manual_seed(0)
+    assert draw(unseeded)[0] == first
+    assert len(set(first)) > 10  # rows differ: each row its own noise
+    assert draw(unseeded)[0] != first  # and the next step draws anew
+
+    mixed = unseeded[:30] + [SamplingParams(temperature=1.0, seed=s) for s in range(3)] + \
+        [SamplingParams(temperature=0)] * 31
+    tokens, calls = draw(mixed)
+    assert calls == [(64, 50), (50,), (50,), (50,)]
+    assert tokens[33:] == [0] * 31  # greedy rows: the argmax of a uniform row
+    seeded = [sample_token(logits[0], SamplingParams(temperature=1.0, seed=s),
+                           SamplingParams(temperature=1.0, seed=s).make_generator()) for s in range(3)]
+    assert tokens[30:33] == seeded
+    assert draw(mixed[33:])[1] == []  # all greedy: nothing drawn
+
+
+def test_logit_bias_rows_sample_with_the_batch():
+    """A biased row without a seed takes its noise from the batched draw, and its bias holds."""
+    params = [SamplingParams(temperature=1.0, logit_bias={3: 100.0}), SamplingParams(temperature=1.0)]
+    logits = torch.zeros(2, 8)
+    for _ in range(20):
+        assert sample_tokens(logits, params, [None, None])[0] == 3
 
 
 def test_empty_batch_and_mismatched_lengths():

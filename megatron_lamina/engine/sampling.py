@@ -2,23 +2,28 @@
 
 `SamplingParams` follows vLLM/OpenAI: temperature 0 is greedy; otherwise logits are divided
 by the temperature, cut to the `top_k` largest and to the smallest set whose probability
-reaches `top_p`, and one token is drawn with the request's own `torch.Generator`. A request
-with a `seed` gets a generator seeded with it, so its tokens do not depend on which other
-requests share its batch or micro-batch.
+reaches `top_p`, and one token is drawn. A request with a `seed` draws with its own
+`torch.Generator` seeded with it, so its tokens do not depend on which other requests share
+its batch or micro-batch; a request without one has no generator of its own.
 
 `sample_tokens` samples a whole step's rows where the logits are (the GPU on a GPU): one
 argmax over the greedy rows, the temperature / top-k / top-p arithmetic once per group of
-rows with identical (temperature, top_k, top_p), one draw per row from that row's own
-generator, and a single transfer of the B token ids to the host at the end. The draw is
-`torch.multinomial`'s own one-sample method (argmax of probs / q with q ~ Exp(1) drawn by the
-row's generator), written out so that it needs no host synchronisation; on the CPU it gives
-exactly the numbers `torch.multinomial(probs, 1, generator=...)` gives (tests check this).
+rows with identical (temperature, top_k, top_p), and a single transfer of the B token ids
+to the host at the end. The draw is `torch.multinomial`'s own one-sample method (argmax of
+probs / q with q ~ Exp(1)), written out so that it needs no host synchronisation. As in
+vLLM V1, the noise q of every row without a generator comes from ONE `exponential_` call
+per step on the device's default generator (`torch.manual_seed` makes it repeatable): one
+launch, not one per row. Only a row with a generator (a seeded request) draws its own row
+of q from it; on the CPU that gives exactly the numbers `torch.multinomial(probs, 1,
+generator=...)` gives (tests check this).
 
 Generators live on the logits' device (`SamplingParams.make_generator(device)`; the engine
 uses its driver rank's device). On a GPU, seeded sampling is reproducible from run to run
 (same seed, same GPU type and PyTorch version, same tokens) but draws different numbers than
 on the CPU, because the CUDA generator is a different random stream (Philox) than the CPU
-one (Mersenne Twister) -- as in vLLM.
+one (Mersenne Twister) -- as in vLLM. Small tensors the sampler builds from Python values
+(a logit bias, the tokens a penalty counts) reach the device from pinned memory without
+blocking, so the host never waits for the step in flight.
 """
 
 from __future__ import annotations
@@ -95,15 +100,12 @@ class SamplingParams:
         """Sampled on its own row (penalties or a logit bias), not in a group of identical rows."""
         return self.needs_history or bool(self.logit_bias)
 
-    def make_generator(self, device: torch.device | str = "cpu") -> torch.Generator:
-        """This request's generator on `device` (where its logits will be): seeded with `seed`,
-        or from a non-deterministic source without one."""
-        generator = torch.Generator(device=device)
+    def make_generator(self, device: torch.device | str = "cpu") -> torch.Generator | None:
+        """This request's generator on `device` (where its logits will be), seeded with
+        `seed`; None without a seed: the row shares the step's one batched draw."""
         if self.seed is None:
-            generator.seed()
-        else:
-            generator.manual_seed(self.seed)
-        return generator
+            return None
+        return torch.Generator(device=device).manual_seed(self.seed)
 
 
 # The largest logit a penalty or bias may leave (a small repetition_penalty multiplies one):
@@ -112,16 +114,17 @@ class SamplingParams:
 SAFE_LOGIT = torch.finfo(torch.float32).max * SamplingParams.GREEDY_BELOW / 2
 
 
-def sample_tokens(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator],
+def sample_tokens(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
                   history: list[tuple[list[int], list[int]] | None] | None = None) -> list[int]:
     """logits: [B, vocab] (any float dtype, any device); row i is sampled with params[i] and
-    generators[i] (on the logits' device), `history[i]` its (prompt, output) tokens where its
-    params need them (the penalties). Returns the B token ids; the only transfer to the host
-    is the final one of those B integers."""
+    generators[i] (on the logits' device; None: the step's batched noise), `history[i]` its
+    (prompt, output) tokens where its params need them (the penalties). Returns the B token
+    ids; the only transfer to the host is the final one of those B integers."""
     return sample_tokens_on_device(logits, params, generators, history).tolist()
 
 
-def sample_tokens_on_device(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator],
+def sample_tokens_on_device(logits: torch.Tensor, params: list[SamplingParams],
+                            generators: list[torch.Generator | None],
                             history: list[tuple[list[int], list[int]] | None] | None = None) -> torch.Tensor:
     """`sample_tokens` without the transfer: the B token ids as an int64 tensor on the
     logits' device, computed without any host synchronisation (the engine reads them back
@@ -144,11 +147,14 @@ def sample_tokens_on_device(logits: torch.Tensor, params: list[SamplingParams], 
     order = [i for rows_of_group in groups.values() for i in rows_of_group]
     permuted = order != list(range(rows))
     if permuted:  # make each group a contiguous block of rows: one gather, one scatter back
-        index = _index_tensor(order, logits.device)
+        index = _to_device(order, torch.long, logits.device)
         logits = logits.index_select(0, index)
+    drawn = [(row, generators[i]) for row, i in enumerate(order) if params[i].temperature != 0]
+    noise = _noise(logits, [(row, g) for row, g in drawn if g is not None], any(g is None for _, g in drawn))
     chosen, start = [], 0
     for key, members in groups.items():
         block = logits[start:start + len(members)]
+        q = noise[start:start + len(members)] if noise is not None else None
         start += len(members)
         if key[0] == "row":
             p = params[members[0]]
@@ -158,8 +164,7 @@ def sample_tokens_on_device(logits: torch.Tensor, params: list[SamplingParams], 
         if temperature == 0:
             chosen.append(torch.argmax(block, dim=-1))
         else:
-            probs = _probabilities(block, temperature, top_k, top_p, min_p)
-            chosen.append(_draw(probs, [generators[i] for i in members]))
+            chosen.append(torch.argmax(_probabilities(block, temperature, top_k, top_p, min_p) / q, dim=-1))
     tokens = chosen[0] if len(chosen) == 1 else torch.cat(chosen)
     if permuted:
         tokens = torch.empty_like(tokens).index_copy_(0, index, tokens)
@@ -175,19 +180,20 @@ def adjust_logits(logits: torch.Tensor, params: SamplingParams,
     vocab = logits.shape[-1]
     if params.logit_bias:
         ids = [t for t in params.logit_bias if t < vocab]
-        logits[0, ids] += torch.tensor([float(params.logit_bias[t]) for t in ids], device=logits.device)
+        logits[0].index_add_(0, _to_device(ids, torch.long, logits.device),
+                             _to_device([float(params.logit_bias[t]) for t in ids], torch.float32, logits.device))
     if params.needs_history:
         prompt, output = history or ([], [])
         device = logits.device
         if params.repetition_penalty != 1:
             seen = torch.zeros(vocab, dtype=torch.bool, device=device)
-            seen[_index_tensor([t for t in prompt + output if t < vocab], device)] = True
+            seen[_to_device([t for t in prompt + output if t < vocab], torch.long, device)] = True
             row = logits[0]
             penalized = torch.where(row > 0, row / params.repetition_penalty, row * params.repetition_penalty)
             logits[0] = torch.where(seen, penalized, row)
         if output and (params.presence_penalty or params.frequency_penalty):
             counts = torch.zeros(vocab, dtype=torch.float32, device=device)
-            counts.index_add_(0, _index_tensor([t for t in output if t < vocab], device),
+            counts.index_add_(0, _to_device([t for t in output if t < vocab], torch.long, device),
                               torch.ones(len(output), device=device))
             logits[0] -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).float()
     return logits.clamp_(-SAFE_LOGIT, SAFE_LOGIT)
@@ -213,18 +219,26 @@ def _probabilities(logits: torch.Tensor, temperature: float, top_k: int, top_p: 
     return probs
 
 
-def _draw(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
-    """One token per row of probs [G, vocab], row i with generators[i]: what
-    `torch.multinomial(probs[i], 1, generator=generators[i])` computes (argmax of p / q,
-    q ~ Exp(1)), without its host-side validity check, so no synchronisation."""
-    q = torch.empty_like(probs)
-    for row, generator in zip(q, generators):
-        row.exponential_(1.0, generator=generator)
-    return torch.argmax(probs / q, dim=-1)
+def _noise(logits: torch.Tensor, own: list[tuple[int, torch.Generator]], shared: bool) -> torch.Tensor | None:
+    """q ~ Exp(1), [B, vocab] float32 (like the probabilities it divides), for the drawn rows
+    of logits: with `shared`, every row's from ONE `exponential_` over the batch on the
+    device's default generator; then each (row, generator) of `own` redrawn from its own
+    generator alone, exactly as `torch.multinomial` would draw it, so a seeded row's numbers
+    do not depend on its batch. None when no row is drawn (all greedy)."""
+    if not own and not shared:
+        return None
+    q = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
+    if shared:
+        q.exponential_()
+    for row, generator in own:
+        q[row].exponential_(1.0, generator=generator)
+    return q
 
 
-def _index_tensor(values: list[int], device: torch.device) -> torch.Tensor:
-    index = torch.tensor(values, dtype=torch.long)
-    if device.type == "cuda":  # from pinned memory: an asynchronous copy, no wait for the GPU
-        return index.pin_memory().to(device, non_blocking=True)
-    return index.to(device)
+def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small tensor of Python values on `device`; on a GPU from pinned memory, an
+    asynchronous copy: a pageable one would first wait for the GPU to drain."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
