@@ -109,11 +109,17 @@ def test_serving_benchmark_runs_a_disaggregated_layout_with_its_ranks(tmp_path):
                       "--config", str(ROOT / "configs" / "default.yaml"), "--set", "runtime.device=cpu",
                       "--set", "parallel.attention_workers=1", "--set", "scheduler.max_batch_size=8",
                       "--closed", "4", "--input-len", "16", "--output-len", "6", "--trace-requests", "0",
-                      "--batch-prompts", "3", "--phases", "checkpoint,server,batch", "--out-dir", str(out)]) == 0
+                      "--batch-prompts", "3", "--phases", "checkpoint,server,batch", "--greedy-too",
+                      "--out-dir", str(out)]) == 0
     result = json.loads((out / "serving_benchmark.json").read_text())
     assert not [k for k in result if k.endswith("_error")], result
     assert result["server"]["ranks"] == 2
     assert result["server"]["closed"]["completed"] == 4 and result["server"]["closed"]["failed"] == 0
+    # The headline samples as users do (temperature 1.0, top_p 0.95); the greedy batch ran first.
+    assert result["args"]["temperature"] == 1.0 and result["args"]["top_p"] == 0.95
+    assert result["server"]["closed_greedy"]["completed"] == 4
+    sent = [json.loads(line) for line in (out / "batch-in.jsonl").read_text().splitlines()]
+    assert all(r["temperature"] == 1.0 and r["top_p"] == 0.95 for r in sent)
     cpu = result["server"]["closed"]["server_cpu"]  # rank 0 by its RANK, the front end by its log line
     assert cpu["engine_loop_core_share"] > 0 and cpu["frontend_us_per_token"] > 0
     assert result["batch"]["exit_code"] == 0 and result["batch"]["records"] == 3

@@ -72,6 +72,11 @@ def summary(report: dict) -> dict:
                                    "request_throughput_req_s", "ttft_s", "tpot_s", "itl_s")}
 
 
+def sampling_args(args) -> list[str]:
+    """The requests' sampling, as users send it (the server's defaults: temperature 1.0)."""
+    return ["--temperature", str(args.temperature)] + ([] if args.top_p is None else ["--top-p", str(args.top_p)])
+
+
 def job_ranks(args) -> int:
     """The torchrun job's ranks for this config and these overrides (a config error stops here)."""
     return load_config(args.config, args.set).world_size
@@ -93,9 +98,18 @@ def run_server(args, out: Path, checkpoint: Path, result: dict) -> None:
         engine_pid, frontend_pid = server.driver_pid(), server.frontend_pid()
         pids = [p for p in (engine_pid, frontend_pid) if p]
         cpu_before, started = {p: thread_cpu_s(p) for p in pids}, time.monotonic()
+        if args.greedy_too:  # the same closed batch greedy first: the sampled headline's reference
+            greedy = bench_serving(["--url", server.url, "--closed", str(args.closed), "--input-len",
+                                    str(args.input_len), "--output-len", str(args.output_len), "--timeout", "900",
+                                    "--temperature", "0", "--out", str(out / "bench-closed-greedy.json")])
+            result["closed_greedy"] = summary(greedy)
+            log(f"closed batch, greedy: {greedy['output_throughput_tok_s']:.0f} output tok/s")
+            poller.stop()
+            poller = MetricsPoller(server.url, interval=0.2)
+            cpu_before, started = {p: thread_cpu_s(p) for p in pids}, time.monotonic()
         closed = bench_serving(["--url", server.url, "--closed", str(args.closed), "--input-len",
                                 str(args.input_len), "--output-len", str(args.output_len), "--timeout", "900",
-                                "--out", str(out / "bench-closed.json")])
+                                *sampling_args(args), "--out", str(out / "bench-closed.json")])
         samples = poller.stop()
         result["closed"] = summary(closed)
         gpu_samples = gpu.samples if gpu else []
@@ -114,7 +128,7 @@ def run_server(args, out: Path, checkpoint: Path, result: dict) -> None:
             trace = bench_serving(["--url", server.url, "--trace", args.trace, "--max-requests",
                                    str(args.trace_requests), "--rate-scale", str(args.rate_scale),
                                    "--max-input-len", str(args.max_input_len), "--timeout", "900",
-                                   "--out", str(out / "bench-trace.json")])
+                                   *sampling_args(args), "--out", str(out / "bench-trace.json")])
             poller.stop()
             result["trace"] = summary(trace)
             result["trace"]["gpu_util_nvml"] = mean_between(gpu.samples if gpu else [], trace["t0_monotonic"],
@@ -128,7 +142,8 @@ def run_server(args, out: Path, checkpoint: Path, result: dict) -> None:
 
 def run_batch(args, out: Path, checkpoint: Path) -> dict:
     words = " ".join(f"w{3 + i % 1000}" for i in range(args.input_len - 1))  # + BOS: input_len tokens
-    lines = [json.dumps({"id": i, "prompt": words, "max_tokens": args.output_len, "temperature": 0,
+    sampling = {"temperature": args.temperature, **({} if args.top_p is None else {"top_p": args.top_p})}
+    lines = [json.dumps({"id": i, "prompt": words, "max_tokens": args.output_len, **sampling,
                          "ignore_eos": True}) for i in range(args.batch_prompts)]
     (out / "batch-in.jsonl").write_text("\n".join(lines) + "\n")
     cmd = launcher_command("generate.py", job_ranks(args), args.config, args.set + [f"model.checkpoint={checkpoint}"])
@@ -168,8 +183,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", default="/tmp/lamina-random-ckpt")
     p.add_argument("--config", default=str(ROOT / "configs" / "gpu-colocated.yaml"))
     p.add_argument("--set", action="append", default=None, metavar="KEY=VALUE",
-                   help="server overrides (default: TP 1, batch 256, 1 micro-batch, prefill 4096, 4096 requests "
-                        "in flight before a 503: the trace replay offers more than the server serves)")
+                   help="server overrides beyond the checkpoint (default: only the two the shipped config cannot "
+                        "know: TP 1, one GPU lent; 4096 requests in flight before a 503, since the trace replay "
+                        "offers more than the server serves)")
+    p.add_argument("--temperature", type=float, default=1.0, help="every request's (default: the server's default)")
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--greedy-too", action="store_true",
+                   help="run the closed batch greedy too, first, on the same server (the sampled figure's reference)")
     p.add_argument("--closed", type=int, default=256)
     p.add_argument("--input-len", type=int, default=1024)
     p.add_argument("--output-len", type=int, default=256)
@@ -179,8 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-input-len", type=int, default=4096)
     p.add_argument("--batch-prompts", type=int, default=1000)
     args = p.parse_args(argv)
-    args.set = args.set or ["parallel.tensor_parallel=1", "scheduler.max_batch_size=256", "scheduler.micro_batches=1",
-                            "scheduler.max_prefill_tokens=4096", "server.max_queued_requests=4096"]
+    args.set = args.set or ["parallel.tensor_parallel=1", "server.max_queued_requests=4096"]
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = Path(args.checkpoint)
@@ -212,6 +231,9 @@ def print_table(r: dict) -> None:
         return "-" if v is None else fmt.format(v)
 
     server, closed = r.get("server", {}), r.get("server", {}).get("closed", {})
+    greedy = server.get("closed_greedy", {})
+    ratio = (closed["output_throughput_tok_s"] / greedy["output_throughput_tok_s"]
+             if closed.get("output_throughput_tok_s") and greedy.get("output_throughput_tok_s") else None)
     per_gpu = [u for u in closed.get("gpu_util_nvml_per_device") or [] if u is not None]
     cpu = closed.get("server_cpu") or {}
     window, trace, batch, decode = server.get("decode_window", {}), server.get("trace", {}), r.get("batch", {}), \
@@ -219,7 +241,10 @@ def print_table(r: dict) -> None:
     rows = [
         ("server ranks", str(server.get("ranks", "-"))),
         ("server start-up (s)", f(server.get("startup_s"))),
-        ("closed batch: output tok/s", f(closed.get("output_throughput_tok_s"), "{:.0f}")),
+        (f"closed batch: output tok/s (temperature {r['args']['temperature']:g}, top_p {r['args']['top_p']})",
+         f(closed.get("output_throughput_tok_s"), "{:.0f}")),
+        ("closed batch, greedy: output tok/s (sampled / greedy)",
+         f"{f(greedy.get('output_throughput_tok_s'), '{:.0f}')} ({f(ratio, '{:.3f}')})"),
         ("closed batch: TTFT p50 (s) / TPOT p50 (ms)",
          f"{f((closed.get('ttft_s') or {}).get('p50'), '{:.3f}')} / "
          f"{f((closed.get('tpot_s') or {}).get('p50') and closed['tpot_s']['p50'] * 1e3, '{:.2f}')}"),

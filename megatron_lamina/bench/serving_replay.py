@@ -58,6 +58,8 @@ def make_prompt(args, index: int, length: int) -> list[int] | str:
 def request_body(args, index: int, r: TraceRequest) -> dict:
     body = {"prompt": make_prompt(args, index, r.input_len), "max_tokens": r.output_len, "stream": True,
             "stream_options": {"include_usage": True}, "temperature": args.temperature}
+    if args.top_p is not None:
+        body["top_p"] = args.top_p
     if args.model:
         body["model"] = args.model
     if not args.no_extensions:
@@ -251,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
                              "of the tests' tiny model and up)")
     parser.add_argument("--text-word", default="hello", help="prompt word in text mode")
     parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top-p", type=float, default=None, help="sent only when given")
     parser.add_argument("--no-extensions", action="store_true",
                         help="omit min_tokens, ignore_eos, return_token_ids (plain OpenAI servers)")
     parser.add_argument("--max-concurrency", type=int, default=None, help="cap on requests in flight")
