@@ -2,7 +2,9 @@
 
     lamina serve --config configs/default.yaml [--set KEY=VALUE ...]
     lamina generate --config CFG --input IN.jsonl --output OUT.jsonl [--resume | --overwrite] [--quiet]
+    lamina serve MODEL [--port N ...]          (MODEL: a checkpoint, a Hugging Face directory or a GGUF file)
     lamina convert --source gguf --input model.gguf --output checkpoints/model
+    lamina --version
 
 `serve` and `generate` first check, in this process, everything that can be checked before a
 rank starts: the config, its layout against the checkpoint's architecture, the input file,
@@ -38,6 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(usage(), file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        from importlib.metadata import version
+
+        print(f"lamina (megatron-lamina) {version('megatron-lamina')}")
+        return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         print(f"error: unknown command {command!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
@@ -96,13 +103,17 @@ def check_job(command: str, args):
     from megatron_lamina.architecture import read_architecture
     from megatron_lamina.checkpoint.errors import open_safetensors
     from megatron_lamina.checkpoint.writer import MODEL_FILE
-    from megatron_lamina.config import config_from_args, validate_layout
+    from megatron_lamina.checkpoint.auto_convert import with_canonical_checkpoint
+    from megatron_lamina.config import check_device, config_from_args, validate_layout
 
     from megatron_lamina.launch.nodes import node_rank_of
 
     cfg = config_from_args(args)
+    check_device(cfg)
     model_node = node_rank_of(cfg, args) == 0  # attention nodes read only the architecture
-    try:
+    try:  # a Hugging Face directory or GGUF file is converted here, once, before any rank starts
+        cfg = with_canonical_checkpoint(cfg, args.config, log=lambda line: print(f"lamina: {line}", file=sys.stderr,
+                                                                                 flush=True))
         arch = read_architecture(cfg.model.checkpoint)
         if model_node:
             open_safetensors(Path(cfg.model.checkpoint) / MODEL_FILE)  # reads the header: truncated, corrupt?

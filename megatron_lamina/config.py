@@ -14,6 +14,7 @@ naming the dotted key, the value and what is allowed.
 from __future__ import annotations
 
 import argparse
+import json
 import types
 import typing
 from pathlib import Path
@@ -43,8 +44,9 @@ class _Section(BaseModel):
 # ---------------------------------------------------------------------------------- sections
 
 class ModelConfig(_Section):
-    # A canonical checkpoint directory (tools/convert_checkpoint.py). A relative path is
-    # relative to the launcher's working directory, not to the YAML file; kept as given.
+    # A canonical checkpoint directory (lamina convert), or a Hugging Face model directory or a
+    # GGUF file, converted once at start-up and cached (checkpoint/auto_convert.py). Kept as
+    # given here; a relative path is looked for beside the YAML file, then in the working directory.
     checkpoint: str
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
@@ -101,6 +103,12 @@ class ServerConfig(_Section):
     # The liveness watchdog: no engine progress for this long while requests are pending makes
     # /health answer 503 (and logs a line); the engine's stall, not a slow client.
     stall_timeout_s: float = Field(60.0, gt=0.0, le=86400.0)
+    # The largest request body (a chunked one too: reading stops once past it; a 413 beyond it),
+    # and the largest line of a batch job's input. Bounds what one request can make the front end hold.
+    max_body_mb: int = Field(32, ge=1, le=4096)
+    # A connection must have sent a request's headers this long after it opened (or after its
+    # last answer): slow-header clients (slowloris) are closed instead of held open forever.
+    header_timeout_s: float = Field(30.0, gt=0.0, le=3600.0)
 
 
 class NodeConfig(_Section):
@@ -317,9 +325,11 @@ def _allowed(annotation: Any, metadata: Sequence[Any] = ()) -> str:
 
 # ---------------------------------------------------------------------------------- loading
 
-def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> LaminaConfig:
-    """Read the YAML file at `path` (None: start from the defaults), apply the `--set`
-    overrides in order ("section.key=value", the value parsed as YAML) and check the result."""
+def load_config(path: str | Path | None, overrides: Sequence[str] = (),
+                values: dict[str, Any] | None = None) -> LaminaConfig:
+    """Read the YAML file at `path` (None: start from the defaults), set `values` ({"section.key":
+    value}, the launchers' flags), apply the `--set` overrides in order ("section.key=value",
+    the value parsed as YAML) and check the result."""
     data: Any = {}
     if path is not None:
         path = Path(path)
@@ -338,6 +348,10 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Lamin
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of sections ({', '.join(_SECTIONS)}) "
                               f"at the top level, got {type(data).__name__}")
+    for key, value in (values or {}).items():
+        section, name = key.split(".")
+        if isinstance(data.get(section), dict) or data.get(section) is None:  # else from_dict names the section
+            data[section] = {**(data.get(section) or {}), name: value}
     for override in overrides:
         _apply_override(data, override)
     return LaminaConfig.from_dict(data)
@@ -382,21 +396,84 @@ def _apply_override(data: dict[str, Any], override: str) -> None:
     data[section][name] = value
 
 
+# Ordinary flags for the common keys: each is the same as `--set KEY=VALUE` of its key.
+FLAGS: dict[str, tuple[str, type]] = {
+    "--host": ("server.host", str),
+    "--port": ("server.port", int),
+    "--api-key": ("server.api_key", str),
+    "--tensor-parallel": ("parallel.tensor_parallel", int),
+    "--attention-workers": ("parallel.attention_workers", int),
+    "--max-batch-size": ("scheduler.max_batch_size", int),
+}
+
+
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """`--config PATH` and repeatable `--set KEY=VALUE`, for the launchers and tools."""
+    """The launchers' config options: an optional positional MODEL (model.checkpoint),
+    `--config PATH`, repeatable `--set KEY=VALUE`, the `FLAGS`, and an epilog listing every
+    key with its default."""
+    parser.add_argument("model", nargs="?", metavar="MODEL", default=None,
+                        help="model.checkpoint: a megatron-lamina checkpoint directory, a Hugging Face model "
+                             "directory or a GGUF file (the last two converted once and cached)")
     parser.add_argument("--config", metavar="PATH", default=None,
                         help="YAML config (see configs/); without it every key has its default "
-                             "and model.checkpoint must come from --set")
+                             "and model.checkpoint must come from MODEL or --set")
     parser.add_argument("--set", dest="config_overrides", metavar="KEY=VALUE", action="append",
                         default=[], help="override one config key, e.g. --set scheduler.micro_batches=4; "
                                          "repeatable, applied in order after the file")
+    for flag, (key, kind) in FLAGS.items():
+        parser.add_argument(flag, dest=_flag_dest(flag), type=kind, metavar=key.split(".")[1].upper(),
+                            default=None, help=f"the same as --set {key}=VALUE")
+    parser.epilog = "\n".join(filter(None, [parser.epilog, config_keys_help()]))
+
+
+def _flag_dest(flag: str) -> str:
+    return "flag_" + flag.removeprefix("--").replace("-", "_")
+
+
+def config_keys_help() -> str:
+    """Every config key with its default and what it accepts (for --help)."""
+    lines = ["config keys (--set KEY=VALUE, or in the --config file), with their defaults:"]
+    for section, cls in _SECTIONS.items():
+        for name, field in cls.model_fields.items():
+            default = "required" if field.is_required() else json.dumps(field.get_default(call_default_factory=True))
+            if _is_section_list(field.annotation):
+                allowed = f"a list of mappings with keys {', '.join(typing.get_args(field.annotation)[0].model_fields)}"
+            elif typing.get_origin(field.annotation) in (typing.Union, types.UnionType):
+                allowed = " or ".join(_allowed(a) for a in typing.get_args(field.annotation))
+            else:
+                allowed = _allowed(field.annotation, field.metadata)
+            lines.append(f"  {section}.{name} = {default}  ({allowed})")
+    return "\n".join(lines)
 
 
 def config_from_args(args: argparse.Namespace) -> LaminaConfig:
-    return load_config(args.config, args.config_overrides)
+    """The config of parsed launcher arguments: the file, then MODEL and the FLAGS, then --set."""
+    given: list[tuple[str, Any]] = []
+    if getattr(args, "model", None) is not None:
+        given.append(("model.checkpoint", args.model))
+    given += [(key, getattr(args, _flag_dest(flag), None)) for flag, (key, _) in FLAGS.items()]
+    return load_config(args.config, args.config_overrides,
+                       values={key: value for key, value in given if value is not None})
 
 
 # ----------------------------------------------------------------------------------- layout
+
+def check_device(cfg: LaminaConfig) -> None:
+    """runtime.device must be one this torch can use: ConfigError (one line) for cuda on a
+    torch built without CUDA or on a machine where it sees no GPU."""
+    if cfg.runtime.device != "cuda":
+        return
+    import torch
+
+    if torch.version.cuda is None:
+        why = f"this torch ({torch.__version__}) is built without CUDA"
+    elif not torch.cuda.is_available():
+        why = f"this torch ({torch.__version__}) sees no CUDA device"
+    else:
+        return
+    raise ConfigError(f"runtime.device = 'cuda': {why}; use --set runtime.device=cpu, or install a CUDA torch "
+                      "(TORCH_SPEC=torch bash tools/setup.sh)")
+
 
 def validate_layout(cfg: LaminaConfig, world_size: int, arch: ModelArchitecture) -> None:
     """Check that the config fits the torchrun job (`world_size` ranks) and the model's KV

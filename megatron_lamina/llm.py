@@ -1,42 +1,51 @@
 """Offline generation in one Python process, as users of vLLM's `LLM` class expect.
 
-    from megatron_lamina import LLM
-    from megatron_lamina.engine.sampling import SamplingParams
+    from megatron_lamina import LLM, SamplingParams
 
-    llm = LLM("checkpoints/smollm2-135m-instruct")
+    llm = LLM("checkpoints/smollm2-135m-instruct")   # or a Hugging Face directory, or a GGUF file
     [out] = llm.generate("The capital of France is", SamplingParams(max_tokens=8, temperature=0))
     print(out.text)
-    llm.chat([{"role": "user", "content": "Hi!"}], SamplingParams(max_tokens=32))
+    llm.chat([{"role": "user", "content": "Hi!"}], {"max_tokens": 32, "n": 2})
 
 The job is the colocated single-device layout (one model worker, attention on it) run in
 this process, without torchrun: a one-rank process group on a free loopback port when none
 exists (gloo; NCCL too on CUDA), then the launchers' own start-up (`runtime.start_rank`)
 and the same `LLMEngine`, scheduler and batched sampler the server and the batch job run.
 `generate` and `chat` take one prompt or conversation or a list of them (prompts as text or
-token ids), one `SamplingParams` for all or one per prompt, run them through continuous
-batching and return a `Generation` per input, in input order. `close` (or a `with` block)
-releases the process group this object created.
+token ids), one `SamplingParams` (or a dict of its fields) for all or one per prompt, and `n`
+samples per prompt (an argument, or an "n" key in a dict; sample i seeded `seed + i`, as the
+server does), run them through continuous batching and return `n` `Generation`s per input,
+in input order (prompt-major, as the server's choices). The checkpoint may be a Hugging Face
+directory or a GGUF file, converted once and cached as the launchers do
+(checkpoint/auto_convert.py), and torch's threads are what the launchers give one rank.
+`close` (or a `with` block) releases the process group this object created.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Sequence
 
+import torch
 import torch.distributed as dist
 
+from megatron_lamina.checkpoint.auto_convert import canonical_checkpoint
 from megatron_lamina.config import LaminaConfig
 from megatron_lamina.engine.llm_engine import LLMEngine
 from megatron_lamina.engine.prompt import PromptInput
 from megatron_lamina.engine.request import Request, TokenLogprob
 from megatron_lamina.engine.runtime import start_rank
 from megatron_lamina.engine.sampling import SamplingParams
+from megatron_lamina.launch.ranks import threads_per_rank
 
 CPU_KV_BLOCKS = 1024  # `num_blocks` default on a CPU, where "auto" would take most of the host's memory
 
 Message = dict[str, str]
+Sampling = SamplingParams | dict | Sequence[SamplingParams | dict] | None  # one for all prompts, or one each
 
 
 @dataclass
@@ -55,13 +64,16 @@ class LLM:
     def __init__(self, checkpoint: str, *, device: str = "cpu", dtype: str = "float32", max_batch_size: int = 64,
                  num_blocks: int | str | None = None, block_size: int = 16, max_prefill_tokens: int = 2048,
                  memory_fraction: float = 0.9, cuda_graphs: bool = True, async_scheduling: bool = True):
-        """`checkpoint`: a canonical checkpoint directory (`lamina convert`). The other arguments
+        """`checkpoint`: a canonical checkpoint directory (`lamina convert`), a Hugging Face model
+        directory or a GGUF file (converted once and cached). The other arguments
         are config keys (configs/default.yaml); `num_blocks` (KV blocks) defaults to "auto" on
         CUDA and to CPU_KV_BLOCKS on a CPU. A wrong value raises `ConfigError` naming it."""
         if num_blocks is None:
             num_blocks = "auto" if device == "cuda" else CPU_KV_BLOCKS
+        if "OMP_NUM_THREADS" not in os.environ:  # what `lamina` gives a one-rank job
+            torch.set_num_threads(threads_per_rank(1))
         self.cfg = LaminaConfig.from_dict({
-            "model": {"checkpoint": str(checkpoint), "dtype": dtype},
+            "model": {"checkpoint": canonical_checkpoint(str(checkpoint)), "dtype": dtype},
             "parallel": {"tensor_parallel": 1, "attention_workers": 0},
             "runtime": {"device": device, "cuda_graphs": cuda_graphs},
             "scheduler": {"max_batch_size": max_batch_size, "micro_batches": 1,
@@ -86,34 +98,34 @@ class LLM:
         """The checkpoint's Hugging Face tokenizer."""
         return self.engine.codec.tokenizer
 
-    def generate(self, prompts: str | list[int] | Sequence[str | list[int]],
-                 sampling: SamplingParams | Sequence[SamplingParams] | None = None) -> list[Generation]:
-        """One prompt (text, or token ids) or a list of them."""
+    def generate(self, prompts: str | list[int] | Sequence[str | list[int]], sampling: Sampling = None,
+                 n: int | None = None) -> list[Generation]:
+        """One prompt (text, or token ids) or a list of them; `n` samples of each (default 1)."""
         if isinstance(prompts, str) or prompts and all(type(t) is int for t in prompts):
             prompts = [prompts]
         items = [PromptInput(prompt=p) if isinstance(p, str) else PromptInput(prompt_token_ids=list(p))
                  for p in prompts]
-        return self._run(items, sampling)
+        return self._run(items, sampling, n)
 
-    def chat(self, conversations: list[Message] | Sequence[list[Message]],
-             sampling: SamplingParams | Sequence[SamplingParams] | None = None) -> list[Generation]:
+    def chat(self, conversations: list[Message] | Sequence[list[Message]], sampling: Sampling = None,
+             n: int | None = None) -> list[Generation]:
         """One conversation (a list of {"role", "content"} messages) or a list of them; the
         checkpoint's chat template is applied with the generation prompt."""
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
-        return self._run([PromptInput(messages=list(c)) for c in conversations], sampling)
+        return self._run([PromptInput(messages=list(c)) for c in conversations], sampling, n)
 
-    def _run(self, items: list[PromptInput], sampling) -> list[Generation]:
-        if sampling is None or isinstance(sampling, SamplingParams):
-            sampling = [sampling or SamplingParams()] * len(items)
+    def _run(self, items: list[PromptInput], sampling: Sampling, n: int | None) -> list[Generation]:
+        if sampling is None or isinstance(sampling, (SamplingParams, dict)):
+            sampling = [sampling] * len(items)
         if len(sampling) != len(items):
             raise ValueError(f"{len(items)} prompts but {len(sampling)} SamplingParams: give one, or one per prompt")
         requests = []
-        for item, params in zip(items, sampling):
-            item.params = params
-            request = self.engine.make_request(item)
-            self.engine.scheduler.check_fits(request)  # every prompt checked before any runs
-            requests.append(request)
+        for item, given in zip(items, sampling):
+            for params in _samples(given, n):
+                request = self.engine.make_request(dataclasses.replace(item, params=params))
+                self.engine.scheduler.check_fits(request)  # every prompt checked before any runs
+                requests.append(request)
         for request in requests:
             self.engine.scheduler.add(request)
         while self.engine.has_work():
@@ -134,6 +146,25 @@ class LLM:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _samples(given: SamplingParams | dict | None, n: int | None) -> list[SamplingParams]:
+    """The parameters of each sample of one prompt: `given` (a dict holds SamplingParams'
+    fields, and may hold "n"), `n` times."""
+    if isinstance(given, dict):
+        fields = {f.name for f in dataclasses.fields(SamplingParams)}
+        unknown = sorted(set(given) - fields - {"n"})
+        if unknown:
+            raise ValueError(f"unknown sampling parameter {unknown[0]!r}; known: n, {', '.join(sorted(fields))}")
+        given = dict(given)
+        if n is not None and given.get("n", n) != n:
+            raise ValueError(f"n = {n} and a dict with n = {given['n']}: give n once")
+        n = given.pop("n", n)
+        given = SamplingParams(**given)
+    n = 1 if n is None else n
+    if not (isinstance(n, int) and not isinstance(n, bool) and n >= 1):
+        raise ValueError(f"n = {n!r}: must be an integer >= 1")
+    return (given or SamplingParams()).samples(n)
 
 
 def _generation(request: Request) -> Generation:

@@ -58,7 +58,7 @@ def _mistakes(tmp_path, checkpoint):
         (["generate", *common, "--set", "parallel.tensor_parallel=3", *io],
          "error: config: parallel.tensor_parallel = 3"),
         (["serve", *common, "--set", "model.checkpoint=nowhere"],
-         "error: model.checkpoint: nowhere/config.json: not a"),
+         "error: model.checkpoint: nowhere: no such file or directory: not "),
         (["generate", *common, "--input", str(tmp_path / "missing.jsonl"), "--output", "x.jsonl"],
          f"error: --input {tmp_path / 'missing.jsonl'}: no such file"),
         (["serve", *common, "--set", f"server.port={busy.getsockname()[1]}"],

@@ -99,14 +99,19 @@ def parse_line(line_no: int, raw: bytes) -> BatchLine:
     return line
 
 
-def read_batch(path: str | Path) -> list[BatchLine]:
-    """Every non-blank line of the file, parsed; a repeated id makes that line an error."""
+def read_batch(path: str | Path, max_line_bytes: int | None = None) -> list[BatchLine]:
+    """Every non-blank line of the file, parsed; a repeated id makes that line an error, and
+    so does one longer than `max_line_bytes` (server.max_body_mb: what the server takes)."""
     lines, first_line = [], {}
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, start=1):
             if line_no == 1:
                 raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark
             if not raw.strip():
+                continue
+            if max_line_bytes is not None and len(raw) > max_line_bytes:  # never parsed nor tokenized
+                lines.append(BatchLine(line_no, None, error=f"line {line_no}: {len(raw)} bytes; a line may have at "
+                                       f"most {max_line_bytes // 2**20} MiB (server.max_body_mb)"))
                 continue
             line = parse_line(line_no, raw)
             if line.id is not None and line.id in first_line:

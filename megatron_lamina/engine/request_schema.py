@@ -31,6 +31,10 @@ from megatron_lamina.engine.sampling import SamplingParams
 from megatron_lamina.engine.sampling_rules import SEED_RANGE, check_field
 
 SEED_MAX = SEED_RANGE[1]
+# The longest prompt text (a prompt string, or a chat message's content), checked before it is
+# tokenized: a tokenizer holds a few hundred bytes per character while it works, so a 20 MB
+# prompt took the front end to gigabytes. 1 Mi characters is several times any context we serve.
+MAX_PROMPT_CHARS = 2**20
 _TOKEN_ID_KEY = re.compile(r"[0-9]{1,12}")
 
 
@@ -51,11 +55,17 @@ class StrictModel(BaseModel):
         """Rules across fields, once every field is valid: a RequestError naming the field."""
 
 
+def _check_chars(text: str, where: str) -> str:
+    if len(text) > MAX_PROMPT_CHARS:
+        raise ValueError(f"{where} has {len(text)} characters; at most {MAX_PROMPT_CHARS} are allowed")
+    return text
+
+
 def _one_prompt(value: Any, where: str = "the prompt") -> str | list[int]:
     if isinstance(value, str):
         if not value:
             raise ValueError(f"{where} is empty")
-        return value
+        return _check_chars(value, where)
     if is_token_ids(value):
         return value
     if value == []:
@@ -117,6 +127,12 @@ class ChatMessage(StrictModel):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[TextPart]
     name: str | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _not_too_long(cls, content):
+        _check_chars(content if isinstance(content, str) else "".join(p.text for p in content), "the content")
+        return content
 
     def plain(self) -> dict[str, str]:
         content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)

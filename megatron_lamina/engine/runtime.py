@@ -6,8 +6,10 @@ join order), then
 calls `start_rank(cfg, placement)`, which validates the layout
 against the checkpoint (one clear line on a mismatch), creates the process groups
 (topology.py) and asks the worker factory (worker_factory.py) for this rank's worker, printing
-a line per start-up phase on the driver. Rank 0 then drives an `LLMEngine`; every other rank
-runs `control_plane.serve_plans` until the driver's shutdown plan.
+a line per start-up phase on the driver. Once every rank is ready it starts the liveness
+signal (control_plane.py: the driver's heartbeat, every other rank's watchdog). Rank 0 then
+drives an `LLMEngine`; every other rank runs `control_plane.serve_plans` until the driver's
+shutdown plan.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch.distributed as dist
 from megatron_lamina.architecture import ModelArchitecture, read_architecture
 from megatron_lamina.config import LaminaConfig, validate_layout
 from megatron_lamina.engine.attention_worker import AttentionWorker
+from megatron_lamina.engine.control_plane import Heartbeat, Watchdog, start_liveness
 from megatron_lamina.engine.model_worker import ModelWorker
 from megatron_lamina.engine.worker_factory import build_worker
 from megatron_lamina.placement import Placement, placement_lines
@@ -41,6 +44,7 @@ class RankContext:
     num_blocks: int
     worker: ModelWorker | AttentionWorker
     placement: Placement | None = None  # where every rank runs (None: an in-process `LLM`)
+    liveness: Heartbeat | Watchdog | None = None  # the driver's heartbeat, or this rank's watchdog
 
 
 class StartupLog:
@@ -59,13 +63,18 @@ def job_from_args(args) -> tuple[LaminaConfig, int] | None:
     driver is known from these alone (node 0's first local rank: placement.py sorts it first),
     so a server's rank 0 can bind its port before the other machines have joined. A mistake is
     one `error:` line, printed by the first rank of each machine, and None is returned."""
-    from megatron_lamina.config import ConfigError, config_from_args
+    from megatron_lamina.checkpoint.auto_convert import with_canonical_checkpoint
+    from megatron_lamina.checkpoint.errors import CheckpointInputError
+    from megatron_lamina.config import ConfigError, check_device, config_from_args
     from megatron_lamina.launch.nodes import node_rank_of
 
     try:
         cfg = config_from_args(args)
+        check_device(cfg)
+        # a Hugging Face directory or GGUF file: converted once (the first rank to come), cached
+        cfg = with_canonical_checkpoint(cfg, args.config, log=StartupLog(int(os.environ.get("RANK", "0"))))
         return cfg, node_rank_of(cfg, args, int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or None)
-    except ConfigError as e:
+    except (ConfigError, CheckpointInputError) as e:
         if os.environ.get("LOCAL_RANK", "0") == "0":
             print(f"error: {e}", file=sys.stderr, flush=True)
         return None
@@ -135,8 +144,18 @@ def start_rank(cfg: LaminaConfig, placement: Placement | None = None) -> RankCon
     device = _device(cfg)
     built = build_worker(cfg, arch, topology, groups, rank, device, log)
     dist.barrier(group=groups.startup)  # every rank is ready before the driver takes requests
+    # From here on every rank waits for the driver's plans: its heartbeat starts at once.
+    names = {r: rank_name(topology, r, placement) for r in range(world)}
+    liveness = start_liveness(groups, rank, cfg.runtime.step_timeout_s, names)
     log("every rank is ready")
-    return RankContext(cfg, arch, topology, groups, rank, device, built.num_blocks, built.worker, placement)
+    return RankContext(cfg, arch, topology, groups, rank, device, built.num_blocks, built.worker, placement,
+                       liveness)
+
+
+def rank_name(topology: Topology, rank: int, placement: Placement | None) -> str:
+    """'rank 2 (attention worker head group 0/1, shard 1/2, node 1)', as errors name a rank."""
+    where = f"node {placement.node_of(rank)}" if placement is not None else "this machine"
+    return f"rank {rank} ({topology.describe_rank(rank)}, {where})"
 
 
 def serve_worker(ctx: RankContext) -> int:
@@ -149,10 +168,9 @@ def serve_worker(ctx: RankContext) -> int:
         serve_plans(ctx)
         return 0
     except Exception as e:  # a collective failed: nothing of this rank's own to save
-        where = f"node {ctx.placement.seat.node}" if ctx.placement is not None else "this machine"
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        print(f"error: rank {ctx.rank} ({ctx.topology.describe_rank(ctx.rank)}, {where}) stopped: "
-              f"{type(e).__name__}: {reason}", file=sys.stderr, flush=True)
+        print(f"error: {rank_name(ctx.topology, ctx.rank, ctx.placement)} stopped: {type(e).__name__}: {reason}",
+              file=sys.stderr, flush=True)
         return 1
 
 

@@ -28,6 +28,7 @@ blocking, so the host never waits for the step in flight.
 
 from __future__ import annotations
 
+import dataclasses
 import reprlib
 from dataclasses import dataclass, field
 
@@ -99,6 +100,13 @@ class SamplingParams:
     def per_row(self) -> bool:
         """Sampled on its own row (penalties or a logit bias), not in a group of identical rows."""
         return self.needs_history or bool(self.logit_bias)
+
+    def samples(self, n: int) -> list["SamplingParams"]:
+        """The parameters of `n` independent samples of one prompt (OpenAI's `n`): sample i
+        seeded `seed + i` (unseeded: each its own draw), so they differ and a seeded request repeats."""
+        if self.seed is None:
+            return [self] * n
+        return [self] + [dataclasses.replace(self, seed=self.seed + i) for i in range(1, n)]
 
     def make_generator(self, device: torch.device | str = "cpu") -> torch.Generator | None:
         """This request's generator on `device` (where its logits will be), seeded with

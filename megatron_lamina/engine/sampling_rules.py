@@ -11,7 +11,8 @@ penalties, logit_bias, logprobs) and vLLM's otherwise (top_k, min_p, repetition_
 seed), with two differences from vLLM: temperature and repetition_penalty are at most 2 (as
 OpenAI and our server always had them), and stop strings are limited in count and length
 (`MAX_STOP_STRINGS`, `MAX_STOP_CHARS`), since every stop string is searched for after every
-token of its request and a flood of them slowed every other request.
+token of its request and a flood of them slowed every other request; stop token ids likewise
+(`MAX_STOP_TOKEN_IDS`), since each is compared with every token.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ SEED_RANGE = (-2**63, 2**64 - 1)  # what torch.Generator.manual_seed takes
 MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 64
 MAX_STOP_CHARS = 1024
+MAX_STOP_TOKEN_IDS = 1024
 MAX_LOGIT_BIAS = 100.0
 
 
@@ -83,9 +85,11 @@ _BIAS = Range(-MAX_LOGIT_BIAS, MAX_LOGIT_BIAS)
 
 
 def _token_ids(ids: Any) -> str | None:
-    if isinstance(ids, list) and all(map(_TOKEN_ID.allows, ids)):
-        return None
-    return "must be a list of token ids (integers >= 0)"
+    if not (isinstance(ids, list) and all(map(_TOKEN_ID.allows, ids))):
+        return "must be a list of token ids (integers >= 0)"
+    if len(ids) > MAX_STOP_TOKEN_IDS:
+        return f"at most {MAX_STOP_TOKEN_IDS} stop token ids are allowed, got {len(ids)}"
+    return None
 
 
 def _logit_bias(bias: Any) -> str | None:

@@ -1,6 +1,7 @@
 """Offline batch generation, JSONL in, JSONL out: the program of every rank of a batch job.
 
     lamina generate --config CFG --input IN.jsonl --output OUT.jsonl [--resume | --overwrite] [--quiet]
+    lamina generate MODEL --input IN.jsonl --output OUT.jsonl   (MODEL: a checkpoint, HF directory or GGUF file)
     lamina generate --config CFG --nnodes N --node-rank R --rdzv-endpoint HOST:PORT ...   (each machine)
     torchrun --nproc-per-node N launcher/generate.py --config CFG --input IN.jsonl --output OUT.jsonl
 
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         try:
             output = BatchOutput.open(args.output, args.resume, args.overwrite, input_path=args.input)
-            lines = read_batch(args.input)
+            lines = read_batch(args.input, max_line_bytes=cfg.server.max_body_mb * 2**20)
         except (OutputError, OSError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

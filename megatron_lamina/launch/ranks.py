@@ -64,6 +64,11 @@ def require_launcher(program: str, args) -> bool:
     return False
 
 
+def threads_per_rank(nproc: int) -> int:
+    """Intra-op threads of each of `nproc` ranks on this machine: its cores shared out."""
+    return max(1, len(os.sched_getaffinity(0)) // nproc)
+
+
 def start_ranks(nproc: int, program: str, argv: list[str], shutdown_timeout_s: float = 30.0,
                 node=None, cfg=None) -> int:
     """Run `python -m megatron_lamina.launch.<program> *argv` on `nproc` ranks; their exit status.
@@ -81,7 +86,7 @@ def start_ranks(nproc: int, program: str, argv: list[str], shutdown_timeout_s: f
         if name.startswith("torch.distributed.elastic"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
     if "OMP_NUM_THREADS" not in os.environ:  # as torchrun: ranks must not fight over the cores
-        os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // nproc))
+        os.environ["OMP_NUM_THREADS"] = str(threads_per_rank(nproc))
     several = node is not None and node.several
     if several:
         # Node 0's launcher serves the rendezvous store itself (every agent, its own included, is

@@ -1,6 +1,7 @@
 """OpenAI-compatible serving: the program of every rank of a serving job.
 
-    lamina serve --config CFG [--set key=value ...]
+    lamina serve --config CFG [--set key=value ...] [--port N --host H --api-key KEY ...]
+    lamina serve MODEL [--port N ...]   (MODEL: a checkpoint, a Hugging Face directory or a GGUF file)
     lamina serve --config CFG --nnodes N --node-rank R --rdzv-endpoint HOST:PORT   (each machine)
     torchrun --nproc-per-node N launcher/serve.py --config CFG [--set key=value ...]
 

@@ -10,7 +10,8 @@ pending and no step for `server.stall_timeout_s`) and `GET /ready` (readiness: 2
 while serving, so an orchestrator tells "loading" from "dead"). Around them
 (`server/middleware.py`): the request id and access log, CORS, the API key. Every error is
 an OpenAI error body: 400 for bad input (naming the field), 401 without the API key, 404
-for an unknown model or route, 405 for a wrong method, 415 for a body that is not JSON, 503
+for an unknown model or route, 405 for a wrong method, 413 for a body larger than
+`server.max_body_mb`, 415 for a body that is not JSON, 503
 while the model loads (every route that needs it), when the engine takes no request (queue
 full, draining, dead) or fails one mid-way, and a 500 (a bug of ours) too. A client that
 disconnects cancels its requests (their blocks are freed at the next step). The app reaches
@@ -36,7 +37,7 @@ from starlette.exceptions import HTTPException
 from megatron_lamina.server.choices import admit, make_choices
 from megatron_lamina.server.engine_client import EngineClient
 from megatron_lamina.server.metrics import ServerMetrics
-from megatron_lamina.server.middleware import ApiKeyCheck, RequestLog, access_logger
+from megatron_lamina.server.middleware import ApiKeyCheck, BodyLimit, BodyTooLarge, RequestLog, access_logger
 from megatron_lamina.server.protocol import (
     ApiError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, read_body,
 )
@@ -54,7 +55,8 @@ def package_version() -> str:
 
 
 def build_app(engine: EngineClient, model_name: str, metrics: ServerMetrics, api_key: str | None = None,
-              cors_origins: Sequence[str] = (), access_log: logging.Logger | None = None) -> FastAPI:
+              cors_origins: Sequence[str] = (), access_log: logging.Logger | None = None,
+              max_body_bytes: int = 32 * 2**20) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_):
         engine.attach(asyncio.get_running_loop())
@@ -62,6 +64,7 @@ def build_app(engine: EngineClient, model_name: str, metrics: ServerMetrics, api
         engine.detach()
 
     app = FastAPI(title="megatron-lamina", version=package_version(), lifespan=lifespan)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     if api_key:
         app.add_middleware(ApiKeyCheck, api_key=api_key)
     if cors_origins:
@@ -73,6 +76,10 @@ def build_app(engine: EngineClient, model_name: str, metrics: ServerMetrics, api
     @app.exception_handler(ApiError)
     async def _api_error(_, exc: ApiError):
         return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(BodyTooLarge)
+    async def _too_large(_, exc: BodyTooLarge):
+        return JSONResponse(exc.body(), status_code=413)
 
     @app.exception_handler(HTTPException)
     async def _http_error(http: HttpRequest, exc: HTTPException):
@@ -128,7 +135,7 @@ def build_app(engine: EngineClient, model_name: str, metrics: ServerMetrics, api
 
     def model_card() -> dict:
         return {"id": model_name, "object": "model", "created": 0, "owned_by": "megatron-lamina",
-                "max_model_len": engine.capacity.max_model_len}
+                "max_model_len": engine.max_model_len}
 
     def unknown_model(name: str) -> ApiError:
         return ApiError(404, f"model '{name}' does not exist; this server serves '{model_name}'",
@@ -160,7 +167,7 @@ def build_app(engine: EngineClient, model_name: str, metrics: ServerMetrics, api
                 raise ApiError(400, str(e), "messages") from None
         else:
             tokens = await run_in_threadpool(codec.encode_prompt, body.prompt, body.add_special_tokens)
-        return {"count": len(tokens), "max_model_len": engine.capacity.max_model_len, "tokens": tokens}
+        return {"count": len(tokens), "max_model_len": engine.max_model_len, "tokens": tokens}
 
     @api.post("/detokenize")
     async def detokenize(http: HttpRequest):

@@ -152,6 +152,13 @@ class EngineClient:
         self.check_progress(time.monotonic())
         self._watch = self._loop.call_later(WATCH_S, self._watch_now)
 
+    @property
+    def max_model_len(self) -> int:
+        """The longest sequence one request can reach: the model's context, or what one
+        attention shard's KV cache holds when that is less (what /v1/models reports)."""
+        cap = self.capacity
+        return min(cap.max_model_len, cap.num_blocks * cap.block_size)
+
     # ---- callers ---------------------------------------------------------------------
     def prompt_ids(self, item: PromptInput) -> list[int]:
         """Tokenize and check that the prompt can ever run; ValueError names the problem."""

@@ -12,8 +12,15 @@ socket writes) thus runs under its own interpreter lock, never the engine's.
 
 It never decides to stop by itself: SIGTERM or SIGINT to it asks the engine to drain. It
 exits once the engine sent "exit" (or its pipe closed) and every request still open got its
-answer (at most `ANSWER_GRACE_S`), with status 0 after a drain and 1 when the engine failed;
-and it dies with rank 0 (`exit_with_parent`).
+answer (at most `ANSWER_GRACE_S`), with status 0 after a drain and 1 when the engine failed.
+When rank 0 dies the pipe closes, so the open requests get an error (an SSE error event
+when streaming) before it exits; should it outlive rank 0 any longer, `exit_after_parent`
+ends it.
+
+Limits on what a client can make it hold: request bodies (`server.max_body_mb`,
+server/middleware.py `BodyLimit`), and the time a connection may take to send a request's
+headers (`server.header_timeout_s`, `HeaderDeadline`: uvicorn's own keep-alive timeout
+starts only after a first answer, so a client sending headers slowly was held open forever).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
@@ -84,6 +92,57 @@ def listen_socket(host: str, port: int) -> socket.socket:
                           "pick another with --set server.port=N (or server.host)") from None
 
 
+class HeaderDeadline:
+    """Mixed into uvicorn's HTTP protocol class: a connection that has not sent a whole
+    request's headers `header_timeout_s` after it opened, or after its last answer, is closed.
+    uvicorn makes the protocol's `cycle` when the headers are complete; a deadline finds the
+    same cycle it was armed with only when no request began since."""
+
+    header_timeout_s: float
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._arm_header_deadline()
+
+    def on_response_complete(self) -> None:
+        self._arm_header_deadline()  # before uvicorn starts a pipelined request's cycle
+        super().on_response_complete()
+
+    def connection_lost(self, exc) -> None:
+        self._header_timer.cancel()
+        super().connection_lost(exc)
+
+    def _arm_header_deadline(self) -> None:
+        if getattr(self, "_header_timer", None) is not None:
+            self._header_timer.cancel()
+        self._header_timer = self.loop.call_later(self.header_timeout_s, self._header_deadline, self.cycle)
+
+    def _header_deadline(self, armed_with) -> None:
+        if self.cycle is armed_with and not self.transport.is_closing():
+            self.transport.close()
+
+
+def http_protocol(header_timeout_s: float) -> type:
+    """uvicorn's HTTP protocol class (httptools, else h11) with the header deadline."""
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    return type("LaminaHTTPProtocol", (HeaderDeadline, AutoHTTPProtocol), {"header_timeout_s": header_timeout_s})
+
+
+def exit_after_parent(grace_s: float) -> None:
+    """End this process `grace_s` after rank 0 (its parent) died. Not the kernel's parent-death
+    signal, which would kill it at once: the closed pipe lets it answer open requests first."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        time.sleep(grace_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="lamina-parent-watch", daemon=True).start()
+
+
 def start_frontend(args) -> tuple[BaseProcess, Connection]:
     """Bind the port and spawn the front end for the job's parsed arguments; its process and
     rank 0's end of the pipe. ConfigError for a config that does not load or a port in use."""
@@ -101,19 +160,20 @@ def start_frontend(args) -> tuple[BaseProcess, Connection]:
 
 
 def run(conn: Connection, args, sock: socket.socket) -> None:
-    from megatron_lamina.launch.ranks import exit_with_parent
-
-    exit_with_parent()
+    exit_after_parent(ANSWER_GRACE_S + 5.0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # until uvicorn's own handlers take over (below)
     import uvicorn
 
+    from megatron_lamina.checkpoint.auto_convert import with_canonical_checkpoint
     from megatron_lamina.config import config_from_args
     from megatron_lamina.engine.tokenizer import TextCodec
     from megatron_lamina.server.app import build_app
     from megatron_lamina.server.engine_client import EngineClient
     from megatron_lamina.server.metrics import ServerMetrics
 
-    cfg = config_from_args(args)
+    given = config_from_args(args)
+    name = model_name(given)  # the name the user gave, not that of a converted copy in the cache
+    cfg = with_canonical_checkpoint(given, args.config)  # rank 0 converted it before spawning this process
     codec = TextCodec(cfg.model.checkpoint)
     raise_open_files_limit()
     api_key = server_api_key(cfg)
@@ -128,7 +188,8 @@ def run(conn: Connection, args, sock: socket.socket) -> None:
     metrics = ServerMetrics()
     client = EngineClient(conn, codec, cfg.server.max_queued_requests, metrics, cfg.server.stall_timeout_s,
                           on_ready=on_ready)
-    app = build_app(client, model_name(cfg), metrics, api_key=api_key, cors_origins=cfg.server.cors_origins)
+    app = build_app(client, name, metrics, api_key=api_key, cors_origins=cfg.server.cors_origins,
+                    max_body_bytes=cfg.server.max_body_mb * 2**20)
 
     class Server(uvicorn.Server):
         answered_by: float | None = None
@@ -142,7 +203,7 @@ def run(conn: Connection, args, sock: socket.socket) -> None:
         def announce(self) -> None:
             """The "serving ..." line, once uvicorn listens and the engine is ready, in either order."""
             if self.started and engine_ready:
-                print(f"serving {model_name(cfg)} on {address} (engine pid {engine_ready[0].engine_pid}, HTTP front "
+                print(f"serving {name} on {address} (engine pid {engine_ready[0].engine_pid}, HTTP front "
                       f"end pid {os.getpid()}{'; API key required' if api_key else ''})", flush=True)
 
         async def startup(self, sockets=None) -> None:
@@ -160,7 +221,7 @@ def run(conn: Connection, args, sock: socket.socket) -> None:
             return await super().on_tick(counter)
 
     server = Server(uvicorn.Config(app, host=cfg.server.host, port=cfg.server.port, log_level="warning",
-                                   timeout_graceful_shutdown=5))
+                                   timeout_graceful_shutdown=5, http=http_protocol(cfg.server.header_timeout_s)))
     quiet_garbage_collector()
     server.run(sockets=[sock])
     sys.exit(1 if client.state == "dead" else 0)

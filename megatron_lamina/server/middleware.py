@@ -13,6 +13,9 @@ through untouched), in this order from the outside in:
 * `ApiKeyCheck`: with a key set, every route but the probes (`/health`, `/ready`) and
   `/metrics` needs the header `Authorization: Bearer KEY`; anything else is a 401 with an
   OpenAI error body.
+* `BodyLimit`: a body larger than `server.max_body_mb` is a 413 with an OpenAI error body:
+  at once when its content-length says so, and, for a chunked body, as soon as the bytes
+  read pass the limit (nothing more is read; the connection is closed after the answer).
 """
 
 from __future__ import annotations
@@ -94,3 +97,48 @@ class ApiKeyCheck:
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                                 (b"www-authenticate", b"Bearer")]})
         await send({"type": "http.response.body", "body": body})
+
+
+class BodyTooLarge(Exception):
+    """Raised from `receive` once a body passed the limit; the app answers it with a 413."""
+
+    def __init__(self, limit_bytes: int):
+        super().__init__(f"the request body is larger than {limit_bytes // 2**20} MiB (server.max_body_mb)")
+
+    def body(self) -> dict:
+        return {"error": {"message": str(self), "type": "invalid_request_error", "param": None,
+                          "code": "request_too_large"}}
+
+
+class BodyLimit:
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = next((v for k, v in scope.get("headers", []) if k == b"content-length"), b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            payload = json.dumps(BodyTooLarge(self.max_bytes).body()).encode()
+            await send({"type": "http.response.start", "status": 413,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(payload)).encode()), (b"connection", b"close")]})
+            return await send({"type": "http.response.body", "body": payload})
+        read, over = 0, False
+
+        async def counted_receive():
+            nonlocal read, over
+            message = await receive()
+            if message["type"] == "http.request":
+                read += len(message.get("body", b""))
+                if read > self.max_bytes:
+                    over = True
+                    raise BodyTooLarge(self.max_bytes)
+            return message
+
+        async def send_closing(message):  # a body left unread: close the connection after the answer
+            if over and message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, counted_receive, send_closing)

@@ -15,7 +15,6 @@ every mistake is an `ApiError` (HTTP 4xx, OpenAI error body) naming the field.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from pydantic import Field, field_validator
@@ -97,9 +96,7 @@ class _OpenAIFields(SamplingFields):
     def sample_params(self, params: SamplingParams) -> list[SamplingParams]:
         """The `n` samples' parameters: sample i seeded `seed + i` (unseeded: each its own
         random generator), so the n samples differ and a seeded request repeats."""
-        if self.seed is None:
-            return [params] * self.n
-        return [params] + [dataclasses.replace(params, seed=self.seed + i) for i in range(1, self.n)]
+        return params.samples(self.n)
 
 
 class CompletionRequest(_OpenAIFields):
