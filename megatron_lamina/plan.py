@@ -13,7 +13,7 @@ Two things keep the plan small and let the driver plan ahead of the GPU:
     its request's table since the last plan that carried the request, and the plan lists
     the requests whose blocks were `released`; every rank that holds a cache keeps its own
     copy of the tables (engine/block_tables.py) and fills in `chunk.block_table` from it.
-    `block_table` is therefore not pickled (see `__getstate__`).
+    `block_table` is therefore never sent (see `__getstate__`, and engine/plan_columns.py).
   * A decode token the driver has sampled but not yet read back from the device (the plan
     of step n+1 is built while step n runs: asynchronous scheduling) is `fed`: the chunk's
     `feed` is its row in the previous step's sampled tokens, which stay on the device, and
@@ -40,6 +40,9 @@ class SequenceChunk:
     # The request's whole block table on this rank (set by the driver's scheduler, or by a
     # receiving rank's BlockTables); never sent.
     block_table: list[int] = field(default_factory=list, repr=False, compare=False)
+    # (this rank's BlockTables, the table's row in its array): set with block_table, so that
+    # the tables of many chunks are one gather (engine/block_tables.py); never sent.
+    table_row: tuple | None = field(default=None, repr=False, compare=False)
 
     @property
     def end(self) -> int:
@@ -53,7 +56,7 @@ class SequenceChunk:
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["block_table"] = []
+        state["block_table"], state["table_row"] = [], None
         return state
 
 

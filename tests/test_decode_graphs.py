@@ -22,7 +22,7 @@ pytest.importorskip("triton")
 PROMPTS = [[1, 5, 9, 14, 3], [1, 40, 41, 42, 43, 44, 45, 46, 47], [1, 77]]
 
 
-def _compare(checkpoint):
+def _compare(checkpoint, announced: bool):
     import os
 
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -32,6 +32,7 @@ def _compare(checkpoint):
     from megatron_lamina.attention.gpu import PagedAttention
     from megatron_lamina.attention.kv_cache import PagedKVCache
     from megatron_lamina.attention.reference import ReferenceAttention
+    from megatron_lamina.engine.block_tables import BlockTables
     from megatron_lamina.checkpoint.loader import CheckpointShardLoader
     from megatron_lamina.engine.cuda_graphs import DecodeGraphs
     from megatron_lamina.engine.model_worker import ModelWorker
@@ -60,11 +61,19 @@ def _compare(checkpoint):
     cpu = torch.device("cpu")
     graphs = StandInDecodeGraphs(model, PagedAttention(caches[0]), max_batch=8, max_blocks=8, scratch_block=blocks)
     graphs.capture()
+    # announced: the tables reach each worker's own BlockTables as the plan's deltas, and the
+    # index gathers their rows; else the chunks carry hand-built lists (benchmarks, probes).
     workers = [ModelWorker(model, LocalChannel(PagedAttention(caches[0])), TokenFeed(dist.group.WORLD, cpu),
-                           decode_graphs=graphs),
-               ModelWorker(model, LocalChannel(ReferenceAttention(caches[1])), TokenFeed(dist.group.WORLD, cpu))]
+                           BlockTables(rows=2, max_blocks=1) if announced else None, decode_graphs=graphs),
+               ModelWorker(model, LocalChannel(ReferenceAttention(caches[1])), TokenFeed(dist.group.WORLD, cpu),
+                           BlockTables() if announced else None)]
     tables = [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
-    chunks = [SequenceChunk(i, 0, 0, p, [], True, block_table=tables[i]) for i, p in enumerate(PROMPTS)]
+
+    def table(i: int, first: bool) -> dict:
+        if announced:
+            return {"new_blocks": tables[i] if first else []}
+        return {"new_blocks": [], "block_table": tables[i]}
+    chunks = [SequenceChunk(i, 0, 0, p, sample=True, **table(i, True)) for i, p in enumerate(PROMPTS)]
     logits = []
     for step in range(4):
         plan = StepPlan([MicroBatch(chunks)])
@@ -74,12 +83,14 @@ def _compare(checkpoint):
         for w in workers:
             w.feed.publish(tokens)
         # Every next decode token is fed from this step's sampled tokens, still "on the device".
-        chunks = [SequenceChunk(i, 0, c.end, [0], [], True, feed=i, block_table=tables[i]) for i, c in enumerate(chunks)]
+        chunks = [SequenceChunk(i, 0, c.end, [0], sample=True, feed=i, **table(i, False))
+                  for i, c in enumerate(chunks)]
     return logits, workers[0].graph_steps
 
 
-def test_decode_graph_plumbing_matches_eager(tiny_model):
-    logits, graph_steps = run_ranks(_compare, 1, str(tiny_model.canonical_dir))
+@pytest.mark.parametrize("announced", [True, False], ids=["block-tables", "hand-built-lists"])
+def test_decode_graph_plumbing_matches_eager(tiny_model, announced):
+    logits, graph_steps = run_ranks(_compare, 1, str(tiny_model.canonical_dir), announced)
     assert graph_steps == 3  # the prefill step runs eagerly, the three decode steps from the graphs
     for graphed, eager in logits:
         assert graphed.shape == eager.shape == (3, eager.shape[1])

@@ -22,10 +22,11 @@ from functools import cached_property
 import numpy as np
 import torch
 
-from megatron_lamina.attention.kv_cache import PagedKVCache, padded_block_tables
+from megatron_lamina.attention.kv_cache import PagedKVCache
 from megatron_lamina.attention.lse_merge import CachedPartial, append_and_merge
 from megatron_lamina.attention.triton_paged import paged_decode
 from megatron_lamina.attention.triton_prefill import paged_prefill
+from megatron_lamina.engine.block_tables import padded_tables
 from megatron_lamina.host_to_device import HostArrays
 from megatron_lamina.plan import SequenceChunk
 
@@ -56,8 +57,9 @@ class PagedBatchIndex:
         return self.context_lens - 1
 
 
-def chunk_slots(block_table: list[int], start: int, end: int, block_size: int) -> np.ndarray:
-    """Flat cache slots of positions start..end-1 of a request with this block table."""
+def chunk_slots(block_table, start: int, end: int, block_size: int) -> np.ndarray:
+    """Flat cache slots of positions start..end-1 of a request with this block table (a
+    list, or its row of a BlockTables array)."""
     positions = np.arange(start, end)
     return np.asarray(block_table, dtype=np.int64)[positions // block_size] * block_size + positions % block_size
 
@@ -71,32 +73,39 @@ class PagedAttention:
         self.cache = cache
 
     def host_index(self, chunks: list[SequenceChunk]) -> HostArrays:
-        """The index of a micro-batch's chunks as host arrays (plain Python and numpy: a
-        step of hundreds of decode requests builds this every step, so no tensor per chunk)."""
+        """The index of a micro-batch's chunks as host arrays. A step of hundreds of decode
+        requests builds this every step, so the decode rows' tables are one gather of this
+        rank's block-table rows (engine/block_tables.py) and their slots one numpy
+        expression: nothing loops over blocks."""
         bs = self.cache.block_size
-        slots, decode_rows, tables, lens, prefill, row = [], [], [], [], [], 0
-        for chunk in chunks:
-            if len(chunk.tokens) == 1:
-                p = chunk.start
-                slots.append(np.array([chunk.block_table[p // bs] * bs + p % bs]))
-                decode_rows.append(row)
-                tables.append(chunk.block_table)
-                lens.append(chunk.end)
-            else:
-                slots.append(chunk_slots(chunk.block_table, chunk.start, chunk.end, bs))
-                prefill.append((row, chunk))
-            row += len(chunk.tokens)
-        arrays = {"new_slots": np.concatenate(slots) if slots else np.zeros(0, np.int64),
-                  "tables": padded_block_tables(tables, 0), "lens": np.asarray(lens, np.int64)}
-        every_row = len(decode_rows) == row
+        lengths = np.fromiter((len(c.tokens) for c in chunks), np.int64, len(chunks))
+        first_rows = np.cumsum(lengths) - lengths
+        is_decode = lengths == 1
+        decode = [c for c, one in zip(chunks, is_decode) if one]
+        prefill = [(int(r), c) for r, c, one in zip(first_rows, chunks, is_decode) if not one]
+        tables = padded_tables(decode, 0)
+        positions = np.fromiter((c.start for c in decode), np.int64, len(decode))
+        decode_slots = tables[np.arange(len(decode)), positions // bs].astype(np.int64) * bs + positions % bs
+        lens = positions + 1
+        total = int(lengths.sum())
+        every_row = len(decode) == total
+        decode_rows = first_rows[is_decode]
+        if every_row:
+            new_slots = decode_slots
+        else:
+            new_slots = np.empty(total, np.int64)
+            new_slots[decode_rows] = decode_slots
+            for row, c in prefill:
+                new_slots[row:row + len(c.tokens)] = chunk_slots(c.block_table, c.start, c.end, bs)
+        arrays = {"new_slots": new_slots, "tables": tables, "lens": lens}
         if not every_row:
-            arrays["decode_rows"] = np.asarray(decode_rows, np.int64)
+            arrays["decode_rows"] = decode_rows
         if prefill:
-            arrays.update(prefill_tables=padded_block_tables([c.block_table for _, c in prefill], 0),
+            arrays.update(prefill_tables=padded_tables([c for _, c in prefill], 0),
                           q_starts=np.asarray([r for r, _ in prefill], np.int64),
                           q_lens=np.asarray([len(c.tokens) for _, c in prefill], np.int64),
                           starts=np.asarray([c.start for _, c in prefill], np.int64))
-        max_context = max(lens, default=1)
+        max_context = int(lens.max(initial=1))
         max_q_len = max((len(c.tokens) for _, c in prefill), default=0)
 
         def finish(t: dict[str, torch.Tensor]) -> PagedBatchIndex:

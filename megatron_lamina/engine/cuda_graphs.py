@@ -5,7 +5,8 @@ Python and launch overhead, not the GPU, sets the step time. `DecodeGraphs` capt
 whole forward of a decode-only micro-batch (embedding, every layer with its paged attention,
 LM head: the pipeline loop of pipeline.py over the local channel, one micro-batch) once per
 batch-size bucket, over static input tensors; a step then copies its token ids, positions,
-cache slots, block tables and context lengths into them and replays the graph. The inputs
+cache slots, block tables (a gather of the rank's persistent block-table rows,
+engine/block_tables.py) and context lengths into them and replays the graph. The inputs
 are built on the host already padded to the bucket (rows beyond the real batch point at a
 scratch KV block that the block manager never hands out, so padding never touches a
 request's cache) and copied with one transfer. Decode tokens fed from the previous step's
@@ -34,7 +35,7 @@ import numpy as np
 import torch
 
 from megatron_lamina.attention.gpu import PagedAttention, PagedBatchIndex
-from megatron_lamina.attention.kv_cache import padded_block_tables
+from megatron_lamina.engine.block_tables import padded_tables
 from megatron_lamina.engine.pipeline import EagerStages, run_pipeline
 from megatron_lamina.engine.step_inputs import MicroBatchInputs
 from megatron_lamina.host_to_device import HostArrays, to_device
@@ -82,9 +83,12 @@ class DecodeGraphs:
         n = len(chunks)
         size = next(s for s in self.sizes if s >= n)
         bs, scratch = self.block_size, self.scratch_block
-        # Only the columns in use are written: the kernel never reads a table entry past a
-        # row's context length, so older entries further right are harmless.
-        tables = padded_block_tables([c.block_table for c in chunks] + [[scratch]] * (size - n), scratch)
+        # One gather of this rank's block-table rows (engine/block_tables.py), padding rows all
+        # scratch. Only the columns in use are written: the kernel never reads a table entry
+        # past a row's context length, so older entries further right are harmless.
+        real = padded_tables(chunks, scratch)
+        tables = np.full((size, real.shape[1]), scratch, np.int32)
+        tables[:n] = real
         positions = np.zeros(size, np.int64)
         positions[:n] = np.fromiter((c.start for c in chunks), np.int64, n)
         tokens = np.zeros(size, np.int64)

@@ -13,7 +13,7 @@ fits the plan:
   * otherwise the eager stages (CPU, `runtime.cuda_graphs: false`, or a step too large).
 Both pipelines follow the one rotation (rotation.py, pipeline.py). A rank that is not the
 driver receives the step's sampled tokens from it afterwards (`TokenFeed`), for the next
-step's fed rows; a colocated one keeps its own copy of the block tables (`BlockTables`).
+step's fed rows; every colocated one keeps its own copy of the block tables (`BlockTables`).
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ class ModelWorker:
     def __init__(self, model: LlamaModel, channel: AttentionChannel, feed: TokenFeed,
                  tables: BlockTables | None = None, decode_graphs: DecodeGraphs | None = None,
                  stage_graphs: StageGraphs | None = None):
-        """`tables`: this rank's copy of the block tables (a colocated rank that receives its
-        plans; None on the driver, whose plans carry the tables, and where no cache is held)."""
+        """`tables`: this rank's copy of the block tables (every colocated rank, the driver's
+        included: the attention index gathers its rows); None where no cache is held."""
         self.model, self.channel, self.feed, self.tables = model, channel, feed, tables
         self.decode_graphs, self.stage_graphs = decode_graphs, stage_graphs
         self.graph_steps = 0  # steps replayed from graphs (tests check that the graph path ran)

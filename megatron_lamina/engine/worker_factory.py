@@ -113,8 +113,7 @@ def _model_worker(cfg, arch, topology, groups, rank, device, log, weights) -> Bu
     max_blocks = math.ceil(arch.max_position_embeddings / cfg.kv_cache.block_size)
 
     def worker_over(cache: PagedKVCache, decode_graphs) -> ModelWorker:
-        tables = BlockTables() if rank != 0 else None
-        return ModelWorker(model, LocalChannel(attention_backend(cache, device)), feed, tables,
+        return ModelWorker(model, LocalChannel(attention_backend(cache, device)), feed, BlockTables(),
                            decode_graphs, stage_graphs)
 
     def decode_graphs_over(cache: PagedKVCache, scratch: int):
@@ -164,20 +163,23 @@ def _attention_worker(cfg, arch, topology, groups, rank, device, log) -> BuiltWo
 
 def _largest_step(cfg: LaminaConfig, arch: ModelArchitecture) -> StepPlan:
     """The most tokens one step can carry: a whole prefill budget and the rest of the batch
-    decoding, every row sampled; all in block 0 of a probe cache (values do not matter)."""
+    decoding, every row sampled; all in block 0 of a probe cache (values do not matter),
+    announced as `new_blocks` for the worker's own block tables."""
     prefill = min(cfg.scheduler.max_prefill_tokens, arch.max_position_embeddings - 1)
     blocks = math.ceil(prefill / cfg.kv_cache.block_size)
-    chunks = [SequenceChunk(0, 0, 0, [0] * prefill, [], True, block_table=[0] * blocks)]
-    chunks += [SequenceChunk(i, 0, 0, [0], [], True, block_table=[0]) for i in range(1, cfg.scheduler.max_batch_size)]
+    chunks = [SequenceChunk(0, 0, 0, [0] * prefill, [0] * blocks, True, block_table=[0] * blocks)]
+    chunks += [SequenceChunk(i, 0, 0, [0], [0], True, block_table=[0]) for i in range(1, cfg.scheduler.max_batch_size)]
     return StepPlan([MicroBatch(chunks)])
 
 
 def _longest_decode(cfg: LaminaConfig, arch: ModelArchitecture) -> StepPlan:
     """One decode row at the longest context (split over the multiprocessors: the decode
-    kernel's float32 variant and its merge kernel), all in block 0."""
+    kernel's float32 variant and its merge kernel), all in block 0 (request 0's table of the
+    largest step released first)."""
     context = arch.max_position_embeddings - 1
     blocks = math.ceil((context + 1) / cfg.kv_cache.block_size)
-    return StepPlan([MicroBatch([SequenceChunk(0, 0, context, [0], [], True, block_table=[0] * blocks)])])
+    return StepPlan([MicroBatch([SequenceChunk(0, 0, context, [0], [0] * blocks, True, block_table=[0] * blocks)])],
+                    released=[0])
 
 
 def _profile_largest_step(cfg, arch, worker: ModelWorker, device) -> int:
