@@ -198,25 +198,37 @@ def _stream_in(machines, node, body) -> subprocess.Popen:
                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+LONG_STREAM = {"model": "canonical", "prompt": [1, 5, 9], "max_tokens": 200, "temperature": 0, "ignore_eos": True,
+               "stream": True}
+
+
+def _serving_mid_stream(machines, config, tmp_path):
+    """Both machines serving and a long stream under way on node 0: (launchers, client, events)."""
+    procs = _start_all(machines, ["serve"], config, tmp_path)
+    client = _stream_in(machines, 0, LONG_STREAM)
+    events = []
+    for line in client.stdout:  # a few tokens arrived: the job is serving across the machines
+        events.append(json.loads(line))
+        if len(events) >= 4:
+            break
+    assert events[0] == {"status": 200}, (events, _log(tmp_path, 0))
+    return procs, client, events
+
+
+def _ends_in_error(client, events) -> None:
+    rest = [json.loads(line) for line in client.stdout]
+    client.wait(timeout=60)
+    last = [e["event"] for e in events[1:] + rest]
+    assert last[-1] == "[DONE]" and "error" in json.loads(last[-2]), last[-3:]
+
+
 def test_an_attention_machine_killed_mid_stream(tmp_path, tiny_models):
     config = _config(tmp_path, tiny_models["untied"].canonical_dir, [("model", 1), ("attention", 2)],
                      kv_cache={"block_size": 4, "num_blocks": 128})
-    body = {"model": "canonical", "prompt": [1, 5, 9], "max_tokens": 200, "temperature": 0, "ignore_eos": True,
-            "stream": True}
     with Machines(2) as machines:
-        procs = _start_all(machines, ["serve"], config, tmp_path)
-        client = _stream_in(machines, 0, body)
-        events = []
-        for line in client.stdout:  # a few tokens arrived: the job is serving across the machines
-            events.append(json.loads(line))
-            if len(events) >= 4:
-                break
-        assert events[0] == {"status": 200}, (events, _log(tmp_path, 0))
+        procs, client, events = _serving_mid_stream(machines, config, tmp_path)
         os.kill(procs[1].pid, signal.SIGKILL)  # node 1's launcher: its ranks die with it
-        rest = [json.loads(line) for line in client.stdout]
-        client.wait(timeout=60)
-        last = [e["event"] for e in events[1:] + rest]
-        assert last[-1] == "[DONE]" and "error" in json.loads(last[-2]), last[-3:]
+        _ends_in_error(client, events)
         code = procs[0].wait(timeout=120)
         log = _log(tmp_path, 0)
         assert code == 11, log  # 10 + the lost node's rank
@@ -226,7 +238,7 @@ def test_an_attention_machine_killed_mid_stream(tmp_path, tiny_models):
 
         # The same commands again serve again; SIGTERM to node 0 drains the job and both exit 0.
         procs = _start_all(machines, ["serve"], config, tmp_path, tag="-again")
-        client = _stream_in(machines, 0, dict(body, max_tokens=5))
+        client = _stream_in(machines, 0, dict(LONG_STREAM, max_tokens=5))
         out = [json.loads(line) for line in client.stdout]
         client.wait(timeout=60)
         assert out[0] == {"status": 200} and out[-1] == {"event": "[DONE]"}, out
@@ -276,22 +288,10 @@ def test_an_attention_machine_cut_off_mid_stream(tmp_path, tiny_models):
     node 0 and exits; nothing is left on either machine."""
     config = _config(tmp_path, tiny_models["untied"].canonical_dir, [("model", 1), ("attention", 2)],
                      kv_cache={"block_size": 4, "num_blocks": 128}, runtime={"step_timeout_s": 10})
-    body = {"model": "canonical", "prompt": [1, 5, 9], "max_tokens": 200, "temperature": 0, "ignore_eos": True,
-            "stream": True}
     with Machines(2) as machines:
-        procs = _start_all(machines, ["serve"], config, tmp_path)
-        client = _stream_in(machines, 0, body)
-        events = []
-        for line in client.stdout:
-            events.append(json.loads(line))
-            if len(events) >= 4:
-                break
-        assert events[0] == {"status": 200}, (events, _log(tmp_path, 0))
+        procs, client, events = _serving_mid_stream(machines, config, tmp_path)
         machines.cut(1)
-        rest = [json.loads(line) for line in client.stdout]
-        client.wait(timeout=60)
-        last = [e["event"] for e in events[1:] + rest]
-        assert last[-1] == "[DONE]" and "error" in json.loads(last[-2]), last[-3:]
+        _ends_in_error(client, events)
         assert procs[0].wait(timeout=120) == 11, _log(tmp_path, 0)
         assert "node 1 (attention, 2 workers)" in _log(tmp_path, 0).strip().splitlines()[-1]
         assert procs[1].wait(timeout=120) == 10, _log(tmp_path, 1)
