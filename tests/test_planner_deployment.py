@@ -9,7 +9,6 @@ the simulator: a slower link predicts a slower step.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from megatron_lamina.planner.deployment import (
 )
 from megatron_lamina.planner.devices import DeviceSpec, load_prices
 from megatron_lamina.planner.layout import Layout, config_yaml
+from test_planner_tools import plan_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 TRACES = ROOT.parent / "shared" / "traces"
@@ -30,13 +30,6 @@ MOONCAKE = TRACES / "mooncake_conversation_trace.jsonl"
 AZURE_CONV = TRACES / "AzureLLMInferenceTrace_conv.csv"
 needs_traces = pytest.mark.skipif(not (MOONCAKE.is_file() and AZURE_CONV.is_file()),
                                   reason=f"no request traces at {TRACES} (CI copies shared/ beside the clone)")
-
-
-def plan_tool():
-    spec = importlib.util.spec_from_file_location("plan_tool", ROOT / "tools" / "plan.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def planned_config(layout: Layout, machines: list[Machine]) -> LaminaConfig:
