@@ -1,0 +1,82 @@
+"""Step plans as integer columns (engine/plan_columns.py): every field a plan sends survives
+the round trip (chunks of prefill and decode, fed tokens, prompt log-probabilities, new
+blocks, released requests, several micro-batches and shards, the heartbeat's empty plan,
+the shutdown plan), the encoder knows every field of the plan's dataclasses, and
+`broadcast_plan` carries them between real gloo ranks."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from spawn_ranks import run_ranks
+
+from megatron_lamina.engine import plan_columns
+from megatron_lamina.plan import MicroBatch, SequenceChunk, StepPlan
+
+
+def plans() -> list[StepPlan]:
+    rng = np.random.default_rng(3)
+    big = [SequenceChunk(i, i // 400, int(rng.integers(0, 9000)), [int(rng.integers(0, 150_000))],
+                         [int(rng.integers(0, 10**6))] if i % 16 == 0 else [], True, feed=i if i % 3 else -1)
+           for i in range(1024)]
+    return [
+        StepPlan(),  # a heartbeat
+        StepPlan(shutdown=True),
+        StepPlan([MicroBatch([SequenceChunk(7, 0, 0, [1, 2, 3], [4, 5], False)])], released=[2, 9]),
+        StepPlan([MicroBatch([SequenceChunk(3, 0, 5, [0], [], True, feed=2),
+                              SequenceChunk(2**40, 1, 0, list(range(17)), [8, 9, 10], True, all_logits=True)]),
+                  MicroBatch([SequenceChunk(4, 1, 2, [11, 12], [], True, -1, True)])],
+                 released=[5]),
+        StepPlan([MicroBatch(big[:512]), MicroBatch(big[512:])], released=list(range(40))),
+    ]
+
+
+@pytest.mark.parametrize("plan", plans(), ids=["heartbeat", "shutdown", "prefill", "mixed", "1024-decode"])
+def test_every_field_survives_the_round_trip(plan):
+    flat = plan_columns.encode(plan)
+    assert flat.dtype == np.int64 and flat.ndim == 1
+    back = plan_columns.decode(flat)
+    assert back == plan
+    for mb_back, mb in zip(back.micro_batches, plan.micro_batches):
+        for a, b in zip(mb_back.chunks, mb.chunks):
+            assert [type(getattr(a, f)) for f in plan_columns.CHUNK_FIELDS] == \
+                [type(getattr(b, f)) for f in plan_columns.CHUNK_FIELDS]
+
+
+def test_the_columns_name_every_field_of_a_plan():
+    """A field added to the plan must be sent (or named as never sent) here."""
+    chunk_fields = {f.name for f in dataclasses.fields(SequenceChunk)}
+    assert chunk_fields == set(plan_columns.CHUNK_FIELDS) | set(plan_columns.NOT_SENT)
+    assert {f.name for f in dataclasses.fields(StepPlan)} == set(plan_columns.PLAN_FIELDS)
+    assert [f.name for f in dataclasses.fields(MicroBatch)] == ["chunks"]
+
+
+def test_another_format_is_refused():
+    flat = plan_columns.encode(StepPlan())
+    flat[0] = plan_columns.FORMAT + 1
+    with pytest.raises(ValueError, match="same version"):
+        plan_columns.decode(flat)
+
+
+def _broadcast_every_plan() -> int:
+    import torch.distributed as dist
+
+    from megatron_lamina.engine.control_plane import broadcast_plan
+    from megatron_lamina.topology import ProcessGroups
+
+    dist.init_process_group("gloo")
+    groups = ProcessGroups(tp=None, control=dist.group.WORLD, startup=dist.group.WORLD)
+    for plan in plans():
+        if dist.get_rank() == 0:
+            assert broadcast_plan(plan, groups) is plan
+        else:
+            got = broadcast_plan(None, groups)
+            assert got == plan, "a plan changed on its way"
+    dist.barrier()
+    return len(plans())
+
+
+def test_broadcast_plan_between_gloo_ranks():
+    assert run_ranks(_broadcast_every_plan, 3) == len(plans())
