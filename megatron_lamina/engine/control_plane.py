@@ -18,18 +18,27 @@ from __future__ import annotations
 import threading
 import time
 
+import torch
 import torch.distributed as dist
 
+from megatron_lamina.engine import plan_columns
 from megatron_lamina.plan import StepPlan
 from megatron_lamina.topology import ProcessGroups
 
 
 def broadcast_plan(plan: StepPlan | None, groups: ProcessGroups) -> StepPlan:
-    if groups.control.size() == 1:  # a lone colocated rank: nobody to tell (and no pickling)
+    """The driver's `plan` to every rank of `control` (the others pass None and get it back):
+    as integer columns (plan_columns.py), not pickled; its length first, then the columns."""
+    if groups.control.size() == 1:  # a lone colocated rank: nobody to tell
         return plan
-    box = [plan]
-    dist.broadcast_object_list(box, src=0, group=groups.control)
-    return box[0]
+    driver = plan is not None
+    columns = torch.from_numpy(plan_columns.encode(plan)) if driver else None
+    size = torch.tensor([columns.numel() if driver else 0], dtype=torch.int64)
+    dist.broadcast(size, src=0, group=groups.control)
+    if not driver:
+        columns = torch.empty(int(size), dtype=torch.int64)
+    dist.broadcast(columns, src=0, group=groups.control)
+    return plan if driver else plan_columns.decode(columns.numpy())
 
 
 class PlanSender:
