@@ -60,8 +60,10 @@ class ParallelConfig(_Section):
 class RuntimeConfig(_Section):
     device: Literal["cpu", "cuda"] = "cpu"
     transport: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl on cuda, gloo on cpu
-    # A collective or P2P exchange that takes longer than this fails the job (a rank died or
-    # hangs); the driver also sends an empty plan after this long idle / 4 as a heartbeat.
+    # A rank silent this long fails the job (it died or hangs): a wait inside a step (one
+    # layer's exchange, the driver's plan to a rank) or a beat of the driver's heartbeat (sent
+    # every quarter of it, answered by every rank). It bounds silence, not work: a step, an
+    # admission or a stalled front end may last longer (engine/control_plane.py).
     step_timeout_s: float = Field(120.0, gt=0.0, le=86400.0)  # at most a day: .inf and nan are refused
     # CUDA only: replay steps from CUDA graphs, all captured at start-up (colocated decode
     # steps whole; every step's stages between attention calls at token buckets). At

@@ -11,8 +11,13 @@ served locally.
 
 `init_process_groups` creates the tensor-parallel group over the model-worker ranks only
 (handed to Megatron through a `ProcessGroupCollection`, so attention workers are in no
-Megatron group), a gloo group over all ranks for the step plans (whose timeout detects a dead
-rank) and one for start-up agreements (which may wait minutes for a model to load). Disaggregated, it also
+Megatron group), a gloo group over all ranks for the step plans, one for start-up agreements
+(which may wait minutes for a model to load), and one gloo pair (rank 0 and one other rank) per
+other rank for the driver's heartbeat (engine/control_plane.py): a pair of its own, so a beat
+to a rank never waits behind another rank's step, as the plans' broadcast (a tree through the
+ranks) does. The heartbeat, not the plans' group, bounds a rank's wait for its next plan, so
+only the driver's end of `control` times out after `runtime.step_timeout_s`; the other ranks'
+ends wait `PLAN_WAIT_TIMEOUT_S`. Disaggregated, it also
 creates one group per direction of the transport (q/k/v to the attention workers, outputs
 back to the model workers): each group has its own NCCL communicator and stream, so a
 micro-batch's q/k/v can travel while an earlier micro-batch's output is still awaited (on a
@@ -21,7 +26,7 @@ single communicator NCCL runs point-to-point ops of a rank pair in issue order).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch.distributed as dist
@@ -108,15 +113,22 @@ class Topology:
 @dataclass
 class ProcessGroups:
     tp: dist.ProcessGroup | None   # model-worker ranks only (None on attention workers)
-    control: dist.ProcessGroup     # every rank, gloo: step plans and shutdown (timeout: a step's)
+    control: dist.ProcessGroup     # every rank, gloo: step plans and shutdown (timeout: a step's on the
+                                   # driver, PLAN_WAIT_TIMEOUT_S on the others)
     startup: dist.ProcessGroup     # every rank, gloo: start-up agreements (timeout: STARTUP_TIMEOUT_S)
     to_attention: dist.ProcessGroup | None = None  # every rank: q/k/v messages (None colocated)
     to_model: dist.ProcessGroup | None = None      # every rank: attention outputs
+    # gloo pairs {other rank: [0, other rank]} for the heartbeat (timeout: a step's): the driver
+    # holds every other rank's pair, another rank its own
+    heartbeat: dict[int, dist.ProcessGroup] = field(default_factory=dict)
 
 
 # Loading an 8B model and capturing its graphs (torch.compile included) takes minutes, while
 # the other ranks wait in the KV-size agreement: start-up gets its own group and timeout.
 STARTUP_TIMEOUT_S = 1800.0
+# A non-driver rank waits for its next plan as long as the driver's heartbeat goes on (an idle
+# server waits for requests for days), so its end of the plans' group has no timeout to speak of.
+PLAN_WAIT_TIMEOUT_S = 10 * 365 * 86400.0
 
 
 def init_process_groups(topology: Topology, rank: int, timeout_s: float) -> ProcessGroups:
@@ -124,9 +136,16 @@ def init_process_groups(topology: Topology, rank: int, timeout_s: float) -> Proc
     timeout = timedelta(seconds=timeout_s)
     tp = dist.new_group(list(range(topology.tp_size)), timeout=timeout)
     everyone = list(range(topology.world_size))
-    control = dist.new_group(everyone, backend="gloo", timeout=timeout)
+    # A group's timeout is each rank's own: the driver's plan to a rank that stopped answering
+    # fails after a step's timeout, while the others wait on their heartbeat.
+    plan_wait = timeout if rank == 0 else timedelta(seconds=PLAN_WAIT_TIMEOUT_S)
+    control = dist.new_group(everyone, backend="gloo", timeout=plan_wait)
     startup = dist.new_group(everyone, backend="gloo", timeout=timedelta(seconds=STARTUP_TIMEOUT_S))
     groups = ProcessGroups(tp=tp if topology.is_model_worker(rank) else None, control=control, startup=startup)
+    for other in everyone[1:]:
+        pair = dist.new_group([0, other], backend="gloo", timeout=timeout)
+        if rank in (0, other):
+            groups.heartbeat[other] = pair
     if not topology.colocated:
         groups.to_attention = dist.new_group(everyone, timeout=timeout)
         groups.to_model = dist.new_group(everyone, timeout=timeout)

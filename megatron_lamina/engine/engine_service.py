@@ -9,8 +9,9 @@ no HTTP work ever waits for the engine's interpreter lock or delays its steps. N
 engine ever wait on the front end: its messages go through a bounded queue to a sender
 thread (vLLM's engine core has the same output thread). While the queue is full (a front end
 that stalls) the loop takes no step, since tokens nobody reads would only pile up, but it
-keeps reading the pipe, and the engine's heartbeats keep the other ranks alive meanwhile
+keeps reading the pipe, and the driver's heartbeat keeps the other ranks alive meanwhile
 (engine/control_plane.py); stepping resumes once the front end reads again, nothing lost.
+Each turn, idle or not, the loop asks whether a rank stopped answering that heartbeat.
 A request that fails on its own (`LLMEngine.fail_request`) gets an error delta; the others go on.
 
 States: `serving`; `draining` (SIGTERM to rank 0, or to the front end: the front end refuses
@@ -73,6 +74,7 @@ class EngineService:
         try:
             self._send(("ready", EngineInfo(engine.scheduler.capacity, engine.ctx.arch.vocab_size, os.getpid())))
             while not self._drained():
+                engine.control.check()  # a rank that died or hangs ends the job, busy or idle
                 self._check_drain()
                 blocked = self._outbox.qsize() >= OUTBOX_MESSAGES  # the front end is not reading: do not step
                 idle = blocked or not engine.has_work()

@@ -17,9 +17,9 @@ Whatever one request's own work raises (tokenizing it, its logits callback, appe
 token, detokenizing, its stop rules) ends that request alone, with `finish_reason` "error"
 and `Request.error` saying why (the traceback goes to stderr); the other requests go on. Only
 what is the step's as a whole (the plan's broadcast, the model, the sampler, the read-back
-copy) escapes `step`: a rank or the device failed, and the caller ends the job. From its
-construction on, the engine's `PlanSender` keeps every other rank's wait for a plan alive
-with heartbeats (control_plane.py).
+copy) escapes `step`: a rank or the device failed, and the caller ends the job. From the
+end of start-up on, the driver's heartbeat keeps every other rank's wait for a plan alive
+(control_plane.py); the engine's `PlanSender` sends the plans and raises what the heartbeat found.
 """
 
 from __future__ import annotations
@@ -65,8 +65,7 @@ class LLMEngine:
     def __init__(self, ctx: RankContext):
         assert ctx.rank == 0, "the engine runs on the driver rank"
         self.ctx = ctx
-        # First: the other ranks wait for a plan from the moment start-up ends.
-        self.control = PlanSender(ctx.groups, ctx.cfg.runtime.step_timeout_s / 4)
+        self.control = PlanSender(ctx.groups, ctx.liveness)
         self.codec = TextCodec(ctx.cfg.model.checkpoint)
         self.eos_token_ids = set(ctx.arch.eos_token_ids)
         blocks = BlockManager(ctx.topology.request_shards, ctx.num_blocks, ctx.cfg.kv_cache.block_size)
@@ -229,7 +228,7 @@ class LLMEngine:
         return requests
 
     def shutdown(self) -> None:
-        """Release the other ranks (they leave their loop) after the last heartbeat."""
+        """Release the other ranks (they leave their loop): the shutdown plan, then the heartbeat's goodbye."""
         self.control.close(StepPlan(shutdown=True))
 
     def abandon(self) -> None:

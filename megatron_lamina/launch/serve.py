@@ -19,7 +19,8 @@ broadcasts. Shutdown and faults:
     every rank: the others ignore it and wait for the driver, which drains as above; the
     launcher then reports the signal.)
   * a rank that dies or stops answering makes the current step fail (gloo reports the closed
-    connection at once, a hang after `runtime.step_timeout_s`): every in-flight request gets
+    connection at once, a hang after `runtime.step_timeout_s`; idle, the driver's heartbeat
+    finds either, engine/control_plane.py): every in-flight request gets
     an error, /health turns 503 and the job exits non-zero. A front end that dies ends the
     job the same way.
 """

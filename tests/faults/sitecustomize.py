@@ -1,4 +1,5 @@
-"""Faults injected into the processes of a real job, for tests/test_request_isolation.py.
+"""Faults injected into the processes of a real job, for tests/test_request_isolation.py and
+tests/test_liveness.py.
 
 A test puts this directory on PYTHONPATH and names the faults in LAMINA_TEST_FAULT
 (comma-separated); Python imports this module at start-up in every process of the job (the
@@ -8,6 +9,10 @@ imported, in the processes that import it:
   detokenize:ID   the `tokenizers` library's `DecodeStream.step` raises on token ID, as it does
                   on some tokenizers' invalid byte sequences ("Invalid prefix encountered")
   append:ID       `LLMEngine._append_token` raises on token ID
+  slow_prefill:S  a step that prefills at least 64 tokens of one micro-batch takes S seconds
+                  longer on the model workers, after its last attention exchange (the last
+                  layer's MLP and the head of a long prompt on a slow device), so the step
+                  outlasts `runtime.step_timeout_s` while no wait inside it does
 """
 
 from __future__ import annotations
@@ -45,8 +50,22 @@ def _append(module) -> None:
     module.LLMEngine._append_token = _append_token
 
 
+def _slow_prefill(module) -> None:
+    import time
+
+    real, seconds = module.LlamaModel.last_stage, float(FAULTS["slow_prefill"])
+
+    def last_stage(self, residual, attention_out):
+        if residual.shape[0] >= 64:
+            time.sleep(seconds)
+        return real(self, residual, attention_out)
+
+    module.LlamaModel.last_stage = last_stage
+
+
 PATCHES = {"tokenizers.decoders": ("detokenize", _detokenize),
-           "megatron_lamina.engine.llm_engine": ("append", _append)}
+           "megatron_lamina.engine.llm_engine": ("append", _append),
+           "megatron_lamina.model.llama": ("slow_prefill", _slow_prefill)}
 
 
 class _PatchAfterImport(importlib.abc.MetaPathFinder):
