@@ -1,0 +1,47 @@
+"""Host work per decode step on the CPU, before and after issue 24: the sampler, the padded
+block tables and the step plan through the control plane (megatron_lamina/bench/host_step.py
+says what each column times).
+
+    python tools/bench_host_step.py                 # the table recorded in docs/BENCHMARKS.md
+    python tools/bench_host_step.py --repeats 20    # quicker, noisier
+
+Prints one markdown table, ms per step (median wall time on this host, one thread).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from megatron_lamina.bench.host_step import block_tables_ms, plan_ms, sampler_ms
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=100, help="timed calls per figure (median)")
+    parser.add_argument("--vocab", type=int, default=32, help="the sampler's vocabulary (tiny: the "
+                        "per-row overhead is what is timed)")
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rows = ["| host work | size | before (ms) | after (ms) | note |", "|---|---|---:|---:|---|"]
+    for batch in (256, 1024):
+        t = sampler_ms(batch, args.vocab, args.repeats)
+        rows.append(f"| sampler, temperature 1.0 | {batch} rows x {args.vocab} | {t['before']:.3f} | "
+                    f"{t['after']:.3f} | greedy {t['greedy']:.3f} |")
+    for batch, context in ((256, 1024), (256, 4096), (1024, 1024), (1024, 8192)):
+        t = block_tables_ms(batch, context, args.block_size, args.repeats)
+        rows.append(f"| padded block tables | {batch} x {context // 1024}K | {t['before']:.3f} | {t['after']:.3f} | "
+                    f"+ apply (no new block) {t['apply']:.3f} |")
+    for batch in (256, 1024):
+        t = plan_ms(batch, 1024, args.repeats)
+        rows.append(f"| plan encode + decode | {batch} requests | {t['before']:.3f} | {t['after']:.3f} | "
+                    "before: pickle |")
+    print("\n".join(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
