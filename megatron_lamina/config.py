@@ -77,7 +77,7 @@ class RuntimeConfig(_Section):
 
 class SchedulerConfig(_Section):
     max_batch_size: int = Field(64, ge=1)  # requests in one step, over all micro-batches
-    micro_batches: int = Field(2, ge=1)  # staggered pipelining depth (DESIGN.md section 4)
+    micro_batches: int = Field(2, ge=1)  # staggered pipelining depth (DESIGN.md section 4); colocated runs 1
     max_prefill_tokens: int = Field(2048, ge=1)  # prompt tokens per step (chunked prefill)
     # Plan step n+1 while step n runs (its tokens fed on the device); false: plan after reading
     # step n back (same tokens, the GPU idles meanwhile).
@@ -154,6 +154,13 @@ class LaminaConfig(_Section):
     @property
     def colocated(self) -> bool:
         return self.parallel.attention_workers == 0
+
+    @property
+    def micro_batches(self) -> int:
+        """Micro-batches a step is split into: scheduler.micro_batches, or 1 when colocated, where
+        micro-batches overlap nothing (no exchange to hide) and only a one-micro-batch step is
+        replayed as one whole-step CUDA graph (vLLM's rule: the fastest path by default)."""
+        return 1 if self.colocated else self.scheduler.micro_batches
 
     @property
     def request_shards(self) -> int:

@@ -333,3 +333,13 @@ def test_largest_timeouts_and_sizes_pass():
     cfg = loaded("runtime.step_timeout_s=86400", "server.drain_timeout_s=86400", "server.stall_timeout_s=86400",
                  "kv_cache.block_size=1024", "kv_cache.num_blocks=524288")
     assert (cfg.runtime.step_timeout_s, cfg.kv_cache.block_size, cfg.kv_cache.num_blocks) == (86400, 1024, 524288)
+
+
+def test_colocated_layouts_run_one_micro_batch():
+    """Colocated, micro-batches overlap nothing and only one micro-batch replays whole-step CUDA
+    graphs: a larger scheduler.micro_batches runs as 1 (and start-up says so); disaggregated
+    layouts keep the value."""
+    assert loaded("parallel.attention_workers=0", "scheduler.micro_batches=2").micro_batches == 1
+    assert loaded("parallel.attention_workers=2", "scheduler.micro_batches=3").micro_batches == 3
+    assert load_config(CONFIGS / "gpu-colocated.yaml").scheduler.micro_batches == 1
+    assert load_config(CONFIGS / "colocated-cpu.yaml").scheduler.micro_batches == 1

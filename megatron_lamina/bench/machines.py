@@ -12,6 +12,7 @@ here (tests skip with that reason).
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import signal
@@ -42,8 +43,10 @@ def unavailable() -> str | None:
 
 
 class Machines:
+    _made = itertools.count()  # a process may make several sets, one after another
+
     def __init__(self, count: int):
-        tag = f"{os.getpid() % 100000}"
+        tag = f"{os.getpid() % 100000}{chr(ord('a') + next(self._made) % 26)}"
         self.count = count
         self.switch = f"lsw{tag}"
         self.names = [f"lm{tag}-{i}" for i in range(count)]

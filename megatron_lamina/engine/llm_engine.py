@@ -70,7 +70,7 @@ class LLMEngine:
         self.eos_token_ids = set(ctx.arch.eos_token_ids)
         blocks = BlockManager(ctx.topology.request_shards, ctx.num_blocks, ctx.cfg.kv_cache.block_size)
         s = ctx.cfg.scheduler
-        self.scheduler = Scheduler(blocks, s.max_batch_size, s.max_prefill_tokens, s.micro_batches,
+        self.scheduler = Scheduler(blocks, s.max_batch_size, s.max_prefill_tokens, ctx.cfg.micro_batches,
                                    ctx.arch.max_position_embeddings)
         self.async_scheduling = s.async_scheduling
         self.worker = ctx.worker

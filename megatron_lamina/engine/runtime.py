@@ -137,6 +137,9 @@ def start_rank(cfg: LaminaConfig, placement: Placement | None = None) -> RankCon
         f"{arch.num_attention_heads}/{arch.num_kv_heads} heads; {world} ranks "
         f"(TP {cfg.parallel.tensor_parallel}, {cfg.parallel.attention_workers} attention workers)")
     topology = Topology.from_config(cfg, arch.num_kv_heads)
+    if cfg.micro_batches != cfg.scheduler.micro_batches:
+        log(f"scheduler.micro_batches = {cfg.scheduler.micro_batches} runs as {cfg.micro_batches}: colocated, "
+            f"micro-batches overlap nothing, and one micro-batch replays whole-step CUDA graphs")
     if placement is not None:
         for line in placement_lines(placement, topology.describe_rank):
             log(line)

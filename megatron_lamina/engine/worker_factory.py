@@ -98,7 +98,7 @@ def _model_worker(cfg, arch, topology, groups, rank, device, log, weights) -> Bu
         from megatron_lamina.engine.stage_graphs import StageGraphs
 
         pool = torch.cuda.graph_pool_handle()
-        stage_graphs = StageGraphs(model, s.max_batch_size + s.max_prefill_tokens, s.micro_batches, pool)
+        stage_graphs = StageGraphs(model, s.max_batch_size + s.max_prefill_tokens, cfg.micro_batches, pool)
         stage_graphs.capture(log)
     if not topology.colocated:
         num_blocks = _agree(cfg, groups, None)
