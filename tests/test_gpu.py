@@ -227,3 +227,30 @@ def test_sample_tokens_on_cuda():
     tokens = torch.tensor([sample_tokens(small, [p], [generator])[0] for _ in range(4000)])
     frequencies = torch.bincount(tokens, minlength=6).float() / 4000
     assert torch.allclose(frequencies, torch.softmax(small[0].cpu(), -1), atol=0.03)
+
+
+def test_sampler_returns_before_the_gpu_work_ahead_of_it_finishes():
+    """No sampling option makes the host wait for the GPU (issue 24): with a long kernel queued
+    ahead, a batch mixing greedy rows, grouped temperature/top-k/top-p/min-p rows, a seeded row
+    and a row with penalties and logit bias is enqueued and the sampler returns while that
+    kernel still runs (its event not yet complete); the tokens then come out as sampled alone."""
+    from megatron_lamina.engine.sampling import SamplingParams, sample_tokens_on_device
+
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=1.0, top_p=0.95),
+              SamplingParams(temperature=1.0, top_p=0.95), SamplingParams(temperature=0.7, top_k=40, min_p=0.05),
+              SamplingParams(temperature=1.0, seed=7),
+              SamplingParams(temperature=0.8, repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.2,
+                             logit_bias={5: 3.0, 9: -100.0})]
+    history = [None] * 5 + [([1, 2, 3], [4, 5, 4])]
+    logits = torch.randn(len(params), 32000, device="cuda")
+    sample_tokens_on_device(logits, params, [p.make_generator("cuda") for p in params], history)  # warm-up
+    torch.cuda.synchronize()
+    generators = [p.make_generator("cuda") for p in params]
+    torch.cuda._sleep(3_000_000_000)  # about 2 s of one spinning kernel
+    ahead = torch.cuda.Event()
+    ahead.record()
+    tokens = sample_tokens_on_device(logits, params, generators, history)
+    assert not ahead.query(), "the sampler waited for the kernel ahead of it"
+    assert tokens.shape == (len(params),)
+    seeded = sample_tokens_on_device(logits[4:5], params[4:5], [params[4].make_generator("cuda")], history[4:5])
+    assert int(tokens[4]) == int(seeded[0]) and int(tokens[0]) == int(logits[0].argmax())
