@@ -128,6 +128,13 @@ class DeploymentConfig(_Section):
     nodes: list[NodeConfig] = Field(default_factory=list)
 
 
+def micro_batches_run(attention_workers: int, asked: int) -> int:
+    """Micro-batches a step is split into: scheduler.micro_batches, or 1 when colocated, where
+    micro-batches overlap nothing (no exchange to hide) and only a one-micro-batch step is
+    replayed as one whole-step CUDA graph (vLLM's rule: the fastest path by default)."""
+    return asked if attention_workers else 1
+
+
 def request_shards(attention_workers: int, head_groups: int) -> int:
     """Independent KV pools a request can be placed on: attention workers form a grid of
     head groups x request shards; colocated (no attention workers) there is one."""
@@ -157,10 +164,8 @@ class LaminaConfig(_Section):
 
     @property
     def micro_batches(self) -> int:
-        """Micro-batches a step is split into: scheduler.micro_batches, or 1 when colocated, where
-        micro-batches overlap nothing (no exchange to hide) and only a one-micro-batch step is
-        replayed as one whole-step CUDA graph (vLLM's rule: the fastest path by default)."""
-        return 1 if self.colocated else self.scheduler.micro_batches
+        """Micro-batches a step is split into (`micro_batches_run`)."""
+        return micro_batches_run(self.parallel.attention_workers, self.scheduler.micro_batches)
 
     @property
     def request_shards(self) -> int:

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 import torch
 
+from megatron_lamina.config import micro_batches_run
 from megatron_lamina.engine.block_manager import BlockManager
 from megatron_lamina.engine.request import Request
 from megatron_lamina.engine.sampling import SamplingParams
@@ -200,7 +201,7 @@ class EngineSimulator:
         lay = self.layout
         budget = sys.maxsize if self.decode_only else lay.max_prefill_tokens
         return Scheduler(BlockManager(lay.request_shards, self.num_blocks, lay.block_size), lay.max_batch_size,
-                         budget, lay.micro_batches, self.max_model_len)
+                         budget, micro_batches_run(lay.attention_workers, lay.micro_batches), self.max_model_len)
 
     def work(self, plan: StepPlan) -> list[list[ChunkWork]]:
         """The plan's micro-batches as the cost model reads them (module doc for decode_only)."""
@@ -208,7 +209,7 @@ class EngineSimulator:
             return [[(c.shard, c.start + len(c.tokens), len(c.tokens)) for c in mb.chunks]
                     for mb in plan.micro_batches]
         chunks = [(c.shard, c.start + len(c.tokens), 1) for mb in plan.micro_batches for c in mb.chunks]
-        count = min(self.layout.micro_batches, len(chunks))
+        count = min(micro_batches_run(self.layout.attention_workers, self.layout.micro_batches), len(chunks))
         return [chunks[i::count] for i in range(count)]
 
     def run(self, trace: list[TraceRequest], saturate: bool = False,
