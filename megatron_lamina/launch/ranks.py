@@ -196,14 +196,13 @@ def _report_missing(roll, node, cfg) -> None:
 
     missing = roll.missing()
     if not roll.entries:  # the store never answered: the machine that hosts it is not there
-        print(f"error: no machine answered at the rendezvous endpoint {node.endpoint} within "
+        roll.say(f"error: no machine answered at the rendezvous endpoint {node.endpoint} within "
               f"{node.rdzv_timeout_s:g} s: the node that owns that address (node 0 in the recipes) never "
-              f"started, or the address is wrong", file=sys.stderr, flush=True)
+              f"started, or the address is wrong")
         return
     names = ", ".join(node_name(cfg, n) for n in missing) or "a machine"
-    print(f"error: {names} never joined the rendezvous at {node.endpoint} within {node.rdzv_timeout_s:g} s "
-          f"(--rdzv-timeout); start it with --node-rank {missing[0] if missing else 'R'}",
-          file=sys.stderr, flush=True)
+    roll.say(f"error: {names} never joined the rendezvous at {node.endpoint} within {node.rdzv_timeout_s:g} s "
+          f"(--rdzv-timeout); start it with --node-rank {missing[0] if missing else 'R'}")
 
 
 def _lost_node(roll, node, cfg) -> int | None:
@@ -215,13 +214,13 @@ def _lost_node(roll, node, cfg) -> int | None:
     if lost:
         gone = lost[0]
         address = roll.entries.get(gone, {}).get("address", "?")
-        print(f"error: {node_name(cfg, gone)} at {address} was lost (its launcher stopped answering); "
-              f"this machine's ranks stopped", file=sys.stderr, flush=True)
+        roll.say(f"error: {node_name(cfg, gone)} at {address} was lost (its launcher stopped answering); "
+              f"this machine's ranks stopped")
         return LOST_NODE_EXIT + gone
     if silent and not node.hosts_store:
         host = roll.store_host()
         gone = 0 if host is None else host
-        print(f"error: {node_name(cfg, gone)}, which hosts the rendezvous at {node.endpoint}, was lost "
-              f"(or this machine was cut off from it); this machine's ranks stopped", file=sys.stderr, flush=True)
+        roll.say(f"error: {node_name(cfg, gone)}, which hosts the rendezvous at {node.endpoint}, was lost "
+              f"(or this machine was cut off from it); this machine's ranks stopped")
         return LOST_NODE_EXIT + gone
     return None

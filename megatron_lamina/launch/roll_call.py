@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import socket
+import sys
 import threading
 import time
 from datetime import timedelta
@@ -39,6 +40,7 @@ class RollCall:
         self.started = time.monotonic()
         self._stop = threading.Event()
         self._lock = threading.Lock()
+        self._said = False
         self._thread = threading.Thread(target=self._run, name="lamina-roll-call", daemon=True)
 
     def start(self) -> "RollCall":
@@ -77,6 +79,15 @@ class RollCall:
             if lost or silent or time.monotonic() >= deadline:
                 return lost, silent
             time.sleep(BEAT_S / 4)
+
+    def say(self, line: str) -> None:
+        """The launcher's verdict, printed once: the rendezvous deadline, torch's own error and a
+        lost store can each reach it, from two threads."""
+        with self._lock:
+            if self._said:
+                return
+            self._said = True
+        print(line, file=sys.stderr, flush=True)
 
     def wait_others(self, timeout_s: float) -> None:
         """Node 0, before its store goes: wait until every other machine left or was lost."""
