@@ -1,6 +1,7 @@
 """Host work per decode step on the CPU, before and after issue 24: the sampler, the padded
-block tables and the step plan through the control plane (megatron_lamina/bench/host_step.py
-says what each column times).
+block tables, the step plan through the control plane, and the whole step's host work (schedule,
+plan, block tables and index) in a colocated and a disaggregated layout
+(megatron_lamina/bench/host_step.py says what each column times).
 
     python tools/bench_host_step.py                 # the table recorded in docs/BENCHMARKS.md
     python tools/bench_host_step.py --repeats 20    # quicker, noisier
@@ -14,7 +15,9 @@ import argparse
 
 import torch
 
-from megatron_lamina.bench.host_step import block_tables_ms, plan_ms, sampler_ms
+from megatron_lamina.bench.host_step import LAYOUTS, block_tables_ms, plan_ms, sampler_ms, whole_step_ms
+
+SIZES = ((256, 1024), (256, 8192), (1024, 1024), (1024, 8192))  # (batch, context) of a whole step
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,6 +42,18 @@ def main(argv: list[str] | None = None) -> int:
         t = plan_ms(batch, 1024, args.repeats)
         rows.append(f"| plan encode + decode | {batch} requests | {t['before']:.3f} | {t['after']:.3f} | "
                     "before: pickle |")
+    for layout in LAYOUTS:
+        after_1k = {}
+        for batch, context in SIZES:
+            before, after = (whole_step_ms(layout, batch, context, args.block_size, args.repeats, new)
+                             for new in (False, True))
+            after_1k.setdefault(batch, after["step"])
+            flat = f"; 8K/1K {after['step'] / after_1k[batch]:.2f}" if context > 1024 else ""
+            rows.append(f"| whole step, {layout} | {batch} x {context // 1024}K | {before['step']:.3f} | "
+                        f"{after['step']:.3f} | schedule {after['schedule']:.3f} + plan {after['plan']:.3f} + "
+                        f"tables/index {after['index']:.3f} (before {before['schedule']:.3f} + "
+                        f"{before['plan']:.3f} + {before['index']:.3f}); after/before "
+                        f"{after['step'] / before['step']:.2f}{flat} |")
     print("\n".join(rows))
     return 0
 

@@ -11,21 +11,34 @@ same inputs:
     on its own;
   * a plan of `batch` decode requests through the control plane, without the transport:
     pickled and unpickled as `broadcast_object_list` does (before); encoded to integer columns
-    and decoded (now).
-Every figure is the median wall time of one call in ms.
+    and decoded (now);
+  * a whole decode step's host work in a layout (`whole_step_ms`): the real `Scheduler` and
+    `BlockManager` run `batch` requests at `context` tokens, decode steps only; the driver
+    schedules and sends the plan, a receiving cache-holding rank receives it, applies it to
+    its block tables and builds its attention index (`PagedAttention.host_index`'s numpy
+    work: no model, no copy to a device). Before: the plan pickled and unpickled, the tables
+    kept as Python lists and the index built as it was at 8dfc72f^ (`_host_index_before`).
+Every figure is the median wall time of one call (one step) in ms.
 """
 
 from __future__ import annotations
 
 import pickle
+import time
 
+import numpy as np
 import torch
 
-from megatron_lamina.attention.kv_cache import padded_block_tables
+from megatron_lamina.attention.gpu import PagedAttention, chunk_slots
+from megatron_lamina.attention.kv_cache import PagedKVCache, padded_block_tables
 from megatron_lamina.bench.timing import wall_s
 from megatron_lamina.engine import plan_columns
+from megatron_lamina.bench.timing import median
+from megatron_lamina.engine.block_manager import BlockManager
 from megatron_lamina.engine.block_tables import BlockTables, padded_tables
+from megatron_lamina.engine.request import Request
 from megatron_lamina.engine.sampling import SamplingParams, sample_tokens
+from megatron_lamina.engine.scheduler import Scheduler
 from megatron_lamina.plan import MicroBatch, SequenceChunk, StepPlan
 
 CPU = torch.device("cpu")
@@ -74,3 +87,107 @@ def plan_ms(batch: int, context: int, repeats: int) -> dict[str, float]:
         c.new_blocks = [c.block_table[-1]]  # about one request in 16 crosses a block boundary
     return {"before": _ms(lambda: pickle.loads(pickle.dumps(plan)), repeats),
             "after": _ms(lambda: plan_columns.decode(plan_columns.encode(plan)), repeats)}
+
+
+# A layout's control plane and cache-holding receiver: (request shards, micro-batches), as the
+# shipped GPU configs run them. Colocated (configs/gpu-colocated.yaml, TP 2): the second model
+# worker receives every plan and holds every request's cache. Disaggregated
+# (configs/gpu-disaggregated.yaml): the driver holds no cache; each of the 2 attention ranks
+# receives every plan and indexes its own shard's rows.
+LAYOUTS = {"colocated": (1, 1), "disaggregated": (2, 2)}
+
+
+class _ListTables:
+    """The block tables of a receiving rank before issue 24 (8dfc72f^): a list per request."""
+
+    def __init__(self, shard: int | None):
+        self.shard, self.tables = shard, {}
+
+    def apply(self, plan: StepPlan) -> None:
+        for request_id in plan.released:
+            self.tables.pop(request_id, None)
+        for mb in plan.micro_batches:
+            for chunk in mb.chunks:
+                if self.shard is None or chunk.shard == self.shard:
+                    table = self.tables.setdefault(chunk.request_id, [])
+                    table.extend(chunk.new_blocks)
+                    chunk.block_table = table
+
+
+def _host_index_before(chunks: list[SequenceChunk], bs: int) -> dict[str, np.ndarray]:
+    """`PagedAttention.host_index`'s arrays as it built them before issue 24 (8dfc72f^)."""
+    slots, decode_rows, tables, lens, prefill, row = [], [], [], [], [], 0
+    for chunk in chunks:
+        if len(chunk.tokens) == 1:
+            p = chunk.start
+            slots.append(np.array([chunk.block_table[p // bs] * bs + p % bs]))
+            decode_rows.append(row)
+            tables.append(chunk.block_table)
+            lens.append(chunk.end)
+        else:
+            slots.append(chunk_slots(chunk.block_table, chunk.start, chunk.end, bs))
+            prefill.append((row, chunk))
+        row += len(chunk.tokens)
+    arrays = {"new_slots": np.concatenate(slots) if slots else np.zeros(0, np.int64),
+              "tables": padded_block_tables(tables, 0), "lens": np.asarray(lens, np.int64)}
+    if len(decode_rows) != row:
+        arrays["decode_rows"] = np.asarray(decode_rows, np.int64)
+    return arrays
+
+
+def running_scheduler(batch: int, context: int, block_size: int, shards: int, micro_batches: int,
+                      steps: int) -> tuple[Scheduler, StepPlan]:
+    """A real scheduler with `batch` running requests whose contexts end within one block of
+    `context` (staggered, so about one in `block_size` takes a new block each step), room for
+    `steps` more tokens each, and the admitting (prefill) plan that announced their blocks."""
+    per_request = -(-(context + steps + 1) // block_size)
+    blocks = BlockManager(shards, -(-batch // shards) * per_request + 1, block_size)
+    scheduler = Scheduler(blocks, batch, batch * context, micro_batches, context + steps + 1)
+    params = SamplingParams(max_tokens=steps + block_size + 1)
+    prompt = [1] * context  # shared: requests never write their prompts
+    for i in range(batch):
+        scheduler.add(Request(i, prompt[:context - i % block_size], params))
+    return scheduler, scheduler.schedule()
+
+
+def _read_back(scheduler: Scheduler) -> None:
+    """What the engine does once a step's tokens are on the host: each request grows by one."""
+    for request in scheduler.running:
+        request.output_token_ids.append(1)
+
+
+def whole_step_ms(layout: str, batch: int, context: int, block_size: int, repeats: int,
+                  new: bool) -> dict[str, float | dict]:
+    """Per decode step, median ms: `schedule` (driver), `plan` (driver's send + a receiver's
+    receive), `index` (the receiver's apply + its index of every micro-batch it serves) and
+    `step` (their sum per step: a receiver starts when the plan arrives). `new`: the code
+    after issue 24, else before. `arrays`: the last step's index of the receiver's first
+    micro-batch (the test compares the two paths)."""
+    shards, micro_batches = LAYOUTS[layout]
+    shard = None if shards == 1 else 0
+    warmup = max(2, repeats // 10)
+    scheduler, admit = running_scheduler(batch, context, block_size, shards, micro_batches, warmup + repeats)
+    attention = PagedAttention(PagedKVCache(0, 1, block_size, 1, 1, torch.float32))
+    tables = BlockTables(shard) if new else _ListTables(shard)
+    tables.apply(admit)
+    _read_back(scheduler)
+    times: dict[str, list[float]] = {"schedule": [], "plan": [], "index": [], "step": []}
+    for _ in range(warmup + repeats):
+        t0 = time.perf_counter()
+        plan = scheduler.schedule()
+        t1 = time.perf_counter()
+        got = plan_columns.decode(plan_columns.encode(plan)) if new else pickle.loads(pickle.dumps(plan))
+        t2 = time.perf_counter()
+        tables.apply(got)
+        mine = [mb.chunks if shard is None else mb.shard_chunks(shard) for mb in got.micro_batches]
+        if new:
+            arrays = [attention.host_index(chunks).arrays for chunks in mine if chunks]
+        else:
+            arrays = [_host_index_before(chunks, block_size) for chunks in mine if chunks]
+        t3 = time.perf_counter()
+        for key, value in zip(times, (t1 - t0, t2 - t1, t3 - t2, t3 - t0)):
+            times[key].append(1e3 * value)
+        _read_back(scheduler)
+    chunks = [c for mb in plan.micro_batches for c in mb.chunks]
+    assert len(chunks) == batch and all(len(c.tokens) == 1 for c in chunks), "not a decode step of every request"
+    return {key: median(values[warmup:]) for key, values in times.items()} | {"arrays": arrays[0]}
