@@ -4,7 +4,13 @@
 # (tools/serving_benchmark.py: random 8B checkpoint, the server's closed batch and trace replay,
 # the batch job, bench_decode at the decode window). Usage, from the repo root, with .whl carried:
 #   bash tools/gpu_serving.sh OUT_DIR [serving_benchmark.py options]
-# GPU_TESTS=0 skips the tests.
+# GPU_TESTS=0 skips the tests. .whl/ holds, for the image's Python 3.12 (made here with
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
+#     --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform any -d .whl \
+#     megatron-core==0.16.1 fastapi==0.165.0 starlette==1.10.0 pydantic==2.14.4 pydantic_core==2.50.5 \
+#     annotated-types==0.8.0 typing-inspection==0.4.5 uvicorn==0.55.0 opentelemetry-api==1.45.3 \
+#     httptools==0.9.0 transformers==5.25.0 tokenizers==0.23.3 huggingface_hub==2.4.0 einops==0.8.2
+# (transformers >= 5.20 for the chat path's sanitize_control_tokens; the image has an older one).
 set -uo pipefail
 out=${1:-/tmp/serving-out}; mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
