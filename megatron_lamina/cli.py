@@ -21,7 +21,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from megatron_lamina.launch.nodes import node_launch
+from megatron_lamina.launch.nodes import node_launch, node_name
 
 COMMANDS = {
     "serve": "OpenAI-compatible HTTP server (rank 0 serves server.host:server.port)",
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_lamina.launch.ranks import start_ranks
 
     par = cfg.parallel
-    where = f" on {node.describe(cfg)} of {node.nnodes}, rendezvous {node.endpoint}" if node.several else ""
+    where = f" on {node_name(cfg, node.node_rank)} of {node.nnodes}, rendezvous {node.endpoint}" if node.several else ""
     print(f"lamina: starting {node.nproc} ranks{where} ({par.tensor_parallel} model worker(s), "
           f"{par.attention_workers} attention worker(s) in the job)", file=sys.stderr, flush=True)
     grace = cfg.server.drain_timeout_s + 10 if command == "serve" else 30.0

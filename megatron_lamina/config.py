@@ -163,6 +163,11 @@ class LaminaConfig(_Section):
         return self.parallel.attention_workers == 0
 
     @property
+    def process_group_backend(self) -> str:
+        """torch.distributed's backend: gloo on CPU (or transport gloo), NCCL for CUDA tensors."""
+        return "gloo" if self.runtime.device == "cpu" or self.runtime.transport == "gloo" else "cpu:gloo,cuda:nccl"
+
+    @property
     def micro_batches(self) -> int:
         """Micro-batches a step is split into (`micro_batches_run`)."""
         return micro_batches_run(self.parallel.attention_workers, self.scheduler.micro_batches)

@@ -179,6 +179,5 @@ def _init_one_rank(cfg: LaminaConfig) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    backend = "gloo" if cfg.runtime.device == "cpu" else "cpu:gloo,cuda:nccl"
-    dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
+    dist.init_process_group(backend=cfg.process_group_backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
                             timeout=timedelta(seconds=cfg.runtime.step_timeout_s))

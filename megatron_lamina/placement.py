@@ -54,14 +54,6 @@ class Placement:
     rank: int                  # this process's placed rank
     seats: tuple[Seat, ...]    # every rank's seat, indexed by placed rank
 
-    @property
-    def world_size(self) -> int:
-        return len(self.seats)
-
-    @property
-    def seat(self) -> Seat:
-        return self.seats[self.rank]
-
     def node_of(self, rank: int) -> int:
         return self.seats[rank].node
 
@@ -143,8 +135,7 @@ def join_job(cfg, node_rank: int) -> Placement:
     seats = [Seat(**json.loads(store.get(f"seat/{r}"))) for r in range(world)]
     order = seats_order(seats, cfg)
     rank = order.index(launched)
-    backend = "gloo" if cfg.runtime.device == "cpu" or cfg.runtime.transport == "gloo" else "cpu:gloo,cuda:nccl"
-    dist.init_process_group(backend=backend, store=dist.PrefixStore("lamina/job", store), rank=rank,
+    dist.init_process_group(backend=cfg.process_group_backend, store=dist.PrefixStore("lamina/job", store), rank=rank,
                             world_size=world, timeout=timedelta(seconds=cfg.runtime.step_timeout_s))
     return Placement(rank, tuple(seats[r] for r in order))
 

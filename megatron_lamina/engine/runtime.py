@@ -18,7 +18,6 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist

@@ -56,14 +56,15 @@ class NodeLaunch:
     rdzv_id: str = DEFAULT_RDZV_ID
     rdzv_timeout_s: float = DEFAULT_RDZV_TIMEOUT_S
     address: str = "127.0.0.1"  # this machine's address on the route to the endpoint
-    hosts_store: bool = False   # node 0: its launcher serves the rendezvous store
 
     @property
     def several(self) -> bool:
         return self.nnodes > 1
 
-    def describe(self, cfg) -> str:
-        return node_name(cfg, self.node_rank)
+    @property
+    def hosts_store(self) -> bool:
+        """Node 0's launcher serves the rendezvous store."""
+        return self.several and self.node_rank == 0
 
 
 def node_name(cfg, node_rank: int) -> str:
@@ -125,7 +126,7 @@ def node_launch(cfg, args) -> NodeLaunch:
         raise ConfigError(f"--rdzv-endpoint {args.rdzv_endpoint}: node 0 hosts the rendezvous, so the endpoint "
                           f"must be an address of this machine (node 0); {host} is not")
     return NodeLaunch(nnodes, node_rank, cfg.node_workers(node_rank), f"{host}:{port}", args.rdzv_id,
-                      args.rdzv_timeout, node_address(host), hosts_store=node_rank == 0)
+                      args.rdzv_timeout, node_address(host))
 
 
 def owns_address(host: str, wait_s: float = 0.0) -> bool:

@@ -164,7 +164,7 @@ def _roll_call(node, cfg):
     from megatron_lamina.launch.roll_call import RollCall
 
     host, port = split_endpoint(node.endpoint)
-    entry = {"name": node_name(cfg, node.node_rank), "address": node.address, "hosts_store": node.hosts_store}
+    entry = {"name": node_name(cfg, node.node_rank), "address": node.address}
     return RollCall(host, port, node.rdzv_id, node.nnodes, node.node_rank, entry)
 
 
@@ -197,8 +197,7 @@ def _report_missing(roll, node, cfg) -> None:
     missing = roll.missing()
     if not roll.entries:  # the store never answered: the machine that hosts it is not there
         roll.say(f"error: no machine answered at the rendezvous endpoint {node.endpoint} within "
-              f"{node.rdzv_timeout_s:g} s: the node that owns that address (node 0 in the recipes) never "
-              f"started, or the address is wrong")
+              f"{node.rdzv_timeout_s:g} s: node 0, which serves it, never started, or the address is wrong")
         return
     names = ", ".join(node_name(cfg, n) for n in missing) or "a machine"
     roll.say(f"error: {names} never joined the rendezvous at {node.endpoint} within {node.rdzv_timeout_s:g} s "
@@ -217,9 +216,8 @@ def _lost_node(roll, node, cfg) -> int | None:
         roll.say(f"error: {node_name(cfg, gone)} at {address} was lost (its launcher stopped answering); "
               f"this machine's ranks stopped")
         return LOST_NODE_EXIT + gone
-    if silent and not node.hosts_store:
-        host = roll.store_host()
-        gone = 0 if host is None else host
+    if silent and not node.hosts_store:  # node 0 serves the store
+        gone = 0
         roll.say(f"error: {node_name(cfg, gone)}, which hosts the rendezvous at {node.endpoint}, was lost "
               f"(or this machine was cut off from it); this machine's ranks stopped")
         return LOST_NODE_EXIT + gone

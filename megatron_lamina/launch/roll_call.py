@@ -2,16 +2,16 @@
 
 torch elastic's c10d rendezvous tells a machine that the job did not assemble in time, or that
 its own ranks failed, but not which *other* machine is to blame. So each `lamina` launcher of
-a multi-machine job keeps a roll call in the same TCPStore the rendezvous uses (hosted by the
-machine that owns `--rdzv-endpoint`): a background thread writes this node's entry once (its
-node rank, role and address), then adds 1 to its beat counter every `BEAT_S` and reads every
+a multi-machine job keeps a roll call in the same TCPStore the rendezvous uses (served by node 0's
+launcher at `--rdzv-endpoint`): a background thread writes this node's entry once (its
+name and address), then adds 1 to its beat counter every `BEAT_S` and reads every
 other node's. From that:
   * `missing()`: node ranks that never wrote their entry: after `--rdzv-timeout`, the launcher
     names them in its one `error:` line;
   * `lost()`: nodes whose counter stopped (their launcher was killed, or their network cut)
     and that did not say they left: when the ranks fail, the launcher names the lost node in
-    its last line and exit status. A store that stopped answering means the machine hosting
-    it was lost (or this one was cut off).
+    its last line and exit status. A store that stopped answering means node 0, which
+    serves it, was lost (or this one was cut off).
 A launcher about to exit writes `left`, so a machine that ends normally is never reported lost.
 """
 
@@ -58,10 +58,6 @@ class RollCall:
         with self._lock:
             return [n for n, (_, changed) in sorted(self._beats.items())
                     if n != self.node and n not in self._left and now - changed > STALL_S]
-
-    def store_host(self) -> int | None:
-        with self._lock:
-            return next((n for n, e in sorted(self.entries.items()) if e.get("hosts_store")), None)
 
     def store_silent(self) -> bool:
         return self.silent_for() > STALL_S

@@ -142,11 +142,11 @@ class EngineClient:
         if waited < self.stall_timeout_s:
             self.stall = None
             return
-        if self.stall is None:  # once per stall
-            print(f"error: no engine progress for {waited:.0f} s with {len(waiting)} requests pending "
-                  f"(server.stall_timeout_s = {self.stall_timeout_s:g}); /health answers 503 until it resumes",
-                  file=sys.stderr, flush=True)
+        first = self.stall is None
         self.stall = f"no engine progress for {waited:.0f} s with {len(waiting)} requests pending"
+        if first:  # one line per stall
+            print(f"error: {self.stall} (server.stall_timeout_s = {self.stall_timeout_s:g}); /health answers 503 "
+                  f"until it resumes", file=sys.stderr, flush=True)
 
     def _watch_now(self) -> None:
         self.check_progress(time.monotonic())
