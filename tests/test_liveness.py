@@ -52,6 +52,7 @@ def test_a_prefill_longer_than_the_timeout_completes_and_a_hung_rank_is_found(tm
                                     "return_token_ids": True})
         assert response.status_code == 200, response.text
         assert response.json()["choices"][0]["token_ids"] == expected
+        assert f"fault: slow_prefill slept {3 * STEP_TIMEOUT_S:g} s" in server.output()  # the step was long
 
         victim = server.rank_pid(2)
         os.kill(victim, signal.SIGSTOP)  # idle: no plan goes out, only the heartbeat can find it

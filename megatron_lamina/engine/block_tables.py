@@ -89,6 +89,6 @@ def padded_tables(chunks: list[SequenceChunk], fill: int) -> np.ndarray:
     take the slower copy of those lists."""
     owner = chunks[0].table_row[0] if chunks and chunks[0].table_row is not None else None
     if owner is None or not all(c.table_row is not None and c.table_row[0] is owner for c in chunks):
-        return padded_block_tables([list(c.block_table) for c in chunks], fill)
+        return padded_block_tables([c.block_table for c in chunks], fill)
     rows = np.fromiter((c.table_row[1] for c in chunks), np.int64, len(chunks))
     return owner.gather(rows, fill)

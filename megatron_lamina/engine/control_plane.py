@@ -175,7 +175,7 @@ class PlanSender:
 
 def serve_plans(ctx) -> None:
     """Non-driver ranks: execute every plan the driver broadcasts, until shutdown."""
-    watchdog = getattr(ctx, "liveness", None)
+    watchdog = ctx.liveness
     try:
         while True:
             plan = broadcast_plan(None, ctx.groups)

@@ -58,6 +58,7 @@ def _slow_prefill(module) -> None:
     def last_stage(self, residual, attention_out):
         if residual.shape[0] >= 64:
             time.sleep(seconds)
+            print(f"fault: slow_prefill slept {seconds:g} s", file=sys.stderr, flush=True)  # it fired
         return real(self, residual, attention_out)
 
     module.LlamaModel.last_stage = last_stage
