@@ -77,11 +77,15 @@ LIVE_LOGS: list[Path] = []          # of servers not stopped yet (a module's sha
 
 
 class ServerProcess:
-    def __init__(self, config: Path, port: int, nproc: int, log: Path, launcher: str = "torchrun"):
+    def __init__(self, config: Path | None, port: int, nproc: int, log: Path, launcher: str = "torchrun",
+                 argv: list[str] | None = None, env: dict[str, str] | None = None):
+        """`argv`: `lamina serve ARGV` as a user types it (no config file); `env`: added to ours."""
         self.url, self.log_path = f"http://127.0.0.1:{port}", log
         LOGS_OF_THIS_TEST.append(log)
         LIVE_LOGS.append(log)
-        if launcher == "lamina":  # counts the ranks from the config
+        if argv is not None:
+            cmd = [sys.executable, "-m", "megatron_lamina.cli", "serve", *argv]
+        elif launcher == "lamina":  # counts the ranks from the config
             cmd = [sys.executable, "-m", "megatron_lamina.cli", "serve", "--config", str(config)]
         else:
             cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
@@ -89,7 +93,7 @@ class ServerProcess:
                    str(ROOT / "launcher" / "serve.py"), "--config", str(config)]
         self.log = open(log, "w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                     env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"),
+                                     env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {})),
                                      start_new_session=True)
 
     def wait_healthy(self, timeout: float = 180.0) -> "ServerProcess":

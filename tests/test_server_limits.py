@@ -12,13 +12,10 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
-import time
 
 import httpx
 import pytest
-from server_proc import LIVE_LOGS, LOGS_OF_THIS_TEST, child_pids
+from server_proc import ServerProcess, child_pids
 from spawn_ranks import free_port
 from tiny_models import save_tiny_llama
 
@@ -31,38 +28,14 @@ def server(tmp_path_factory):
     base = tmp_path_factory.mktemp("limits")
     hf_dir = save_tiny_llama(base / "tiny-hf", tied=False)
     port = free_port()
-    log_path = base / "server.log"
-    LOGS_OF_THIS_TEST.append(log_path)
-    LIVE_LOGS.append(log_path)
-    log = open(log_path, "w")
-    cmd = [sys.executable, "-m", "megatron_lamina.cli", "serve", str(hf_dir), "--port", str(port),
-           "--set", "kv_cache.num_blocks=8", "--set", "kv_cache.block_size=4", "--set", "server.max_body_mb=2",
-           "--set", "server.header_timeout_s=2"]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1", LAMINA_CACHE_DIR=str(base / "cache")))
-    url = f"http://127.0.0.1:{port}"
+    job = ServerProcess(None, port, 0, base / "server.log", env={"LAMINA_CACHE_DIR": str(base / "cache")},
+                        argv=[str(hf_dir), "--port", str(port), "--set", "kv_cache.num_blocks=8",
+                              "--set", "kv_cache.block_size=4", "--set", "server.max_body_mb=2",
+                              "--set", "server.header_timeout_s=2"])
     try:
-        for _ in range(600):
-            assert proc.poll() is None, log_path.read_text()
-            try:
-                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        yield url, proc, log_path
+        yield job.wait_healthy(timeout=300).url, job.proc, job.log_path
     finally:
-        LIVE_LOGS.remove(log_path)
-        ranks = child_pids(proc.pid)
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-        for pid in ranks:
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        log.close()
+        job.stop()
 
 
 def test_the_hf_directory_was_converted_and_is_served_under_its_name(server):
