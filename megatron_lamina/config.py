@@ -92,6 +92,10 @@ class KVCacheConfig(_Section):
     # Share of the whole device this process may use (vLLM's gpu_memory_utilization; ranks
     # sharing a GPU split it); with num_blocks auto the KV cache gets what is left of it.
     memory_fraction: float = Field(0.9, gt=0.0, le=1.0)
+    # Automatic prefix caching (engine/block_manager.py): full blocks computed once are kept,
+    # keyed by their prefix, and reused by requests that start the same way; false: every
+    # prompt is computed from its first token.
+    prefix_caching: bool = True
 
 
 class ServerConfig(_Section):

@@ -212,7 +212,8 @@ def engine_replay(trace, layout: Layout, num_blocks: int, max_model_len: int, to
                              f"scheduler.max_batch_size={layout.max_batch_size}",
                              f"scheduler.micro_batches={layout.micro_batches}",
                              f"scheduler.max_prefill_tokens={layout.max_prefill_tokens}",
-                             f"kv_cache.block_size={layout.block_size}", f"kv_cache.num_blocks={num_blocks}"])
+                             f"kv_cache.block_size={layout.block_size}", f"kv_cache.num_blocks={num_blocks}",
+                             "kv_cache.prefix_caching=false"])  # as the simulator, whose prompts are placeholders
     arch = ModelArchitecture(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
                              num_attention_heads=4, num_kv_heads=2, head_dim=16,
                              max_position_embeddings=max_model_len, eos_token_ids=[2])

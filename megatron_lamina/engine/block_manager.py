@@ -1,41 +1,192 @@
-"""KV block allocation per request shard (driver only; DESIGN.md section 6).
+"""KV block allocation per request shard, with the prefix cache (driver only; DESIGN.md section 6).
 
-One free list per attention shard (every shard's cache has the same number of blocks). The
-block manager is the only writer of block tables: it places a new request on the shard with
-the most free blocks, grows a request's table as its context grows, and frees it when the
-request finishes or is preempted.
+One pool per attention shard (every shard's cache has the same number of blocks). The block
+manager is the only writer of block tables: it places a new request on a shard, grows a
+request's table as its context grows, and frees it when the request finishes or is preempted.
+
+The prefix cache is vLLM's automatic prefix caching, kept here and nowhere else (the workers
+only ever see block ids, so every layout shares it: TP ranks and head groups hold the same
+block id for a token, each request shard its own pool). A full block whose KV has been
+computed is registered under its chained hash (prefix_hash.py); blocks are reference-counted,
+and a block nobody holds goes back to its shard's free queue with its hash still on it, so a
+later request with the same prefix takes it back instead of recomputing it. The free queue
+hands out blocks that hold nothing reusable first, then cached ones least recently freed
+first (their hash is dropped then: an eviction). A request is admitted with its longest
+cached prefix (`place`, `admit`), capped so its last known token is always computed, on the
+shard holding most of it unless that shard is much fuller than the emptiest. Blocks are
+registered only once the steps that compute them have been planned before the current one
+(`register`), so a hit never reads KV that the same step writes.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from megatron_lamina.engine.prefix_hash import extend_block_hashes
 from megatron_lamina.engine.request import Request
 
 
+@dataclass
+class PrefixCacheStats:
+    """Cumulative counters of the prefix cache, as /metrics shows them (vLLM's: in tokens)."""
+
+    queries: int = 0        # known tokens of the requests admitted that could use the cache
+    hits: int = 0           # of those, tokens taken from cached blocks instead of computed
+    evictions: int = 0      # cached blocks whose hash was dropped to reuse the block
+
+    def as_tuple(self) -> tuple[int, int, int]:
+        return self.queries, self.hits, self.evictions
+
+
+class ShardPool:
+    """One request shard's blocks: their reference counts, the free queue, the cached hashes."""
+
+    def __init__(self, num_blocks: int):
+        self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # taken from the front
+        self.refs = [0] * num_blocks
+        self.hash_of: list[bytes | None] = [None] * num_blocks
+        self.block_of: dict[bytes, int] = {}
+
+    def take(self, stats: PrefixCacheStats) -> int:
+        block, _ = self.free.popitem(last=False)
+        key = self.hash_of[block]
+        if key is not None:
+            del self.block_of[key]
+            self.hash_of[block] = None
+            stats.evictions += 1
+        self.refs[block] = 1
+        return block
+
+    def hold(self, block: int) -> None:
+        if self.refs[block] == 0:
+            del self.free[block]
+        self.refs[block] += 1
+
+    def drop(self, table: list[int]) -> None:
+        # The last block goes first, so a request's tail is evicted before its head (vLLM);
+        # a block that caches nothing goes to the front, to be reused before any cached one.
+        for block in reversed(table):
+            self.refs[block] -= 1
+            if self.refs[block] == 0:
+                self.free[block] = None
+                if self.hash_of[block] is None:
+                    self.free.move_to_end(block, last=False)
+
+    def cached_prefix(self, hashes: list[bytes]) -> list[int]:
+        hits = []
+        for key in hashes:
+            block = self.block_of.get(key)
+            if block is None:
+                break
+            hits.append(block)
+        return hits
+
+
 class BlockManager:
-    def __init__(self, num_shards: int, num_blocks: int, block_size: int):
+    def __init__(self, num_shards: int, num_blocks: int, block_size: int, prefix_caching: bool = True):
         self.block_size = block_size
         self.num_blocks = num_blocks
-        self.free: list[list[int]] = [list(range(num_blocks - 1, -1, -1)) for _ in range(num_shards)]
+        self.prefix_caching = prefix_caching
+        self.pools = [ShardPool(num_blocks) for _ in range(num_shards)]
+        self.stats = PrefixCacheStats()
+        # A shard with the most cached prefix wins unless it has this many fewer free blocks
+        # than the emptiest shard: reuse, as far as the shards stay balanced.
+        self.balance_slack = num_blocks // 4
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
     def num_free(self, shard: int) -> int:
-        return len(self.free[shard])
+        return len(self.pools[shard].free)
 
     def emptiest_shard(self) -> int:
-        return max(range(len(self.free)), key=lambda s: (len(self.free[s]), -s))
+        return max(range(len(self.pools)), key=lambda s: (len(self.pools[s].free), -s))
 
     def can_grow(self, request: Request, context_len: int) -> bool:
         extra = self.blocks_needed(context_len) - len(request.block_table)
-        return extra <= len(self.free[request.shard])
+        return extra <= len(self.pools[request.shard].free)
 
     def grow(self, request: Request, context_len: int) -> None:
         """Make the request's block table cover `context_len` tokens."""
         assert self.can_grow(request, context_len)
+        pool = self.pools[request.shard]
         while len(request.block_table) < self.blocks_needed(context_len):
-            request.block_table.append(self.free[request.shard].pop())
+            request.block_table.append(pool.take(self.stats))
+
+    # Admission: the longest cached prefix, on the shard that holds most of it.
+
+    def place(self, request: Request) -> tuple[int, list[int]]:
+        """(the shard for a waiting request, the cached blocks of its prefix there). At least
+        its last known token is left to compute: its logits are what the step samples from."""
+        if not self.prefix_caching or request.params.prompt_logprobs is not None:
+            return self.emptiest_shard(), []  # prompt log-probabilities need every prompt token's logits
+        self._hash(request, request.num_tokens)
+        hashes = request.block_hashes[:(request.num_tokens - 1) // self.block_size]
+        emptiest = self.emptiest_shard()
+        floor = len(self.pools[emptiest].free) - self.balance_slack
+        best, best_hits = emptiest, self.pools[emptiest].cached_prefix(hashes)
+        for shard, pool in enumerate(self.pools):
+            if shard != emptiest and len(pool.free) >= floor:
+                hits = pool.cached_prefix(hashes)
+                if len(hits) > len(best_hits):
+                    best, best_hits = shard, hits
+        return best, best_hits
+
+    def can_admit(self, shard: int, hits: list[int], context_len: int) -> bool:
+        pool = self.pools[shard]
+        taken_from_free = sum(1 for b in hits if pool.refs[b] == 0)
+        return self.blocks_needed(context_len) - len(hits) + taken_from_free <= len(pool.free)
+
+    def admit(self, request: Request, shard: int, hits: list[int], context_len: int) -> None:
+        """Give a waiting request the cached blocks `hits` and new blocks up to `context_len`
+        tokens. The hits are held first, so making room for the rest never evicts them."""
+        assert not request.block_table and self.can_admit(shard, hits, context_len)
+        pool = self.pools[shard]
+        for block in hits:
+            pool.hold(block)
+        request.shard, request.block_table, request.num_registered = shard, list(hits), len(hits)
+        if self.prefix_caching and request.params.prompt_logprobs is None:
+            self.stats.queries += request.num_tokens
+            self.stats.hits += len(hits) * self.block_size
+        self.grow(request, context_len)
+
+    # Registration: a full block computed by steps planned before this one.
+
+    def register(self, request: Request, computed: int) -> None:
+        """Cache the request's full blocks among its first `computed` tokens (their KV is
+        written by steps already planned; tokens still on the device are not counted)."""
+        full = min(computed, request.num_tokens) // self.block_size
+        if full <= request.num_registered or not self.prefix_caching:
+            return
+        self._hash(request, full * self.block_size)
+        pool = self.pools[request.shard]
+        for i in range(request.num_registered, full):
+            key, block = request.block_hashes[i], request.block_table[i]
+            if key not in pool.block_of and pool.hash_of[block] is None:
+                pool.block_of[key], pool.hash_of[block] = block, key
+        request.num_registered = full
 
     def release(self, request: Request) -> None:
-        self.free[request.shard].extend(reversed(request.block_table))
-        request.block_table = []
+        """Free the request's blocks, caching those it computed (a preempted request finds
+        them again when it is readmitted, as long as nobody evicted them)."""
+        self.register(request, request.num_computed)
+        self.pools[request.shard].drop(request.block_table)
+        request.block_table, request.num_registered = [], 0
+
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached hash (the blocks held by running requests stay theirs); the
+        number of blocks that were cached."""
+        dropped = 0
+        for pool in self.pools:
+            dropped += len(pool.block_of)
+            pool.block_of.clear()
+            pool.hash_of = [None] * len(pool.hash_of)
+            uncached = list(pool.free)
+            pool.free = OrderedDict.fromkeys(uncached)
+        return dropped
+
+    def _hash(self, request: Request, num_tokens: int) -> None:
+        if len(request.block_hashes) < num_tokens // self.block_size:
+            extend_block_hashes(request.block_hashes, request.tokens, num_tokens, self.block_size,
+                                request.cache_salt)

@@ -68,7 +68,8 @@ class LLMEngine:
         self.control = PlanSender(ctx.groups, ctx.liveness)
         self.codec = TextCodec(ctx.cfg.model.checkpoint)
         self.eos_token_ids = set(ctx.arch.eos_token_ids)
-        blocks = BlockManager(ctx.topology.request_shards, ctx.num_blocks, ctx.cfg.kv_cache.block_size)
+        kv = ctx.cfg.kv_cache
+        blocks = BlockManager(ctx.topology.request_shards, ctx.num_blocks, kv.block_size, kv.prefix_caching)
         s = ctx.cfg.scheduler
         self.scheduler = Scheduler(blocks, s.max_batch_size, s.max_prefill_tokens, ctx.cfg.micro_batches,
                                    ctx.arch.max_position_embeddings)
@@ -88,7 +89,8 @@ class LLMEngine:
         ids = prompt_ids(self.codec, item, self.ctx.arch.vocab_size)
         params = item.params or SamplingParams()
         return Request(next(self._ids), ids, params, user_id=item.user_id,
-                       generator=params.make_generator(self.ctx.device), detokenizer=self.codec.incremental())
+                       generator=params.make_generator(self.ctx.device), detokenizer=self.codec.incremental(),
+                       cache_salt=item.cache_salt)
 
     def add_request(self, item: PromptInput) -> Request:
         request = self.make_request(item)

@@ -25,6 +25,7 @@ class PromptInput:
     prompt_token_ids: list[int] | None = None
     params: SamplingParams | None = None
     user_id: object = None
+    cache_salt: str | None = None  # only prompts with the same salt share prefix-cache blocks
 
 
 def is_token_ids(value) -> bool:

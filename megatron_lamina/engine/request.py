@@ -10,6 +10,9 @@ With asynchronous scheduling a token can be sampled on the device and not yet kn
 host: `num_pending` counts those (0, 1, or 2 for a moment between launching a step and
 reading back the previous one), and `feed_row` is the row of the newest one in its step's
 sampled tokens, which the next step's inputs take it from on the device.
+
+With the prefix cache (block_manager.py) a request is admitted with `num_computed` at the
+tokens its cached prefix already holds, and `num_cached_tokens` reports them.
 """
 
 from __future__ import annotations
@@ -61,6 +64,11 @@ class Request:
     generator: torch.Generator | None = None
     detokenizer: Any = None           # the engine's incremental detokenizer for this request
     arrival_time: float = 0.0         # time.monotonic() when a server accepted it
+    grammar: Any = None               # with structured_outputs: its compile (a Future), then its GrammarState
+    cache_salt: str | None = None     # only requests with the same salt share cached KV blocks
+    block_hashes: list[bytes] = field(default_factory=list)  # prefix-cache keys of its full blocks
+    num_registered: int = 0           # blocks of block_table the prefix cache holds under their hash
+    num_cached_tokens: int = -1       # tokens its first admission took from the prefix cache (-1: not yet)
 
     def __post_init__(self):
         if self.generator is None:

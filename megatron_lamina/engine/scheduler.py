@@ -14,6 +14,11 @@ tokens. A request whose token in flight is its last (`max_tokens` or the model's
 is not planned again, and one that is in flight is never re-admitted or ended here before
 that token is read back, so the tokens are exactly those of a synchronous loop.
 
+With the prefix cache (block_manager.py) a request is admitted at its longest cached prefix
+(`num_computed` starts there, the chunk's `new_blocks` carry the cached blocks with the new
+ones); the full blocks a request computed are registered when its next chunk is planned or
+its blocks are freed, never within the step that computes them.
+
 `num_computed` advances when a chunk is planned; block tables reach the other ranks as the
 blocks added since the request's last chunk (`new_blocks`) and the requests whose blocks
 were freed (`StepPlan.released`).
@@ -100,13 +105,16 @@ class Scheduler:
             request = self.waiting[0]
             if request.num_pending:
                 break  # preempted with a token in flight: its tokens are not all known yet
-            shard = blocks.emptiest_shard()
-            n = min(request.num_tokens, budget)
-            if blocks.num_free(shard) < blocks.blocks_needed(n):
+            shard, hits = blocks.place(request)  # its longest cached prefix, and the shard holding it
+            cached = len(hits) * block_size
+            n = min(request.num_tokens - cached, budget)
+            if not blocks.can_admit(shard, hits, cached + n):
                 break
             self.waiting.popleft()
-            request.status, request.shard, request.num_computed = RequestStatus.RUNNING, shard, 0
-            blocks.grow(request, n)
+            request.status, request.num_computed = RequestStatus.RUNNING, cached
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = cached
+            blocks.admit(request, shard, hits, cached + n)
             self.running.append(request)
             budget -= n
             chunks.append(self._chunk(request, n, request.num_tokens))
@@ -145,6 +153,8 @@ class Scheduler:
     def _chunk(self, request: Request, n: int, total: int) -> SequenceChunk:
         """The next `n` tokens of `request` (`total`: its tokens, those in flight included)."""
         start = request.num_computed
+        if start // self.blocks.block_size > request.num_registered:  # computed by steps planned before this one
+            self.blocks.register(request, start)
         if request.num_pending:  # the newest token is still on the device: fed from there
             assert n == 1 and start == total - 1, (request.request_id, n, start)
             tokens, feed = [0], request.feed_row

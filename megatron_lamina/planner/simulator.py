@@ -200,7 +200,9 @@ class EngineSimulator:
         """A fresh engine scheduler over this layout's request shards and KV blocks."""
         lay = self.layout
         budget = sys.maxsize if self.decode_only else lay.max_prefill_tokens
-        return Scheduler(BlockManager(lay.request_shards, self.num_blocks, lay.block_size), lay.max_batch_size,
+        # No prefix cache: the simulated prompts are placeholders that would all share one prefix.
+        blocks = BlockManager(lay.request_shards, self.num_blocks, lay.block_size, prefix_caching=False)
+        return Scheduler(blocks, lay.max_batch_size,
                          budget, micro_batches_run(lay.attention_workers, lay.micro_batches), self.max_model_len)
 
     def work(self, plan: StepPlan) -> list[list[ChunkWork]]:
