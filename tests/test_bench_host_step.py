@@ -34,9 +34,14 @@ def test_the_host_step_benchmark_prints_its_table():
 def test_before_and_after_build_the_same_index_of_the_schedulers_decode_step(layout):
     batch, context, block_size = 40, 100, 16
     before, after = (whole_step_ms(layout, batch, context, block_size, 20, new) for new in (False, True))
-    for key in ("tables", "new_slots", "lens"):
+    for key in ("new_slots", "lens"):
         assert np.array_equal(before["arrays"][key], after["arrays"][key]), key
     lens = after["arrays"]["lens"]
+    # The tables gathered on the device agree up to each row's length (no kernel reads past it).
+    assert before["arrays"]["tables"].shape == after["arrays"]["tables"].shape
+    for row, n in enumerate(lens):
+        used = -(-int(n) // block_size)
+        assert np.array_equal(before["arrays"]["tables"][row, :used], after["arrays"]["tables"][row, :used]), row
     # The receiver's first micro-batch: every request colocated; at most its shard's half
     # disaggregated (the shards take turns at admission).
     assert len(lens) == batch if layout == "colocated" else 0 < len(lens) <= batch // 2

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from megatron_lamina.engine.attention_worker import AttentionWorker
+from megatron_lamina.engine.block_tables import BlockTables
 from megatron_lamina.engine.pipeline import run_pipeline
 from megatron_lamina.engine.step_inputs import MicroBatchInputs
 from megatron_lamina.host_to_device import HostArrays
@@ -117,7 +118,8 @@ def test_both_roles_post_the_same_exchanges(tp, workers, groups):
         for rank in range(tp, tp + workers):
             _, shard = topology.attention_coords(rank)
             received: list = []
-            worker = AttentionWorker(RecordingEndpoint(shard, received), NoAttention(), LAYERS, torch.device("cpu"))
+            worker = AttentionWorker(RecordingEndpoint(shard, received), NoAttention(), LAYERS, torch.device("cpu"),
+                                     BlockTables(shard))
             worker.serve(plan)
             # Every TP rank with a route to this worker posts exactly what it receives (the
             # endpoint takes one message from each route per exchange).

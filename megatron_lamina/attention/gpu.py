@@ -26,7 +26,7 @@ from megatron_lamina.attention.kv_cache import PagedKVCache
 from megatron_lamina.attention.lse_merge import CachedPartial, append_and_merge
 from megatron_lamina.attention.triton_paged import paged_decode
 from megatron_lamina.attention.triton_prefill import paged_prefill
-from megatron_lamina.engine.block_tables import padded_tables
+from megatron_lamina.engine.block_tables import ChunkTables
 from megatron_lamina.host_to_device import HostArrays
 from megatron_lamina.plan import SequenceChunk
 
@@ -74,18 +74,18 @@ class PagedAttention:
 
     def host_index(self, chunks: list[SequenceChunk]) -> HostArrays:
         """The index of a micro-batch's chunks as host arrays. A step of hundreds of decode
-        requests builds this every step, so the decode rows' tables are one gather of this
-        rank's block-table rows (engine/block_tables.py) and their slots one numpy
-        expression: nothing loops over blocks."""
+        requests builds this every step, so nothing here grows with the context: the decode
+        rows' tables are gathered on the device from this rank's block-table mirror
+        (engine/block_tables.py), and their slots are one numpy expression."""
         bs = self.cache.block_size
         lengths = np.fromiter((len(c.tokens) for c in chunks), np.int64, len(chunks))
         first_rows = np.cumsum(lengths) - lengths
         is_decode = lengths == 1
         decode = [c for c, one in zip(chunks, is_decode) if one]
         prefill = [(int(r), c) for r, c, one in zip(first_rows, chunks, is_decode) if not one]
-        tables = padded_tables(decode, 0)
+        tables = ChunkTables.of(decode)
         positions = np.fromiter((c.start for c in decode), np.int64, len(decode))
-        decode_slots = tables[np.arange(len(decode)), positions // bs].astype(np.int64) * bs + positions % bs
+        decode_slots = tables.blocks_at(positions // bs).astype(np.int64) * bs + positions % bs
         lens = positions + 1
         total = int(lengths.sum())
         every_row = len(decode) == total
@@ -97,11 +97,12 @@ class PagedAttention:
             new_slots[decode_rows] = decode_slots
             for row, c in prefill:
                 new_slots[row:row + len(c.tokens)] = chunk_slots(c.block_table, c.start, c.end, bs)
-        arrays = {"new_slots": new_slots, "tables": tables, "lens": lens}
+        arrays = {"new_slots": new_slots, **tables.host_arrays("tables"), "lens": lens}
         if not every_row:
             arrays["decode_rows"] = decode_rows
+        prefill_tables = ChunkTables.of([c for _, c in prefill])
         if prefill:
-            arrays.update(prefill_tables=padded_tables([c for _, c in prefill], 0),
+            arrays.update(prefill_tables.host_arrays("prefill_tables"),
                           q_starts=np.asarray([r for r, _ in prefill], np.int64),
                           q_lens=np.asarray([len(c.tokens) for _, c in prefill], np.int64),
                           starts=np.asarray([c.start for _, c in prefill], np.int64))
@@ -109,10 +110,10 @@ class PagedAttention:
         max_q_len = max((len(c.tokens) for _, c in prefill), default=0)
 
         def finish(t: dict[str, torch.Tensor]) -> PagedBatchIndex:
-            chunks = PrefillChunks(t["prefill_tables"], t["q_starts"], t["q_lens"], t["starts"], max_q_len) \
-                if prefill else None
-            return PagedBatchIndex(t["new_slots"], None if every_row else t["decode_rows"], t["tables"], t["lens"],
-                                   max_context, chunks)
+            chunks = PrefillChunks(prefill_tables.on_device(t, "prefill_tables"), t["q_starts"], t["q_lens"],
+                                   t["starts"], max_q_len) if prefill else None
+            return PagedBatchIndex(t["new_slots"], None if every_row else t["decode_rows"],
+                                   tables.on_device(t, "tables"), t["lens"], max_context, chunks)
 
         return HostArrays(arrays, finish)
 

@@ -6,9 +6,10 @@ same inputs:
     seed) with a generator per row, one `exponential_` each (before); the same rows with no
     generator, one batched draw (now);
   * the padded block tables of `batch` decode rows at `context` tokens: copied from each
-    chunk's Python list (before); one gather of the rows of a `BlockTables` array that the
-    plans' deltas filled (now), with the per-step `apply` of a plan that adds no block timed
-    on its own;
+    chunk's Python list (before); now the host sends only the rows of a `BlockTables` array
+    that the plans' deltas filled, to be gathered from its device mirror on the device, and
+    reads each row's newest block for its cache slot, with the per-step `apply` of a plan
+    that adds no block timed on its own;
   * a plan of `batch` decode requests through the control plane, without the transport:
     pickled and unpickled as `broadcast_object_list` does (before); encoded to integer columns
     and decoded (now);
@@ -16,7 +17,8 @@ same inputs:
     `BlockManager` run `batch` requests at `context` tokens, decode steps only; the driver
     schedules and sends the plan, a receiving cache-holding rank receives it, applies it to
     its block tables and builds its attention index (`PagedAttention.host_index`'s numpy
-    work: no model, no copy to a device). Before: the plan pickled and unpickled, the tables
+    work: no model, no copy to a device; the device's part, the mirror's writes and the
+    tables' gather, runs untimed on the CPU so that the test can compare the tables). Before: the plan pickled and unpickled, the tables
     kept as Python lists and the index built as it was at 8dfc72f^ (`_host_index_before`).
 Every figure is the median wall time of one call (one step) in ms.
 """
@@ -35,10 +37,11 @@ from megatron_lamina.bench.timing import wall_s
 from megatron_lamina.engine import plan_columns
 from megatron_lamina.bench.timing import median
 from megatron_lamina.engine.block_manager import BlockManager
-from megatron_lamina.engine.block_tables import BlockTables, padded_tables
+from megatron_lamina.engine.block_tables import BlockTables, ChunkTables
 from megatron_lamina.engine.request import Request
 from megatron_lamina.engine.sampling import SamplingParams, sample_tokens
 from megatron_lamina.engine.scheduler import Scheduler
+from megatron_lamina.host_to_device import to_device
 from megatron_lamina.plan import MicroBatch, SequenceChunk, StepPlan
 
 CPU = torch.device("cpu")
@@ -73,11 +76,17 @@ def block_tables_ms(batch: int, context: int, block_size: int, repeats: int) -> 
     first = StepPlan([MicroBatch([SequenceChunk(c.request_id, 0, c.start, c.tokens, list(c.block_table), True)
                                   for c in chunks])])
     tables = BlockTables(rows=batch, max_blocks=len(lists[0]))
-    tables.apply(first)  # the plans before: every block announced once
+    to_device([tables.apply(first)], CPU)  # the plans before: every block announced once
     applied = first.micro_batches[0].chunks
     steady = StepPlan([MicroBatch([SequenceChunk(c.request_id, 0, c.start, c.tokens, [], True) for c in chunks])])
+    positions = np.fromiter((c.start for c in applied), np.int64, len(applied))
+
+    def after():  # what travels: the rows to gather on the device, and each row's newest block
+        rows = ChunkTables.of(applied)
+        return rows.host_arrays("tables"), rows.blocks_at(positions // block_size)
+
     return {"before": _ms(lambda: padded_block_tables(lists, 0), repeats),
-            "after": _ms(lambda: padded_tables(applied, 0), repeats),
+            "after": _ms(after, repeats),
             "apply": _ms(lambda: tables.apply(steady), repeats)}
 
 
@@ -169,7 +178,9 @@ def whole_step_ms(layout: str, batch: int, context: int, block_size: int, repeat
     scheduler, admit = running_scheduler(batch, context, block_size, shards, micro_batches, warmup + repeats)
     attention = PagedAttention(PagedKVCache(0, 1, block_size, 1, 1, torch.float32))
     tables = BlockTables(shard) if new else _ListTables(shard)
-    tables.apply(admit)
+    writes = tables.apply(admit)
+    if new:
+        to_device([writes], CPU)
     _read_back(scheduler)
     times: dict[str, list[float]] = {"schedule": [], "plan": [], "index": [], "step": []}
     for _ in range(warmup + repeats):
@@ -178,15 +189,18 @@ def whole_step_ms(layout: str, batch: int, context: int, block_size: int, repeat
         t1 = time.perf_counter()
         got = plan_columns.decode(plan_columns.encode(plan)) if new else pickle.loads(pickle.dumps(plan))
         t2 = time.perf_counter()
-        tables.apply(got)
+        writes = tables.apply(got)
         mine = [mb.chunks if shard is None else mb.shard_chunks(shard) for mb in got.micro_batches]
         if new:
-            arrays = [attention.host_index(chunks).arrays for chunks in mine if chunks]
+            indices = [attention.host_index(chunks) for chunks in mine if chunks]
         else:
             arrays = [_host_index_before(chunks, block_size) for chunks in mine if chunks]
         t3 = time.perf_counter()
         for key, value in zip(times, (t1 - t0, t2 - t1, t3 - t2, t3 - t0)):
             times[key].append(1e3 * value)
+        if new:  # the device's part, untimed (the CPU stands in): the mirror's writes, the gathers
+            staged = to_device([writes, *indices], CPU)[1:]
+            arrays = [index.arrays | {"tables": d.block_tables.numpy()} for index, d in zip(indices, staged)]
         _read_back(scheduler)
     chunks = [c for mb in plan.micro_batches for c in mb.chunks]
     assert len(chunks) == batch and all(len(c.tokens) == 1 for c in chunks), "not a decode step of every request"

@@ -26,17 +26,20 @@ from megatron_lamina.transport.p2p import AttentionEndpoint
 
 
 class AttentionWorker:
-    def __init__(self, endpoint: AttentionEndpoint, attend: AttentionBackend, num_layers: int, device):
+    def __init__(self, endpoint: AttentionEndpoint, attend: AttentionBackend, num_layers: int, device,
+                 tables: BlockTables):
+        """`tables`: this rank's copy of its shard's block tables (with its mirror on `device`)."""
         self.endpoint, self.attend, self.num_layers, self.device = endpoint, attend, num_layers, device
-        self.tables = BlockTables(endpoint.shard)
+        self.tables = tables
 
     @torch.inference_mode()
     def serve(self, plan: StepPlan) -> None:
-        self.tables.apply(plan)
+        table_writes = self.tables.apply(plan)  # first in the copy: the indices gather from the mirror
         shard, mbs = self.endpoint.shard, plan.micro_batches
         mine = [j for j, mb in enumerate(mbs) if mb.shard_chunks(shard)]
-        indices = dict(zip(mine, to_device([self.attend.host_index(mbs[j].shard_chunks(shard)) for j in mine],
-                                           self.device)))
+        staged = to_device([table_writes] + [self.attend.host_index(mbs[j].shard_chunks(shard)) for j in mine],
+                           self.device)
+        indices = dict(zip(mine, staged[1:]))
         decode_only = {j for j in mine if all(len(c.tokens) == 1 for c in mbs[j].shard_chunks(shard))}
         for layer, j in exchange_order(len(mbs), self.num_layers):
             if j not in indices:

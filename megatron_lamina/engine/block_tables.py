@@ -7,35 +7,51 @@ context length crosses the control plane every step (plan.py). Every rank that h
 to its `BlockTables` before running it.
 
 As vLLM V1's `BlockTable`: the tables live in one persistent `[rows, max blocks]` int32 numpy
-array, one row per request, that `apply` writes the deltas into, so a step's host work is
-proportional to what changed, not to batch x context. `apply` names each served chunk's row
-(`chunk.table_row`) and sets `chunk.block_table` to a view of it; `padded_tables` then
-builds a step's padded `[chunks, widest]` table with one numpy gather of those rows. The
-array is not pinned: the step's one host-to-device copy stages the gathered rows through its
-own pinned buffer (host_to_device.py), so the next plan may rewrite the array while that
-copy is still in flight.
+array, sized for the batch and the model's context at start-up, one row per request, that
+`apply` writes the deltas into. Unlike vLLM's, the array has a mirror on the device, and a
+step copies only the entries written since the last step (`apply` returns them for the
+step's one host-to-device copy, host_to_device.py); the attention index then gathers its
+rows from the mirror on the device (`ChunkTables`). So a decode step's host work is
+proportional to the batch, not to batch x context: the host never copies a whole table.
+Entries past a row's length are left as they were (the blocks of an earlier holder of the
+row): every kernel reads a table only up to the row's context length.
+
+`apply` also names each served chunk's row (`chunk.table_row`) and sets `chunk.block_table`
+to a host view of it (the reference attention and prefill slots read it).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
+import torch
 
 from megatron_lamina.attention.kv_cache import padded_block_tables
+from megatron_lamina.host_to_device import HostArrays
 from megatron_lamina.plan import SequenceChunk, StepPlan
 
 
 class BlockTables:
-    def __init__(self, shard: int | None = None, rows: int = 64, max_blocks: int = 64):
+    def __init__(self, shard: int | None = None, rows: int = 64, max_blocks: int = 64,
+                 device: torch.device | str = "cpu"):
         """`shard`: keep only that request shard's tables (an attention worker); None: all.
-        `rows`, `max_blocks`: the array's first size; it doubles when a step needs more."""
+        `rows`, `max_blocks`: the batch and the blocks of the longest context (the array
+        doubles if a step ever needs more, and the mirror is then rewritten whole).
+        `device`: where the mirror lives (the rank's cache device)."""
         assert rows >= 1 and max_blocks >= 1
-        self.shard = shard
+        self.shard, self.device = shard, torch.device(device)
         self.array = np.zeros((rows, max_blocks), np.int32)
         self.lengths = np.zeros(rows, np.int64)      # blocks in use in each row
         self.row_of: dict[int, int] = {}             # request id -> its row
         self._free = list(range(rows - 1, -1, -1))  # rows no request holds, the lowest last (popped first)
+        self.mirror: torch.Tensor | None = None      # [rows, max blocks] int64 on `device`, after the first step
+        self._written: list[tuple[int, int, int]] = []  # (row, first, end) entries the mirror lacks
 
-    def apply(self, plan: StepPlan) -> None:
+    def apply(self, plan: StepPlan) -> HostArrays:
+        """Write the plan's deltas into the array; returns the entries the device mirror
+        lacks, to travel in the step's one host-to-device copy ahead of the step's indices
+        (their `finish` writes the mirror, in stream order before any gather of it)."""
         for request_id in plan.released:
             row = self.row_of.pop(request_id, None)
             if row is not None:
@@ -53,19 +69,33 @@ class BlockTables:
                     self._grow(self.array.shape[0], max(end, 2 * self.array.shape[1]))
                 self.array[row, start:end] = chunk.new_blocks
                 self.lengths[row] = end
+                self._written.append((row, start, end))
             chunk.table_row = (self, row)
         # Views only once every row is written: a growth above moved the array.
         for chunk in served:
             row = chunk.table_row[1]
             chunk.block_table = self.array[row, :self.lengths[row]]
+        return self._mirror_writes()
 
-    def gather(self, rows: np.ndarray, fill: int) -> np.ndarray:
-        """[len(rows), widest of them (at least 1)] int32: their tables, then `fill`."""
-        lengths = self.lengths[rows]
-        width = max(int(lengths.max(initial=0)), 1)
-        out = self.array[rows, :width]
-        out[np.arange(width)[None, :] >= lengths[:, None]] = fill  # a row's earlier holder left blocks there
-        return out
+    def _mirror_writes(self) -> HostArrays:
+        if self.mirror is None or self.mirror.shape != self.array.shape:  # the first step, or grown
+            self._written = []
+            return HostArrays({"whole": self.array}, self._set_mirror)
+        written, self._written = self._written, []
+        if not written:
+            return HostArrays({})
+        rows, starts, ends = (np.fromiter(column, np.int64, len(written)) for column in zip(*written))
+        counts = ends - starts
+        cols = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts) + np.repeat(starts, counts)
+        rows = np.repeat(rows, counts)
+        return HostArrays({"at": rows * self.array.shape[1] + cols, "blocks": self.array[rows, cols]},
+                          self._write_mirror)
+
+    def _set_mirror(self, views: dict[str, torch.Tensor]) -> None:
+        self.mirror = views["whole"].clone()
+
+    def _write_mirror(self, views: dict[str, torch.Tensor]) -> None:
+        self.mirror.view(-1).index_copy_(0, views["at"], views["blocks"])
 
     def _take_row(self) -> int:
         if not self._free:
@@ -82,13 +112,39 @@ class BlockTables:
         self.lengths = np.concatenate([self.lengths, np.zeros(rows - old_rows, np.int64)])
 
 
-def padded_tables(chunks: list[SequenceChunk], fill: int) -> np.ndarray:
-    """The chunks' block tables as one [len(chunks), widest (at least 1)] int32 array, each
-    row padded with `fill`: one gather of the rank's `BlockTables` rows that `apply` named.
-    Chunks built by hand with plain lists (benchmarks, the worker factory's memory probe)
-    take the slower copy of those lists."""
-    owner = chunks[0].table_row[0] if chunks and chunks[0].table_row is not None else None
-    if owner is None or not all(c.table_row is not None and c.table_row[0] is owner for c in chunks):
-        return padded_block_tables([c.block_table for c in chunks], fill)
-    rows = np.fromiter((c.table_row[1] for c in chunks), np.int64, len(chunks))
-    return owner.gather(rows, fill)
+@dataclass
+class ChunkTables:
+    """The block tables of some chunks, as an attention index reads them: rows of the rank's
+    `BlockTables`, gathered from its device mirror on the device (`rows`), or, for chunks
+    built by hand with plain lists (kernel tests, benchmarks, the worker factory's memory
+    probe), one padded host array (`padded`) that travels whole. `width`: the widest table."""
+
+    width: int
+    owner: BlockTables | None = None
+    rows: np.ndarray | None = None
+    padded: np.ndarray | None = None
+
+    @classmethod
+    def of(cls, chunks: list[SequenceChunk], fill: int = 0) -> ChunkTables:
+        owner = chunks[0].table_row[0] if chunks and chunks[0].table_row is not None else None
+        if owner is None or not all(c.table_row is not None and c.table_row[0] is owner for c in chunks):
+            padded = padded_block_tables([c.block_table for c in chunks], fill)
+            return cls(padded.shape[1], padded=padded)
+        rows = np.fromiter((c.table_row[1] for c in chunks), np.int64, len(chunks))
+        return cls(max(int(owner.lengths[rows].max(initial=0)), 1), owner, rows)
+
+    def blocks_at(self, index: np.ndarray) -> np.ndarray:
+        """Each chunk's block number `index[i]` (within its table), on the host."""
+        if self.owner is None:
+            return self.padded[np.arange(len(index)), index]
+        return self.owner.array[self.rows, index]
+
+    def host_arrays(self, name: str) -> dict[str, np.ndarray]:
+        """What travels in the step's copy: the rows to gather, or the padded tables."""
+        return {name: self.padded} if self.owner is None else {name: self.rows}
+
+    def on_device(self, views: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+        """[chunks, width] int64 on the device (from `host_arrays(name)`'s copy)."""
+        if self.owner is None:
+            return views[name]
+        return self.owner.mirror[:, :self.width].index_select(0, views[name])

@@ -5,7 +5,7 @@ Python and launch overhead, not the GPU, sets the step time. `DecodeGraphs` capt
 whole forward of a decode-only micro-batch (embedding, every layer with its paged attention,
 LM head: the pipeline loop of pipeline.py over the local channel, one micro-batch) once per
 batch-size bucket, over static input tensors; a step then copies its token ids, positions,
-cache slots, block tables (a gather of the rank's persistent block-table rows,
+cache slots, block tables (gathered on the device from the rank's block-table mirror,
 engine/block_tables.py) and context lengths into them and replays the graph. The inputs
 are built on the host already padded to the bucket (rows beyond the real batch point at a
 scratch KV block that the block manager never hands out, so padding never touches a
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from megatron_lamina.attention.gpu import PagedAttention, PagedBatchIndex
-from megatron_lamina.engine.block_tables import padded_tables
+from megatron_lamina.engine.block_tables import ChunkTables
 from megatron_lamina.engine.pipeline import EagerStages, run_pipeline
 from megatron_lamina.engine.step_inputs import MicroBatchInputs
 from megatron_lamina.host_to_device import HostArrays, to_device
@@ -77,34 +77,35 @@ class DecodeGraphs:
         return (len(mb.chunks) <= self.sizes[-1] and mb.decode_only
                 and all(len(c.block_table) <= self.max_blocks for c in mb.chunks))
 
-    def run(self, plan: StepPlan, fed: torch.Tensor | None) -> torch.Tensor:
-        """Logits [rows, vocab]: a view of the static logits buffer, valid until the next replay."""
+    def run(self, plan: StepPlan, fed: torch.Tensor | None, table_writes: HostArrays) -> torch.Tensor:
+        """Logits [rows, vocab]: a view of the static logits buffer, valid until the next replay.
+        `table_writes`: this step's writes of the block-table mirror (BlockTables.apply)."""
         chunks = plan.micro_batches[0].chunks
         n = len(chunks)
         size = next(s for s in self.sizes if s >= n)
         bs, scratch = self.block_size, self.scratch_block
-        # One gather of this rank's block-table rows (engine/block_tables.py), padding rows all
-        # scratch. Only the columns in use are written: the kernel never reads a table entry
-        # past a row's context length, so older entries further right are harmless.
-        real = padded_tables(chunks, scratch)
-        tables = np.full((size, real.shape[1]), scratch, np.int32)
-        tables[:n] = real
+        # The rows' tables are gathered on the device from the block-table mirror
+        # (engine/block_tables.py). Only the columns in use are written: the kernel never reads
+        # a table entry past a row's context length. A padding row (context 1) reads only its
+        # first entry, which points at the scratch block its k, v are written to.
+        tables = ChunkTables.of(chunks, scratch)
         positions = np.zeros(size, np.int64)
         positions[:n] = np.fromiter((c.start for c in chunks), np.int64, n)
         tokens = np.zeros(size, np.int64)
         tokens[:n] = np.fromiter((c.tokens[0] for c in chunks), np.int64, n)
-        blocks = tables[np.arange(size), positions // bs].astype(np.int64)
-        arrays = {"tokens": tokens, "positions": positions, "slots": blocks * bs + positions % bs,
-                  "tables": tables, "lens": positions + 1}
+        slots = np.full(size, scratch * bs, np.int64)
+        slots[:n] = tables.blocks_at(positions[:n] // bs).astype(np.int64) * bs + positions[:n] % bs
+        arrays = {"tokens": tokens, "positions": positions, "slots": slots, "lens": positions + 1,
+                  **tables.host_arrays("tables")}
         feeds = [(row, c.feed) for row, c in enumerate(chunks) if c.feed >= 0]
         if feeds:
             arrays["feed"] = np.asarray(feeds, np.int64).T
-        [t] = to_device([HostArrays(arrays)], self.tokens.device)
-        width = tables.shape[1]
+        _, t = to_device([table_writes, HostArrays(arrays)], self.tokens.device)
         self.tokens[:size].copy_(t["tokens"])
         self.positions[:size].copy_(t["positions"])
         self.slots[:size].copy_(t["slots"])
-        self.tables[:size, :width].copy_(t["tables"])
+        self.tables[:n, :tables.width].copy_(tables.on_device(t, "tables"))
+        self.tables[n:size, 0] = scratch
         self.lens[:size].copy_(t["lens"])
         if feeds:
             self.tokens.index_copy_(0, t["feed"][0], fed.index_select(0, t["feed"][1]))

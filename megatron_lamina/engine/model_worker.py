@@ -26,7 +26,7 @@ from megatron_lamina.engine.pipeline import EagerStages, run_pipeline
 from megatron_lamina.engine.stage_graphs import StageGraphs
 from megatron_lamina.engine.step_inputs import host_inputs
 from megatron_lamina.engine.token_feed import TokenFeed
-from megatron_lamina.host_to_device import to_device
+from megatron_lamina.host_to_device import HostArrays, to_device
 from megatron_lamina.model.llama import LlamaModel
 from megatron_lamina.plan import StepPlan
 from megatron_lamina.transport.channel import AttentionChannel
@@ -44,15 +44,15 @@ class ModelWorker:
 
     @torch.inference_mode()
     def run(self, plan: StepPlan) -> torch.Tensor:
-        if self.tables is not None:
-            self.tables.apply(plan)
+        # The block-table mirror's writes go first in the step's copy: the indices gather from it.
+        table_writes = HostArrays({}) if self.tables is None else self.tables.apply(plan)
         if self.decode_graphs is not None and self.decode_graphs.can_run(plan):
             self.graph_steps += 1
-            return self.decode_graphs.run(plan, self.feed.last)
+            return self.decode_graphs.run(plan, self.feed.last, table_writes)
         mbs = plan.micro_batches
-        sets = [host_inputs(mb, self.feed.last) for mb in mbs] + [self.channel.prepare(mb) for mb in mbs]
+        sets = [table_writes] + [host_inputs(mb, self.feed.last) for mb in mbs] + [self.channel.prepare(mb) for mb in mbs]
         staged = to_device(sets, self.model.device)
-        inputs, contexts = staged[:len(mbs)], staged[len(mbs):]
+        inputs, contexts = staged[1:len(mbs) + 1], staged[len(mbs) + 1:]
         if self.stage_graphs is not None and self.stage_graphs.can_run(plan):
             self.graph_steps += 1
             stages = self.stage_graphs.stages()

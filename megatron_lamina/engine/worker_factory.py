@@ -113,7 +113,7 @@ def _model_worker(cfg, arch, topology, groups, rank, device, log, weights) -> Bu
     max_blocks = math.ceil(arch.max_position_embeddings / cfg.kv_cache.block_size)
 
     def worker_over(cache: PagedKVCache, decode_graphs) -> ModelWorker:
-        return ModelWorker(model, LocalChannel(attention_backend(cache, device)), feed, BlockTables(),
+        return ModelWorker(model, LocalChannel(attention_backend(cache, device)), feed, block_tables(cfg, arch, None, device),
                            decode_graphs, stage_graphs)
 
     def decode_graphs_over(cache: PagedKVCache, scratch: int):
@@ -157,8 +157,14 @@ def _attention_worker(cfg, arch, topology, groups, rank, device, log) -> BuiltWo
     endpoint = AttentionEndpoint(topology.routes_to_attention(rank), shard, kv_lo, kv_heads,
                                  arch.queries_per_kv_head, arch.head_dim, cfg.torch_dtype, device, host_staging,
                                  groups.to_attention, groups.to_model, q_first=cfg.runtime.q_first)
-    return BuiltWorker(AttentionWorker(endpoint, attention_backend(cache, device), arch.num_layers, device),
-                       num_blocks, cache)
+    return BuiltWorker(AttentionWorker(endpoint, attention_backend(cache, device), arch.num_layers, device,
+                                       block_tables(cfg, arch, shard, device)), num_blocks, cache)
+
+
+def block_tables(cfg: LaminaConfig, arch: ModelArchitecture, shard: int | None, device) -> BlockTables:
+    """A cache-holding rank's block tables, sized for the batch and the model's context."""
+    return BlockTables(shard, cfg.scheduler.max_batch_size,
+                       math.ceil(arch.max_position_embeddings / cfg.kv_cache.block_size), device)
 
 
 def _largest_step(cfg: LaminaConfig, arch: ModelArchitecture) -> StepPlan:
