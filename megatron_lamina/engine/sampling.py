@@ -21,20 +21,23 @@ Generators live on the logits' device (`SamplingParams.make_generator(device)`; 
 uses its driver rank's device). On a GPU, seeded sampling is reproducible from run to run
 (same seed, same GPU type and PyTorch version, same tokens) but draws different numbers than
 on the CPU, because the CUDA generator is a different random stream (Philox) than the CPU
-one (Mersenne Twister) -- as in vLLM. Small tensors the sampler builds from Python values
-(a logit bias, the tokens a penalty counts) reach the device from pinned memory without
-blocking, so the host never waits for the step in flight.
+one (Mersenne Twister) -- as in vLLM. What the sampler builds from Python values (the
+row order, a logit bias, the tokens a penalty counts) reaches the device in one pinned,
+asynchronous copy (host_to_device.py), so the host never waits for the step in flight.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import reprlib
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from megatron_lamina.engine.sampling_rules import MAX_LOGPROBS, RULES, SEED_RANGE, is_integer
+from megatron_lamina.host_to_device import HostArrays, to_device
 
 
 @dataclass
@@ -154,9 +157,16 @@ def sample_tokens_on_device(logits: torch.Tensor, params: list[SamplingParams],
         groups.setdefault(key, []).append(i)
     order = [i for rows_of_group in groups.values() for i in rows_of_group]
     permuted = order != list(range(rows))
+    # What the sampler needs from the host (the row order, each adjusted row's bias and
+    # penalty tokens) travels in one pinned, asynchronous copy: the host never waits.
+    arrays = {"order": np.asarray(order, np.int64)} if permuted else {}
+    for key, members in groups.items():
+        if key[0] == "row":
+            arrays.update(_row_arrays(members[0], params[members[0]], history[members[0]] if history else None,
+                                      logits.shape[-1]))
+    [staged] = to_device([HostArrays(arrays)], logits.device) if arrays else [{}]
     if permuted:  # make each group a contiguous block of rows: one gather, one scatter back
-        index = _to_device(order, torch.long, logits.device)
-        logits = logits.index_select(0, index)
+        logits = logits.index_select(0, staged["order"])
     drawn = [(row, generators[i]) for row, i in enumerate(order) if params[i].temperature != 0]
     noise = _noise(logits, [(row, g) for row, g in drawn if g is not None], any(g is None for _, g in drawn))
     chosen, start = [], 0
@@ -166,7 +176,7 @@ def sample_tokens_on_device(logits: torch.Tensor, params: list[SamplingParams],
         start += len(members)
         if key[0] == "row":
             p = params[members[0]]
-            block = adjust_logits(block, p, history[members[0]] if history else None)
+            block = _adjusted(block, p, members[0], staged)
             key = (p.temperature, p.top_k, p.top_p, p.min_p)
         temperature, top_k, top_p, min_p = key
         if temperature == 0:
@@ -175,35 +185,56 @@ def sample_tokens_on_device(logits: torch.Tensor, params: list[SamplingParams],
             chosen.append(torch.argmax(_probabilities(block, temperature, top_k, top_p, min_p) / q, dim=-1))
     tokens = chosen[0] if len(chosen) == 1 else torch.cat(chosen)
     if permuted:
-        tokens = torch.empty_like(tokens).index_copy_(0, index, tokens)
+        tokens = torch.empty_like(tokens).index_copy_(0, staged["order"], tokens)
     return tokens
+
+
+def _row_arrays(i: int, params: SamplingParams, history: tuple[list[int], list[int]] | None,
+                vocab: int) -> dict[str, np.ndarray]:
+    """Row i's logit bias (token ids, and the biases as float64 bits: the copy is int64) and
+    penalty tokens (repetition: every prompt and output token; presence and frequency: the
+    output's), for `adjust_logits`."""
+    arrays = {}
+    if params.logit_bias:
+        ids = [t for t in params.logit_bias if t < vocab]
+        arrays[f"bias_ids{i}"] = np.asarray(ids, np.int64)
+        arrays[f"bias{i}"] = np.asarray([params.logit_bias[t] for t in ids], np.float64).view(np.int64)
+    if params.needs_history:
+        prompt, output = history or ([], [])
+        if params.repetition_penalty != 1:
+            arrays[f"seen{i}"] = np.fromiter((t for t in itertools.chain(prompt, output) if t < vocab), np.int64)
+        if output and (params.presence_penalty or params.frequency_penalty):
+            arrays[f"output{i}"] = np.fromiter((t for t in output if t < vocab), np.int64)
+    return arrays
 
 
 def adjust_logits(logits: torch.Tensor, params: SamplingParams,
                   history: tuple[list[int], list[int]] | None) -> torch.Tensor:
     """One row [1, vocab] float32 with its logit bias and penalties applied, as OpenAI (bias,
     presence, frequency: over the output) and HF/vLLM (repetition: over prompt and output)
-    define them, and clamped to +-SAFE_LOGIT."""
+    define them, and clamped to +-SAFE_LOGIT: a row on its own (the sampler stages every
+    adjusted row's arrays in the step's one copy)."""
+    [staged] = to_device([HostArrays(_row_arrays(0, params, history, logits.shape[-1]))], logits.device)
+    return _adjusted(logits, params, 0, staged)
+
+
+def _adjusted(logits: torch.Tensor, params: SamplingParams, i: int, staged: dict[str, torch.Tensor]) -> torch.Tensor:
+    """`adjust_logits` of row i, its `_row_arrays` already on the device (`staged`)."""
     logits = logits.clone()
-    vocab = logits.shape[-1]
-    if params.logit_bias:
-        ids = [t for t in params.logit_bias if t < vocab]
-        logits[0].index_add_(0, _to_device(ids, torch.long, logits.device),
-                             _to_device([float(params.logit_bias[t]) for t in ids], torch.float32, logits.device))
-    if params.needs_history:
-        prompt, output = history or ([], [])
-        device = logits.device
-        if params.repetition_penalty != 1:
-            seen = torch.zeros(vocab, dtype=torch.bool, device=device)
-            seen[_to_device([t for t in prompt + output if t < vocab], torch.long, device)] = True
-            row = logits[0]
-            penalized = torch.where(row > 0, row / params.repetition_penalty, row * params.repetition_penalty)
-            logits[0] = torch.where(seen, penalized, row)
-        if output and (params.presence_penalty or params.frequency_penalty):
-            counts = torch.zeros(vocab, dtype=torch.float32, device=device)
-            counts.index_add_(0, _to_device([t for t in output if t < vocab], torch.long, device),
-                              torch.ones(len(output), device=device))
-            logits[0] -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).float()
+    vocab, device = logits.shape[-1], logits.device
+    if f"bias_ids{i}" in staged:
+        logits[0].index_add_(0, staged[f"bias_ids{i}"], staged[f"bias{i}"].view(torch.float64).float())
+    if f"seen{i}" in staged:
+        seen = torch.zeros(vocab, dtype=torch.bool, device=device)
+        seen[staged[f"seen{i}"]] = True
+        row = logits[0]
+        penalized = torch.where(row > 0, row / params.repetition_penalty, row * params.repetition_penalty)
+        logits[0] = torch.where(seen, penalized, row)
+    if f"output{i}" in staged:
+        output = staged[f"output{i}"]
+        counts = torch.zeros(vocab, dtype=torch.float32, device=device)
+        counts.index_add_(0, output, torch.ones(output.shape, device=device))
+        logits[0] -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).float()
     return logits.clamp_(-SAFE_LOGIT, SAFE_LOGIT)
 
 
@@ -241,12 +272,3 @@ def _noise(logits: torch.Tensor, own: list[tuple[int, torch.Generator]], shared:
     for row, generator in own:
         q[row].exponential_(1.0, generator=generator)
     return q
-
-
-def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A small tensor of Python values on `device`; on a GPU from pinned memory, an
-    asynchronous copy: a pageable one would first wait for the GPU to drain."""
-    host = torch.tensor(values, dtype=dtype)
-    if device.type == "cuda":
-        return host.pin_memory().to(device, non_blocking=True)
-    return host.to(device)
