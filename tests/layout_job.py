@@ -39,6 +39,7 @@ def generate_on_ranks(cases, inputs):
                         "reasons": [r.finish_reason for r in done],
                         "texts": [r.text for r in done],
                         "preemptions": engine.scheduler.num_preemptions,
+                        "cached_tokens": [r.num_cached_tokens for r in done],  # from the prefix cache
                         "graph_steps": ctx.worker.graph_steps,  # rank 0 is always a model worker
                         "steps": len(engine.stats)})
     return results
