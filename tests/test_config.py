@@ -220,6 +220,7 @@ def test_bad_overrides(override, expected):
     ("runtime.device=tpu", "config: runtime.device = 'tpu': allowed values are cpu, cuda"),
     ("runtime.transport=mpi", "config: runtime.transport = 'mpi': allowed values are auto, gloo, nccl"),
     ("model.dtype=fp8", "config: model.dtype = 'fp8': allowed values are float32, bfloat16, float16"),
+    ("kv_cache.dtype=bfloat16", "config: kv_cache.dtype = 'bfloat16': allowed values are auto, fp8_e4m3"),
     ("kv_cache.num_blocks=0", "config: kv_cache.num_blocks = 0: must be 'auto' or an integer in 1..524288"),
     ("kv_cache.num_blocks=many", "config: kv_cache.num_blocks = 'many': must be 'auto' or an integer in 1..524288"),
     ("kv_cache.num_blocks=true", "config: kv_cache.num_blocks = True: must be 'auto' or an integer in 1..524288"),

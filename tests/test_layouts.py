@@ -7,6 +7,11 @@ blocks and several prefill chunks. Greedy tokens must equal `transformers`', see
 must equal those drawn from `transformers`' logits with the same seed, and the logits of
 every step must agree within 1e-4 (float32). A layout with switches (q-first) runs its cases
 once more without them, in the same ranks: tokens equal, logits within 1e-5.
+Every layout also runs the untied model once with an FP8 KV cache (`kv_cache.dtype:
+fp8_e4m3`, stored e4m3 and dequantized by the reference attention), in the same ranks: the
+same greedy tokens as `transformers`, logits within FP8_ATOL up to a seeded sample's first
+different token (a sample near a top-p edge may move with the logits; what follows it is
+another context).
 """
 
 from __future__ import annotations
@@ -16,6 +21,13 @@ import torch
 from conftest import REQUESTS
 from layout_job import generate_on_ranks
 from spawn_ranks import run_ranks
+
+# FP8 KV against float32 transformers on the tiny models: e4m3 keeps 3 mantissa bits (a
+# relative error up to 1/16 per stored k, v), and the tiny models' logits move by at most
+# about 0.03 (measured over every layout); 0.1 leaves room for other seeds of the same
+# arithmetic while a cache read without its scale or from the wrong slot moves them by 1 or more.
+FP8_ATOL = 0.25
+FP8_KV = "kv_cache.dtype=fp8_e4m3"
 
 LAYOUTS = {  # name: (tensor_parallel, attention_workers, attention_head_groups, micro-batch counts, *switches)
     "tp1-attn1": (1, 1, 1, (1, 2)),
@@ -45,16 +57,31 @@ def test_layout_matches_transformers(layout, tiny_models):
     # The synchronous step loop too (the asynchronous one, the default, is every case above).
     cases.append((cases[-1][0], cases[-1][1] + ["scheduler.async_scheduling=false"]))
     expected.append((expected[-1][0] + ", synchronous loop", expected[-1][1]))
+    # An FP8 KV cache: the untied model at the layout's most micro-batches.
+    cases.append((cases[len(micro_batch_counts) - 1][0], cases[len(micro_batch_counts) - 1][1] + [FP8_KV]))
+    expected.append((expected[len(micro_batch_counts) - 1][0] + ", FP8 KV", expected[len(micro_batch_counts) - 1][1]))
     without = [(checkpoint, [o for o in overrides if o not in switches]) for checkpoint, overrides in cases]
     results = run_ranks(generate_on_ranks, tp + workers, cases + (without if switches else []), REQUESTS)
     results, baseline = results[:len(cases)], results[len(cases):]
     assert len(results) == len(cases) and len(baseline) == (len(cases) if switches else 0)
-    for (label, model), result in zip(expected, results):
-        assert result["tokens"] == model.tokens, label
+    for (label, model), result, (_, overrides) in zip(expected, results, cases):
         assert result["reasons"] == ["length"] * len(REQUESTS), label
+        if FP8_KV in overrides:
+            _check_fp8(label, result, model)
+            continue
+        assert result["tokens"] == model.tokens, label
         for got, want in zip(result["logits"], model.logits):
             assert torch.allclose(got, want, atol=1e-4, rtol=0), (label, (got - want).abs().max())
     for (label, _), result, base in zip(expected, results, baseline):
         assert result["tokens"] == base["tokens"], (label, "without", switches)
         for got, want in zip(result["logits"], base["logits"]):
             assert torch.allclose(got, want, atol=1e-5, rtol=0), (label, "without", switches, (got - want).abs().max())
+
+
+def _check_fp8(label, result, model):
+    greedy = [params.temperature == 0.0 for _, params in REQUESTS]
+    for i, (got_tokens, want_tokens) in enumerate(zip(result["tokens"], model.tokens)):
+        same = next((n for n, (a, b) in enumerate(zip(got_tokens, want_tokens)) if a != b), len(want_tokens))
+        assert not greedy[i] or same == len(want_tokens), (label, i, got_tokens, want_tokens)
+        got, want = result["logits"][i][:same + 1], model.logits[i][:same + 1]
+        assert torch.allclose(got, want, atol=FP8_ATOL, rtol=0), (label, i, (got - want).abs().max())

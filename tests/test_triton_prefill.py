@@ -198,10 +198,32 @@ def test_paged_decode_lse_matches_the_reference(block_size, splits, cached):
     assert not out[empty].any(), "no cached key: the partial output is 0"
 
 
-def test_paged_attention_q_first_matches_the_reference():
+def _fp8_scales(caches, storage, g):
+    """An FP8 cache gets scales unlike 1 and unlike each other (per layer and KV head), the
+    same in every cache, so that a kernel reading the wrong one, or none, is caught."""
+    if storage is None:
+        return
+    scales = 0.5 + torch.rand(2, *caches[0].k_scale.shape, generator=g)
+    for cache in caches:
+        cache.k_scale.copy_(scales[0])
+        cache.v_scale.copy_(scales[1])
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal tensors, float8 included (compared as bytes: torch has no float8 equality on CPU)."""
+    return a.dtype == b.dtype and torch.equal(a.cpu().view(torch.uint8), b.cpu().view(torch.uint8))
+
+
+STORAGE = [None, pytest.param(torch.float8_e4m3fn, id="fp8")]
+
+
+@pytest.mark.parametrize("storage", STORAGE)
+def test_paged_attention_q_first_matches_the_reference(storage):
     """attention/gpu.py's q-first path (attend_cached over context_lens - 1 with the kernel's
     own split count, then lse_merge's append_and_merge) against the reference's append and
-    attend on the same cache, a request with no cached token included."""
+    attend on the same cache, a request with no cached token included; with an FP8 cache
+    too (the kernel dequantizes in registers, the reference in torch, the merge uses the
+    new token's k, v as stored)."""
     _kernels("triton_paged")
     from megatron_lamina.attention.gpu import PagedAttention
     from megatron_lamina.attention.kv_cache import PagedKVCache
@@ -219,7 +241,8 @@ def test_paged_attention_q_first_matches_the_reference():
         chunks.append(SequenceChunk(i, 0, p, [0], [], True, block_table=order[used:used + blocks]))
         used += blocks
     # The kernels' cache on the device, the reference's on the CPU (it is the CPU backend).
-    caches = [PagedKVCache(1, 40, block_size, kv_heads, d, torch.float32, device) for device in (DEVICE, "cpu")]
+    caches = [PagedKVCache(1, 40, block_size, kv_heads, d, torch.float32, device, storage) for device in (DEVICE, "cpu")]
+    _fp8_scales(caches, storage, g)
     history = torch.randn(2, 40, kv_heads, block_size, d, generator=g)
     for cache in caches:
         cache.k[0].copy_(history[0])
@@ -232,13 +255,15 @@ def test_paged_attention_q_first_matches_the_reference():
     got = gpu.append_and_merge(0, gpu_index, gpu.attend_cached(0, gpu_index, qd), qd, kd, vd).cpu()
     want = ref(0, ref_index, q, k, v)
     assert torch.allclose(got, want, atol=1e-5, rtol=0), (got - want).abs().max()
-    assert torch.equal(caches[0].k[0].cpu(), caches[1].k[0]) and torch.equal(caches[0].v[0].cpu(), caches[1].v[0])
+    assert _same_bits(caches[0].k[0], caches[1].k[0]) and _same_bits(caches[0].v[0], caches[1].v[0])
 
 
-def test_paged_attention_matches_the_reference_on_a_mixed_micro_batch():
+@pytest.mark.parametrize("storage", STORAGE)
+def test_paged_attention_matches_the_reference_on_a_mixed_micro_batch(storage):
     """attention/gpu.py's PagedAttention (decode kernel for the decode rows, prefill kernel for
     the chunks, one host index copied to the device) against attention/reference.py on the same
-    cache: decode rows and prefill chunks interleaved, every layer's new K/V written."""
+    cache: decode rows and prefill chunks interleaved, every layer's new K/V written; with an
+    FP8 cache too (per-layer, per-head scales)."""
     _kernels("triton_prefill")
     from megatron_lamina.attention.gpu import PagedAttention
     from megatron_lamina.attention.kv_cache import PagedKVCache
@@ -256,7 +281,8 @@ def test_paged_attention_matches_the_reference_on_a_mixed_micro_batch():
         chunks.append(SequenceChunk(i, 0, start, [0] * n, [], True, block_table=order[used:used + blocks]))
         used += blocks
     # The kernels' cache on the device, the reference's on the CPU (it is the CPU backend).
-    caches = [PagedKVCache(2, 40, block_size, kv_heads, d, torch.float32, device) for device in (DEVICE, "cpu")]
+    caches = [PagedKVCache(2, 40, block_size, kv_heads, d, torch.float32, device, storage) for device in (DEVICE, "cpu")]
+    _fp8_scales(caches, storage, g)
     for layer in range(2):
         history = torch.randn(2, 40, kv_heads, block_size, d, generator=g)
         for cache in caches:
@@ -276,5 +302,5 @@ def test_paged_attention_matches_the_reference_on_a_mixed_micro_batch():
     got, want = outs
     assert ((got - want).norm() / want.norm()).item() < 1e-5
     for layer in range(2):
-        assert torch.equal(caches[0].k[layer].cpu(), caches[1].k[layer])
-        assert torch.equal(caches[0].v[layer].cpu(), caches[1].v[layer])
+        assert _same_bits(caches[0].k[layer], caches[1].k[layer])
+        assert _same_bits(caches[0].v[layer], caches[1].v[layer])

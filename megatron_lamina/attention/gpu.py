@@ -119,26 +119,34 @@ class PagedAttention:
 
     def __call__(self, layer: int, index: PagedBatchIndex, q, k, v) -> torch.Tensor:
         k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
+        scales = self._scales(layer)
         self.cache.write(layer, index.new_slots, k, v)
         if index.prefill is None and index.decode_rows is None:  # a decode-only micro-batch
             return paged_decode(q, k_cache, v_cache, index.block_tables, index.context_lens,
-                                max_context=index.max_context)
+                                max_context=index.max_context, **scales)
         out = torch.empty_like(q)
         if index.block_tables.shape[0]:
             rows = index.decode_rows
             out[rows] = paged_decode(q[rows], k_cache, v_cache, index.block_tables, index.context_lens,
-                                     max_context=index.max_context)
+                                     max_context=index.max_context, **scales)
         if index.prefill is not None:
             p = index.prefill
             paged_prefill(q, k_cache, v_cache, p.block_tables, p.q_starts, p.q_lens, p.starts, out, p.max_q_len,
-                          **PREFILL_CONFIG)
+                          **PREFILL_CONFIG, **scales)
         return out
+
+    def _scales(self, layer: int) -> dict[str, torch.Tensor]:
+        """An FP8 cache's scales of this layer, as the kernels take them (none otherwise)."""
+        if not self.cache.quantized:
+            return {}
+        return {"k_scale": self.cache.k_scale[layer], "v_scale": self.cache.v_scale[layer]}
 
     def attend_cached(self, layer: int, index: PagedBatchIndex, q) -> CachedPartial:
         """q-first, a decode-only micro-batch: the decode kernel over context_lens - 1 keys."""
         assert index.prefill is None and index.decode_rows is None, "attend_cached takes decode rows only"
         out, lse = paged_decode(q, self.cache.k[layer], self.cache.v[layer], index.block_tables,
-                                index.cached_lens, max_context=index.max_context, return_lse=True)
+                                index.cached_lens, max_context=index.max_context, return_lse=True,
+                                **self._scales(layer))
         return CachedPartial(out, lse)
 
     def append_and_merge(self, layer: int, index: PagedBatchIndex, partial: CachedPartial, q, k, v) -> torch.Tensor:

@@ -49,4 +49,4 @@ def append_and_merge(cache: PagedKVCache, layer: int, new_slots: torch.Tensor, p
                      q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Write the new tokens' k, v at `new_slots` (one per row), then merge -> o like q."""
     cache.write(layer, new_slots, k, v)
-    return merge_new_token(partial, q, k, v).to(q.dtype)
+    return merge_new_token(partial, q, *cache.as_stored(layer, k, v)).to(q.dtype)

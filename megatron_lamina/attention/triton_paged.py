@@ -11,6 +11,10 @@ and a tile may span several blocks. Long contexts with few (request, head) pairs
 along the context; a second small kernel merges the splits with their log-sum-exp, exactly.
 That log-sum-exp is also returned on request (`return_lse`): q-first attends the cached
 tokens with it and merges the new token's term afterwards (lse_merge.py).
+An FP8 cache (kv_cache.py: e4m3 with a float32 scale per KV head) is read as e4m3, half the
+bytes, and dequantized in registers: a tile converts to q's dtype exactly (e4m3's 3 mantissa
+bits fit bf16's 7), and the program's one KV head has one scale for K and one for V, which
+multiply the scores and the output once instead of every element.
 
 No Triton on the machine (CPU, CI): importing this module still works; `paged_decode`
 is only called on CUDA tensors.
@@ -45,13 +49,17 @@ if triton is not None:
 
     @jit_unspecialized(values=["stride_tb"], pointers=["table_ptr", "lens_ptr"])
     def _decode_kernel(
-        q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, o_ptr, m_ptr, l_ptr,
+        q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, o_ptr, m_ptr, l_ptr, k_scale_ptr, v_scale_ptr,
         stride_qb, stride_qh, stride_kblk, stride_kh, stride_ktok, stride_tb,
         stride_ob, stride_os, stride_oh, scale,
         GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, PRECISION: tl.constexpr, FP8: tl.constexpr,
     ):
         b, h, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        v_scale = 1.0
+        if FP8:  # the KV head's scales: K's folds into the score scale, V's into the output
+            scale = scale * tl.load(k_scale_ptr + h)
+            v_scale = tl.load(v_scale_ptr + h)
         length = tl.load(lens_ptr + b)
         offs_g = tl.arange(0, BLOCK_G)
         offs_d = tl.arange(0, HEAD_DIM)
@@ -77,6 +85,8 @@ if triton is not None:
             row = block * stride_kblk + (pos % BLOCK_SIZE) * stride_ktok + h * stride_kh
             k = tl.load(k_ptr + row[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
             v = tl.load(v_ptr + row[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
+            if FP8:
+                k, v = k.to(q.dtype), v.to(q.dtype)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
             s = tl.where(valid[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -86,7 +96,7 @@ if triton is not None:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
         out = o_ptr + b * stride_ob + split * stride_os + (h * GROUP + offs_g)[:, None] * stride_oh + offs_d[None, :]
-        tl.store(out, acc / tl.where(l_i > 0, l_i, 1.0)[:, None], mask=g_mask[:, None])
+        tl.store(out, acc * (v_scale / tl.where(l_i > 0, l_i, 1.0))[:, None], mask=g_mask[:, None])
         stats = (b * tl.num_programs(2) + split) * tl.num_programs(1) * GROUP + h * GROUP + offs_g
         tl.store(m_ptr + stats, m_i, mask=g_mask)
         tl.store(l_ptr + stats, l_i, mask=g_mask)
@@ -116,7 +126,8 @@ if triton is not None:
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  block_tables: torch.Tensor, context_lens: torch.Tensor, block_n: int = 64,
                  num_splits: int | None = None, num_warps: int = 4, num_stages: int = 3,
-                 waves: float = 2.0, max_context: int | None = None, return_lse: bool = False):
+                 waves: float = 2.0, max_context: int | None = None, return_lse: bool = False,
+                 k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None):
     """q [batch, heads, d]; caches [blocks, kv_heads, block_size, d]; block_tables [batch,
     max_blocks] int32; context_lens [batch] int32 (keys 0..len-1 are attended) -> o like q.
     Without `num_splits`, contexts are split so that there are about `waves` programs per
@@ -125,7 +136,9 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     not allowed while a CUDA graph is captured).
     `return_lse` (q-first, attention/lse_merge.py): returns (o, lse) instead, o in float32 and
     lse [batch, heads] float32, the natural log-sum-exp of each query head's scaled scores (the
-    statistics the splits are merged with); a context of 0 keys gives o = 0 and lse = -inf."""
+    statistics the splits are merged with); a context of 0 keys gives o = 0 and lse = -inf.
+    An e4m3 cache takes its scales, `k_scale` and `v_scale` [kv_heads] float32 (a stored x
+    means x * scale)."""
     batch, heads, head_dim = q.shape
     _, kv_heads, block_size, _ = k_cache.shape
     group = heads // kv_heads
@@ -140,14 +153,18 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                        dtype=q.dtype if num_splits == 1 and not return_lse else torch.float32)
     m = torch.empty(batch, num_splits, heads, device=q.device, dtype=torch.float32)
     l = torch.empty_like(m)
+    fp8 = k_cache.dtype == torch.float8_e4m3fn
+    assert not fp8 or (k_scale is not None and v_scale is not None), "an e4m3 cache reads with its scales"
     _decode_kernel[(batch, kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, part, m, l,
+        k_scale if fp8 else m, v_scale if fp8 else m,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), part.stride(0), part.stride(1), part.stride(2),
         1.0 / math.sqrt(head_dim),
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_N=block_n, BLOCK_SIZE=block_size,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps, num_stages=num_stages,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FP8=fp8, num_warps=num_warps,
+        num_stages=num_stages,
     )
     if num_splits == 1:
         return (part[:, 0], m[:, 0] + torch.log(l[:, 0])) if return_lse else part[:, 0]

@@ -17,6 +17,10 @@ K/V tiles are gathered through the block table like the decode kernel does
 (triton_paged.py): one table entry per tile when the tile lies inside one block, else one per
 token, so any block size works and a key tile may span blocks.
 
+An FP8 cache is read as e4m3 and dequantized in registers as the decode kernel does
+(triton_paged.py): tiles convert to q's dtype, the KV head's K scale folds into the score
+scale and its V scale multiplies the output once.
+
 GQA: query head h reads KV head h // group; the group's programs are adjacent in the launch
 order (heads are grid axis 0), so a K/V tile read by one is usually still in L2 for the rest.
 
@@ -47,7 +51,7 @@ if triton is not None:
     def _attend_tiles(acc, m_i, l_i, q, q_pos, k_ptr, v_ptr, table_row_ptr, kv_head_off,
                       stride_kblk, stride_ktok, lo, hi, end, qk_scale,
                       CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_SIZE: tl.constexpr, PRECISION: tl.constexpr):
+                      BLOCK_SIZE: tl.constexpr, PRECISION: tl.constexpr, FP8: tl.constexpr):
         """Online softmax over the key tiles lo, lo + BLOCK_N, ... < hi (lo a multiple of
         BLOCK_N). Scores are kept in base 2 (qk_scale includes log2(e)): exp2 is the native
         instruction. CAUSAL: mask keys after each row's position and at/after `end`;
@@ -68,6 +72,8 @@ if triton is not None:
             else:  # every key < end: no mask, so the loads vectorize fully
                 k = tl.load(k_ptr + row[:, None] + offs_d[None, :])
                 v = tl.load(v_ptr + row[:, None] + offs_d[None, :])
+            if FP8:
+                k, v = k.to(q.dtype), v.to(q.dtype)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
             if CAUSAL:
                 # Every row of a diagonal tile sees its first key (q_pos >= tile), so no row is
@@ -83,11 +89,11 @@ if triton is not None:
 
     @jit_unspecialized(values=["stride_tb"], pointers=["table_ptr", "q_starts_ptr", "q_lens_ptr", "pos0_ptr"])
     def _prefill_kernel(
-        q_ptr, k_ptr, v_ptr, o_ptr, table_ptr, q_starts_ptr, q_lens_ptr, pos0_ptr,
+        q_ptr, k_ptr, v_ptr, o_ptr, table_ptr, q_starts_ptr, q_lens_ptr, pos0_ptr, k_scale_ptr, v_scale_ptr,
         stride_qt, stride_qh, stride_ot, stride_oh, stride_kblk, stride_kh, stride_ktok, stride_tb,
         qk_scale,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_SIZE: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr, PRECISION: tl.constexpr, FP8: tl.constexpr,
     ):
         h, m_tile, c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         # The grid has cdiv(max_q_len, BLOCK_M) tiles per chunk; a shorter chunk's extra
@@ -111,6 +117,10 @@ if triton is not None:
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
         table_row_ptr = table_ptr + c.to(tl.int64) * stride_tb
         kv_head_off = (h // GROUP).to(tl.int64) * stride_kh
+        v_scale = 1.0
+        if FP8:  # the KV head's scales: K's folds into the score scale, V's into the output
+            qk_scale = qk_scale * tl.load(k_scale_ptr + h // GROUP)
+            v_scale = tl.load(v_scale_ptr + h // GROUP)
         # Keys 0..pos0 + m_start (the first query's position) are seen by every row: whole
         # key tiles below that need no mask. The rest, up to the last query's position
         # (`end`, exclusive), is the diagonal, masked; nothing past `end` is read.
@@ -118,19 +128,20 @@ if triton is not None:
         full = (pos0 + m_start + 1) // BLOCK_N * BLOCK_N
         acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, q, q_pos, k_ptr, v_ptr, table_row_ptr, kv_head_off,
                                       stride_kblk, stride_ktok, 0, full, end, qk_scale,
-                                      False, HEAD_DIM, BLOCK_N, BLOCK_SIZE, PRECISION)
+                                      False, HEAD_DIM, BLOCK_N, BLOCK_SIZE, PRECISION, FP8)
         acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, q, q_pos, k_ptr, v_ptr, table_row_ptr, kv_head_off,
                                       stride_kblk, stride_ktok, full, end, end, qk_scale,
-                                      True, HEAD_DIM, BLOCK_N, BLOCK_SIZE, PRECISION)
+                                      True, HEAD_DIM, BLOCK_N, BLOCK_SIZE, PRECISION, FP8)
         out = o_ptr + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :]
-        tl.store(out, (acc / l_i[:, None]).to(o_ptr.dtype.element_ty), mask=m_mask[:, None])
+        tl.store(out, (acc * (v_scale / l_i)[:, None]).to(o_ptr.dtype.element_ty), mask=m_mask[:, None])
 
 
 def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   block_tables: torch.Tensor, q_starts: torch.Tensor, q_lens: torch.Tensor,
                   positions0: torch.Tensor, out: torch.Tensor, max_q_len: int, *,
                   block_m: int = 64, block_n: int = 64, num_warps: int = 4,
-                  num_stages: int = 2) -> torch.Tensor:
+                  num_stages: int = 2, k_scale: torch.Tensor | None = None,
+                  v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of every prefill chunk of a micro-batch over the paged cache, one launch.
 
     q [tokens, heads, d]; k_cache, v_cache [blocks, kv_heads, block_size, d] (same strides),
@@ -144,7 +155,8 @@ def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     `out` (decode rows, other chunks) are not touched. `max_q_len` >= every q_lens, known on
     the host: it sizes the grid, so no length is read back (no sync; CUDA-graph capturable).
     d a power of two >= 16; block_m, block_n powers of two >= 16; any block_size.
-    float32 runs the dots in full precision (no TF32), as paged_decode does."""
+    float32 runs the dots in full precision (no TF32), as paged_decode does. An e4m3 cache
+    takes its scales, `k_scale` and `v_scale` [kv_heads] float32, as paged_decode does."""
     _, heads, head_dim = q.shape
     _, kv_heads, block_size, _ = k_cache.shape
     chunks = q_lens.shape[0]
@@ -155,13 +167,17 @@ def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     assert block_m >= 16 and block_n >= 16, "tl.dot needs tiles of at least 16"
     if chunks == 0 or max_q_len <= 0:
         return out
+    fp8 = k_cache.dtype == torch.float8_e4m3fn
+    assert not fp8 or (k_scale is not None and v_scale is not None), "an e4m3 cache reads with its scales"
     grid = (heads, triton.cdiv(max_q_len, block_m), chunks)
     _prefill_kernel[grid](
         q, k_cache, v_cache, out, block_tables, q_starts, q_lens, positions0,
+        k_scale if fp8 else q_lens, v_scale if fp8 else q_lens,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         LOG2E / math.sqrt(head_dim),
         GROUP=heads // kv_heads, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_SIZE=block_size,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps, num_stages=num_stages,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FP8=fp8, num_warps=num_warps,
+        num_stages=num_stages,
     )
     return out

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_lamina.architecture import ModelArchitecture
-from megatron_lamina.attention.kv_cache import PagedKVCache
+from megatron_lamina.attention.kv_cache import PagedKVCache, storage_dtype
 from megatron_lamina.checkpoint.loader import CheckpointShardLoader, padded_vocab_size
 from megatron_lamina.config import LaminaConfig
 from megatron_lamina.engine.attention_worker import AttentionWorker
@@ -35,6 +35,7 @@ from megatron_lamina.engine.memory import kv_blocks_that_fit, measure_peak
 from megatron_lamina.engine.model_worker import ModelWorker
 from megatron_lamina.engine.sampling import SamplingParams, sample_tokens_on_device
 from megatron_lamina.engine.token_feed import TokenFeed
+from megatron_lamina.fp8 import FP8_NAME, KV_CAPABILITY, require_fp8
 from megatron_lamina.host_to_device import to_device
 from megatron_lamina.model.llama import LlamaModel
 from megatron_lamina.plan import MicroBatch, SequenceChunk, StepPlan
@@ -102,7 +103,7 @@ def _model_worker(cfg, arch, topology, groups, rank, device, log, weights) -> Bu
         stage_graphs.capture(log)
     if not topology.colocated:
         num_blocks = _agree(cfg, groups, None)
-        log(f"KV cache: {num_blocks} blocks of {cfg.kv_cache.block_size} tokens per attention worker")
+        log(f"{_kv_cache_size(cfg, num_blocks)} per attention worker")
         kv_lo, _ = topology.tp_kv_range(rank)
         host_staging = device.type == "cuda" and dist.get_backend() == "gloo"
         channel = P2PChannel(topology.routes_from_tp(rank), kv_lo, arch.queries_per_kv_head, host_staging,
@@ -125,16 +126,13 @@ def _model_worker(cfg, arch, topology, groups, rank, device, log, weights) -> Bu
 
     peak = 0
     if device.type == "cuda":  # on a tiny cache: the memory the steps need, and every kernel compiled
-        probe = PagedKVCache(arch.num_layers, 2, cfg.kv_cache.block_size, kv_heads, arch.head_dim,
-                             cfg.torch_dtype, device)
+        probe = _cache(cfg, arch, 2, kv_heads, device)
         decode = decode_graphs_over(probe, scratch=1) if graphs and cfg.kv_cache.num_blocks == "auto" else None
         peak = _profile_largest_step(cfg, arch, worker_over(probe, decode), device)
         del probe, decode
-    num_blocks = _agree(cfg, groups, (PagedKVCache.bytes_per_block(
-        arch.num_layers, cfg.kv_cache.block_size, kv_heads, arch.head_dim, cfg.torch_dtype), peak, device, log))
+    num_blocks = _agree(cfg, groups, (_bytes_per_block(cfg, arch, kv_heads), peak, device, log))
     # With decode graphs the cache has one more block, never handed out: padding rows' scratch.
-    cache = PagedKVCache(arch.num_layers, num_blocks + graphs, cfg.kv_cache.block_size, kv_heads, arch.head_dim,
-                         cfg.torch_dtype, device)
+    cache = _cache(cfg, arch, num_blocks + graphs, kv_heads, device)
     decode = decode_graphs_over(cache, scratch=num_blocks) if graphs else None
     return BuiltWorker(worker_over(cache, decode), num_blocks, cache)
 
@@ -145,14 +143,11 @@ def _attention_worker(cfg, arch, topology, groups, rank, device, log) -> BuiltWo
     kv_heads = arch.num_kv_heads // topology.head_groups
     peak = 0
     if device.type == "cuda":  # on a tiny cache: the memory the steps need, and every kernel compiled
-        probe = PagedKVCache(arch.num_layers, 1, cfg.kv_cache.block_size, kv_heads, arch.head_dim,
-                             cfg.torch_dtype, device)
+        probe = _cache(cfg, arch, 1, kv_heads, device)
         peak = _profile_attention(cfg, arch, attention_backend(probe, device), kv_heads, device)
         del probe
-    num_blocks = _agree(cfg, groups, (PagedKVCache.bytes_per_block(
-        arch.num_layers, cfg.kv_cache.block_size, kv_heads, arch.head_dim, cfg.torch_dtype), peak, device, log))
-    cache = PagedKVCache(arch.num_layers, num_blocks, cfg.kv_cache.block_size, kv_heads, arch.head_dim,
-                         cfg.torch_dtype, device)
+    num_blocks = _agree(cfg, groups, (_bytes_per_block(cfg, arch, kv_heads), peak, device, log))
+    cache = _cache(cfg, arch, num_blocks, kv_heads, device)
     host_staging = device.type == "cuda" and dist.get_backend() == "gloo"
     endpoint = AttentionEndpoint(topology.routes_to_attention(rank), shard, kv_lo, kv_heads,
                                  arch.queries_per_kv_head, arch.head_dim, cfg.torch_dtype, device, host_staging,
@@ -165,6 +160,27 @@ def block_tables(cfg: LaminaConfig, arch: ModelArchitecture, shard: int | None, 
     """A cache-holding rank's block tables, sized for the batch and the model's context."""
     return BlockTables(shard, cfg.scheduler.max_batch_size,
                        math.ceil(arch.max_position_embeddings / cfg.kv_cache.block_size), device)
+
+
+def _cache(cfg: LaminaConfig, arch: ModelArchitecture, blocks: int, kv_heads: int, device) -> PagedKVCache:
+    """A cache of `blocks` blocks of this rank's `kv_heads`, storing `kv_cache.dtype`."""
+    if cfg.kv_cache.dtype == FP8_NAME:
+        require_fp8(device, KV_CAPABILITY, "kv_cache.dtype = 'fp8_e4m3' (the Triton kernels' e4m3 loads)",
+                    "use --set kv_cache.dtype=auto")
+    return PagedKVCache(arch.num_layers, blocks, cfg.kv_cache.block_size, kv_heads, arch.head_dim, cfg.torch_dtype,
+                        device, storage_dtype(cfg.kv_cache.dtype, cfg.torch_dtype))
+
+
+def _kv_cache_size(cfg: LaminaConfig, blocks: int) -> str:
+    """'KV cache (fp8_e4m3): 100 blocks of 16 tokens, 1,600 tokens', the start of the sizing line."""
+    dtype = cfg.kv_cache.dtype if cfg.kv_cache.dtype != "auto" else cfg.model.dtype
+    return (f"KV cache ({dtype}): {blocks} blocks of {cfg.kv_cache.block_size} tokens, "
+            f"{blocks * cfg.kv_cache.block_size:,} tokens")
+
+
+def _bytes_per_block(cfg: LaminaConfig, arch: ModelArchitecture, kv_heads: int) -> int:
+    return PagedKVCache.bytes_per_block(arch.num_layers, cfg.kv_cache.block_size, kv_heads, arch.head_dim,
+                                        storage_dtype(cfg.kv_cache.dtype, cfg.torch_dtype))
 
 
 def _largest_step(cfg: LaminaConfig, arch: ModelArchitecture) -> StepPlan:
@@ -225,8 +241,7 @@ def _agree(cfg: LaminaConfig, groups: ProcessGroups, sizing) -> int:
     block_size = cfg.kv_cache.block_size
     if cfg.kv_cache.num_blocks != "auto":
         if sizing is not None:
-            sizing[3](f"KV cache: {cfg.kv_cache.num_blocks} blocks of {block_size} tokens per cache "
-                      "(kv_cache.num_blocks)")
+            sizing[3](f"{_kv_cache_size(cfg, cfg.kv_cache.num_blocks)} per cache (kv_cache.num_blocks)")
         return cfg.kv_cache.num_blocks
     capacity = torch.tensor([2**62], dtype=torch.long)
     why = "sized by the ranks that hold a cache"
@@ -241,6 +256,6 @@ def _agree(cfg: LaminaConfig, groups: ProcessGroups, sizing) -> int:
                            f"({why}); raise kv_cache.memory_fraction, lower the model size or the batch "
                            "(scheduler.max_batch_size, scheduler.max_prefill_tokens), or set kv_cache.num_blocks")
     if sizing is not None:
-        sizing[3](f"KV cache: {blocks} blocks of {block_size} tokens per cache, the smallest any rank "
+        sizing[3](f"{_kv_cache_size(cfg, blocks)} per cache, the smallest any rank "
                   f"can hold; this rank: {why}")
     return blocks

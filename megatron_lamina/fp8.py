@@ -1,0 +1,34 @@
+"""Float8 e4m3 in one place: the dtype, its range, and whether a device can compute with it.
+
+The FP8 KV cache (attention/kv_cache.py, read by the Triton kernels) and the FP8 weights of
+the model workers (model/fp8_linear.py, written by `lamina convert --weight-dtype fp8_e4m3`)
+both store `torch.float8_e4m3fn` with float32 scales. On a CPU both dequantize (CI runs
+the same numerics); on CUDA the Triton kernels need e4m3 loads (compute capability 8.9+)
+and the matmuls `torch._scaled_mm` with row-wise scales (9.0+, Hopper). Asking for either on
+a GPU that cannot is one `ConfigError`, never a silent fallback.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max  # 448
+FP8_NAME = "fp8_e4m3"  # the name in the config and the checkpoint's config.json
+
+# Compute capability each use needs: e4m3 loads in Triton; row-wise scaled FP8 matmuls.
+KV_CAPABILITY = (8, 9)
+MATMUL_CAPABILITY = (9, 0)
+
+
+def require_fp8(device: torch.device, capability: tuple[int, int], what: str, instead: str) -> None:
+    """ConfigError (one line) when `device` is a GPU older than `capability`."""
+    if device.type != "cuda":
+        return
+    from megatron_lamina.config import ConfigError
+
+    have = torch.cuda.get_device_capability(device)
+    if have < capability:
+        name = torch.cuda.get_device_name(device)
+        raise ConfigError(f"{what} needs a GPU of compute capability {capability[0]}.{capability[1]} or newer; "
+                          f"{name} is {have[0]}.{have[1]}; {instead}")
