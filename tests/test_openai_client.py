@@ -6,7 +6,8 @@ log_softmax of transformers' logits; `n` samples and several prompts per request
 indexed prompt-major, each sample the reference's draw with seed `seed + i`, repeatable; the
 penalties, logit_bias and min_p give the tokens of a float32 reference of their definitions
 on transformers' logits; stop_token_ids end a request; the API key, CORS, X-Request-Id, the
-access log, /tokenize, /detokenize and /version.
+access log, /tokenize, /detokenize and /version; the prefix cache's usage field, salt,
+metrics and reset.
 """
 
 from __future__ import annotations
@@ -244,6 +245,42 @@ def test_api_key_is_required_except_for_health_and_metrics(server, model_name):
     assert httpx.post(f"{server.url}/tokenize", json={"prompt": "w5"}).status_code == 401
     assert httpx.get(f"{server.url}/health").status_code == 200
     assert httpx.get(f"{server.url}/metrics").status_code == 200
+
+
+def test_prefix_cache_usage_salt_metrics_and_reset(server, client, model_name):
+    """A prompt sent again is served from the prefix cache: usage.prompt_tokens_details
+    reports its cached tokens (whole blocks of 4, its last token computed) and the output is
+    the first one's; another cache_salt shares nothing; /metrics counts every lookup and the
+    hit; POST /reset_prefix_cache (behind the API key) forgets every prefix; an empty salt is
+    a 400 naming the field."""
+    prompt = " ".join(f"w{i}" for i in range(60, 78))
+    n = len(_ids(prompt))
+
+    def run(salt: str):
+        out = client.completions.create(model=model_name, prompt=prompt, max_tokens=4, temperature=0,
+                                        extra_body={"ignore_eos": True, "cache_salt": salt})
+        assert out.usage.prompt_tokens == n
+        return out.choices[0].text, out.usage.prompt_tokens_details.cached_tokens
+
+    def counters():
+        text = httpx.get(f"{server.url}/metrics").text
+        return [next(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+                for name in ("lamina_prefix_cache_queries_total ", 'lamina_prefix_cache_hits_total{tier="device"} ')]
+
+    queries, hits = counters()
+    first = run("prefix-test")  # a salt nobody used before: nothing cached
+    again = run("prefix-test")
+    other = run("prefix-test-other")
+    assert first[1] == 0 and other[1] == 0 and again == (first[0], (n - 1) // 4 * 4)
+    assert other[0] == first[0]
+    assert counters() == [queries + 3 * n, hits + (n - 1) // 4 * 4]
+    assert httpx.post(f"{server.url}/reset_prefix_cache").status_code == 401
+    reset = httpx.post(f"{server.url}/reset_prefix_cache", headers={"authorization": f"Bearer {API_KEY}"})
+    assert reset.status_code == 200 and reset.json()["blocks_forgotten"] >= 2 * ((n - 1) // 4)
+    assert run("prefix-test") == (first[0], 0)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=model_name, prompt="w5", max_tokens=1, extra_body={"cache_salt": ""})
+    assert e.value.body["param"] == "cache_salt"
 
 
 def test_cors_request_id_and_access_log(server, client, model_name):

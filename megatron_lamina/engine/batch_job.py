@@ -63,7 +63,7 @@ class BatchRequest(SamplingFields):
     def prompt_input(self) -> PromptInput:
         max_tokens = DEFAULT_MAX_TOKENS if self.max_tokens is None else self.max_tokens
         params = self.sampling_params(max_tokens, self.logprobs, self.prompt_logprobs)
-        return prompt_input(self.prompt, self.messages, params=params, user_id=self.id)
+        return prompt_input(self.prompt, self.messages, params=params, user_id=self.id, cache_salt=self.cache_salt)
 
 
 @dataclass

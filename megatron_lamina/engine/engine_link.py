@@ -16,11 +16,13 @@ Front end -> engine:
   ("draining",)                         the front end saw the engine's "draining" and refuses
                                         new requests from now on (every "add" before it is
                                         already in the pipe)
+  ("reset_prefix_cache",)               an admin asked to forget every cached prefix
 Engine -> front end:
   ("ready", EngineInfo)                 once, when the engine can serve
   ("step", [(key, packed RequestOutput), ...], StepReport | None)   one per step read back
                                         (the report is None for requests refused or failed)
   ("state", state, error)               "draining", "stopped" or "dead" (error: why)
+  ("prefix_cache_reset", blocks)        the answer to "reset_prefix_cache": the blocks forgotten
   ("exit",)                             the engine is done: answer what is left, then exit
 """
 
@@ -68,3 +70,6 @@ class StepReport:
     waiting: int = 0
     blocks_total: int = 0
     blocks_used: list[int] = field(default_factory=list)  # per attention shard
+    # The prefix cache's counters since start-up (block_manager.PrefixCacheStats: queries and
+    # hits in tokens, evictions in blocks).
+    prefix_cache: tuple[int, int, int] = (0, 0, 0)

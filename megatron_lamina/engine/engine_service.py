@@ -161,6 +161,8 @@ class EngineService:
             self._drain_asked = True
         elif kind == "draining":
             self._front_draining = True
+        elif kind == "reset_prefix_cache":
+            self._send(("prefix_cache_reset", self.engine.scheduler.blocks.reset_prefix_cache()))
 
     def _add(self, items: list) -> None:
         now, refused = time.monotonic(), []
@@ -204,7 +206,8 @@ class EngineService:
             steps.append(engine.stats.popleft())
         blocks = scheduler.blocks
         return StepReport(steps, len(scheduler.running), len(scheduler.waiting), blocks.num_blocks,
-                          [blocks.num_blocks - blocks.num_free(s) for s in range(len(blocks.free))])
+                          [blocks.num_blocks - blocks.num_free(s) for s in range(len(blocks.pools))],
+                          blocks.stats.as_tuple())
 
     def _fail_all(self, message: str, tell: bool) -> None:
         outputs = []

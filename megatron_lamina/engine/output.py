@@ -26,6 +26,7 @@ class RequestOutput:
     error: str | None = None     # set when the engine failed the request (this one alone, or every one)
     logprobs: list[TokenLogprob] | None = None  # of the new tokens, when the request asked for them
     prompt_logprobs: list[TokenLogprob | None] | None = None  # in the first output, when asked for
+    cached_tokens: int = 0       # prompt tokens taken from the prefix cache instead of computed
 
 
 def error_output(message: str) -> RequestOutput:
@@ -42,7 +43,8 @@ def merge_outputs(outputs: list[RequestOutput]) -> RequestOutput:
     prompt_logprobs = next((o.prompt_logprobs for o in outputs if o.prompt_logprobs is not None), None)
     return RequestOutput(last.request_id, "".join(o.text for o in outputs),
                          [t for o in outputs for t in o.token_ids], last.finished, last.finish_reason,
-                         last.prompt_tokens, last.completion_tokens, last.error, logprobs, prompt_logprobs)
+                         last.prompt_tokens, last.completion_tokens, last.error, logprobs, prompt_logprobs,
+                         last.cached_tokens)
 
 
 class OutputTracker:
@@ -67,6 +69,7 @@ class OutputTracker:
             token_ids=r.output_token_ids[self.sent_tokens:], finished=finished,
             finish_reason="error" if error is not None else r.finish_reason,
             prompt_tokens=len(r.prompt_token_ids), completion_tokens=len(r.output_token_ids), error=error,
+            cached_tokens=max(r.num_cached_tokens, 0),
         )
         if r.params.logprobs is not None:
             out.logprobs = r.output_logprobs[self.sent_tokens:]

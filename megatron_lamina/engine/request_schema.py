@@ -157,6 +157,8 @@ class SamplingFields(StrictModel):
     repetition_penalty: Annotated[float, sampling_rule("repetition_penalty")] = 1.0
     # OpenAI's JSON: token ids as strings ("50256": -100), added to the logits
     logit_bias: dict[str, float] | None = None
+    # Only requests with the same salt share prefix-cache blocks (vLLM's field): a tenant's own cache.
+    cache_salt: str | None = Field(None, min_length=1, max_length=1024)
 
     @field_validator("stop")
     @classmethod

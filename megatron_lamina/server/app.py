@@ -4,7 +4,7 @@ Routes: `POST /v1/completions`, `POST /v1/chat/completions` (JSON or Server-Sent
 `stream: true`, ending with `data: [DONE]`; several prompts and `n` samples each, with
 log-probabilities: `server/choices.py`, `server/responses.py`), `GET /v1/models`,
 `GET /v1/models/{id}`, `POST /tokenize`, `POST /detokenize`, `GET /version`, `GET /metrics`
-(Prometheus text), and the probes: `GET /health` (liveness: 200 while the model loads and
+(Prometheus text), the admin `POST /reset_prefix_cache`, and the probes: `GET /health` (liveness: 200 while the model loads and
 while the engine serves; 503 once it is draining, stopped or dead, or stalled: requests
 pending and no step for `server.stall_timeout_s`) and `GET /ready` (readiness: 200 only
 while serving, so an orchestrator tells "loading" from "dead"). Around them
@@ -35,7 +35,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from megatron_lamina.server.choices import admit, make_choices
-from megatron_lamina.server.engine_client import EngineClient
+from megatron_lamina.server.engine_client import EngineClient, EngineUnavailable
 from megatron_lamina.server.metrics import ServerMetrics
 from megatron_lamina.server.middleware import ApiKeyCheck, BodyLimit, BodyTooLarge, RequestLog, access_logger
 from megatron_lamina.server.protocol import (
@@ -44,7 +44,7 @@ from megatron_lamina.server.protocol import (
 from megatron_lamina.server.responses import ChoiceWriter, respond_json, sse_events
 
 ROUTES = ("POST /v1/completions, POST /v1/chat/completions, GET /v1/models, POST /tokenize, POST /detokenize, "
-          "GET /version, GET /health, GET /ready, GET /metrics")
+          "GET /version, GET /health, GET /ready, GET /metrics, POST /reset_prefix_cache")
 
 
 def package_version() -> str:
@@ -124,6 +124,16 @@ def build_app(engine: EngineClient, model_name: str, metrics: ServerMetrics, api
     @app.get("/version")
     async def server_version():
         return {"version": package_version()}
+
+    @app.post("/reset_prefix_cache")
+    async def reset_prefix_cache():
+        """Admin: forget every cached prefix (behind the API key, when one is set); running
+        requests keep their blocks."""
+        try:
+            blocks = await engine.reset_prefix_cache()
+        except EngineUnavailable as e:
+            raise ApiError(503, str(e), None, type="server_error") from e
+        return {"status": "ok", "blocks_forgotten": blocks}
 
     async def model_loaded() -> None:
         if engine.capacity is None:  # no "ready" from the engine yet: nothing to check a request against

@@ -68,7 +68,8 @@ async def make_choices(engine: EngineClient, body: CompletionRequest | ChatCompl
         if not chat and body.echo:  # the prompt as given, or its token ids' text
             echo = item.prompt if item.prompt is not None else engine.codec.tokenizer.decode(ids)
         for sample_params in body.sample_params(params):
-            run = PromptInput(prompt_token_ids=ids, params=sample_params, user_id=f"{request_id}-{len(choices)}")
+            run = PromptInput(prompt_token_ids=ids, params=sample_params, user_id=f"{request_id}-{len(choices)}",
+                              cache_salt=body.cache_salt)
             choices.append(Choice(len(choices), p, run, echo))
     return choices
 

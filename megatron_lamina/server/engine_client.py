@@ -107,6 +107,7 @@ class EngineClient:
         self._streams: dict[int, _Stream] = {}  # admitted and not released by their caller
         self._keys = itertools.count()
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._resets: list[asyncio.Future] = []  # "reset_prefix_cache" asked, not answered yet (in order)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._watch: asyncio.TimerHandle | None = None
         self.exited: asyncio.Event | None = None
@@ -182,6 +183,15 @@ class EngineClient:
         self._outbox.put(("add", added))
         return outputs
 
+    async def reset_prefix_cache(self) -> int:
+        """Ask the engine to forget every cached prefix; the number of blocks it forgot."""
+        if self.state != "serving":
+            raise EngineUnavailable(f"the server is {self.state}" + (f": {self.error}" if self.error else ""))
+        answer = self._loop.create_future()
+        self._resets.append(answer)
+        self._outbox.put(("reset_prefix_cache",))
+        return await answer
+
     def _release(self, key: int, finished: bool) -> None:
         self._streams.pop(key, None)
         if not finished:
@@ -227,6 +237,8 @@ class EngineClient:
             self.state, self.error = message[1], message[2]
             if self.state == "draining":
                 self._outbox.put(("draining",))  # after every "add" already sent
+        elif kind == "prefix_cache_reset":
+            self._resets.pop(0).set_result(message[1])
         elif kind == "exit":
             self._finish("the server is shutting down")
 
@@ -257,4 +269,7 @@ class EngineClient:
         for stream in self._streams.values():
             if not stream.finished:
                 stream.deliver(error_output(message))
+        for answer in self._resets:
+            answer.set_exception(EngineUnavailable(message))
+        self._resets.clear()
         self.exited.set()

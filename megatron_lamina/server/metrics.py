@@ -2,7 +2,8 @@
 
 A private `CollectorRegistry` (no process-global state): requests running and waiting, KV
 blocks used per attention shard, prompt and generated tokens, histograms of
-time-to-first-token and inter-token latency, and the engine's steps as a user needs them to
+time-to-first-token and inter-token latency, the prefix cache's queries, hits and evictions,
+and the engine's steps as a user needs them to
 see whether the server is bound by the GPU or by its host: the time of each step, its batch
 (requests sampled) and token rows, and the share of the time the GPU was busy with steps
 (`lamina_gpu_busy_ratio`: the GPU's span of each step over the GPU time from the previous
@@ -57,6 +58,16 @@ class ServerMetrics:
                                         registry=r)
         self.gpu_period_seconds = Counter("lamina_gpu_period_seconds", "GPU time between back-to-back step ends",
                                           registry=r)
+        # The prefix cache (engine/block_manager.py), in vLLM's units: tokens of the admitted
+        # requests looked up, tokens found (by tier: device), blocks whose prefix was evicted.
+        self.prefix_queries = Counter("lamina_prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                                      registry=r)
+        self.prefix_hits = Counter("lamina_prefix_cache_hits", "Prompt tokens served from the prefix cache",
+                                   ["tier"], registry=r)
+        self.prefix_hits.labels(tier="device")  # exported from the start, at 0
+        self.prefix_evictions = Counter("lamina_prefix_cache_evictions", "Cached KV blocks evicted for reuse",
+                                        registry=r)
+        self._prefix_seen = (0, 0, 0)
         self._last_token_time: dict[int, float] = {}
         self._window: deque[tuple[float, float]] = deque(maxlen=BUSY_WINDOW)
 
@@ -101,6 +112,11 @@ class ServerMetrics:
                 self._window.append((busy, step.gpu_period_s))
         if self._window:
             self.gpu_busy.set(sum(b for b, _ in self._window) / sum(p for _, p in self._window))
+        queries, hits, evictions = (now - seen for now, seen in zip(report.prefix_cache, self._prefix_seen))
+        self._prefix_seen = report.prefix_cache
+        self.prefix_queries.inc(queries)
+        self.prefix_hits.labels(tier="device").inc(hits)
+        self.prefix_evictions.inc(evictions)
         self.running.set(report.running)
         self.waiting.set(report.waiting)
         self.kv_blocks_total.set(report.blocks_total)

@@ -67,10 +67,13 @@ class ChoiceWriter:
         logprobs, state.text_offset = completion_logprobs(self.codec, token_ids, entries, state.text_offset)
         return logprobs
 
-    def usage(self, lasts: list[RequestOutput | None]) -> dict[str, int]:
-        prompt = sum(len(c.prompt_token_ids) for c in self.choices if c.index % self.body.n == 0)
+    def usage(self, lasts: list[RequestOutput | None]) -> dict:
+        counted = [(c, last) for c, last in zip(self.choices, lasts) if c.index % self.body.n == 0]
+        prompt = sum(len(c.prompt_token_ids) for c, _ in counted)
+        cached = sum(last.cached_tokens for _, last in counted if last is not None)  # of the prompts counted
         completion = sum(last.completion_tokens for last in lasts if last is not None)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 async def collect(writer: ChoiceWriter, outputs) -> tuple[list[dict], dict[str, int]]:
