@@ -254,3 +254,23 @@ def test_sampler_returns_before_the_gpu_work_ahead_of_it_finishes():
     assert tokens.shape == (len(params),)
     seeded = sample_tokens_on_device(logits[4:5], params[4:5], [params[4].make_generator("cuda")], history[4:5])
     assert int(tokens[4]) == int(seeded[0]) and int(tokens[0]) == int(logits[0].argmax())
+
+
+@pytest.mark.parametrize("layout", ["colocated-cuda-graphs", "disaggregated-stage-graphs"])
+def test_prefix_cache_survives_graph_replays(layout, tiny_models):
+    """Requests sharing prefixes (tests/test_prefix_cache_layouts.py) with the prefix cache off
+    and on, every step replayed from CUDA graphs (whole-step decode graphs colocated, stage
+    graphs disaggregated): the same tokens, logits within 1e-4, prompts served from the cache."""
+    from test_prefix_cache_layouts import COMMON, REQUESTS as SHARED
+
+    tp, workers, transport, _ = GPU_LAYOUTS[layout][:4]
+    checkpoint = str(tiny_models["untied"].canonical_dir)
+    base = ["runtime.device=cuda", f"runtime.transport={transport}", "runtime.cuda_graphs=true",
+            f"parallel.tensor_parallel={tp}", f"parallel.attention_workers={workers}", *COMMON]
+    cases = [(checkpoint, base + [f"kv_cache.prefix_caching={on}"]) for on in ("false", "true")]
+    off, on = run_ranks(generate_on_ranks, tp + workers, cases, SHARED)
+    assert sum(on["cached_tokens"]) >= 4 * 8 and not any(off["cached_tokens"])
+    assert on["tokens"] == off["tokens"]
+    for got, want in zip(on["logits"], off["logits"]):
+        assert (got.cpu() - want.cpu()).abs().max() < 1e-4
+    assert on["graph_steps"] == on["steps"] and off["graph_steps"] == off["steps"]

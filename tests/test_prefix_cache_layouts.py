@@ -16,7 +16,6 @@ of ranks.
 from __future__ import annotations
 
 import pytest
-import torch
 from layout_job import generate_on_ranks
 from spawn_ranks import run_ranks
 
