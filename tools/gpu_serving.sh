@@ -9,8 +9,11 @@
 #     --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform any -d .whl \
 #     megatron-core==0.16.1 fastapi==0.165.0 starlette==1.10.0 pydantic==2.14.4 pydantic_core==2.50.5 \
 #     annotated-types==0.8.0 typing-inspection==0.4.5 uvicorn==0.55.0 opentelemetry-api==1.45.3 \
-#     httptools==0.9.0 transformers==5.25.0 tokenizers==0.23.3 huggingface_hub==2.4.0 einops==0.8.2
-# (transformers >= 5.20 for the chat path's sanitize_control_tokens; the image has an older one).
+#     httptools==0.9.0 transformers==5.25.0 tokenizers==0.23.3 huggingface_hub==2.4.0 einops==0.8.2 \
+#     httpx2==2.17.0 httpcore2==2.17.0 click==8.5.1 hf-xet==1.8.0 truststore==0.10.5 h11==0.16.0 anyio==4.16.0 \
+#     idna==3.21
+# (transformers >= 5.20 for the chat path's sanitize_control_tokens; the image has an older one;
+# huggingface_hub 2.x imports httpx2, click and hf-xet, which the image lacks).
 set -uo pipefail
 out=${1:-/tmp/serving-out}; mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
