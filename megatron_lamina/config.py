@@ -118,6 +118,16 @@ class ServerConfig(_Section):
     # A connection must have sent a request's headers this long after it opened (or after its
     # last answer): slow-header clients (slowloris) are closed instead of held open forever.
     header_timeout_s: float = Field(30.0, gt=0.0, le=3600.0)
+    # Structured outputs (engine/grammar.py): compiled grammars kept per process, keyed by their
+    # text; the longest schema, regex or grammar a request may send; how long the front end waits
+    # for a new one's compile before answering 400 (a hostile schema cannot hold it longer).
+    grammar_cache_size: int = Field(256, ge=1)
+    max_grammar_chars: int = Field(65536, ge=1)
+    grammar_compile_timeout_s: float = Field(10.0, gt=0.0, le=600.0)
+    # How tool calls are read from the output (server/tool_parsers.py): hermes (<tool_call>{json}
+    # </tool_call>, Qwen2.5 and Hermes), llama3_json ({"name", "parameters"}, LLaMA-3.1/3.2), or
+    # auto: from the chat template (hermes when the template names neither).
+    tool_call_parser: Literal["auto", "hermes", "llama3_json"] = "auto"
 
 
 class NodeConfig(_Section):

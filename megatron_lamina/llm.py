@@ -127,7 +127,7 @@ class LLM:
                 self.engine.scheduler.check_fits(request)  # every prompt checked before any runs
                 requests.append(request)
         for request in requests:
-            self.engine.scheduler.add(request)
+            self.engine.admit(request)
         while self.engine.has_work():
             self.engine.step()
         return [_generation(r) for r in requests]

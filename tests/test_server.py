@@ -121,7 +121,7 @@ def test_chat_completion_and_streaming_agree(server):
     ({"prompt": ""}, "prompt"),
     ({"prompt": " ".join(["w3"] * 400)}, "prompt"),                    # longer than the context
     ({"prompt": "w5", "n": 17}, "n"),
-    ({"prompt": "w5", "response_format": {"type": "json_object"}}, "response_format"),  # not supported
+    ({"prompt": "w5", "response_format": {"type": "json_schema"}}, "response_format"),  # no schema
     ({"prompt": "w5", "stop": [""]}, "stop"),
     ({"messages": []}, "messages"),
     ({"prompt": "w5 \ud800"}, "prompt"),                              # not valid Unicode: a lone surrogate

@@ -23,6 +23,7 @@ from pathlib import Path
 from pydantic import Field, model_validator
 
 from megatron_lamina.engine.prompt import PromptInput
+from megatron_lamina.engine.structured_fields import StructuredFields
 from megatron_lamina.engine.request_schema import (
     ChatMessage,
     LogprobCount,
@@ -39,7 +40,7 @@ from megatron_lamina.engine.request_schema import (
 DEFAULT_MAX_TOKENS = 16
 
 
-class BatchRequest(SamplingFields):
+class BatchRequest(StructuredFields, SamplingFields):
     """One input line: the shared sampling fields, an id, and a prompt or chat messages."""
 
     id: str | int

@@ -129,7 +129,7 @@ def _admit(engine, line: BatchLine) -> Request:
     engine.scheduler.check_fits(request)  # the prompt first, as the server checks
     check_max_tokens(request.params.max_tokens, request.num_tokens, max_model_len)
     check_token_ids(request.params, engine.ctx.arch.vocab_size)
-    engine.scheduler.add(request)
+    engine.admit(request)
     return request
 
 

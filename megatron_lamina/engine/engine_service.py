@@ -169,7 +169,7 @@ class EngineService:
         for key, item in items:
             try:
                 request = self.engine.make_request(item)
-                self.engine.scheduler.add(request)  # checks it fits, as the front end did
+                self.engine.admit(request)  # checks it fits, as the front end did
             except ValueError as e:
                 refused.append((key, str(e)))
                 continue

@@ -24,6 +24,7 @@ end of start-up on, the driver's heartbeat keeps every other rank's wait for a p
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import sys
 import time
@@ -37,12 +38,14 @@ import torch
 from megatron_lamina.engine.block_manager import BlockManager
 from megatron_lamina.engine.control_plane import PlanSender
 from megatron_lamina.engine.engine_link import StepStats
+from megatron_lamina.engine.grammar import GrammarCompiler, fill_bitmask
 from megatron_lamina.engine.logprobs import StepLogprobs, token_logprobs
 from megatron_lamina.engine.prompt import PromptInput, prompt_ids
 from megatron_lamina.engine.request import Request
 from megatron_lamina.engine.runtime import RankContext
 from megatron_lamina.engine.sampling import SamplingParams, sample_tokens_on_device
 from megatron_lamina.engine.scheduler import Scheduler
+from megatron_lamina.engine.token_mask import masked_logits
 from megatron_lamina.engine.tokenizer import TextCodec, find_stop
 from megatron_lamina.plan import StepPlan
 
@@ -81,6 +84,8 @@ class LLMEngine:
         self._previous_end: torch.cuda.Event | None = None  # the last step's end, while steps run back to back
         self.stats: deque[StepStats] = deque(maxlen=4096)  # steps read back, not yet taken by a listener
         self.on_logits: Callable[[Request, torch.Tensor], None] | None = None  # tests, debugging
+        self._grammars: GrammarCompiler | None = None  # made at the first constrained request
+        self.compiling: list[Request] = []  # admitted, waiting for their grammar's compile (off this thread)
 
     def make_request(self, item: PromptInput) -> Request:
         """The request of one prompt. ValueError: the input is at fault (an empty prompt, an id
@@ -94,23 +99,66 @@ class LLMEngine:
 
     def add_request(self, item: PromptInput) -> Request:
         request = self.make_request(item)
-        self.scheduler.add(request)
+        self.admit(request)
         return request
 
+    @property
+    def grammars(self) -> GrammarCompiler:
+        if self._grammars is None:
+            server, arch = self.ctx.cfg.server, self.ctx.arch
+            self._grammars = GrammarCompiler(self.codec.tokenizer, arch.vocab_size, arch.eos_token_ids,
+                                             server.grammar_cache_size, server.max_grammar_chars)
+        return self._grammars
+
+    def admit(self, request: Request) -> None:
+        """Queue a request `make_request` made (ValueError: it can never fit). One with
+        structured outputs starts its grammar's compile (cached: done at once for a schema seen
+        before) and waits outside the scheduler until it is compiled, so it stalls no step."""
+        self.scheduler.check_fits(request)
+        spec = request.params.structured_outputs
+        if spec is None:
+            self.scheduler.add(request)
+            return
+        request.grammar = self.grammars.compile(spec)
+        self.compiling.append(request)
+
+    def _admit_compiled(self) -> list[Request]:
+        """Move the requests whose grammar compiled into the scheduler; return those whose
+        compile failed (they end with the error). With nothing else to do, wait a moment for one."""
+        ready = [r for r in self.compiling if r.finished or r.grammar.done()]
+        if not ready and not self.scheduler.has_work() and self._inflight is None:
+            concurrent.futures.wait([r.grammar for r in self.compiling], timeout=0.01,
+                                    return_when=concurrent.futures.FIRST_COMPLETED)
+            ready = [r for r in self.compiling if r.finished or r.grammar.done()]
+        failed = []
+        for request in ready:
+            self.compiling.remove(request)
+            if request.finished:  # aborted while it compiled
+                continue
+            error = request.grammar.exception()
+            if error is not None:
+                request.error = str(error)
+                self.scheduler.finish(request, "error")
+                failed.append(request)
+            else:
+                request.grammar = self.grammars.state(request.grammar.result())
+                self.scheduler.add(request)
+        return failed
+
     def has_work(self) -> bool:
-        return self.scheduler.has_work() or self._inflight is not None
+        return self.scheduler.has_work() or self._inflight is not None or bool(self.compiling)
 
     def step(self) -> list[Request]:
         """Launch a step and read back the previous one; return the requests that got a
         token (or ended) in what was read back."""
-        updated = []
+        updated = self._admit_compiled() if self.compiling else []
         if self._inflight is not None and any(r.params.needs_history for r in self.scheduler.running):
             # A penalty depends on every token before: this step is planned synchronously.
             updated += self._read_back(self._inflight)
             self._inflight = None
         plan = self.scheduler.schedule()
         updated += self.scheduler.take_ended()
-        launched = self._launch(plan) if plan.micro_batches else None
+        launched = self._launch(plan, updated) if plan.micro_batches else None
         if self._inflight is not None:
             updated += self._read_back(self._inflight)
         self._inflight = launched
@@ -123,7 +171,7 @@ class LLMEngine:
         """The caller found no work and waited: the next step does not follow this one."""
         self._previous_end = None
 
-    def _launch(self, plan: StepPlan) -> _InFlight:
+    def _launch(self, plan: StepPlan, updated: list[Request]) -> _InFlight:
         launched = time.monotonic()
         self.control.send(plan)
         start = end = None
@@ -137,6 +185,12 @@ class LLMEngine:
         by_id = {r.request_id: r for r in self.scheduler.running}
         requests = [by_id[c.request_id] for c in plan.sampled_chunks]
         params = [r.params for r in requests]
+        constrained = [row for row, r in enumerate(requests) if r.grammar is not None]
+        if constrained:
+            if self._inflight is not None:  # the masks need its tokens: read back while the device runs this model
+                updated += self._read_back(self._inflight)
+                self._inflight = None
+            sampled = self._masked(sampled, requests, constrained)
         history = None  # the penalized rows' (prompt, output) tokens, where there are any
         if any(p.needs_history for p in params):
             history = [(r.prompt_token_ids, r.output_token_ids) if r.params.needs_history else None for r in requests]
@@ -158,6 +212,16 @@ class LLMEngine:
         stats = StepStats(len(requests), sum(mb.num_rows for mb in plan.micro_batches), 0.0)
         kept = sampled.clone() if self.on_logits is not None else None  # graphs reuse their logits buffer
         return _InFlight(requests, host, done, stats, launched, (start, end) if self.cuda else None, kept, logprobs)
+
+    def _masked(self, sampled: torch.Tensor, requests: list[Request], rows: list[int]) -> torch.Tensor:
+        """The step's sampled logits with each constrained row's grammar mask: filled on the
+        host, applied on the device (the sampler and the log-probabilities see the same rows)."""
+        rows = [row for row in rows if not requests[row].finished]  # ended at the read-back just done
+        if not rows:
+            return sampled
+        bitmask = self.grammars.new_bitmask(len(rows))
+        fill_bitmask(self.grammars, [requests[row].grammar for row in rows], bitmask)
+        return masked_logits(sampled, rows, bitmask)
 
     def _read_back(self, step: _InFlight) -> list[Request]:
         if step.done is not None:
@@ -203,6 +267,8 @@ class LLMEngine:
             self.scheduler.finish(request, "length")
             return
         request.output_token_ids.append(token)
+        if request.grammar is not None and not request.grammar.accept(token):
+            raise RuntimeError(f"the sampler drew token {token}, which the request's grammar does not allow")
         text = request.text + request.detokenizer.push(token)
         produced = len(request.output_token_ids)
         reason = None
@@ -211,6 +277,8 @@ class LLMEngine:
             request.stop_searched = len(text)
             if cut is not None:
                 text, reason = text[:cut], "stop"
+        if reason is None and request.grammar is not None and request.grammar.terminated:
+            reason = "stop"  # the grammar is complete and took its stop token (EOS): nothing may follow
         if reason is None:
             if (token in self.eos_token_ids and not params.ignore_eos
                     or token in params.stop_token_ids) and produced > params.min_tokens:

@@ -24,7 +24,9 @@ import json
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator,
+)
 
 from megatron_lamina.engine.prompt import PromptInput, is_token_ids
 from megatron_lamina.engine.sampling import SamplingParams
@@ -123,20 +125,64 @@ class TextPart(StrictModel):
     text: str
 
 
+class FunctionCall(StrictModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+    @field_validator("arguments")
+    @classmethod
+    def _json_object(cls, arguments):
+        try:
+            value = json.loads(arguments)
+        except json.JSONDecodeError:
+            raise ValueError("must be the JSON text of an object") from None
+        if not isinstance(value, dict):
+            raise ValueError("must be the JSON text of an object")
+        return arguments
+
+
+class MessageToolCall(StrictModel):
+    """A tool call of an earlier assistant turn (OpenAI's `message.tool_calls` sent back)."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(StrictModel):
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[TextPart]
+    content: str | list[TextPart] | None = None  # null only in an assistant turn that called tools
     name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None  # an assistant turn's calls
+    tool_call_id: str | None = None                 # a tool turn: the call it answers
+
+    @model_validator(mode="after")
+    def _content_or_calls(self):
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content: required (null only for an assistant message with tool_calls)")
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("tool_calls: only an assistant message has them")
+        return self
 
     @field_validator("content")
     @classmethod
     def _not_too_long(cls, content):
-        _check_chars(content if isinstance(content, str) else "".join(p.text for p in content), "the content")
+        if content is not None:
+            _check_chars(content if isinstance(content, str) else "".join(p.text for p in content), "the content")
         return content
 
-    def plain(self) -> dict[str, str]:
-        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-        return {"role": self.role, "content": content}
+    def plain(self) -> dict[str, Any]:
+        """What the chat template takes: role and text, and a turn's tool calls (arguments as
+        an object, as the templates that render them expect) or the call a tool turn answers."""
+        content = self.content if isinstance(self.content, str) or self.content is None \
+            else "".join(p.text for p in self.content)
+        message: dict[str, Any] = {"role": self.role, "content": content}
+        if self.tool_calls:
+            message["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+                "name": c.function.name, "arguments": json.loads(c.function.arguments)}} for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
 
 
 class SamplingFields(StrictModel):

@@ -50,7 +50,8 @@ class TextCodec:
         ids = self.tokenizer(prompt, add_special_tokens=add_special_tokens, split_special_tokens=True)["input_ids"]
         return list(ids)
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                    tools: list[dict] | None = None) -> list[int]:
         """The template's text with its own control tokens; what the messages hold is text
         (transformers' `sanitize_control_tokens`: marked control-token strings in the messages
         are encoded as plain text, the rest exactly as the whole rendered text would be)."""
@@ -58,7 +59,7 @@ class TextCodec:
             raise RuntimeError(f"transformers {transformers_version} cannot keep chat messages from forging control "
                                "tokens: install transformers >= 5.20 (pyproject.toml lists the versions tested)")
         try:
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+            ids = self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=add_generation_prompt,
                                                      tokenize=True, return_dict=False, sanitize_control_tokens=True)
         except TemplateError as e:  # the template's own raise_exception(...), or a message it cannot render
             raise ValueError(f"the model's chat template refused these messages: {e}") from None

@@ -34,14 +34,17 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
+from megatron_lamina.config import ServerConfig
 from megatron_lamina.server.choices import admit, make_choices
 from megatron_lamina.server.engine_client import EngineClient, EngineUnavailable
+from megatron_lamina.server.grammar_check import GrammarCheck
 from megatron_lamina.server.metrics import ServerMetrics
 from megatron_lamina.server.middleware import ApiKeyCheck, BodyLimit, BodyTooLarge, RequestLog, access_logger
 from megatron_lamina.server.protocol import (
     ApiError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, read_body,
 )
 from megatron_lamina.server.responses import ChoiceWriter, respond_json, sse_events
+from megatron_lamina.server.tool_parsers import parser_for
 
 ROUTES = ("POST /v1/completions, POST /v1/chat/completions, GET /v1/models, POST /tokenize, POST /detokenize, "
           "GET /version, GET /health, GET /ready, GET /metrics, POST /reset_prefix_cache")
@@ -56,7 +59,8 @@ def package_version() -> str:
 
 def build_app(engine: EngineClient, model_name: str, metrics: ServerMetrics, api_key: str | None = None,
               cors_origins: Sequence[str] = (), access_log: logging.Logger | None = None,
-              max_body_bytes: int = 32 * 2**20) -> FastAPI:
+              max_body_bytes: int = 32 * 2**20, config: ServerConfig | None = None) -> FastAPI:
+    """`config`: the server section (structured outputs' limits, the tool-call parser)."""
     @asynccontextmanager
     async def lifespan(_):
         engine.attach(asyncio.get_running_loop())
@@ -72,6 +76,9 @@ def build_app(engine: EngineClient, model_name: str, metrics: ServerMetrics, api
                            allow_headers=["*"], expose_headers=["x-request-id"])
     app.add_middleware(RequestLog, log=access_log or access_logger())  # outermost: sees every answer
     codec = engine.codec
+    config = config or ServerConfig()
+    grammars = GrammarCheck(codec, config)
+    tool_parser = parser_for(config.tool_call_parser, codec.tokenizer.chat_template)
 
     @app.exception_handler(ApiError)
     async def _api_error(_, exc: ApiError):
@@ -201,9 +208,9 @@ def build_app(engine: EngineClient, model_name: str, metrics: ServerMetrics, api
     async def generate(body, http: HttpRequest, prefix: str, obj: str, chunk_obj: str):
         check_model(body)
         request_id = f"{prefix}-{http.state.request_id}"
-        choices = await make_choices(engine, body, request_id, engine.capacity.max_model_len)
+        choices = await make_choices(engine, body, request_id, engine.capacity.max_model_len, grammars)
         outputs = admit(engine, choices)
-        writer = ChoiceWriter(body, choices, codec)
+        writer = ChoiceWriter(body, choices, codec, tool_parser)
         header = {"id": request_id, "object": chunk_obj if body.stream else obj, "created": int(time.time()),
                   "model": model_name}
 

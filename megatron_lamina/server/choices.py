@@ -22,7 +22,9 @@ from megatron_lamina.engine.output import RequestOutput
 from megatron_lamina.engine.prompt import PromptInput
 from megatron_lamina.engine.request_schema import RequestError, check_max_tokens, check_token_ids
 from megatron_lamina.server.engine_client import EngineClient, EngineUnavailable, RequestOutputs
+from megatron_lamina.server.grammar_check import GrammarCheck
 from megatron_lamina.server.protocol import ApiError, ChatCompletionRequest, CompletionRequest
+from megatron_lamina.server.tool_calls import tools_prompt
 
 
 @dataclass
@@ -38,12 +40,25 @@ class Choice:
 
 
 async def make_choices(engine: EngineClient, body: CompletionRequest | ChatCompletionRequest, request_id: str,
-                       max_model_len: int) -> list[Choice]:
+                       max_model_len: int, grammars: GrammarCheck) -> list[Choice]:
     """Tokenize and check every prompt, then build its `n` samples; a mistake is a 400 naming
-    the field (and, with several prompts, which one)."""
+    the field (and, with several prompts, which one). An output constraint (a schema, a forced
+    tool call) is compiled first (`grammars`): one that cannot be is a 400 too."""
     chat = isinstance(body, ChatCompletionRequest)
     field = "messages" if chat else "prompt"
+    try:
+        constraint = body.constraint()
+    except RequestError as e:
+        raise ApiError.invalid(e) from None
+    if constraint is not None:
+        await grammars.check(*constraint, engine.vocab_size)
     items = body.prompt_inputs()
+    if chat and (body.tools or any(m.role == "tool" or m.tool_calls for m in body.messages)):
+        try:
+            items = [await run_in_threadpool(tools_prompt, engine.codec, [m.plain() for m in body.messages],
+                                             body.tools)]
+        except ValueError as e:  # the chat template refused the messages
+            raise ApiError(400, str(e), field) from None
     if len(items) * body.n > engine.max_queued:  # could never be admitted: say so before tokenizing
         raise ApiError(400, f"{len(items)} prompts x n = {body.n} are {len(items) * body.n} choices, more than the "
                             f"server holds at once (server.max_queued_requests = {engine.max_queued})", field)

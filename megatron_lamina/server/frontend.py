@@ -189,7 +189,7 @@ def run(conn: Connection, args, sock: socket.socket) -> None:
     client = EngineClient(conn, codec, cfg.server.max_queued_requests, metrics, cfg.server.stall_timeout_s,
                           on_ready=on_ready)
     app = build_app(client, name, metrics, api_key=api_key, cors_origins=cfg.server.cors_origins,
-                    max_body_bytes=cfg.server.max_body_mb * 2**20)
+                    max_body_bytes=cfg.server.max_body_mb * 2**20, config=cfg.server)
 
     class Server(uvicorn.Server):
         answered_by: float | None = None

@@ -4,10 +4,14 @@ The bodies are the shared request schema (`engine/request_schema.py`: the sampli
 prompt and chat messages, strict types, limits) plus the fields only HTTP has: `n`
 independent samples per prompt (seeded `seed`, `seed + 1`, ...), several prompts in one
 completion request, log-probabilities (completions: `logprobs` 0..20 and `echo`; chat:
-`logprobs` and `top_logprobs`), `stream`. Fields of OpenAI's API that we do not implement
-are accepted at their neutral value only (`response_format` {"type": "text"}, `tool_choice`
-"none", no `tools`, `suffix` null, `best_of` equal to `n`); any other value is a 400 saying
-it is not supported. Extensions, as in vLLM: `top_k`, `min_p`, `repetition_penalty`,
+`logprobs` and `top_logprobs`), `stream`, structured outputs (`response_format`, vLLM's
+`guided_*` and `structured_outputs`: `engine/structured_fields.py`) and, in chat, `tools`
+and `tool_choice` (`server/tool_calls.py`). Fields OpenAI's clients send that change nothing
+here are accepted and ignored, as vLLM does (`user`, `store`, `metadata`, `service_tier`,
+`reasoning_effort`, `prediction`, `parallel_tool_calls` beyond a forced call, `modalities`
+["text"]); fields we do not implement are accepted at their neutral value only (`suffix`
+null, `best_of` equal to `n`, no tools in completions); any other value is a 400 saying it
+is not supported. Extensions, as in vLLM: `top_k`, `min_p`, `repetition_penalty`,
 `stop_token_ids`, `ignore_eos`, `min_tokens` (EOS and stop strings do not end a request
 before it), `return_token_ids`. `read_body` turns the bytes of a POST into one of them;
 every mistake is an `ApiError` (HTTP 4xx, OpenAI error body) naming the field.
@@ -25,9 +29,13 @@ from megatron_lamina.engine.request_schema import (
     may_hold_surrogates, parse_request, prompt_input,
 )
 from megatron_lamina.engine.sampling import SamplingParams
+from megatron_lamina.engine.structured_fields import StructuredFields
+from megatron_lamina.engine.structured_output import StructuredOutput
+from megatron_lamina.server.tool_calls import NamedToolChoice, Tool, ToolChoice, forced_output
 
 JSON_TYPES = ("application/json",)
 MAX_N = 16  # samples per prompt
+MAX_TOOLS = 128  # OpenAI's limit
 
 
 class ApiError(Exception):
@@ -54,41 +62,31 @@ class StreamOptions(StrictModel):
     include_usage: bool = False
 
 
-class _OpenAIFields(SamplingFields):
+class _OpenAIFields(StructuredFields, SamplingFields):
     model: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=MAX_N)
-    user: str | None = None
     return_token_ids: bool = False
-    # Not implemented: accepted at their neutral value only (see _neutral_only).
-    response_format: Any = None
-    tools: Any = None
-    tool_choice: Any = None
+    # Sent by OpenAI's clients; they change nothing in the output, and are ignored as vLLM does.
+    user: str | None = None
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
+    reasoning_effort: str | None = None
+    prediction: dict[str, Any] | None = None  # predicted output: a speed hint only
     parallel_tool_calls: bool | None = None
+    modalities: list[str] | None = None
 
-    @field_validator("response_format")
+    @field_validator("modalities")
     @classmethod
-    def _plain_text_only(cls, value):
-        if value not in (None, {"type": "text"}):
-            raise ValueError('only {"type": "text"} is supported (structured output is not)')
-        return value
-
-    @field_validator("tools")
-    @classmethod
-    def _no_tools(cls, value):
-        if value not in (None, []):
-            raise ValueError("tool calling is not supported: send no tools")
-        return value
-
-    @field_validator("tool_choice")
-    @classmethod
-    def _no_tool_choice(cls, value):
-        if value not in (None, "none"):
-            raise ValueError('only "none" is supported (tool calling is not)')
+    def _text_only(cls, value):
+        if value is not None and set(value) - {"text"}:
+            raise ValueError('only ["text"] is supported (no audio output)')
         return value
 
     def check(self) -> None:
+        super().check()
         if self.seed is not None and self.seed + self.n - 1 > SEED_MAX:
             raise RequestError(f"seed: with n = {self.n} the samples take seeds seed .. seed + {self.n - 1}, "
                                f"which must be <= {SEED_MAX}", "seed")
@@ -101,11 +99,27 @@ class _OpenAIFields(SamplingFields):
 
 class CompletionRequest(_OpenAIFields):
     prompt: Prompts
+    tools: Any = None         # a chat feature: accepted at its neutral value only
+    tool_choice: Any = None
     max_tokens: int | None = Field(None, ge=0)  # 0: score the prompt (with echo), generate nothing
     echo: bool = False
     logprobs: LogprobCount | None = None
     best_of: int | None = None
     suffix: Any = None
+
+    @field_validator("tools")
+    @classmethod
+    def _no_tools(cls, value):
+        if value not in (None, []):
+            raise ValueError("tools are a chat feature: use /v1/chat/completions")
+        return value
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _no_tool_choice(cls, value):
+        if value not in (None, "none"):
+            raise ValueError("tools are a chat feature: use /v1/chat/completions")
+        return value
 
     @field_validator("suffix")
     @classmethod
@@ -143,11 +157,51 @@ class ChatCompletionRequest(_OpenAIFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: LogprobCount | None = None
+    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: ToolChoice | None = None
 
     def check(self) -> None:
         super().check()
         if self.top_logprobs and not self.logprobs:
             raise RequestError("top_logprobs: needs logprobs: true", "top_logprobs")
+        names = [t.function.name for t in self.tools or []]
+        if len(set(names)) != len(names):
+            raise RequestError("tools: function names must be unique", "tools")
+        choice = self.tool_choice
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise RequestError(f"tool_choice: no tool named {choice.function.name!r} in tools", "tool_choice")
+        if choice not in (None, "none", "auto") and not names:
+            raise RequestError("tool_choice: needs tools", "tool_choice")
+        other = StructuredFields.constraint(self)
+        if self.tool_mode in ("required", "named") and other is not None:
+            raise RequestError(f"tool_choice: a forced tool call and {other[1]} both constrain the output; send one",
+                               "tool_choice")
+        for i, tool in enumerate(self.tools or []):
+            if tool.function.parameters is not None:
+                try:
+                    StructuredOutput.json_schema(tool.function.parameters)
+                except ValueError as e:
+                    raise RequestError(f"tools.{i}.function.parameters: {e}", "tools") from None
+
+    @property
+    def tool_mode(self) -> str | None:
+        """None (no tools, or tool_choice none), "auto", "required" or "named"."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return "named"
+        return self.tool_choice or "auto"
+
+    def forced_tool_output(self) -> StructuredOutput | None:
+        if self.tool_mode not in ("required", "named"):
+            return None
+        return forced_output(self.tools, self.tool_choice, self.parallel_tool_calls is not False)
+
+    def constraint(self):
+        found = super().constraint()
+        if found is None and (forced := self.forced_tool_output()) is not None:
+            return forced, "tools"
+        return found
 
     def prompt_inputs(self) -> list[PromptInput]:
         return [prompt_input(messages=self.messages)]
