@@ -6,6 +6,8 @@ both store `torch.float8_e4m3fn` with float32 scales. On a CPU both dequantize (
 the same numerics); on CUDA the Triton kernels need e4m3 loads (compute capability 8.9+)
 and the matmuls `torch._scaled_mm` with row-wise scales (9.0+, Hopper). Asking for either on
 a GPU that cannot is one `ConfigError`, never a silent fallback.
+`quantize_rows` is the one scaling rule of weights (a row is an output channel, scaled when
+the checkpoint is written) and of activations (a row is a token, scaled on every call).
 """
 
 from __future__ import annotations
@@ -32,3 +34,10 @@ def require_fp8(device: torch.device, capability: tuple[int, int], what: str, in
         name = torch.cuda.get_device_name(device)
         raise ConfigError(f"{what} needs a GPU of compute capability {capability[0]}.{capability[1]} or newer; "
                           f"{name} is {have[0]}.{have[1]}; {instead}")
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [rows, n] -> (e4m3 [rows, n], float32 scales [rows, 1]) with x ~ q * scale: each row's
+    largest magnitude maps to e4m3's largest value (an all-zero row gets a tiny scale, q 0)."""
+    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale

@@ -24,13 +24,15 @@ def convert_checkpoint(
     tokenizer: str | Path | None = None,
     model_config: str | Path | None = None,
     check_all_weights: bool = False,
+    weight_dtype: str = "auto",
 ) -> Path:
     """Convert `input_path` (a `source` checkpoint) into the canonical directory `output_dir`.
 
     `dtype` is "float32", "bfloat16", "float16" or "auto" (the reader's default_dtype).
     `name` is stored as config.json's source.name. `tokenizer` and `model_config` go to the
     readers that take them (Megatron, DeepSpeed). Every weight is checked finite with
-    `check_all_weights`, a sample of each tensor's values otherwise.
+    `check_all_weights`, a sample of each tensor's values otherwise. `weight_dtype` fp8_e4m3
+    stores the layers' linear weights as e4m3 with per-output-channel scales (writer.py).
     """
     if dtype != "auto" and dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
@@ -51,4 +53,5 @@ def convert_checkpoint(
         overwrite=overwrite,
         check_all_weights=check_all_weights,
         inputs=inputs,
+        weight_dtype=weight_dtype,
     )

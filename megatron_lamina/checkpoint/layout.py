@@ -47,6 +47,23 @@ def canonical_tensor_shapes(arch: ModelArchitecture) -> dict[str, tuple[int, ...
     return shapes
 
 
+# FP8 weights (`lamina convert --weight-dtype fp8_e4m3`): these linear weights are stored
+# as e4m3, each beside a float32 scale per output channel (row) named `<weight>_scale`; the
+# other tensors (norms, embeddings, the LM head) keep the checkpoint's dtype.
+FP8_LINEAR_WEIGHTS = ("self_attention.linear_qkv.weight", "self_attention.linear_proj.weight",
+                      "mlp.linear_fc1.weight", "mlp.linear_fc2.weight")
+WEIGHT_SCALE = ".weight_scale"
+
+
+def is_fp8_linear(name: str) -> bool:
+    return name.endswith(FP8_LINEAR_WEIGHTS)
+
+
+def scale_name(weight: str) -> str:
+    """'decoder.layers.0.mlp.linear_fc1.weight' -> '... .linear_fc1.weight_scale'."""
+    return weight.removesuffix(".weight") + WEIGHT_SCALE
+
+
 def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, arch: ModelArchitecture) -> torch.Tensor:
     """[q; k; v] rows (weights or biases) -> Megatron's grouped layout: per KV group, its
     query heads' rows, then its key head's rows, then its value head's rows."""

@@ -12,6 +12,12 @@ slices are lazy), so one unsharded checkpoint serves every TP size:
     linear_fc1                      gate rows chunk t, then up rows chunk t
     linear_proj, linear_fc2         column chunk t
     norms                           replicated
+    *.weight_scale (FP8 weights)    with their weight's rows: chunk t of linear_qkv's and
+                                    linear_fc1's (gate chunk, up chunk), whole beside
+                                    linear_proj and linear_fc2 (their rows are not split)
+
+FP8 weights (e4m3, `lamina convert --weight-dtype fp8_e4m3`) and their float32 scales keep
+their stored dtype; `dtype` converts the other tensors.
 """
 
 from __future__ import annotations
@@ -22,8 +28,9 @@ import torch
 
 from megatron_lamina.architecture import ModelArchitecture, read_checkpoint_config
 from megatron_lamina.checkpoint.errors import CheckpointInputError, open_safetensors
-from megatron_lamina.checkpoint.layout import EMBEDDING, OUTPUT_LAYER
+from megatron_lamina.checkpoint.layout import EMBEDDING, OUTPUT_LAYER, WEIGHT_SCALE
 from megatron_lamina.checkpoint.writer import MODEL_FILE
+from megatron_lamina.fp8 import FP8
 
 # Transformer-Engine layer specs fuse the norm into the following linear layer; their
 # parameter names map onto the canonical norm tensors.
@@ -78,10 +85,11 @@ class CheckpointShardLoader:
         t, tp = self.tp_rank, self.tp_size
         if name in (EMBEDDING, OUTPUT_LAYER):
             shard = self._vocab_rows(name)
-        elif name.endswith(("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias")):
+        elif name.endswith(("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias",
+                            "self_attention.linear_qkv.weight_scale")):
             rows = self._shape(name)[0] // tp
             shard = self._slice(name)[t * rows : (t + 1) * rows]
-        elif name.endswith("mlp.linear_fc1.weight"):
+        elif name.endswith(("mlp.linear_fc1.weight", "mlp.linear_fc1.weight_scale")):
             half = self._shape(name)[0] // 2  # gate rows, then up rows
             rows = half // tp
             fc1 = self._slice(name)
@@ -92,7 +100,8 @@ class CheckpointShardLoader:
             shard = self._slice(name)[:, t * cols : (t + 1) * cols]
         else:
             shard = self._slice(name)[:]
-        return shard if self.dtype is None else shard.to(self.dtype)
+        keeps_dtype = shard.dtype == FP8 or name.endswith(WEIGHT_SCALE)
+        return shard if self.dtype is None or keeps_dtype else shard.to(self.dtype)
 
     def load_into(self, module: torch.nn.Module, strict: bool = True) -> None:
         """Copy this rank's shard into every parameter of `module`, matched by name.

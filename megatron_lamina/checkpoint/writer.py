@@ -9,6 +9,9 @@ directory next to the output that is renamed into place at the end, so an existi
 checkpoint is never left half-overwritten, and a failure (bad input, full or read-only disk:
 one `CheckpointInputError`) leaves nothing behind. `--overwrite` replaces only a checkpoint:
 a directory holding anything else, or an input of this conversion, is refused.
+With `weight_dtype` fp8_e4m3 the layers' linear weights (layout.FP8_LINEAR_WEIGHTS) are
+quantized as they stream, from the source's own values, per output channel (fp8.quantize_rows),
+and written as e4m3 beside their float32 scales; config.json records `"weight_dtype"`.
 """
 
 from __future__ import annotations
@@ -27,13 +30,15 @@ from tqdm import tqdm
 
 from megatron_lamina.architecture import FORMAT, ModelArchitecture, read_checkpoint_config
 from megatron_lamina.checkpoint.errors import CheckpointInputError
-from megatron_lamina.checkpoint.layout import canonical_tensor_shapes
+from megatron_lamina.checkpoint.layout import canonical_tensor_shapes, is_fp8_linear, scale_name
 from megatron_lamina.checkpoint.validate import check_finite
+from megatron_lamina.fp8 import FP8, FP8_NAME, quantize_rows
 
 MODEL_FILE = "model.safetensors"
 TOKENIZER_DIR = "tokenizer"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_SAFETENSORS_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+_SAFETENSORS_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", FP8: "F8_E4M3"}
+WEIGHT_DTYPES = ("auto", FP8_NAME)  # auto: every tensor in `dtype`
 CHECKPOINT_ENTRIES = {"config.json", MODEL_FILE, TOKENIZER_DIR}
 
 
@@ -90,6 +95,7 @@ def write_canonical_checkpoint(
     overwrite: bool = False,
     check_all_weights: bool = False,
     inputs: Iterable[str | Path | None] = (),
+    weight_dtype: str = "auto",
 ) -> Path:
     """Write `config.json`, `tokenizer/` (via `save_tokenizer(dir)`) and `model.safetensors`.
 
@@ -99,6 +105,8 @@ def write_canonical_checkpoint(
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"weight dtype {weight_dtype!r} is not one of {', '.join(WEIGHT_DTYPES)}")
     output_dir = Path(output_dir).absolute()
     check_output_dir(output_dir, overwrite, inputs)
     tmp_dir = output_dir.parent / f".{output_dir.name}.tmp-{os.getpid()}"
@@ -108,13 +116,14 @@ def write_canonical_checkpoint(
         tmp_dir.mkdir()
     try:
         _write_safetensors(tmp_dir / MODEL_FILE, arch, tensors, DTYPES[dtype], source.get("path", "<source>"),
-                           check_all_weights, output_dir)
+                           check_all_weights, output_dir, fp8_weights=weight_dtype == FP8_NAME)
         with _writing(output_dir):
             save_tokenizer(tmp_dir / TOKENIZER_DIR)
             config = {
                 "format": FORMAT,
                 "architecture": arch.to_dict(),
                 "dtype": dtype,
+                **({"weight_dtype": weight_dtype} if weight_dtype != "auto" else {}),
                 "tokenizer": TOKENIZER_DIR,
                 "source": source,
             }
@@ -151,17 +160,24 @@ def _write_safetensors(
     source_path: str,
     check_all_weights: bool,
     output_dir: Path,
+    fp8_weights: bool = False,
 ) -> None:
     # safetensors layout: u64 little-endian header length, JSON header (tensor -> dtype,
     # shape, [begin, end) byte offsets into the data block that follows), raw tensor bytes.
     shapes = canonical_tensor_shapes(arch)
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    stored = {}  # name -> (dtype, shape): the canonical tensors, and FP8 weights' scales beside them
+    for name, shape in shapes.items():
+        if fp8_weights and is_fp8_linear(name):
+            stored[name] = (FP8, shape)
+            stored[scale_name(name)] = (torch.float32, shape[:1])
+        else:
+            stored[name] = (dtype, shape)
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
-    for name, shape in shapes.items():
-        nbytes = itemsize * _numel(shape)
+    for name, (stored_dtype, shape) in stored.items():
+        nbytes = stored_dtype.itemsize * _numel(shape)
         header[name] = {
-            "dtype": _SAFETENSORS_DTYPE[dtype],
+            "dtype": _SAFETENSORS_DTYPE[stored_dtype],
             "shape": list(shape),
             "data_offsets": [offset, offset + nbytes],
         }
@@ -188,11 +204,18 @@ def _write_safetensors(
                     f"tensor {name} has shape {tuple(tensor.shape)}, the architecture needs {shapes[name]}",
                 )
             assert name not in written, f"reader yielded {name} twice"
-            values = tensor.detach().to("cpu", dtype).contiguous().reshape(-1)
-            _check_values(name, tensor, values, source_path, check_all_weights)
-            with _writing(output_dir):
-                f.seek(data_start + header[name]["data_offsets"][0])
-                f.write(memoryview(values.view(torch.uint8).numpy()))
+            if stored[name][0] == FP8:  # e4m3 saturates; its scales are checked finite
+                check_finite(name, tensor, source_path, check_all_weights)
+                values, scales = quantize_rows(tensor.detach().to("cpu"))
+                parts = [(name, values), (scale_name(name), scales)]
+            else:
+                values = tensor.detach().to("cpu", dtype)
+                _check_values(name, tensor, values.reshape(-1), source_path, check_all_weights)
+                parts = [(name, values)]
+            for part, values in parts:
+                with _writing(output_dir):
+                    f.seek(data_start + header[part]["data_offsets"][0])
+                    f.write(memoryview(values.contiguous().reshape(-1).view(torch.uint8).numpy()))
             written.add(name)
     missing = [name for name in shapes if name not in written]
     if missing:

@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from megatron_lamina.architecture import ModelArchitecture
+from megatron_lamina.architecture import ModelArchitecture, read_checkpoint_config
 from megatron_lamina.attention.kv_cache import PagedKVCache, storage_dtype
 from megatron_lamina.checkpoint.loader import CheckpointShardLoader, padded_vocab_size
 from megatron_lamina.config import LaminaConfig
@@ -35,7 +35,7 @@ from megatron_lamina.engine.memory import kv_blocks_that_fit, measure_peak
 from megatron_lamina.engine.model_worker import ModelWorker
 from megatron_lamina.engine.sampling import SamplingParams, sample_tokens_on_device
 from megatron_lamina.engine.token_feed import TokenFeed
-from megatron_lamina.fp8 import FP8_NAME, KV_CAPABILITY, require_fp8
+from megatron_lamina.fp8 import FP8_NAME, KV_CAPABILITY, MATMUL_CAPABILITY, require_fp8
 from megatron_lamina.host_to_device import to_device
 from megatron_lamina.model.llama import LlamaModel
 from megatron_lamina.plan import MicroBatch, SequenceChunk, StepPlan
@@ -83,15 +83,20 @@ def build_worker(cfg: LaminaConfig, arch: ModelArchitecture, topology: Topology,
 
 def _model_worker(cfg, arch, topology, groups, rank, device, log, weights) -> BuiltWorker:
     graphs = use_cuda_graphs(cfg, topology, device)
+    fp8_weights = read_checkpoint_config(cfg.model.checkpoint).get("weight_dtype") == FP8_NAME
+    if fp8_weights:
+        require_fp8(device, MATMUL_CAPABILITY, f"checkpoint {cfg.model.checkpoint} (FP8 weights: torch._scaled_mm)",
+                    "convert the model without --weight-dtype")
     model = LlamaModel(arch, cfg.torch_dtype, groups.tp, padded_vocab_size(arch.vocab_size, topology.tp_size),
-                       fused_elementwise=graphs)
+                       fused_elementwise=graphs, fp8_weights=fp8_weights)
     if weights is None:
         CheckpointShardLoader(cfg.model.checkpoint, rank, topology.tp_size, cfg.torch_dtype).load_into(model)
     else:
         weights(model)
     model = model.to(device)
     gib = sum(p.numel() * p.element_size() for p in model.parameters()) / (1 << 30)
-    log(f"weights loaded: {gib:.2f} GiB on {device} (TP rank {rank} of {topology.tp_size})")
+    log(f"weights loaded: {gib:.2f} GiB on {device} (TP rank {rank} of {topology.tp_size})"
+        + (", linear layers in fp8_e4m3" if fp8_weights else ""))
     feed = TokenFeed(groups.tp, device)
     s = cfg.scheduler
     stage_graphs = pool = None
@@ -238,7 +243,6 @@ def _agree(cfg: LaminaConfig, groups: ProcessGroups, sizing) -> int:
     """The KV block count of every cache: the configured one, or the smallest that fits any
     rank. `sizing`: (bytes per block, eager activation peak, device, log) on a rank that
     holds a cache, None on one that does not. A collective over every rank."""
-    block_size = cfg.kv_cache.block_size
     if cfg.kv_cache.num_blocks != "auto":
         if sizing is not None:
             sizing[3](f"{_kv_cache_size(cfg, cfg.kv_cache.num_blocks)} per cache (kv_cache.num_blocks)")

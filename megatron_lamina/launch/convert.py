@@ -65,6 +65,13 @@ def build_parser(prog: str | None = "convert_checkpoint.py") -> argparse.Argumen
         "float32 (GGUF, dequantized; DeepSpeed, fp32 master weights)",
     )
     parser.add_argument(
+        "--weight-dtype",
+        default="auto",
+        choices=["auto", "fp8_e4m3"],
+        help="fp8_e4m3: the layers' linear weights as float8 e4m3 with a float32 scale per output channel "
+        "(FP8 matmuls on Hopper; dequantized on a CPU); norms, embeddings and the LM head stay in --dtype",
+    )
+    parser.add_argument(
         "--overwrite", action="store_true", help="replace --output if it is a checkpoint (nothing else is replaced)"
     )
     parser.add_argument(
@@ -102,6 +109,7 @@ def main(argv: list[str] | None = None, prog: str | None = "convert_checkpoint.p
             tokenizer=args.tokenizer,
             model_config=args.model_config,
             check_all_weights=args.check_all_weights,
+            weight_dtype=args.weight_dtype,
         )
     except (ValueError, OSError) as e:  # CheckpointInputError, an option that does not apply to --source, a disk
         print(f"error: {e}", file=sys.stderr)

@@ -10,7 +10,8 @@ submodules (`input_layernorm`, `self_attention.linear_proj`, `self_attn_bda`,
 compute exactly what the stock layer's `forward` computes (tests/test_split_layer.py
 checks it against `TransformerLayer.forward`), which lets the pipeline pause a micro-batch
 while its attention is away. The RoPE kernel is a construction-time choice (the spec's
-`rotary` parameter): the plain one, or the compiled one CUDA graphs capture.
+`rotary` parameter): the plain one, or the compiled one CUDA graphs capture. So are FP8
+weights (`fp8_weights`): the four projections become model/fp8_linear.py's subclasses.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
+from megatron_lamina.model.fp8_linear import Fp8ColumnParallelLinear, Fp8RowParallelLinear
 from megatron_lamina.model.remote_attention import RemoteAttention
 from megatron_lamina.model.rope import apply_rotary
 
@@ -48,9 +50,13 @@ class SplitTransformerLayer(TransformerLayer):
         return self.mlp_bda(self.training, self.config.bias_dropout_fusion)(mlp_out, hidden, self.hidden_dropout)
 
 
-def lamina_layer_spec(rotary: RotaryFn = apply_rotary) -> ModuleSpec:
+def lamina_layer_spec(rotary: RotaryFn = apply_rotary, fp8_weights: bool = False) -> ModuleSpec:
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     spec.module = SplitTransformerLayer
     spec.params = {**(spec.params or {}), "rotary": rotary}
-    spec.submodules.self_attention.submodules.core_attention = ModuleSpec(module=RemoteAttention)
+    attention, mlp = spec.submodules.self_attention.submodules, spec.submodules.mlp.submodules
+    attention.core_attention = ModuleSpec(module=RemoteAttention)
+    if fp8_weights:
+        attention.linear_qkv, attention.linear_proj = Fp8ColumnParallelLinear, Fp8RowParallelLinear
+        mlp.linear_fc1, mlp.linear_fc2 = Fp8ColumnParallelLinear, Fp8RowParallelLinear
     return spec

@@ -20,6 +20,8 @@ pipeline (engine/pipeline.py) runs these stages eagerly or replays CUDA graphs o
 `bias_activation_fusion` kernel and RoPE as `compiled_rotary`, one kernel each instead of
 chains of eager ones. The engine turns it on when the model runs from CUDA graphs, which
 hide the compiled functions' host cost (~0.1 ms a call) that eager steps would pay.
+`fp8_weights` is one too: the layers' four projections hold e4m3 weights with per-channel
+scales (model/fp8_linear.py), as a checkpoint converted with `--weight-dtype fp8_e4m3` stores them.
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ class LlamaModel(torch.nn.Module):
         tp_group: torch.distributed.ProcessGroup,
         padded_vocab_size: int,
         fused_elementwise: bool = False,
+        fp8_weights: bool = False,
     ):
         super().__init__()
         self.arch = arch
@@ -89,7 +92,7 @@ class LlamaModel(torch.nn.Module):
             padded_vocab_size, arch.hidden_size, init_method=config.init_method,
             config=config, tp_group=tp_group,
         )
-        spec = lamina_layer_spec(compiled_rotary() if fused_elementwise else apply_rotary)
+        spec = lamina_layer_spec(compiled_rotary() if fused_elementwise else apply_rotary, fp8_weights)
         self.decoder = torch.nn.Module()
         self.decoder.layers = torch.nn.ModuleList(
             build_module(spec, config=config, layer_number=i + 1, pg_collection=groups)
@@ -108,9 +111,10 @@ class LlamaModel(torch.nn.Module):
         self.rotary = RotaryEmbedding(arch.head_dim, arch.rope_theta, arch.rope_scaling)
         # Megatron's torch norms are created in the default dtype; in bf16 a float32 norm weight
         # sends rms_norm down a slow mixed-dtype path. Every parameter takes the model dtype
-        # (the rotary frequencies, a buffer, stay float32).
+        # (the rotary frequencies, a buffer, stay float32; FP8 weights and their scales keep theirs).
         for param in self.parameters():
-            param.data = param.data.to(dtype)
+            if not getattr(param, "keeps_dtype", False):
+                param.data = param.data.to(dtype)
         self.eval()
 
     @property
