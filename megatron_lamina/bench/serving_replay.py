@@ -19,6 +19,9 @@ them out for servers that reject them, and lengths are then not guaranteed). Pro
 token ids (`--prompt-mode token-ids`, exact; random ids in --token-id-range, seeded) or, for
 servers that take only text, `--prompt-mode text`: the word --text-word repeated, about one
 token each. --max-input-len / --max-output-len clip lengths for small models.
+`--prefix-blocks` (Mooncake traces) builds each prompt from its `hash_ids` instead, so that
+equal ids give equal 512-token blocks (bench/prefix_trace.py), and reports the share of
+prompt tokens the server's prefix cache served (`usage.prompt_tokens_details.cached_tokens`).
 
 Every request streams (SSE) and is accounted for: `completed` (HTTP 200, one `[DONE]`, a
 finish reason, and exactly the requested output tokens) or `failed` with a reason; sent =
@@ -44,10 +47,13 @@ from pathlib import Path
 sys.path[0] = str(Path(__file__).resolve().parents[1])  # not tools/: tools/profile_costs.py would shadow the stdlib profile
 
 from megatron_lamina.planner.stats import summarize  # noqa: E402
-from megatron_lamina.planner.trace import TraceRequest, read_trace, select  # noqa: E402
+from megatron_lamina.bench.prefix_trace import hash_prompt, read_hash_ids  # noqa: E402
+from megatron_lamina.planner.trace import TraceRequest, read_trace, select, trace_format  # noqa: E402
 
 
 def make_prompt(args, index: int, length: int) -> list[int] | str:
+    if args.hash_ids is not None:  # --prefix-blocks: the trace's shared 512-token blocks
+        return hash_prompt(args.hash_ids[index], length, args.token_id_range, args.seed)
     if args.prompt_mode == "text":
         return " ".join([args.text_word] * length)
     lo, hi = args.token_id_range
@@ -74,7 +80,8 @@ async def send_one(client, args, index: int, r: TraceRequest, t0: float) -> dict
         await asyncio.sleep(delay)
     rec = {"index": index, "arrival_s": r.arrival_s, "input_len": r.input_len, "output_len": r.output_len,
            "sent_s": time.perf_counter() - t0, "status": None, "ok": False, "reason": None,
-           "output_tokens": 0, "token_times_s": [], "finish_reason": None, "done": 0, "error": None}
+           "output_tokens": 0, "token_times_s": [], "finish_reason": None, "done": 0, "error": None,
+           "cached_tokens": None}
     usage_tokens = None
     try:
         async with client.stream("POST", f"{args.url}/v1/completions", json=request_body(args, index, r)) as resp:
@@ -97,6 +104,7 @@ async def send_one(client, args, index: int, r: TraceRequest, t0: float) -> dict
                     continue
                 if chunk.get("usage"):
                     usage_tokens = chunk["usage"].get("completion_tokens")
+                    rec["cached_tokens"] = (chunk["usage"].get("prompt_tokens_details") or {}).get("cached_tokens")
                 for choice in chunk.get("choices", []):
                     if "token_ids" in choice and choice["token_ids"] is not None:
                         n = len(choice["token_ids"])
@@ -178,7 +186,10 @@ def metrics(records: list[dict], args) -> dict:
         return True
 
     goodput = sum(good(r) for r in done)
+    reported = [r for r in done if r["cached_tokens"] is not None]  # servers that report the prefix cache's share
+    cached = sum(r["cached_tokens"] for r in reported)
     return {
+        "prefix_cache_hit_rate": cached / max(sum(r["input_len"] for r in reported), 1) if reported else None,
         "duration_s": window,
         "request_throughput_req_s": len(done) / window,
         "output_throughput_tok_s": output_tokens / window,
@@ -248,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-input-len", type=int, default=None, help="clip prompt lengths")
     parser.add_argument("--max-output-len", type=int, default=None, help="clip output lengths")
     parser.add_argument("--prompt-mode", choices=("token-ids", "text"), default="token-ids")
+    parser.add_argument("--prefix-blocks", action="store_true",
+                        help="Mooncake traces: prompts from hash_ids (equal ids, equal 512-token blocks; "
+                             "bench/prefix_trace.py), so the server's prefix cache meets the trace's sharing")
     parser.add_argument("--token-id-range", type=_range, default=(3, 200), metavar="LO:HI",
                         help="prompt token ids are drawn from [LO, HI) (default 3:200, valid for any vocabulary "
                              "of the tests' tiny model and up)")
@@ -271,6 +285,11 @@ def main(argv: list[str] | None = None) -> int:
             trace = [TraceRequest(0.0, args.input_len, args.output_len)] * args.closed
         else:
             trace = read_trace(args.trace, limit=args.max_requests, skip=args.skip)
+        args.hash_ids = None
+        if args.prefix_blocks:
+            if args.trace is None or trace_format(args.trace) != "mooncake":
+                raise ValueError("--prefix-blocks needs a Mooncake trace (.jsonl with hash_ids)")
+            args.hash_ids = read_hash_ids(args.trace, limit=args.max_requests, skip=args.skip)
         requests, clipping = select(trace, rate_scale=args.rate_scale, poisson_rate=args.rate, seed=args.seed,
                                     max_input_len=args.max_input_len, max_output_len=args.max_output_len,
                                     duration_s=args.duration)

@@ -1,0 +1,78 @@
+"""Mooncake traces' shared prefixes: prompts built from `hash_ids`, and the offline LRU bound.
+
+A Mooncake request lists `hash_ids`, one per 512-token block of its prompt; equal ids mean
+equal blocks (../shared/traces/README.md). `hash_prompt` turns them into token ids so that a
+replay offers the server exactly that sharing: block i of a prompt is the 512 tokens drawn
+from a generator seeded by (seed, hash id), cut at the prompt's length. `lru_hit_bound`
+replays the same prompts through an LRU cache of whole 512-token blocks of a given capacity
+(None: unlimited) and counts the prompt tokens a request could take from it (its longest
+run of cached blocks from the start, its last token always computed, as the engine's prefix
+cache does): the hit rate a measured one is held against. The serving replay
+(bench/serving_replay.py `--prefix-blocks`), the prefix-cache benchmark
+(bench/prefix_replay.py) and tools/prefix_cache_bound.py use them.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import OrderedDict
+from pathlib import Path
+
+TRACE_BLOCK = 512  # tokens per Mooncake hash id
+
+
+def read_hash_ids(path: str | Path, limit: int | None = None, skip: int = 0) -> list[list[int]]:
+    """The `hash_ids` of requests `skip` .. `skip + limit`, in the order `planner.trace.read_trace`
+    returns those requests (by arrival; equal arrivals in file order)."""
+    rows, seen = [], 0
+    with open(path) as f:
+        for line, text in enumerate(f, start=1):
+            if not text.strip():
+                continue
+            seen += 1
+            if seen <= skip:
+                continue
+            if limit is not None and len(rows) >= limit:
+                break
+            try:
+                row = json.loads(text)
+                rows.append((row["timestamp"], [int(h) for h in row["hash_ids"]]))
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}:{line}: not a Mooncake request with hash_ids ({e})") from None
+    return [ids for _, ids in sorted(rows, key=lambda r: r[0])]
+
+
+def hash_prompt(hash_ids: list[int], length: int, token_range: tuple[int, int], seed: int = 0) -> list[int]:
+    """`length` token ids in [lo, hi): block i is the block of `hash_ids[i]` (the last one
+    cut); blocks past the ids (a prompt longer than its ids cover) are the request's own."""
+    lo, hi = token_range
+    tokens: list[int] = []
+    for i in range(-(-length // TRACE_BLOCK)):
+        key = hash_ids[i] if i < len(hash_ids) else ("own", tuple(hash_ids), i)
+        rng = random.Random(f"{seed}:{key}")
+        tokens += [rng.randrange(lo, hi) for _ in range(min(TRACE_BLOCK, length - len(tokens)))]
+    return tokens
+
+
+def lru_hit_bound(requests: list[tuple[list[int], int]], capacity_tokens: int | None) -> dict:
+    """Prompt tokens an LRU cache of `capacity_tokens` (whole 512-token blocks; None:
+    unlimited) serves to `requests` = [(hash ids, prompt length)] in arrival order."""
+    capacity = None if capacity_tokens is None else capacity_tokens // TRACE_BLOCK
+    cache: OrderedDict[int, None] = OrderedDict()
+    hits = total = 0
+    for ids, length in requests:
+        full = min(len(ids), length // TRACE_BLOCK)  # blocks the prompt fills
+        reusable = min(full, (length - 1) // TRACE_BLOCK)  # its last token is always computed
+        run = 0
+        while run < reusable and ids[run] in cache:
+            run += 1
+        hits += run * TRACE_BLOCK
+        total += length
+        for block in ids[:full]:
+            cache[block] = None
+            cache.move_to_end(block)
+        while capacity is not None and len(cache) > capacity:
+            cache.popitem(last=False)
+    return {"capacity_tokens": capacity_tokens, "prompt_tokens": total, "hit_tokens": hits,
+            "hit_rate": hits / total if total else 0.0}
