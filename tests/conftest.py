@@ -15,6 +15,9 @@ import torch
 # attention/gpu.py); torch's CPU compiler does not use Triton, so nothing else changes.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# The reference is transformers' own PyTorch code: no layer swapped for a Hub kernel, which
+# transformers >= 5.25 does by default (and fails to, where the `kernels` package is absent).
+os.environ.setdefault("USE_HUB_KERNELS", "0")
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

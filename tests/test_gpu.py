@@ -249,7 +249,11 @@ def test_sampler_returns_before_the_gpu_work_ahead_of_it_finishes():
     torch.cuda._sleep(3_000_000_000)  # about 2 s of one spinning kernel
     ahead = torch.cuda.Event()
     ahead.record()
-    tokens = sample_tokens_on_device(logits, params, generators, history)
+    torch.cuda.set_sync_debug_mode("error")  # a synchronizing call raises where it is made
+    try:
+        tokens = sample_tokens_on_device(logits, params, generators, history)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
     assert not ahead.query(), "the sampler waited for the kernel ahead of it"
     assert tokens.shape == (len(params),)
     seeded = sample_tokens_on_device(logits[4:5], params[4:5], [params[4].make_generator("cuda")], history[4:5])

@@ -29,6 +29,7 @@ import argparse
 import contextlib
 import io
 import json
+import random
 import re
 import subprocess
 import sys
@@ -54,6 +55,10 @@ from megatron_lamina.checkpoint.random_weights import write_random_checkpoint  #
 from megatron_lamina.config import load_config  # noqa: E402
 
 PHASES = ("checkpoint", "server", "batch", "decode")
+# Each phase's prompts from its own seed: random token ids (words for the batch job), every
+# request its own, so no phase's prompts share a prefix with another's and the prefix cache
+# (on by default) serves none of them; its gains are measured on the Mooncake traces.
+SEEDS = {"greedy": 1, "closed": 0, "trace": 2, "batch": 3}
 
 
 def log(message: str) -> None:
@@ -101,7 +106,8 @@ def run_server(args, out: Path, checkpoint: Path, result: dict) -> None:
         if args.greedy_too:  # the same closed batch greedy first: the sampled headline's reference
             greedy = bench_serving(["--url", server.url, "--closed", str(args.closed), "--input-len",
                                     str(args.input_len), "--output-len", str(args.output_len), "--timeout", "900",
-                                    "--temperature", "0", "--out", str(out / "bench-closed-greedy.json")])
+                                    "--temperature", "0", "--seed", str(SEEDS["greedy"]),
+                                    "--out", str(out / "bench-closed-greedy.json")])
             result["closed_greedy"] = summary(greedy)
             log(f"closed batch, greedy: {greedy['output_throughput_tok_s']:.0f} output tok/s")
             poller.stop()
@@ -109,7 +115,8 @@ def run_server(args, out: Path, checkpoint: Path, result: dict) -> None:
             cpu_before, started = {p: thread_cpu_s(p) for p in pids}, time.monotonic()
         closed = bench_serving(["--url", server.url, "--closed", str(args.closed), "--input-len",
                                 str(args.input_len), "--output-len", str(args.output_len), "--timeout", "900",
-                                *sampling_args(args), "--out", str(out / "bench-closed.json")])
+                                *sampling_args(args), "--seed", str(SEEDS["closed"]),
+                                "--out", str(out / "bench-closed.json")])
         samples = poller.stop()
         result["closed"] = summary(closed)
         gpu_samples = gpu.samples if gpu else []
@@ -128,7 +135,8 @@ def run_server(args, out: Path, checkpoint: Path, result: dict) -> None:
             trace = bench_serving(["--url", server.url, "--trace", args.trace, "--max-requests",
                                    str(args.trace_requests), "--rate-scale", str(args.rate_scale),
                                    "--max-input-len", str(args.max_input_len), "--timeout", "900",
-                                   *sampling_args(args), "--out", str(out / "bench-trace.json")])
+                                   *sampling_args(args), "--seed", str(SEEDS["trace"]),
+                                   "--out", str(out / "bench-trace.json")])
             poller.stop()
             result["trace"] = summary(trace)
             result["trace"]["gpu_util_nvml"] = mean_between(gpu.samples if gpu else [], trace["t0_monotonic"],
@@ -141,9 +149,13 @@ def run_server(args, out: Path, checkpoint: Path, result: dict) -> None:
 
 
 def run_batch(args, out: Path, checkpoint: Path) -> dict:
-    words = " ".join(f"w{3 + i % 1000}" for i in range(args.input_len - 1))  # + BOS: input_len tokens
     sampling = {"temperature": args.temperature, **({} if args.top_p is None else {"top_p": args.top_p})}
-    lines = [json.dumps({"id": i, "prompt": words, "max_tokens": args.output_len, **sampling,
+
+    def words(i: int) -> str:  # input_len - 1 words (+ BOS: input_len tokens), each record its own
+        rng = random.Random(SEEDS["batch"] * 1_000_003 + i)
+        return " ".join(f"w{3 + rng.randrange(1000)}" for _ in range(args.input_len - 1))
+
+    lines = [json.dumps({"id": i, "prompt": words(i), "max_tokens": args.output_len, **sampling,
                          "ignore_eos": True}) for i in range(args.batch_prompts)]
     (out / "batch-in.jsonl").write_text("\n".join(lines) + "\n")
     cmd = launcher_command("generate.py", job_ranks(args), args.config, args.set + [f"model.checkpoint={checkpoint}"])

@@ -37,7 +37,6 @@ import numpy as np
 import torch
 
 from megatron_lamina.engine.sampling_rules import MAX_LOGPROBS, RULES, SEED_RANGE, is_integer
-from megatron_lamina.engine.structured_output import StructuredOutput
 from megatron_lamina.host_to_device import HostArrays, to_device
 
 
@@ -77,7 +76,6 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None  # added to the logits (OpenAI), token id -> bias
     logprobs: int | None = None          # per generated token: its log-probability and this many alternatives
     prompt_logprobs: int | None = None   # the same for the prompt's tokens (echo), the first one has none
-    structured_outputs: StructuredOutput | None = None  # what the output must match (a grammar on the device)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -227,8 +225,7 @@ def _adjusted(logits: torch.Tensor, params: SamplingParams, i: int, staged: dict
     if f"bias_ids{i}" in staged:
         logits[0].index_add_(0, staged[f"bias_ids{i}"], staged[f"bias{i}"].view(torch.float64).float())
     if f"seen{i}" in staged:
-        seen = torch.zeros(vocab, dtype=torch.bool, device=device)
-        seen[staged[f"seen{i}"]] = True
+        seen = torch.zeros(vocab, dtype=torch.bool, device=device).index_fill_(0, staged[f"seen{i}"], True)
         row = logits[0]
         penalized = torch.where(row > 0, row / params.repetition_penalty, row * params.repetition_penalty)
         logits[0] = torch.where(seen, penalized, row)
