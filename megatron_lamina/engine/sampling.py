@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from megatron_lamina.engine.sampling_rules import MAX_LOGPROBS, RULES, SEED_RANGE, is_integer
+from megatron_lamina.engine.structured_output import StructuredOutput
 from megatron_lamina.host_to_device import HostArrays, to_device
 
 
@@ -76,6 +77,7 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None  # added to the logits (OpenAI), token id -> bias
     logprobs: int | None = None          # per generated token: its log-probability and this many alternatives
     prompt_logprobs: int | None = None   # the same for the prompt's tokens (echo), the first one has none
+    structured_outputs: StructuredOutput | None = None  # what the output must match (a grammar on the device)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
