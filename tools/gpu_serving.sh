@@ -11,7 +11,7 @@
 #     annotated-types==0.8.0 typing-inspection==0.4.5 uvicorn==0.55.0 opentelemetry-api==1.45.3 \
 #     httptools==0.9.0 transformers==5.25.0 tokenizers==0.23.3 huggingface_hub==2.4.0 einops==0.8.2 \
 #     httpx2==2.17.0 httpcore2==2.17.0 click==8.5.1 hf-xet==1.8.0 truststore==0.10.5 h11==0.16.0 anyio==4.16.0 \
-#     idna==3.21
+#     idna==3.21 xgrammar==0.2.8 apache-tvm-ffi==0.1.15.post2
 # (transformers >= 5.20 for the chat path's sanitize_control_tokens; the image has an older one;
 # huggingface_hub 2.x imports httpx2, click and hf-xet, which the image lacks).
 set -uo pipefail
