@@ -66,7 +66,7 @@ def test_the_conversation_trace_bound_and_the_tool():
 def test_the_benchmark_on_the_cpu(tmp_path, tiny_models):
     from megatron_lamina.bench.prefix_replay import main
 
-    main(["--out-dir", str(tmp_path), "--device", "cpu", "--checkpoint", str(tiny_models["untied"].canonical_dir),
+    main(["--out-dir", str(tmp_path), "--work-dir", str(tmp_path), "--device", "cpu", "--checkpoint", str(tiny_models["untied"].canonical_dir),
           "--config", str(ROOT / "configs" / "colocated-cpu.yaml"), "--set", "kv_cache.block_size=4",
           "--set", "kv_cache.num_blocks=256", "--traces", "conversation", "--requests", "6", "--rate", "2",
           "--max-input-len", "40", "--max-output-len", "3", "--token-ids", "3", "250"])

@@ -12,7 +12,8 @@ starts with another's blocks. Each replay reports the hit rate the server measur
 prompt tokens over prompt tokens, from the responses' usage), TTFT p50/p90, output tokens/s
 and requests/s; beside it the offline LRU bound of the same requests (bench/prefix_trace.py)
 at the server's KV capacity (`lamina_kv_blocks_total` x block size) and unlimited. Writes
-OUT_DIR/prefix_cache.json, each replay's own report, the servers' logs; prints a table.
+OUT_DIR/prefix_cache.json and the servers' logs (each replay's own report and plot go to
+--work-dir); prints a table.
 """
 
 from __future__ import annotations
@@ -32,8 +33,7 @@ from megatron_lamina.checkpoint.random_weights import write_random_checkpoint
 from megatron_lamina.config import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
-TRACES = {"conversation": ROOT.parent / "shared" / "traces" / "mooncake_conversation_trace.jsonl",
-          "synthetic": ROOT.parent / "shared" / "traces" / "mooncake_synthetic_trace.jsonl"}
+TRACE_FILES = {"conversation": "mooncake_conversation_trace.jsonl", "synthetic": "mooncake_synthetic_trace.jsonl"}
 
 
 def log(message: str) -> None:
@@ -41,10 +41,11 @@ def log(message: str) -> None:
 
 
 def replay_trace(args, url: str, name: str, out: Path) -> dict:
-    argv = ["--url", url, "--trace", str(TRACES[name]), "--prefix-blocks", "--max-requests", str(args.requests),
+    argv = ["--url", url, "--trace", str(args.traces_dir / TRACE_FILES[name]), "--prefix-blocks", "--max-requests", str(args.requests),
             "--rate", str(args.rate), "--seed", str(args.seed), "--max-input-len", str(args.max_input_len),
             "--max-output-len", str(args.max_output_len), "--temperature", "0", "--timeout", "900",
-            "--token-id-range", f"{args.token_ids[0]}:{args.token_ids[1]}", "--out", str(out)]
+            "--token-id-range", f"{args.token_ids[0]}:{args.token_ids[1]}", "--out", str(out),
+            "--plot", str(out.with_suffix(".png"))]
     with contextlib.redirect_stdout(io.StringIO()):
         serving_replay.main(argv)
     report = json.loads(out.read_text())
@@ -55,7 +56,7 @@ def replay_trace(args, url: str, name: str, out: Path) -> dict:
 
 def bounds(name: str, args, requests: list[tuple[int, int]], capacity_tokens: int) -> dict:
     """The LRU bound of the replayed requests (their clipped lengths) at the server's capacity and unlimited."""
-    ids = read_hash_ids(TRACES[name], limit=args.requests)
+    ids = read_hash_ids(args.traces_dir / TRACE_FILES[name], limit=args.requests)
     replayed = [(ids[i], length) for i, length in sorted(requests)]
     return {"at_capacity": lru_hit_bound(replayed, capacity_tokens)["hit_rate"],
             "unlimited": lru_hit_bound(replayed, None)["hit_rate"], "capacity_tokens": capacity_tokens}
@@ -72,7 +73,7 @@ def run_mode(args, mode: str, checkpoint: Path, out: Path, results: dict) -> Non
         for name in args.traces:
             urllib.request.urlopen(urllib.request.Request(f"{server.url}/reset_prefix_cache", method="POST"),
                                    timeout=30).read()
-            row = replay_trace(args, server.url, name, out / f"replay-{name}-{mode}.json")
+            row = replay_trace(args, server.url, name, args.work_dir / f"replay-{name}-{mode}.json")
             # The engine reports its blocks with its steps: known once a replay ran.
             capacity = int(read_metrics(server.url)["lamina_kv_blocks_total"]) * cfg.kv_cache.block_size
             row["bound"] = bounds(name, args, row.pop("requests"), capacity)
@@ -85,7 +86,11 @@ def run_mode(args, mode: str, checkpoint: Path, out: Path, results: dict) -> Non
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out-dir", default="out/prefix-cache")
+    p.add_argument("--out-dir", default="out/prefix-cache", help="the summary and the servers' logs")
+    p.add_argument("--work-dir", type=Path, default=Path("/tmp/lamina-prefix-cache"),
+                   help="each replay's own report and latency plot")
+    p.add_argument("--traces-dir", type=Path, default=None,
+                   help="the Mooncake traces (default: ../shared/traces beside the checkout, else shared/traces in it)")
     p.add_argument("--shape", default="llama3-8b")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
@@ -104,11 +109,18 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     args.set = args.set or ["parallel.tensor_parallel=1", "server.max_queued_requests=4096"]
     args.traces = args.traces.split(",")
-    unknown = [t for t in args.traces if t not in TRACES]
+    unknown = [t for t in args.traces if t not in TRACE_FILES]
     if unknown:
-        p.error(f"--traces: unknown {unknown}; known: {', '.join(TRACES)}")
+        p.error(f"--traces: unknown {unknown}; known: {', '.join(TRACE_FILES)}")
+    if args.traces_dir is None:
+        beside = ROOT.parent / "shared" / "traces"
+        args.traces_dir = beside if beside.is_dir() else ROOT / "shared" / "traces"
+    missing = [f for t, f in TRACE_FILES.items() if t in args.traces and not (args.traces_dir / f).is_file()]
+    if missing:
+        p.error(f"--traces-dir {args.traces_dir}: no {', '.join(missing)}")
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    args.work_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = Path(args.checkpoint)
     if not (checkpoint / "config.json").exists():
         log(f"writing a random {args.shape} checkpoint to {checkpoint}")
