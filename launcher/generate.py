@@ -8,11 +8,8 @@ megatron_lamina/launch/generate.py (`--help` lists its options).
 """
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without pip install
-
-from megatron_lamina.launch.generate import main  # noqa: E402
+from megatron_lamina.launch.generate import main
 
 if __name__ == "__main__":
     sys.exit(main())

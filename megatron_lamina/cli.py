@@ -4,6 +4,7 @@
     lamina generate --config CFG --input IN.jsonl --output OUT.jsonl [--resume | --overwrite] [--quiet]
     lamina serve MODEL [--port N ...]          (MODEL: a checkpoint, a Hugging Face directory or a GGUF file)
     lamina convert --source gguf --input model.gguf --output checkpoints/model
+    lamina plan search --model llama3-8b --synthetic --trace TRACE --slo-tpot 0.05
     lamina --version
 
 `serve` and `generate` first check, in this process, everything that can be checked before a
@@ -12,6 +13,7 @@ the output's lock, the server's port. A mistake is one `error:` line and exit st
 Then they start parallel.tensor_parallel + parallel.attention_workers ranks of the rank
 program (megatron_lamina/launch/serve.py, generate.py) through torch's launcher API
 (`launch/ranks.py`) and exit with the job's status. `convert` runs the checkpoint converter.
+`plan` runs the planner (megatron_lamina/planner/command.py).
 `lamina COMMAND --help` lists a command's options. The torchrun commands
 (`torchrun --nproc-per-node N launcher/serve.py ...`) run the same rank programs.
 """
@@ -27,6 +29,7 @@ COMMANDS = {
     "serve": "OpenAI-compatible HTTP server (rank 0 serves server.host:server.port)",
     "generate": "offline batch generation, JSONL in, JSONL out",
     "convert": "convert a Hugging Face, GGUF, Megatron or DeepSpeed checkpoint into a canonical one",
+    "plan": "the planner: rank layouts for a trace by throughput per dollar (search), or predict one (simulate)",
 }
 
 
@@ -53,6 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         from megatron_lamina.launch.convert import main as convert
 
         return convert(rest, prog="lamina convert")
+    if command == "plan":
+        from megatron_lamina.planner.command import main as plan
+
+        return plan(rest, prog="lamina plan")
     if command == "serve":
         from megatron_lamina.launch.serve import build_parser
     else:

@@ -14,8 +14,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-TESTS = Path(__file__).resolve().parent
-sys.path[:0] = [str(TESTS.parent), str(TESTS)]
 
 
 def save_on_rank(out_dir: str, untied_canonical: str, sentencepiece_model: str, tied_hf_dir: str) -> None:

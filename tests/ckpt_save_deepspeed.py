@@ -13,13 +13,10 @@ is saved with ZeRO stage 2 into OUT_DIR/megatron_deepspeed.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-TESTS = Path(__file__).resolve().parent
-sys.path[:0] = [str(TESTS.parent), str(TESTS)]
 
 
 def _deepspeed():

@@ -22,13 +22,10 @@ calls of its save path patched (below).
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-TESTS = Path(__file__).resolve().parent
-sys.path[:0] = [str(TESTS.parent), str(TESTS)]
 
 ITERATION = 10
 TP = 2

@@ -20,7 +20,6 @@ if not torch.cuda.is_available():
 os.environ.setdefault("USE_HUB_KERNELS", "0")
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from megatron_lamina.engine.sampling import SamplingParams  # noqa: E402
 from tiny_models import reference_generate, save_tiny_llama  # noqa: E402

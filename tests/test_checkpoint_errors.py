@@ -160,7 +160,7 @@ def test_existing_output_needs_overwrite(tmp_path, hf_dir, capsys):
 
 
 def test_cli_subprocess_help_and_error(tmp_path):
-    """Runs as `python tools/convert_checkpoint.py` from anywhere, without pip install."""
+    """Runs as `python tools/convert_checkpoint.py` from any directory (set-up installs the package)."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     tool = str(REPO_ROOT / "tools" / "convert_checkpoint.py")
     helped = subprocess.run([sys.executable, tool, "--help"], cwd=tmp_path, env=env, capture_output=True, text=True)

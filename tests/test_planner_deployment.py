@@ -1,4 +1,4 @@
-"""The planner's deployment (planner/deployment.py) and link options (tools/plan.py).
+"""The planner's deployment (planner/deployment.py) and link options (`lamina plan`).
 
 A planned layout is placed on machines (one model node with the TP ranks, the attention
 workers spread evenly over as few attention nodes of G GPUs as hold them, or one machine
@@ -22,7 +22,7 @@ from megatron_lamina.planner.deployment import (
 )
 from megatron_lamina.planner.devices import DeviceSpec, load_prices
 from megatron_lamina.planner.layout import Layout, config_yaml
-from test_planner_tools import plan_tool
+from test_planner_tools import plan
 
 ROOT = Path(__file__).resolve().parents[1]
 TRACES = ROOT.parent / "shared" / "traces"
@@ -101,7 +101,7 @@ def test_plan_search_prints_the_recommended_deployment(tmp_path, capsys):
     """Decode only on Mooncake conversations (long contexts) the H20-attention layout wins; on
     one-GPU H20 machines its two attention workers take two attention nodes."""
     config = tmp_path / "planned.yaml"
-    code = plan_tool().main([
+    code = plan([
         "search", "--model", "llama3-8b", "--synthetic", "--trace", str(MOONCAKE), "--requests", "60",
         "--max-input-len", "8000", "--slo-tpot", "0.2", "--tp", "1", "--attention-workers", "2",
         "--attention-devices", "H20", "--micro-batches", "2", "--batch-caps", "64,128", "--decode-only",
@@ -128,7 +128,7 @@ def test_plan_simulate_charges_the_link(tmp_path, capsys):
     `--link table` with an override is refused."""
     def tpot(*link):
         out = tmp_path / f"{'-'.join(link) or 'default'}.json"
-        code = plan_tool().main([
+        code = plan([
             "simulate", "--config", str(ROOT / "configs" / "gpu-disaggregated.yaml"), "--model", "llama3-8b",
             "--synthetic", "--trace", str(AZURE_CONV), "--requests", "30", "--kv-blocks", "20000",
             "--decode-only", *link, "--out", str(out)])
@@ -143,7 +143,7 @@ def test_plan_simulate_charges_the_link(tmp_path, capsys):
     slower, link = tpot("--link", "tcp", "--link-bandwidth-gbps", "10")
     assert link["bandwidth_gbps"] == 10 and "overridden" in link["source"]
     assert rdma < nccl < tcp < slower
-    assert plan_tool().main(["simulate", "--config", str(ROOT / "configs" / "gpu-disaggregated.yaml"),
+    assert plan(["simulate", "--config", str(ROOT / "configs" / "gpu-disaggregated.yaml"),
                              "--model", "llama3-8b", "--synthetic", "--trace", str(AZURE_CONV), "--requests", "5",
                              "--link", "table", "--link-latency-us", "5"]) == 2
     assert "--link table keeps the cost tables' measured network curves" in capsys.readouterr().err

@@ -1,21 +1,22 @@
-"""The planner's command-line tools: tools/plan.py (search, simulate) and tools/profile_costs.py.
+"""The planner's commands, in this process: `lamina plan` (planner/command.py: search,
+simulate) and the cost profiler (bench/cost_profile.py, tools/profile_costs.py's program).
 
 `search` on synthetic (datasheet) costs and a small trace slice must print a ranking, write
 a JSON of every evaluated layout, a PNG, and a recommended config that our config loader
-accepts; `simulate` predicts one config. tools/profile_costs.py measures a tiny cost table on this
+accepts; `simulate` predicts one config. The profiler measures a tiny cost table on this
 CPU, which the simulator then runs on.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from megatron_lamina import cli
+from megatron_lamina.bench import cost_profile
 from megatron_lamina.config import load_config
 from megatron_lamina.planner.cost_table import CostTable
 from megatron_lamina.planner.layout import Layout
@@ -30,17 +31,32 @@ needs_traces = pytest.mark.skipif(not AZURE_CONV.is_file(),
                                   reason=f"no request traces at {TRACES} (CI copies shared/ beside the clone)")
 
 
-def plan_tool():
-    spec = importlib.util.spec_from_file_location("plan_tool", ROOT / "tools" / "plan.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def plan(argv: list[str]) -> int:
+    """`lamina plan ARGV...`, as the console script runs it."""
+    return cli.main(["plan", *argv])
+
+
+@pytest.fixture
+def profile(capsys):
+    """The profiler's command line in this process: (exit code, stdout, stderr). Its rank 0 is
+    this process: the torch thread count it sets (--threads) is put back."""
+    threads = torch.get_num_threads()
+
+    def run(*argv: str):
+        try:
+            code = cost_profile.main(list(argv))
+        finally:
+            torch.set_num_threads(threads)
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run
 
 
 @needs_traces
 def test_plan_search_writes_ranking_plot_and_config(tmp_path, capsys):
     config = tmp_path / "configs" / "planned.yaml"
-    code = plan_tool().main([
+    code = plan([
         "search", "--model", "llama3-8b", "--synthetic", "--trace", str(AZURE_CONV), "--requests", "100",
         "--max-input-len", "4000", "--slo-tpot", "0.2", "--tp", "1", "--attention-workers", "1,2",
         "--attention-devices", "H20", "--micro-batches", "2", "--batch-caps", "32,64",
@@ -53,7 +69,7 @@ def test_plan_search_writes_ranking_plot_and_config(tmp_path, capsys):
     labels = [c["label"] for c in report["ranking"]]
     assert {"1xH100 TP1 n1 b32", "1xH100 + 2xH20 TP1 g2 n2 b32"} <= set(labels)
     assert report["recommended"]["label"] == labels[0]
-    assert (tmp_path / "plan" / "ratio.png").stat().st_size > 1000
+    assert (tmp_path / "plan" / "ratio.png").read_bytes().startswith(b"\x89PNG")
     cfg = load_config(config)
     best = report["recommended"]["layout"]
     assert (cfg.parallel.tensor_parallel, cfg.parallel.attention_workers, cfg.scheduler.micro_batches,
@@ -65,7 +81,7 @@ def test_plan_search_writes_ranking_plot_and_config(tmp_path, capsys):
 @needs_traces
 def test_plan_simulate_predicts_a_config(tmp_path, capsys):
     out = tmp_path / "prediction.json"
-    code = plan_tool().main([
+    code = plan([
         "simulate", "--config", str(ROOT / "configs" / "gpu-disaggregated.yaml"), "--model", "llama3-8b",
         "--synthetic", "--model-device", "H100", "--attention-device", "H20", "--trace", str(AZURE_CONV),
         "--requests", "50", "--rate-scale", "2", "--kv-blocks", "20000", "--out", str(out)])
@@ -75,19 +91,17 @@ def test_plan_simulate_predicts_a_config(tmp_path, capsys):
     assert report["label"] == "1xH100 + 2xH20 TP1 g1 n2 b256"
     assert 0 < report["tpot_s"]["p50"] <= report["tpot_s"]["p99"]
     assert report["output_throughput_tok_s"] > 0
-    assert plan_tool().main(["simulate", "--config", str(ROOT / "configs" / "gpu-colocated.yaml"),
+    assert plan(["simulate", "--config", str(ROOT / "configs" / "gpu-colocated.yaml"),
                              "--model", "llama3-8b", "--trace", str(AZURE_CONV)]) == 2  # no costs given
     assert "no cost table for device H100" in capsys.readouterr().err
 
 
-def test_profile_measures_a_cost_table_on_this_cpu(tmp_path):
+def test_profile_measures_a_cost_table_on_this_cpu(tmp_path, profile):
     out = tmp_path / "cpu.json"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "profile_costs.py"), "--model", "tiny", "--batches", "1,8",
-         "--contexts", "16,64", "--prefill", "0+16,16+16", "--message-bytes", "256,65536",
-         "--warmup", "1", "--repeats", "2", "--threads", "1", "--out", str(out)],
-        capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    code, printed, errors = profile(
+        "--model", "tiny", "--batches", "1,8", "--contexts", "16,64", "--prefill", "0+16,16+16",
+        "--message-bytes", "256,65536", "--warmup", "1", "--repeats", "2", "--threads", "1", "--out", str(out))
+    assert code == 0, printed + errors
     table = CostTable.load(out)
     assert table.device == "CPU" and table.source.startswith("measured on") and not table.synthetic
     assert table.shape == PRESETS["tiny"] and table.tp_sizes() == [1]
@@ -100,17 +114,16 @@ def test_profile_measures_a_cost_table_on_this_cpu(tmp_path):
     assert result.completed == 10 and result.tpot_s["p50"] > 0
 
 
-def test_profile_emulates_tp_on_one_cpu(tmp_path):
+def test_profile_emulates_tp_on_one_cpu(tmp_path, profile):
     """--emulate-tp: TP 2 measured as rank 0's shard in this one process, the collectives added
     from the datasheet, and the table says so; the planner loads it and searches TP 2."""
     out = tmp_path / "emulated.json"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "profile_costs.py"), "--model", "tiny", "--emulate-tp", "--tp", "1,2",
-         "--tp-link", "H100", "--batches", "1,8", "--contexts", "16,64", "--prefill", "0+16",
-         "--message-bytes", "256,65536", "--warmup", "1", "--repeats", "2", "--threads", "1", "--out", str(out)],
-        capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "TP 2 emulated on one device" in proc.stdout
+    code, printed, errors = profile(
+        "--model", "tiny", "--emulate-tp", "--tp", "1,2", "--tp-link", "H100", "--batches", "1,8",
+        "--contexts", "16,64", "--prefill", "0+16", "--message-bytes", "256,65536", "--warmup", "1",
+        "--repeats", "2", "--threads", "1", "--out", str(out))
+    assert code == 0, printed + errors
+    assert "TP 2 emulated on one device" in printed
     table = CostTable.load(out)
     assert table.tp_sizes() == [1, 2] and not table.synthetic and table.shape == PRESETS["tiny"]
     assert table.source.startswith("measured on") and "TP 2 emulated on one device" in table.source
@@ -141,30 +154,17 @@ def test_tp_shard_is_a_ranks_gemm_shapes():
         PRESETS["llama3-8b"].tp_shard(16)
 
 
-def profile_tool():
-    spec = importlib.util.spec_from_file_location("profile_tool", ROOT / "tools" / "profile_costs.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_profile_graphs_flag_is_cuda_only(tmp_path, capsys):
-    """--graphs (model worker stages from CUDA graphs) is in the help; on CPU it is a clear error
-    (capturing needs a GPU: tests/test_gpu.py runs StageGraphs), as is TP > 1 without --emulate-tp."""
-    tool = profile_tool()
-    with pytest.raises(SystemExit) as done:
-        tool.main(["--help"])
-    assert done.value.code == 0
-    help_text = capsys.readouterr().out
-    assert "--graphs" in help_text and "--graph-max-batch" in help_text and "--merge-into" in help_text
+    """--graphs (model worker stages from CUDA graphs) on CPU is a clear error (capturing needs
+    a GPU: tests/test_gpu.py runs StageGraphs)."""
     out = tmp_path / "never.json"
     with pytest.raises(SystemExit) as done:
-        tool.main(["--graphs", "--out", str(out)])
+        cost_profile.main(["--graphs", "--out", str(out)])
     assert done.value.code == 2 and "--graphs: CUDA graphs need a GPU (--device cuda)" in capsys.readouterr().err
     assert not out.exists()
 
 
-def test_profile_merges_model_curves_into_a_table(tmp_path):
+def test_profile_merges_model_curves_into_a_table(tmp_path, profile):
     """--parts model --merge-into: the model curves re-measured, attention and network kept."""
     from megatron_lamina.planner.cost_table import Curve, Grid
 
@@ -174,11 +174,10 @@ def test_profile_merges_model_curves_into_a_table(tmp_path):
                      {"attention": "reference", "network_backend": "gloo"})
     base.save(tmp_path / "base.json")
     out = tmp_path / "merged.json"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "profile_costs.py"), "--model", "tiny", "--parts", "model", "--batches", "1,8",
-         "--warmup", "1", "--repeats", "2", "--threads", "1", "--merge-into", str(tmp_path / "base.json"),
-         "--out", str(out)], capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    code, printed, errors = profile(
+        "--model", "tiny", "--parts", "model", "--batches", "1,8", "--warmup", "1", "--repeats", "2",
+        "--threads", "1", "--merge-into", str(tmp_path / "base.json"), "--out", str(out))
+    assert code == 0, printed + errors
     table = CostTable.load(out)
     assert table.source.startswith("measured on") and "measured on an earlier run" in table.source
     assert table.tp_sizes() == [1, 2] and table.model_layer[2] == flat and table.model_layer[1] != flat
@@ -186,8 +185,6 @@ def test_profile_merges_model_curves_into_a_table(tmp_path):
     merged = table.meta["merged_from"]
     assert merged["parts_kept"] == ["attention", "network"] and merged["replaced_model_layer"]["1"]["seconds"] == [1, 1]
     assert table.meta["attention"] == "reference"
-    mismatch = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "profile_costs.py"), "--model", "llama3-8b", "--parts", "model",
-         "--merge-into", str(tmp_path / "base.json"), "--out", str(tmp_path / "x.json")],
-        capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert mismatch.returncode == 2 and "its shape is" in mismatch.stderr
+    code, _, errors = profile("--model", "llama3-8b", "--parts", "model", "--merge-into", str(tmp_path / "base.json"),
+                              "--out", str(tmp_path / "x.json"))
+    assert code == 2 and "its shape is" in errors

@@ -25,14 +25,12 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without pip install
+import torch
+import torch.distributed as dist
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-
-from megatron_lamina.architecture import ModelArchitecture  # noqa: E402
-from megatron_lamina.attention.kv_cache import PagedKVCache  # noqa: E402
-from megatron_lamina.bench.decode_step import (  # noqa: E402
+from megatron_lamina.architecture import ModelArchitecture
+from megatron_lamina.attention.kv_cache import PagedKVCache
+from megatron_lamina.bench.decode_step import (
     check_context,
     colocated_decode_ms,
     decode_graphs,
@@ -41,11 +39,11 @@ from megatron_lamina.bench.decode_step import (  # noqa: E402
     random_model,
     roofline_s,
 )
-from megatron_lamina.bench.plans import decode_plan  # noqa: E402
-from megatron_lamina.bench.ranks import init_one_rank, init_torchrun_tp  # noqa: E402
-from megatron_lamina.bench.stand_ins import ZeroAttention  # noqa: E402
-from megatron_lamina.bench.timing import ceilings, time_ms  # noqa: E402
-from megatron_lamina.planner.shapes import PRESETS  # noqa: E402
+from megatron_lamina.bench.plans import decode_plan
+from megatron_lamina.bench.ranks import init_one_rank, init_torchrun_tp
+from megatron_lamina.bench.stand_ins import ZeroAttention
+from megatron_lamina.bench.timing import ceilings, time_ms
+from megatron_lamina.planner.shapes import PRESETS
 
 
 def kernel_kind(name: str) -> str:

@@ -6,11 +6,8 @@ megatron_lamina/bench/prefix_replay.py.
 """
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without pip install
-
-from megatron_lamina.bench.prefix_replay import main  # noqa: E402
+from megatron_lamina.bench.prefix_replay import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -44,14 +44,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # runnable from a checkout without pip install
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
+import torch
+import torch.distributed as dist
 
-from megatron_lamina.bench.ranks import spawn_ranks  # noqa: E402
-from megatron_lamina.bench.timing import median  # noqa: E402
-from megatron_lamina.planner.shapes import PRESETS  # noqa: E402
+from megatron_lamina.bench.ranks import spawn_ranks
+from megatron_lamina.bench.timing import median
+from megatron_lamina.planner.shapes import PRESETS
 
 SHAPE = PRESETS["llama3-8b"]  # parts 2 and 3: LLaMA-3-8B's heads and, in part 3, its whole shape
 

@@ -4,11 +4,8 @@ checkpoint: `lamina convert` as a script (megatron_lamina/launch/convert.py; `--
 example per source)."""
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without pip install
-
-from megatron_lamina.launch.convert import main  # noqa: E402
+from megatron_lamina.launch.convert import main
 
 if __name__ == "__main__":
     sys.exit(main())

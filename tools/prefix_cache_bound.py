@@ -9,12 +9,9 @@ against. The logic is megatron_lamina/bench/prefix_trace.py.
 import argparse
 import json
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without pip install
-
-from megatron_lamina.bench.prefix_trace import lru_hit_bound, read_hash_ids  # noqa: E402
-from megatron_lamina.planner.trace import read_trace  # noqa: E402
+from megatron_lamina.bench.prefix_trace import lru_hit_bound, read_hash_ids
+from megatron_lamina.planner.trace import read_trace
 
 
 def main(argv=None) -> int:

@@ -13,15 +13,12 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without pip install
+import torch
 
-import torch  # noqa: E402
-
-from megatron_lamina.checkpoint.random_weights import write_random_checkpoint  # noqa: E402
-from megatron_lamina.checkpoint.writer import DTYPES  # noqa: E402
-from megatron_lamina.planner.shapes import PRESETS  # noqa: E402
+from megatron_lamina.checkpoint.random_weights import write_random_checkpoint
+from megatron_lamina.checkpoint.writer import DTYPES
+from megatron_lamina.planner.shapes import PRESETS
 
 
 def main(argv: list[str] | None = None) -> int:

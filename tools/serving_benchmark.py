@@ -37,11 +37,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # runnable from a checkout without pip install
 
-from megatron_lamina.bench import serving_replay  # noqa: E402
-from megatron_lamina.bench.decode_window import decode_window  # noqa: E402
-from megatron_lamina.bench.server_job import (  # noqa: E402
+from megatron_lamina.bench import serving_replay
+from megatron_lamina.bench.decode_window import decode_window
+from megatron_lamina.bench.server_job import (
     GpuPoller,
     MetricsPoller,
     ServerJob,
@@ -51,8 +50,8 @@ from megatron_lamina.bench.server_job import (  # noqa: E402
     mean_between,
     thread_cpu_s,
 )
-from megatron_lamina.checkpoint.random_weights import write_random_checkpoint  # noqa: E402
-from megatron_lamina.config import load_config  # noqa: E402
+from megatron_lamina.checkpoint.random_weights import write_random_checkpoint
+from megatron_lamina.config import load_config
 
 PHASES = ("checkpoint", "server", "batch", "decode")
 # Each phase's prompts from its own seed: random token ids (words for the batch job), every

@@ -1,6 +1,9 @@
 """Shared machinery of the benchmark and profiling tools (tools/bench_*.py, tools/profile_costs.py,
 tools/validate_planner.py), so that each tool is a thin command line over it:
 
+  cost_profile.py    the planner's cost table measured on a device (tools/profile_costs.py)
+  planner_validation.py  the simulator against the real server (tools/validate_planner.py)
+  attention_kernel.py    our paged decode kernel against SDPA (tools/bench_attention.py)
   timing.py          CUDA-event, CUDA-graph and host-clock timing; copy and GEMM ceilings
   ranks.py           a one-rank or torchrun TP world; ranks spawned for a measurement
   plans.py           step plans built by hand (decode steps, paged chunks)

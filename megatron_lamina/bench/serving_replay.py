@@ -44,10 +44,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path[0] = str(Path(__file__).resolve().parents[1])  # not tools/: tools/profile_costs.py would shadow the stdlib profile
-
-from megatron_lamina.planner.stats import summarize  # noqa: E402
-from megatron_lamina.bench.prefix_trace import hash_prompt, read_hash_ids  # noqa: E402
+from megatron_lamina.planner.stats import summarize
+from megatron_lamina.bench.prefix_trace import hash_prompt, read_hash_ids
 from megatron_lamina.planner.trace import TraceRequest, read_trace, select, trace_format  # noqa: E402
 
 

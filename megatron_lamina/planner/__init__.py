@@ -12,11 +12,13 @@ One job per module, data flowing down the list:
   pipeline.py    the time of one engine step: staggered pipeline or colocated
   simulator.py   discrete-event replay of a trace through the engine's own scheduler
   serving_overhead.py  a real server's per-step host time beyond the profile, fitted from
-                 calibration runs (tools/validate_planner.py)
+                 calibration runs (bench/planner_validation.py)
   stats.py       percentiles and the latency summary shared with tools/bench_serving.py
   search.py      enumerate layouts, simulate each, rank by throughput per dollar under a SLO
   deployment.py  the chosen layout on machines: deployment.nodes and each machine's command
+  report.py      a search's printed ranking, plot and recommended config file
+  command.py     `lamina plan`: search and simulate from the command line
 
-tools/profile_costs.py writes cost tables, tools/plan.py drives the rest; docs/PLANNER.md says how
+bench/cost_profile.py (tools/profile_costs.py) measures cost tables, `lamina plan` drives the rest; docs/PLANNER.md says how
 the simulator models the engine and what it assumes.
 """

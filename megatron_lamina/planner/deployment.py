@@ -1,5 +1,5 @@
 """Which machine runs what: a planned layout's workers placed on machines, as the config's
-`deployment.nodes` and one `lamina serve` command per machine (tools/plan.py prints both).
+`deployment.nodes` and one `lamina serve` command per machine (`lamina plan search` prints both).
 
 A machine holds one kind of GPU (`gpus_per_node` of them), so the rules are:
   * one machine when everything fits on one kind: a colocated layout, or attention workers
@@ -87,7 +87,7 @@ def deployment_nodes(machines: list[Machine]) -> list[dict]:
 
 
 def deployment_text(machines: list[Machine], config_path: str, cfg, endpoint: str | None = None) -> str:
-    """What tools/plan.py prints for a planned config: the machines, the `deployment` section
+    """What `lamina plan search` prints for a planned config: the machines, the `deployment` section
     and each machine's command."""
     import yaml
 

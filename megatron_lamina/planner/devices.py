@@ -27,7 +27,7 @@ class DeviceSpec:
     bandwidth_tbs: float    # HBM
     nvlink_gbs: float       # one direction
     source: str = ""
-    gpus_per_node: int | None = None   # GPUs in one machine of this type (None: tools/plan.py's --gpus-per-node)
+    gpus_per_node: int | None = None   # GPUs in one machine of this type (None: lamina plan's --gpus-per-node)
 
     @property
     def memory_bytes(self) -> float:

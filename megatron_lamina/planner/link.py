@@ -6,7 +6,7 @@ its bytes over the link's bandwidth (`Link.message_time`). The simulator (simula
 `StepCostModel`) charges that for both directions; the synthetic cost tables
 (synthetic.py) draw their `network` curve from the same formula.
 
-Presets (`LINKS`, `tools/plan.py --link`): `rdma` is the Lamina paper's fully host-bypassed
+Presets (`LINKS`, `lamina plan --link`): `rdma` is the Lamina paper's fully host-bypassed
 stack (33.0 us end to end per message, section 6.3), the default; `nccl` the same network
 through NCCL (66.6 us, the paper's figure for it); both at 400 Gb/s, one RDMA NIC per GPU,
 the datacenter network the paper builds on (~10 % of NVLink's bandwidth). `tcp` is a machine

@@ -5,7 +5,7 @@ plus a fixed launch cost, with the efficiencies below. They are ASSUMPTIONS, cal
 against the H100 numbers in DESIGN.md section 1 (bf16 GEMM at 77 % of peak, HBM copies at
 89 % of bandwidth, a LLaMA-3-8B layer at batch 1 in 0.19 ms); a measured table from
 tools/profile_costs.py replaces all of them. A table built here says "synthetic" in its `source`,
-and tools/plan.py labels every result computed from it.
+and `lamina plan` labels every result computed from it.
 """
 
 from __future__ import annotations

@@ -1,15 +1,15 @@
-"""Plan a deployment: which layout serves a trace at the lowest cost (DESIGN.md section 8).
+"""`lamina plan`: which layout serves a trace at the lowest cost (DESIGN.md section 8).
 
     # rank layouts for LLaMA-3-8B on a slice of the Azure conversation trace, TPOT p90 <= 50 ms
-    python tools/plan.py search --model llama3-8b --costs h100.json h20.json \\
+    lamina plan search --model llama3-8b --costs h100.json h20.json \\
         --trace ../shared/traces/AzureLLMInferenceTrace_conv.csv --requests 1000 --slo-tpot 0.05
 
     # the same from datasheet numbers only (every number is then labelled synthetic)
-    python tools/plan.py search --model llama3-8b --synthetic --trace ... --slo-tpot 0.05
+    lamina plan search --model llama3-8b --synthetic --trace ... --slo-tpot 0.05
 
     # predict one config's throughput and latencies on a trace replay, to compare with
     # tools/bench_serving.py against the real server
-    python tools/plan.py simulate --config configs/gpu-colocated.yaml --model llama3-8b \\
+    lamina plan simulate --config configs/gpu-colocated.yaml --model llama3-8b \\
         --costs h100.json --model-device H100 --trace ... --requests 200 --rate-scale 1
 
 Cost tables come from tools/profile_costs.py (one JSON per device type, measured) or, with
@@ -34,20 +34,17 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without pip install
-
-from megatron_lamina.planner.cost_table import CostTable  # noqa: E402
-from megatron_lamina.planner.deployment import (  # noqa: E402
-    Machine, deployment_nodes, deployment_text, gpus_per_node, place,
-)
-from megatron_lamina.planner.devices import DEFAULT_PRICES, load_prices  # noqa: E402
-from megatron_lamina.planner.layout import Layout, config_yaml, kv_blocks_per_cache  # noqa: E402
-from megatron_lamina.planner.link import LINKS, TABLE, Link, choose_link, describe_link  # noqa: E402
-from megatron_lamina.planner.search import Candidate, SearchSpace, Slo, search  # noqa: E402
-from megatron_lamina.planner.shapes import ModelShape, load_shape  # noqa: E402
-from megatron_lamina.planner.simulator import simulate  # noqa: E402
-from megatron_lamina.planner.synthetic import synthetic_cost_table  # noqa: E402
-from megatron_lamina.planner.trace import read_trace, select  # noqa: E402
+from megatron_lamina.planner.cost_table import CostTable
+from megatron_lamina.planner.deployment import deployment_text, gpus_per_node, place
+from megatron_lamina.planner.devices import DEFAULT_PRICES, load_prices
+from megatron_lamina.planner.layout import Layout, kv_blocks_per_cache
+from megatron_lamina.planner.link import LINKS, TABLE, Link, choose_link, describe_link
+from megatron_lamina.planner.report import plot_ratio, print_ranking, sources, write_config
+from megatron_lamina.planner.search import SearchSpace, Slo, search
+from megatron_lamina.planner.shapes import ModelShape, load_shape
+from megatron_lamina.planner.simulator import simulate
+from megatron_lamina.planner.synthetic import synthetic_cost_table
+from megatron_lamina.planner.trace import read_trace, select
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -99,75 +96,6 @@ def load_slice(args):
     trace = read_trace(args.trace, limit=args.requests, skip=args.skip)
     return select(trace, rate_scale=getattr(args, "rate_scale", 1.0), poisson_rate=getattr(args, "rate", None),
                   seed=args.seed, max_input_len=args.max_input_len, max_output_len=args.max_output_len)
-
-
-def sources(tables: dict[str, CostTable]) -> list[str]:
-    return [f"{name}: {t.source}" for name, t in sorted(tables.items())]
-
-
-# ------------------------------------------------------------------------------- search
-
-def print_ranking(candidates: list[Candidate], slo: Slo, top: int) -> None:
-    head = (f"{'#':>3}  {'layout':<40} {'$/h':>7} {'tok/s':>9} {'Mtok/$':>8} "
-            f"{'TPOT p' + str(slo.percentile):>11} {'batch':>6} {'ok':>3}  note")
-    print(head)
-    print("-" * len(head))
-    for i, c in enumerate(candidates[:top], 1):
-        r = c.result
-        tpot = r.tpot_s.get(f"p{slo.percentile}")
-        print(f"{i:>3}  {c.layout.label:<40} {c.price_per_hour:>7.2f} {r.output_throughput:>9.0f} "
-              f"{c.tokens_per_dollar / 1e6:>8.3f} {(tpot or 0) * 1e3:>9.1f}ms {r.mean_batch:>6.0f} "
-              f"{'yes' if c.feasible else 'no':>3}  {'synthetic ' if c.synthetic else ''}{c.why_not}")
-
-
-def plot_ratio(candidates: list[Candidate], path: Path, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    best: dict[tuple[str, str, float], float] = {}
-    for c in candidates:
-        if not c.feasible:
-            continue
-        kind = "colocated" if c.layout.colocated else f"+{c.layout.attention_device}"
-        key = (c.layout.model_device, kind, c.layout.ratio)
-        best[key] = max(best.get(key, 0.0), c.tokens_per_dollar)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for model_device, kind in sorted({(m, k) for m, k, _ in best}):
-        points = sorted((r, v) for (m, k, r), v in best.items() if (m, k) == (model_device, kind))
-        xs, ys = [p[0] for p in points], [p[1] / 1e6 for p in points]
-        label = f"{model_device} colocated" if kind == "colocated" else f"{model_device} model + {kind[1:]} attention"
-        ax.plot(xs, ys, "o" if kind == "colocated" else "o-", label=label)
-    ax.set_xlabel("attention workers per model worker")
-    ax.set_ylabel("output tokens per dollar (millions)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def write_config(candidate: Candidate, path: Path, args, shape: ModelShape, tables, slo: Slo, what: str,
-                 link: Link | None, machines: list[Machine]) -> None:
-    r = candidate.result
-    header = [
-        f"{what}, written by tools/plan.py for model {shape.name} on {Path(args.trace).name}",
-        f"(requests {args.skip}..{args.skip + args.requests}, TPOT p{slo.percentile} <= {slo.tpot_s:g} s).",
-        f"Predicted at saturation: {r.output_throughput:.0f} output tok/s, "
-        f"{candidate.tokens_per_dollar / 1e6:.3f} M tokens per dollar at ${candidate.price_per_hour:.2f}/h, "
-        f"TPOT p50 {r.tpot_s['p50'] * 1e3:.1f} ms / p90 {r.tpot_s['p90'] * 1e3:.1f} ms, mean batch {r.mean_batch:.0f}.",
-        f"Devices: {candidate.layout.hardware} on {len(machines)} machine{'s' * (len(machines) != 1)}: "
-        f"{'; '.join(f'node {i}: {m.describe()}' for i, m in enumerate(machines))}.",
-        "Each machine's command: lamina serve --config THIS_FILE --print-launch.",
-        f"Model-attention link: {describe_link(link)}.",
-        f"KV cache: the planner estimated {r.num_blocks} blocks per cache; num_blocks auto measures it.",
-        *[f"Costs {s}" for s in sources(tables)],
-    ]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(config_yaml(candidate.layout, args.checkpoint or f"checkpoints/{shape.name}", "bfloat16", header,
-                                deployment_nodes(machines)))
 
 
 def cmd_search(args) -> int:
@@ -278,8 +206,8 @@ def cmd_simulate(args) -> int:
 
 # --------------------------------------------------------------------------------- main
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None, prog: str = "lamina plan") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--costs", nargs="*", metavar="JSON", help="cost tables from tools/profile_costs.py")
@@ -352,6 +280,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,82 @@
+"""What `lamina plan search` writes for a ranked search: the printed ranking, the plot of
+tokens per dollar against the attention:model ratio, and a recommended layout as a config
+file (configs/ format) with a header that says where each number came from.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from megatron_lamina.planner.cost_table import CostTable
+from megatron_lamina.planner.deployment import Machine, deployment_nodes
+from megatron_lamina.planner.layout import config_yaml
+from megatron_lamina.planner.link import Link, describe_link
+from megatron_lamina.planner.search import Candidate, Slo
+from megatron_lamina.planner.shapes import ModelShape
+
+
+def sources(tables: dict[str, CostTable]) -> list[str]:
+    return [f"{name}: {t.source}" for name, t in sorted(tables.items())]
+
+
+def print_ranking(candidates: list[Candidate], slo: Slo, top: int) -> None:
+    head = (f"{'#':>3}  {'layout':<40} {'$/h':>7} {'tok/s':>9} {'Mtok/$':>8} "
+            f"{'TPOT p' + str(slo.percentile):>11} {'batch':>6} {'ok':>3}  note")
+    print(head)
+    print("-" * len(head))
+    for i, c in enumerate(candidates[:top], 1):
+        r = c.result
+        tpot = r.tpot_s.get(f"p{slo.percentile}")
+        print(f"{i:>3}  {c.layout.label:<40} {c.price_per_hour:>7.2f} {r.output_throughput:>9.0f} "
+              f"{c.tokens_per_dollar / 1e6:>8.3f} {(tpot or 0) * 1e3:>9.1f}ms {r.mean_batch:>6.0f} "
+              f"{'yes' if c.feasible else 'no':>3}  {'synthetic ' if c.synthetic else ''}{c.why_not}")
+
+
+def plot_ratio(candidates: list[Candidate], path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    best: dict[tuple[str, str, float], float] = {}
+    for c in candidates:
+        if not c.feasible:
+            continue
+        kind = "colocated" if c.layout.colocated else f"+{c.layout.attention_device}"
+        key = (c.layout.model_device, kind, c.layout.ratio)
+        best[key] = max(best.get(key, 0.0), c.tokens_per_dollar)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for model_device, kind in sorted({(m, k) for m, k, _ in best}):
+        points = sorted((r, v) for (m, k, r), v in best.items() if (m, k) == (model_device, kind))
+        xs, ys = [p[0] for p in points], [p[1] / 1e6 for p in points]
+        label = f"{model_device} colocated" if kind == "colocated" else f"{model_device} model + {kind[1:]} attention"
+        ax.plot(xs, ys, "o" if kind == "colocated" else "o-", label=label)
+    ax.set_xlabel("attention workers per model worker")
+    ax.set_ylabel("output tokens per dollar (millions)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_config(candidate: Candidate, path: Path, args, shape: ModelShape, tables, slo: Slo, what: str,
+                 link: Link | None, machines: list[Machine]) -> None:
+    r = candidate.result
+    header = [
+        f"{what}, written by lamina plan for model {shape.name} on {Path(args.trace).name}",
+        f"(requests {args.skip}..{args.skip + args.requests}, TPOT p{slo.percentile} <= {slo.tpot_s:g} s).",
+        f"Predicted at saturation: {r.output_throughput:.0f} output tok/s, "
+        f"{candidate.tokens_per_dollar / 1e6:.3f} M tokens per dollar at ${candidate.price_per_hour:.2f}/h, "
+        f"TPOT p50 {r.tpot_s['p50'] * 1e3:.1f} ms / p90 {r.tpot_s['p90'] * 1e3:.1f} ms, mean batch {r.mean_batch:.0f}.",
+        f"Devices: {candidate.layout.hardware} on {len(machines)} machine{'s' * (len(machines) != 1)}: "
+        f"{'; '.join(f'node {i}: {m.describe()}' for i, m in enumerate(machines))}.",
+        "Each machine's command: lamina serve --config THIS_FILE --print-launch.",
+        f"Model-attention link: {describe_link(link)}.",
+        f"KV cache: the planner estimated {r.num_blocks} blocks per cache; num_blocks auto measures it.",
+        *[f"Costs {s}" for s in sources(tables)],
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(config_yaml(candidate.layout, args.checkpoint or f"checkpoints/{shape.name}", "bfloat16", header,
+                                deployment_nodes(machines)))
