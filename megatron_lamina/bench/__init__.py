@@ -4,6 +4,8 @@ tools/validate_planner.py), so that each tool is a thin command line over it:
   cost_profile.py    the planner's cost table measured on a device (tools/profile_costs.py)
   planner_validation.py  the simulator against the real server (tools/validate_planner.py)
   attention_kernel.py    our paged decode kernel against SDPA (tools/bench_attention.py)
+  decode_benchmark.py    the model-worker and colocated decode steps (tools/bench_decode.py)
+  two_gpu.py         disaggregated across two GPUs against colocated (tools/bench_two_gpu.py)
   timing.py          CUDA-event, CUDA-graph and host-clock timing; copy and GEMM ceilings
   ranks.py           a one-rank or torchrun TP world; ranks spawned for a measurement
   plans.py           step plans built by hand (decode steps, paged chunks)
