@@ -96,6 +96,9 @@ class KVCacheConfig(_Section):
     # keyed by their prefix, and reused by requests that start the same way; false: every
     # prompt is computed from its first token.
     prefix_caching: bool = True
+    # The prefix cache's host tier: GiB of pinned host memory per rank that holds KV, where
+    # cached blocks evicted from the device are kept and copied back on a hit; 0: none.
+    host_cache_gib: float = Field(0.0, ge=0.0)
     # What the cache stores: auto, the model's dtype; fp8_e4m3, float8 e4m3 with a float32
     # scale per layer and KV head (half of bf16's bytes: twice the tokens; attention/kv_cache.py).
     dtype: Literal["auto", "fp8_e4m3"] = "auto"

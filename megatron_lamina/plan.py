@@ -102,6 +102,10 @@ class StepPlan:
     micro_batches: list[MicroBatch] = field(default_factory=list)
     released: list[int] = field(default_factory=list)  # requests whose blocks were freed
     shutdown: bool = False  # every rank leaves its loop after this plan
+    # The prefix cache's host tier (engine/host_tier.py): (shard, device block, host slot)
+    # triples, flat, copied before the step runs: device to host, then host to device.
+    offloads: list[int] = field(default_factory=list)
+    loads: list[int] = field(default_factory=list)
 
     @property
     def sampled_chunks(self) -> list[SequenceChunk]:

@@ -40,6 +40,7 @@ def generate_on_ranks(cases, inputs):
                         "texts": [r.text for r in done],
                         "preemptions": engine.scheduler.num_preemptions,
                         "cached_tokens": [r.num_cached_tokens for r in done],  # from the prefix cache
+                        "prefix_stats": engine.scheduler.blocks.stats.as_tuple(),
                         "graph_steps": ctx.worker.graph_steps,  # rank 0 is always a model worker
                         "steps": len(engine.stats)})
     return results

@@ -262,19 +262,93 @@ def test_sampler_returns_before_the_gpu_work_ahead_of_it_finishes():
 
 @pytest.mark.parametrize("layout", ["colocated-cuda-graphs", "disaggregated-stage-graphs"])
 def test_prefix_cache_survives_graph_replays(layout, tiny_models):
-    """Requests sharing prefixes (tests/test_prefix_cache_layouts.py) with the prefix cache off
-    and on, every step replayed from CUDA graphs (whole-step decode graphs colocated, stage
-    graphs disaggregated): the same tokens, logits within 1e-4, prompts served from the cache."""
-    from test_prefix_cache_layouts import COMMON, REQUESTS as SHARED
+    """Requests sharing prefixes (tests/test_prefix_cache_layouts.py) with the prefix cache off,
+    on, and on with a one-request device cache and a host tier (pinned memory, copies on the
+    step's stream), every step replayed from CUDA graphs (whole-step decode graphs colocated,
+    stage graphs disaggregated): the same tokens, logits within 1e-4, prompts served from the
+    cache and from host memory."""
+    from test_prefix_cache_layouts import COMMON, HOST_TIER, REQUESTS as SHARED
 
     tp, workers, transport, _ = GPU_LAYOUTS[layout][:4]
     checkpoint = str(tiny_models["untied"].canonical_dir)
     base = ["runtime.device=cuda", f"runtime.transport={transport}", "runtime.cuda_graphs=true",
             f"parallel.tensor_parallel={tp}", f"parallel.attention_workers={workers}", *COMMON]
     cases = [(checkpoint, base + [f"kv_cache.prefix_caching={on}"]) for on in ("false", "true")]
-    off, on = run_ranks(generate_on_ranks, tp + workers, cases, SHARED)
+    cases.append((checkpoint, base + HOST_TIER))  # the device cache holds one request: hits from host memory
+    off, on, host = run_ranks(generate_on_ranks, tp + workers, cases, SHARED)
     assert sum(on["cached_tokens"]) >= 4 * 8 and not any(off["cached_tokens"])
-    assert on["tokens"] == off["tokens"]
-    for got, want in zip(on["logits"], off["logits"]):
-        assert (got.cpu() - want.cpu()).abs().max() < 1e-4
-    assert on["graph_steps"] == on["steps"] and off["graph_steps"] == off["steps"]
+    assert host["prefix_stats"][2] >= 8  # tokens served from the host tier
+    for run in (on, host):
+        assert run["tokens"] == off["tokens"]
+        for got, want in zip(run["logits"], off["logits"]):
+            assert (got.cpu() - want.cpu()).abs().max() < 1e-4
+        assert run["graph_steps"] == run["steps"]
+    assert off["graph_steps"] == off["steps"]
+
+
+def _fp8_pages(shape, g):
+    """An e4m3 pool of `shape` with per-KV-head scales unlike 1, and its float32 dequantized copy."""
+    scale = 0.02 + torch.rand(shape[1], device="cuda", generator=g) * 0.05
+    pool = (torch.randn(shape, device="cuda", generator=g) * 0.1 / scale[:, None, None]).to(torch.float8_e4m3fn)
+    return pool, scale, pool.float() * scale[:, None, None]
+
+
+def test_fp8_kernels_match_float32_on_dequantized_pages():
+    """The decode kernel (one split and several, with the log-sum-exp) and the prefill kernel
+    reading an e4m3 cache with bfloat16 queries, against the same kernels in float32 (exact
+    "ieee" dots) over the dequantized cache: e4m3 converts to bfloat16 exactly, so only
+    bfloat16's rounding of q and the probabilities is left."""
+    from megatron_lamina.attention.triton_paged import paged_decode
+    from megatron_lamina.attention.triton_prefill import paged_prefill
+
+    g = torch.Generator(device="cuda").manual_seed(26)
+    heads, kv_heads, d, block_size, batch, blocks_each = 32, 8, 128, 16, 6, 64
+    (kc, ks, kf), (vc, vs, vf) = (_fp8_pages((batch * blocks_each, kv_heads, block_size, d), g) for _ in range(2))
+    tables = torch.randperm(batch * blocks_each, device="cuda", generator=g).view(batch, blocks_each).int()
+    lens = torch.randint(1, blocks_each * block_size, (batch,), device="cuda", generator=g).int()
+    q = torch.randn(batch, heads, d, device="cuda", generator=g)
+    for splits in (1, 5):
+        got, got_lse = paged_decode(q.bfloat16(), kc, vc, tables, lens, num_splits=splits, return_lse=True,
+                                    k_scale=ks, v_scale=vs)
+        want, want_lse = paged_decode(q, kf, vf, tables, lens, num_splits=splits, return_lse=True)
+        assert ((got - want).norm() / want.norm()).item() < 1e-2, splits
+        assert (got_lse - want_lse).abs().max().item() < 5e-2, splits
+    rows = 300  # one prefill chunk per request: its last `rows // batch` positions
+    n = rows // batch
+    starts = (lens - n).clamp(min=0)
+    q_rows = torch.randn(n * batch, heads, d, device="cuda", generator=g)
+    q_starts = torch.arange(batch, device="cuda", dtype=torch.int32) * n
+    q_lens = torch.minimum(lens, torch.full_like(lens, n))
+    out = torch.zeros(n * batch, heads, d, device="cuda", dtype=torch.bfloat16)
+    paged_prefill(q_rows.bfloat16(), kc, vc, tables, q_starts, q_lens, starts.int(), out, n, k_scale=ks, v_scale=vs)
+    ref = torch.zeros(n * batch, heads, d, device="cuda")
+    paged_prefill(q_rows, kf, vf, tables, q_starts, q_lens, starts.int(), ref, n)
+    assert ((out.float() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+FP8_GPU_ATOL = 0.6  # test_fp8_weights.py's bound for the same tiny models on a CPU
+
+
+@pytest.mark.parametrize("layout", ["colocated-cuda-graphs", "disaggregated-stage-graphs"])
+def test_fp8_kv_and_weights_on_cuda(layout, tiny_models, tmp_path):
+    """FP8 KV (Triton kernels reading e4m3), then FP8 weights (torch._scaled_mm) and KV, every
+    step replayed from CUDA graphs, with the asynchronous loop; disaggregated with q-first
+    too: held to transformers as the CPU FP8 tests hold them (fp8_checks.py)."""
+    from fp8_checks import check_fp8_run
+
+    from megatron_lamina.checkpoint.convert import quantize_checkpoint
+
+    tp, workers, transport, _ = GPU_LAYOUTS[layout][:4]
+    model = tiny_models["untied"]
+    fp8_dir = quantize_checkpoint(model.canonical_dir, tmp_path / "fp8")
+    base = ["runtime.device=cuda", f"runtime.transport={transport}", "runtime.cuda_graphs=true",
+            f"parallel.tensor_parallel={tp}", f"parallel.attention_workers={workers}", "kv_cache.block_size=4",
+            "kv_cache.num_blocks=64", "scheduler.max_prefill_tokens=8", "kv_cache.dtype=fp8_e4m3"]
+    cases = [(str(model.canonical_dir), base), (str(fp8_dir), base)]
+    if workers:
+        cases.append((str(fp8_dir), base + ["runtime.q_first=true"]))
+    results = run_ranks(generate_on_ranks, tp + workers, cases, REQUESTS)
+    tokens, logits = _cuda_reference(model)
+    for (checkpoint, overrides), result in zip(cases, results):
+        check_fp8_run(f"{checkpoint} {overrides[-1]}", result, tokens, logits, FP8_GPU_ATOL)
+        assert result["graph_steps"] == result["steps"]

@@ -1,6 +1,6 @@
 """Step plans as integer columns (engine/plan_columns.py): every field a plan sends survives
 the round trip (chunks of prefill and decode, fed tokens, prompt log-probabilities, new
-blocks, released requests, several micro-batches and shards, the heartbeat's empty plan,
+blocks, released requests, host-tier copies, several micro-batches and shards, the heartbeat's empty plan,
 the shutdown plan), the encoder knows every field of the plan's dataclasses, and
 `broadcast_plan` carries them between real gloo ranks."""
 
@@ -28,7 +28,7 @@ def plans() -> list[StepPlan]:
         StepPlan([MicroBatch([SequenceChunk(3, 0, 5, [0], [], True, feed=2),
                               SequenceChunk(2**40, 1, 0, list(range(17)), [8, 9, 10], True, all_logits=True)]),
                   MicroBatch([SequenceChunk(4, 1, 2, [11, 12], [], True, -1, True)])],
-                 released=[5]),
+                 released=[5], offloads=[1, 7, 0, 1, 3, 2], loads=[0, 9, 4]),
         StepPlan([MicroBatch(big[:512]), MicroBatch(big[512:])], released=list(range(40))),
     ]
 

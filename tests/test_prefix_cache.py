@@ -255,3 +255,86 @@ def test_the_config_key_is_checked():
 
     with pytest.raises(ConfigError, match="kv_cache.prefix_caching"):
         load_config(None, ["model.checkpoint=x", "kv_cache.prefix_caching=maybe"])
+
+
+# ---------------------------------------------------------------------------- the host tier
+
+def test_host_tier_keeps_every_prefix_exact():
+    """A device cache far too small and a host tier: cached blocks evicted from the device go
+    to host slots and come back on a hit. A real cache and host tier run each plan's copies,
+    then every chunk checks that its context before `start` holds its own tokens (what a
+    step's attention would read) and writes its new ones: a copy in the wrong order, to the
+    wrong slot, or a slot overwritten while a load still needed it, shows."""
+    import torch
+
+    from megatron_lamina.attention.kv_cache import PagedKVCache
+    from megatron_lamina.engine.host_tier import HostTier
+
+    blocks = BlockManager(2, 8, 4, True, host_blocks=16)
+    scheduler = Scheduler(blocks, 2, 12, 2, max_model_len=512)
+    caches = [PagedKVCache(2, 8, 4, 1, 1, torch.float32) for _ in range(2)]
+    tiers = [HostTier(cache, 16, shard) for shard, cache in enumerate(caches)]
+    prefixes = [list(range(1, 13)), list(range(40, 52)), list(range(70, 82)), list(range(90, 102))]
+    for i in range(40):
+        prompt = prefixes[i % 4] + [100 + i] * (1 + i % 3)
+        scheduler.add(Request(i, prompt, SamplingParams(temperature=0, max_tokens=2 + i % 5)))
+    checked = 0
+    while scheduler.has_work():
+        plan = scheduler.schedule()
+        for tier in tiers:
+            tier.apply(plan)
+        by_id = {r.request_id: r for r in scheduler.running}
+        for chunk in (c for mb in plan.micro_batches for c in mb.chunks):
+            request, cache = by_id[chunk.request_id], caches[chunk.shard]
+            table = torch.tensor(chunk.block_table)
+            before = torch.arange(chunk.start)
+            k, v = cache.read(0, table[before // 4] * 4 + before % 4)
+            want = torch.tensor(request.tokens(0, chunk.start), dtype=torch.float32)
+            assert torch.equal(k[:, 0, 0], want) and torch.equal(v[:, 0, 0], want), (chunk, request.request_id)
+            checked += chunk.start
+            now = torch.arange(chunk.start, chunk.end)
+            values = torch.tensor(request.tokens(chunk.start, chunk.end) if chunk.feed < 0 else [0],
+                                  dtype=torch.float32)[:, None, None]
+            for layer in (0, 1):
+                cache.write(layer, table[now // 4] * 4 + now % 4, values, values)
+        for chunk in plan.sampled_chunks:
+            request = by_id[chunk.request_id]
+            request.output_token_ids.append(7)
+            if len(request.output_token_ids) >= request.params.max_tokens:
+                scheduler.finish(request, "length")
+        check_pools(scheduler)
+    stats = blocks.stats
+    assert stats.host_hits > 0 and stats.loads > 0 and stats.offloads > 0 and stats.hits > 0 and checked > 0
+    assert all(pool.refs == [0] * 8 for pool in blocks.pools)
+
+
+def test_a_slot_being_loaded_is_never_an_offload_target():
+    """One host slot: a request takes its prefix back from it while its own admission evicts
+    another cached block from the device; that block cannot go to the slot the load reads."""
+    scheduler = make(num_blocks=3)
+    scheduler.blocks = BlockManager(1, 3, 4, True, host_blocks=1)
+    first, other = list(range(1, 9)), list(range(20, 28))
+    for i, prompt in enumerate([first, other]):  # first's block 0 is offloaded when other evicts it
+        scheduler.add(Request(i, prompt, SamplingParams(temperature=0, max_tokens=1)))
+        plan = step(scheduler)
+        run_all(scheduler)
+    pool = scheduler.blocks.pools[0]
+    assert pool.host.hash_of[0] is not None and scheduler.blocks.stats.offloads >= 1
+    again = Request(2, first + [5], SamplingParams(temperature=0, max_tokens=1))
+    scheduler.add(again)
+    plan = step(scheduler)
+    # Its first block still on the device, its second in slot 0: copied back into a block
+    # whose own cached content had nowhere to go (the only slot is being read).
+    assert plan.loads == [0, plan.loads[1], 0] and again.num_cached_tokens == 8 and plan.offloads == []
+    assert scheduler.blocks.stats.host_hits == 4 and scheduler.blocks.stats.hits == 4
+
+
+def test_reset_forgets_the_host_tier_too():
+    blocks = BlockManager(1, 3, 4, True, host_blocks=4)
+    scheduler = Scheduler(blocks, 4, 64, 1, max_model_len=512)
+    for i, prompt in enumerate([list(range(1, 9)), list(range(20, 28)), list(range(1, 10))]):
+        scheduler.add(Request(i, prompt, SamplingParams(temperature=0, max_tokens=1)))
+        run_all(scheduler)
+    assert blocks.stats.host_hits == 4 and blocks.pools[0].host.slot_of
+    blocks.reset_prefix_cache()
+    assert not blocks.pools[0].host.slot_of and not blocks.pools[0].block_of

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from megatron_lamina.engine.block_tables import BlockTables
+from megatron_lamina.engine.host_tier import HostTier
 from megatron_lamina.engine.rotation import exchange_order
 from megatron_lamina.host_to_device import to_device
 from megatron_lamina.plan import StepPlan
@@ -27,13 +28,16 @@ from megatron_lamina.transport.p2p import AttentionEndpoint
 
 class AttentionWorker:
     def __init__(self, endpoint: AttentionEndpoint, attend: AttentionBackend, num_layers: int, device,
-                 tables: BlockTables):
-        """`tables`: this rank's copy of its shard's block tables (with its mirror on `device`)."""
+                 tables: BlockTables, host_tier: HostTier | None = None):
+        """`tables`: this rank's copy of its shard's block tables (with its mirror on `device`);
+        `host_tier`: the prefix cache's host copies of its cache, if any."""
         self.endpoint, self.attend, self.num_layers, self.device = endpoint, attend, num_layers, device
-        self.tables = tables
+        self.tables, self.host_tier = tables, host_tier
 
     @torch.inference_mode()
     def serve(self, plan: StepPlan) -> None:
+        if self.host_tier is not None:  # the prefix cache's copies, before anything reads the cache
+            self.host_tier.apply(plan)
         table_writes = self.tables.apply(plan)  # first in the copy: the indices gather from the mirror
         shard, mbs = self.endpoint.shard, plan.micro_batches
         mine = [j for j, mb in enumerate(mbs) if mb.shard_chunks(shard)]

@@ -5,8 +5,8 @@ token and stream) never takes the engine's interpreter lock: rank 0 runs the eng
 (`engine/engine_service.py`), a child process runs the front end (`server/frontend.py`),
 and they talk over one `multiprocessing` pipe. Every message is a tuple whose first item
 names it; its payloads are the plain dataclasses below (pickled by the pipe). A step's
-outputs travel as tuples (`pack_output` / `unpack_output`): pickling 256 `RequestOutput`
-dataclasses costs the engine ~0.5 ms a step on the 2-core dev machine, their tuples ~0.08 ms.
+outputs travel as tuples (`pack_output` / `unpack_output`): the engine pickles a step's
+outputs on its loop, and tuples pickle many times faster than dataclasses (docs/BENCHMARKS.md).
 
 Front end -> engine:
   ("add", [(key, PromptInput), ...])   requests the front end admitted (tokenized, checked);
@@ -70,6 +70,6 @@ class StepReport:
     waiting: int = 0
     blocks_total: int = 0
     blocks_used: list[int] = field(default_factory=list)  # per attention shard
-    # The prefix cache's counters since start-up (block_manager.PrefixCacheStats: queries and
-    # hits in tokens, evictions in blocks).
-    prefix_cache: tuple[int, int, int] = (0, 0, 0)
+    # The prefix cache's counters since start-up (block_manager.PrefixCacheStats.as_tuple:
+    # queries, device hits and host hits in tokens; evictions, offloads and loads in blocks).
+    prefix_cache: tuple[int, ...] = (0, 0, 0, 0, 0, 0)

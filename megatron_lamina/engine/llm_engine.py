@@ -72,7 +72,8 @@ class LLMEngine:
         self.codec = TextCodec(ctx.cfg.model.checkpoint)
         self.eos_token_ids = set(ctx.arch.eos_token_ids)
         kv = ctx.cfg.kv_cache
-        blocks = BlockManager(ctx.topology.request_shards, ctx.num_blocks, kv.block_size, kv.prefix_caching)
+        blocks = BlockManager(ctx.topology.request_shards, ctx.num_blocks, kv.block_size, kv.prefix_caching,
+                              ctx.num_host_blocks)
         s = ctx.cfg.scheduler
         self.scheduler = Scheduler(blocks, s.max_batch_size, s.max_prefill_tokens, ctx.cfg.micro_batches,
                                    ctx.arch.max_position_embeddings)

@@ -22,6 +22,7 @@ import torch
 
 from megatron_lamina.engine.block_tables import BlockTables
 from megatron_lamina.engine.cuda_graphs import DecodeGraphs
+from megatron_lamina.engine.host_tier import HostTier
 from megatron_lamina.engine.pipeline import EagerStages, run_pipeline
 from megatron_lamina.engine.stage_graphs import StageGraphs
 from megatron_lamina.engine.step_inputs import host_inputs
@@ -35,15 +36,19 @@ from megatron_lamina.transport.channel import AttentionChannel
 class ModelWorker:
     def __init__(self, model: LlamaModel, channel: AttentionChannel, feed: TokenFeed,
                  tables: BlockTables | None = None, decode_graphs: DecodeGraphs | None = None,
-                 stage_graphs: StageGraphs | None = None):
+                 stage_graphs: StageGraphs | None = None, host_tier: HostTier | None = None):
         """`tables`: this rank's copy of the block tables (every colocated rank, the driver's
-        included: the attention index gathers its rows); None where no cache is held."""
+        included: the attention index gathers its rows); None where no cache is held.
+        `host_tier`: the prefix cache's host copies of this rank's cache (colocated), if any."""
         self.model, self.channel, self.feed, self.tables = model, channel, feed, tables
+        self.host_tier = host_tier
         self.decode_graphs, self.stage_graphs = decode_graphs, stage_graphs
         self.graph_steps = 0  # steps replayed from graphs (tests check that the graph path ran)
 
     @torch.inference_mode()
     def run(self, plan: StepPlan) -> torch.Tensor:
+        if self.host_tier is not None:  # the prefix cache's copies, before anything reads the cache
+            self.host_tier.apply(plan)
         # The block-table mirror's writes go first in the step's copy: the indices gather from it.
         table_writes = HostArrays({}) if self.tables is None else self.tables.apply(plan)
         if self.decode_graphs is not None and self.decode_graphs.can_run(plan):

@@ -44,6 +44,7 @@ class RankContext:
     worker: ModelWorker | AttentionWorker
     placement: Placement | None = None  # where every rank runs (None: an in-process `LLM`)
     liveness: Heartbeat | Watchdog | None = None  # the driver's heartbeat, or this rank's watchdog
+    num_host_blocks: int = 0  # the prefix cache's host-tier slots per shard (engine/host_tier.py)
 
 
 class StartupLog:
@@ -151,7 +152,7 @@ def start_rank(cfg: LaminaConfig, placement: Placement | None = None) -> RankCon
     liveness = start_liveness(groups, rank, cfg.runtime.step_timeout_s, names)
     log("every rank is ready")
     return RankContext(cfg, arch, topology, groups, rank, device, built.num_blocks, built.worker, placement,
-                       liveness)
+                       liveness, built.num_host_blocks)
 
 
 def rank_name(topology: Topology, rank: int, placement: Placement | None) -> str:

@@ -118,7 +118,10 @@ class Scheduler:
             self.running.append(request)
             budget -= n
             chunks.append(self._chunk(request, n, request.num_tokens))
-        return StepPlan(self._split(chunks), released=self.take_released() if chunks else [])
+        offloads, loads = self.blocks.take_copies()  # the host tier's copies, run before this step
+        assert chunks or not (offloads or loads), "host-tier copies are planned only with blocks taken"
+        return StepPlan(self._split(chunks), released=self.take_released() if chunks else [],
+                        offloads=offloads, loads=loads)
 
     def _reserve(self, request: Request, context_len: int) -> bool:
         """Grow the request's blocks, preempting the youngest on its shard if needed."""

@@ -31,6 +31,7 @@ from megatron_lamina.checkpoint.loader import CheckpointShardLoader, padded_voca
 from megatron_lamina.config import LaminaConfig
 from megatron_lamina.engine.attention_worker import AttentionWorker
 from megatron_lamina.engine.block_tables import BlockTables
+from megatron_lamina.engine.host_tier import HostTier, host_blocks
 from megatron_lamina.engine.memory import kv_blocks_that_fit, measure_peak
 from megatron_lamina.engine.model_worker import ModelWorker
 from megatron_lamina.engine.sampling import SamplingParams, sample_tokens_on_device
@@ -51,6 +52,7 @@ class BuiltWorker:
     worker: ModelWorker | AttentionWorker
     num_blocks: int          # KV blocks per cache (every rank agrees)
     cache: PagedKVCache | None
+    num_host_blocks: int = 0  # the prefix cache's host-tier slots per cache (every rank computes the same)
 
 
 def use_cuda_graphs(cfg: LaminaConfig, topology: Topology, device: torch.device) -> bool:
@@ -113,14 +115,19 @@ def _model_worker(cfg, arch, topology, groups, rank, device, log, weights) -> Bu
         host_staging = device.type == "cuda" and dist.get_backend() == "gloo"
         channel = P2PChannel(topology.routes_from_tp(rank), kv_lo, arch.queries_per_kv_head, host_staging,
                              groups.to_attention, groups.to_model, q_first=cfg.runtime.q_first)
-        return BuiltWorker(ModelWorker(model, channel, feed, stage_graphs=stage_graphs), num_blocks, None)
+        host = _host_slots(cfg, arch, arch.num_kv_heads // topology.head_groups)
+        if host:
+            log(f"prefix cache host tier: {host} blocks of {cfg.kv_cache.block_size} tokens "
+                f"({host * cfg.kv_cache.block_size:,} tokens, kv_cache.host_cache_gib = {cfg.kv_cache.host_cache_gib:g}) "
+                "of host memory per attention worker")
+        return BuiltWorker(ModelWorker(model, channel, feed, stage_graphs=stage_graphs), num_blocks, None, host)
 
     kv_heads = arch.num_kv_heads // topology.tp_size
     max_blocks = math.ceil(arch.max_position_embeddings / cfg.kv_cache.block_size)
 
-    def worker_over(cache: PagedKVCache, decode_graphs) -> ModelWorker:
+    def worker_over(cache: PagedKVCache, decode_graphs, host_tier: HostTier | None = None) -> ModelWorker:
         return ModelWorker(model, LocalChannel(attention_backend(cache, device)), feed, block_tables(cfg, arch, None, device),
-                           decode_graphs, stage_graphs)
+                           decode_graphs, stage_graphs, host_tier)
 
     def decode_graphs_over(cache: PagedKVCache, scratch: int):
         from megatron_lamina.engine.cuda_graphs import DecodeGraphs
@@ -139,7 +146,9 @@ def _model_worker(cfg, arch, topology, groups, rank, device, log, weights) -> Bu
     # With decode graphs the cache has one more block, never handed out: padding rows' scratch.
     cache = _cache(cfg, arch, num_blocks + graphs, kv_heads, device)
     decode = decode_graphs_over(cache, scratch=num_blocks) if graphs else None
-    return BuiltWorker(worker_over(cache, decode), num_blocks, cache)
+    host = _host_slots(cfg, arch, kv_heads)
+    tier = _host_tier(cache, host, 0, log)
+    return BuiltWorker(worker_over(cache, decode, tier), num_blocks, cache, host)
 
 
 def _attention_worker(cfg, arch, topology, groups, rank, device, log) -> BuiltWorker:
@@ -157,8 +166,27 @@ def _attention_worker(cfg, arch, topology, groups, rank, device, log) -> BuiltWo
     endpoint = AttentionEndpoint(topology.routes_to_attention(rank), shard, kv_lo, kv_heads,
                                  arch.queries_per_kv_head, arch.head_dim, cfg.torch_dtype, device, host_staging,
                                  groups.to_attention, groups.to_model, q_first=cfg.runtime.q_first)
+    host = _host_slots(cfg, arch, kv_heads)
     return BuiltWorker(AttentionWorker(endpoint, attention_backend(cache, device), arch.num_layers, device,
-                                       block_tables(cfg, arch, shard, device)), num_blocks, cache)
+                                       block_tables(cfg, arch, shard, device), _host_tier(cache, host, shard, log)),
+                       num_blocks, cache, host)
+
+
+def _host_slots(cfg: LaminaConfig, arch: ModelArchitecture, kv_heads: int) -> int:
+    """The prefix cache's host-tier slots of every cache (kv_cache.host_cache_gib over the
+    bytes of one block of a cache of `kv_heads`: every cache of a layout holds as many)."""
+    if not cfg.kv_cache.prefix_caching or cfg.kv_cache.host_cache_gib == 0:
+        return 0
+    return host_blocks(cfg.kv_cache.host_cache_gib, _bytes_per_block(cfg, arch, kv_heads))
+
+
+def _host_tier(cache: PagedKVCache, slots: int, shard: int, log: Log) -> HostTier | None:
+    if slots == 0:
+        return None
+    tier = HostTier(cache, slots, shard)
+    log(f"prefix cache host tier: {slots} blocks of {cache.block_size} tokens ({slots * cache.block_size:,} tokens), "
+        f"{tier.nbytes / (1 << 30):.2f} GiB of {'pinned ' if cache.k[0].is_cuda else ''}host memory per cache")
+    return tier
 
 
 def block_tables(cfg: LaminaConfig, arch: ModelArchitecture, shard: int | None, device) -> BlockTables:

@@ -2,7 +2,8 @@
 
 A private `CollectorRegistry` (no process-global state): requests running and waiting, KV
 blocks used per attention shard, prompt and generated tokens, histograms of
-time-to-first-token and inter-token latency, the prefix cache's queries, hits and evictions,
+time-to-first-token and inter-token latency, the prefix cache's queries, hits (device and
+host tier apart), evictions and host copies,
 and the engine's steps as a user needs them to
 see whether the server is bound by the GPU or by its host: the time of each step, its batch
 (requests sampled) and token rows, and the share of the time the GPU was busy with steps
@@ -59,15 +60,21 @@ class ServerMetrics:
         self.gpu_period_seconds = Counter("lamina_gpu_period_seconds", "GPU time between back-to-back step ends",
                                           registry=r)
         # The prefix cache (engine/block_manager.py), in vLLM's units: tokens of the admitted
-        # requests looked up, tokens found (by tier: device), blocks whose prefix was evicted.
+        # requests looked up, tokens found (by tier: device, host), device blocks whose prefix
+        # was evicted, blocks copied to the host tier and back.
         self.prefix_queries = Counter("lamina_prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
                                       registry=r)
         self.prefix_hits = Counter("lamina_prefix_cache_hits", "Prompt tokens served from the prefix cache",
                                    ["tier"], registry=r)
-        self.prefix_hits.labels(tier="device")  # exported from the start, at 0
+        self.prefix_host_copies = Counter("lamina_prefix_cache_host_copies", "KV blocks copied by the host tier",
+                                          ["direction"], registry=r)
+        for tier in ("device", "host"):  # exported from the start, at 0
+            self.prefix_hits.labels(tier=tier)
+        for direction in ("to_host", "to_device"):
+            self.prefix_host_copies.labels(direction=direction)
         self.prefix_evictions = Counter("lamina_prefix_cache_evictions", "Cached KV blocks evicted for reuse",
                                         registry=r)
-        self._prefix_seen = (0, 0, 0)
+        self._prefix_seen = (0,) * 6
         self._last_token_time: dict[int, float] = {}
         self._window: deque[tuple[float, float]] = deque(maxlen=BUSY_WINDOW)
 
@@ -112,11 +119,15 @@ class ServerMetrics:
                 self._window.append((busy, step.gpu_period_s))
         if self._window:
             self.gpu_busy.set(sum(b for b, _ in self._window) / sum(p for _, p in self._window))
-        queries, hits, evictions = (now - seen for now, seen in zip(report.prefix_cache, self._prefix_seen))
+        queries, hits, host_hits, evictions, offloads, loads = (
+            now - seen for now, seen in zip(report.prefix_cache, self._prefix_seen))
         self._prefix_seen = report.prefix_cache
         self.prefix_queries.inc(queries)
         self.prefix_hits.labels(tier="device").inc(hits)
+        self.prefix_hits.labels(tier="host").inc(host_hits)
         self.prefix_evictions.inc(evictions)
+        self.prefix_host_copies.labels(direction="to_host").inc(offloads)
+        self.prefix_host_copies.labels(direction="to_device").inc(loads)
         self.running.set(report.running)
         self.waiting.set(report.waiting)
         self.kv_blocks_total.set(report.blocks_total)
