@@ -12,13 +12,11 @@ completes, the cache off serves nothing, on it serves the trace's shared first b
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from megatron_lamina.bench.prefix_trace import TRACE_BLOCK, hash_prompt, lru_hit_bound, read_hash_ids
+from megatron_lamina.bench.prefix_trace import TRACE_BLOCK, bound_main, hash_prompt, lru_hit_bound, read_hash_ids
 from megatron_lamina.planner.trace import read_trace
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,14 +48,13 @@ def test_lru_bound_counts_exactly():
 
 
 @needs_traces
-def test_the_conversation_trace_bound_and_the_tool():
+def test_the_conversation_trace_bound_and_the_tool(capsys):
     trace, ids = read_trace(CONVERSATION), read_hash_ids(CONVERSATION)
     assert len(ids) == len(trace) and all(len(i) == -(-r.input_len // TRACE_BLOCK) for i, r in zip(ids, trace))
     bound = lru_hit_bound([(i, r.input_len) for i, r in zip(ids, trace)], None)
     assert round(bound["hit_rate"], 3) == 0.373  # the 37.4 % counted blocks the engine recomputes
-    out = subprocess.run([sys.executable, str(ROOT / "tools" / "prefix_cache_bound.py"), str(CONVERSATION),
-                          "--max-requests", "50", "--capacity-tokens", "4096"], capture_output=True, text=True)
-    report = json.loads(out.stdout)
+    assert bound_main([str(CONVERSATION), "--max-requests", "50", "--capacity-tokens", "4096"]) == 0
+    report = json.loads(capsys.readouterr().out)
     requests = [(i, r.input_len) for i, r in zip(ids[:50], trace[:50])]
     assert report["bounds"] == [lru_hit_bound(requests, 4096), lru_hit_bound(requests, None)]
 

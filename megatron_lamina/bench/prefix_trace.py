@@ -9,15 +9,19 @@ replays the same prompts through an LRU cache of whole 512-token blocks of a giv
 run of cached blocks from the start, its last token always computed, as the engine's prefix
 cache does): the hit rate a measured one is held against. The serving replay
 (bench/serving_replay.py `--prefix-blocks`), the prefix-cache benchmark
-(bench/prefix_replay.py) and tools/prefix_cache_bound.py use them.
+(bench/prefix_replay.py) and tools/prefix_cache_bound.py (`bound_main`, its program) use them.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
+import sys
 from collections import OrderedDict
 from pathlib import Path
+
+from megatron_lamina.planner.trace import read_trace
 
 TRACE_BLOCK = 512  # tokens per Mooncake hash id
 
@@ -76,3 +80,26 @@ def lru_hit_bound(requests: list[tuple[list[int], int]], capacity_tokens: int | 
             cache.popitem(last=False)
     return {"capacity_tokens": capacity_tokens, "prompt_tokens": total, "hit_tokens": hits,
             "hit_rate": hits / total if total else 0.0}
+
+
+def bound_main(argv: list[str] | None = None) -> int:
+    """tools/prefix_cache_bound.py: the bound of a trace's first requests, per capacity and unlimited."""
+    p = argparse.ArgumentParser(description="The offline LRU prefix-cache hit-rate bound of a Mooncake trace's "
+                                            "first requests (bench/prefix_trace.py).")
+    p.add_argument("trace", help="a Mooncake JSONL trace with hash_ids")
+    p.add_argument("--capacity-tokens", type=int, nargs="*", default=[], help="cache sizes, in tokens")
+    p.add_argument("--max-requests", type=int, default=None)
+    p.add_argument("--max-input-len", type=int, default=None, help="prompts clipped, as a replay clips them")
+    args = p.parse_args(argv)
+    try:
+        trace = read_trace(args.trace, limit=args.max_requests)
+        ids = read_hash_ids(args.trace, limit=args.max_requests)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    clip = args.max_input_len or max(r.input_len for r in trace)
+    requests = [(i, min(r.input_len, clip)) for i, r in zip(ids, trace)]
+    rows = [lru_hit_bound(requests, c) for c in [*args.capacity_tokens, None]]
+    print(json.dumps({"trace": args.trace, "requests": len(requests), "bounds": rows}, indent=1))
+    return 0
+
