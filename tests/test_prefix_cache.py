@@ -338,3 +338,15 @@ def test_reset_forgets_the_host_tier_too():
     assert blocks.stats.host_hits == 4 and blocks.pools[0].host.slot_of
     blocks.reset_prefix_cache()
     assert not blocks.pools[0].host.slot_of and not blocks.pools[0].block_of
+
+
+def test_a_batch_line_carries_its_salt():
+    """The batch job's line takes `cache_salt` (the shared request schema) into the engine's
+    input; an empty salt is refused naming the field."""
+    from megatron_lamina.engine.batch_job import parse_line
+
+    line = parse_line(1, b'{"id": 1, "prompt": [1, 2, 3], "cache_salt": "tenant-a"}')
+    assert line.item.cache_salt == "tenant-a"
+    assert parse_line(2, b'{"id": 2, "prompt": [1, 2, 3]}').item.cache_salt is None
+    bad = parse_line(3, b'{"id": 3, "prompt": [1, 2, 3], "cache_salt": ""}')
+    assert bad.item is None and "cache_salt" in bad.error
