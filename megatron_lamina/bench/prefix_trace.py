@@ -21,30 +21,12 @@ import sys
 from collections import OrderedDict
 from pathlib import Path
 
-from megatron_lamina.planner.trace import read_trace
-
-TRACE_BLOCK = 512  # tokens per Mooncake hash id
+from megatron_lamina.planner.trace import TRACE_BLOCK, read_trace
 
 
 def read_hash_ids(path: str | Path, limit: int | None = None, skip: int = 0) -> list[list[int]]:
-    """The `hash_ids` of requests `skip` .. `skip + limit`, in the order `planner.trace.read_trace`
-    returns those requests (by arrival; equal arrivals in file order)."""
-    rows, seen = [], 0
-    with open(path) as f:
-        for line, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            seen += 1
-            if seen <= skip:
-                continue
-            if limit is not None and len(rows) >= limit:
-                break
-            try:
-                row = json.loads(text)
-                rows.append((row["timestamp"], [int(h) for h in row["hash_ids"]]))
-            except (ValueError, KeyError, TypeError) as e:
-                raise ValueError(f"{path}:{line}: not a Mooncake request with hash_ids ({e})") from None
-    return [ids for _, ids in sorted(rows, key=lambda r: r[0])]
+    """The `hash_ids` of requests `skip` .. `skip + limit`, in the order `read_trace` returns them."""
+    return [list(r.hash_ids) for r in read_trace(path, limit=limit, skip=skip)]
 
 
 def hash_prompt(hash_ids: list[int], length: int, token_range: tuple[int, int], seed: int = 0) -> list[int]:

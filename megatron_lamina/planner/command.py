@@ -37,7 +37,7 @@ from pathlib import Path
 from megatron_lamina.planner.cost_table import CostTable
 from megatron_lamina.planner.deployment import deployment_text, gpus_per_node, place
 from megatron_lamina.planner.devices import DEFAULT_PRICES, load_prices
-from megatron_lamina.planner.layout import Layout, kv_blocks_per_cache
+from megatron_lamina.planner.layout import Layout, host_blocks_per_cache, kv_blocks_per_cache
 from megatron_lamina.planner.link import LINKS, TABLE, Link, choose_link, describe_link
 from megatron_lamina.planner.report import plot_ratio, print_ranking, sources, write_config
 from megatron_lamina.planner.search import SearchSpace, Slo, search
@@ -188,12 +188,18 @@ def cmd_simulate(args) -> int:
         blocks = kv_blocks_per_cache(layout, shape, specs, tables[args.model_device].dtype_bytes)
     trace, clipping = load_slice(args)
     link = link_of(args)
+    # The engine's prefix cache as the config sets it (hits from a Mooncake trace's hash_ids);
+    # decode_only models no prefill for it to save.
+    prefix = cfg.kv_cache.prefix_caching and not args.decode_only
+    host = host_blocks_per_cache(layout, shape, cfg.kv_cache.host_cache_gib,
+                                 tables[args.model_device].dtype_bytes) if prefix else 0
     result = simulate(trace, layout, shape, tables[args.model_device],
                       None if cfg.colocated else tables[args.attention_device], blocks,
-                      args.max_model_len, saturate=args.saturate, decode_only=args.decode_only, link=link)
+                      args.max_model_len, saturate=args.saturate, decode_only=args.decode_only, link=link,
+                      prefix_caching=prefix, host_blocks=host)
     report = {"config": str(args.config), "model": shape.name, "trace": str(args.trace), "skip": args.skip,
               "requests": len(trace), "clipped": vars(clipping), "saturate": args.saturate,
-              "decode_only": args.decode_only,
+              "decode_only": args.decode_only, "prefix_caching": prefix, "host_blocks": host,
               "cost_sources": sources(tables), "link": link.to_dict() if link is not None else TABLE,
               **result.to_dict()}
     text = json.dumps(report, indent=1)

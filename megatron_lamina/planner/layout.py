@@ -114,6 +114,14 @@ def kv_blocks_per_cache(layout: Layout, shape: ModelShape, specs: dict[str, Devi
     return max(0, int((attention.memory_bytes * MEMORY_FRACTION - ATTENTION_WORKSPACE_BYTES) // per_block))
 
 
+def host_blocks_per_cache(layout: Layout, shape: ModelShape, host_cache_gib: float, dtype_bytes: int) -> int:
+    """The prefix cache's host-tier slots of one KV cache (kv_cache.host_cache_gib on each rank
+    that holds KV: a block there holds its cache's share of the KV heads)."""
+    per_block = layout.block_size * shape.kv_bytes_per_token(dtype_bytes) / (
+        layout.tp if layout.colocated else layout.head_groups)
+    return int(host_cache_gib * (1 << 30) // per_block)
+
+
 def config_yaml(layout: Layout, checkpoint: str, dtype: str, header: list[str],
                 nodes: list[dict] | None = None) -> str:
     """The run config of `layout` (checked by LaminaConfig.from_dict), with `header` as comments;

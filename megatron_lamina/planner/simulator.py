@@ -27,6 +27,14 @@ prefill budget (an admission takes no budget, the blocks of its whole prompt), a
 costs one decode token at its context, the step's chunks dealt round-robin into the
 micro-batches as the scheduler deals single tokens.
 
+With `prefix_caching` the engine's prefix cache runs too (engine/block_manager.py): each
+prompt is built from its trace request's `hash_ids` (Mooncake: equal ids, equal 512-token
+blocks; a request without ids, or past them, shares nothing), so hits come from the trace's
+sharing and the capacity of the layout's KV pool (a shard's blocks, every shard its own)
+plus `host_blocks` host-tier slots per shard. A hit's tokens are not computed, so its chunk
+costs only the rest of the prompt; the host tier's copies are not costed (the copy engine's).
+`SimResult.prefix_hit_rate` is the share of the completed requests' prompt tokens served.
+
 `simulate(..., saturate=True)` measures the layout's capacity instead of replaying the
 trace's arrival times: the trace's lengths, cycled, all waiting at time 0; throughput is
 counted over the saturated window only (from the first `max_batch_size` completions to the
@@ -55,7 +63,7 @@ from megatron_lamina.planner.pipeline import (
 )
 from megatron_lamina.planner.shapes import ModelShape
 from megatron_lamina.planner.stats import summarize
-from megatron_lamina.planner.trace import TraceRequest
+from megatron_lamina.planner.trace import TRACE_BLOCK, TraceRequest
 
 
 # What one chunk of a step costs: (shard, end, tokens): `tokens` fed on request shard `shard`,
@@ -142,6 +150,7 @@ class SimResult:
     ttft_s: dict = field(default_factory=dict)
     tpot_s: dict = field(default_factory=dict)
     e2e_s: dict = field(default_factory=dict)
+    prefix_hit_rate: float | None = None  # with the prefix cache: prompt tokens served from it
 
     @property
     def output_throughput(self) -> float:
@@ -161,7 +170,8 @@ class SimResult:
                 "request_throughput_req_s": self.request_throughput, "steps": self.steps,
                 "mean_batch": self.mean_batch, "max_batch": self.max_batch,
                 "preemptions": self.preemptions, "saturated": self.saturated,
-                "ttft_s": self.ttft_s, "tpot_s": self.tpot_s, "e2e_s": self.e2e_s}
+                "ttft_s": self.ttft_s, "tpot_s": self.tpot_s, "e2e_s": self.e2e_s,
+                "prefix_hit_rate": self.prefix_hit_rate}
 
 
 FINISHED = ("length", "context", "kv_capacity")
@@ -188,20 +198,24 @@ class EngineSimulator:
     """The engine's scheduler on a clock: `run` replays a trace, one engine step at a time."""
 
     def __init__(self, costs: StepCostModel, num_blocks: int, max_model_len: int | None = None,
-                 decode_only: bool = False):
+                 decode_only: bool = False, prefix_caching: bool = False, host_blocks: int = 0):
+        if prefix_caching and decode_only:
+            raise ValueError("the prefix cache saves prefill, which decode_only does not model")
         if num_blocks < 1:
             raise ValueError(f"{costs.layout.label}: no KV blocks (the weights do not fit, or kv blocks = "
                              f"{num_blocks})")
         self.costs, self.layout, self.num_blocks = costs, costs.layout, num_blocks
         self.max_model_len = max_model_len or costs.shape.max_context
         self.decode_only = decode_only
+        self.prefix_caching, self.host_blocks = prefix_caching, host_blocks
 
     def scheduler(self) -> Scheduler:
         """A fresh engine scheduler over this layout's request shards and KV blocks."""
         lay = self.layout
         budget = sys.maxsize if self.decode_only else lay.max_prefill_tokens
-        # No prefix cache: the simulated prompts are placeholders that would all share one prefix.
-        blocks = BlockManager(lay.request_shards, self.num_blocks, lay.block_size, prefix_caching=False)
+        # Without the prefix cache the prompts are shared placeholders, which it would all hit.
+        blocks = BlockManager(lay.request_shards, self.num_blocks, lay.block_size, self.prefix_caching,
+                              self.host_blocks)
         return Scheduler(blocks, lay.max_batch_size,
                          budget, micro_batches_run(lay.attention_workers, lay.micro_batches), self.max_model_len)
 
@@ -219,8 +233,8 @@ class EngineSimulator:
         """Replay `trace` (module doc); `on_step` sees every plan the scheduler makes (tests)."""
         if saturate:
             count = max(len(trace), 4 * self.layout.max_batch_size)
-            trace = [TraceRequest(0.0, trace[i % len(trace)].input_len, trace[i % len(trace)].output_len)
-                     for i in range(count)]
+            trace = [TraceRequest(0.0, trace[i % len(trace)].input_len, trace[i % len(trace)].output_len,
+                                  trace[i % len(trace)].hash_ids) for i in range(count)]
         scheduler = self.scheduler()
         replays = [Replayed(r) for r in trace]
         arrivals = sorted(range(len(trace)), key=lambda i: (trace[i].arrival_s, i))
@@ -236,9 +250,11 @@ class EngineSimulator:
                 index = arrivals[next_arrival]
                 next_arrival += 1
                 replay, n = replays[index], trace[index].input_len
-                if n not in prompts:
-                    prompts[n] = [0] * n
-                request = Request(index, prompts[n],
+                if self.prefix_caching:
+                    prompt = prefix_prompt(trace[index].hash_ids, n, index)
+                else:
+                    prompt = prompts.setdefault(n, [0] * n)
+                request = Request(index, prompt,
                                   SamplingParams(max_tokens=trace[index].output_len, ignore_eos=True),
                                   generator=no_sampling)
                 try:
@@ -307,6 +323,11 @@ class EngineSimulator:
             start = min((r.trace.arrival_s for r in replays), default=0.0)
             measured, duration, output_tokens, done_in_window = finished, now - start, generated, finished
         measured = [r for r in measured if r.first_token_s is not None]
+        hit_rate = None
+        if self.prefix_caching:
+            served = [r for r in done_in_window if r.request is not None]
+            hit_rate = sum(max(r.request.num_cached_tokens, 0) for r in served) / \
+                max(sum(r.trace.input_len for r in served), 1)
         tpot = [(r.finish_s - r.first_token_s) / (r.generated - 1) for r in measured if r.generated > 1]
         outcomes = [r.outcome for r in replays]
         return SimResult(
@@ -317,13 +338,27 @@ class EngineSimulator:
             input_tokens=sum(r.trace.input_len for r in done_in_window), steps=steps,
             mean_batch=batch_sum / steps if steps else 0.0, max_batch=max_batch, preemptions=preemptions,
             saturated=saturated, ttft_s=summarize([r.first_token_s - r.trace.arrival_s for r in measured]),
-            tpot_s=summarize(tpot), e2e_s=summarize([r.finish_s - r.trace.arrival_s for r in measured]))
+            tpot_s=summarize(tpot), e2e_s=summarize([r.finish_s - r.trace.arrival_s for r in measured]),
+            prefix_hit_rate=hit_rate)
 
 
 def simulate(trace: list[TraceRequest], layout: Layout, shape: ModelShape, model_costs: CostTable,
              attention_costs: CostTable | None, num_blocks: int, max_model_len: int | None = None,
-             saturate: bool = False, decode_only: bool = False, link: Link | None = None) -> SimResult:
-    """`link`: the model-attention network (None: the attention table's `network` curve)."""
+             saturate: bool = False, decode_only: bool = False, link: Link | None = None,
+             prefix_caching: bool = False, host_blocks: int = 0) -> SimResult:
+    """`link`: the model-attention network (None: the attention table's `network` curve);
+    `prefix_caching`, `host_blocks`: the engine's prefix cache and its host tier (module doc)."""
     layout.check(shape)
     costs = StepCostModel(layout, shape, model_costs, attention_costs or model_costs, link)
-    return EngineSimulator(costs, num_blocks, max_model_len, decode_only).run(trace, saturate)
+    return EngineSimulator(costs, num_blocks, max_model_len, decode_only, prefix_caching,
+                           host_blocks).run(trace, saturate)
+
+
+def prefix_prompt(hash_ids: tuple[int, ...], length: int, index: int) -> list[int]:
+    """Placeholder token ids that share exactly what the trace shares: block i of the prompt
+    is `hash_ids[i]` repeated (the engine's chained block keys tell equal prefixes only), and
+    what the ids do not cover is the request's own (-1 - index: never an id)."""
+    prompt: list[int] = []
+    for i in range(-(-length // TRACE_BLOCK)):
+        prompt += [hash_ids[i] if i < len(hash_ids) else -1 - index] * min(TRACE_BLOCK, length - len(prompt))
+    return prompt

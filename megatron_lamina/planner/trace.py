@@ -1,8 +1,8 @@
 """Request traces: arrival times and token counts (shared/traces, README there).
 
 `read_trace(path)` reads an Azure LLM inference trace (CSV: TIMESTAMP, ContextTokens,
-GeneratedTokens) or a Mooncake trace (JSONL: timestamp in ms, input_length, output_length)
-into `TraceRequest`s with arrival times in seconds from the first request. `select` takes a
+GeneratedTokens) or a Mooncake trace (JSONL: timestamp in ms, input_length, output_length,
+hash_ids: its prompt's shared 512-token blocks) into `TraceRequest`s with arrival times in seconds from the first request. `select` takes a
 slice, rescales or replaces the arrival process and clips lengths for small models. Both
 tools/bench_serving.py and the simulator replay the same `TraceRequest` lists.
 """
@@ -17,11 +17,15 @@ from datetime import datetime
 from pathlib import Path
 
 
+TRACE_BLOCK = 512  # prompt tokens per Mooncake hash id
+
+
 @dataclass(frozen=True)
 class TraceRequest:
     arrival_s: float    # from the start of the replay
     input_len: int
     output_len: int
+    hash_ids: tuple[int, ...] = ()  # Mooncake: one id per 512-token prompt block, equal ids equal blocks
 
 
 def trace_format(path: str | Path) -> str:
@@ -40,7 +44,7 @@ def read_trace(path: str | Path, limit: int | None = None, skip: int = 0) -> lis
     if not path.is_file():
         raise ValueError(f"{path}: no such trace file (traces are in ../shared/traces)")
     rows = _read_azure(path) if trace_format(path) == "azure" else _read_mooncake(path)
-    out: list[tuple[float, int, int]] = []
+    out: list[tuple[float, int, int, tuple[int, ...]]] = []
     for i, row in enumerate(rows):
         if i < skip:
             continue
@@ -49,8 +53,8 @@ def read_trace(path: str | Path, limit: int | None = None, skip: int = 0) -> lis
         out.append(row)
     if not out:
         raise ValueError(f"{path}: no requests after skipping {skip}")
-    start = min(t for t, _, _ in out)
-    return sorted((TraceRequest(t - start, n_in, n_out) for t, n_in, n_out in out),
+    start = min(row[0] for row in out)
+    return sorted((TraceRequest(t - start, n_in, n_out, ids) for t, n_in, n_out, ids in out),
                   key=lambda r: r.arrival_s)
 
 
@@ -65,7 +69,7 @@ def _read_azure(path: Path):
                 stamp = row["TIMESTAMP"].strip()
                 day, _, frac = stamp.partition(".")
                 t = datetime.strptime(day, "%Y-%m-%d %H:%M:%S").timestamp() + float(f"0.{frac or 0}")
-                yield t, int(row["ContextTokens"]), int(row["GeneratedTokens"])
+                yield t, int(row["ContextTokens"]), int(row["GeneratedTokens"]), ()
             except (ValueError, AttributeError) as e:
                 raise ValueError(f"{path}:{line}: cannot read {row!r} ({e})") from None
 
@@ -77,7 +81,8 @@ def _read_mooncake(path: Path):
                 continue
             try:
                 row = json.loads(text)
-                yield row["timestamp"] / 1000.0, int(row["input_length"]), int(row["output_length"])
+                yield (row["timestamp"] / 1000.0, int(row["input_length"]), int(row["output_length"]),
+                       tuple(int(h) for h in row.get("hash_ids", ())))
             except (ValueError, KeyError, TypeError) as e:
                 raise ValueError(f"{path}:{line}: not a Mooncake request ({e})") from None
 
