@@ -1,21 +1,19 @@
 """A real server for tests: `torchrun launcher/serve.py` (or `lamina serve`) on 127.0.0.1, waited
-for, torn down; and the processes a launcher started (`child_pids`, `wait_gone`)."""
+for, torn down, on the benchmarks' controller (bench/server_job.py: `LaunchedServer`); and the
+processes a launcher started (`child_pids`, `wait_gone`)."""
 
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-import httpx
-from spawn_ranks import free_port
-
-from megatron_lamina.bench.server_job import frontend_pid_in
+from megatron_lamina.bench.ranks import free_port
+from megatron_lamina.bench.server_job import LaunchedServer, child_pids, proc_stat
 
 ROOT = Path(__file__).resolve().parents[1]
+__all__ = ["ServerProcess", "child_pids", "tiny_server_config", "wait_gone"]
 
 
 def tiny_server_config(tmp_path: Path, checkpoint, **sections) -> tuple[Path, int]:
@@ -35,24 +33,6 @@ def tiny_server_config(tmp_path: Path, checkpoint, **sections) -> tuple[Path, in
     return path, port
 
 
-def child_pids(parent: int) -> list[int]:
-    """The live children of `parent` (for a launcher: its ranks, each in a session of its own)."""
-    pids = []
-    for pid in os.listdir("/proc"):
-        try:
-            if pid.isdigit() and _stat(pid)[1] == parent:
-                pids.append(int(pid))
-        except (OSError, ValueError):
-            continue
-    return pids
-
-
-def _stat(pid) -> tuple[str, int]:
-    """(state, parent pid) of a process, from /proc/PID/stat."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return fields[0], int(fields[1])
-
-
 def wait_gone(pids: list[int], timeout: float) -> list[int]:
     """Wait until none of `pids` runs; return those still running. A zombie no longer runs,
     unless it is a thread-group leader whose other threads are still exiting: they share its
@@ -63,7 +43,7 @@ def wait_gone(pids: list[int], timeout: float) -> list[int]:
         alive = []
         for pid in pids:
             try:
-                if _stat(pid)[0] != "Z" or len(os.listdir(f"/proc/{pid}/task")) > 1:
+                if proc_stat(pid)[0] != "Z" or len(os.listdir(f"/proc/{pid}/task")) > 1:
                     alive.append(pid)
             except (OSError, ValueError):
                 pass
@@ -76,11 +56,10 @@ LOGS_OF_THIS_TEST: list[Path] = []  # conftest shows their tails when a test fai
 LIVE_LOGS: list[Path] = []          # of servers not stopped yet (a module's shared server): shown too
 
 
-class ServerProcess:
+class ServerProcess(LaunchedServer):
     def __init__(self, config: Path | None, port: int, nproc: int, log: Path, launcher: str = "torchrun",
                  argv: list[str] | None = None, env: dict[str, str] | None = None):
         """`argv`: `lamina serve ARGV` as a user types it (no config file); `env`: added to ours."""
-        self.url, self.log_path = f"http://127.0.0.1:{port}", log
         LOGS_OF_THIS_TEST.append(log)
         LIVE_LOGS.append(log)
         if argv is not None:
@@ -91,68 +70,30 @@ class ServerProcess:
             cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
                    "--master-addr=127.0.0.1", f"--master-port={free_port()}",
                    str(ROOT / "launcher" / "serve.py"), "--config", str(config)]
-        self.log = open(log, "w")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                     env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {})),
-                                     start_new_session=True)
+        super().__init__(cmd, port, log, {"OMP_NUM_THREADS": "1", **(env or {})})
 
     def wait_healthy(self, timeout: float = 180.0) -> "ServerProcess":
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited {self.proc.returncode}:\n{self.output()[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:  # /health is 200 while loading
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise TimeoutError(f"server not healthy in {timeout}s:\n{self.output()[-3000:]}")
+        return super().wait_healthy(timeout)
 
     def rank_pid(self, rank: int) -> int:
-        """PID of the worker process with this RANK (a child of torchrun)."""
-        for pid in os.listdir("/proc"):
-            if not pid.isdigit():
-                continue
-            try:
-                env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"launcher/serve.py" in cmdline and f"RANK={rank}".encode() in env \
-                    and self._parent(pid) == self.proc.pid:
-                return int(pid)
-        raise LookupError(f"no rank {rank} process")
-
-    @staticmethod
-    def _parent(pid: str) -> int:
-        return _stat(pid)[1]
+        """PID of the worker process with this RANK (a child of the launcher)."""
+        pid = super().rank_pid(rank)
+        if pid is None:
+            raise LookupError(f"no rank {rank} process")
+        return pid
 
     def output(self) -> str:
-        self.log.flush()
-        return self.log_path.read_text()
+        return self.tail(None)
 
     def frontend_pid(self) -> int:
         """PID of the HTTP front end (a child of rank 0), from its "serving ..." log line."""
-        pid = frontend_pid_in(self.output())
+        pid = super().frontend_pid()
         if pid is None:
             raise LookupError("no 'serving' line in the log yet")
         return pid
 
-    def worker_pids(self) -> list[int]:
-        """The launcher's children (the ranks); they run in sessions of their own."""
-        return child_pids(self.proc.pid)
-
     def stop(self) -> None:
+        """SIGKILL at once: the launcher's group and its ranks."""
         if self.log_path in LIVE_LOGS:
             LIVE_LOGS.remove(self.log_path)
-        workers = self.worker_pids()
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=30)
-        for pid in workers:  # orphaned by torchrun's death otherwise
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self.log.close()
+        super().stop(grace=0)

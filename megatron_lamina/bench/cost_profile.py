@@ -75,7 +75,7 @@ import time
 import torch
 
 from megatron_lamina.bench.plans import decode_plan, paged_chunks
-from megatron_lamina.bench.ranks import Ranks
+from megatron_lamina.bench.ranks import run_ranks
 from megatron_lamina.bench.timing import graph_ms, wall_s
 from megatron_lamina.planner.cost_table import CostTable, Curve, Grid, prefill_pairs
 from megatron_lamina.planner.shapes import ModelShape, load_shape
@@ -92,16 +92,19 @@ def _device_for(rank: int, device_type: str) -> torch.device:
     return torch.device("cpu")
 
 
-def _model_rank(rank, world, init_method, shape_dict, dtype_name, device_type, layer_counts, batches, warmup,
-                repeats, threads, sample_vocab=None, graph_cap=None):
-    """One TP rank: {layers: {tokens: seconds}} for ModelWorker.run, plus the sampler."""
+def _model_rank(shape_dict, dtype_name, device_type, layer_counts, batches, warmup, repeats, threads,
+                sample_vocab=None, graph_cap=None):
+    """One TP rank (run_ranks sets its RANK and WORLD_SIZE): {layers: {tokens: seconds}} for
+    ModelWorker.run, plus the sampler."""
+    import os
+
     import torch.distributed as dist
 
     if threads:
         torch.set_num_threads(threads)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     device = _device_for(rank, device_type)
-    dist.init_process_group("nccl" if device_type == "cuda" else "gloo", init_method=init_method, rank=rank,
-                            world_size=world)
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo", rank=rank, world_size=world)
     try:
         return _measure_model(rank, world, device, dist.new_group(list(range(world))), shape_dict, dtype_name,
                               device_type, layer_counts, batches, warmup, repeats, sample_vocab, graph_cap)
@@ -133,7 +136,7 @@ def _measure_model(rank, world, device, tp_group, shape_dict, dtype_name, device
     for layers in layer_counts:
         model = LlamaModel(shape.with_layers(layers).to_architecture(), dtype, tp_group, padded_vocab,
                            fused_elementwise=graph_cap is not None).to(device)
-        with torch.no_grad():  # on the device: a CPU draws an 8B shape's 1-3 B values at ~150 M/s
+        with torch.no_grad():  # on the device: a CPU draws an 8B shape's billions of values slowly
             for p in model.parameters():
                 p.normal_(0.0, 0.02)
         runner = ModelWorker(model, no_attention, TokenFeed(tp_group, device))
@@ -252,8 +255,9 @@ def profile_model(args, shape: ModelShape, name: str = "") -> tuple[dict[int, Cu
         else:
             built, world = shape, tp
             print(f"model: TP {tp}, layers {low} and {high}, batches {args.batches}", flush=True)
-        m = Ranks(_model_rank, world, built.to_dict(), args.dtype, args.device, [low, high], args.batches,
-                  args.warmup, args.repeats, args.threads, shape.vocab_size, graph_cap).run()
+        m = run_ranks(_model_rank, world, built.to_dict(), args.dtype, args.device, [low, high], args.batches,
+                      args.warmup, args.repeats, args.threads, shape.vocab_size, graph_cap, here=True, threads=None,
+                      timeout=3600)
         if args.graphs:
             g = m.get("graphs") or {"max_batch": None, "buckets": {}, "eager": list(args.batches)}
             graphs[tp] = {"graph_batches": list(g["buckets"]), "buckets": list(g["buckets"].values()),
@@ -340,12 +344,15 @@ def profile_attention(args, shape: ModelShape) -> tuple[Grid, Curve]:
 
 # ----------------------------------------------------------------------------- network
 
-def _network_rank(rank, world, init_method, sizes, device_type, warmup, repeats):
+def _network_rank(sizes, device_type, warmup, repeats):
+    import os
+
     import torch.distributed as dist
 
+    rank = int(os.environ["RANK"])
     use_nccl = device_type == "cuda" and torch.cuda.device_count() >= 2
     device = _device_for(rank, device_type) if use_nccl else torch.device("cpu")
-    dist.init_process_group("nccl" if use_nccl else "gloo", init_method=init_method, rank=rank, world_size=world)
+    dist.init_process_group("nccl" if use_nccl else "gloo", rank=rank, world_size=2)
     try:
         return _measure_network(rank, device, sizes, warmup, repeats, "nccl" if use_nccl else "gloo")
     finally:
@@ -374,7 +381,8 @@ def _measure_network(rank, device, sizes, warmup, repeats, backend):
 
 def profile_network(args) -> tuple[Curve, str]:
     print(f"network: message bytes {args.message_bytes}", flush=True)
-    n = Ranks(_network_rank, 2, args.message_bytes, args.device, args.warmup, args.repeats).run()
+    n = run_ranks(_network_rank, 2, args.message_bytes, args.device, args.warmup, args.repeats, here=True,
+                  threads=None, timeout=600)
     sizes = sorted(args.message_bytes)
     return Curve([float(s) for s in sizes], [n["seconds"][s] for s in sizes]), n["backend"]
 
@@ -408,6 +416,8 @@ def _merge_base(path: str, shape: ModelShape, dtype: str, name: str) -> CostTabl
 def measure_table(args, parts: set[str]) -> int:
     """Measure `parts` (model, attention, network) as the parsed `args` say, merge into
     --merge-into where given, and write the table to args.out: 0, or 2 with an `error:` line."""
+    if args.threads:  # this process is rank 0 of every part, and measures attention alone
+        torch.set_num_threads(args.threads)
     try:
         shape = load_shape(args.model)
         name = device_name(args)

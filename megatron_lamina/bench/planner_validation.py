@@ -1,7 +1,7 @@
 """The planner's device validation (issue 6): simulator prediction vs the real server, colocated,
 one device; the orchestration behind tools/validate_planner.py.
 
-    # on a GPU machine (about 5-6 minutes for an 8B model on an H100): everything, a table last
+    # on a GPU machine: everything, a table last
     python tools/validate_planner.py --device cuda --out-dir out/validate
     # on the CPU, tiny shape and a few requests per trace (what tests/test_validate_planner.py runs)
     python tools/validate_planner.py --device cpu --shape tiny --slice azure configs/planner/traces/azure-conv-slice.csv 6 8 ...

@@ -1,22 +1,31 @@
-"""Ranks for the benchmark and profiling tools: a one-rank world, a torchrun TP world, and
-processes spawned as the other ranks of a measurement.
+"""Ranks for the benchmarks, the profiler and the tests: the one rank spawner, and the
+one-rank and torchrun worlds a benchmark runs in.
 
+  * `run_ranks(fn, world_size, *args)`: `fn(*args)` on `world_size` ranks, each a spawned
+    process with the environment torchrun would give it (RANK, WORLD_SIZE, LOCAL_RANK,
+    MASTER_ADDR/PORT on loopback), returning rank 0's value; with `here=True` rank 0 is this
+    process (the profiler: rank 0 measures, the others follow). A rank that raises or exits
+    non-zero fails the call with its traceback; a job that outlives `timeout` is killed
+    (never a hang); `hang_s` makes a stuck rank print every thread's stack and exit first.
+    Results travel through files (one pickle per rank), not a multiprocessing queue: a queue
+    handed to spawned children goes through a socket in the parent's /tmp/pymp-* folder,
+    which is one more thing that can vanish under a busy machine.
   * `init_one_rank`: this process alone as a torch.distributed world (Megatron's layers want
     a process group even at TP 1): gloo on the CPU, NCCL on GPU 0;
-  * `init_torchrun_tp`: under torchrun, one NCCL rank per GPU, all of them one TP group;
-  * `Ranks`: `fn(rank, world, init_method, *args)` on `world` ranks, rank 0 in this process
-    and the others spawned (the profiler: rank 0 measures, the others follow);
-  * `spawn_ranks`: `target(rank, port, *args, results)` on `world` spawned processes, one GPU
-    each, this process watching them (a rank that dies or hangs ends the run with its
-    traceback, never a wait without end); returns what rank 0 put on `results`.
+  * `init_torchrun_tp`: under torchrun, one NCCL rank per GPU, all of them one TP group.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pickle
 import socket
 import sys
+import tempfile
 import time
+import traceback
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -48,97 +57,117 @@ def init_torchrun_tp() -> int:
     return dist.get_world_size()
 
 
-class Ranks:
-    """fn(rank, world, init_method, *args) on `world` ranks: ranks 1.. are spawned when this
-    is built, rank 0 is this process, in `run()`, which returns rank 0's value."""
-
-    def __init__(self, fn: Callable, world: int, *args):
-        import multiprocessing as mp
-
-        self.init_method = f"tcp://127.0.0.1:{free_port()}"
-        ctx = mp.get_context("spawn")
-        self.fn, self.world, self.args, self.errors = fn, world, args, ctx.Queue()
-        self.procs = [ctx.Process(target=_spawned_rank, args=(fn, rank, world, self.init_method, self.errors, args))
-                      for rank in range(1, world)]
-        for p in self.procs:
-            p.start()
-
-    def run(self):
-        try:
-            value = self.fn(0, self.world, self.init_method, *self.args)
-        except BaseException:
-            self.kill()
-            raise
-        for p in self.procs:
-            p.join(timeout=60)
-        if not self.errors.empty():
-            raise RuntimeError(self.errors.get())
-        return value
-
-    def kill(self):
-        for p in self.procs:
-            if p.is_alive():
-                p.kill()
+def _rank_environment(rank: int, world_size: int, port: int, threads: int | None) -> dict[str, str]:
+    env = dict(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
 
 
-def _spawned_rank(fn, rank, world, init_method, errors, args):
-    import traceback
-
+def _run_rank(fn, args, rank: int, world_size: int, port: int, threads: int | None) -> tuple[str, Any]:
+    """fn(*args) as one rank: ("ok", its value on rank 0) or ("error", the traceback)."""
+    os.environ.update(_rank_environment(rank, world_size, port, threads))
+    if threads:
+        torch.set_num_threads(threads)
     try:
-        fn(rank, world, init_method, *args)
+        value = fn(*args)
+        return "ok", value if rank == 0 else None
     except BaseException:
-        errors.put(f"rank {rank}: {traceback.format_exc()}")
-        raise
+        return "error", traceback.format_exc()
 
 
-def _watched_rank(target, rank, port, args, results, hang_s):
-    """Run one rank; a failure or a hang is reported (with every thread's stack) instead of
-    leaving the other ranks waiting forever."""
-    import faulthandler
-    import traceback
+def _spawned_rank(fn, args, rank, world_size, port, results_dir, threads, hang_s):
+    if hang_s:
+        import faulthandler
 
-    faulthandler.dump_traceback_later(hang_s, exit=True)  # a hang prints where, then exits
+        faulthandler.dump_traceback_later(hang_s, exit=True)  # a hang prints where, then exits
+    outcome = ("error", "no result")
     try:
-        target(rank, port, *args, results)
-    except BaseException:
-        message = f"rank {rank} failed:\n{traceback.format_exc()}"
-        print(message, file=sys.stderr, flush=True)
-        results.put(message)
-        results.close()
-        results.join_thread()  # the message is in the pipe before the process ends
+        outcome = _run_rank(fn, args, rank, world_size, port, threads)
+    finally:
+        path = Path(results_dir) / f"rank{rank}.pkl"
+        path.with_suffix(".tmp").write_bytes(pickle.dumps(outcome))
+        path.with_suffix(".tmp").rename(path)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if outcome[0] == "error":
+        print(f"rank {rank} failed:\n{outcome[1]}", file=sys.stderr, flush=True)
         os._exit(1)
 
 
-def spawn_ranks(target: Callable, args: tuple, world: int, timeout_s: float) -> Any:
-    """`world` spawned ranks (rank r on GPU r, as `target` sets it up); returns what rank 0
-    puts on the results queue. A rank that dies, fails or outlives `timeout_s` ends the run
-    with a RuntimeError (its traceback or every thread's stack is printed above)."""
-    import multiprocessing as mp
-    import queue
-
-    port = free_port()
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_watched_rank, args=(target, r, port, args, results, timeout_s))
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + timeout_s + 30
-    value = None
+@contextlib.contextmanager
+def _restored_environment():
+    saved, threads = dict(os.environ), torch.get_num_threads()
     try:
-        while value is None:
-            try:
-                value = results.get(timeout=5)
-            except queue.Empty:
-                dead = [p for p in procs if p.exitcode not in (None, 0)]
-                if dead or time.monotonic() > deadline:
-                    what = ", ".join(f"rank {procs.index(p)} exit {p.exitcode}" for p in dead) or "timeout"
-                    raise RuntimeError(f"the {world}-rank run failed ({what}); the ranks' stacks are above") from None
+        yield
     finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-    if isinstance(value, str):
-        raise RuntimeError(value)
-    return value
+        os.environ.clear()
+        os.environ.update(saved)
+        torch.set_num_threads(threads)
+
+
+def run_ranks(fn: Callable, world_size: int, *args, timeout: float = 300.0, threads: int | None = 1,
+              hang_s: float | None = None, here: bool = False) -> Any:
+    """fn(*args) on `world_size` ranks; rank 0's return value (the module's docstring).
+    `threads`: torch and OpenMP threads per rank (None: torch's default); `here`: rank 0 runs
+    in this process, its torchrun environment and thread count put back after it."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    first = 1 if here else 0
+    with tempfile.TemporaryDirectory(prefix="ranks-") as results_dir:
+        procs = {r: ctx.Process(target=_spawned_rank, args=(fn, args, r, world_size, port, results_dir, threads,
+                                                            hang_s))
+                 for r in range(first, world_size)}
+        for p in procs.values():
+            p.start()
+        deadline = time.monotonic() + timeout
+        results: dict[int, tuple] = {}
+        error_here = None
+
+        def collect():
+            for rank in procs:
+                path = Path(results_dir) / f"rank{rank}.pkl"
+                if rank not in results and path.exists():
+                    results[rank] = pickle.loads(path.read_bytes())
+
+        try:
+            if here:
+                with _restored_environment():
+                    os.environ.update(_rank_environment(0, world_size, port, threads))
+                    if threads:
+                        torch.set_num_threads(threads)
+                    try:
+                        results[0] = ("ok", fn(*args))
+                    except BaseException as e:
+                        error_here = e
+                        results[0] = ("error", traceback.format_exc())
+                    finally:
+                        if dist.is_initialized():
+                            dist.destroy_process_group()
+            while len(results) < world_size and time.monotonic() < deadline:
+                collect()
+                if any(status == "error" for status, _ in results.values()):
+                    time.sleep(2)  # let the other ranks report their view of the failure
+                    collect()
+                    break
+                dead = [r for r, p in procs.items() if p.exitcode not in (None, 0) and r not in results]
+                if dead:
+                    results.update({r: ("error", f"exited with code {procs[r].exitcode}") for r in dead})
+                time.sleep(0.05)
+        finally:
+            for p in procs.values():
+                p.join(timeout=5)
+                if p.is_alive():
+                    p.kill()
+                    p.join()
+    if error_here is not None:
+        raise error_here
+    errors = [f"rank {r}:\n{value}" for r, (status, value) in sorted(results.items()) if status == "error"]
+    if len(results) < world_size and not errors:
+        errors.append(f"timed out after {timeout}s; ranks that reported: {sorted(results)}")
+    if errors:
+        raise RuntimeError("\n".join(errors))
+    return results[0][1]

@@ -1,11 +1,14 @@
-"""A real server for the benchmark tools: `torchrun launcher/serve.py`, waited for, sampled, stopped.
+"""A real server started, waited for, sampled and stopped: the one server-process controller of
+the benchmarks and the tests (tests/server_proc.py builds its servers on it).
 
-`ServerJob` starts the launcher in a session of its own with its output in a log file, waits
-for `/ready`, and stops it (SIGTERM, which drains; then SIGKILL for whatever is left,
-torchrun's workers included, which run in sessions of their own). `MetricsPoller` samples
-the server's `/metrics` at an interval during a run; `GpuPoller` samples the GPU's
-utilization (NVML, the figure `nvidia-smi` shows) meanwhile. Used by tools/validate_planner.py
-and tools/serving_benchmark.py.
+`LaunchedServer` starts a launcher command (torchrun launcher/serve.py, or `lamina serve`) in
+a session of its own with its output in a log file, waits for `/ready`, finds its ranks (the
+launcher's children: they run in sessions of their own), and stops it (SIGTERM, which drains,
+for `grace` seconds; then SIGKILL for whatever is left, the ranks included). `ServerJob` is
+the benchmarks' server: torchrun launcher/serve.py on a config with `--set` overrides.
+`MetricsPoller` samples the server's `/metrics` at an interval during a run; `GpuPoller`
+samples the GPU's utilization (NVML, the figure `nvidia-smi` shows) meanwhile. Used by
+bench/planner_validation.py, bench/prefix_replay.py and tools/serving_benchmark.py.
 """
 
 from __future__ import annotations
@@ -34,20 +37,39 @@ def launcher_command(launcher: str, nproc: int, config: str, overrides: list[str
     return cmd
 
 
-class ServerJob:
-    """torchrun launcher/serve.py in a session of its own, its output in a log file."""
+def proc_stat(pid: int | str) -> tuple[str, int]:
+    """(state, parent pid) of a process, from /proc/PID/stat (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return fields[0], int(fields[1])
 
-    def __init__(self, overrides: list[str], config: str, port: int, log_path: Path, cpu: bool, nproc: int = 1):
+
+def child_pids(parent: int) -> list[int]:
+    """The live children of `parent` (for a launcher: its ranks, each in a session of its own)."""
+    pids = []
+    for pid in os.listdir("/proc"):
+        try:
+            if pid.isdigit() and proc_stat(pid)[1] == parent:
+                pids.append(int(pid))
+        except (OSError, ValueError):
+            continue
+    return pids
+
+
+class LaunchedServer:
+    """`cmd` (a launcher) in a session of its own, its output in `log_path`; `env` is added to
+    this process's environment (with PYTHONUNBUFFERED=1)."""
+
+    def __init__(self, cmd: list[str], port: int, log_path: Path, env: dict[str, str] | None = None):
         self.url = f"http://127.0.0.1:{port}"
-        cmd = launcher_command("serve.py", nproc, config, overrides + [f"server.port={port}"])
-        env = dict(os.environ, PYTHONUNBUFFERED="1", **({"OMP_NUM_THREADS": "1"} if cpu else {}))
         self.started = time.monotonic()
         self.log_path, self.log = log_path, open(log_path, "w")  # noqa: SIM115 - closed by stop()
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                     env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})),
                                      start_new_session=True)
         self.ready_s: float | None = None  # from the launch to /ready answering 200
 
-    def wait_healthy(self, timeout: float) -> None:
+    def wait_healthy(self, timeout: float):
+        """Until /ready answers 200 (/health is 200 while the model loads); returns self."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -56,39 +78,36 @@ class ServerJob:
                 with urllib.request.urlopen(f"{self.url}/ready", timeout=2) as resp:
                     if resp.status == 200:
                         self.ready_s = time.monotonic() - self.started
-                        return
+                        return self
             except OSError:
                 pass
             time.sleep(0.5)
         raise TimeoutError(f"the server was not healthy within {timeout:.0f} s:\n{self.tail()}")
 
-    def tail(self, chars: int = 3000) -> str:
+    def tail(self, chars: int | None = 3000) -> str:
+        """The log's last `chars` characters (None: all of it)."""
         self.log.flush()
-        return self.log_path.read_text()[-chars:]
+        text = self.log_path.read_text()
+        return text if chars is None else text[-chars:]
 
-    def _workers(self) -> list[int]:
-        pids = []
-        for pid in os.listdir("/proc"):
-            try:
-                if pid.isdigit() and int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]) \
-                        == self.proc.pid:
-                    pids.append(int(pid))
-            except (OSError, ValueError):
-                continue
-        return pids
+    def worker_pids(self) -> list[int]:
+        """The launcher's children (the ranks); they run in sessions of their own."""
+        return child_pids(self.proc.pid)
 
     def stop(self, grace: float = 60.0) -> None:
-        """SIGTERM to torchrun (reaches the driver, which drains and exits); then SIGKILL to
-        whatever is left: torchrun's group and its workers (which run in sessions of their own)."""
-        workers = self._workers()
+        """SIGTERM to the launcher (reaches the driver, which drains and exits) and `grace`
+        seconds for it; then SIGKILL to whatever is left: the launcher's group and its ranks
+        (which run in sessions of their own). `grace` 0: SIGKILL at once."""
+        workers = self.worker_pids()
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
+            if grace > 0:
+                self.proc.send_signal(signal.SIGTERM)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(timeout=grace)
+            if self.proc.poll() is None:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(timeout=30)
-        for pid in workers:
+        for pid in workers:  # orphaned by the launcher's death otherwise
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         self.log.close()
@@ -97,19 +116,31 @@ class ServerJob:
         """The HTTP front end's process (a child of rank 0), from its "serving ..." log line."""
         return frontend_pid_in(self.tail(200000))
 
-    def driver_pid(self) -> int | None:
-        """The rank-0 process (the driver: the engine loop), by its RANK."""
-        for pid in self._workers():
+    def rank_pid(self, rank: int) -> int | None:
+        """The rank process with this RANK (a child of the launcher)."""
+        for pid in self.worker_pids():
             with contextlib.suppress(OSError):
-                if b"RANK=0" in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                if f"RANK={rank}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
                     return pid
         return None
 
+    def driver_pid(self) -> int | None:
+        """The rank-0 process (the driver: the engine loop)."""
+        return self.rank_pid(0)
+
     def kill(self) -> None:
         """For a budget watchdog: in-flight requests fail at once (and are counted as failed)."""
-        for pid in self._workers() + [self.proc.pid]:
+        for pid in self.worker_pids() + [self.proc.pid]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+class ServerJob(LaunchedServer):
+    """The benchmarks' server: torchrun launcher/serve.py on `config` with `--set` overrides."""
+
+    def __init__(self, overrides: list[str], config: str, port: int, log_path: Path, cpu: bool, nproc: int = 1):
+        super().__init__(launcher_command("serve.py", nproc, config, overrides + [f"server.port={port}"]), port,
+                         log_path, {"OMP_NUM_THREADS": "1"} if cpu else None)
 
 
 def frontend_pid_in(log: str) -> int | None:

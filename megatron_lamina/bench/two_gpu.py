@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[2]  # the checkout: part 1 runs its test
 import torch
 import torch.distributed as dist
 
-from megatron_lamina.bench.ranks import spawn_ranks
+from megatron_lamina.bench.ranks import run_ranks
 from megatron_lamina.bench.timing import median
 from megatron_lamina.planner.shapes import PRESETS
 
@@ -61,8 +61,8 @@ def _direction_groups():
     return dist.new_group([0, 1]), dist.new_group([0, 1])
 
 
-def _transport_rank(rank, port, token_counts, iters, layers, q_first, results):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _transport_rank(token_counts, iters, layers, q_first):
+    rank = int(os.environ["RANK"])  # run_ranks' torchrun environment, MASTER_ADDR/PORT too
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", rank=rank, world_size=2, device_id=torch.device("cuda", rank))
     from megatron_lamina.plan import MicroBatch, SequenceChunk
@@ -137,13 +137,12 @@ def _transport_rank(rank, port, token_counts, iters, layers, q_first, results):
                          "nccl_pingpong_us": times["bare"], "ours_roundtrip_us": times["ours"],
                          "ours_model_host_us": times["ours_host"],
                          "ours_GBps": (out_bytes + back_bytes) / (times["ours"] / 1e6) / 1e9})
-    if rank == 0:
-        results.put(rows)
     dist.destroy_process_group()
+    return rows
 
 
 def transport(token_counts, iters, layers, q_first=False) -> list[dict]:
-    return spawn_ranks(_transport_rank, (token_counts, iters, layers, q_first), world=2, timeout_s=300)
+    return run_ranks(_transport_rank, 2, token_counts, iters, layers, q_first, threads=None, hang_s=300, timeout=330)
 
 
 def _trace_step(step, path: Path, log) -> None:
@@ -186,8 +185,8 @@ class _TimedAttention:
         return self._timed(self.attend.append_and_merge, layer, index, partial, q, k, v)
 
 
-def _throughput_cases(rank, port, cases, layers_only, trace_dir, stage_graphs, q_first, results):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _throughput_cases(cases, layers_only, trace_dir, stage_graphs, q_first):
+    rank = int(os.environ["RANK"])  # run_ranks' torchrun environment, MASTER_ADDR/PORT too
     torch.cuda.set_device(rank)
     dev = torch.device("cuda", rank)
     dist.init_process_group("nccl", rank=rank, world_size=2, device_id=dev)
@@ -304,14 +303,13 @@ def _throughput_cases(rank, port, cases, layers_only, trace_dir, stage_graphs, q
         rows.append(row)
         step = run = cache = paged = attend = graphs = timed = None  # the closures hold the cache
         torch.cuda.empty_cache()
-    if rank == 0:
-        results.put(rows)
     dist.destroy_process_group()
+    return rows
 
 
 def throughput(cases, layers_only=0, hang_s=540, trace_dir=None, stage_graphs=False, q_first=False) -> list[dict]:
-    return spawn_ranks(_throughput_cases, (cases, layers_only, trace_dir, stage_graphs, q_first), world=2,
-                       timeout_s=hang_s)
+    return run_ranks(_throughput_cases, 2, cases, layers_only, trace_dir, stage_graphs, q_first, threads=None,
+                     hang_s=hang_s, timeout=hang_s + 30)
 
 
 def predict(rows: list[dict], transport_rows: list[dict]) -> None:

@@ -1,7 +1,7 @@
 """The model worker's stages replayed from CUDA graphs: piecewise graphs at token buckets.
 
-An eager step spends its time in Python and kernel launches (~20 ms of host time per
-micro-batch and step for an 8B model), not on the GPU. What lies between two attention calls
+An eager step spends its time in Python and kernel launches (host time per micro-batch
+and step that grows with the layers, docs/BENCHMARKS.md), not on the GPU. What lies between two attention calls
 is pure model compute and can be captured: the stages of `LlamaModel` (llama.py) — stage 0
 = embedding, RoPE tables, layer 0's pre-attention; stage l = layer l-1's post-attention and
 layer l's pre-attention; stage L = the last post-attention. `StageGraphs` captures every

@@ -19,7 +19,7 @@ pipeline (engine/pipeline.py) runs these stages eagerly or replays CUDA graphs o
 `fused_elementwise` is a construction-time choice: SwiGLU as Megatron's compiled
 `bias_activation_fusion` kernel and RoPE as `compiled_rotary`, one kernel each instead of
 chains of eager ones. The engine turns it on when the model runs from CUDA graphs, which
-hide the compiled functions' host cost (~0.1 ms a call) that eager steps would pay.
+hide the compiled functions' host cost (their guards, on every call) that eager steps would pay.
 `fp8_weights` is one too: the layers' four projections hold e4m3 weights with per-channel
 scales (model/fp8_linear.py), as a checkpoint converted with `--weight-dtype fp8_e4m3` stores them.
 """

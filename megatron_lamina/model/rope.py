@@ -58,6 +58,6 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 def compiled_rotary():
     """`apply_rotary` as one kernel per call (torch.compile, any token count): on a GPU the
     eager version is five elementwise kernels over a strided view of the QKV output. Each
-    compiled call costs ~0.1 ms of host time (its guards), so only CUDA graphs, which replay
+    compiled call costs host time (its guards), so only CUDA graphs, which replay
     the kernel without the host, use it."""
     return torch.compile(apply_rotary, dynamic=True)

@@ -64,8 +64,8 @@ def quiet_garbage_collector() -> None:
     schemas, the tokenizer) is frozen out of every collection, and the youngest generation is
     collected every 50,000 allocations instead of 700. Each request allocates thousands of
     short-lived containers, and 1,000 requests in flight hold their prompts' id lists, which
-    every older collection walked: in a burst of 1,000 prompts of 1,024 token ids the front
-    end spent 2.6 ms of CPU a request, 1.7 ms with this (vLLM's API server freezes too)."""
+    every older collection walked, so a burst's CPU time per request grew with the requests
+    in flight (docs/BENCHMARKS.md; vLLM's API server freezes too)."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 20, 10)
