@@ -17,7 +17,7 @@ from megatron_lamina.engine.sampling import SamplingParams
 def llm(tiny_models):
     import megatron_lamina
 
-    before = dist.is_initialized()  # another in-process test may have left one (bench_peers' CPU run)
+    before = dist.is_initialized()  # another in-process test may have left one
     engine = megatron_lamina.LLM(str(tiny_models["untied"].canonical_dir), num_blocks=64, block_size=4,
                                  max_prefill_tokens=8)
     yield engine
