@@ -4,9 +4,10 @@ Prompts built from Mooncake hash_ids share exactly the blocks whose ids are equa
 offline LRU bound counts, on a small hand-made trace, exactly the tokens a cache of that
 capacity serves (whole blocks from the start, the last token computed, least recently used
 evicted), and on the real conversation trace the issue's unlimited figure; the bound tool
-prints it. Then the whole benchmark program on the CPU with the tiny model (colocated, both
-modes, a few requests of the conversation trace clipped to its context): every request
-completes, the cache off serves nothing, on it serves the trace's shared first block.
+prints it. Then the whole benchmark program on the CPU with the tiny model (colocated, the cache off
+and on with a host tier, a few requests of the conversation trace clipped to its context):
+every request completes, the cache off serves nothing, on it serves the trace's shared first
+block, and the bound's capacity counts the host tier's blocks.
 """
 
 from __future__ import annotations
@@ -66,15 +67,17 @@ def test_the_benchmark_on_the_cpu(tmp_path, tiny_models):
     main(["--out-dir", str(tmp_path), "--work-dir", str(tmp_path), "--device", "cpu", "--checkpoint", str(tiny_models["untied"].canonical_dir),
           "--config", str(ROOT / "configs" / "colocated-cpu.yaml"), "--set", "kv_cache.block_size=4",
           "--set", "kv_cache.num_blocks=256", "--traces", "conversation", "--requests", "6", "--rate", "2",
-          "--max-input-len", "40", "--max-output-len", "3", "--token-ids", "3", "250"])
+          "--max-input-len", "40", "--max-output-len", "3", "--token-ids", "3", "250",
+          "--modes", "off,host", "--host-cache-gib", "0.001"])
     results = json.loads((tmp_path / "prefix_cache.json").read_text())
-    off, on = results["conversation/off"], results["conversation/on"]
+    off, on = results["conversation/off"], results["conversation/host"]
     assert off["completed"] == on["completed"] == 6 and off["prefix_cache_hit_rate"] == 0
     # Clipped to 40 tokens every prompt is the head of the conversation's shared first block:
     # the LRU bound (whole 512-token blocks) finds nothing, the engine's 4-token blocks find
     # what requests admitted in an earlier step computed: 36 tokens (its last is computed).
-    assert on["bound"] == {"at_capacity": 0.0, "unlimited": 0.0, "capacity_tokens": 256 * 4}
-    records = json.loads((tmp_path / "replay-conversation-on.json").read_text())["requests"]
+    # The capacity: 256 device blocks and the host tier's 524 (0.001 GiB of 2 KiB blocks), of 4 tokens.
+    assert on["bound"] == {"at_capacity": 0.0, "unlimited": 0.0, "capacity_tokens": (256 + 524) * 4}
+    records = json.loads((tmp_path / "replay-conversation-host.json").read_text())["requests"]
     cached = [r["cached_tokens"] for r in records]
     assert set(cached) <= {0, 36} and cached[0] == 0 and 36 in cached, cached
     assert on["prefix_cache_hit_rate"] == sum(cached) / 240

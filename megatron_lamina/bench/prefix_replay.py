@@ -3,7 +3,8 @@ cache off and on. The program of tools/bench_prefix_cache.py.
 
     python3 tools/bench_prefix_cache.py --out-dir $OUT        # on the device machine
 
-For each mode (`kv_cache.prefix_caching` false, then true) one server is started (torchrun
+For each mode (`kv_cache.prefix_caching` false, true, and with `--modes ...,host` true with
+a host tier of --host-cache-gib) one server is started (torchrun
 launcher/serve.py, --config plus --set, the model a random-weight checkpoint of --shape
 written once), and each trace is replayed on it in turn (bench/serving_replay.py with
 `--prefix-blocks`: prompts from the trace's hash_ids, its output lengths, Poisson arrivals at
@@ -11,7 +12,8 @@ written once), and each trace is replayed on it in turn (bench/serving_replay.py
 starts with another's blocks. Each replay reports the hit rate the server measured (cached
 prompt tokens over prompt tokens, from the responses' usage), TTFT p50/p90, output tokens/s
 and requests/s; beside it the offline LRU bound of the same requests (bench/prefix_trace.py)
-at the server's KV capacity (`lamina_kv_blocks_total` x block size) and unlimited. Writes
+at the server's KV capacity (`lamina_kv_blocks_total` x block size, plus the host tier's
+blocks its start-up line printed) and unlimited. Writes
 OUT_DIR/prefix_cache.json and the servers' logs (each replay's own report and plot go to
 --work-dir); prints a table.
 """
@@ -22,6 +24,7 @@ import argparse
 import contextlib
 import io
 import json
+import re
 import time
 import urllib.request
 from pathlib import Path
@@ -63,7 +66,9 @@ def bounds(name: str, args, requests: list[tuple[int, int]], capacity_tokens: in
 
 
 def run_mode(args, mode: str, checkpoint: Path, out: Path, results: dict) -> None:
-    overrides = args.set + [f"model.checkpoint={checkpoint}", f"kv_cache.prefix_caching={str(mode == 'on').lower()}"]
+    overrides = args.set + [f"model.checkpoint={checkpoint}", f"kv_cache.prefix_caching={str(mode != 'off').lower()}"]
+    if mode == "host":
+        overrides.append(f"kv_cache.host_cache_gib={args.host_cache_gib}")
     cfg = load_config(args.config, overrides)
     server = ServerJob(overrides, args.config, free_port(), out / f"server-{mode}.log", cpu=args.device == "cpu",
                        nproc=cfg.world_size)
@@ -76,6 +81,8 @@ def run_mode(args, mode: str, checkpoint: Path, out: Path, results: dict) -> Non
             row = replay_trace(args, server.url, name, args.work_dir / f"replay-{name}-{mode}.json")
             # The engine reports its blocks with its steps: known once a replay ran.
             capacity = int(read_metrics(server.url)["lamina_kv_blocks_total"]) * cfg.kv_cache.block_size
+            host = re.search(r"prefix cache host tier: (\d+) blocks of (\d+) tokens", server.tail(None))
+            capacity += int(host.group(1)) * int(host.group(2)) if host else 0  # the start-up line's size
             row["bound"] = bounds(name, args, row.pop("requests"), capacity)
             results[f"{name}/{mode}"] = row
             log(f"{name}, cache {mode}: {row['completed']}/{row['sent']} done, hit rate "
@@ -97,9 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", default="/tmp/lamina-random-ckpt", help="written here once if missing")
     p.add_argument("--config", default=str(ROOT / "configs" / "gpu-colocated.yaml"))
     p.add_argument("--set", action="append", default=None, metavar="KEY=VALUE",
-                   help="server overrides (default: TP 1, 4096 requests queued)")
+                   help="server overrides, after TP 1 and 4096 requests queued (one GPU; the replay offers more "
+                        "than the server serves)")
     p.add_argument("--traces", default="conversation,synthetic")
-    p.add_argument("--modes", default="off,on")
+    p.add_argument("--modes", default="off,on",
+                   help="off, on (the device cache), host (on, with --host-cache-gib of host tier)")
+    p.add_argument("--host-cache-gib", type=float, default=32.0, help="the host tier of the host mode")
     p.add_argument("--requests", type=int, default=80, help="the first N requests of each trace")
     p.add_argument("--rate", type=float, default=4.0, help="Poisson arrivals (req/s), the same for every replay")
     p.add_argument("--max-input-len", type=int, default=7680, help="prompts clipped (the shape's context)")
@@ -107,8 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--token-ids", type=int, nargs=2, default=(3, 32000), metavar=("LO", "HI"))
     args = p.parse_args(argv)
-    args.set = args.set or ["parallel.tensor_parallel=1", "server.max_queued_requests=4096"]
+    args.set = ["parallel.tensor_parallel=1", "server.max_queued_requests=4096", *(args.set or [])]
     args.traces = args.traces.split(",")
+    if set(args.modes.split(",")) - {"off", "on", "host"}:
+        p.error(f"--modes {args.modes}: each of off, on, host")
     unknown = [t for t in args.traces if t not in TRACE_FILES]
     if unknown:
         p.error(f"--traces: unknown {unknown}; known: {', '.join(TRACE_FILES)}")
