@@ -110,10 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", default="off,on",
                    help="off, on (the device cache), host (on, with --host-cache-gib of host tier)")
     p.add_argument("--host-cache-gib", type=float, default=32.0, help="the host tier of the host mode")
-    p.add_argument("--requests", type=int, default=80, help="the first N requests of each trace")
+    p.add_argument("--requests", type=int, default=60, help="the first N requests of each trace")
     p.add_argument("--rate", type=float, default=4.0, help="Poisson arrivals (req/s), the same for every replay")
     p.add_argument("--max-input-len", type=int, default=7680, help="prompts clipped (the shape's context)")
-    p.add_argument("--max-output-len", type=int, default=512)
+    p.add_argument("--max-output-len", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--token-ids", type=int, nargs=2, default=(3, 32000), metavar=("LO", "HI"))
     args = p.parse_args(argv)
