@@ -68,6 +68,10 @@ def request_body(args, index: int, r: TraceRequest) -> dict:
         body["model"] = args.model
     if not args.no_extensions:
         body.update(min_tokens=r.output_len, ignore_eos=True, return_token_ids=True)
+    if int((index + 1) * args.schema_share) > int(index * args.schema_share):  # spread evenly
+        from megatron_lamina.bench.structured import BENCH_FORMAT
+
+        body["response_format"] = BENCH_FORMAT
     return body
 
 
@@ -265,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
                              "of the tests' tiny model and up)")
     parser.add_argument("--text-word", default="hello", help="prompt word in text mode")
     parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--schema-share", type=float, default=0.0,
+                        help="this share of the requests (spread evenly) asks for bench/structured.py's JSON schema")
     parser.add_argument("--top-p", type=float, default=None, help="sent only when given")
     parser.add_argument("--no-extensions", action="store_true",
                         help="omit min_tokens, ignore_eos, return_token_ids (plain OpenAI servers)")

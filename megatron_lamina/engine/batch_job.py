@@ -3,8 +3,9 @@
 Each input line is `{"id", "prompt"}` or `{"id", "messages"}` plus the sampling fields of
 the shared request schema (`engine/request_schema.py`: `max_tokens` (default 16),
 `temperature`, `top_p`, `top_k`, `min_p`, `seed`, `stop`, `stop_token_ids`, `ignore_eos`,
-`min_tokens`, `presence_penalty`, `frequency_penalty`, `repetition_penalty`, `logit_bias`),
-checked exactly as the server checks them, and the log-probabilities it wants (`logprobs`:
+`min_tokens`, `presence_penalty`, `frequency_penalty`, `repetition_penalty`, `logit_bias`,
+and an output constraint: `response_format`, `guided_*` or `structured_outputs`, as
+`engine/structured_fields.py` reads them), checked exactly as the server checks them, and the log-probabilities it wants (`logprobs`:
 top-N per generated token, `prompt_logprobs`: per prompt token; 0..20; `max_tokens: 0` with
 `prompt_logprobs` scores the prompt only). The file is read as bytes, so a line that is not
 UTF-8 spoils only itself. Every non-blank line becomes one `BatchLine`; a line that cannot
@@ -23,7 +24,6 @@ from pathlib import Path
 from pydantic import Field, model_validator
 
 from megatron_lamina.engine.prompt import PromptInput
-from megatron_lamina.engine.structured_fields import StructuredFields
 from megatron_lamina.engine.request_schema import (
     ChatMessage,
     LogprobCount,
@@ -36,6 +36,7 @@ from megatron_lamina.engine.request_schema import (
     parse_request,
     prompt_input,
 )
+from megatron_lamina.engine.structured_fields import StructuredFields
 
 DEFAULT_MAX_TOKENS = 16
 

@@ -161,10 +161,7 @@ class ChatCompletionRequest(_OpenAIFields):
     tool_choice: ToolChoice | None = None
 
     def check(self) -> None:
-        super().check()
-        if self.top_logprobs and not self.logprobs:
-            raise RequestError("top_logprobs: needs logprobs: true", "top_logprobs")
-        names = [t.function.name for t in self.tools or []]
+        names = [t.function.name for t in self.tools or []]  # before super(): its constraint reads the tools
         if len(set(names)) != len(names):
             raise RequestError("tools: function names must be unique", "tools")
         choice = self.tool_choice
@@ -172,6 +169,9 @@ class ChatCompletionRequest(_OpenAIFields):
             raise RequestError(f"tool_choice: no tool named {choice.function.name!r} in tools", "tool_choice")
         if choice not in (None, "none", "auto") and not names:
             raise RequestError("tool_choice: needs tools", "tool_choice")
+        super().check()
+        if self.top_logprobs and not self.logprobs:
+            raise RequestError("top_logprobs: needs logprobs: true", "top_logprobs")
         other = StructuredFields.constraint(self)
         if self.tool_mode in ("required", "named") and other is not None:
             raise RequestError(f"tool_choice: a forced tool call and {other[1]} both constrain the output; send one",

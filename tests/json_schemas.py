@@ -1,0 +1,68 @@
+"""JSON schemas for the structured-output tests (tests/test_structured_outputs.py): nested
+objects, arrays with bounds, enums, numbers with ranges, anyOf, $ref, required and optional
+fields. Strings and numbers are bounded so that a 135M model's outputs end within the tests'
+max_tokens: an unbounded string or integer lets a small model write digits until the limit."""
+
+NAME = {"type": "string", "maxLength": 12}
+SMALL_INT = {"type": "integer", "minimum": 0, "maximum": 99}
+
+SCHEMAS = [
+    {"type": "object", "properties": {"name": NAME}, "required": ["name"]},
+    {"type": "object", "properties": {"age": SMALL_INT}, "required": ["age"]},
+    {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]},
+    {"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]}}, "required": ["color"]},
+    {"type": "object", "properties": {"n": {"type": "integer", "minimum": -5, "maximum": 5}}, "required": ["n"]},
+    {"type": "object", "properties": {"x": {"type": "integer", "exclusiveMinimum": 10, "exclusiveMaximum": 20}},
+     "required": ["x"]},
+    {"type": "object", "properties": {"name": NAME, "age": SMALL_INT}, "required": ["name", "age"]},
+    {"type": "object", "properties": {"name": NAME, "nickname": NAME}, "required": ["name"]},
+    {"type": "object", "properties": {"tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "minItems": 1,
+                                               "maxItems": 3}}, "required": ["tags"]},
+    {"type": "object", "properties": {"scores": {"type": "array", "items": SMALL_INT, "minItems": 2, "maxItems": 2}},
+     "required": ["scores"]},
+    {"type": "array", "items": {"type": "boolean"}, "minItems": 1, "maxItems": 4},
+    {"type": "array", "items": {"enum": [1, 2, 3]}, "maxItems": 2},
+    {"type": "object", "properties": {"point": {"type": "object", "properties": {"x": SMALL_INT, "y": SMALL_INT},
+                                                "required": ["x", "y"]}}, "required": ["point"]},
+    {"type": "object", "properties": {"user": {"type": "object", "properties": {
+        "name": NAME, "address": {"type": "object", "properties": {"city": NAME, "zip": {"type": "string",
+                                                                                         "pattern": "^[0-9]{5}$"}},
+                                  "required": ["city", "zip"]}}, "required": ["name", "address"]}},
+     "required": ["user"]},
+    {"type": "object", "properties": {"value": {"anyOf": [SMALL_INT, {"type": "boolean"}]}}, "required": ["value"]},
+    {"type": "object", "properties": {"value": {"anyOf": [NAME, {"type": "null"}]}}, "required": ["value"]},
+    {"anyOf": [{"type": "object", "properties": {"cat": NAME}, "required": ["cat"]},
+               {"type": "object", "properties": {"dog": SMALL_INT}, "required": ["dog"]}]},
+    {"$defs": {"pet": {"type": "object", "properties": {"kind": {"enum": ["cat", "dog"]}, "age": SMALL_INT},
+                       "required": ["kind", "age"]}},
+     "type": "object", "properties": {"pet": {"$ref": "#/$defs/pet"}}, "required": ["pet"]},
+    {"$defs": {"id": {"type": "integer", "minimum": 1, "maximum": 9}},
+     "type": "object", "properties": {"ids": {"type": "array", "items": {"$ref": "#/$defs/id"}, "minItems": 1,
+                                              "maxItems": 3}}, "required": ["ids"]},
+    {"definitions": {"flag": {"type": "boolean"}}, "type": "object",
+     "properties": {"a": {"$ref": "#/definitions/flag"}, "b": {"$ref": "#/definitions/flag"}}, "required": ["a", "b"]},
+    {"type": "object", "properties": {"level": {"enum": ["low", "medium", "high"]}, "count": SMALL_INT},
+     "required": ["level"]},
+    {"type": "object", "properties": {"code": {"type": "string", "pattern": "^[A-Z]{3}$"}}, "required": ["code"]},
+    {"type": "object", "properties": {"word": {"type": "string", "minLength": 2, "maxLength": 6}}, "required": ["word"]},
+    {"type": "object", "properties": {"answer": {"const": "yes"}}, "required": ["answer"]},
+    {"type": "object", "properties": {"id": SMALL_INT, "title": NAME, "done": {"type": "boolean"}},
+     "required": ["id", "title", "done"], "additionalProperties": False},
+    {"type": "object", "properties": {"matrix": {"type": "array", "items": {"type": "array", "items": SMALL_INT,
+                                                                            "minItems": 1, "maxItems": 2},
+                                                 "minItems": 1, "maxItems": 2}}, "required": ["matrix"]},
+    {"type": "object", "properties": {"items": {"type": "array", "items": {
+        "type": "object", "properties": {"sku": {"type": "string", "pattern": "^[a-z]{2}[0-9]$"}, "qty": SMALL_INT},
+        "required": ["sku", "qty"]}, "minItems": 1, "maxItems": 2}}, "required": ["items"]},
+    {"type": "string", "enum": ["alpha", "beta", "gamma"]},
+    {"type": "integer", "minimum": 100, "maximum": 200},
+    {"type": "object", "properties": {"kind": {"enum": ["circle", "square"]},
+                                      "size": {"anyOf": [{"type": "integer", "minimum": 1, "maximum": 9},
+                                                         {"enum": ["small", "large"]}]}},
+     "required": ["kind", "size"]},
+    {"type": "object", "properties": {"date": {"type": "string", "pattern": "^20[0-9]{2}-[01][0-9]-[0-3][0-9]$"},
+                                      "priority": {"type": "integer", "minimum": 1, "maximum": 3}},
+     "required": ["date", "priority"]},
+    {"type": "object", "properties": {"meta": {"type": "object", "properties": {"v": SMALL_INT}}},
+     "required": ["meta"]},
+]
