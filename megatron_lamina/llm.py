@@ -63,7 +63,8 @@ class Generation:
 class LLM:
     def __init__(self, checkpoint: str, *, device: str = "cpu", dtype: str = "float32", max_batch_size: int = 64,
                  num_blocks: int | str | None = None, block_size: int = 16, max_prefill_tokens: int = 2048,
-                 memory_fraction: float = 0.9, cuda_graphs: bool = True, async_scheduling: bool = True):
+                 memory_fraction: float = 0.9, cuda_graphs: bool = True, async_scheduling: bool = True,
+                 kv_cache_dtype: str = "auto"):
         """`checkpoint`: a canonical checkpoint directory (`lamina convert`), a Hugging Face model
         directory or a GGUF file (converted once and cached). The other arguments
         are config keys (configs/default.yaml); `num_blocks` (KV blocks) defaults to "auto" on
@@ -78,7 +79,8 @@ class LLM:
             "runtime": {"device": device, "cuda_graphs": cuda_graphs},
             "scheduler": {"max_batch_size": max_batch_size, "micro_batches": 1,
                           "max_prefill_tokens": max_prefill_tokens, "async_scheduling": async_scheduling},
-            "kv_cache": {"block_size": block_size, "num_blocks": num_blocks, "memory_fraction": memory_fraction},
+            "kv_cache": {"block_size": block_size, "num_blocks": num_blocks, "memory_fraction": memory_fraction,
+                         "dtype": kv_cache_dtype},
         })
         self._owns_group = not dist.is_initialized()
         if self._owns_group:

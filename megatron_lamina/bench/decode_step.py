@@ -26,19 +26,29 @@ from megatron_lamina.engine.model_worker import ModelWorker
 from megatron_lamina.engine.stage_graphs import StageGraphs
 from megatron_lamina.engine.token_feed import TokenFeed
 from megatron_lamina.engine.worker_factory import attention_backend
+from megatron_lamina.fp8 import FP8, quantize_rows
 from megatron_lamina.model.llama import LlamaModel
 from megatron_lamina.transport.channel import LocalChannel
 
 
 def random_model(arch: ModelArchitecture, tp_group, dtype: torch.dtype = torch.bfloat16, device="cuda",
-                 fused: bool = True, std: float = 0.02) -> LlamaModel:
+                 fused: bool = True, std: float = 0.02, fp8_weights: bool = False) -> LlamaModel:
     """This TP rank's shard of `arch` on `device`, every parameter N(0, std) (drawn there),
-    with the compiled elementwise kernels the engine's graphs use unless `fused` is False."""
+    with the compiled elementwise kernels the engine's graphs use unless `fused` is False.
+    `fp8_weights`: the linear layers e4m3 with per-channel scales (model/fp8_linear.py), each
+    weight drawn in `dtype` and quantized as the converter quantizes it."""
     model = LlamaModel(arch, dtype, tp_group, padded_vocab_size(arch.vocab_size, tp_group.size()),
-                       fused_elementwise=fused).to(device)
+                       fused_elementwise=fused, fp8_weights=fp8_weights).to(device)
     with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, std)
+        for name, p in model.named_parameters():
+            if name.endswith(".weight_scale"):
+                continue  # set with its weight
+            if p.dtype == FP8:
+                weight, scale = quantize_rows(torch.empty(p.shape, dtype=dtype, device=device).normal_(0.0, std))
+                p.copy_(weight)
+                model.get_parameter(name + "_scale").copy_(scale[:, 0])
+            else:
+                p.normal_(0.0, std)
     return model
 
 
@@ -57,22 +67,25 @@ def decode_graphs(model: LlamaModel, attention, batch: int, max_blocks: int, scr
 
 
 def random_cache(arch: ModelArchitecture, blocks: int, block_size: int, kv_heads: int, dtype: torch.dtype,
-                 device) -> PagedKVCache:
-    cache = PagedKVCache(arch.num_layers, blocks, block_size, kv_heads, arch.head_dim, dtype, device)
+                 device, storage: torch.dtype | None = None) -> PagedKVCache:
+    """N(0, 1) keys and values (an e4m3 `storage` holds them as converted, scales 1)."""
+    cache = PagedKVCache(arch.num_layers, blocks, block_size, kv_heads, arch.head_dim, dtype, device, storage)
     for t in cache.k + cache.v:
-        t.normal_()
+        t.copy_(torch.randn(t.shape, dtype=dtype, device=t.device)) if cache.quantized else t.normal_()
     return cache
 
 
 def colocated_decode_ms(model: LlamaModel, arch: ModelArchitecture, batch: int, context: int, block_size: int,
-                        graph_modes: list[bool], repeat: int = 5) -> dict[bool, float]:
+                        graph_modes: list[bool], repeat: int = 5,
+                        kv_storage: torch.dtype | None = None) -> dict[bool, float]:
     """Median ms of our colocated decode step (every request at `context` cached tokens, a
     random paged cache of this rank's KV heads, the engine's attention kernel), eager (False)
     and/or replayed from CUDA graphs (True)."""
     per_request = blocks_for(context + 1, block_size)
     blocks = batch * per_request
     kv_heads = arch.num_kv_heads // model.tp_group.size()
-    cache = random_cache(arch, blocks + 1, block_size, kv_heads, torch.bfloat16, model.device)  # + scratch
+    cache = random_cache(arch, blocks + 1, block_size, kv_heads, torch.bfloat16, model.device,  # + scratch
+                         kv_storage)
     attention = attention_backend(cache, model.device)
     plan = decode_plan(batch, context, block_size)
     result = {}
