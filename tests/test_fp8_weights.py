@@ -101,3 +101,20 @@ def test_fp8_weights_generate_at_tp2(fp8_checkpoint):
     assert len(results) == len(cases)
     for label, result in zip(layouts, results):
         check_fp8_run(label, result, model.tokens, model.logits, FP8_ATOL)
+
+
+def test_convert_command_line_writes_fp8_weights(tiny_models, tmp_path, capsys):
+    """`lamina convert --weight-dtype fp8_e4m3` (the converter's command line) writes FP8 weights;
+    a weight dtype it does not know is refused naming the choices."""
+    from megatron_lamina.launch.convert import main
+
+    hf_dir = tiny_models["untied"].hf_dir
+    out = tmp_path / "fp8"
+    assert main(["--source", "hf", "--input", str(hf_dir), "--output", str(out), "--weight-dtype", "fp8_e4m3"]) == 0
+    assert json.loads((out / "config.json").read_text())["weight_dtype"] == "fp8_e4m3"
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert f.get_tensor("decoder.layers.0.mlp.linear_fc2.weight").dtype == FP8
+    with pytest.raises(SystemExit):
+        main(["--source", "hf", "--input", str(hf_dir), "--output", str(tmp_path / "x"), "--weight-dtype", "int4"])
+    err = capsys.readouterr().err
+    assert "argument --weight-dtype: invalid choice: 'int4'" in err and "fp8_e4m3" in err
