@@ -55,15 +55,17 @@ def decode_rows(shape_name: str, batch: int, context: int, copy_bw: float, gemm:
     """The colocated decode step from graphs, per mode; needs a one-rank process group."""
     shape = load_shape(shape_name)
     arch = shape.to_architecture()
-    rows = []
+    rows, model, model_fp8 = [], None, None
     for label, fp8_weights, kv_storage in modes:
-        model = random_model(arch, dist.group.WORLD, fp8_weights=fp8_weights)
+        if model is None or model_fp8 != fp8_weights:  # one model per weight dtype
+            del model
+            torch.cuda.empty_cache()
+            model, model_fp8 = random_model(arch, dist.group.WORLD, fp8_weights=fp8_weights), fp8_weights
         try:
             ms = colocated_decode_ms(model, arch, batch, context, block_size, [True], repeat=5,
                                      kv_storage=kv_storage)[True]
         except torch.OutOfMemoryError:
             ms = None
-        del model
         torch.cuda.empty_cache()
         linear = shape.num_layers * (shape.layer_params - 2 * shape.hidden_size)
         weight_bytes = linear * (1 if fp8_weights else 2) + (shape.params - linear) * 2
@@ -74,6 +76,8 @@ def decode_rows(shape_name: str, batch: int, context: int, copy_bw: float, gemm:
         rows.append({"shape": shape_name, "mode": label, "batch": batch, "context": context, "ms": ms,
                      "roofline_ms": roofline_ms, "of_roofline": roofline_ms / ms if ms else None,
                      "tokens_per_s": batch / (ms / 1e3) if ms else None})
+    del model
+    torch.cuda.empty_cache()
     if rows[0]["ms"]:
         for row in rows[1:]:
             row["speedup"] = rows[0]["ms"] / row["ms"] if row["ms"] else None
