@@ -81,6 +81,7 @@ def decode_rows(shape_name: str, batch: int, context: int, copy_bw: float, gemm:
     if rows[0]["ms"]:
         for row in rows[1:]:
             row["speedup"] = rows[0]["ms"] / row["ms"] if row["ms"] else None
+            row["speedup_over"] = rows[0]["mode"]
     return rows
 
 
