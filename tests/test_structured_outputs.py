@@ -227,7 +227,7 @@ def test_openai_fields_that_change_nothing_are_accepted(client):
     assert sent.choices[0].message.content == plain.choices[0].message.content
 
 
-def test_llm_colocated_every_schema_greedy_and_sampled():
+def test_llm_colocated_every_schema_greedy_and_sampled(monkeypatch):
     from megatron_lamina import LLM, SamplingParams
     from megatron_lamina.engine.structured_output import StructuredOutput
 
@@ -236,6 +236,7 @@ def test_llm_colocated_every_schema_greedy_and_sampled():
              for t in (0.0, 1.0) for i, s in enumerate(SCHEMAS)]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # beside the module's server ranks: more OpenMP threads than cores spin
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # so that LLM keeps that one thread
     try:
         with LLM(str(CHECKPOINT), max_batch_size=64) as llm:
             outputs = llm.chat([_ask(s) for s, _ in cases], [p for _, p in cases])
