@@ -67,11 +67,17 @@ def decode(flat: np.ndarray) -> StepPlan:
     tokens = flat[at:at + num_tokens].tolist()
     new_blocks = flat[at + num_tokens:].tolist()
     assert len(new_blocks) == sum(block_counts), "a step plan's columns do not add up"
-    token_ends = itertools.accumulate(token_counts)
-    block_ends = itertools.accumulate(block_counts)
-    chunks = [SequenceChunk(request_ids[i], shards[i], starts[i], tokens[t - token_counts[i]:t],
-                            new_blocks[b - block_counts[i]:b], bool(samples[i]), feeds[i], bool(all_logits[i]))
-              for i, t, b in zip(range(n), token_ends, block_ends)]
+    # Each chunk's tokens and new blocks cut from the flat lists in order (a decode-only plan:
+    # one token each); the chunks built by one map over the columns (a step has a thousand).
+    if num_tokens == n:
+        chunk_tokens = [[t] for t in tokens]
+    else:
+        rest = iter(tokens)
+        chunk_tokens = [list(itertools.islice(rest, c)) for c in token_counts]
+    rest = iter(new_blocks)
+    chunk_blocks = [list(itertools.islice(rest, c)) if c else [] for c in block_counts]
+    chunks = list(map(SequenceChunk, request_ids, shards, starts, chunk_tokens, chunk_blocks, map(bool, samples),
+                      feeds, map(bool, all_logits)))
     mbs, first = [], 0
     for count in per_mb:
         mbs.append(MicroBatch(chunks[first:first + count]))

@@ -26,6 +26,7 @@ were freed (`StepPlan.released`).
 
 from __future__ import annotations
 
+import operator
 from collections import deque
 
 from megatron_lamina.engine.block_manager import BlockManager
@@ -34,10 +35,13 @@ from megatron_lamina.engine.request import Request, RequestStatus
 from megatron_lamina.plan import MicroBatch, SequenceChunk, StepPlan
 
 
+_SHARD = operator.attrgetter("shard")
+
+
 class Scheduler:
     def __init__(self, blocks: BlockManager, max_batch_size: int, max_prefill_tokens: int,
                  micro_batches: int, max_model_len: int):
-        self.blocks = blocks
+        self.blocks, self.block_size = blocks, blocks.block_size
         self.max_batch_size, self.max_prefill_tokens = max_batch_size, max_prefill_tokens
         self.micro_batches, self.max_model_len = micro_batches, max_model_len
         self.waiting: deque[Request] = deque()
@@ -156,15 +160,15 @@ class Scheduler:
     def _chunk(self, request: Request, n: int, total: int) -> SequenceChunk:
         """The next `n` tokens of `request` (`total`: its tokens, those in flight included)."""
         start = request.num_computed
-        if start // self.blocks.block_size > request.num_registered:  # computed by steps planned before this one
+        if start // self.block_size > request.num_registered:  # computed by steps planned before this one
             self.blocks.register(request, start)
         if request.num_pending:  # the newest token is still on the device: fed from there
             assert n == 1 and start == total - 1, (request.request_id, n, start)
             tokens, feed = [0], request.feed_row
         else:
             tokens, feed = request.tokens(start, start + n), -1
-        table = request.block_table
-        new_blocks = table[request.num_blocks_sent:] if request.num_blocks_sent < len(table) else []
+        table, sent = request.block_table, request.num_blocks_sent
+        new_blocks = table[sent:] if sent < len(table) else []
         request.num_blocks_sent = len(table)
         request.num_computed = start + n
         # Prompt log-probabilities (echo) come from the logits of every prompt token, once.
@@ -174,10 +178,20 @@ class Scheduler:
                              wants_all, table)
 
     def _split(self, chunks: list[SequenceChunk]) -> list[MicroBatch]:
+        """Each chunk to the micro-batch with the fewest tokens so far (the first of them on a
+        tie), each micro-batch ordered by shard (a stable sort: admission order within one)."""
         groups: list[list[SequenceChunk]] = [[] for _ in range(min(self.micro_batches, len(chunks)))]
         loads = [0] * len(groups)
-        for chunk in chunks:
-            i = loads.index(min(loads))
-            groups[i].append(chunk)
-            loads[i] += len(chunk.tokens)
-        return [MicroBatch(sorted(g, key=lambda c: c.shard)) for g in groups]
+        if len(groups) == 1:
+            groups[0] = chunks
+        elif len(groups) == 2:  # the common case, without a min() per chunk
+            for chunk in chunks:
+                i = 0 if loads[0] <= loads[1] else 1
+                groups[i].append(chunk)
+                loads[i] += len(chunk.tokens)
+        else:
+            for chunk in chunks:
+                i = loads.index(min(loads))
+                groups[i].append(chunk)
+                loads[i] += len(chunk.tokens)
+        return [MicroBatch(sorted(g, key=_SHARD)) for g in groups]
