@@ -14,12 +14,11 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # runnable from a checkout without pip install
+from megatron_lamina.bench.structured import run, use_tokenizer
+from megatron_lamina.checkpoint.random_weights import write_random_checkpoint
+from megatron_lamina.planner.shapes import load_shape
 
-from megatron_lamina.bench.structured import run, use_tokenizer  # noqa: E402
-from megatron_lamina.checkpoint.random_weights import write_random_checkpoint  # noqa: E402
-from megatron_lamina.planner.shapes import load_shape  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> int:
