@@ -22,7 +22,7 @@ from functools import cached_property
 import numpy as np
 import torch
 
-from megatron_lamina.attention.kv_cache import PagedKVCache
+from megatron_lamina.attention.kv_cache import PagedKVCache, chunk_slots, slots_of
 from megatron_lamina.attention.lse_merge import CachedPartial, append_and_merge
 from megatron_lamina.attention.triton_paged import paged_decode
 from megatron_lamina.attention.triton_prefill import paged_prefill
@@ -57,13 +57,6 @@ class PagedBatchIndex:
         return self.context_lens - 1
 
 
-def chunk_slots(block_table, start: int, end: int, block_size: int) -> np.ndarray:
-    """Flat cache slots of positions start..end-1 of a request with this block table (a
-    list, or its row of a BlockTables array)."""
-    positions = np.arange(start, end)
-    return np.asarray(block_table, dtype=np.int64)[positions // block_size] * block_size + positions % block_size
-
-
 # Tiles of the prefill kernel for head_dim 128 on Hopper (128 query rows, 64 keys a tile).
 PREFILL_CONFIG = {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 3}
 
@@ -85,7 +78,7 @@ class PagedAttention:
         prefill = [(int(r), c) for r, c, one in zip(first_rows, chunks, is_decode) if not one]
         tables = ChunkTables.of(decode)
         positions = np.fromiter((c.start for c in decode), np.int64, len(decode))
-        decode_slots = tables.blocks_at(positions // bs).astype(np.int64) * bs + positions % bs
+        decode_slots = slots_of(tables.blocks_at(positions // bs), positions, bs)
         lens = positions + 1
         total = int(lengths.sum())
         every_row = len(decode) == total

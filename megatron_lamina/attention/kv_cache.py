@@ -39,11 +39,17 @@ def padded_block_tables(tables: list[list[int]], fill: int) -> np.ndarray:
     return out
 
 
-def slot_indices(block_table: list[int], start: int, end: int, block_size: int) -> torch.Tensor:
-    """Flat cache slots of positions start..end-1 of a request with this block table."""
-    positions = torch.arange(start, end)
-    blocks = torch.tensor(block_table, dtype=torch.long)[positions // block_size]
-    return blocks * block_size + positions % block_size
+def slots_of(blocks: np.ndarray, positions: np.ndarray, block_size: int) -> np.ndarray:
+    """The flat cache slot of each position, given the block that holds it (its table's entry
+    `position // block_size`): the one rule of where a token's k and v live."""
+    return blocks.astype(np.int64) * block_size + positions % block_size
+
+
+def chunk_slots(block_table, start: int, end: int, block_size: int) -> np.ndarray:
+    """Flat cache slots of positions start..end-1 of a request with this block table (a list,
+    or its row of a BlockTables array)."""
+    positions = np.arange(start, end)
+    return slots_of(np.asarray(block_table, dtype=np.int64)[positions // block_size], positions, block_size)
 
 
 def storage_dtype(kv_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
@@ -83,7 +89,7 @@ class PagedKVCache:
         return 2 * num_layers * block_size * kv_heads * head_dim * dtype.itemsize
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """k, v: [tokens, kv_heads, head_dim] stored at flat `slots` (block * block_size + offset)."""
+        """k, v: [tokens, kv_heads, head_dim] stored at flat `slots` (`slots_of`)."""
         blocks, offsets = slots // self.block_size, slots % self.block_size
         if self.quantized:
             k, v = quantize(k, self.k_scale[layer]), quantize(v, self.v_scale[layer])

@@ -15,10 +15,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from megatron_lamina.attention.kv_cache import PagedKVCache, slot_indices
+from megatron_lamina.attention.kv_cache import PagedKVCache, chunk_slots
 from megatron_lamina.attention.lse_merge import CachedPartial, append_and_merge
 from megatron_lamina.host_to_device import HostArrays
 from megatron_lamina.plan import SequenceChunk
@@ -27,8 +26,10 @@ from megatron_lamina.plan import SequenceChunk
 def attend_chunks(cache: PagedKVCache, layer: int, chunks: list[SequenceChunk],
                   q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """q [tokens, heads, d], k/v [tokens, kv_heads, d] (rows in chunk order) -> o like q."""
-    spans = [(c.start, c.end, slot_indices(c.block_table, c.start, c.end, cache.block_size),
-              slot_indices(c.block_table, 0, c.end, cache.block_size)) for c in chunks]
+    spans = []
+    for c in chunks:
+        context = torch.from_numpy(chunk_slots(c.block_table, 0, c.end, cache.block_size))
+        spans.append((c.start, c.end, context[c.start:], context))
     return _attend(cache, layer, spans, q, k, v)
 
 
@@ -66,9 +67,7 @@ class ReferenceAttention:
         bs = self.cache.block_size
         arrays, bounds = {}, []
         for i, c in enumerate(chunks):
-            positions = np.arange(c.end)
-            slots = np.asarray(c.block_table, np.int64)[positions // bs] * bs + positions % bs
-            arrays[f"context{i}"] = slots
+            arrays[f"context{i}"] = chunk_slots(c.block_table, 0, c.end, bs)
             bounds.append((c.start, c.end))
 
         def finish(t: dict[str, torch.Tensor]) -> ReferenceIndex:

@@ -31,8 +31,8 @@ import time
 import numpy as np
 import torch
 
-from megatron_lamina.attention.gpu import PagedAttention, chunk_slots
-from megatron_lamina.attention.kv_cache import PagedKVCache, padded_block_tables
+from megatron_lamina.attention.gpu import PagedAttention
+from megatron_lamina.attention.kv_cache import PagedKVCache, chunk_slots, padded_block_tables
 from megatron_lamina.bench.timing import wall_s
 from megatron_lamina.engine import plan_columns
 from megatron_lamina.bench.timing import median

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from megatron_lamina.attention.gpu import PagedAttention, PagedBatchIndex
+from megatron_lamina.attention.kv_cache import slots_of
 from megatron_lamina.engine.block_tables import ChunkTables
 from megatron_lamina.engine.pipeline import EagerStages, run_pipeline
 from megatron_lamina.engine.step_inputs import MicroBatchInputs
@@ -94,7 +95,7 @@ class DecodeGraphs:
         tokens = np.zeros(size, np.int64)
         tokens[:n] = np.fromiter((c.tokens[0] for c in chunks), np.int64, n)
         slots = np.full(size, scratch * bs, np.int64)
-        slots[:n] = tables.blocks_at(positions[:n] // bs).astype(np.int64) * bs + positions[:n] % bs
+        slots[:n] = slots_of(tables.blocks_at(positions[:n] // bs), positions[:n], bs)
         arrays = {"tokens": tokens, "positions": positions, "slots": slots, "lens": positions + 1,
                   **tables.host_arrays("tables")}
         feeds = [(row, c.feed) for row, c in enumerate(chunks) if c.feed >= 0]
