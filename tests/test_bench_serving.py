@@ -121,7 +121,10 @@ def test_serving_benchmark_runs_a_disaggregated_layout_with_its_ranks(tmp_path):
     sent = [json.loads(line) for line in (out / "batch-in.jsonl").read_text().splitlines()]
     assert all(r["temperature"] == 1.0 and r["top_p"] == 0.95 for r in sent)
     cpu = result["server"]["closed"]["server_cpu"]  # rank 0 by its RANK, the front end by its log line
-    assert cpu["engine_loop_core_share"] > 0 and cpu["frontend_us_per_token"] > 0
+    # Both processes were found and read. The front end's share may be 0: /proc counts CPU in
+    # 10 ms ticks, and 24 tokens of front-end work can take less than one.
+    assert cpu["engine_loop_core_share"] > 0 and cpu["frontend_us_per_token"] is not None
+    assert cpu["frontend_us_per_token"] >= 0
     assert result["batch"]["exit_code"] == 0 and result["batch"]["records"] == 3
     assert result["batch"]["tokens"] == 3 * 6
 
