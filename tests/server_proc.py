@@ -4,6 +4,7 @@ processes a launcher started (`child_pids`, `wait_gone`)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -13,7 +14,7 @@ from megatron_lamina.bench.ranks import free_port
 from megatron_lamina.bench.server_job import LaunchedServer, child_pids, proc_stat
 
 ROOT = Path(__file__).resolve().parents[1]
-__all__ = ["ServerProcess", "child_pids", "tiny_server_config", "wait_gone"]
+__all__ = ["ServerProcess", "child_pids", "running_server", "tiny_server_config", "wait_gone"]
 
 
 def tiny_server_config(tmp_path: Path, checkpoint, **sections) -> tuple[Path, int]:
@@ -97,3 +98,14 @@ class ServerProcess(LaunchedServer):
         if self.log_path in LIVE_LOGS:
             LIVE_LOGS.remove(self.log_path)
         super().stop(grace=0)
+
+
+@contextlib.contextmanager
+def running_server(config: Path, port: int, nproc: int, log: Path):
+    """A module's shared server: started, waited for (yields the healthy `ServerProcess`),
+    stopped on leaving."""
+    proc = ServerProcess(config, port, nproc, log)
+    try:
+        yield proc.wait_healthy()
+    finally:
+        proc.stop()

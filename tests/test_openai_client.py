@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 import torch
-from server_proc import ServerProcess, tiny_server_config
+from server_proc import running_server, tiny_server_config
 from tiny_models import continue_with as _continue, make_tokenizer, penalized as _penalized
 
 API_KEY = "test-key"
@@ -28,11 +28,8 @@ def server(tmp_path_factory, tiny_models):
     tmp = tmp_path_factory.mktemp("openai")
     config, port = tiny_server_config(tmp, tiny_models["untied"].canonical_dir,
                                       server={"api_key": API_KEY, "cors_origins": [ORIGIN]})
-    proc = ServerProcess(config, port, 3, tmp / "server.log")
-    try:
-        yield proc.wait_healthy()
-    finally:
-        proc.stop()
+    with running_server(config, port, 3, tmp / "server.log") as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

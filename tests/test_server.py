@@ -15,7 +15,7 @@ import time
 
 import httpx
 import pytest
-from server_proc import ServerProcess, tiny_server_config
+from server_proc import running_server, tiny_server_config
 from tiny_models import make_tokenizer, reference_generate
 
 from megatron_lamina.engine.sampling import SamplingParams
@@ -25,11 +25,8 @@ from megatron_lamina.engine.sampling import SamplingParams
 def server(tmp_path_factory, tiny_models):
     tmp = tmp_path_factory.mktemp("server")
     config, port = tiny_server_config(tmp, tiny_models["untied"].canonical_dir)
-    proc = ServerProcess(config, port, 3, tmp / "server.log")
-    try:
-        yield proc.wait_healthy()
-    finally:
-        proc.stop()
+    with running_server(config, port, 3, tmp / "server.log") as server:
+        yield server
 
 
 CASES = [  # (prompt words, max_tokens, sampling, stream, delay before sending)

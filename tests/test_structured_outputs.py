@@ -29,7 +29,7 @@ import pytest
 import torch
 from json_schemas import SCHEMAS
 from pydantic import BaseModel, Field
-from server_proc import ROOT, ServerProcess, tiny_server_config
+from server_proc import ROOT, running_server, tiny_server_config
 from torchrun import lamina
 
 CHECKPOINT = ROOT / "checkpoints" / "smollm2-135m-instruct"
@@ -58,11 +58,8 @@ def server(tmp_path_factory):
         tmp, CHECKPOINT, scheduler={"micro_batches": 2, "max_batch_size": 64, "max_prefill_tokens": 2048},
         kv_cache={"block_size": 16, "num_blocks": 512},
         server={"grammar_compile_timeout_s": COMPILE_TIMEOUT_S, "max_grammar_chars": MAX_GRAMMAR_CHARS})
-    proc = ServerProcess(config, port, 3, tmp / "server.log")
-    try:
-        yield proc.wait_healthy()
-    finally:
-        proc.stop()
+    with running_server(config, port, 3, tmp / "server.log") as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import re
 import jsonschema
 import openai
 import pytest
-from server_proc import ROOT, ServerProcess, tiny_server_config
+from server_proc import ROOT, running_server, tiny_server_config
 
 from megatron_lamina.server.tool_calls import Tool, hermes_messages
 from megatron_lamina.server.tool_parsers import ToolCallStream, parse, parser_for
@@ -47,11 +47,8 @@ def server(tmp_path_factory):
         tmp, CHECKPOINT, parallel={"attention_workers": 0},
         scheduler={"micro_batches": 1, "max_batch_size": 16, "max_prefill_tokens": 2048},
         kv_cache={"block_size": 16, "num_blocks": 256})
-    proc = ServerProcess(config, port, 1, tmp / "server.log")
-    try:
-        yield proc.wait_healthy()
-    finally:
-        proc.stop()
+    with running_server(config, port, 1, tmp / "server.log") as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
