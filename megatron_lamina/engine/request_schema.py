@@ -57,6 +57,13 @@ class StrictModel(BaseModel):
         """Rules across fields, once every field is valid: a RequestError naming the field."""
 
 
+def only_null(value: Any, why: str = "") -> Any:
+    """A field accepted by name but not built: null passes, anything else is refused."""
+    if value is not None:
+        raise ValueError(f"not supported{f' ({why})' if why else ''}: send null")
+    return value
+
+
 def _check_chars(text: str, where: str) -> str:
     if len(text) > MAX_PROMPT_CHARS:
         raise ValueError(f"{where} has {len(text)} characters; at most {MAX_PROMPT_CHARS} are allowed")

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from megatron_lamina.engine.request_schema import RequestError, StrictModel
+from megatron_lamina.engine.request_schema import RequestError, StrictModel, only_null
 from megatron_lamina.engine.sampling import SamplingParams
 from megatron_lamina.engine.structured_output import StructuredOutput
 
@@ -66,9 +66,7 @@ class StructuredOutputsParams(StrictModel):
     @field_validator("structural_tag", "whitespace_pattern")
     @classmethod
     def _not_built(cls, value):
-        if value is not None:
-            raise ValueError("not supported: send null")
-        return value
+        return only_null(value)
 
 
 class StructuredFields(StrictModel):
@@ -91,9 +89,7 @@ class StructuredFields(StrictModel):
     @field_validator("guided_whitespace_pattern")
     @classmethod
     def _no_whitespace_pattern(cls, value):
-        if value is not None:
-            raise ValueError("not supported (whitespace in JSON is compact): send null")
-        return value
+        return only_null(value, "whitespace in JSON is compact")
 
     def check(self) -> None:
         super().check()

@@ -26,7 +26,7 @@ from pydantic import Field, field_validator
 from megatron_lamina.engine.prompt import PromptInput
 from megatron_lamina.engine.request_schema import (
     SEED_MAX, ChatMessage, LogprobCount, Prompts, RequestError, SamplingFields, StrictModel, decode_json,
-    may_hold_surrogates, parse_request, prompt_input,
+    may_hold_surrogates, only_null, parse_request, prompt_input,
 )
 from megatron_lamina.engine.sampling import SamplingParams
 from megatron_lamina.engine.structured_fields import StructuredFields
@@ -124,9 +124,7 @@ class CompletionRequest(_OpenAIFields):
     @field_validator("suffix")
     @classmethod
     def _no_suffix(cls, value):
-        if value is not None:
-            raise ValueError("not supported (insertion): send null")
-        return value
+        return only_null(value, "insertion")
 
     def check(self) -> None:
         super().check()
