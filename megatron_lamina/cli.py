@@ -128,7 +128,7 @@ def check_job(command: str, args):
         raise ValueError(f"model.checkpoint: {e}") from None
     validate_layout(cfg, cfg.world_size, arch)
     if command == "generate" and model_node:  # the batch job's driver runs on node 0
-        from megatron_lamina.engine.batch_output import OutputError, check_output
+        from megatron_lamina.batch.batch_output import OutputError, check_output
 
         if not Path(args.input).is_file():
             raise ValueError(f"--input {args.input}: no such file")

@@ -63,7 +63,7 @@ class RuntimeConfig(_Section):
     # A rank silent this long fails the job (it died or hangs): a wait inside a step (one
     # layer's exchange, the driver's plan to a rank) or a beat of the driver's heartbeat (sent
     # every quarter of it, answered by every rank). It bounds silence, not work: a step, an
-    # admission or a stalled front end may last longer (engine/control_plane.py).
+    # admission or a stalled front end may last longer (worker/control_plane.py).
     step_timeout_s: float = Field(120.0, gt=0.0, le=86400.0)  # at most a day: .inf and nan are refused
     # CUDA only: replay steps from CUDA graphs, all captured at start-up (colocated decode
     # steps whole; every step's stages between attention calls at token buckets). At
@@ -92,7 +92,7 @@ class KVCacheConfig(_Section):
     # Share of the whole device this process may use (vLLM's gpu_memory_utilization; ranks
     # sharing a GPU split it); with num_blocks auto the KV cache gets what is left of it.
     memory_fraction: float = Field(0.9, gt=0.0, le=1.0)
-    # Automatic prefix caching (engine/block_manager.py): full blocks computed once are kept,
+    # Automatic prefix caching (driver/block_manager.py): full blocks computed once are kept,
     # keyed by their prefix, and reused by requests that start the same way; false: every
     # prompt is computed from its first token.
     prefix_caching: bool = True
@@ -121,7 +121,7 @@ class ServerConfig(_Section):
     # A connection must have sent a request's headers this long after it opened (or after its
     # last answer): slow-header clients (slowloris) are closed instead of held open forever.
     header_timeout_s: float = Field(30.0, gt=0.0, le=3600.0)
-    # Structured outputs (engine/grammar.py): compiled grammars kept per process, keyed by their
+    # Structured outputs (requests/grammar.py): compiled grammars kept per process, keyed by their
     # text; the longest schema, regex or grammar a request may send; how long the front end waits
     # for a new one's compile before answering 400 (a hostile schema cannot hold it longer).
     grammar_cache_size: int = Field(256, ge=1)

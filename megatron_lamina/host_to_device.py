@@ -2,7 +2,7 @@
 
 A step's inputs (token ids, positions, the rows to sample, the cache slots and block tables
 of the attention index...) are built on the host as numpy arrays by whoever needs them
-(engine/step_inputs.py, attention/gpu.py). `HostArrays` is such a set of arrays with the
+(worker/step_inputs.py, attention/gpu.py). `HostArrays` is such a set of arrays with the
 function that turns their device copies into the object the step uses; `to_device` packs
 every set of a step into one pinned int64 buffer, copies it with one asynchronous transfer
 and hands each set its views. Pinned memory matters twice: the copy does not wait for the

@@ -35,11 +35,11 @@ import torch.distributed as dist
 
 from megatron_lamina.checkpoint.auto_convert import canonical_checkpoint
 from megatron_lamina.config import LaminaConfig
-from megatron_lamina.engine.llm_engine import LLMEngine
-from megatron_lamina.engine.prompt import PromptInput
-from megatron_lamina.engine.request import Request, TokenLogprob
-from megatron_lamina.engine.runtime import start_rank
-from megatron_lamina.engine.sampling import SamplingParams
+from megatron_lamina.driver.llm_engine import LLMEngine
+from megatron_lamina.requests.prompt import PromptInput
+from megatron_lamina.driver.request import Request, TokenLogprob
+from megatron_lamina.worker.runtime import start_rank
+from megatron_lamina.driver.sampling import SamplingParams
 from megatron_lamina.launch.ranks import threads_per_rank
 
 CPU_KV_BLOCKS = 1024  # `num_blocks` default on a CPU, where "auto" would take most of the host's memory

@@ -12,8 +12,8 @@ Two things keep the plan small and let the driver plan ahead of the GPU:
   * Block tables never travel whole. A chunk carries `new_blocks`, the blocks appended to
     its request's table since the last plan that carried the request, and the plan lists
     the requests whose blocks were `released`; every rank that holds a cache keeps its own
-    copy of the tables (engine/block_tables.py) and fills in `chunk.block_table` from it.
-    `block_table` is therefore never sent (see `__getstate__`, and engine/plan_columns.py).
+    copy of the tables (worker/block_tables.py) and fills in `chunk.block_table` from it.
+    `block_table` is therefore never sent (see `__getstate__`, and worker/plan_columns.py).
   * A decode token the driver has sampled but not yet read back from the device (the plan
     of step n+1 is built while step n runs: asynchronous scheduling) is `fed`: the chunk's
     `feed` is its row in the previous step's sampled tokens, which stay on the device, and
@@ -41,7 +41,7 @@ class SequenceChunk:
     # receiving rank's BlockTables); never sent.
     block_table: list[int] = field(default_factory=list, repr=False, compare=False)
     # (this rank's BlockTables, the table's row in its array): set with block_table, so that
-    # the tables of many chunks are one gather (engine/block_tables.py); never sent.
+    # the tables of many chunks are one gather (worker/block_tables.py); never sent.
     table_row: tuple | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -102,7 +102,7 @@ class StepPlan:
     micro_batches: list[MicroBatch] = field(default_factory=list)
     released: list[int] = field(default_factory=list)  # requests whose blocks were freed
     shutdown: bool = False  # every rank leaves its loop after this plan
-    # The prefix cache's host tier (engine/host_tier.py): (shard, device block, host slot)
+    # The prefix cache's host tier (worker/host_tier.py): (shard, device block, host slot)
     # triples, flat, copied before the step runs: device to host, then host to device.
     offloads: list[int] = field(default_factory=list)
     loads: list[int] = field(default_factory=list)

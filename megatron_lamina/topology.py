@@ -13,7 +13,7 @@ served locally.
 (handed to Megatron through a `ProcessGroupCollection`, so attention workers are in no
 Megatron group), a gloo group over all ranks for the step plans, one for start-up agreements
 (which may wait minutes for a model to load), and one gloo pair (rank 0 and one other rank) per
-other rank for the driver's heartbeat (engine/control_plane.py): a pair of its own, so a beat
+other rank for the driver's heartbeat (worker/control_plane.py): a pair of its own, so a beat
 to a rank never waits behind another rank's step, as the plans' broadcast (a tree through the
 ranks) does. The heartbeat, not the plans' group, bounds a rank's wait for its next plan, so
 only the driver's end of `control` times out after `runtime.step_timeout_s`; the other ranks'

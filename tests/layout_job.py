@@ -12,10 +12,10 @@ import torch
 
 def generate_on_ranks(cases, inputs):
     from megatron_lamina.config import load_config
-    from megatron_lamina.engine.control_plane import serve_plans
-    from megatron_lamina.engine.llm_engine import LLMEngine
-    from megatron_lamina.engine.prompt import PromptInput
-    from megatron_lamina.engine.runtime import start_rank
+    from megatron_lamina.worker.control_plane import serve_plans
+    from megatron_lamina.driver.llm_engine import LLMEngine
+    from megatron_lamina.requests.prompt import PromptInput
+    from megatron_lamina.worker.runtime import start_rank
 
     results = []
     ctx = engine = None

@@ -1,4 +1,4 @@
-"""Every cache-holding rank's persistent block-table array (engine/block_tables.py), fed only
+"""Every cache-holding rank's persistent block-table array (worker/block_tables.py), fed only
 the plans' deltas by a real scheduler that admits, grows, preempts and finishes requests on
 two shards of a tiny cache: every step, every rank's rows equal the driver's own tables, the
 rows gathered from the device mirror (the CPU stands in for the device) equal them too, and
@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from megatron_lamina.attention.kv_cache import PagedKVCache, padded_block_tables
-from megatron_lamina.engine.block_manager import BlockManager
-from megatron_lamina.engine.block_tables import BlockTables, ChunkTables
-from megatron_lamina.engine.request import Request
-from megatron_lamina.engine.sampling import SamplingParams
-from megatron_lamina.engine.scheduler import Scheduler
+from megatron_lamina.driver.block_manager import BlockManager
+from megatron_lamina.worker.block_tables import BlockTables, ChunkTables
+from megatron_lamina.driver.request import Request
+from megatron_lamina.driver.sampling import SamplingParams
+from megatron_lamina.driver.scheduler import Scheduler
 from megatron_lamina.host_to_device import HostArrays, to_device
 from megatron_lamina.plan import SequenceChunk
 

@@ -32,11 +32,11 @@ def _compare(checkpoint, announced: bool):
     from megatron_lamina.attention.gpu import PagedAttention
     from megatron_lamina.attention.kv_cache import PagedKVCache
     from megatron_lamina.attention.reference import ReferenceAttention
-    from megatron_lamina.engine.block_tables import BlockTables
+    from megatron_lamina.worker.block_tables import BlockTables
     from megatron_lamina.checkpoint.loader import CheckpointShardLoader
-    from megatron_lamina.engine.cuda_graphs import DecodeGraphs
-    from megatron_lamina.engine.model_worker import ModelWorker
-    from megatron_lamina.engine.token_feed import TokenFeed
+    from megatron_lamina.worker.cuda_graphs import DecodeGraphs
+    from megatron_lamina.worker.model_worker import ModelWorker
+    from megatron_lamina.worker.token_feed import TokenFeed
     from megatron_lamina.model.llama import LlamaModel
     from megatron_lamina.plan import MicroBatch, SequenceChunk, StepPlan
     from megatron_lamina.transport.channel import LocalChannel

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from spawn_ranks import run_ranks
 
-from megatron_lamina.engine.sampling import SamplingParams
+from megatron_lamina.driver.sampling import SamplingParams
 
 CHATS = [
     [{"role": "user", "content": "What is the capital of France?"}],
@@ -19,10 +19,10 @@ MAX_TOKENS = 20
 
 def _chat_on_ranks(checkpoint):
     from megatron_lamina.config import load_config
-    from megatron_lamina.engine.control_plane import serve_plans
-    from megatron_lamina.engine.llm_engine import LLMEngine
-    from megatron_lamina.engine.prompt import PromptInput
-    from megatron_lamina.engine.runtime import start_rank
+    from megatron_lamina.worker.control_plane import serve_plans
+    from megatron_lamina.driver.llm_engine import LLMEngine
+    from megatron_lamina.requests.prompt import PromptInput
+    from megatron_lamina.worker.runtime import start_rank
 
     ctx = start_rank(load_config("configs/default.yaml", [f"model.checkpoint={checkpoint}"]))
     if ctx.rank != 0:

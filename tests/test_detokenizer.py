@@ -1,4 +1,4 @@
-"""Incremental detokenization (engine/tokenizer.py) against decoding the whole output at once.
+"""Incremental detokenization (requests/tokenizer.py) against decoding the whole output at once.
 
 On the default model's tokenizer (SmolLM2's byte-level BPE, converted from the GGUF the
 project ships) and on the tests' word-level one: random token streams (byte tokens that split
@@ -14,7 +14,7 @@ import random
 
 import pytest
 
-from megatron_lamina.engine.tokenizer import TextCodec, find_stop
+from megatron_lamina.requests.tokenizer import TextCodec, find_stop
 
 TEXTS = ["naïve café — 東京タワー 🚀🎉 Ünïcödé ½ ‰ €", "emoji only: 👩‍👩‍👧‍👦🧑🏽‍🚀", "plain ascii, then 한국어 and ελληνικά."]
 

@@ -1,4 +1,4 @@
-"""The pipe between the engine process and the HTTP front end (engine/engine_link.py).
+"""The pipe between the engine process and the HTTP front end (requests/engine_link.py).
 
 A step's outputs cross it as tuples and come back as equal `RequestOutput`s (log-probabilities
 included). The front end's `EngineClient`, on the event loop the server runs (uvloop), sends a
@@ -20,10 +20,10 @@ from multiprocessing import Pipe
 import pytest
 from torchrun import ROOT
 
-from megatron_lamina.engine.engine_link import EngineInfo, StepReport, StepStats, pack_output, unpack_output
-from megatron_lamina.engine.output import RequestOutput
-from megatron_lamina.engine.prompt import Capacity, PromptInput
-from megatron_lamina.engine.request import TokenLogprob
+from megatron_lamina.requests.engine_link import EngineInfo, StepReport, StepStats, pack_output, unpack_output
+from megatron_lamina.requests.output import RequestOutput
+from megatron_lamina.requests.prompt import Capacity, PromptInput
+from megatron_lamina.driver.request import TokenLogprob
 
 
 def test_outputs_cross_the_pipe_unchanged():
@@ -74,14 +74,14 @@ def test_a_flood_of_requests_waits_for_the_engine_and_arrives_whole():
 
 FRONT_END = """
 import pickle, sys
-from megatron_lamina.engine.engine_link import StepReport, StepStats, pack_output
-from megatron_lamina.engine.output import RequestOutput
+from megatron_lamina.requests.engine_link import StepReport, StepStats, pack_output
+from megatron_lamina.requests.output import RequestOutput
 message = pickle.dumps(("step", [(0, pack_output(RequestOutput(0, "a", [1], False, None, 1, 1)))],
                         StepReport([StepStats(1, 1, 0.1)], 1, 0, 8, [1])))
 before = set(sys.modules)
 import megatron_lamina.server.frontend, megatron_lamina.server.app, megatron_lamina.server.engine_client
 pickle.loads(message)
-print(sorted(m for m in sys.modules if m.startswith(("megatron.", "megatron_lamina.engine.llm_engine",
+print(sorted(m for m in sys.modules if m.startswith(("megatron.", "megatron_lamina.driver.llm_engine",
                                                      "megatron_lamina.model", "megatron_lamina.attention"))))
 """
 

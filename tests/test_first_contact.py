@@ -144,7 +144,7 @@ def test_cuda_on_a_cpu_torch_is_one_error_line(hf_dir, tmp_path, capsys, monkeyp
     assert out.returncode == 2
     assert out.stderr.splitlines() == [out.stderr.strip()] and out.stderr.startswith("error: config: runtime.device")
     # a rank's start-up (torchrun's path) says the same in one line
-    from megatron_lamina.engine.runtime import job_from_args
+    from megatron_lamina.worker.runtime import job_from_args
 
     monkeypatch.setenv("LAMINA_CACHE_DIR", str(tmp_path / "cache"))
     assert job_from_args(parse(str(hf_dir), "--set", "runtime.device=cuda")) is None
@@ -158,7 +158,7 @@ def test_llm_takes_n_a_dict_and_a_hf_directory(hf_dir, tmp_path, monkeypatch):
     import megatron_lamina
     from megatron_lamina import SamplingParams
 
-    assert SamplingParams is megatron_lamina.engine.sampling.SamplingParams
+    assert SamplingParams is megatron_lamina.driver.sampling.SamplingParams
     monkeypatch.setenv("LAMINA_CACHE_DIR", str(tmp_path / "cache"))
     with megatron_lamina.LLM(str(hf_dir), num_blocks=64, block_size=4) as llm:
         two = llm.generate(["w5 w9", "w7"], {"max_tokens": 4, "temperature": 0.9, "seed": 7, "n": 2, "ignore_eos": True})

@@ -32,8 +32,8 @@ def _logits(checkpoint):
 
     from megatron_lamina.architecture import read_architecture
     from megatron_lamina.checkpoint.loader import CheckpointShardLoader
-    from megatron_lamina.engine.model_worker import ModelWorker
-    from megatron_lamina.engine.token_feed import TokenFeed
+    from megatron_lamina.worker.model_worker import ModelWorker
+    from megatron_lamina.worker.token_feed import TokenFeed
     from megatron_lamina.model.llama import LlamaModel
     from megatron_lamina.model.rope import apply_rotary
     from megatron_lamina.transport.channel import LocalChannel

@@ -19,9 +19,9 @@ from checkpoint_fixtures import BOS, EOS, SPECIAL_TOKENS, tiny_tokenizer
 from server_proc import tiny_server_config
 from torchrun import lamina
 
-from megatron_lamina.engine.prompt import PromptInput, prompt_ids
-from megatron_lamina.engine.sampling import SamplingParams
-from megatron_lamina.engine.tokenizer import TextCodec
+from megatron_lamina.requests.prompt import PromptInput, prompt_ids
+from megatron_lamina.driver.sampling import SamplingParams
+from megatron_lamina.requests.tokenizer import TextCodec
 
 # ---------------------------------------------------------------- user text is text
 

@@ -14,17 +14,17 @@ import pytest
 import torch
 from spawn_ranks import run_ranks
 
-from megatron_lamina.engine.sampling import SamplingParams
+from megatron_lamina.driver.sampling import SamplingParams
 
 PROMPT = [1, 5, 9, 14, 3, 40, 41, 42, 43, 44, 45]
 
 
 def _run(checkpoint, overrides, requests):
     from megatron_lamina.config import load_config
-    from megatron_lamina.engine.control_plane import serve_plans
-    from megatron_lamina.engine.llm_engine import LLMEngine
-    from megatron_lamina.engine.prompt import PromptInput
-    from megatron_lamina.engine.runtime import start_rank
+    from megatron_lamina.worker.control_plane import serve_plans
+    from megatron_lamina.driver.llm_engine import LLMEngine
+    from megatron_lamina.requests.prompt import PromptInput
+    from megatron_lamina.worker.runtime import start_rank
 
     ctx = start_rank(load_config(None, [f"model.checkpoint={checkpoint}", *overrides]))
     if ctx.rank != 0:

@@ -1,4 +1,4 @@
-"""Step plans as integer columns (engine/plan_columns.py): every field a plan sends survives
+"""Step plans as integer columns (worker/plan_columns.py): every field a plan sends survives
 the round trip (chunks of prefill and decode, fed tokens, prompt log-probabilities, new
 blocks, released requests, host-tier copies, several micro-batches and shards, the heartbeat's empty plan,
 the shutdown plan), the encoder knows every field of the plan's dataclasses, and
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from spawn_ranks import run_ranks
 
-from megatron_lamina.engine import plan_columns
+from megatron_lamina.worker import plan_columns
 from megatron_lamina.plan import MicroBatch, SequenceChunk, StepPlan
 
 
@@ -63,7 +63,7 @@ def test_another_format_is_refused():
 def _broadcast_every_plan() -> int:
     import torch.distributed as dist
 
-    from megatron_lamina.engine.control_plane import broadcast_plan
+    from megatron_lamina.worker.control_plane import broadcast_plan
     from megatron_lamina.topology import ProcessGroups
 
     dist.init_process_group("gloo")

@@ -180,7 +180,7 @@ class _RecordingWorker:
     every sampled row: the engine's driver (LLMEngine.step) runs as it does, without a model."""
 
     def __init__(self, vocab: int):
-        from megatron_lamina.engine.token_feed import TokenFeed
+        from megatron_lamina.worker.token_feed import TokenFeed
 
         self.vocab, self.plans = vocab, []
         self.feed = TokenFeed(_OneRank(), torch.device("cpu"))
@@ -201,10 +201,10 @@ def engine_replay(trace, layout: Layout, num_blocks: int, max_model_len: int, to
     plans, and per request its output length and finish reason."""
     from megatron_lamina.architecture import ModelArchitecture
     from megatron_lamina.config import load_config
-    from megatron_lamina.engine.llm_engine import LLMEngine
-    from megatron_lamina.engine.prompt import PromptInput
-    from megatron_lamina.engine.runtime import RankContext
-    from megatron_lamina.engine.sampling import SamplingParams
+    from megatron_lamina.driver.llm_engine import LLMEngine
+    from megatron_lamina.requests.prompt import PromptInput
+    from megatron_lamina.worker.runtime import RankContext
+    from megatron_lamina.driver.sampling import SamplingParams
     from megatron_lamina.topology import ProcessGroups, Topology
 
     cfg = load_config(None, [f"model.checkpoint={tokenizer_dir}", "scheduler.async_scheduling=false",

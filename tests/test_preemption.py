@@ -11,7 +11,7 @@ from layout_job import generate_on_ranks
 from spawn_ranks import run_ranks
 from tiny_models import reference_generate
 
-from megatron_lamina.engine.sampling import SamplingParams
+from megatron_lamina.driver.sampling import SamplingParams
 
 PROMPTS = [[1, 5, 9, 14, 3], [1, 40, 41, 42, 43, 44, 45], [1, 77], [1, 8, 100, 200], [1, 9, 9, 2, 7, 7],
            [1, 60, 61], [1, 33, 34, 35, 36, 37, 38, 39], [1, 120]]
@@ -33,9 +33,9 @@ def test_small_cache_preempts_and_every_request_completes(tiny_models):
 
 
 def test_prompt_that_can_never_fit_is_refused(tiny_models):
-    from megatron_lamina.engine.block_manager import BlockManager
-    from megatron_lamina.engine.request import Request
-    from megatron_lamina.engine.scheduler import Scheduler
+    from megatron_lamina.driver.block_manager import BlockManager
+    from megatron_lamina.driver.request import Request
+    from megatron_lamina.driver.scheduler import Scheduler
 
     scheduler = Scheduler(BlockManager(2, num_blocks=8, block_size=4), 16, 8, 2, max_model_len=256)
     with pytest.raises(ValueError, match="one attention shard's KV cache holds 32 tokens"):

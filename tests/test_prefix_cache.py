@@ -1,4 +1,4 @@
-"""The prefix cache in the driver's block manager (engine/block_manager.py), driven by the real
+"""The prefix cache in the driver's block manager (driver/block_manager.py), driven by the real
 scheduler: hits share block ids and skip those tokens' prefill, the last prompt token is always
 computed, salts never share a block, free cached blocks are evicted least recently freed first
 (and never the ones a request being admitted is taking), and finishing, aborting and
@@ -11,10 +11,10 @@ from collections import Counter
 
 import pytest
 
-from megatron_lamina.engine.block_manager import BlockManager
-from megatron_lamina.engine.request import Request
-from megatron_lamina.engine.sampling import SamplingParams
-from megatron_lamina.engine.scheduler import Scheduler
+from megatron_lamina.driver.block_manager import BlockManager
+from megatron_lamina.driver.request import Request
+from megatron_lamina.driver.sampling import SamplingParams
+from megatron_lamina.driver.scheduler import Scheduler
 
 GREEDY = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
 
@@ -268,7 +268,7 @@ def test_host_tier_keeps_every_prefix_exact():
     import torch
 
     from megatron_lamina.attention.kv_cache import PagedKVCache
-    from megatron_lamina.engine.host_tier import HostTier
+    from megatron_lamina.worker.host_tier import HostTier
 
     blocks = BlockManager(2, 8, 4, True, host_blocks=16)
     scheduler = Scheduler(blocks, 2, 12, 2, max_model_len=512)
@@ -343,7 +343,7 @@ def test_reset_forgets_the_host_tier_too():
 def test_a_batch_line_carries_its_salt():
     """The batch job's line takes `cache_salt` (the shared request schema) into the engine's
     input; an empty salt is refused naming the field."""
-    from megatron_lamina.engine.batch_job import parse_line
+    from megatron_lamina.batch.batch_job import parse_line
 
     line = parse_line(1, b'{"id": 1, "prompt": [1, 2, 3], "cache_salt": "tenant-a"}')
     assert line.item.cache_salt == "tenant-a"

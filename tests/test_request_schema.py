@@ -14,9 +14,9 @@ import os
 
 import pytest
 
-from megatron_lamina.engine.batch_job import read_batch
-from megatron_lamina.engine.batch_output import BatchOutput, OutputError, check_output, check_output_free
-from megatron_lamina.engine.request_schema import RequestError, decode_json
+from megatron_lamina.batch.batch_job import read_batch
+from megatron_lamina.batch.batch_output import BatchOutput, OutputError, check_output, check_output_free
+from megatron_lamina.requests.request_schema import RequestError, decode_json
 from megatron_lamina.server.protocol import ApiError, ChatCompletionRequest, CompletionRequest, read_body
 
 SHARED_MISTAKES = [  # (fields, param, message): refused alike by the server and the batch job

@@ -1,7 +1,7 @@
-"""The one rotation (engine/rotation.py): for random plans, the model side's pipeline and the
+"""The one rotation (worker/rotation.py): for random plans, the model side's pipeline and the
 attention workers' loop post exactly matching message sequences.
 
-The model side is the real `run_pipeline` (engine/pipeline.py) over stages that only count,
+The model side is the real `run_pipeline` (worker/pipeline.py) over stages that only count,
 with a channel that records, per attention worker, every exchange it would post (the routes
 of topology.py: each request shard with rows, each KV-head group); the attention side is the
 real `AttentionWorker.serve` with an endpoint that records what it receives. For every
@@ -18,10 +18,10 @@ import random
 import pytest
 import torch
 
-from megatron_lamina.engine.attention_worker import AttentionWorker
-from megatron_lamina.engine.block_tables import BlockTables
-from megatron_lamina.engine.pipeline import run_pipeline
-from megatron_lamina.engine.step_inputs import MicroBatchInputs
+from megatron_lamina.worker.attention_worker import AttentionWorker
+from megatron_lamina.worker.block_tables import BlockTables
+from megatron_lamina.worker.pipeline import run_pipeline
+from megatron_lamina.worker.step_inputs import MicroBatchInputs
 from megatron_lamina.host_to_device import HostArrays
 from megatron_lamina.plan import MicroBatch, SequenceChunk, StepPlan
 from megatron_lamina.topology import Topology

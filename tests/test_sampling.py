@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_lamina.engine.sampling import SamplingParams, sample_tokens
+from megatron_lamina.driver.sampling import SamplingParams, sample_tokens
 
 LOGITS = torch.tensor([1.0, 3.0, 2.5, -1.0, 0.0, 2.9])
 
@@ -259,7 +259,7 @@ def _reference_adjusted(logits: list[float], p: SamplingParams, prompt: list[int
 
 
 def test_penalties_and_bias_against_their_definitions():
-    from megatron_lamina.engine.sampling import adjust_logits
+    from megatron_lamina.driver.sampling import adjust_logits
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(1, 12, generator=g) * 3
@@ -356,7 +356,7 @@ def test_tiny_repetition_penalty_samples_its_limit_never_nan(penalty, temperatur
     """A repetition_penalty near zero divides the seen tokens' positive logits by it: the limit
     is the seen token with the largest logit (2 here, seen in the prompt), never the token 0
     of an all-NaN row."""
-    from megatron_lamina.engine.sampling import adjust_logits
+    from megatron_lamina.driver.sampling import adjust_logits
 
     params = SamplingParams(temperature=temperature, repetition_penalty=penalty, seed=0)
     history = ([2, 3], [4])
@@ -369,7 +369,7 @@ def test_tiny_repetition_penalty_samples_its_limit_never_nan(penalty, temperatur
 def test_extreme_logits_stay_finite_after_the_penalties():
     """Whatever a penalty or bias does to a logit, the row stays finite at the smallest
     temperature that is not greedy: its softmax is a distribution."""
-    from megatron_lamina.engine.sampling import SAFE_LOGIT, _probabilities, adjust_logits
+    from megatron_lamina.driver.sampling import SAFE_LOGIT, _probabilities, adjust_logits
 
     big = torch.tensor([[3e38, -3e38, 1e30, 0.0]])
     params = SamplingParams(temperature=SamplingParams.GREEDY_BELOW, repetition_penalty=1e-6, presence_penalty=2,

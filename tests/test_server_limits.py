@@ -19,8 +19,8 @@ from server_proc import ServerProcess, child_pids
 from spawn_ranks import free_port
 from tiny_models import save_tiny_llama
 
-from megatron_lamina.engine.request_schema import MAX_PROMPT_CHARS
-from megatron_lamina.engine.sampling_rules import MAX_STOP_TOKEN_IDS
+from megatron_lamina.requests.request_schema import MAX_PROMPT_CHARS
+from megatron_lamina.requests.sampling_rules import MAX_STOP_TOKEN_IDS
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +109,7 @@ def test_rank_0_dying_gives_open_streams_an_error_event(server):
 
 
 def test_a_batch_line_past_the_limit_is_an_error_record(tmp_path):
-    from megatron_lamina.engine.batch_job import read_batch
+    from megatron_lamina.batch.batch_job import read_batch
 
     path = tmp_path / "in.jsonl"
     path.write_text(json.dumps({"id": "a", "prompt": "w5"}) + "\n" + json.dumps({"id": "b", "prompt": "w5 " * 100}) + "\n")

@@ -13,16 +13,16 @@ import shutil
 from spawn_ranks import run_ranks
 from tiny_models import make_tokenizer, reference_generate
 
-from megatron_lamina.engine.sampling import SamplingParams
+from megatron_lamina.driver.sampling import SamplingParams
 
 PROMPT = [1, 5, 9, 14, 3]
 
 
 def _generate(checkpoint, params_list):
     from megatron_lamina.config import load_config
-    from megatron_lamina.engine.llm_engine import LLMEngine
-    from megatron_lamina.engine.prompt import PromptInput
-    from megatron_lamina.engine.runtime import start_rank
+    from megatron_lamina.driver.llm_engine import LLMEngine
+    from megatron_lamina.requests.prompt import PromptInput
+    from megatron_lamina.worker.runtime import start_rank
 
     ctx = start_rank(load_config(None, [f"model.checkpoint={checkpoint}", "parallel.attention_workers=0",
                                         "kv_cache.num_blocks=16"]))

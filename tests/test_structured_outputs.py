@@ -226,7 +226,7 @@ def test_openai_fields_that_change_nothing_are_accepted(client):
 
 def test_llm_colocated_every_schema_greedy_and_sampled(monkeypatch):
     from megatron_lamina import LLM, SamplingParams
-    from megatron_lamina.engine.structured_output import StructuredOutput
+    from megatron_lamina.requests.structured_output import StructuredOutput
 
     cases = [(s, SamplingParams(max_tokens=160, temperature=t, seed=i if t else None,
                                 structured_outputs=StructuredOutput.json_schema(s)))

@@ -49,7 +49,7 @@ def reference_generate(hf_dir: Path, prompts: list[list[int]], params: list, dev
     than a CPU one with the same seed). Returns (tokens, logits per step)."""
     from transformers import AutoModelForCausalLM
 
-    from megatron_lamina.engine.sampling import sample_tokens
+    from megatron_lamina.driver.sampling import sample_tokens
 
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     tokens, logits = [], []

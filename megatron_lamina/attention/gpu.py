@@ -26,7 +26,7 @@ from megatron_lamina.attention.kv_cache import PagedKVCache, chunk_slots, slots_
 from megatron_lamina.attention.lse_merge import CachedPartial, append_and_merge
 from megatron_lamina.attention.triton_paged import paged_decode
 from megatron_lamina.attention.triton_prefill import paged_prefill
-from megatron_lamina.engine.block_tables import ChunkTables
+from megatron_lamina.worker.block_tables import ChunkTables
 from megatron_lamina.host_to_device import HostArrays
 from megatron_lamina.plan import SequenceChunk
 
@@ -69,7 +69,7 @@ class PagedAttention:
         """The index of a micro-batch's chunks as host arrays. A step of hundreds of decode
         requests builds this every step, so nothing here grows with the context: the decode
         rows' tables are gathered on the device from this rank's block-table mirror
-        (engine/block_tables.py), and their slots are one numpy expression."""
+        (worker/block_tables.py), and their slots are one numpy expression."""
         bs = self.cache.block_size
         lengths = np.fromiter((len(c.tokens) for c in chunks), np.int64, len(chunks))
         first_rows = np.cumsum(lengths) - lengths

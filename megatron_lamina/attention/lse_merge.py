@@ -12,7 +12,7 @@ s_n = scale * q . k_new:
     o = (exp(lse_c - m) * o_c + exp(s_n - m) * v_new) / (exp(lse_c - m) + exp(s_n - m))
 which is softmax attention over the whole context, exactly (up to rounding). A request
 with no cached token has o_c = 0 and lse_c = -inf, so o = v_new. This module is the one
-place of that math; engine/attention_worker.py runs the sequence.
+place of that math; worker/attention_worker.py runs the sequence.
 """
 
 from __future__ import annotations

@@ -121,9 +121,9 @@ def _measure_model(rank, world, device, tp_group, shape_dict, dtype_name, device
     import torch.distributed as dist
 
     from megatron_lamina.bench.stand_ins import ZeroAttention
-    from megatron_lamina.engine.model_worker import ModelWorker
-    from megatron_lamina.engine.sampling import SamplingParams, sample_tokens
-    from megatron_lamina.engine.token_feed import TokenFeed
+    from megatron_lamina.worker.model_worker import ModelWorker
+    from megatron_lamina.driver.sampling import SamplingParams, sample_tokens
+    from megatron_lamina.worker.token_feed import TokenFeed
     from megatron_lamina.model.llama import LlamaModel
     from megatron_lamina.transport.channel import LocalChannel
 
@@ -169,7 +169,7 @@ def _measure_model(rank, world, device, tp_group, shape_dict, dtype_name, device
 def _graph_points(batches: list[int], graph_cap: int) -> dict:
     """The graph batches, each with the bucket the engine pads it to (max_batch_size =
     graph_cap), and the eager ones (above the cap)."""
-    from megatron_lamina.engine.stage_graphs import token_buckets
+    from megatron_lamina.worker.stage_graphs import token_buckets
 
     sizes = token_buckets(graph_cap)
     return {"max_batch": graph_cap,
@@ -184,9 +184,9 @@ def _time_graphs(model, channel, tp_group, batch: int, bucket: int, context: int
     so that one point's graphs and static tensors are held at a time."""
     import gc
 
-    from megatron_lamina.engine.model_worker import ModelWorker
-    from megatron_lamina.engine.stage_graphs import StageGraphs
-    from megatron_lamina.engine.token_feed import TokenFeed
+    from megatron_lamina.worker.model_worker import ModelWorker
+    from megatron_lamina.worker.stage_graphs import StageGraphs
+    from megatron_lamina.worker.token_feed import TokenFeed
 
     graphs = StageGraphs(model, bucket, 1, sizes=[bucket])
     graphs.capture()
@@ -294,7 +294,7 @@ def attention_kernel(choice: str, device_type: str):
     """cache -> an attention backend (host_index, then a call per layer): "engine" is the
     worker factory's own choice for the device (`attention_backend`)."""
     if choice == "engine":
-        from megatron_lamina.engine.worker_factory import attention_backend
+        from megatron_lamina.worker.worker_factory import attention_backend
 
         return functools.partial(attention_backend, device=torch.device(device_type))
     if choice == "gpu":

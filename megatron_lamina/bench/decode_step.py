@@ -2,7 +2,7 @@
 the roofline it is compared with.
 
 Built from the engine's public pieces, as the worker factory builds a colocated model worker
-(engine/worker_factory.py), but for one model reused over many caches and batch sizes (the
+(worker/worker_factory.py), but for one model reused over many caches and batch sizes (the
 factory builds one worker per config): `random_model` (a `LlamaModel` with N(0, std)
 parameters), `local_worker` (a `ModelWorker` over a `LocalChannel` to an attention backend,
 `attention_backend` picking the kernel per device as the factory does), `decode_graphs`
@@ -21,11 +21,11 @@ from megatron_lamina.attention.kv_cache import PagedKVCache
 from megatron_lamina.bench.plans import blocks_for, decode_plan
 from megatron_lamina.bench.timing import time_ms
 from megatron_lamina.checkpoint.loader import padded_vocab_size
-from megatron_lamina.engine.cuda_graphs import DecodeGraphs
-from megatron_lamina.engine.model_worker import ModelWorker
-from megatron_lamina.engine.stage_graphs import StageGraphs
-from megatron_lamina.engine.token_feed import TokenFeed
-from megatron_lamina.engine.worker_factory import attention_backend
+from megatron_lamina.worker.cuda_graphs import DecodeGraphs
+from megatron_lamina.worker.model_worker import ModelWorker
+from megatron_lamina.worker.stage_graphs import StageGraphs
+from megatron_lamina.worker.token_feed import TokenFeed
+from megatron_lamina.worker.worker_factory import attention_backend
 from megatron_lamina.fp8 import FP8, quantize_rows
 from megatron_lamina.model.llama import LlamaModel
 from megatron_lamina.transport.channel import LocalChannel

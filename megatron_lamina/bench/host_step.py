@@ -34,13 +34,13 @@ import torch
 from megatron_lamina.attention.gpu import PagedAttention
 from megatron_lamina.attention.kv_cache import PagedKVCache, chunk_slots, padded_block_tables
 from megatron_lamina.bench.timing import wall_s
-from megatron_lamina.engine import plan_columns
+from megatron_lamina.worker import plan_columns
 from megatron_lamina.bench.timing import median
-from megatron_lamina.engine.block_manager import BlockManager
-from megatron_lamina.engine.block_tables import BlockTables, ChunkTables
-from megatron_lamina.engine.request import Request
-from megatron_lamina.engine.sampling import SamplingParams, sample_tokens
-from megatron_lamina.engine.scheduler import Scheduler
+from megatron_lamina.driver.block_manager import BlockManager
+from megatron_lamina.worker.block_tables import BlockTables, ChunkTables
+from megatron_lamina.driver.request import Request
+from megatron_lamina.driver.sampling import SamplingParams, sample_tokens
+from megatron_lamina.driver.scheduler import Scheduler
 from megatron_lamina.host_to_device import to_device
 from megatron_lamina.plan import MicroBatch, SequenceChunk, StepPlan
 

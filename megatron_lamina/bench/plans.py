@@ -46,7 +46,7 @@ def decode_plan(batch: int, context: int, block_size: int | None = None, micro_b
 
 def announced(plan: StepPlan) -> StepPlan:
     """The same step with each chunk's whole table as its `new_blocks`: the first plan a rank
-    that keeps its own block tables (an attention worker, engine/block_tables.py) must see;
+    that keeps its own block tables (an attention worker, worker/block_tables.py) must see;
     `plan` itself, which adds no blocks, is then every later step on that rank."""
     return StepPlan([MicroBatch([SequenceChunk(c.request_id, c.shard, c.start, c.tokens, list(c.block_table), c.sample,
                                                c.feed, block_table=list(c.block_table)) for c in mb.chunks])

@@ -220,7 +220,7 @@ class MetricsPoller(_Poller):
 class GpuPoller(_Poller):
     """GPU utilization (a fraction: NVML's percent / 100) every `interval` seconds, through
     NVML: the share of the sample period in which a kernel ran. `devices` ranks: the GPUs
-    0 .. min(devices, GPUs there) - 1 (rank r runs on GPU r mod the count, engine/runtime.py);
+    0 .. min(devices, GPUs there) - 1 (rank r runs on GPU r mod the count, worker/runtime.py);
     each sample is their mean, `per_device_between` gives each one's."""
 
     def __init__(self, devices: int = 1, interval: float = 0.1):

@@ -64,8 +64,8 @@ def compile_times(tokenizer_dir: Path, vocab_size: int, schema: dict) -> dict:
     """`GrammarCompiler` alone: a first compile of `schema`, then the same again (the cache)."""
     from transformers import AutoTokenizer
 
-    from megatron_lamina.engine.grammar import GrammarCompiler
-    from megatron_lamina.engine.structured_output import StructuredOutput
+    from megatron_lamina.requests.grammar import GrammarCompiler
+    from megatron_lamina.requests.structured_output import StructuredOutput
 
     compiler = GrammarCompiler(AutoTokenizer.from_pretrained(str(tokenizer_dir)), vocab_size, None)
     spec = StructuredOutput.json_schema(schema)

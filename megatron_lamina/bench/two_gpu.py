@@ -194,11 +194,11 @@ def _throughput_cases(cases, layers_only, trace_dir, stage_graphs, q_first):
     from megatron_lamina.bench.plans import announced, blocks_for, decode_plan
     from megatron_lamina.bench.stand_ins import ZeroAttention
     from megatron_lamina.bench.timing import time_ms
-    from megatron_lamina.engine.attention_worker import AttentionWorker
-    from megatron_lamina.engine.model_worker import ModelWorker
-    from megatron_lamina.engine.stage_graphs import StageGraphs
-    from megatron_lamina.engine.token_feed import TokenFeed
-    from megatron_lamina.engine.worker_factory import attention_backend
+    from megatron_lamina.worker.attention_worker import AttentionWorker
+    from megatron_lamina.worker.model_worker import ModelWorker
+    from megatron_lamina.worker.stage_graphs import StageGraphs
+    from megatron_lamina.worker.token_feed import TokenFeed
+    from megatron_lamina.worker.worker_factory import attention_backend
     from megatron_lamina.host_to_device import to_device
     from megatron_lamina.topology import Topology
     from megatron_lamina.transport.p2p import AttentionEndpoint, P2PChannel

@@ -8,9 +8,9 @@
 `lamina generate` checks the config, the input and the output first and starts the N =
 parallel.tensor_parallel + parallel.attention_workers ranks itself; launcher/generate.py is
 this module for torchrun. Every rank dies with its launcher (`ranks.exit_with_parent`).
-Rank 0 locks the output (`engine/batch_output.py`: a second job on the same file is refused),
-reads the input (`engine/batch_job.py`), and runs every line through the continuous-batching
-engine (`engine/batch_run.py`): exactly one record per input line, appended and flushed as
+Rank 0 locks the output (`batch/batch_output.py`: a second job on the same file is refused),
+reads the input (`batch/batch_job.py`), and runs every line through the continuous-batching
+engine (`batch/batch_run.py`): exactly one record per input line, appended and flushed as
 its request finishes, error records for lines that cannot run. The job ends with a summary
 line; it exits 0 when every line has a result, 1 when some line failed, 2 on a usage or
 config mistake. `--resume` keeps what an interrupted run wrote and runs only the missing ids,
@@ -65,9 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, stop.handler)
     import torch.distributed as dist
 
-    from megatron_lamina.engine.batch_job import read_batch
-    from megatron_lamina.engine.batch_output import BatchOutput, OutputError
-    from megatron_lamina.engine.runtime import is_driver, job_from_args, join, serve_worker, start_from_placement
+    from megatron_lamina.batch.batch_job import read_batch
+    from megatron_lamina.batch.batch_output import BatchOutput, OutputError
+    from megatron_lamina.worker.runtime import is_driver, job_from_args, join, serve_worker, start_from_placement
 
     job = job_from_args(args)
     if job is None:
@@ -95,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     code = 0
     if ctx.rank == 0:
-        from megatron_lamina.engine.batch_run import run_batch
-        from megatron_lamina.engine.llm_engine import LLMEngine
+        from megatron_lamina.batch.batch_run import run_batch
+        from megatron_lamina.driver.llm_engine import LLMEngine
 
         engine = LLMEngine(ctx)
         try:

@@ -11,7 +11,7 @@ Every rank dies with its launcher (`ranks.exit_with_parent`). Rank 0 first spawn
 front end (server/frontend.py: uvicorn at `server.host`:`server.port`, in a process of its
 own; with `server.api_key` or $LAMINA_API_KEY every route but /health and /metrics needs it;
 an access-log line per request on stderr), then runs the engine loop
-(engine/engine_service.py) in its main thread; the other ranks execute the step plans it
+(driver/engine_service.py) in its main thread; the other ranks execute the step plans it
 broadcasts. Shutdown and faults:
   * SIGTERM (or SIGINT, Ctrl-C) to rank 0 or to the front end drains: new requests get 503,
     running ones finish (at most `server.drain_timeout_s`, then they are failed), the other
@@ -20,7 +20,7 @@ broadcasts. Shutdown and faults:
     launcher then reports the signal.)
   * a rank that dies or stops answering makes the current step fail (gloo reports the closed
     connection at once, a hang after `runtime.step_timeout_s`; idle, the driver's heartbeat
-    finds either, engine/control_plane.py): every in-flight request gets
+    finds either, worker/control_plane.py): every in-flight request gets
     an error, /health turns 503 and the job exits non-zero. A front end that dies ends the
     job the same way.
 """
@@ -41,8 +41,8 @@ FRONT_END_EXIT_S = 30.0  # the front end answers what is left (10 s at most) and
 
 def serve_driver(ctx, frontend, conn) -> int:
     """Rank 0: the engine loop, fed by the front end; the job's exit status."""
-    from megatron_lamina.engine.engine_service import EngineService
-    from megatron_lamina.engine.llm_engine import LLMEngine
+    from megatron_lamina.driver.engine_service import EngineService
+    from megatron_lamina.driver.llm_engine import LLMEngine
 
     cfg = ctx.cfg
     service = EngineService(LLMEngine(ctx), conn, drain_timeout_s=cfg.server.drain_timeout_s)
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     exit_with_parent()
     import torch.distributed as dist
 
-    from megatron_lamina.engine.runtime import is_driver, job_from_args, join, serve_worker, start_from_placement
+    from megatron_lamina.worker.runtime import is_driver, job_from_args, join, serve_worker, start_from_placement
 
     job = job_from_args(args)
     if job is None:

@@ -13,8 +13,8 @@ post-attention and layer l's pre-attention), `last_stage` (the last post-attenti
 `head` (final norm and LM head over the rows whose logits are sampled, gathered over the
 full vocabulary on every TP rank). Each stage but the last two ends with the q, k, v that go
 to attention, so between two stages a micro-batch waits for its attention output. The
-pipeline (engine/pipeline.py) runs these stages eagerly or replays CUDA graphs of them
-(engine/stage_graphs.py, engine/cuda_graphs.py), so the math has one code path.
+pipeline (worker/pipeline.py) runs these stages eagerly or replays CUDA graphs of them
+(worker/stage_graphs.py, worker/cuda_graphs.py), so the math has one code path.
 
 `fused_elementwise` is a construction-time choice: SwiGLU as Megatron's compiled
 `bias_activation_fusion` kernel and RoPE as `compiled_rotary`, one kernel each instead of

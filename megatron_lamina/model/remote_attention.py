@@ -1,7 +1,7 @@
 """The core-attention module of the model workers' layer spec: attention that runs elsewhere.
 
 It takes the place of Megatron's `DotProductAttention` in `lamina_layer_spec` (layer.py). A
-model worker never computes attention inside a layer: the pipeline (engine/pipeline.py)
+model worker never computes attention inside a layer: the pipeline (worker/pipeline.py)
 hands each layer's q, k, v to an attention channel (transport/) between the layer's
 `pre_attention` and `post_attention`, and the channel delivers them to the attention
 workers that own the requests' KV cache (or, colocated, to the local paged cache). This

@@ -1,6 +1,6 @@
 """The time of one engine step, from the per-layer costs of its micro-batches (DESIGN.md s. 4).
 
-Disaggregated: `ModelWorker.run` walks the engine's one rotation (engine/rotation.py's
+Disaggregated: `ModelWorker.run` walks the engine's one rotation (worker/rotation.py's
 `exchange_order`, which this model walks too), layer-major: (mb 0, layer 0), (mb 1, layer 0),
 .., (mb n-1, layer 0), (mb 0, layer 1), ..
 The model worker is one serial resource; each resumption of micro-batch j at layer l first
@@ -38,7 +38,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from megatron_lamina.engine.rotation import exchange_order
+from megatron_lamina.worker.rotation import exchange_order
 
 
 @dataclass
@@ -72,7 +72,7 @@ def disaggregated_step_time(layers: int, micro_batches: list[MicroBatchCost], fa
     attention_free = {s: 0.0 for s in shards}
     output_at = [0.0] * n         # when micro-batch j's attention output of the last layer is back
     previous = [model_free, *attention_free.values(), *output_at]
-    for layer, j in exchange_order(n, layers):  # the engine's own rotation (engine/rotation.py)
+    for layer, j in exchange_order(n, layers):  # the engine's own rotation (worker/rotation.py)
         mb = micro_batches[j]
         model_free = max(model_free, output_at[j]) + mb.model_s
         back = model_free

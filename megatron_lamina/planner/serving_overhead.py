@@ -9,7 +9,7 @@ streams (with asynchronous scheduling much of it while the GPU runs the next ste
 
 (per_step may come out negative: see `fit`). With `decode_steps_only` the per_step term is
 paid by pure-decode steps alone: a server with CUDA graphs replays those as one whole-step graph
-(engine/cuda_graphs.py), which launches faster than the stage-by-stage graphs and eager
+(worker/cuda_graphs.py), which launches faster than the stage-by-stage graphs and eager
 attention the profile times, while a step that carries a prefill chunk runs exactly those
 stage graphs, so the profile already is its cost. The per_token term was the engine's old
 detokenization, which decoded each request's whole output every token; the incremental
@@ -108,7 +108,7 @@ def measure_detokenization(checkpoint_dir, tokens: int = 2048, repeats: int = 5)
     import random
     import time
 
-    from megatron_lamina.engine.tokenizer import TextCodec
+    from megatron_lamina.requests.tokenizer import TextCodec
 
     codec = TextCodec(checkpoint_dir)
     rng, vocab = random.Random(0), len(codec.tokenizer)

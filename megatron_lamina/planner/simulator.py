@@ -1,7 +1,7 @@
 """Discrete-event replay of a trace through the engine's own scheduler (DESIGN.md section 8).
 
 The scheduling policy is not restated here: `EngineSimulator` drives the engine's
-`Scheduler` and `BlockManager` (engine/scheduler.py, block_manager.py) with `Request`s whose
+`Scheduler` and `BlockManager` (driver/scheduler.py, block_manager.py) with `Request`s whose
 tokens are placeholders, and supplies only what the engine's driver (llm_engine.py) and the
 devices would:
   * a clock: requests that arrived by the start of a step are added (`Scheduler.add`; a
@@ -27,7 +27,7 @@ prefill budget (an admission takes no budget, the blocks of its whole prompt), a
 costs one decode token at its context, the step's chunks dealt round-robin into the
 micro-batches as the scheduler deals single tokens.
 
-With `prefix_caching` the engine's prefix cache runs too (engine/block_manager.py): each
+With `prefix_caching` the engine's prefix cache runs too (driver/block_manager.py): each
 prompt is built from its trace request's `hash_ids` (Mooncake: equal ids, equal 512-token
 blocks; a request without ids, or past them, shares nothing), so hits come from the trace's
 sharing and the capacity of the layout's KV pool (a shard's blocks, every shard its own)
@@ -50,10 +50,10 @@ from typing import Callable
 import torch
 
 from megatron_lamina.config import micro_batches_run
-from megatron_lamina.engine.block_manager import BlockManager
-from megatron_lamina.engine.request import Request
-from megatron_lamina.engine.sampling import SamplingParams
-from megatron_lamina.engine.scheduler import Scheduler
+from megatron_lamina.driver.block_manager import BlockManager
+from megatron_lamina.driver.request import Request
+from megatron_lamina.driver.sampling import SamplingParams
+from megatron_lamina.driver.scheduler import Scheduler
 from megatron_lamina.plan import StepPlan
 from megatron_lamina.planner.cost_table import CostTable, prefill_pairs
 from megatron_lamina.planner.layout import Layout

@@ -18,9 +18,9 @@ from typing import AsyncIterator
 
 from starlette.concurrency import run_in_threadpool
 
-from megatron_lamina.engine.output import RequestOutput
-from megatron_lamina.engine.prompt import PromptInput
-from megatron_lamina.engine.request_schema import RequestError, check_max_tokens, check_token_ids
+from megatron_lamina.requests.output import RequestOutput
+from megatron_lamina.requests.prompt import PromptInput
+from megatron_lamina.requests.request_schema import RequestError, check_max_tokens, check_token_ids
 from megatron_lamina.server.engine_client import EngineClient, EngineUnavailable, RequestOutputs
 from megatron_lamina.server.grammar_check import GrammarCheck
 from megatron_lamina.server.protocol import ApiError, ChatCompletionRequest, CompletionRequest

@@ -4,7 +4,7 @@
 checks prompts (`prompt_ids`, against the engine's `Capacity`, in a worker thread), admits the
 choices of one HTTP request together or not at all (`generate_all`: at most
 `server.max_queued_requests` in flight), and sends them to the engine process as one "add"
-(engine/engine_link.py). The pipe is used by two threads of its own, both blocking: one
+(requests/engine_link.py). The pipe is used by two threads of its own, both blocking: one
 sends what the event loop queued (the event loop never waits on the pipe), one reads the
 engine's messages and hands each to the event loop (one wake-up per step), which delivers a
 step's deltas to each request's `RequestOutputs`; a caller that fell behind gets its deltas
@@ -34,10 +34,10 @@ import traceback
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 
-from megatron_lamina.engine.engine_link import EngineInfo, StepReport, unpack_output
-from megatron_lamina.engine.output import RequestOutput, error_output, merge_outputs
-from megatron_lamina.engine.prompt import Capacity, PromptInput, prompt_ids
-from megatron_lamina.engine.tokenizer import TextCodec
+from megatron_lamina.requests.engine_link import EngineInfo, StepReport, unpack_output
+from megatron_lamina.requests.output import RequestOutput, error_output, merge_outputs
+from megatron_lamina.requests.prompt import Capacity, PromptInput, prompt_ids
+from megatron_lamina.requests.tokenizer import TextCodec
 from megatron_lamina.server.metrics import ServerMetrics
 
 WATCH_S = 1.0  # how often the stall watchdog looks, between probes

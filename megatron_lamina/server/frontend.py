@@ -4,7 +4,7 @@ Rank 0 calls `start_frontend` first thing: it binds `server.host`:`server.port` 
 use fails the job before any model loads) and spawns the front end, which reads the config,
 loads the tokenizer and imports FastAPI while the model loads. `run` is the process: it
 serves the OpenAI API (server/app.py) with uvicorn on that socket at once, talking to the
-engine through its `EngineClient`. Until the engine's "ready" (engine/engine_link.py) the
+engine through its `EngineClient`. Until the engine's "ready" (requests/engine_link.py) the
 probes say the model is loading (`/health` 200: alive; `/ready` 503: not ready) and the
 routes that need the model answer 503; the "serving ..." line is printed when it arrives.
 The HTTP side (parsing, tokenizing prompts, JSON, an SSE event per token and stream, the
@@ -166,7 +166,7 @@ def run(conn: Connection, args, sock: socket.socket) -> None:
 
     from megatron_lamina.checkpoint.auto_convert import with_canonical_checkpoint
     from megatron_lamina.config import config_from_args
-    from megatron_lamina.engine.tokenizer import TextCodec
+    from megatron_lamina.requests.tokenizer import TextCodec
     from megatron_lamina.server.app import build_app
     from megatron_lamina.server.engine_client import EngineClient
     from megatron_lamina.server.metrics import ServerMetrics

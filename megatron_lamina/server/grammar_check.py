@@ -16,9 +16,9 @@ import asyncio
 import threading
 
 from megatron_lamina.config import ServerConfig
-from megatron_lamina.engine.grammar import GrammarCompiler
-from megatron_lamina.engine.structured_output import StructuredOutput
-from megatron_lamina.engine.tokenizer import TextCodec
+from megatron_lamina.requests.grammar import GrammarCompiler
+from megatron_lamina.requests.structured_output import StructuredOutput
+from megatron_lamina.requests.tokenizer import TextCodec
 from megatron_lamina.server.protocol import ApiError
 
 

@@ -1,7 +1,7 @@
 """Log-probabilities in OpenAI's two JSON shapes, from the engine's `TokenLogprob`s.
 
 The engine computes them on the device from the raw logits (log_softmax before temperature,
-penalties, bias or any cut: vLLM's default), `engine/logprobs.py`. Completions report, per
+penalties, bias or any cut: vLLM's default), `driver/logprobs.py`. Completions report, per
 token, its text, its log-probability, a map of the top alternatives' texts to theirs (the
 token itself always in it, as OpenAI and vLLM do: up to N + 1 entries) and its character
 offset in the returned text (`tokens`, `token_logprobs`, `top_logprobs`, `text_offset`); a
@@ -13,8 +13,8 @@ text is its decode alone (`TextCodec.token_text`). Values below -9999 are report
 
 from __future__ import annotations
 
-from megatron_lamina.engine.request import TokenLogprob
-from megatron_lamina.engine.tokenizer import TextCodec
+from megatron_lamina.driver.request import TokenLogprob
+from megatron_lamina.requests.tokenizer import TextCodec
 
 FLOOR = -9999.0
 

@@ -21,8 +21,8 @@ from collections import deque
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from megatron_lamina.engine.engine_link import StepReport
-from megatron_lamina.engine.output import RequestOutput
+from megatron_lamina.requests.engine_link import StepReport
+from megatron_lamina.requests.output import RequestOutput
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 STEP_BUCKETS = (0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0, 2.0)
@@ -59,7 +59,7 @@ class ServerMetrics:
                                         registry=r)
         self.gpu_period_seconds = Counter("lamina_gpu_period_seconds", "GPU time between back-to-back step ends",
                                           registry=r)
-        # The prefix cache (engine/block_manager.py), in vLLM's units: tokens of the admitted
+        # The prefix cache (driver/block_manager.py), in vLLM's units: tokens of the admitted
         # requests looked up, tokens found (by tier: device, host), device blocks whose prefix
         # was evicted, blocks copied to the host tier and back.
         self.prefix_queries = Counter("lamina_prefix_cache_queries", "Prompt tokens looked up in the prefix cache",

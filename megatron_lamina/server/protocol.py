@@ -1,11 +1,11 @@
 """OpenAI request bodies (completions, chat completions, tokenize, detokenize) and error bodies.
 
-The bodies are the shared request schema (`engine/request_schema.py`: the sampling fields,
+The bodies are the shared request schema (`requests/request_schema.py`: the sampling fields,
 prompt and chat messages, strict types, limits) plus the fields only HTTP has: `n`
 independent samples per prompt (seeded `seed`, `seed + 1`, ...), several prompts in one
 completion request, log-probabilities (completions: `logprobs` 0..20 and `echo`; chat:
 `logprobs` and `top_logprobs`), `stream`, structured outputs (`response_format`, vLLM's
-`guided_*` and `structured_outputs`: `engine/structured_fields.py`) and, in chat, `tools`
+`guided_*` and `structured_outputs`: `requests/structured_fields.py`) and, in chat, `tools`
 and `tool_choice` (`server/tool_calls.py`). Fields OpenAI's clients send that change nothing
 here are accepted and ignored, as vLLM does (`user`, `store`, `metadata`, `service_tier`,
 `reasoning_effort`, `prediction`, `parallel_tool_calls` beyond a forced call, `modalities`
@@ -23,14 +23,14 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from megatron_lamina.engine.prompt import PromptInput
-from megatron_lamina.engine.request_schema import (
+from megatron_lamina.requests.prompt import PromptInput
+from megatron_lamina.requests.request_schema import (
     SEED_MAX, ChatMessage, LogprobCount, Prompts, RequestError, SamplingFields, StrictModel, decode_json,
     may_hold_surrogates, only_null, parse_request, prompt_input,
 )
-from megatron_lamina.engine.sampling import SamplingParams
-from megatron_lamina.engine.structured_fields import StructuredFields
-from megatron_lamina.engine.structured_output import StructuredOutput
+from megatron_lamina.driver.sampling import SamplingParams
+from megatron_lamina.requests.structured_fields import StructuredFields
+from megatron_lamina.requests.structured_output import StructuredOutput
 from megatron_lamina.server.tool_calls import NamedToolChoice, Tool, ToolChoice, forced_output
 
 JSON_TYPES = ("application/json",)

@@ -20,8 +20,8 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import AsyncIterator
 
-from megatron_lamina.engine.output import RequestOutput, merge_outputs
-from megatron_lamina.engine.tokenizer import TextCodec
+from megatron_lamina.requests.output import RequestOutput, merge_outputs
+from megatron_lamina.requests.tokenizer import TextCodec
 from megatron_lamina.server.choices import Choice, merged
 from megatron_lamina.server.logprob_format import chat_logprobs, completion_logprobs
 from megatron_lamina.server.protocol import ApiError, ChatCompletionRequest, CompletionRequest

@@ -24,9 +24,9 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from megatron_lamina.engine.prompt import PromptInput
-from megatron_lamina.engine.request_schema import StrictModel
-from megatron_lamina.engine.structured_output import StructuredOutput
+from megatron_lamina.requests.prompt import PromptInput
+from megatron_lamina.requests.request_schema import StrictModel
+from megatron_lamina.requests.structured_output import StructuredOutput
 
 HERMES_SYSTEM = """# Tools
 

@@ -1,6 +1,6 @@
 """The interface between a model worker's pipeline and wherever attention runs.
 
-The pipeline (engine/pipeline.py) calls `prepare(micro_batch)` once per micro-batch and
+The pipeline (worker/pipeline.py) calls `prepare(micro_batch)` once per micro-batch and
 step (host arrays the channel needs on the device, copied with the rest of the step's
 inputs), then, per layer, `begin(layer, context, q, k, v)` as soon as q, k, v exist and
 `finish(pending)` when it needs the output; nothing else crosses the boundary.

@@ -14,7 +14,7 @@ two directions run on separate communicators and streams and do not queue behind
 sends two messages per route instead, q rows `[rows, q_heads * head_dim]` of every route
 first, then k, v packed `[rows, 2*kv_heads * head_dim]`, so that q arrives while k, v still
 travel; the attention worker takes them with `receive_q` then `receive_kv` and attends the
-cached tokens in between (engine/attention_worker.py, attention/lse_merge.py).
+cached tokens in between (worker/attention_worker.py, attention/lse_merge.py).
 
 `host_staging` is for GPU tensors over gloo (e.g. two ranks sharing one GPU, where NCCL
 refuses to pair a device with itself): messages go through host memory.

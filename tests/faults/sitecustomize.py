@@ -65,7 +65,7 @@ def _slow_prefill(module) -> None:
 
 
 PATCHES = {"tokenizers.decoders": ("detokenize", _detokenize),
-           "megatron_lamina.engine.llm_engine": ("append", _append),
+           "megatron_lamina.driver.llm_engine": ("append", _append),
            "megatron_lamina.model.llama": ("slow_prefill", _slow_prefill)}
 
 

@@ -1,0 +1,85 @@
+"""A step plan as integer columns: what `broadcast_plan` (control_plane.py) sends every step.
+
+Every field a plan sends is an integer (or a flag), so the plan travels as one flat int64
+array instead of a pickled tree of dataclasses: a header, then one column per chunk field,
+the chunk count of each micro-batch, the released request ids, the host tier's copies
+(offloads, loads), and every chunk's tokens and new blocks end to end. Encoding is one pass over the chunks (`np.fromiter`); decoding slices
+the columns and builds the chunks back. Fields that are never sent (`block_table`,
+`table_row`: each rank's own, worker/block_tables.py) are left out, as pickling left them.
+A field added to `SequenceChunk` or `StepPlan` must be added here: the round-trip test
+(tests/test_plan_columns.py) compares the fields to this module's lists.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+from megatron_lamina.plan import MicroBatch, SequenceChunk, StepPlan
+
+FORMAT = 2  # the first header value; a rank reading another format fails loudly
+# Per chunk, in this order; tokens and new_blocks travel as their lengths here and their
+# values after the columns.
+CHUNK_FIELDS = ("request_id", "shard", "start", "tokens", "new_blocks", "sample", "feed", "all_logits")
+PLAN_FIELDS = ("micro_batches", "released", "shutdown", "offloads", "loads")
+NOT_SENT = ("block_table", "table_row")
+HEADER = 8  # format, shutdown, micro-batches, chunks, released, tokens, offloads, loads
+
+
+def encode(plan: StepPlan) -> np.ndarray:
+    """The plan as one int64 array."""
+    chunks = [c for mb in plan.micro_batches for c in mb.chunks]
+    n = len(chunks)
+    columns = np.fromiter(itertools.chain.from_iterable(
+        (c.request_id, c.shard, c.start, len(c.tokens), len(c.new_blocks), c.sample, c.feed, c.all_logits)
+        for c in chunks), np.int64, n * len(CHUNK_FIELDS)).reshape(n, len(CHUNK_FIELDS)).T
+    num_tokens = int(columns[3].sum())
+    tokens = np.fromiter(itertools.chain.from_iterable(c.tokens for c in chunks), np.int64, num_tokens)
+    new_blocks = np.fromiter(itertools.chain.from_iterable(c.new_blocks for c in chunks), np.int64,
+                             int(columns[4].sum()))
+    header = [FORMAT, int(plan.shutdown), len(plan.micro_batches), n, len(plan.released), num_tokens,
+              len(plan.offloads), len(plan.loads)]
+    return np.concatenate([np.asarray(header, np.int64), columns.reshape(-1),
+                           np.fromiter((len(mb.chunks) for mb in plan.micro_batches), np.int64),
+                           np.asarray(plan.released, np.int64), np.asarray(plan.offloads, np.int64),
+                           np.asarray(plan.loads, np.int64), tokens, new_blocks])
+
+
+def decode(flat: np.ndarray) -> StepPlan:
+    """`encode`'s plan back (without the fields that are never sent)."""
+    fmt, shutdown, num_mbs, n, num_released, num_tokens, num_offloads, num_loads = flat[:HEADER].tolist()
+    if fmt != FORMAT:
+        raise ValueError(f"a step plan in format {fmt}, this rank reads format {FORMAT}: "
+                         "every rank must run the same version of megatron-lamina")
+    at = HEADER
+    columns = flat[at:at + n * len(CHUNK_FIELDS)].reshape(len(CHUNK_FIELDS), n)
+    at += columns.size
+    request_ids, shards, starts, token_counts, block_counts, samples, feeds, all_logits = columns.tolist()
+    per_mb = flat[at:at + num_mbs].tolist()
+    at += num_mbs
+    released = flat[at:at + num_released].tolist()
+    at += num_released
+    offloads = flat[at:at + num_offloads].tolist()
+    at += num_offloads
+    loads = flat[at:at + num_loads].tolist()
+    at += num_loads
+    tokens = flat[at:at + num_tokens].tolist()
+    new_blocks = flat[at + num_tokens:].tolist()
+    assert len(new_blocks) == sum(block_counts), "a step plan's columns do not add up"
+    # Each chunk's tokens and new blocks cut from the flat lists in order (a decode-only plan:
+    # one token each); the chunks built by one map over the columns (a step has a thousand).
+    if num_tokens == n:
+        chunk_tokens = [[t] for t in tokens]
+    else:
+        rest = iter(tokens)
+        chunk_tokens = [list(itertools.islice(rest, c)) for c in token_counts]
+    rest = iter(new_blocks)
+    chunk_blocks = [list(itertools.islice(rest, c)) if c else [] for c in block_counts]
+    chunks = list(map(SequenceChunk, request_ids, shards, starts, chunk_tokens, chunk_blocks, map(bool, samples),
+                      feeds, map(bool, all_logits)))
+    mbs, first = [], 0
+    for count in per_mb:
+        mbs.append(MicroBatch(chunks[first:first + count]))
+        first += count
+    return StepPlan(mbs, released, bool(shutdown), offloads, loads)
