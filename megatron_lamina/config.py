@@ -523,7 +523,18 @@ def validate_layout(cfg: LaminaConfig, world_size: int, arch: ModelArchitecture)
             f"parallel.tensor_parallel ({par.tensor_parallel}) + parallel.attention_workers "
             f"({par.attention_workers}) = {cfg.world_size} but the job has {world_size} ranks; "
             f"start torchrun with --nproc-per-node {cfg.world_size} or change the config")
-    kv_heads = arch.num_kv_heads
+    check_layout(par, cfg.scheduler, arch.num_kv_heads)
+    if cfg.runtime.transport == "nccl" and cfg.runtime.device == "cpu":
+        raise ConfigError(
+            "runtime.transport = 'nccl': needs runtime.device = 'cuda'; with device cpu "
+            "the allowed values are auto, gloo")
+
+
+def check_layout(par: ParallelConfig, sched: SchedulerConfig, kv_heads: int) -> None:
+    """The layout rules of a model with `kv_heads` KV heads: how the ranks split them and how
+    many micro-batches the batch cap allows. One rule for the engine (`validate_layout`) and
+    the planner (planner/layout.Layout.check), so that neither proposes what the other refuses;
+    a ConfigError names the key and its allowed values."""
     divisors = ", ".join(str(d) for d in range(1, kv_heads + 1) if kv_heads % d == 0)
     if kv_heads % par.tensor_parallel:
         raise ConfigError(
@@ -533,7 +544,7 @@ def validate_layout(cfg: LaminaConfig, world_size: int, arch: ModelArchitecture)
         raise ConfigError(
             f"parallel.attention_head_groups = {par.attention_head_groups}: must divide the "
             f"model's {kv_heads} KV heads; allowed values are {divisors}")
-    if cfg.colocated and par.attention_head_groups > 1:
+    if par.attention_workers == 0 and par.attention_head_groups > 1:
         raise ConfigError(
             f"parallel.attention_head_groups = {par.attention_head_groups}: must be 1 when "
             f"parallel.attention_workers = 0 (colocated: there are no attention workers to group)")
@@ -543,12 +554,8 @@ def validate_layout(cfg: LaminaConfig, world_size: int, arch: ModelArchitecture)
             f"parallel.attention_workers = {par.attention_workers}: must be a multiple of "
             f"parallel.attention_head_groups ({g}), one worker per head group and request "
             f"shard; allowed values are {g}, {2 * g}, {3 * g}, ...")
-    if cfg.runtime.transport == "nccl" and cfg.runtime.device == "cpu":
+    if sched.micro_batches > sched.max_batch_size:
         raise ConfigError(
-            "runtime.transport = 'nccl': needs runtime.device = 'cuda'; with device cpu "
-            "the allowed values are auto, gloo")
-    if cfg.scheduler.micro_batches > cfg.scheduler.max_batch_size:
-        raise ConfigError(
-            f"scheduler.micro_batches = {cfg.scheduler.micro_batches}: must be <= "
-            f"scheduler.max_batch_size ({cfg.scheduler.max_batch_size}), every micro-batch "
+            f"scheduler.micro_batches = {sched.micro_batches}: must be <= "
+            f"scheduler.max_batch_size ({sched.max_batch_size}), every micro-batch "
             f"needs at least one request")

@@ -331,6 +331,34 @@ def test_kv_capacity_and_config(tmp_path):
     assert path.read_text().startswith("# a header\n")
 
 
+@pytest.mark.parametrize("layout, message", [
+    (Layout("X", 3, None, 0, 1, 1, 8),
+     "parallel.tensor_parallel = 3: must divide the model's 2 KV heads; allowed values are 1, 2"),
+    (Layout("X", 1, "X", 4, 4, 2, 8),
+     "parallel.attention_head_groups = 4: must divide the model's 2 KV heads; allowed values are 1, 2"),
+    (Layout("X", 1, None, 0, 2, 1, 8), "parallel.attention_head_groups = 2: must be 1 when "
+     "parallel.attention_workers = 0 (colocated: there are no attention workers to group)"),
+    (Layout("X", 1, "X", 3, 2, 2, 8), "parallel.attention_workers = 3: must be a multiple of "
+     "parallel.attention_head_groups (2), one worker per head group and request shard; allowed values are 2, 4, 6, ..."),
+    (Layout("X", 1, "X", 2, 1, 4, 3), "scheduler.micro_batches = 4: must be <= scheduler.max_batch_size (3), "
+     "every micro-batch needs at least one request"),
+])
+def test_the_planner_refuses_what_the_engine_refuses(layout, message):
+    """Layout.check and config.validate_layout are one rule: a layout the planner refuses, the
+    engine refuses its config with the same message, naming the key and the allowed values."""
+    from megatron_lamina.config import ConfigError, load_config, validate_layout
+
+    with pytest.raises(ConfigError) as planner:
+        layout.check(SHAPE)
+    keys = {"model.checkpoint": "unused"}
+    for section, values in (("parallel", layout.parallel_section()), ("scheduler", layout.scheduler_section())):
+        keys.update({f"{section}.{name}": value for name, value in values.items()})
+    cfg = load_config(None, values=keys)
+    with pytest.raises(ConfigError) as engine:
+        validate_layout(cfg, cfg.world_size, SHAPE.to_architecture())
+    assert str(planner.value) == str(engine.value) == f"config: {message}"
+
+
 # -------------------------------------------------------------------------------- search
 
 def test_search_ranks_a_dominated_layout_below_a_better_one():

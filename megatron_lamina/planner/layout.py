@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 
 import yaml
 
-from megatron_lamina.config import LaminaConfig, request_shards
+from megatron_lamina.config import LaminaConfig, ParallelConfig, SchedulerConfig, check_layout, request_shards
 from megatron_lamina.planner.devices import DeviceSpec
 from megatron_lamina.planner.shapes import ModelShape
 
@@ -78,17 +78,20 @@ class Layout:
         return replace(self, max_batch_size=max_batch_size)
 
     def check(self, shape: ModelShape) -> None:
-        """The engine's layout rules (config.validate_layout), as ValueErrors."""
-        kv = shape.num_kv_heads
-        if kv % self.tp:
-            raise ValueError(f"TP {self.tp} does not divide the model's {kv} KV heads")
-        if kv % self.head_groups or (self.attention_workers or self.head_groups) % self.head_groups:
-            raise ValueError(f"{self.head_groups} head groups must divide the {kv} KV heads and the "
-                             f"{self.attention_workers} attention workers")
-        if self.colocated and self.head_groups != 1:
-            raise ValueError("a colocated layout has one head group")
-        if self.micro_batches > self.max_batch_size:
-            raise ValueError(f"{self.micro_batches} micro-batches > batch cap {self.max_batch_size}")
+        """The engine's layout rules (config.check_layout): a ConfigError (a ValueError) naming
+        the config key this layout would set and its allowed values."""
+        check_layout(ParallelConfig(**self.parallel_section()), SchedulerConfig(**self.scheduler_section()),
+                     shape.num_kv_heads)
+
+    def parallel_section(self) -> dict:
+        """The config's `parallel` keys of this layout."""
+        return {"tensor_parallel": self.tp, "attention_workers": self.attention_workers,
+                "attention_head_groups": self.head_groups}
+
+    def scheduler_section(self) -> dict:
+        """The config's `scheduler` keys of this layout."""
+        return {"max_batch_size": self.max_batch_size, "micro_batches": self.micro_batches,
+                "max_prefill_tokens": self.max_prefill_tokens}
 
     def to_dict(self) -> dict:
         return {"model_device": self.model_device, "tp": self.tp, "attention_device": self.attention_device,
@@ -128,11 +131,9 @@ def config_yaml(layout: Layout, checkpoint: str, dtype: str, header: list[str],
     `nodes`: its `deployment.nodes` when it runs on several machines (deployment.py)."""
     data = {
         "model": {"checkpoint": checkpoint, "dtype": dtype},
-        "parallel": {"tensor_parallel": layout.tp, "attention_workers": layout.attention_workers,
-                     "attention_head_groups": layout.head_groups},
+        "parallel": layout.parallel_section(),
         "runtime": {"device": "cuda", "transport": "auto"},
-        "scheduler": {"max_batch_size": layout.max_batch_size, "micro_batches": layout.micro_batches,
-                      "max_prefill_tokens": layout.max_prefill_tokens},
+        "scheduler": layout.scheduler_section(),
         "kv_cache": {"block_size": layout.block_size, "num_blocks": "auto",
                      "memory_fraction": MEMORY_FRACTION},
     }
