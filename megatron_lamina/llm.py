@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_lamina.checkpoint.auto_convert import canonical_checkpoint
-from megatron_lamina.config import LaminaConfig
+from megatron_lamina.config import LaminaConfig, load_config
 from megatron_lamina.driver.llm_engine import LLMEngine
 from megatron_lamina.requests.prompt import PromptInput
 from megatron_lamina.driver.request import Request, TokenLogprob
@@ -43,6 +43,23 @@ from megatron_lamina.driver.sampling import SamplingParams
 from megatron_lamina.launch.ranks import threads_per_rank
 
 CPU_KV_BLOCKS = 1024  # `num_blocks` default on a CPU, where "auto" would take most of the host's memory
+
+# LLM's keyword arguments and the config keys they set. An argument left None is its key's
+# default, read from config.py's sections (the one place defaults are written).
+CONFIG_KEYS = {
+    "device": "runtime.device",
+    "dtype": "model.dtype",
+    "max_batch_size": "scheduler.max_batch_size",
+    "num_blocks": "kv_cache.num_blocks",
+    "block_size": "kv_cache.block_size",
+    "max_prefill_tokens": "scheduler.max_prefill_tokens",
+    "memory_fraction": "kv_cache.memory_fraction",
+    "cuda_graphs": "runtime.cuda_graphs",
+    "async_scheduling": "scheduler.async_scheduling",
+    "kv_cache_dtype": "kv_cache.dtype",
+}
+# The layout LLM runs, whatever the defaults: one rank, attention colocated, one micro-batch.
+ONE_RANK = {"parallel.tensor_parallel": 1, "parallel.attention_workers": 0, "scheduler.micro_batches": 1}
 
 Message = dict[str, str]
 Sampling = SamplingParams | dict | Sequence[SamplingParams | dict] | None  # one for all prompts, or one each
@@ -61,27 +78,22 @@ class Generation:
 
 
 class LLM:
-    def __init__(self, checkpoint: str, *, device: str = "cpu", dtype: str = "float32", max_batch_size: int = 64,
-                 num_blocks: int | str | None = None, block_size: int = 16, max_prefill_tokens: int = 2048,
-                 memory_fraction: float = 0.9, cuda_graphs: bool = True, async_scheduling: bool = True,
-                 kv_cache_dtype: str = "auto"):
+    def __init__(self, checkpoint: str, *, device: str | None = None, dtype: str | None = None,
+                 max_batch_size: int | None = None, num_blocks: int | str | None = None,
+                 block_size: int | None = None, max_prefill_tokens: int | None = None,
+                 memory_fraction: float | None = None, cuda_graphs: bool | None = None,
+                 async_scheduling: bool | None = None, kv_cache_dtype: str | None = None):
         """`checkpoint`: a canonical checkpoint directory (`lamina convert`), a Hugging Face model
-        directory or a GGUF file (converted once and cached). The other arguments
-        are config keys (configs/default.yaml); `num_blocks` (KV blocks) defaults to "auto" on
-        CUDA and to CPU_KV_BLOCKS on a CPU. A wrong value raises `ConfigError` naming it."""
-        if num_blocks is None:
-            num_blocks = "auto" if device == "cuda" else CPU_KV_BLOCKS
+        directory or a GGUF file (converted once and cached). The other arguments are config
+        keys (CONFIG_KEYS); None, or left out, is the key's default (`llm_config`). A wrong value
+        raises `ConfigError` naming it."""
         if "OMP_NUM_THREADS" not in os.environ:  # what `lamina` gives a one-rank job
             torch.set_num_threads(threads_per_rank(1))
-        self.cfg = LaminaConfig.from_dict({
-            "model": {"checkpoint": canonical_checkpoint(str(checkpoint)), "dtype": dtype},
-            "parallel": {"tensor_parallel": 1, "attention_workers": 0},
-            "runtime": {"device": device, "cuda_graphs": cuda_graphs},
-            "scheduler": {"max_batch_size": max_batch_size, "micro_batches": 1,
-                          "max_prefill_tokens": max_prefill_tokens, "async_scheduling": async_scheduling},
-            "kv_cache": {"block_size": block_size, "num_blocks": num_blocks, "memory_fraction": memory_fraction,
-                         "dtype": kv_cache_dtype},
-        })
+        self.cfg = llm_config(
+            canonical_checkpoint(str(checkpoint)), device=device, dtype=dtype, max_batch_size=max_batch_size,
+            num_blocks=num_blocks, block_size=block_size, max_prefill_tokens=max_prefill_tokens,
+            memory_fraction=memory_fraction, cuda_graphs=cuda_graphs, async_scheduling=async_scheduling,
+            kv_cache_dtype=kv_cache_dtype)
         self._owns_group = not dist.is_initialized()
         if self._owns_group:
             _init_one_rank(self.cfg)
@@ -148,6 +160,18 @@ class LLM:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def llm_config(checkpoint: str, **arguments) -> LaminaConfig:
+    """The config an `LLM` runs: the one-rank layout (ONE_RANK), the keys of the `arguments`
+    that are not None (CONFIG_KEYS), and every other key its default, except `num_blocks` on a
+    CPU (CPU_KV_BLOCKS)."""
+    values = {"model.checkpoint": checkpoint, **ONE_RANK}
+    values.update({CONFIG_KEYS[name]: value for name, value in arguments.items() if value is not None})
+    cfg = load_config(None, values=values)
+    if "kv_cache.num_blocks" not in values and cfg.runtime.device == "cpu":
+        cfg = load_config(None, values={**values, "kv_cache.num_blocks": CPU_KV_BLOCKS})
+    return cfg
 
 
 def _samples(given: SamplingParams | dict | None, n: int | None) -> list[SamplingParams]:

@@ -66,3 +66,34 @@ def test_mistakes_name_the_problem(llm):
         llm.generate([[5] * 300])
     [ok] = llm.generate("w1", SamplingParams(max_tokens=2, ignore_eos=True, temperature=0))
     assert len(ok.token_ids) == 2  # nothing of the refused prompts was left running
+
+
+def test_llm_takes_the_configs_defaults():
+    """Every keyword argument of LLM is a config key whose default is the config's own (None in
+    the signature): LLM's effective config is the default config but for its one-rank layout
+    and, on a CPU, its KV blocks; a value given lands on its key; a wrong one names the key."""
+    import inspect
+
+    from megatron_lamina.config import ConfigError, load_config
+    from megatron_lamina.llm import CONFIG_KEYS, CPU_KV_BLOCKS, LLM, ONE_RANK, llm_config
+
+    arguments = inspect.signature(LLM.__init__).parameters
+    assert set(arguments) - {"self", "checkpoint"} == set(CONFIG_KEYS)
+    assert all(arguments[name].default is None for name in CONFIG_KEYS)
+    default = load_config(None, values={"model.checkpoint": "m"}).to_dict()
+    expected = dict(default)
+    for key, value in {**ONE_RANK, "kv_cache.num_blocks": CPU_KV_BLOCKS}.items():
+        section, name = key.split(".")
+        expected[section] = {**expected[section], name: value}
+    assert llm_config("m").to_dict() == expected
+    on_cuda = llm_config("m", device="cuda").to_dict()
+    assert on_cuda["kv_cache"] == default["kv_cache"]  # num_blocks "auto", the config's default
+    given = {"device": "cuda", "dtype": "bfloat16", "max_batch_size": 3, "num_blocks": 7, "block_size": 4,
+             "max_prefill_tokens": 5, "memory_fraction": 0.5, "cuda_graphs": False, "async_scheduling": False,
+             "kv_cache_dtype": "fp8_e4m3"}
+    cfg = llm_config("m", **given).to_dict()
+    for name, key in CONFIG_KEYS.items():
+        section, field = key.split(".")
+        assert cfg[section][field] == given[name] != default[section][field], key
+    with pytest.raises(ConfigError, match=r"^config: kv_cache.block_size = 0: must be an integer in 1..1024$"):
+        llm_config("m", block_size=0)
