@@ -5,12 +5,13 @@ around that read (the cache is laid out [blocks, kv_heads, block_size, head_dim]
 tile inside one block is one contiguous stretch of memory): one program per (request, KV
 head, split) loads every K/V tile of that
 head exactly once and applies it to all `heads/kv_heads` query heads of the group (GQA:
-the group's queries are the rows of one `tl.dot`, padded to 16). Tiles are gathered through
-the block table token by token (`block_table[pos // block_size]`), so any block size works
-and a tile may span several blocks. Long contexts with few (request, head) pairs are split
-along the context; a second small kernel merges the splits with their log-sum-exp, exactly.
-That log-sum-exp is also returned on request (`return_lse`): q-first attends the cached
-tokens with it and merges the new token's term afterwards (lse_merge.py).
+the group's queries are the rows of one `tl.dot`, padded to 16). The tiles are gathered and
+folded in by the online softmax the prefill kernel runs too (triton_softmax.attend_tiles:
+any block size, a tile may span blocks, base-2 scores), the one query at its request's last
+position. Long contexts with few (request, head) pairs are split along the context; a
+second small kernel merges the splits with their log-sum-exp, exactly. That log-sum-exp is
+also returned on request (`return_lse`): q-first attends the cached tokens with it and
+merges the new token's term afterwards (lse_merge.py).
 An FP8 cache (kv_cache.py: e4m3 with a float32 scale per KV head) is read as e4m3, half the
 bytes, and dequantized in registers: a tile converts to q's dtype exactly (e4m3's 3 mantissa
 bits fit bf16's 7), and the program's one KV head has one scale for K and one for V, which
@@ -25,6 +26,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from megatron_lamina.attention.triton_softmax import LN2, LOG2E, attend_tiles
 
 try:
     import triton
@@ -51,19 +54,18 @@ if triton is not None:
     def _decode_kernel(
         q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, o_ptr, m_ptr, l_ptr, k_scale_ptr, v_scale_ptr,
         stride_qb, stride_qh, stride_kblk, stride_kh, stride_ktok, stride_tb,
-        stride_ob, stride_os, stride_oh, scale,
+        stride_ob, stride_os, stride_oh, qk_scale,
         GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, PRECISION: tl.constexpr, FP8: tl.constexpr,
     ):
         b, h, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         v_scale = 1.0
         if FP8:  # the KV head's scales: K's folds into the score scale, V's into the output
-            scale = scale * tl.load(k_scale_ptr + h)
+            qk_scale = qk_scale * tl.load(k_scale_ptr + h)
             v_scale = tl.load(v_scale_ptr + h)
         length = tl.load(lens_ptr + b)
         offs_g = tl.arange(0, BLOCK_G)
         offs_d = tl.arange(0, HEAD_DIM)
-        offs_n = tl.arange(0, BLOCK_N)
         g_mask = offs_g < GROUP
         q = tl.load(q_ptr + b * stride_qb + (h * GROUP + offs_g)[:, None] * stride_qh + offs_d[None, :],
                     mask=g_mask[:, None], other=0.0)
@@ -75,30 +77,14 @@ if triton is not None:
         per_split = tl.cdiv(tl.cdiv(length, BLOCK_N), tl.num_programs(2)) * BLOCK_N
         start = split * per_split
         end = tl.minimum(length, start + per_split)
-        for tile in range(start, end, BLOCK_N):
-            pos = tile + offs_n
-            valid = pos < end
-            if BLOCK_SIZE % BLOCK_N == 0:  # the tile lies inside one block: one table entry
-                block = tl.load(table_ptr + b * stride_tb + tile // BLOCK_SIZE).to(tl.int64)
-            else:                          # the tile spans blocks: an entry per token
-                block = tl.load(table_ptr + b * stride_tb + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-            row = block * stride_kblk + (pos % BLOCK_SIZE) * stride_ktok + h * stride_kh
-            k = tl.load(k_ptr + row[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
-            v = tl.load(v_ptr + row[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
-            if FP8:
-                k, v = k.to(q.dtype), v.to(q.dtype)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-            s = tl.where(valid[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
+        q_pos = tl.zeros([BLOCK_G], tl.int32) + (length - 1)  # the query's position: every key < length
+        acc, m_i, l_i = attend_tiles(acc, m_i, l_i, q, q_pos, k_ptr, v_ptr, table_ptr + b * stride_tb, h * stride_kh,
+                                     stride_kblk, stride_ktok, start, end, end, qk_scale,
+                                     True, HEAD_DIM, BLOCK_N, BLOCK_SIZE, PRECISION, FP8)
         out = o_ptr + b * stride_ob + split * stride_os + (h * GROUP + offs_g)[:, None] * stride_oh + offs_d[None, :]
         tl.store(out, acc * (v_scale / tl.where(l_i > 0, l_i, 1.0))[:, None], mask=g_mask[:, None])
         stats = (b * tl.num_programs(2) + split) * tl.num_programs(1) * GROUP + h * GROUP + offs_g
-        tl.store(m_ptr + stats, m_i, mask=g_mask)
+        tl.store(m_ptr + stats, m_i * LN2, mask=g_mask)  # base 2 (attend_tiles) to natural, as merged
         tl.store(l_ptr + stats, l_i, mask=g_mask)
 
     @jit_unspecialized(values=["splits"])
@@ -160,7 +146,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         k_scale if fp8 else m, v_scale if fp8 else m,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), part.stride(0), part.stride(1), part.stride(2),
-        1.0 / math.sqrt(head_dim),
+        LOG2E / math.sqrt(head_dim),
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_N=block_n, BLOCK_SIZE=block_size,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FP8=fp8, num_warps=num_warps,

@@ -13,9 +13,8 @@ reads a length back (no sync: it can be captured in a CUDA graph).
 Causality is exploited per tile: keys before the tile's first query position are seen by
 every row, so those key tiles run without a mask; only the few key tiles on the diagonal (up
 to the tile's last position) apply the causal mask, and key tiles past it are never read.
-K/V tiles are gathered through the block table like the decode kernel does
-(triton_paged.py): one table entry per tile when the tile lies inside one block, else one per
-token, so any block size works and a key tile may span blocks.
+The tiles are gathered and folded in by the online softmax the decode kernel runs too
+(triton_softmax.attend_tiles: any block size, a key tile may span blocks, base-2 scores).
 
 An FP8 cache is read as e4m3 and dequantized in registers as the decode kernel does
 (triton_paged.py): tiles convert to q's dtype, the KV head's K scale folds into the score
@@ -35,6 +34,7 @@ import math
 import torch
 
 from megatron_lamina.attention.triton_paged import jit_unspecialized
+from megatron_lamina.attention.triton_softmax import LOG2E, attend_tiles
 
 try:
     import triton
@@ -42,50 +42,8 @@ try:
 except ImportError:  # CPU-only install
     triton = None
 
-LOG2E = 1.4426950408889634
-
 
 if triton is not None:
-
-    @triton.jit
-    def _attend_tiles(acc, m_i, l_i, q, q_pos, k_ptr, v_ptr, table_row_ptr, kv_head_off,
-                      stride_kblk, stride_ktok, lo, hi, end, qk_scale,
-                      CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_SIZE: tl.constexpr, PRECISION: tl.constexpr, FP8: tl.constexpr):
-        """Online softmax over the key tiles lo, lo + BLOCK_N, ... < hi (lo a multiple of
-        BLOCK_N). Scores are kept in base 2 (qk_scale includes log2(e)): exp2 is the native
-        instruction. CAUSAL: mask keys after each row's position and at/after `end`;
-        otherwise every key of every tile is visible (the caller guarantees it)."""
-        offs_n = tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, HEAD_DIM)
-        for tile in range(lo, hi, BLOCK_N):
-            k_pos = tile + offs_n
-            valid = k_pos < end
-            if BLOCK_SIZE % BLOCK_N == 0:  # the tile lies inside one block: one table entry
-                block = tl.load(table_row_ptr + tile // BLOCK_SIZE).to(tl.int64)
-            else:                          # the tile spans blocks: an entry per token
-                block = tl.load(table_row_ptr + k_pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-            row = block * stride_kblk + (k_pos % BLOCK_SIZE) * stride_ktok + kv_head_off
-            if CAUSAL:
-                k = tl.load(k_ptr + row[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
-                v = tl.load(v_ptr + row[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
-            else:  # every key < end: no mask, so the loads vectorize fully
-                k = tl.load(k_ptr + row[:, None] + offs_d[None, :])
-                v = tl.load(v_ptr + row[:, None] + offs_d[None, :])
-            if FP8:
-                k, v = k.to(q.dtype), v.to(q.dtype)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-            if CAUSAL:
-                # Every row of a diagonal tile sees its first key (q_pos >= tile), so no row is
-                # all -inf and m_new stays finite (no NaN from -inf - -inf).
-                s = tl.where((k_pos[None, :] <= q_pos[:, None]) & valid[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
-        return acc, m_i, l_i
 
     @jit_unspecialized(values=["stride_tb"], pointers=["table_ptr", "q_starts_ptr", "q_lens_ptr", "pos0_ptr"])
     def _prefill_kernel(
@@ -126,12 +84,12 @@ if triton is not None:
         # (`end`, exclusive), is the diagonal, masked; nothing past `end` is read.
         end = pos0 + tl.minimum(m_start + BLOCK_M, q_len)
         full = (pos0 + m_start + 1) // BLOCK_N * BLOCK_N
-        acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, q, q_pos, k_ptr, v_ptr, table_row_ptr, kv_head_off,
-                                      stride_kblk, stride_ktok, 0, full, end, qk_scale,
-                                      False, HEAD_DIM, BLOCK_N, BLOCK_SIZE, PRECISION, FP8)
-        acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, q, q_pos, k_ptr, v_ptr, table_row_ptr, kv_head_off,
-                                      stride_kblk, stride_ktok, full, end, end, qk_scale,
-                                      True, HEAD_DIM, BLOCK_N, BLOCK_SIZE, PRECISION, FP8)
+        acc, m_i, l_i = attend_tiles(acc, m_i, l_i, q, q_pos, k_ptr, v_ptr, table_row_ptr, kv_head_off,
+                                     stride_kblk, stride_ktok, 0, full, end, qk_scale,
+                                     False, HEAD_DIM, BLOCK_N, BLOCK_SIZE, PRECISION, FP8)
+        acc, m_i, l_i = attend_tiles(acc, m_i, l_i, q, q_pos, k_ptr, v_ptr, table_row_ptr, kv_head_off,
+                                     stride_kblk, stride_ktok, full, end, end, qk_scale,
+                                     True, HEAD_DIM, BLOCK_N, BLOCK_SIZE, PRECISION, FP8)
         out = o_ptr + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :]
         tl.store(out, (acc * (v_scale / l_i)[:, None]).to(o_ptr.dtype.element_ty), mask=m_mask[:, None])
 
