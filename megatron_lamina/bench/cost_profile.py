@@ -46,7 +46,9 @@ Three measurements, all on the device this runs on, with our own code paths:
              by their query-key pairs. With --graphs the decode points are replayed from a
              CUDA graph (`graph_ms`: the kernel's device time, as the engine's whole-step
              decode graphs run it); the prefill points stay host-timed (the engine
-             runs prefill attention eagerly between its stage graphs)
+             runs prefill attention eagerly between its stage graphs). With --fp8-kv the
+             same points again over an e4m3 cache (`PagedKVCache(storage=FP8)`, the engine's
+             kv_cache.dtype fp8_e4m3): the table's FP8 rows, which the planner prices FP8 KV by
   network    `torch.distributed` send/recv ping-pong between this process and a spawned one,
              one-way time (half the round trip) vs message size (NCCL between 2 GPUs when
              there are 2, else gloo on host memory)
@@ -77,6 +79,7 @@ import torch
 from megatron_lamina.bench.plans import decode_plan, paged_chunks
 from megatron_lamina.bench.ranks import run_ranks
 from megatron_lamina.bench.timing import graph_ms, wall_s
+from megatron_lamina.fp8 import FP8
 from megatron_lamina.planner.cost_table import CostTable, Curve, Grid, prefill_pairs
 from megatron_lamina.planner.shapes import ModelShape, load_shape
 
@@ -309,7 +312,9 @@ def attention_kernel(choice: str, device_type: str):
     return getattr(importlib.import_module(module), name)
 
 
-def profile_attention(args, shape: ModelShape) -> tuple[Grid, Curve]:
+def profile_attention(args, shape: ModelShape, storage: torch.dtype | None = None) -> tuple[Grid, Curve]:
+    """The decode grid and prefill curve of one layer's attention over a cache of `storage`
+    (None: the model dtype; FP8: e4m3 with scales, the kernels dequantizing)."""
     from megatron_lamina.attention.kv_cache import PagedKVCache
     from megatron_lamina.host_to_device import to_device
 
@@ -320,7 +325,7 @@ def profile_attention(args, shape: ModelShape) -> tuple[Grid, Curve]:
     def cost(chunks_spec: list[tuple[int, int]]) -> float:
         """chunks_spec: (start, tokens) per request; one layer, all heads."""
         chunks = paged_chunks([(start, [0] * n) for start, n in chunks_spec], block)
-        cache = PagedKVCache(1, sum(len(c.block_table) for c in chunks), block, kv, d, dtype, device)
+        cache = PagedKVCache(1, sum(len(c.block_table) for c in chunks), block, kv, d, dtype, device, storage)
         tokens = sum(n for _, n in chunks_spec)
         q = torch.randn(tokens, heads, d, dtype=dtype, device=device)
         k = torch.randn(tokens, kv, d, dtype=dtype, device=device)
@@ -334,9 +339,10 @@ def profile_attention(args, shape: ModelShape) -> tuple[Grid, Curve]:
     graphed = args.graphs and device.type == "cuda"
 
     batches = args.attention_batches or args.batches
-    print(f"attention: decode batches {batches} x contexts {args.contexts}", flush=True)
+    cache_dtype = str(storage or dtype).removeprefix("torch.")
+    print(f"attention ({cache_dtype} cache): decode batches {batches} x contexts {args.contexts}", flush=True)
     decode = [[cost([(c - 1, 1)] * b) for c in args.contexts] for b in batches]
-    print(f"attention: prefill chunks {args.prefill}", flush=True)
+    print(f"attention ({cache_dtype} cache): prefill chunks {args.prefill}", flush=True)
     points = sorted({(prefill_pairs(n, s + n), s, n) for s, n in args.prefill})
     return (Grid([float(b) for b in batches], [float(c) for c in args.contexts], decode),
             Curve([float(p) for p, _, _ in points], [cost([(s, n)]) for _, s, n in points]))
@@ -429,6 +435,8 @@ def measure_table(args, parts: set[str]) -> int:
         if "model" in parts:
             model_layer, overhead, emulated, graphs = profile_model(args, shape, name)
         decode, prefill = profile_attention(args, shape) if "attention" in parts else (None, None)
+        decode_fp8, prefill_fp8 = (profile_attention(args, shape, FP8) if "attention" in parts and args.fp8_kv
+                                   else (None, None))
         network, backend = profile_network(args) if "network" in parts else (None, None)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -452,6 +460,8 @@ def measure_table(args, parts: set[str]) -> int:
                    + ("; TP > 1: an emulated shard's graphs, all-reduces added from the datasheet"
                       if any(tp > 1 for tp in graphs) else "")
                    + ("; decode attention replayed from a CUDA graph" if "attention" in parts else "") + ")")
+    if decode_fp8 is not None:
+        source += " (attention also over an fp8_e4m3 KV cache: the FP8 rows)"
     graph_meta = {}
     if graphs:
         graph_meta = {"graphs": {
@@ -461,7 +471,8 @@ def measure_table(args, parts: set[str]) -> int:
             "note": "TP > 1 figures: an emulated rank's shard replayed from graphs with no all-reduce in "
                     "them (the datasheet figure is added); the engine's TP > 1 graphs capture NCCL all-reduces",
             "tp": {str(tp): g for tp, g in graphs.items()}}}
-    meta = {"attention": args.attention, "network_backend": backend, "layers": args.layers,
+    meta = {"attention": args.attention, "fp8_kv": decode_fp8 is not None,
+            "network_backend": backend, "layers": args.layers,
             "warmup": args.warmup, "repeats": args.repeats, "threads": args.threads or torch.get_num_threads(),
             "wall_s": round(time.time() - started, 1),
             **({"emulated_tp": {str(tp): e for tp, e in emulated.items()}} if emulated else {}), **graph_meta}
@@ -493,13 +504,16 @@ def measure_table(args, parts: set[str]) -> int:
         overhead = {**base.step_overhead, **(overhead or {})}
         if decode is None:
             decode, prefill = base.attention_decode, base.attention_prefill
+            decode_fp8, prefill_fp8 = base.attention_decode_fp8, base.attention_prefill_fp8
+            meta["fp8_kv"] = base.meta.get("fp8_kv", False)
         if network is None:
             network = base.network
     table = CostTable(
         device=name,
         source=source,
         shape=shape, dtype=args.dtype, model_layer=model_layer, step_overhead=overhead,
-        attention_decode=decode, attention_prefill=prefill, network=network, meta=meta)
+        attention_decode=decode, attention_prefill=prefill, network=network, meta=meta,
+        attention_decode_fp8=decode_fp8, attention_prefill_fp8=prefill_fp8)
     table.save(args.out)
     print(f"wrote {args.out} ({name}, {table.source})")
     return 0
@@ -542,6 +556,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attention", default="engine",
                         help="engine (what the engine runs on this device), gpu, reference, or MODULE:CLASS "
                              "built from a PagedKVCache and called (layer, chunks, q, k, v)")
+    parser.add_argument("--fp8-kv", action="store_true",
+                        help="attention part: measure it over an fp8_e4m3 KV cache too (the table's FP8 rows, "
+                             "which lamina plan prices kv_cache.dtype fp8_e4m3 by; without them it estimates)")
     parser.add_argument("--graphs", action="store_true",
                         help="model part on CUDA: replay the model worker's stages from CUDA graphs (StageGraphs, "
                              "as the engine's disaggregated TP 1 model worker does) for decode batches up to "

@@ -25,6 +25,11 @@ tables' own measured network curves), with `--link-bandwidth-gbps` / `--link-lat
 override a preset. For the layout it recommends, `search` also prints the machines it runs
 on, the config's `deployment.nodes` and one `lamina serve` command per machine
 (`--gpus-per-node`, default the device description's or 8).
+
+The KV cache dtype: `simulate` takes the config's `kv_cache.dtype` (or `--set
+kv_cache.dtype=fp8_e4m3`), `search` tries the `--kv-cache-dtype` names (auto, fp8_e4m3 or
+both). An FP8 cache holds twice the tokens per cache, and its attention is priced by the
+table's FP8 rows, or, for a table without them, by an estimate that every report names.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import json
 import sys
 from pathlib import Path
 
+from megatron_lamina.fp8 import FP8_NAME
 from megatron_lamina.planner.cost_table import CostTable
 from megatron_lamina.planner.deployment import deployment_text, gpus_per_node, place
 from megatron_lamina.planner.devices import DEFAULT_PRICES, load_prices
@@ -45,6 +51,9 @@ from megatron_lamina.planner.shapes import ModelShape, load_shape
 from megatron_lamina.planner.simulator import simulate
 from megatron_lamina.planner.synthetic import synthetic_cost_table
 from megatron_lamina.planner.trace import read_trace, select
+
+
+KV_CACHE_DTYPES = ("auto", FP8_NAME)  # the config's kv_cache.dtype values
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -67,6 +76,21 @@ def _gpus_per_node(text: str) -> tuple[int | None, dict[str, int]]:
         else:
             default = int(value)
     return default, per_device
+
+
+def _kv_dtypes(text: str) -> tuple[str, ...]:
+    """'auto', 'fp8_e4m3' or both, comma-separated: the KV cache dtypes `search` tries."""
+    names = _names(text)
+    wrong = [n for n in names if n not in KV_CACHE_DTYPES]
+    if wrong or not names:
+        raise argparse.ArgumentTypeError(f"{text!r}: allowed values are {', '.join(KV_CACHE_DTYPES)} "
+                                         "(comma-separated)")
+    return names
+
+
+def kv_sources(tables: dict[str, CostTable], kv_dtypes) -> list[str]:
+    """Where each table's attention times come from at each KV dtype (an FP8 estimate says so)."""
+    return [table.kv_attention_source(kv) for kv in kv_dtypes if kv != "auto" for _, table in sorted(tables.items())]
 
 
 def link_of(args) -> Link | None:
@@ -109,12 +133,14 @@ def cmd_search(args) -> int:
                         tp_sizes=args.tp, attention_workers=args.attention_workers,
                         micro_batches=args.micro_batches, batch_caps=args.batch_caps,
                         max_devices=args.max_devices, max_prefill_tokens=args.max_prefill_tokens,
-                        block_size=args.block_size, gpus_per_node=gpus)
+                        block_size=args.block_size, kv_cache_dtypes=args.kv_cache_dtype, gpus_per_node=gpus)
     tables = load_tables(args, shape, set(args.model_devices) | set(args.attention_devices), args.tp)
     trace, clipping = load_slice(args)
     slo = Slo(args.slo_tpot, args.slo_percentile)
     for line in sources(tables):
         print(f"costs {line}")
+    for line in kv_sources(tables, args.kv_cache_dtype):
+        print(f"kv {line}")
     print(f"link {describe_link(link)}")
     candidates = search(trace, shape, tables, specs, slo, space, args.max_model_len, args.jobs,
                         args.decode_only, link)
@@ -133,6 +159,7 @@ def cmd_search(args) -> int:
               "decode_only": args.decode_only,
               "clipped": vars(clipping), "slo": {"tpot_s": slo.tpot_s, "percentile": slo.percentile},
               "cost_sources": sources(tables), "synthetic": any(t.synthetic for t in tables.values()),
+              "kv_cache_dtypes": list(args.kv_cache_dtype), "kv_sources": kv_sources(tables, args.kv_cache_dtype),
               "link": link.to_dict() if link is not None else TABLE, "gpus_per_node": gpus,
               "recommended": best.to_dict() if best.feasible else None,
               "best_colocated": colocated.to_dict() if colocated else None,
@@ -177,7 +204,7 @@ def cmd_simulate(args) -> int:
     p, s = cfg.parallel, cfg.scheduler
     layout = Layout(args.model_device, p.tensor_parallel, None if cfg.colocated else args.attention_device,
                     p.attention_workers, p.attention_head_groups, s.micro_batches, s.max_batch_size,
-                    s.max_prefill_tokens, cfg.kv_cache.block_size)
+                    s.max_prefill_tokens, cfg.kv_cache.block_size, cfg.kv_cache.dtype)
     devices = {args.model_device} | ({args.attention_device} if not cfg.colocated else set())
     tables = load_tables(args, shape, devices, (p.tensor_parallel,))
     if args.kv_blocks is not None:
@@ -200,8 +227,8 @@ def cmd_simulate(args) -> int:
     report = {"config": str(args.config), "model": shape.name, "trace": str(args.trace), "skip": args.skip,
               "requests": len(trace), "clipped": vars(clipping), "saturate": args.saturate,
               "decode_only": args.decode_only, "prefix_caching": prefix, "host_blocks": host,
-              "cost_sources": sources(tables), "link": link.to_dict() if link is not None else TABLE,
-              **result.to_dict()}
+              "cost_sources": sources(tables), "kv_sources": kv_sources(tables, [cfg.kv_cache.dtype]),
+              "link": link.to_dict() if link is not None else TABLE, **result.to_dict()}
     text = json.dumps(report, indent=1)
     print(text)
     if args.out:
@@ -253,6 +280,8 @@ def main(argv: list[str] | None = None, prog: str = "lamina plan") -> int:
     s.add_argument("--max-devices", type=int, default=16)
     s.add_argument("--max-prefill-tokens", type=int, default=4096)
     s.add_argument("--block-size", type=int, default=16)
+    s.add_argument("--kv-cache-dtype", type=_kv_dtypes, default=("auto",), metavar="auto|fp8_e4m3[,...]",
+                   help="the KV cache dtypes to try (kv_cache.dtype; comma-separated: both are ranked)")
     s.add_argument("--jobs", type=int, default=1, help="simulate layouts in this many processes")
     s.add_argument("--top", type=int, default=20, help="rows of the printed ranking")
     s.add_argument("--out-dir", default="out/plan")

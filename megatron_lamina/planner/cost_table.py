@@ -17,6 +17,13 @@ type, one model shape and one dtype. Times are seconds:
                       n*c - n*(n-1)/2 pairs (causal)
   network             one-way transfer time between a model worker and an attention worker
                       vs message bytes (latency + bytes / bandwidth, as measured)
+  attention_decode_fp8, attention_prefill_fp8
+                      optional: the same two over an e4m3 KV cache (kv_cache.dtype fp8_e4m3;
+                      tools/profile_costs.py --fp8-kv). A table without them prices FP8 KV by
+                      an ESTIMATE (`kv_attention_source` says which): decode attention reads
+                      every cached byte once, so an e4m3 cache of context C costs what the
+                      table's dtype costs at C x (1 / its bytes per element); prefill attention
+                      is compute-bound (the kernels dequantize in registers) and keeps its time.
 
 Lookups interpolate linearly (bilinearly on the grid). Below the first point a curve keeps
 the first value (a cost does not vanish for smaller work); beyond the last it continues the
@@ -31,6 +38,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from megatron_lamina.fp8 import FP8, FP8_NAME
 from megatron_lamina.planner.shapes import ModelShape
 
 FORMAT = "megatron-lamina/cost-table/1"
@@ -106,6 +114,8 @@ class CostTable:
     attention_prefill: Curve
     network: Curve
     meta: dict = field(default_factory=dict)
+    attention_decode_fp8: Grid | None = None     # the module docstring's FP8 rows
+    attention_prefill_fp8: Curve | None = None
 
     @property
     def dtype_bytes(self) -> int:
@@ -128,10 +138,32 @@ class CostTable:
     def overhead_time(self, tp: int, rows: int) -> float:
         return self.step_overhead[tp](rows)
 
-    def decode_attention_time(self, requests: int, context_sum: int) -> float:
-        return self.attention_decode(requests, context_sum / requests) if requests else 0.0
+    def has_fp8_rows(self) -> bool:
+        return self.attention_decode_fp8 is not None and self.attention_prefill_fp8 is not None
 
-    def prefill_attention_time(self, pairs: int) -> float:
+    def kv_attention_source(self, kv_dtype: str) -> str:
+        """Where this table's attention times for a `kv_cache.dtype` come from."""
+        if kv_dtype != FP8_NAME:
+            return f"{self.device}: attention over a {self.dtype} KV cache, the table's rows"
+        if self.has_fp8_rows():
+            return f"{self.device}: attention over an fp8_e4m3 KV cache, the table's FP8 rows"
+        return (f"{self.device}: attention over an fp8_e4m3 KV cache, ESTIMATED from the {self.dtype} rows "
+                f"(decode at 1/{self.dtype_bytes // FP8.itemsize} of the bytes, prefill unchanged; "
+                "no FP8 rows in this table: tools/profile_costs.py --fp8-kv measures them)")
+
+    def decode_attention_time(self, requests: int, context_sum: int, kv_dtype: str = "auto") -> float:
+        if not requests:
+            return 0.0
+        context = context_sum / requests
+        if kv_dtype != FP8_NAME:
+            return self.attention_decode(requests, context)
+        if self.has_fp8_rows():
+            return self.attention_decode_fp8(requests, context)
+        return self.attention_decode(requests, context * FP8.itemsize / self.dtype_bytes)  # the estimate
+
+    def prefill_attention_time(self, pairs: int, kv_dtype: str = "auto") -> float:
+        if kv_dtype == FP8_NAME and self.has_fp8_rows():
+            return self.attention_prefill_fp8(pairs)
         return self.attention_prefill(pairs)
 
     def network_time(self, nbytes: float) -> float:
@@ -144,7 +176,9 @@ class CostTable:
                 "step_overhead": {str(tp): c.to_dict() for tp, c in sorted(self.step_overhead.items())},
                 "attention_decode": self.attention_decode.to_dict(),
                 "attention_prefill": self.attention_prefill.to_dict(),
-                "network": self.network.to_dict(), "meta": self.meta}
+                "network": self.network.to_dict(), "meta": self.meta,
+                **({"attention_decode_fp8": self.attention_decode_fp8.to_dict(),
+                    "attention_prefill_fp8": self.attention_prefill_fp8.to_dict()} if self.has_fp8_rows() else {})}
 
     @classmethod
     def from_dict(cls, d: dict) -> "CostTable":
@@ -157,7 +191,10 @@ class CostTable:
                    step_overhead={int(tp): Curve.from_dict(c) for tp, c in d["step_overhead"].items()},
                    attention_decode=Grid.from_dict(d["attention_decode"]),
                    attention_prefill=Curve.from_dict(d["attention_prefill"]),
-                   network=Curve.from_dict(d["network"]), meta=d.get("meta", {}))
+                   network=Curve.from_dict(d["network"]), meta=d.get("meta", {}),
+                   attention_decode_fp8=Grid.from_dict(d["attention_decode_fp8"]) if "attention_decode_fp8" in d else None,
+                   attention_prefill_fp8=(Curve.from_dict(d["attention_prefill_fp8"])
+                                          if "attention_prefill_fp8" in d else None))
 
     def save(self, path: str | Path) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,8 @@ config YAML that runs it (megatron_lamina/config.py's format).
 KV capacity follows the engine (runtime.py): every KV cache (one per attention worker; one
 per TP rank when colocated) gets the same number of blocks; a block holds `block_size`
 tokens of every layer for the cache's KV heads (kv_heads / head_groups on an attention
-worker, kv_heads / TP colocated). The memory a cache may use is ASSUMED to be
+worker, kv_heads / TP colocated), at the layout's `kv_cache_dtype` (fp8_e4m3: one byte per
+element, twice the tokens of bf16). The memory a cache may use is ASSUMED to be
 `MEMORY_FRACTION` of the device (the config's default) minus the weights (model workers)
 and a workspace for activations, logits and the CUDA context (`*_WORKSPACE_BYTES`); the
 engine's `num_blocks: auto` measures what is really free at start-up instead.
@@ -17,6 +18,7 @@ from dataclasses import dataclass, replace
 import yaml
 
 from megatron_lamina.config import LaminaConfig, ParallelConfig, SchedulerConfig, check_layout, request_shards
+from megatron_lamina.fp8 import FP8, FP8_NAME
 from megatron_lamina.planner.devices import DeviceSpec
 from megatron_lamina.planner.shapes import ModelShape
 
@@ -36,6 +38,11 @@ class Layout:
     max_batch_size: int
     max_prefill_tokens: int = 4096
     block_size: int = 16
+    kv_cache_dtype: str = "auto"     # the config's kv_cache.dtype: auto (the model's) or fp8_e4m3
+
+    def kv_dtype_bytes(self, dtype_bytes: int) -> int:
+        """Bytes of one cached k or v element, for a model of `dtype_bytes`."""
+        return FP8.itemsize if self.kv_cache_dtype == FP8_NAME else dtype_bytes
 
     @property
     def colocated(self) -> bool:
@@ -72,7 +79,8 @@ class Layout:
     @property
     def label(self) -> str:
         groups = "" if self.colocated else f" g{self.head_groups}"
-        return f"{self.hardware} TP{self.tp}{groups} n{self.micro_batches} b{self.max_batch_size}"
+        kv = " fp8kv" if self.kv_cache_dtype == FP8_NAME else ""
+        return f"{self.hardware} TP{self.tp}{groups} n{self.micro_batches} b{self.max_batch_size}{kv}"
 
     def with_batch(self, max_batch_size: int) -> "Layout":
         return replace(self, max_batch_size=max_batch_size)
@@ -97,7 +105,8 @@ class Layout:
         return {"model_device": self.model_device, "tp": self.tp, "attention_device": self.attention_device,
                 "attention_workers": self.attention_workers, "head_groups": self.head_groups,
                 "micro_batches": self.micro_batches, "max_batch_size": self.max_batch_size,
-                "max_prefill_tokens": self.max_prefill_tokens, "block_size": self.block_size}
+                "max_prefill_tokens": self.max_prefill_tokens, "block_size": self.block_size,
+                "kv_cache_dtype": self.kv_cache_dtype}
 
 
 def kv_blocks_per_cache(layout: Layout, shape: ModelShape, specs: dict[str, DeviceSpec],
@@ -108,7 +117,7 @@ def kv_blocks_per_cache(layout: Layout, shape: ModelShape, specs: dict[str, Devi
                   - MODEL_WORKSPACE_BYTES)
     if model_free <= 0:
         return 0
-    token_bytes = shape.kv_bytes_per_token(dtype_bytes)
+    token_bytes = shape.kv_bytes_per_token(layout.kv_dtype_bytes(dtype_bytes))
     if layout.colocated:
         per_block = layout.block_size * token_bytes / layout.tp
         return int(model_free // per_block)
@@ -120,7 +129,7 @@ def kv_blocks_per_cache(layout: Layout, shape: ModelShape, specs: dict[str, Devi
 def host_blocks_per_cache(layout: Layout, shape: ModelShape, host_cache_gib: float, dtype_bytes: int) -> int:
     """The prefix cache's host-tier slots of one KV cache (kv_cache.host_cache_gib on each rank
     that holds KV: a block there holds its cache's share of the KV heads)."""
-    per_block = layout.block_size * shape.kv_bytes_per_token(dtype_bytes) / (
+    per_block = layout.block_size * shape.kv_bytes_per_token(layout.kv_dtype_bytes(dtype_bytes)) / (
         layout.tp if layout.colocated else layout.head_groups)
     return int(host_cache_gib * (1 << 30) // per_block)
 
@@ -135,7 +144,7 @@ def config_yaml(layout: Layout, checkpoint: str, dtype: str, header: list[str],
         "runtime": {"device": "cuda", "transport": "auto"},
         "scheduler": layout.scheduler_section(),
         "kv_cache": {"block_size": layout.block_size, "num_blocks": "auto",
-                     "memory_fraction": MEMORY_FRACTION},
+                     "memory_fraction": MEMORY_FRACTION, "dtype": layout.kv_cache_dtype},
     }
     if nodes:
         data["deployment"] = {"nodes": nodes}

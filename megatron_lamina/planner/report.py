@@ -76,6 +76,8 @@ def write_config(candidate: Candidate, path: Path, args, shape: ModelShape, tabl
         f"Model-attention link: {describe_link(link)}.",
         f"KV cache: the planner estimated {r.num_blocks} blocks per cache; num_blocks auto measures it.",
         *[f"Costs {s}" for s in sources(tables)],
+        *[f"KV {t.kv_attention_source(candidate.layout.kv_cache_dtype)}" for _, t in sorted(tables.items())
+          if candidate.layout.kv_cache_dtype != "auto"],
     ]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(config_yaml(candidate.layout, args.checkpoint or f"checkpoints/{shape.name}", "bfloat16", header,

@@ -5,7 +5,8 @@ Candidates: for each model-worker device and TP size the cost tables cover (TP d
 KV heads, weights fitting, one machine holding the TP ranks), the colocated layout (one micro-batch: on one device more
 micro-batches only shrink the GEMMs) and every disaggregated layout with 1..N attention
 workers of each attention device type, head groups = gcd(attention workers, KV heads) (and
-1, pure request shards, when that differs), 1..4 micro-batches; total devices bounded.
+1, pure request shards, when that differs), 1..4 micro-batches, each KV cache dtype asked
+for; total devices bounded.
 Each such layout is simulated at saturation (simulator.py) with increasing batch caps; the
 ladder stops at the first cap that breaks the SLO, or once the engine no longer fills the
 cap (KV capacity or prefill budget bind, so larger caps change nothing).
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import math
 import multiprocessing as mp
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Mapping
 
 from megatron_lamina.planner.cost_table import CostTable
@@ -52,6 +53,9 @@ class SearchSpace:
     max_devices: int = 16
     max_prefill_tokens: int = 4096
     block_size: int = 16
+    # The KV cache's dtypes to try (kv_cache.dtype): fp8_e4m3 holds twice the tokens per
+    # cache and its attention reads half the bytes (cost_table.py).
+    kv_cache_dtypes: tuple[str, ...] = ("auto",)
     # GPUs in one machine per model device: TP stays inside one machine (deployment.py);
     # a device not listed bounds nothing.
     gpus_per_node: Mapping[str, int] = field(default_factory=dict)
@@ -106,7 +110,8 @@ def base_layouts(shape: ModelShape, tables: dict[str, CostTable], specs: dict[st
                             if n <= first_cap:
                                 out.append(Layout(model_device, tp, attention_device, workers, groups, n,
                                                   first_cap, space.max_prefill_tokens, space.block_size))
-    return [lay for lay in out if lay.model_device in specs and (lay.colocated or lay.attention_device in specs)]
+    return [replace(lay, kv_cache_dtype=kv) for lay in out for kv in space.kv_cache_dtypes
+            if lay.model_device in specs and (lay.colocated or lay.attention_device in specs)]
 
 
 @dataclass

@@ -15,7 +15,9 @@ devices would:
     counted as `kv_capacity`, one stopped at the model's context short of its output length
     as `truncated`; both count as completed;
   * the step's duration, from the cost tables and the model-attention link (link.py) through
-    pipeline.py (`StepCostModel`; see there and docs/PLANNER.md for the formula).
+    pipeline.py (`StepCostModel`; see there and docs/PLANNER.md for the formula); attention
+    at the layout's `kv_cache_dtype` (cost_table.py: an FP8 cache's rows, or their estimate).
+    The exchange carries the model dtype's k and v either way (the cache's rank quantizes).
 It replays the synchronous loop (`scheduler.async_scheduling: false`: plan, run, read back).
 With asynchronous scheduling the tokens are the same, but a request's last token is read
 back after the next step is planned, so its batch slot and blocks free one step later.
@@ -114,11 +116,12 @@ class StepCostModel:
                     work[0] += 1
                     work[1] += end
                 else:
-                    work[2] += att.prefill_attention_time(prefill_pairs(n, end))
+                    work[2] += att.prefill_attention_time(prefill_pairs(n, end), lay.kv_cache_dtype)
                 work[3] += n
             shards = []
             for shard, (decodes, context, prefill_s, rows) in sorted(per_shard.items()):
-                attention = (att.decode_attention_time(decodes, context) + prefill_s) * self.attention_share
+                attention = (att.decode_attention_time(decodes, context, lay.kv_cache_dtype) + prefill_s) \
+                    * self.attention_share
                 if lay.colocated:
                     shards.append(ShardWork(shard, attention))
                 else:

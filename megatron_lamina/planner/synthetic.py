@@ -1,7 +1,8 @@
 """Synthetic cost tables: a roofline over datasheet numbers, for devices nobody has profiled.
 
 Every time is max(FLOPs / (efficiency x peak FLOP/s), bytes / (efficiency x HBM bandwidth))
-plus a fixed launch cost, with the efficiencies below. They are ASSUMPTIONS, calibrated only
+plus a fixed launch cost, with the efficiencies below (FP8 KV rows too: one byte per cached
+element). They are ASSUMPTIONS, calibrated only
 against the H100 numbers in DESIGN.md section 1 (bf16 GEMM at 77 % of peak, HBM copies at
 89 % of bandwidth, a LLaMA-3-8B layer at batch 1 in 0.19 ms); a measured table from
 tools/profile_costs.py replaces all of them. A table built here says "synthetic" in its `source`,
@@ -10,6 +11,7 @@ and `lamina plan` labels every result computed from it.
 
 from __future__ import annotations
 
+from megatron_lamina.fp8 import FP8
 from megatron_lamina.planner.cost_table import CostTable, Curve, Grid
 from megatron_lamina.planner.devices import DeviceSpec
 from megatron_lamina.planner.link import Link
@@ -67,10 +69,10 @@ def synthetic_cost_table(shape: ModelShape, device: DeviceSpec, link: Link,
         lm_head = _roofline(2 * head_params * rows / tp, head_params * dtype_bytes / tp, device, GEMM_EFFICIENCY)
         return lm_head + STEP_CPU_S + STEP_CPU_PER_ROW_S * rows
 
-    kv_bytes_per_token = 2 * shape.num_kv_heads * shape.head_dim * dtype_bytes  # one layer
     flops_per_pair = 4 * shape.num_heads * shape.head_dim                      # QK^T and PV
 
-    def decode(batch: int, context: int) -> float:
+    def decode(batch: int, context: int, kv_bytes: int = dtype_bytes) -> float:
+        kv_bytes_per_token = 2 * shape.num_kv_heads * shape.head_dim * kv_bytes  # one layer
         return _roofline(flops_per_pair * batch * context, kv_bytes_per_token * batch * context,
                          device, ATTENTION_FLOP_EFFICIENCY) + KERNEL_LAUNCH_S
 
@@ -88,6 +90,10 @@ def synthetic_cost_table(shape: ModelShape, device: DeviceSpec, link: Link,
         attention_decode=Grid([float(b) for b in BATCH], [float(c) for c in context],
                               [[decode(b, c) for c in context] for b in BATCH]),
         attention_prefill=Curve([float(p) for p in PAIRS], [prefill(p) for p in PAIRS]),
+        # An e4m3 cache: decode streams one byte per element; prefill is compute-bound either way.
+        attention_decode_fp8=Grid([float(b) for b in BATCH], [float(c) for c in context],
+                                  [[decode(b, c, FP8.itemsize) for c in context] for b in BATCH]),
+        attention_prefill_fp8=Curve([float(p) for p in PAIRS], [prefill(p) for p in PAIRS]),
         network=Curve([float(b) for b in MESSAGE_BYTES],
                       [link.message_time(b) for b in MESSAGE_BYTES]),
         meta={"efficiencies": {"gemm": GEMM_EFFICIENCY, "attention_flops": ATTENTION_FLOP_EFFICIENCY,
