@@ -44,7 +44,7 @@ from megatron_lamina.requests.prompt import PromptInput, prompt_ids
 from megatron_lamina.driver.request import Request
 from megatron_lamina.worker.runtime import RankContext
 from megatron_lamina.driver.sampling import SamplingParams, sample_tokens_on_device
-from megatron_lamina.driver.scheduler import Scheduler
+from megatron_lamina.driver.scheduler import Scheduler, reaches_length
 from megatron_lamina.driver.token_mask import masked_logits
 from megatron_lamina.requests.tokenizer import TextCodec, find_stop
 from megatron_lamina.plan import StepPlan
@@ -284,7 +284,7 @@ class LLMEngine:
             if (token in self.eos_token_ids and not params.ignore_eos
                     or token in params.stop_token_ids) and produced > params.min_tokens:
                 reason = "stop"
-            elif produced >= params.max_tokens or request.num_tokens >= self.ctx.arch.max_position_embeddings:
+            elif reaches_length(produced, request.num_tokens, params.max_tokens, self.scheduler.max_model_len):
                 reason = "length"
             if reason is not None:
                 text += request.detokenizer.flush()  # the bytes of a character the output ends inside

@@ -38,6 +38,14 @@ from megatron_lamina.plan import MicroBatch, SequenceChunk, StepPlan
 _SHARD = operator.attrgetter("shard")
 
 
+def reaches_length(outputs: int, tokens: int, max_tokens: int, max_model_len: int) -> bool:
+    """The driver's length rule: a request with `outputs` output tokens and `tokens` tokens in
+    all (prompt and outputs) ends with "length" once either reaches its bound. One rule for the
+    scheduler (is the token in flight the last?), the engine's read-back, and the planner's
+    simulator that replays both."""
+    return outputs >= max_tokens or tokens >= max_model_len
+
+
 class Scheduler:
     def __init__(self, blocks: BlockManager, max_batch_size: int, max_prefill_tokens: int,
                  micro_batches: int, max_model_len: int):
@@ -87,7 +95,7 @@ class Scheduler:
                 continue  # preempted earlier in this loop
             outputs = len(request.output_token_ids) + request.num_pending
             total = len(request.prompt_token_ids) + outputs
-            if request.num_pending and (outputs >= request.params.max_tokens or total >= self.max_model_len):
+            if request.num_pending and reaches_length(outputs, total, request.params.max_tokens, self.max_model_len):
                 continue  # the token in flight is its last: it ends when that token is read back
             computed = request.num_computed
             pending = total - computed
