@@ -49,6 +49,11 @@ class ModelConfig(_Section):
     # given here; a relative path is looked for beside the YAML file, then in the working directory.
     checkpoint: str
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # The model workers' linear weights: null, as the checkpoint holds them; fp8_e4m3, e4m3 with
+    # a scale per output channel, quantized at load from a bf16/fp32 checkpoint by the rule
+    # `lamina convert --weight-dtype fp8_e4m3` writes (checkpoint/loader.py); bfloat16, the
+    # checkpoint's unquantized weights (an FP8 checkpoint is refused).
+    weight_dtype: Literal["bfloat16", "fp8_e4m3"] | None = None
 
 
 class ParallelConfig(_Section):

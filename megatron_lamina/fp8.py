@@ -7,7 +7,8 @@ the same numerics); on CUDA the Triton kernels need e4m3 loads (compute capabili
 and the matmuls `torch._scaled_mm` with row-wise scales (9.0+, Hopper). Asking for either on
 a GPU that cannot is one `ConfigError`, never a silent fallback.
 `quantize_rows` is the one scaling rule of weights (a row is an output channel, scaled when
-the checkpoint is written) and of activations (a row is a token, scaled on every call).
+the checkpoint is written, or at load) and of activations (a row is a token, scaled on every
+call); `quantize_weight` applies it to a linear weight, for the converter and the loader alike.
 """
 
 from __future__ import annotations
@@ -41,3 +42,11 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     largest magnitude maps to e4m3's largest value (an all-zero row gets a tiny scale, q 0)."""
     scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A whole linear weight [out, in] -> (e4m3 [out, in], float32 scales [out]), one scale
+    per output channel: what `lamina convert --weight-dtype fp8_e4m3` writes and what
+    `model.weight_dtype: fp8_e4m3` loads, so that the two serve the same numbers."""
+    values, scales = quantize_rows(weight)
+    return values, scales.reshape(-1)

@@ -17,7 +17,12 @@ slices are lazy), so one unsharded checkpoint serves every TP size:
                                     linear_proj and linear_fc2 (their rows are not split)
 
 FP8 weights (e4m3, `lamina convert --weight-dtype fp8_e4m3`) and their float32 scales keep
-their stored dtype; `dtype` converts the other tensors.
+their stored dtype; `dtype` converts the other tensors. With `quantize_fp8` (the config's
+`model.weight_dtype: fp8_e4m3` over a bf16/fp32 checkpoint; `weight_format` decides) the
+same four linear weights are quantized here, by the converter's own rule
+(`fp8.quantize_weight`) over the WHOLE stored tensor, then sharded as a converted checkpoint's
+weights and scales are: a row-parallel weight's scale is its whole row's, not its shard's,
+so every TP size loads the numbers the FP8-converted checkpoint holds.
 """
 
 from __future__ import annotations
@@ -28,9 +33,9 @@ import torch
 
 from megatron_lamina.architecture import ModelArchitecture, read_checkpoint_config
 from megatron_lamina.checkpoint.errors import CheckpointInputError, open_safetensors
-from megatron_lamina.checkpoint.layout import EMBEDDING, OUTPUT_LAYER, WEIGHT_SCALE
+from megatron_lamina.checkpoint.layout import EMBEDDING, OUTPUT_LAYER, WEIGHT_SCALE, is_fp8_linear, scale_name
 from megatron_lamina.checkpoint.writer import MODEL_FILE
-from megatron_lamina.fp8 import FP8
+from megatron_lamina.fp8 import FP8, FP8_NAME, quantize_weight
 
 # Transformer-Engine layer specs fuse the norm into the following linear layer; their
 # parameter names map onto the canonical norm tensors.
@@ -55,9 +60,11 @@ class CheckpointShardLoader:
         tp_size: int = 1,
         dtype: torch.dtype | None = None,
         make_vocab_size_divisible_by: int = 1,
+        quantize_fp8: bool = False,
     ):
         """`dtype` None keeps the stored dtype. The vocab is padded to a multiple of
-        `make_vocab_size_divisible_by * tp_size`, as Megatron pads it."""
+        `make_vocab_size_divisible_by * tp_size`, as Megatron pads it. `quantize_fp8`: quantize
+        the linear weights of an unquantized checkpoint at load (module docstring)."""
         self.checkpoint_dir = Path(checkpoint_dir)
         self.config = read_checkpoint_config(self.checkpoint_dir)
         self.arch = ModelArchitecture.from_dict(self.config["architecture"])
@@ -78,6 +85,12 @@ class CheckpointShardLoader:
             raise CheckpointInputError(self.model_file, "missing; the checkpoint is incomplete")
         self._file = open_safetensors(self.model_file)
         self._names = set(self._file.keys())
+        # Load-time FP8: each linear weight is quantized once, whole, when its weight or its
+        # scale is first asked for (Megatron names a linear's weight, bias, then scale).
+        self._quantize = {scale_name(n): n for n in self._names if is_fp8_linear(n)} if quantize_fp8 else {}
+        self._quantize.update({n: n for n in self._quantize.values()})
+        self._names |= set(self._quantize)
+        self._quantized: tuple[str, dict[str, torch.Tensor]] | None = None
 
     def tensor(self, name: str) -> torch.Tensor:
         """This rank's shard of canonical tensor `name` (Megatron parameter naming)."""
@@ -143,10 +156,17 @@ class CheckpointShardLoader:
         return name
 
     def _slice(self, name: str):
-        return self._file.get_slice(name)
+        """A lazy safetensors slice, or a load-time quantized tensor (sliced the same way)."""
+        if name not in self._quantize:
+            return self._file.get_slice(name)
+        weight = self._quantize[name]
+        if self._quantized is None or self._quantized[0] != weight:
+            values, scales = quantize_weight(self._file.get_tensor(weight))
+            self._quantized = (weight, {weight: values, scale_name(weight): scales})
+        return self._quantized[1][name]
 
     def _shape(self, name: str) -> list[int]:
-        return self._slice(name).get_shape()
+        return list(self._slice(name).shape) if name in self._quantize else self._slice(name).get_shape()
 
     def _vocab_rows(self, name: str) -> torch.Tensor:
         rows = self.padded_vocab_size // self.tp_size
@@ -158,3 +178,21 @@ class CheckpointShardLoader:
         padded = torch.zeros((rows, real.shape[1]), dtype=real.dtype)
         padded[: real.shape[0]] = real
         return padded
+
+
+def weight_format(weight_dtype: str | None, checkpoint_dir: str | Path) -> tuple[bool, bool]:
+    """The config's `model.weight_dtype` against what the checkpoint holds: (the model's linear
+    weights are FP8, they are quantized at load). A ConfigError for an FP8 checkpoint asked to
+    serve bfloat16 (its unquantized weights are gone)."""
+    stored_fp8 = read_checkpoint_config(checkpoint_dir).get("weight_dtype") == FP8_NAME
+    if weight_dtype is None:
+        return stored_fp8, False
+    if weight_dtype == FP8_NAME:
+        return True, not stored_fp8
+    if stored_fp8:
+        from megatron_lamina.config import ConfigError
+
+        raise ConfigError(f"model.weight_dtype = {weight_dtype!r}: checkpoint {checkpoint_dir} holds FP8 weights "
+                          f"(lamina convert --weight-dtype {FP8_NAME}); allowed values are {FP8_NAME} or null, "
+                          "or serve the unquantized checkpoint")
+    return False, False

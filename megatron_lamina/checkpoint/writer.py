@@ -10,7 +10,7 @@ checkpoint is never left half-overwritten, and a failure (bad input, full or rea
 one `CheckpointInputError`) leaves nothing behind. `--overwrite` replaces only a checkpoint:
 a directory holding anything else, or an input of this conversion, is refused.
 With `weight_dtype` fp8_e4m3 the layers' linear weights (layout.FP8_LINEAR_WEIGHTS) are
-quantized as they stream, from the source's own values, per output channel (fp8.quantize_rows),
+quantized as they stream, from the source's own values, per output channel (fp8.quantize_weight),
 and written as e4m3 beside their float32 scales; config.json records `"weight_dtype"`.
 """
 
@@ -32,7 +32,7 @@ from megatron_lamina.architecture import FORMAT, ModelArchitecture, read_checkpo
 from megatron_lamina.checkpoint.errors import CheckpointInputError
 from megatron_lamina.checkpoint.layout import canonical_tensor_shapes, is_fp8_linear, scale_name
 from megatron_lamina.checkpoint.validate import check_finite
-from megatron_lamina.fp8 import FP8, FP8_NAME, quantize_rows
+from megatron_lamina.fp8 import FP8, FP8_NAME, quantize_weight
 
 MODEL_FILE = "model.safetensors"
 TOKENIZER_DIR = "tokenizer"
@@ -206,7 +206,7 @@ def _write_safetensors(
             assert name not in written, f"reader yielded {name} twice"
             if stored[name][0] == FP8:  # e4m3 saturates; its scales are checked finite
                 check_finite(name, tensor, source_path, check_all_weights)
-                values, scales = quantize_rows(tensor.detach().to("cpu"))
+                values, scales = quantize_weight(tensor.detach().to("cpu"))
                 parts = [(name, values), (scale_name(name), scales)]
             else:
                 values = tensor.detach().to("cpu", dtype)

@@ -25,9 +25,9 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from megatron_lamina.architecture import ModelArchitecture, read_checkpoint_config
+from megatron_lamina.architecture import ModelArchitecture
 from megatron_lamina.attention.kv_cache import PagedKVCache, storage_dtype
-from megatron_lamina.checkpoint.loader import CheckpointShardLoader, padded_vocab_size
+from megatron_lamina.checkpoint.loader import CheckpointShardLoader, padded_vocab_size, weight_format
 from megatron_lamina.config import LaminaConfig
 from megatron_lamina.worker.attention_worker import AttentionWorker
 from megatron_lamina.worker.block_tables import BlockTables
@@ -85,20 +85,23 @@ def build_worker(cfg: LaminaConfig, arch: ModelArchitecture, topology: Topology,
 
 def _model_worker(cfg, arch, topology, groups, rank, device, log, weights) -> BuiltWorker:
     graphs = use_cuda_graphs(cfg, topology, device)
-    fp8_weights = read_checkpoint_config(cfg.model.checkpoint).get("weight_dtype") == FP8_NAME
+    fp8_weights, quantize = weight_format(cfg.model.weight_dtype, cfg.model.checkpoint)
     if fp8_weights:
-        require_fp8(device, MATMUL_CAPABILITY, f"checkpoint {cfg.model.checkpoint} (FP8 weights: torch._scaled_mm)",
-                    "convert the model without --weight-dtype")
+        what = "model.weight_dtype = 'fp8_e4m3'" if quantize else f"checkpoint {cfg.model.checkpoint}"
+        require_fp8(device, MATMUL_CAPABILITY, f"{what} (FP8 weights: torch._scaled_mm)",
+                    "serve unquantized weights (model.weight_dtype bfloat16, a checkpoint converted without "
+                    "--weight-dtype)")
     model = LlamaModel(arch, cfg.torch_dtype, groups.tp, padded_vocab_size(arch.vocab_size, topology.tp_size),
                        fused_elementwise=graphs, fp8_weights=fp8_weights)
     if weights is None:
-        CheckpointShardLoader(cfg.model.checkpoint, rank, topology.tp_size, cfg.torch_dtype).load_into(model)
+        CheckpointShardLoader(cfg.model.checkpoint, rank, topology.tp_size, cfg.torch_dtype,
+                              quantize_fp8=quantize).load_into(model)
     else:
         weights(model)
     model = model.to(device)
     gib = sum(p.numel() * p.element_size() for p in model.parameters()) / (1 << 30)
     log(f"weights loaded: {gib:.2f} GiB on {device} (TP rank {rank} of {topology.tp_size})"
-        + (", linear layers in fp8_e4m3" if fp8_weights else ""))
+        + (", linear layers in fp8_e4m3" + (" (quantized at load)" if quantize else "") if fp8_weights else ""))
     feed = TokenFeed(groups.tp, device)
     s = cfg.scheduler
     stage_graphs = pool = None
