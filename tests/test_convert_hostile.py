@@ -123,6 +123,22 @@ def test_tensor_of_the_wrong_shape(tmp_path, hf_dir, capsys):
     assert line == f"error: {src / 'model.safetensors'}: tensor {name} has shape (64, 64), the architecture needs (32, 64)"
 
 
+@pytest.mark.parametrize("drop, bare, missing", [
+    ("model.layers.1.mlp.up_proj.weight", False, "model.layers.1.mlp.up_proj.weight"),
+    ("model.layers.1.mlp.up_proj.weight", True, "layers.1.mlp.up_proj.weight"),
+    ("lm_head.weight", False, "lm_head.weight (tie_word_embeddings is false in config.json)"),
+])  # fmt: skip
+def test_missing_tensor(tmp_path, hf_dir, capsys, drop, bare, missing):
+    """A tensor the architecture needs and the weights lack is named as the save would name it
+    (without "model." in a bare LlamaModel's save), with the setting that asks for it."""
+    weights = load_file(hf_dir / "model.safetensors")
+    del weights[drop]
+    if bare:
+        weights = {name.removeprefix("model."): w for name, w in weights.items()}
+    src = _hf_copy(tmp_path, hf_dir, weights=weights)
+    assert _convert_hf(capsys, tmp_path, src) == f"error: {src}: no tensor {missing}"
+
+
 def test_huge_vocab_and_layer_count_are_checked_against_the_file_first(tmp_path, hf_dir, capsys):
     """A vocab_size of 10^12 is a shape error from the file's header (no 256 TB tensor is made);
     10^12 layers are compared with the file's before anything loops over them."""

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from megatron_lamina.checkpoint.errors import CheckpointInputError, expect_directory
-from megatron_lamina.checkpoint.hf_reader import HF_PART_NAMES, check_hf_tensors, read_hf_architecture
+from megatron_lamina.checkpoint.hf_reader import check_hf_tensors, hf_part_name, read_hf_architecture
 from megatron_lamina.checkpoint.layout import canonical_tensors
 from megatron_lamina.checkpoint.megatron_args import architecture_from_args, merged_args, read_model_config
 from megatron_lamina.checkpoint.megatron_names import canonical_name, is_model_tensor
@@ -92,9 +92,9 @@ class DeepSpeedCheckpointReader:
     def _open_hf(self, tokenizer: Path | None, model_config: Path | None) -> None:
         config_path = self._hf_config_path(model_config)
         self.config, self.architecture, self.notes = read_hf_architecture(config_path)
-        self._strip_model_prefix = "model.embed_tokens.weight" not in self._state
+        self._hf_name = hf_part_name(self._state)
         stored = {name: stored_tensor(value, name, self.tag_dir) for name, value in self._state.items()}
-        check_hf_tensors(self.architecture, stored, self._hf_name, config_path, self.tag_dir)
+        check_hf_tensors(self.architecture, stored, config_path, self.tag_dir)
         if tokenizer is None:
             tokenizer = config_path.parent  # Trainer saves the tokenizer beside config.json
         self._tokenizer = TokenizerSource(tokenizer)
@@ -108,10 +108,6 @@ class DeepSpeedCheckpointReader:
         raise CheckpointInputError(
             self.checkpoint_dir, "no config.json for this Hugging Face model; pass --model-config CONFIG.json"
         )
-
-    def _hf_name(self, part: str, layer: int | None) -> str:
-        name = HF_PART_NAMES[part].format(layer=layer)
-        return name[len("model.") :] if self._strip_model_prefix and name.startswith("model.") else name
 
     def _read_hf_part(self, part: str, layer: int | None) -> torch.Tensor:
         return self._state[self._hf_name(part, layer)].contiguous()  # assembles the lazy tensor

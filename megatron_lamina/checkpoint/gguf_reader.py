@@ -23,8 +23,8 @@ import torch
 
 from megatron_lamina.architecture import ModelArchitecture
 from megatron_lamina.checkpoint.errors import CheckpointInputError, expect_file
-from megatron_lamina.checkpoint.layout import canonical_tensors, part_shapes, source_parts
-from megatron_lamina.checkpoint.validate import StoredTensor, build_architecture, check_layer_count, check_stored_tensors
+from megatron_lamina.checkpoint.layout import canonical_tensors
+from megatron_lamina.checkpoint.validate import StoredTensor, build_architecture, check_part_tensors
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
 # Tensor types gguf.quants can dequantize to floats (integer types are not weights).
@@ -59,6 +59,10 @@ _KNOWN_TENSOR = re.compile(
     r"|blk\.\d+\.(attn_norm|attn_q|attn_k|attn_v|attn_output|ffn_norm|ffn_gate|ffn_up|ffn_down)\.weight"
     r"|blk\.\d+\.attn_[qkv]\.bias"
 )
+
+
+def _gguf_name(part: str, layer: int | None) -> str:
+    return GGUF_PART_NAMES[part].format(layer=layer)
 
 
 class GGUFCheckpointReader:
@@ -156,18 +160,11 @@ class GGUFCheckpointReader:
     def _check_tensor_shapes(self) -> None:
         """Every tensor the architecture needs is here, in its shape (types were checked by
         `_check_tensors`), from the header alone."""
-        arch = self.architecture
-        layers = (int(m.group(1)) for name in self._tensors if (m := _LAYER_INDEX.match(name)))
-        check_layer_count(arch.num_layers, layers, f"{self.gguf_architecture}.block_count", self.path)
-        needed = {GGUF_PART_NAMES[part].format(layer=layer): part for part, layer in source_parts(arch)}
-        missing = [name for name in needed if name not in self._tensors]
-        if missing:
-            raise CheckpointInputError(self.path, f"no tensor {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
         # ggml's ne[] is innermost-first: reversed, a weight reads [out, in] as in Hugging Face.
         stored = {name: StoredTensor(tuple(int(n) for n in reversed(t.shape)), None, self.path)
                   for name, t in self._tensors.items()}
-        shapes = part_shapes(arch)
-        check_stored_tensors({name: shapes[part] for name, part in needed.items()}, stored)
+        check_part_tensors(self.architecture, stored, _gguf_name, _LAYER_INDEX,
+                           f"{self.gguf_architecture}.block_count", self.path)
 
     def _dequantize(self, t: Any) -> np.ndarray:
         from gguf.quants import dequantize
@@ -176,8 +173,7 @@ class GGUFCheckpointReader:
         return values.reshape([int(n) for n in reversed(t.shape)])  # ggml ne[] is innermost-first
 
     def _read_part(self, part: str, layer: int | None) -> torch.Tensor:
-        name = GGUF_PART_NAMES[part].format(layer=layer)
-        values = self._dequantize(self._tensors[name])
+        values = self._dequantize(self._tensors[_gguf_name(part, layer)])
         if self.gguf_architecture == "llama" and part in ("q", "k", "q_bias", "k_bias"):
             heads = self.architecture.num_attention_heads if part.startswith("q") else self.architecture.num_kv_heads
             values = _undo_rope_permutation(values, heads)

@@ -11,6 +11,7 @@ layout by `layout.canonical_tensors`. Registered in `readers.READERS`.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +19,11 @@ import torch
 
 from megatron_lamina.architecture import ModelArchitecture
 from megatron_lamina.checkpoint.errors import CheckpointInputError, expect_directory, open_safetensors
-from megatron_lamina.checkpoint.layout import canonical_tensors, part_shapes, source_parts
+from megatron_lamina.checkpoint.layout import canonical_tensors
 from megatron_lamina.checkpoint.validate import (
     StoredTensor,
     build_architecture,
-    check_layer_count,
-    check_stored_tensors,
+    check_part_tensors,
     positive_int,
     read_json_object,
     stored_tensor,
@@ -65,12 +65,8 @@ class HFCheckpointReader:
         self._config_path = self.path / "config.json"
         self.config, self.architecture, self.notes = read_hf_architecture(self._config_path)
         self._weight_map, self._weights_kind = self._index_weights()
-        # Saved from the bare LlamaModel: names lack the "model." prefix.
-        self._strip_model_prefix = "model.embed_tokens.weight" not in self._weight_map and (
-            "embed_tokens.weight" in self._weight_map
-        )
-        check_hf_tensors(self.architecture, self._stored_tensors(), self._source_name, self._config_path,
-                         self.path)
+        self._part_name = hf_part_name(self._weight_map)
+        check_hf_tensors(self.architecture, self._stored_tensors(), self._config_path, self.path)
         if not any((self.path / name).is_file() for name in TOKENIZER_FILES):
             raise CheckpointInputError(
                 self.path, f"no tokenizer ({' / '.join(TOKENIZER_FILES)}); copy the model's tokenizer files here"
@@ -110,12 +106,6 @@ class HFCheckpointReader:
                 cache[file_name] = _load_bin(path)
         return cache[file_name]
 
-    def _source_name(self, canonical_part: str, layer: int | None) -> str:
-        name = HF_PART_NAMES[canonical_part].format(layer=layer)
-        if self._strip_model_prefix and name.startswith("model."):
-            name = name[len("model.") :]
-        return name
-
     def _stored_tensors(self) -> dict[str, StoredTensor]:
         """Every tensor's shape and dtype from its file's header (every file is opened: a
         missing or truncated shard fails here)."""
@@ -133,7 +123,7 @@ class HFCheckpointReader:
         return stored
 
     def _read_part(self, part: str, layer: int | None) -> torch.Tensor:
-        name = self._source_name(part, layer)
+        name = self._part_name(part, layer)
         handle = self._file(self._weight_map[name])
         return handle.get_tensor(name) if self._weights_kind == "safetensors" else handle[name]
 
@@ -160,22 +150,24 @@ class HFCheckpointReader:
         return info
 
 
-def check_hf_tensors(arch: ModelArchitecture, stored: dict[str, StoredTensor], source_name, config_path: Path,
-                     where: Path) -> None:
-    """The stored tensors of a Hugging Face model (`source_name(part, layer)` names them) are
-    what `arch` (from `config_path`) needs: its layers, every part, floating point, each shape.
-    Also used by the DeepSpeed reader."""
-    layers = (int(m.group(1)) for name in stored if (m := _LAYER_INDEX.match(name)))
-    check_layer_count(arch.num_layers, layers, f"{config_path.name}'s num_hidden_layers", where)
-    needed = {source_name(part, layer): part for part, layer in source_parts(arch)}
-    missing = [name for name in needed if name not in stored]
-    if missing:
-        hint = f" (tie_word_embeddings is false in {config_path.name})" if "lm_head.weight" in missing else ""
-        raise CheckpointInputError(
-            where, f"weights lack {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}{hint}"
-        )
-    shapes = part_shapes(arch)
-    check_stored_tensors({name: shapes[part] for name, part in needed.items()}, stored)
+def hf_part_name(names: Collection[str]) -> Callable[[str, int | None], str]:
+    """How a Hugging Face save holding tensors `names` names each part: HF_PART_NAMES, without
+    the "model." prefix where it was saved from the bare LlamaModel (it holds embed_tokens.weight
+    and no model.embed_tokens.weight). Also used by the DeepSpeed reader."""
+    bare = "model.embed_tokens.weight" not in names and "embed_tokens.weight" in names
+
+    def name_of(part: str, layer: int | None) -> str:
+        name = HF_PART_NAMES[part].format(layer=layer)
+        return name.removeprefix("model.") if bare else name
+
+    return name_of
+
+
+def check_hf_tensors(arch: ModelArchitecture, stored: dict[str, StoredTensor], config_path: Path, where: Path) -> None:
+    """The stored tensors of a Hugging Face model are what `arch` (from `config_path`) needs
+    (validate.check_part_tensors). Also used by the DeepSpeed reader."""
+    check_part_tensors(arch, stored, hf_part_name(stored), _LAYER_INDEX, f"{config_path.name}'s num_hidden_layers",
+                       where, {"lm_head.weight": f" (tie_word_embeddings is false in {config_path.name})"})
 
 
 def read_hf_architecture(config_path: Path) -> tuple[dict[str, Any], ModelArchitecture, list[str]]:

@@ -9,7 +9,9 @@ rule lives in one place:
     layers         `check_layer_count`: the architecture's layer count is the file's, checked
                    before anything loops over layers
     tensors        `check_stored_tensors`: each stored tensor floating point and of the shape
-                   the architecture needs, from the files' headers, before any data is read
+                   the architecture needs, from the files' headers, before any data is read;
+                   `check_part_tensors` first: every part present, for the formats that name
+                   each part (Hugging Face, GGUF)
     values         `check_finite`: no NaN or infinity, in a sample of each tensor (all of it
                    with `--check-all-weights`), as read and as written
 A failure is a `CheckpointInputError` naming the file, the key or tensor and what was expected.
@@ -19,7 +21,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping
+import re
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,7 @@ import torch
 
 from megatron_lamina.architecture import ModelArchitecture, RopeScaling
 from megatron_lamina.checkpoint.errors import CheckpointInputError
+from megatron_lamina.checkpoint.layout import part_shapes, source_parts
 
 # Elements checked per tensor by the default (sampled) finiteness check.
 FINITE_SAMPLE = 1 << 16
@@ -210,6 +214,25 @@ def check_stored_tensors(
             raise CheckpointInputError(
                 found.file, f"tensor {name} has shape {found.shape}, the architecture needs {shape}{at_least}"
             )
+
+
+def check_part_tensors(
+    arch: ModelArchitecture, stored: Mapping[str, StoredTensor], name_of: Callable[[str, int | None], str],
+    layer_index: re.Pattern, layer_key: str, where: Path, hints: Mapping[str, str] | None = None,
+) -> None:
+    """The stored tensors of a format that names each part (`name_of(part, layer)`: Hugging
+    Face, GGUF) are what `arch` needs: its layers (`layer_index` matches a name's layer index;
+    `layer_key` is the setting that gave num_layers), every part present, floating point, of
+    its shape. `hints`: what a missing name's message adds (a setting that asks for it)."""
+    layers = (int(m.group(1)) for name in stored if (m := layer_index.match(name)))
+    check_layer_count(arch.num_layers, layers, layer_key, where)
+    needed = {name_of(part, layer): part for part, layer in source_parts(arch)}
+    missing = [name for name in needed if name not in stored]
+    if missing:
+        hint = "".join((hints or {}).get(name, "") for name in missing)
+        raise CheckpointInputError(where, f"no tensor {_few(missing)}{hint}")
+    shapes = part_shapes(arch)
+    check_stored_tensors({name: shapes[part] for name, part in needed.items()}, stored)
 
 
 def check_finite(name: str, tensor: torch.Tensor, where: str | Path, check_all: bool, what: str = "") -> None:
