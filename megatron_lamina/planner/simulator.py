@@ -9,11 +9,11 @@ devices would:
     context, `rejected_kv` when it is longer than one shard's whole cache), and every
     planned step advances the clock by its duration;
   * one placeholder token per sampled chunk at the end of the step, and the driver's stop
-    rule (the trace's output length with ignore_eos, or the model's context): the request
-    ends with `length` (`Scheduler.finish`). A request the scheduler ended itself because its
-    context outgrew a whole shard's cache (`take_ended`, also `length` to the client) is
-    counted as `kv_capacity`, one stopped at the model's context short of its output length
-    as `truncated`; both count as completed;
+    rule (scheduler.reaches_length: the trace's output length with ignore_eos, or the
+    model's context): the request ends with `length` (`Scheduler.finish`). A request the
+    scheduler ended itself because its context outgrew a whole shard's cache (`take_ended`,
+    also `length` to the client) is counted as `kv_capacity`, one stopped at the model's
+    context short of its output length as `truncated`; both count as completed;
   * the step's duration, from the cost tables and the model-attention link (link.py) through
     pipeline.py (`StepCostModel`; see there and docs/PLANNER.md for the formula); attention
     at the layout's `kv_cache_dtype` (cost_table.py: an FP8 cache's rows, or their estimate).
@@ -55,7 +55,7 @@ from megatron_lamina.config import micro_batches_run
 from megatron_lamina.driver.block_manager import BlockManager
 from megatron_lamina.driver.request import Request
 from megatron_lamina.driver.sampling import SamplingParams
-from megatron_lamina.driver.scheduler import Scheduler
+from megatron_lamina.driver.scheduler import Scheduler, reaches_length
 from megatron_lamina.plan import StepPlan
 from megatron_lamina.planner.cost_table import CostTable, prefill_pairs
 from megatron_lamina.planner.layout import Layout
@@ -295,7 +295,7 @@ class EngineSimulator:
                 if replay.first_token_s is None:
                     replay.first_token_s = now
                 produced = len(request.output_token_ids)
-                if produced >= request.params.max_tokens or request.num_tokens >= self.max_model_len:
+                if reaches_length(produced, request.num_tokens, request.params.max_tokens, self.max_model_len):
                     scheduler.finish(request, "length")
                     replay.outcome = "length" if produced >= replay.trace.output_len else "context"
                     replay.finish_s = now
