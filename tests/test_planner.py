@@ -386,6 +386,47 @@ def test_search_ranks_a_dominated_layout_below_a_better_one():
     assert flags == sorted(flags, reverse=True) and not all(flags)
 
 
+def shared_prefix_trace(documents: int, requests: int = 128) -> list[TraceRequest]:
+    """A Mooncake-like slice: each 2,560-token prompt is one of `documents` shared
+    2,048-token documents (4 hash ids), taken round robin, then a 512-token block of its own."""
+    return [TraceRequest(0.0, 2560, 16, tuple(range(4 * (i % documents), 4 * (i % documents) + 4)) + (10_000 + i,))
+            for i in range(requests)]
+
+
+def test_search_prices_each_layouts_prefix_cache():
+    """Issue 25's planner: with the prefix cache every layout's hits come from the trace's
+    hash_ids and its own KV pool. SMALL holds 1,239 blocks of llama3-8b, so one attention
+    worker, beside its 4 running requests, keeps fewer blocks than the 12 documents take: round
+    robin evicts each before it returns, and nothing hits. Two (two head groups: one pool of
+    twice the blocks) keep them all. Without the cache the second worker does not pay for
+    itself; with it, it does, and the cache beats no cache. A host tier gives one worker back
+    the hits its device pool cannot keep."""
+    from megatron_lamina.planner.search import PrefixCache
+
+    fast = DeviceSpec("FAST", 9.0, 989, 80, 3.35, 450)
+    small = DeviceSpec("SMALL", 1.0, 989, 4, 3.35, 450)
+    specs = {"FAST": fast, "SMALL": small}
+    shape = PRESETS["llama3-8b"]
+    tables = {name: synthetic_cost_table(shape, spec, Link("test", 400, 10), [1]) for name, spec in specs.items()}
+    space = SearchSpace(model_devices=("FAST",), attention_devices=("SMALL",), tp_sizes=(1,),
+                        attention_workers=(1, 2), micro_batches=(2,), batch_caps=(4,))
+    trace = shared_prefix_trace(12)
+
+    def ranked(prefix):
+        return {c.layout.label: c for c in search(trace, shape, tables, specs, Slo(tpot_s=1.0), space, prefix=prefix)}
+
+    off, on, host = ranked(None), ranked(PrefixCache()), ranked(PrefixCache(host_cache_gib=4))
+    one, two = "1xFAST + 1xSMALL TP1 g1 n2 b4", "1xFAST + 2xSMALL TP1 g2 n2 b4"
+    assert on[two].result.num_blocks // 2 == on[one].result.num_blocks == 1239  # half the heads a block
+    assert off[one].result.prefix_hit_rate is None
+    assert off[two].tokens_per_dollar < off[one].tokens_per_dollar
+    assert on[one].result.prefix_hit_rate < 0.1 < 0.6 < on[two].result.prefix_hit_rate
+    assert on[two].tokens_per_dollar > on[one].tokens_per_dollar
+    assert on[two].tokens_per_dollar > off[two].tokens_per_dollar
+    assert max(c.tokens_per_dollar for c in on.values()) > max(c.tokens_per_dollar for c in off.values())
+    assert host[one].result.prefix_hit_rate > 0.6 and host[one].tokens_per_dollar > on[one].tokens_per_dollar
+
+
 # -------------------------------------------------------------------------------- traces
 
 def test_trace_formats_and_selection(tmp_path):
@@ -445,3 +486,16 @@ def test_the_simulator_with_the_prefix_cache():
     assert on.completed == off.completed == len(trace)
     with pytest.raises(ValueError, match="decode_only"):
         simulate(trace, layout, SHAPE, table, table, 400, decode_only=True, prefix_caching=True)
+
+
+def test_a_saturated_replay_shares_only_what_the_trace_shares():
+    """Saturation cycles the trace to fill the batch; each pass is new traffic with the
+    trace's own sharing, so four prompts that share nothing never hit, however often they are
+    replayed, and four that share a 1,024-token head hit it in every pass but the first."""
+    from megatron_lamina.planner.simulator import simulate
+
+    layout, table = Layout("X", 1, "X", 1, 1, 2, 16, 512, 16), constant_table()
+    apart = [TraceRequest(0.0, 1100, 4, (2 * i, 2 * i + 1)) for i in range(4)]
+    shared = [TraceRequest(0.0, 1100, 4, (0, 1, 10 + i)) for i in range(4)]
+    assert simulate(apart, layout, SHAPE, table, table, 4000, saturate=True, prefix_caching=True).prefix_hit_rate == 0
+    assert simulate(shared, layout, SHAPE, table, table, 4000, saturate=True, prefix_caching=True).prefix_hit_rate > 0.5

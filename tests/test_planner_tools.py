@@ -64,8 +64,10 @@ def test_plan_search_writes_ranking_plot_and_config(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert code == 0, printed
     assert "synthetic: roofline from H100 datasheet" in printed and "recommended:" in printed
+    assert "prefix cache off (the trace has no hash_ids" in printed
     report = json.loads((tmp_path / "plan" / "ranking.json").read_text())
     assert report["synthetic"] and report["requests"] == 100
+    assert not report["prefix_caching"] and report["prefix_cache_comparison"] == []  # Azure: no hash_ids
     labels = [c["label"] for c in report["ranking"]]
     assert {"1xH100 TP1 n1 b32", "1xH100 + 2xH20 TP1 g2 n2 b32"} <= set(labels)
     assert report["recommended"]["label"] == labels[0]
@@ -94,6 +96,59 @@ def test_plan_simulate_predicts_a_config(tmp_path, capsys):
     assert plan(["simulate", "--config", str(ROOT / "configs" / "gpu-colocated.yaml"),
                              "--model", "llama3-8b", "--trace", str(AZURE_CONV)]) == 2  # no costs given
     assert "no cost table for device H100" in capsys.readouterr().err
+
+
+def test_plan_search_prices_the_prefix_cache_and_compares_it(tmp_path, capsys):
+    """On a Mooncake-like trace (12 shared documents, round robin) whose prefixes only two
+    small attention workers' pool holds, the cache turns the ranking around: with it the
+    layout with two attention workers is recommended over the colocated baseline, whose small
+    cache (24 GB beside the weights) holds none of them; the report shows both layouts with
+    the cache off and on. With --no-prefix-caching the colocated layout is recommended."""
+    prices = tmp_path / "prices.yaml"
+    prices.write_text("devices:\n"
+                      "  FAST: {price_per_hour: 9.0, tflops: 989, memory_gb: 24, bandwidth_tbs: 3.35, nvlink_gbs: 450}\n"
+                      "  SMALL: {price_per_hour: 1.0, tflops: 989, memory_gb: 4, bandwidth_tbs: 3.35, nvlink_gbs: 450}\n")
+    trace = tmp_path / "shared.jsonl"
+    trace.write_text("".join(json.dumps({"timestamp": 100 * i, "input_length": 2560, "output_length": 16,
+                                         "hash_ids": [*range(4 * (i % 12), 4 * (i % 12) + 4), 10_000 + i]}) + "\n"
+                             for i in range(128)))
+
+    def search(*flags: str) -> tuple[dict, str]:
+        out = tmp_path / "-".join(flags or ("default",))
+        code = plan(["search", "--model", "llama3-8b", "--synthetic", "--prices", str(prices), "--trace", str(trace),
+                     "--requests", "128", "--slo-tpot", "1", "--tp", "1", "--model-devices", "FAST",
+                     "--attention-devices", "SMALL", "--attention-workers", "1,2", "--micro-batches", "2",
+                     "--batch-caps", "4", "--out-dir", str(out), "--config-out", str(out / "plan.yaml"), *flags])
+        printed = capsys.readouterr().out
+        assert code == 0, printed
+        return json.loads((out / "ranking.json").read_text()), printed
+
+    report, printed = search()
+    assert report["prefix_caching"] and "prefix cache on: hits from the trace's hash_ids" in printed
+    assert report["recommended"]["layout"]["attention_workers"] == 2
+    rows = {(row["role"], row["cache"]): row for row in report["prefix_cache_comparison"]}
+    assert list(rows) == [("recommended", "off"), ("recommended", "on"),
+                          ("colocated baseline", "off"), ("colocated baseline", "on")]
+    assert rows["recommended", "on"]["label"] == report["recommended"]["label"]
+    assert rows["recommended", "on"]["prefix_hit_rate"] > 0.6 > 0.1 > rows["colocated baseline", "on"]["prefix_hit_rate"]
+    per_dollar = {key: row["tokens_per_dollar"] for key, row in rows.items()}
+    assert per_dollar["recommended", "off"] < per_dollar["colocated baseline", "off"]
+    assert per_dollar["recommended", "on"] > per_dollar["colocated baseline", "on"]
+    assert per_dollar["recommended", "on"] > per_dollar["recommended", "off"]
+    assert "recommended vs colocated baseline, tokens per dollar, cache on: +" in printed
+
+    report, printed = search("--no-prefix-caching")
+    assert not report["prefix_caching"] and "prefix cache off (--no-prefix-caching)" in printed
+    assert report["recommended"]["layout"]["attention_workers"] == 0
+    assert all(c["prefix_hit_rate"] is None for c in report["ranking"])
+    assert [(row["role"], row["cache"]) for row in report["prefix_cache_comparison"]] == [
+        ("recommended", "off"), ("recommended", "on")]  # the colocated baseline is the recommended layout
+
+    report, printed = search("--host-cache-gib", "4")
+    assert "+ 4 GiB host tier per KV rank" in printed and report["host_cache_gib"] == 4
+    assert [row["cache"] for row in report["prefix_cache_comparison"]][:3] == ["off", "on", "on + 4 GiB host"]
+    planned = tmp_path / "--host-cache-gib-4" / "plan.yaml"  # the config runs the host tier it was priced with
+    assert load_config(planned).kv_cache.host_cache_gib == 4 and "Prefix cache: priced on" in planned.read_text()
 
 
 def test_profile_measures_a_cost_table_on_this_cpu(tmp_path, profile):

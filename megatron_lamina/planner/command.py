@@ -26,6 +26,14 @@ override a preset. For the layout it recommends, `search` also prints the machin
 on, the config's `deployment.nodes` and one `lamina serve` command per machine
 (`--gpus-per-node`, default the device description's or 8).
 
+The engine's prefix cache is priced as the engine runs it, on by default
+(`--no-prefix-caching` turns it off, `--host-cache-gib G` adds the host tier each KV-holding
+rank would have, the config's `kv_cache.prefix_caching` and `host_cache_gib`): on a Mooncake
+trace every layout's hits come from the trace's `hash_ids` and that layout's own KV pool plus
+host tier, and `search` prints the recommended layout and the colocated baseline with the
+cache off and on. A trace without `hash_ids` (Azure) shares nothing, and `--decode-only`
+models no prefill for the cache to save: the cache is then off.
+
 The KV cache dtype: `simulate` takes the config's `kv_cache.dtype` (or `--set
 kv_cache.dtype=fp8_e4m3`), `search` tries the `--kv-cache-dtype` names (auto, fp8_e4m3 or
 both). An FP8 cache holds twice the tokens per cache, and its attention is priced by the
@@ -45,8 +53,8 @@ from megatron_lamina.planner.deployment import deployment_text, gpus_per_node, p
 from megatron_lamina.planner.devices import DEFAULT_PRICES, load_prices
 from megatron_lamina.planner.layout import Layout, host_blocks_per_cache, kv_blocks_per_cache
 from megatron_lamina.planner.link import LINKS, TABLE, Link, choose_link, describe_link
-from megatron_lamina.planner.report import plot_ratio, print_ranking, sources, write_config
-from megatron_lamina.planner.search import SearchSpace, Slo, search
+from megatron_lamina.planner.report import plot_ratio, print_cache_rows, print_ranking, sources, write_config
+from megatron_lamina.planner.search import Pricing, PrefixCache, SearchSpace, Slo, cache_rows, search
 from megatron_lamina.planner.shapes import ModelShape, load_shape
 from megatron_lamina.planner.simulator import simulate
 from megatron_lamina.planner.synthetic import synthetic_cost_table
@@ -137,13 +145,15 @@ def cmd_search(args) -> int:
     tables = load_tables(args, shape, set(args.model_devices) | set(args.attention_devices), args.tp)
     trace, clipping = load_slice(args)
     slo = Slo(args.slo_tpot, args.slo_percentile)
+    prefix, prefix_note = prefix_cache_of(args, trace)
     for line in sources(tables):
         print(f"costs {line}")
     for line in kv_sources(tables, args.kv_cache_dtype):
         print(f"kv {line}")
     print(f"link {describe_link(link)}")
+    print(f"prefix cache {prefix_note}")
     candidates = search(trace, shape, tables, specs, slo, space, args.max_model_len, args.jobs,
-                        args.decode_only, link)
+                        args.decode_only, link, prefix)
     if not candidates:
         print("error: no layout fits the model (do the weights fit on the model devices?)", file=sys.stderr)
         return 1
@@ -155,12 +165,24 @@ def cmd_search(args) -> int:
     disaggregated = next((c for c in candidates if c.feasible and not c.layout.colocated), None)
     gain = (disaggregated.tokens_per_dollar / colocated.tokens_per_dollar - 1
             if colocated and disaggregated else None)
+    compared = [(role, c.layout) for role, c in (("recommended", best if best.feasible else None),
+                                                 ("colocated baseline", colocated))
+                if c is not None and (role == "recommended" or c is not best)]
+    rows = []
+    if compared and not args.decode_only and any(r.hash_ids for r in trace):
+        rows = cache_rows(Pricing(trace, shape, tables, specs, slo, args.max_model_len, False, link), compared,
+                          args.host_cache_gib)
+        print()
+        print_cache_rows(rows, slo)
     report = {"model": shape.to_dict(), "trace": str(args.trace), "skip": args.skip, "requests": len(trace),
               "decode_only": args.decode_only,
               "clipped": vars(clipping), "slo": {"tpot_s": slo.tpot_s, "percentile": slo.percentile},
               "cost_sources": sources(tables), "synthetic": any(t.synthetic for t in tables.values()),
               "kv_cache_dtypes": list(args.kv_cache_dtype), "kv_sources": kv_sources(tables, args.kv_cache_dtype),
               "link": link.to_dict() if link is not None else TABLE, "gpus_per_node": gpus,
+              "prefix_caching": prefix is not None,
+              "host_cache_gib": prefix.host_cache_gib if prefix is not None else 0.0,
+              "prefix_cache_comparison": [row.to_dict() for row in rows],
               "recommended": best.to_dict() if best.feasible else None,
               "best_colocated": colocated.to_dict() if colocated else None,
               "best_disaggregated": disaggregated.to_dict() if disaggregated else None,
@@ -178,12 +200,12 @@ def cmd_search(args) -> int:
         return 1
     config_out = Path(args.config_out or f"configs/plan-{shape.name}-{Path(args.trace).stem}.yaml")
     machines = place(best.layout, gpus)
-    write_config(best, config_out, args, shape, tables, slo, "Recommended layout", link, machines)
+    write_config(best, config_out, args, shape, tables, slo, "Recommended layout", link, machines, prefix)
     print(f"recommended: {best.layout.label} -> {config_out}")
     if colocated is not None and colocated is not best:
         baseline = config_out.with_name(config_out.stem + "-colocated.yaml")
         write_config(colocated, baseline, args, shape, tables, slo, "Best colocated layout (baseline)", link,
-                     place(colocated.layout, gpus))
+                     place(colocated.layout, gpus), prefix)
         print(f"best colocated: {colocated.layout.label} -> {baseline}")
     if gain is not None:
         print(f"best disaggregated vs best colocated, tokens per dollar: {gain * 100:+.1f}%{synthetic}")
@@ -191,6 +213,25 @@ def cmd_search(args) -> int:
 
     print("\n" + deployment_text(machines, str(config_out), load_config(config_out), args.rdzv_endpoint))
     return 0
+
+
+def prefix_cache_of(args, trace) -> tuple[PrefixCache | None, str]:
+    """The prefix cache the search prices every layout with (None: off), and why, in words."""
+    if not args.prefix_caching:
+        return None, "off (--no-prefix-caching)"
+    if args.decode_only:
+        return None, "off (--decode-only models no prefill for it to save)"
+    if not any(r.hash_ids for r in trace):
+        return None, "off (the trace has no hash_ids: no prompt shares a block)"
+    host = f" + {args.host_cache_gib:g} GiB host tier per KV rank" if args.host_cache_gib else ""
+    return PrefixCache(args.host_cache_gib), f"on: hits from the trace's hash_ids, each layout's KV pool{host}"
+
+
+def _gib(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text}: host tier GiB must be >= 0")
+    return value
 
 
 # ----------------------------------------------------------------------------- simulate
@@ -290,6 +331,11 @@ def main(argv: list[str] | None = None, prog: str = "lamina plan") -> int:
     s.add_argument("--gpus-per-node", type=_gpus_per_node, default=(None, {}), metavar="N|DEVICE=N,...",
                    help="GPUs in one machine, for every device or per device (default: the device's "
                         "gpus_per_node in --prices, else 8); TP stays inside one machine")
+    s.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="price every layout with the engine's prefix cache (kv_cache.prefix_caching; on by "
+                        "default as in the engine; hits from a Mooncake trace's hash_ids)")
+    s.add_argument("--host-cache-gib", type=_gib, default=0.0, metavar="GIB",
+                   help="the prefix cache's host tier on each rank that holds KV (kv_cache.host_cache_gib)")
     s.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT",
                    help="node 0's address for the printed commands (default: NODE0_ADDRESS:29500)")
     s.set_defaults(run=cmd_search)

@@ -135,16 +135,17 @@ def host_blocks_per_cache(layout: Layout, shape: ModelShape, host_cache_gib: flo
 
 
 def config_yaml(layout: Layout, checkpoint: str, dtype: str, header: list[str],
-                nodes: list[dict] | None = None) -> str:
+                nodes: list[dict] | None = None, kv_cache: dict | None = None) -> str:
     """The run config of `layout` (checked by LaminaConfig.from_dict), with `header` as comments;
-    `nodes`: its `deployment.nodes` when it runs on several machines (deployment.py)."""
+    `nodes`: its `deployment.nodes` when it runs on several machines (deployment.py);
+    `kv_cache`: more keys of its kv_cache section (the prefix cache's host tier)."""
     data = {
         "model": {"checkpoint": checkpoint, "dtype": dtype},
         "parallel": layout.parallel_section(),
         "runtime": {"device": "cuda", "transport": "auto"},
         "scheduler": layout.scheduler_section(),
         "kv_cache": {"block_size": layout.block_size, "num_blocks": "auto",
-                     "memory_fraction": MEMORY_FRACTION, "dtype": layout.kv_cache_dtype},
+                     "memory_fraction": MEMORY_FRACTION, "dtype": layout.kv_cache_dtype, **(kv_cache or {})},
     }
     if nodes:
         data["deployment"] = {"nodes": nodes}

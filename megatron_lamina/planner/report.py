@@ -1,6 +1,8 @@
-"""What `lamina plan search` writes for a ranked search: the printed ranking, the plot of
-tokens per dollar against the attention:model ratio, and a recommended layout as a config
-file (configs/ format) with a header that says where each number came from.
+"""What `lamina plan search` writes for a ranked search: the printed ranking, the
+paper-style comparison of the recommended layout and the colocated baseline with the prefix
+cache off and on, the plot of tokens per dollar against the attention:model ratio, and a
+recommended layout as a config file (configs/ format) with a header that says where each
+number came from.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from megatron_lamina.planner.cost_table import CostTable
 from megatron_lamina.planner.deployment import Machine, deployment_nodes
 from megatron_lamina.planner.layout import config_yaml
 from megatron_lamina.planner.link import Link, describe_link
-from megatron_lamina.planner.search import Candidate, Slo
+from megatron_lamina.planner.search import CacheRow, Candidate, PrefixCache, Slo
 from megatron_lamina.planner.shapes import ModelShape
 
 
@@ -30,6 +32,31 @@ def print_ranking(candidates: list[Candidate], slo: Slo, top: int) -> None:
         print(f"{i:>3}  {c.layout.label:<40} {c.price_per_hour:>7.2f} {r.output_throughput:>9.0f} "
               f"{c.tokens_per_dollar / 1e6:>8.3f} {(tpot or 0) * 1e3:>9.1f}ms {r.mean_batch:>6.0f} "
               f"{'yes' if c.feasible else 'no':>3}  {'synthetic ' if c.synthetic else ''}{c.why_not}")
+
+
+def print_cache_rows(rows: list[CacheRow], slo: Slo) -> None:
+    """The recommended layout and the colocated baseline with the prefix cache off and on:
+    the share of prompt tokens it serves, throughput, tokens per dollar, TTFT and TPOT; then
+    the recommended layout's gain over the baseline in each cache mode."""
+    head = (f"{'role':<20} {'layout':<40} {'cache':<18} {'hit':>6} {'tok/s':>9} {'Mtok/$':>8} "
+            f"{'TTFT p50':>9} {'TPOT p' + str(slo.percentile):>10} {'ok':>3}")
+    print(head)
+    print("-" * len(head))
+    for row in rows:
+        c, r = row.candidate, row.candidate.result
+        hit = "-" if r.prefix_hit_rate is None else f"{r.prefix_hit_rate * 100:.1f}%"
+        tpot = r.tpot_s.get(f"p{slo.percentile}") or 0
+        print(f"{row.role:<20} {c.layout.label:<40} {row.cache:<18} {hit:>6} {r.output_throughput:>9.0f} "
+              f"{c.tokens_per_dollar / 1e6:>8.3f} {(r.ttft_s.get('p50') or 0):>8.2f}s {tpot * 1e3:>8.1f}ms "
+              f"{'yes' if c.feasible else 'no':>3}")
+    by_cache: dict[str, dict[str, Candidate]] = {}
+    for row in rows:
+        by_cache.setdefault(row.cache, {})[row.role] = row.candidate
+    for cache, roles in by_cache.items():
+        if len(roles) == 2:
+            recommended, baseline = roles.values()
+            gain = recommended.tokens_per_dollar / baseline.tokens_per_dollar - 1
+            print(f"recommended vs colocated baseline, tokens per dollar, cache {cache}: {gain * 100:+.1f}%")
 
 
 def plot_ratio(candidates: list[Candidate], path: Path, title: str) -> None:
@@ -62,7 +89,8 @@ def plot_ratio(candidates: list[Candidate], path: Path, title: str) -> None:
 
 
 def write_config(candidate: Candidate, path: Path, args, shape: ModelShape, tables, slo: Slo, what: str,
-                 link: Link | None, machines: list[Machine]) -> None:
+                 link: Link | None, machines: list[Machine], prefix: PrefixCache | None = None) -> None:
+    """`prefix`: the prefix cache the search priced with (its host tier goes into the config)."""
     r = candidate.result
     header = [
         f"{what}, written by lamina plan for model {shape.name} on {Path(args.trace).name}",
@@ -75,10 +103,14 @@ def write_config(candidate: Candidate, path: Path, args, shape: ModelShape, tabl
         "Each machine's command: lamina serve --config THIS_FILE --print-launch.",
         f"Model-attention link: {describe_link(link)}.",
         f"KV cache: the planner estimated {r.num_blocks} blocks per cache; num_blocks auto measures it.",
+        *([f"Prefix cache: priced on, {r.prefix_hit_rate * 100:.1f}% of prompt tokens served from it"
+           f"{f' with {prefix.host_cache_gib:g} GiB of host tier per KV rank' if prefix.host_cache_gib else ''}."]
+          if prefix is not None else []),
         *[f"Costs {s}" for s in sources(tables)],
         *[f"KV {t.kv_attention_source(candidate.layout.kv_cache_dtype)}" for _, t in sorted(tables.items())
           if candidate.layout.kv_cache_dtype != "auto"],
     ]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(config_yaml(candidate.layout, args.checkpoint or f"checkpoints/{shape.name}", "bfloat16", header,
-                                deployment_nodes(machines)))
+                                deployment_nodes(machines),
+                                {"host_cache_gib": prefix.host_cache_gib} if prefix and prefix.host_cache_gib else None))

@@ -38,7 +38,9 @@ costs only the rest of the prompt; the host tier's copies are not costed (the co
 `SimResult.prefix_hit_rate` is the share of the completed requests' prompt tokens served.
 
 `simulate(..., saturate=True)` measures the layout's capacity instead of replaying the
-trace's arrival times: the trace's lengths, cycled, all waiting at time 0; throughput is
+trace's arrival times: the trace's lengths, cycled, all waiting at time 0 (each pass's
+`hash_ids` moved past the previous pass's: a pass is new traffic that shares what the trace
+shares, not the same prompts again, which the prefix cache would serve); throughput is
 counted over the saturated window only (from the first `max_batch_size` completions to the
 last step that still had requests waiting), and the latency percentiles over the requests
 that ran entirely inside it.
@@ -235,9 +237,10 @@ class EngineSimulator:
             on_step: Callable[[StepPlan], None] | None = None) -> SimResult:
         """Replay `trace` (module doc); `on_step` sees every plan the scheduler makes (tests)."""
         if saturate:
-            count = max(len(trace), 4 * self.layout.max_batch_size)
-            trace = [TraceRequest(0.0, trace[i % len(trace)].input_len, trace[i % len(trace)].output_len,
-                                  trace[i % len(trace)].hash_ids) for i in range(count)]
+            count, n = max(len(trace), 4 * self.layout.max_batch_size), len(trace)
+            span = 1 + max((h for r in trace for h in r.hash_ids), default=-1)
+            trace = [TraceRequest(0.0, trace[i % n].input_len, trace[i % n].output_len,
+                                  tuple(h + i // n * span for h in trace[i % n].hash_ids)) for i in range(count)]
         scheduler = self.scheduler()
         replays = [Replayed(r) for r in trace]
         arrivals = sorted(range(len(trace)), key=lambda i: (trace[i].arrival_s, i))
