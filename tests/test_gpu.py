@@ -264,7 +264,7 @@ def test_sampler_returns_before_the_gpu_work_ahead_of_it_finishes():
 def test_prefix_cache_survives_graph_replays(layout, tiny_models):
     """Requests sharing prefixes (tests/test_prefix_cache_layouts.py) with the prefix cache off,
     on, and on with a one-request device cache and a host tier (pinned memory, copies on the
-    step's stream), every step replayed from CUDA graphs (whole-step decode graphs colocated,
+    rank's copy stream), every step replayed from CUDA graphs (whole-step decode graphs colocated,
     stage graphs disaggregated): the same tokens, logits within 1e-4, prompts served from the
     cache and from host memory."""
     from test_prefix_cache_layouts import COMMON, HOST_TIER, REQUESTS as SHARED
@@ -284,6 +284,61 @@ def test_prefix_cache_survives_graph_replays(layout, tiny_models):
             assert (got.cpu() - want.cpu()).abs().max() < 1e-4
         assert run["graph_steps"] == run["steps"]
     assert off["graph_steps"] == off["steps"]
+
+
+def test_prefix_cache_host_tier_copies_run_beside_the_step():
+    """The host tier's copies (issue 25: the copy engine, not the step, pays for them): with a
+    long kernel queued on the compute stream, a step's offloads and loads are issued and
+    `apply` returns with no synchronizing call (sync debug mode raises on one) while they still
+    wait on the rank's copy stream. A block offloaded and overwritten by the compute stream
+    right after (as a step refilling it would) reaches its slot with its old bytes, a block
+    that is both offloaded and loaded goes out before it is refilled, the compute stream reads
+    a loaded block's new bytes, and another shard's copies are not this rank's. (The engine's
+    tokens with a host tier equal those without: test_prefix_cache_survives_graph_replays.)"""
+    from megatron_lamina.attention.kv_cache import PagedKVCache
+    from megatron_lamina.plan import StepPlan
+    from megatron_lamina.worker.host_tier import HostTier
+
+    cache = PagedKVCache(4, 64, 16, 2, 64, torch.bfloat16, "cuda")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    tier = HostTier(cache, 32, shard=0)
+    offloads = [(3, 5), (4, 6), (10, 20), (11, 7)]   # (device block, host slot); 5, 6, 7: one run
+    loads = [(30, 0), (31, 1), (3, 9)]                # block 3 goes out to slot 5, then takes slot 9's bytes
+    plan = StepPlan(offloads=[x for b, s in offloads for x in (0, b, s)] + [1, 50, 2],
+                    loads=[x for b, s in loads for x in (0, b, s)] + [1, 51, 3])
+
+    def fill():
+        torch.cuda.synchronize()  # no copy of an earlier apply still writes the slots
+        for layer in tier.layers:
+            layer.copy_(torch.randint(0, 256, layer.shape, dtype=torch.uint8, device="cuda", generator=g))
+        tier.slots.copy_(torch.randint(0, 256, tier.slots.shape, dtype=torch.uint8))
+        torch.cuda.synchronize()
+        return [layer.clone() for layer in tier.layers], tier.slots.clone()
+
+    fill()
+    tier.apply(plan)  # warm-up: the allocators' first buffers
+    blocks, slots = fill()
+    torch.cuda._sleep(2_000_000_000)  # about a second of one spinning kernel on the compute stream
+    ahead = torch.cuda.Event()
+    ahead.record()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        tier.apply(plan)
+        for layer in tier.layers:  # the step refills block 10, which went out
+            layer[10].fill_(0)
+        read = torch.stack([layer[31] for layer in tier.layers])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert not ahead.query() and not tier.copies.query(), "apply waited for the step ahead or its copies"
+    torch.cuda.synchronize()
+    for block, slot in offloads:
+        assert torch.equal(tier.slots[slot], torch.stack([layer[block] for layer in blocks]).cpu()), (block, slot)
+    for block, slot in loads:
+        assert all(torch.equal(layer[block].cpu(), slots[slot, i]) for i, layer in enumerate(tier.layers)), block
+    assert torch.equal(read.cpu(), slots[1]) and all(bool((layer[10] == 0).all()) for layer in tier.layers)
+    untouched = [s for s in range(32) if s not in {slot for _, slot in offloads}]
+    assert torch.equal(tier.slots[untouched], slots[untouched])
+    assert all(torch.equal(layer[50], before[50]) for layer, before in zip(tier.layers, blocks))
 
 
 def _fp8_pages(shape, g):

@@ -1,21 +1,40 @@
 """The prefix cache's host tier on a rank that holds KV (an attention worker, or a colocated
-model worker): a copy of its cache's layout in (pinned) host memory.
+model worker): a copy of its cache's blocks in (pinned) host memory.
 
-The driver's block manager decides every copy (block_manager.py): a cached block evicted from
-the device is copied to a host slot (an offload), a prefix found only on the host is copied
-back into fresh device blocks (a load). The plan carries them as (shard, device block, host
-slot) triples (`StepPlan.offloads`, `loads`), and the holder runs this rank's shard's copies
-first thing in the step, offloads then loads, on the stream the step's attention then runs
-on, so the step reads what the loads wrote and nothing writes a block before it was copied
-out. Every layer's K and V go in one indexed copy per direction. The host tensors hold the
-cache's bytes as they are stored (FP8 included), viewed as bytes.
+The driver's block manager decides every copy (driver/block_manager.py): a cached block
+evicted from the device is copied to a host slot (an offload), a prefix found only on the
+host is copied back into fresh device blocks (a load). The plan carries them as (shard,
+device block, host slot) triples (`StepPlan.offloads`, `loads`), and the holder issues this
+rank's shard's copies first thing in the step (`apply`).
+
+The copy engine, not the step, pays for them. On CUDA the transfers run on the rank's own
+copy stream, from and to pinned memory, and the host never waits for either stream:
+  * an offload's blocks are gathered into a staging buffer on the step's (compute) stream,
+    so the gather follows every earlier write to them and precedes every later one (the block
+    may be refilled this very step); the slow device-to-host transfer then runs from the
+    staging buffer on the copy stream, which waits for the gather (an event), and the step
+    never waits for it;
+  * a load's host-to-device transfer starts at once on the copy stream (an earlier offload
+    to the same slot is ahead of it on that stream; the block manager never offloads to a
+    slot that a load of the same step reads), then, once the compute stream has reached this
+    step (the event after the gathers: a block an offload reads may be the one a load fills),
+    it is scattered into the blocks on the copy stream, and the compute stream waits for that
+    event only, on the GPU, before the step's first kernel.
+A host slot holds every layer's K and V of one block side by side (slot-major), so a run of
+consecutive slots is one contiguous transfer each way. On a CPU the same calls run in the
+same order, with no streams or events. The host tensors hold the cache's bytes as they are
+stored (FP8 included).
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
+import numpy as np
 import torch
 
 from megatron_lamina.attention.kv_cache import PagedKVCache
+from megatron_lamina.host_to_device import HostArrays, to_device
 from megatron_lamina.plan import StepPlan
 
 
@@ -24,35 +43,79 @@ def host_blocks(gib: float, bytes_per_block: int) -> int:
     return int(gib * (1 << 30)) // bytes_per_block
 
 
+def slot_runs(slots: list[int]) -> list[tuple[int, int, int]]:
+    """Maximal runs of consecutive values in sorted `slots`: (first index, end index, first slot)."""
+    runs, start = [], 0
+    for i in range(1, len(slots) + 1):
+        if i == len(slots) or slots[i] != slots[i - 1] + 1:
+            runs.append((start, i, slots[start]))
+            start = i
+    return runs
+
+
 class HostTier:
     def __init__(self, cache: PagedKVCache, num_slots: int, shard: int):
         """`shard`: the request shard whose copies this rank runs (colocated: 0)."""
-        self.cache, self.shard = cache, shard
-        pin = cache.k[0].is_cuda
-        shape = (num_slots, *cache.k[0].view(torch.uint8).shape[1:])
-        self.k = [torch.zeros(shape, dtype=torch.uint8, pin_memory=pin) for _ in cache.k]
-        self.v = [torch.zeros(shape, dtype=torch.uint8, pin_memory=pin) for _ in cache.v]
+        self.shard = shard
+        self.device = cache.k[0].device
+        # Every layer's K then V, as [blocks, bytes of one block]: views of the cache itself.
+        self.layers = [t.view(torch.uint8).view(t.shape[0], -1) for t in cache.k + cache.v]
+        cuda = self.device.type == "cuda"
+        self.slots = torch.zeros((num_slots, len(self.layers), self.layers[0].shape[1]), dtype=torch.uint8,
+                                 pin_memory=cuda)
+        self.copies = torch.cuda.Stream(self.device) if cuda else None  # this rank's copy stream
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() for t in self.k + self.v)
+        return self.slots.numel()
 
     def apply(self, plan: StepPlan) -> None:
+        """Issue this step's copies (module docstring); returns without waiting for them."""
         offloads, loads = self._mine(plan.offloads), self._mine(plan.loads)
-        if offloads is not None:
-            blocks, slots = offloads
-            device_blocks = blocks.to(self.cache.k[0].device)
-            for host, device in zip(self.k + self.v, self.cache.k + self.cache.v):
-                host[slots] = device.view(torch.uint8)[device_blocks].cpu()
-        if loads is not None:
-            blocks, slots = loads
-            device_blocks = blocks.to(self.cache.k[0].device)
-            for host, device in zip(self.k + self.v, self.cache.k + self.cache.v):
-                device.view(torch.uint8)[device_blocks] = host[slots].to(device.device, non_blocking=True)
+        if not offloads[0] and not loads[0]:
+            return
+        compute = torch.cuda.current_stream(self.device) if self.copies is not None else None
+        [index] = to_device([HostArrays({"offload": np.array(offloads[0], np.int64),
+                                         "load": np.array(loads[0], np.int64)})], self.device)
+        offload_blocks, load_blocks = index["offload"], index["load"]
+        outgoing = self._gather(offload_blocks) if offloads[0] else None
+        gathered = compute.record_event() if compute is not None else None
+        with torch.cuda.stream(self.copies) if self.copies is not None else nullcontext():
+            incoming = self._fetch(loads[1]) if loads[0] else None
+            if gathered is not None:
+                self.copies.wait_event(gathered)
+            if incoming is not None:
+                for i, layer in enumerate(self.layers):
+                    layer[load_blocks] = incoming[:, i]
+            loaded = self.copies.record_event() if self.copies is not None else None
+            if outgoing is not None:
+                self._store(outgoing, offloads[1])
+        if compute is not None:
+            for t in (offload_blocks, load_blocks) + ((outgoing,) if outgoing is not None else ()):
+                t.record_stream(self.copies)  # made on the compute stream, read on the copy stream
+            compute.wait_event(loaded)  # the step reads the loaded blocks; it never waits for an offload
 
-    def _mine(self, triples: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
-        if not triples:
-            return None
-        rows = torch.tensor(triples, dtype=torch.long).view(-1, 3)
-        rows = rows[rows[:, 0] == self.shard]
-        return (rows[:, 1], rows[:, 2]) if len(rows) else None
+    def _gather(self, blocks: torch.Tensor) -> torch.Tensor:
+        """The blocks' bytes, [blocks, layers, bytes], on the current stream."""
+        out = torch.empty((len(blocks), *self.slots.shape[1:]), dtype=torch.uint8, device=self.device)
+        for i, layer in enumerate(self.layers):
+            out[:, i] = layer.index_select(0, blocks)
+        return out
+
+    def _fetch(self, slots: list[int]) -> torch.Tensor:
+        """The slots' bytes, copied to the device in one transfer per run of consecutive slots."""
+        out = torch.empty((len(slots), *self.slots.shape[1:]), dtype=torch.uint8, device=self.device)
+        for start, end, slot in slot_runs(slots):
+            out[start:end].copy_(self.slots[slot:slot + end - start], non_blocking=True)
+        return out
+
+    def _store(self, staged: torch.Tensor, slots: list[int]) -> None:
+        """`staged` rows into the slots, one transfer per run of consecutive slots."""
+        for start, end, slot in slot_runs(slots):
+            self.slots[slot:slot + end - start].copy_(staged[start:end], non_blocking=True)
+
+    def _mine(self, triples: list[int]) -> tuple[list[int], list[int]]:
+        """This rank's shard's (device blocks, host slots), ordered by slot (runs stay runs)."""
+        pairs = sorted((triples[i + 2], triples[i + 1]) for i in range(0, len(triples), 3)
+                       if triples[i] == self.shard)
+        return [block for _, block in pairs], [slot for slot, _ in pairs]
