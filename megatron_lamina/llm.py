@@ -14,8 +14,10 @@ and the same `LLMEngine`, scheduler and batched sampler the server and the batch
 `generate` and `chat` take one prompt or conversation or a list of them (prompts as text or
 token ids), one `SamplingParams` (or a dict of its fields) for all or one per prompt, and `n`
 samples per prompt (an argument, or an "n" key in a dict; sample i seeded `seed + i`, as the
-server does), run them through continuous batching and return `n` `Generation`s per input,
-in input order (prompt-major, as the server's choices). The checkpoint may be a Hugging Face
+server does), and a `cache_salt` for all or one per prompt (the server's request field: only
+prompts with the same salt share prefix-cache blocks), run them through continuous batching
+and return `n` `Generation`s per input, in input order (prompt-major, as the server's
+choices), each with the prompt tokens it took from the prefix cache. The checkpoint may be a Hugging Face
 directory or a GGUF file, converted once and cached as the launchers do
 (checkpoint/auto_convert.py), and torch's threads are what the launchers give one rank.
 `close` (or a `with` block) releases the process group this object created.
@@ -32,11 +34,13 @@ from typing import Sequence
 
 import torch
 import torch.distributed as dist
+from pydantic import ValidationError
 
 from megatron_lamina.checkpoint.auto_convert import canonical_checkpoint
 from megatron_lamina.config import LaminaConfig, load_config
 from megatron_lamina.driver.llm_engine import LLMEngine
 from megatron_lamina.requests.prompt import PromptInput
+from megatron_lamina.requests.request_schema import SamplingFields
 from megatron_lamina.driver.request import Request, TokenLogprob
 from megatron_lamina.worker.runtime import start_rank
 from megatron_lamina.driver.sampling import SamplingParams
@@ -63,6 +67,7 @@ ONE_RANK = {"parallel.tensor_parallel": 1, "parallel.attention_workers": 0, "sch
 
 Message = dict[str, str]
 Sampling = SamplingParams | dict | Sequence[SamplingParams | dict] | None  # one for all prompts, or one each
+Salts = str | Sequence[str | None] | None  # one cache_salt for all prompts, or one each
 
 
 @dataclass
@@ -75,6 +80,7 @@ class Generation:
     finish_reason: str                                # "stop" (EOS, stop string or token) or "length"
     logprobs: list[TokenLogprob] | None               # per generated token, with SamplingParams.logprobs
     prompt_logprobs: list[TokenLogprob | None] | None  # per prompt token (the first None), with prompt_logprobs
+    num_cached_tokens: int = 0                        # prompt tokens taken from the prefix cache
 
 
 class LLM:
@@ -113,31 +119,31 @@ class LLM:
         return self.engine.codec.tokenizer
 
     def generate(self, prompts: str | list[int] | Sequence[str | list[int]], sampling: Sampling = None,
-                 n: int | None = None) -> list[Generation]:
+                 n: int | None = None, *, cache_salt: Salts = None) -> list[Generation]:
         """One prompt (text, or token ids) or a list of them; `n` samples of each (default 1)."""
         if isinstance(prompts, str) or prompts and all(type(t) is int for t in prompts):
             prompts = [prompts]
         items = [PromptInput(prompt=p) if isinstance(p, str) else PromptInput(prompt_token_ids=list(p))
                  for p in prompts]
-        return self._run(items, sampling, n)
+        return self._run(items, sampling, n, cache_salt)
 
     def chat(self, conversations: list[Message] | Sequence[list[Message]], sampling: Sampling = None,
-             n: int | None = None) -> list[Generation]:
+             n: int | None = None, *, cache_salt: Salts = None) -> list[Generation]:
         """One conversation (a list of {"role", "content"} messages) or a list of them; the
         checkpoint's chat template is applied with the generation prompt."""
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
-        return self._run([PromptInput(messages=list(c)) for c in conversations], sampling, n)
+        return self._run([PromptInput(messages=list(c)) for c in conversations], sampling, n, cache_salt)
 
-    def _run(self, items: list[PromptInput], sampling: Sampling, n: int | None) -> list[Generation]:
+    def _run(self, items: list[PromptInput], sampling: Sampling, n: int | None, cache_salt: Salts) -> list[Generation]:
         if sampling is None or isinstance(sampling, (SamplingParams, dict)):
             sampling = [sampling] * len(items)
         if len(sampling) != len(items):
             raise ValueError(f"{len(items)} prompts but {len(sampling)} SamplingParams: give one, or one per prompt")
         requests = []
-        for item, given in zip(items, sampling):
+        for item, given, salt in zip(items, sampling, _salts(cache_salt, len(items))):
             for params in _samples(given, n):
-                request = self.engine.make_request(dataclasses.replace(item, params=params))
+                request = self.engine.make_request(dataclasses.replace(item, params=params, cache_salt=salt))
                 self.engine.scheduler.check_fits(request)  # every prompt checked before any runs
                 requests.append(request)
         for request in requests:
@@ -193,11 +199,25 @@ def _samples(given: SamplingParams | dict | None, n: int | None) -> list[Samplin
     return (given or SamplingParams()).samples(n)
 
 
+def _salts(cache_salt: Salts, count: int) -> list[str | None]:
+    """One cache_salt per prompt, each held to the request schema's own rule (the server's)."""
+    salts = list(cache_salt) if isinstance(cache_salt, (list, tuple)) else [cache_salt] * count
+    if len(salts) != count:
+        raise ValueError(f"{count} prompts but {len(salts)} cache salts: give one, or one per prompt")
+    for salt in salts:
+        try:
+            SamplingFields.model_validate({"cache_salt": salt})
+        except ValidationError as e:
+            raise ValueError(f"cache_salt = {salt!r:.40}: {e.errors()[0]['msg']}") from None
+    return salts
+
+
 def _generation(request: Request) -> Generation:
     p = request.params
     prompt_logprobs = list(request.prompt_logprobs) if p.prompt_logprobs is not None else None
-    return Generation(request.prompt_token_ids, request.text, request.output_token_ids, request.finish_reason,
-                      list(request.output_logprobs) if p.logprobs is not None else None, prompt_logprobs)
+    return Generation(list(request.prompt_token_ids), request.text, request.output_token_ids, request.finish_reason,
+                      list(request.output_logprobs) if p.logprobs is not None else None, prompt_logprobs,
+                      max(request.num_cached_tokens, 0))
 
 
 def _init_one_rank(cfg: LaminaConfig) -> None:

@@ -1,6 +1,7 @@
 """`megatron_lamina.LLM`, the offline Python API, in this process (no torchrun): the tiny model
 colocated on one rank against `transformers`: greedy and seeded tokens, prompts as text and
-token ids, one SamplingParams per prompt, chat through the template, log-probabilities; the
+token ids, one SamplingParams per prompt, chat through the template, log-probabilities, cache
+salts that keep prefix-cache blocks apart; the
 process group it created is gone after `close` (one that was there before it stays)."""
 
 from __future__ import annotations
@@ -97,3 +98,23 @@ def test_llm_takes_the_configs_defaults():
         assert cfg[section][field] == given[name] != default[section][field], key
     with pytest.raises(ConfigError, match=r"^config: kv_cache.block_size = 0: must be an integer in 1..1024$"):
         llm_config("m", block_size=0)
+
+
+def test_cache_salts_keep_prefixes_apart(llm):
+    """`cache_salt` as the server takes it: a prompt repeated under its salt finds its two full
+    blocks in the prefix cache; under another salt, or none, it finds nothing; a salt per
+    prompt goes to its own prompt; the tokens never change; a salt the request schema refuses,
+    or too few of them, is a ValueError naming the field."""
+    greedy = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    prompt = [11, 12, 13, 14, 15, 16, 17, 18, 19]  # two full blocks of 4, then the token always computed
+    [first] = llm.generate(prompt, greedy, cache_salt="tenant-a")
+    [other] = llm.generate(prompt, greedy, cache_salt="tenant-b")
+    [again] = llm.generate(prompt, greedy, cache_salt="tenant-a")
+    [plain, salted] = llm.generate([prompt, prompt], greedy, cache_salt=[None, "tenant-b"])
+    assert (first.num_cached_tokens, other.num_cached_tokens, again.num_cached_tokens) == (0, 0, 8)
+    assert (plain.num_cached_tokens, salted.num_cached_tokens) == (0, 8)
+    assert first.token_ids == other.token_ids == again.token_ids == plain.token_ids == salted.token_ids
+    with pytest.raises(ValueError, match="cache_salt = '': String should have at least 1 character"):
+        llm.generate(prompt, greedy, cache_salt="")
+    with pytest.raises(ValueError, match="2 prompts but 1 cache salts"):
+        llm.chat([[{"role": "user", "content": "w1"}]] * 2, greedy, cache_salt=["tenant-a"])
