@@ -18,6 +18,7 @@ later: the server answers /health only once this has returned.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -28,6 +29,7 @@ import torch.distributed as dist
 from megatron_lamina.architecture import ModelArchitecture
 from megatron_lamina.attention.kv_cache import PagedKVCache, storage_dtype
 from megatron_lamina.checkpoint.loader import CheckpointShardLoader, padded_vocab_size, weight_format
+from megatron_lamina.checkpoint.random_weights import fill_random, generated_at_load
 from megatron_lamina.config import LaminaConfig
 from megatron_lamina.worker.attention_worker import AttentionWorker
 from megatron_lamina.worker.block_tables import BlockTables
@@ -76,8 +78,9 @@ def attention_backend(cache: PagedKVCache, device: torch.device):
 def build_worker(cfg: LaminaConfig, arch: ModelArchitecture, topology: Topology, groups: ProcessGroups,
                  rank: int, device: torch.device, log: Log = lambda _: None,
                  weights: Callable[[LlamaModel], None] | None = None) -> BuiltWorker:
-    """`weights(model)` fills a model worker's parameters (tools: random weights); None loads
-    this rank's shard of `cfg.model.checkpoint`."""
+    """`weights(model)` fills a model worker's parameters on its device (tools: random
+    weights); None loads this rank's shard of `cfg.model.checkpoint`, or, for a checkpoint
+    whose tensors are drawn at load (checkpoint/random_weights.write_random_spec), draws them."""
     if topology.is_model_worker(rank):
         return _model_worker(cfg, arch, topology, groups, rank, device, log, weights)
     return _attention_worker(cfg, arch, topology, groups, rank, device, log)
@@ -93,15 +96,19 @@ def _model_worker(cfg, arch, topology, groups, rank, device, log, weights) -> Bu
                     "--weight-dtype)")
     model = LlamaModel(arch, cfg.torch_dtype, groups.tp, padded_vocab_size(arch.vocab_size, topology.tp_size),
                        fused_elementwise=graphs, fp8_weights=fp8_weights)
-    if weights is None:
+    random = generated_at_load(cfg.model.checkpoint) if weights is None else None
+    if weights is None and random is None:
         CheckpointShardLoader(cfg.model.checkpoint, rank, topology.tp_size, cfg.torch_dtype,
                               quantize_fp8=quantize).load_into(model)
-    else:
-        weights(model)
     model = model.to(device)
+    if random is not None:  # drawn on the device: a 70B model's weights never pass the host
+        weights = functools.partial(fill_random, seed=random["seed"], std=random["std"], tp_rank=rank)
+    if weights is not None:
+        weights(model)
     gib = sum(p.numel() * p.element_size() for p in model.parameters()) / (1 << 30)
     log(f"weights loaded: {gib:.2f} GiB on {device} (TP rank {rank} of {topology.tp_size})"
-        + (", linear layers in fp8_e4m3" + (" (quantized at load)" if quantize else "") if fp8_weights else ""))
+        + (", linear layers in fp8_e4m3" + (" (quantized at load)" if quantize else "") if fp8_weights else "")
+        + (", random (drawn at load)" if random is not None else ""))
     feed = TokenFeed(groups.tp, device)
     s = cfg.scheduler
     stage_graphs = pool = None
