@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
-@dataclass
+@dataclass(slots=True)  # a step builds a thousand: no per-chunk __dict__
 class SequenceChunk:
     """One request's tokens in one step: positions start .. start+len(tokens)-1."""
 
@@ -55,9 +55,13 @@ class SequenceChunk:
         return len(self.tokens) if self.all_logits else int(self.sample)
 
     def __getstate__(self):
-        state = dict(self.__dict__)
+        state = {name: getattr(self, name) for name in self.__slots__}
         state["block_table"], state["table_row"] = [], None
         return state
+
+    def __setstate__(self, state):
+        for name, value in state.items():
+            setattr(self, name, value)
 
 
 @dataclass

@@ -89,13 +89,14 @@ class Scheduler:
         blocks, block_size, limit = self.blocks, self.blocks.block_size, self.blocks.num_blocks
         # The running requests, in admission order; a decode request (one pending token) is
         # the common case of every step and the loop is kept cheap for it (a step plans
-        # hundreds of them while the GPU runs the previous one).
+        # hundreds of them while the GPU runs the previous one: names bound once).
+        running, max_model_len, add, chunk = RequestStatus.RUNNING, self.max_model_len, chunks.append, self._chunk
         for request in list(self.running):
-            if request.status is not RequestStatus.RUNNING:
+            if request.status is not running:
                 continue  # preempted earlier in this loop
             outputs = len(request.output_token_ids) + request.num_pending
             total = len(request.prompt_token_ids) + outputs
-            if request.num_pending and reaches_length(outputs, total, request.params.max_tokens, self.max_model_len):
+            if request.num_pending and reaches_length(outputs, total, request.params.max_tokens, max_model_len):
                 continue  # the token in flight is its last: it ends when that token is read back
             computed = request.num_computed
             pending = total - computed
@@ -112,7 +113,7 @@ class Scheduler:
             if n == 0 or (needed > len(request.block_table) and not self._reserve(request, computed + n)):
                 continue
             budget -= n if pending > 1 else 0
-            chunks.append(self._chunk(request, n, total))
+            add(chunk(request, n, total))
         while self.waiting and len(self.running) < self.max_batch_size and budget > 0:
             request = self.waiting[0]
             if request.num_pending:
@@ -176,8 +177,11 @@ class Scheduler:
         else:
             tokens, feed = request.tokens(start, start + n), -1
         table, sent = request.block_table, request.num_blocks_sent
-        new_blocks = table[sent:] if sent < len(table) else []
-        request.num_blocks_sent = len(table)
+        if sent < len(table):
+            new_blocks = table[sent:]
+            request.num_blocks_sent = len(table)
+        else:
+            new_blocks = []
         request.num_computed = start + n
         # Prompt log-probabilities (echo) come from the logits of every prompt token, once.
         wants_all = request.params.prompt_logprobs is not None and start < len(request.prompt_token_ids) \
