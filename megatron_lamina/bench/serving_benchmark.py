@@ -3,9 +3,17 @@ program of tools/serving_benchmark.py.
 
     python3 tools/serving_benchmark.py --out-dir $OUT              # on the device machine
     python3 tools/serving_benchmark.py --phases server --trace-requests 300 ...
+    # FP8 weights and KV beside bf16, one server each, on weights drawn at load (no 16 GB write)
+    python3 tools/serving_benchmark.py --phases checkpoint,server --weights-at-load --modes bf16,fp8 \
+        --trace-requests 0 --checkpoint /tmp/spec-8b --out-dir $OUT/8b
+    # LLaMA-3-70B's shape in FP8 on one card, as many requests as its cache holds
+    python3 tools/serving_benchmark.py --phases checkpoint,server --weights-at-load --shape llama3-70b \
+        --modes fp8 --closed auto --trace-requests 0 --checkpoint /tmp/spec-70b --out-dir $OUT/70b
 
 Phases (--phases, in this order; each is timed and any failure is reported, not fatal):
-  checkpoint  a random-weight checkpoint of --shape (checkpoint/random_weights.py, on the GPU)
+  checkpoint  a random-weight checkpoint of --shape (checkpoint/random_weights.py, on the GPU);
+              with --weights-at-load one whose tensors each model worker draws at load
+              (`write_random_spec`: a few files, for shapes whose weights do not fit the disk)
   server      the server (torchrun launcher/serve.py --config --set ..., as many ranks as the
               config's layout has: model workers + attention workers), its start-up time and
               the phases it logged; a closed batch of --closed requests x (--input-len,
@@ -21,6 +29,11 @@ Phases (--phases, in this order; each is timed and any failure is reported, not 
               closed batch's shape, its generation throughput from its own summary line
   decode      tools/bench_decode.py's CUDA-graph step at the decode window's mean batch and
               context: the component figure the server's decode step is compared with
+--modes runs the server phase once per mode, each its own server with the mode's overrides
+(MODES: fp8 is FP8 weights quantized at load from the same checkpoint and an FP8 KV cache),
+its outputs in OUT_DIR/MODE/; the later phases run the first mode. `--closed auto` sends as
+many requests as the server's KV cache holds at --input-len + --output-len (read from its
+sizing line), at most scheduler.max_batch_size.
 Writes OUT_DIR/serving_benchmark.json and the tools' own outputs; prints a table last.
 """
 
@@ -51,7 +64,7 @@ from megatron_lamina.bench.server_job import (
     mean_between,
     thread_cpu_s,
 )
-from megatron_lamina.checkpoint.random_weights import write_random_checkpoint
+from megatron_lamina.checkpoint.random_weights import write_random_checkpoint, write_random_spec
 from megatron_lamina.config import load_config
 
 PHASES = ("checkpoint", "server", "batch", "decode")
@@ -59,6 +72,13 @@ PHASES = ("checkpoint", "server", "batch", "decode")
 # request its own, so no phase's prompts share a prefix with another's and the prefix cache
 # (on by default) serves none of them; its gains are measured on the Mooncake traces.
 SEEDS = {"greedy": 1, "closed": 0, "trace": 2, "batch": 3}
+# --modes: each mode's server overrides, after --set.
+MODES = {
+    "bf16": [],
+    "fp8": ["model.weight_dtype=fp8_e4m3", "kv_cache.dtype=fp8_e4m3"],
+    "fp8-kv": ["kv_cache.dtype=fp8_e4m3"],
+    "fp8-weights": ["model.weight_dtype=fp8_e4m3"],
+}
 
 
 def log(message: str) -> None:
@@ -87,6 +107,19 @@ def job_ranks(args) -> int:
     return load_config(args.config, args.set).world_size
 
 
+def closed_requests(args, startup_log: list[str]) -> int:
+    """--closed, or for `auto` the requests of --input-len + --output-len tokens that the
+    server's KV cache holds (its sizing line), at most the config's batch cap."""
+    if args.closed != "auto":
+        return int(args.closed)
+    sizing = [m for line in startup_log if (m := re.search(r"KV cache \(\S+\): ([\d,]+) blocks of (\d+) tokens", line))]
+    if not sizing:
+        raise RuntimeError("--closed auto: the server logged no KV cache sizing line")
+    blocks, block_size = int(sizing[-1].group(1).replace(",", "")), int(sizing[-1].group(2))
+    per_request = -(-(args.input_len + args.output_len) // block_size)
+    return min(blocks // per_request, load_config(args.config, args.set).scheduler.max_batch_size)
+
+
 def run_server(args, out: Path, checkpoint: Path, result: dict) -> None:
     """Fills `result` as it goes (a later failure keeps what was measured)."""
     ranks = job_ranks(args)
@@ -99,12 +132,13 @@ def run_server(args, out: Path, checkpoint: Path, result: dict) -> None:
         result["startup_s"] = server.ready_s
         result["startup_log"] = [line for line in server.tail(20000).splitlines() if line.startswith("[lamina")]
         log(f"server healthy in {server.ready_s:.1f} s")
+        closed_count = result["closed_requests"] = closed_requests(args, result["startup_log"])
         poller = MetricsPoller(server.url, interval=0.2)
         engine_pid, frontend_pid = server.driver_pid(), server.frontend_pid()
         pids = [p for p in (engine_pid, frontend_pid) if p]
         cpu_before, started = {p: thread_cpu_s(p) for p in pids}, time.monotonic()
         if args.greedy_too:  # the same closed batch greedy first: the sampled headline's reference
-            greedy = bench_serving(["--url", server.url, "--closed", str(args.closed), "--input-len",
+            greedy = bench_serving(["--url", server.url, "--closed", str(closed_count), "--input-len",
                                     str(args.input_len), "--output-len", str(args.output_len), "--timeout", "900",
                                     "--temperature", "0", "--seed", str(SEEDS["greedy"]),
                                     "--out", str(out / "bench-closed-greedy.json")])
@@ -113,7 +147,7 @@ def run_server(args, out: Path, checkpoint: Path, result: dict) -> None:
             poller.stop()
             poller = MetricsPoller(server.url, interval=0.2)
             cpu_before, started = {p: thread_cpu_s(p) for p in pids}, time.monotonic()
-        closed = bench_serving(["--url", server.url, "--closed", str(args.closed), "--input-len",
+        closed = bench_serving(["--url", server.url, "--closed", str(closed_count), "--input-len",
                                 str(args.input_len), "--output-len", str(args.output_len), "--timeout", "900",
                                 *sampling_args(args), "--seed", str(SEEDS["closed"]),
                                 "--out", str(out / "bench-closed.json")])
@@ -202,7 +236,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--greedy-too", action="store_true",
                    help="run the closed batch greedy too, first, on the same server (the sampled figure's reference)")
-    p.add_argument("--closed", type=int, default=256)
+    p.add_argument("--closed", default="256", type=lambda v: v if v == "auto" else str(int(v)),
+                   help="closed-batch requests, or auto: as many as the server's KV cache holds")
+    p.add_argument("--modes", default="bf16", type=lambda v: v.split(","),
+                   help=f"comma-separated server modes, one server each: {', '.join(MODES)}")
+    p.add_argument("--weights-at-load", action="store_true",
+                   help="checkpoint phase: write a checkpoint whose random tensors are drawn at load (no weights on disk)")
     p.add_argument("--input-len", type=int, default=1024)
     p.add_argument("--output-len", type=int, default=256)
     p.add_argument("--trace", default=str(ROOT.parent / "shared" / "traces" / "AzureLLMInferenceTrace_conv.csv"))
@@ -212,6 +251,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-prompts", type=int, default=1000)
     args = p.parse_args(argv)
     args.set = args.set or ["parallel.tensor_parallel=1", "server.max_queued_requests=4096"]
+    unknown = [m for m in args.modes if m not in MODES]
+    if unknown:
+        p.error(f"--modes {','.join(unknown)}: allowed values are {', '.join(MODES)}")
+    base_set = args.set
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = Path(args.checkpoint)
@@ -221,10 +264,19 @@ def main(argv: list[str] | None = None) -> int:
         log(f"phase {phase}")
         try:
             if phase == "checkpoint":
-                if not (checkpoint / "config.json").exists():
+                if args.weights_at_load:
+                    write_random_spec(checkpoint, args.shape, args.dtype, overwrite=True)
+                elif not (checkpoint / "config.json").exists():
                     write_random_checkpoint(checkpoint, args.shape, args.dtype, args.device, overwrite=True)
             elif phase == "server":
-                run_server(args, out, checkpoint, results.setdefault("server", {}))
+                for mode in args.modes:  # one server each; the first mode's is "server" for the later phases
+                    args.set = base_set + MODES[mode]
+                    mode_out = out / mode if len(args.modes) > 1 else out
+                    mode_out.mkdir(parents=True, exist_ok=True)
+                    log(f"server mode {mode}: {' '.join(MODES[mode]) or 'as configured'}")
+                    run_server(args, mode_out, checkpoint, results.setdefault("modes", {}).setdefault(mode, {}))
+                results["server"] = results["modes"][args.modes[0]]
+                args.set = base_set + MODES[args.modes[0]]
             elif phase == "batch":
                 results["batch"] = run_batch(args, out, checkpoint)
             elif phase == "decode":
@@ -282,6 +334,19 @@ def print_table(r: dict) -> None:
         ("batch job: output tok/s (generation)", f(batch.get("output_throughput_tok_s"), "{:.0f}")),
         ("batch job: records / wall (s)", f"{batch.get('records', '-')} / {f(batch.get('wall_s'))}"),
     ]
+    modes = r.get("modes", {})
+    first = next(iter(modes), None)
+    for mode, m in list(modes.items())[1:]:
+        mine, base = (m.get("closed") or {}).get("output_throughput_tok_s"), \
+            (modes[first].get("closed") or {}).get("output_throughput_tok_s")
+        rows.append((f"mode {mode}: closed batch output tok/s ({mode} / {first})",
+                     f"{f(mine, '{:.0f}')} ({f(mine and base and mine / base, '{:.3f}')})"))
+    for mode, m in modes.items():
+        window = m.get("decode_window", {})
+        rows.append((f"mode {mode}: requests, start-up (s), TPOT p50 (ms), mean decode step (ms)",
+                     f"{m.get('closed_requests', '-')}, {f(m.get('startup_s'))}, "
+                     f"{f(((m.get('closed') or {}).get('tpot_s') or {}).get('p50') and m['closed']['tpot_s']['p50'] * 1e3, '{:.2f}')}, "
+                     f"{f(window.get('mean_step_s') and window['mean_step_s'] * 1e3, '{:.2f}')}"))
     for key in r:
         if key.endswith("_error"):
             rows.append((key, r[key][-300:]))
