@@ -42,7 +42,7 @@ from megatron_lamina.requests.grammar import GrammarCompiler, fill_bitmask
 from megatron_lamina.driver.logprobs import StepLogprobs, token_logprobs
 from megatron_lamina.requests.prompt import PromptInput, prompt_ids
 from megatron_lamina.driver.request import Request
-from megatron_lamina.worker.runtime import RankContext, quiet_gc
+from megatron_lamina.worker.runtime import RankContext
 from megatron_lamina.driver.sampling import SamplingParams, sample_tokens_on_device
 from megatron_lamina.driver.scheduler import Scheduler, reaches_length
 from megatron_lamina.driver.token_mask import masked_logits
@@ -87,7 +87,6 @@ class LLMEngine:
         self.on_logits: Callable[[Request, torch.Tensor], None] | None = None  # tests, debugging
         self._grammars: GrammarCompiler | None = None  # made at the first constrained request
         self.compiling: list[Request] = []  # admitted, waiting for their grammar's compile (off this thread)
-        quiet_gc()  # the block manager's lists, as long-lived as the rank's start-up
 
     def make_request(self, item: PromptInput) -> Request:
         """The request of one prompt. ValueError: the input is at fault (an empty prompt, an id

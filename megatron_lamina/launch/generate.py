@@ -97,8 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     if ctx.rank == 0:
         from megatron_lamina.batch.batch_run import run_batch
         from megatron_lamina.driver.llm_engine import LLMEngine
+        from megatron_lamina.worker.runtime import quiet_gc
 
         engine = LLMEngine(ctx)
+        quiet_gc()  # with the block manager built: start-up is over
         try:
             summary = run_batch(engine, args.input, lines, output, show=not args.quiet,
                                 progress_interval_s=args.progress_interval, stop=stop.event)

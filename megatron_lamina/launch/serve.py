@@ -43,9 +43,11 @@ def serve_driver(ctx, frontend, conn) -> int:
     """Rank 0: the engine loop, fed by the front end; the job's exit status."""
     from megatron_lamina.driver.engine_service import EngineService
     from megatron_lamina.driver.llm_engine import LLMEngine
+    from megatron_lamina.worker.runtime import quiet_gc
 
     cfg = ctx.cfg
     service = EngineService(LLMEngine(ctx), conn, drain_timeout_s=cfg.server.drain_timeout_s)
+    quiet_gc()  # with the block manager built: start-up is over
     for sig in (signal.SIGTERM, signal.SIGINT):  # drain, do not die
         signal.signal(sig, lambda *_: service.begin_drain())
     code = service.run()

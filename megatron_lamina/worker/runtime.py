@@ -14,6 +14,7 @@ shutdown plan.
 
 from __future__ import annotations
 
+import atexit
 import gc
 import os
 import sys
@@ -152,14 +153,14 @@ def start_rank(cfg: LaminaConfig, placement: Placement | None = None) -> RankCon
     names = {r: rank_name(topology, r, placement) for r in range(world)}
     liveness = start_liveness(groups, rank, cfg.runtime.step_timeout_s, names)
     log("every rank is ready")
-    quiet_gc()
     return RankContext(cfg, arch, topology, groups, rank, device, built.num_blocks, built.worker, placement,
                        liveness, built.num_host_blocks)
 
 
 def quiet_gc() -> None:
     """Keep Python's cyclic garbage collector out of the step loop, as vLLM's engine does
-    after start-up. What start-up built lives as long as the process (the model, the
+    after start-up (a launched rank's process, which serves until the job ends: not `LLM`,
+    whose caller owns its process's heap). What start-up built lives as long as the process (the model, the
     tokenizer, the block manager's per-block lists: a million entries at a large cache), and
     a full collection walks every item of every tracked container: `gc.freeze` moves it all
     out of the collector's sight. A step allocates a plan's thousand chunks on every rank,
@@ -167,10 +168,13 @@ def quiet_gc() -> None:
     few dozen steps, a full one that walks every running request's tables: a pause that
     grows with batch x context (docs/BENCHMARKS.md, host work per step). Young collections
     now wait for 10,000 allocations. Objects frozen or not yet collected are still freed by
-    reference counting; only cycles wait for a collection."""
+    reference counting; only cycles wait for a collection. At exit the heap is unfrozen, so
+    that the interpreter's last collections free what start-up built (native extensions
+    such as Triton's report what is still alive then as leaks)."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(10_000, 10, 10)
+    atexit.register(gc.unfreeze)
 
 
 def rank_name(topology: Topology, rank: int, placement: Placement | None) -> str:
@@ -185,6 +189,7 @@ def serve_worker(ctx: RankContext) -> int:
     `error:` line naming itself and its node, and returns 1; the driver's side reports the job."""
     from megatron_lamina.worker.control_plane import serve_plans
 
+    quiet_gc()
     try:
         serve_plans(ctx)
         return 0
