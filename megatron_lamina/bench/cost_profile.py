@@ -460,6 +460,8 @@ def measure_table(args, parts: set[str]) -> int:
                    + ("; TP > 1: an emulated shard's graphs, all-reduces added from the datasheet"
                       if any(tp > 1 for tp in graphs) else "")
                    + ("; decode attention replayed from a CUDA graph" if "attention" in parts else "") + ")")
+    if args.graphs and "attention" in parts and not graphs:
+        source += " (decode attention replayed from a CUDA graph)"
     if decode_fp8 is not None:
         source += " (attention also over an fp8_e4m3 KV cache: the FP8 rows)"
     graph_meta = {}
@@ -584,8 +586,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.graphs:
         if args.device != "cuda":
             parser.error("--graphs: CUDA graphs need a GPU (--device cuda)")
-        if "model" not in parts:
-            parser.error("--graphs applies to the model part (--parts model,...)")
+        if not {"model", "attention"} & parts:
+            parser.error("--graphs applies to the model and attention parts (--parts model,attention,...)")
         if any(tp > 1 for tp in args.tp) and not args.emulate_tp:
             parser.error("--graphs measures a TP 1 model worker; measure TP > 1 with --emulate-tp "
                          "(one rank's shard built at TP 1)")
