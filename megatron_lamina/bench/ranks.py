@@ -10,6 +10,9 @@ one-rank and torchrun worlds a benchmark runs in.
     Results travel through files (one pickle per rank), not a multiprocessing queue: a queue
     handed to spawned children goes through a socket in the parent's /tmp/pymp-* folder,
     which is one more thing that can vanish under a busy machine.
+  * `RankPool`: the same jobs on warm ranks, spawned once and kept between jobs (the tests'
+    many short jobs: each spawn imports torch, Megatron and transformers anew, most of a short
+    job's cost).
   * `init_one_rank`: this process alone as a torch.distributed world (Megatron's layers want
     a process group even at TP 1): gloo on the CPU, NCCL on GPU 0;
   * `init_torchrun_tp`: under torchrun, one NCCL rank per GPU, all of them one TP group.
@@ -18,6 +21,7 @@ one-rank and torchrun worlds a benchmark runs in.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import pickle
 import socket
@@ -171,3 +175,132 @@ def run_ranks(fn: Callable, world_size: int, *args, timeout: float = 300.0, thre
     if errors:
         raise RuntimeError("\n".join(errors))
     return results[0][1]
+
+
+def _pooled_rank(rank: int, pool_dir: str, parent: int) -> None:
+    """A warm rank: job n is the file job{n}.pkl (fn, args, world size, port, threads, the
+    caller's environment and working directory); a rank below the job's world size runs it
+    as `run_ranks` would and answers in rank{rank}-job{n}.pkl, the others skip it. A job with
+    no function, or the parent gone, ends the loop; a failed job ends the process."""
+    n = 0
+    while True:
+        n += 1
+        path = Path(pool_dir) / f"job{n}.pkl"
+        while not path.exists():
+            if os.getppid() != parent:
+                return
+            time.sleep(0.02)
+        try:
+            fn, args, world_size, port, threads, environ, cwd = pickle.loads(path.read_bytes())
+        except BaseException:
+            fn, world_size, outcome = _unreadable, rank + 1, ("error", traceback.format_exc())
+        if fn is None:
+            return
+        if rank >= world_size:
+            continue
+        if fn is not _unreadable:
+            outcome = _pooled_job(fn, args, rank, world_size, port, threads, environ, cwd)
+        result = Path(pool_dir) / f"rank{rank}-job{n}.pkl"
+        result.with_suffix(".tmp").write_bytes(pickle.dumps(outcome))
+        result.with_suffix(".tmp").rename(result)
+        if outcome[0] == "error":
+            print(f"rank {rank} failed:\n{outcome[1]}", file=sys.stderr, flush=True)
+            os._exit(1)
+        del outcome
+        gc.collect()
+
+
+def _unreadable():
+    """Marks a job this rank could not unpickle."""
+
+
+def _pooled_job(fn, args, rank, world_size, port, threads, environ, cwd) -> tuple[str, Any]:
+    with _restored_environment():
+        # What a fresh spawn would see: the caller's environment and directory now, not at spawn.
+        os.environ.clear()
+        os.environ.update(environ)
+        here = os.getcwd()
+        try:
+            os.chdir(cwd)
+            return _run_rank(fn, args, rank, world_size, port, threads)
+        finally:
+            os.chdir(here)
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+class RankPool:
+    """`run(fn, world_size, *args)`: what `run_ranks(fn, world_size, *args)` does, on ranks
+    spawned at the first job that needs them and kept for the next (rank r of every job is the
+    same process). A job that fails or times out ends the pool (a rank may be stuck in a
+    collective); the next job spawns fresh ranks. Jobs and answers travel through files, as in
+    `run_ranks`. `close()` ends the ranks."""
+
+    def __init__(self):
+        self._dir: str | None = None
+        self._procs: list = []
+        self._jobs = 0
+
+    def run(self, fn: Callable, world_size: int, *args, timeout: float = 300.0, threads: int | None = 1) -> Any:
+        import multiprocessing as mp
+
+        if self._dir is None:
+            self._dir = tempfile.mkdtemp(prefix="rank-pool-")
+        ctx = mp.get_context("spawn")
+        while len(self._procs) < world_size:
+            proc = ctx.Process(target=_pooled_rank, args=(len(self._procs), self._dir, os.getpid()))
+            proc.start()
+            self._procs.append(proc)
+        self._post((fn, args, world_size, free_port(), threads, dict(os.environ), os.getcwd()))
+        results_of = {r: Path(self._dir) / f"rank{r}-job{self._jobs}.pkl" for r in range(world_size)}
+        deadline = time.monotonic() + timeout
+        results: dict[int, tuple] = {}
+
+        def collect():
+            for rank, path in results_of.items():
+                if rank not in results and path.exists():
+                    results[rank] = pickle.loads(path.read_bytes())
+
+        while len(results) < world_size and time.monotonic() < deadline:
+            collect()
+            if any(status == "error" for status, _ in results.values()):
+                time.sleep(2)  # let the other ranks report their view of the failure
+                collect()
+                break
+            for rank in range(world_size):
+                if rank not in results and self._procs[rank].exitcode is not None:
+                    collect()
+                    results.setdefault(rank, ("error", f"exited with code {self._procs[rank].exitcode}"))
+            time.sleep(0.02)
+        for path in results_of.values():
+            path.unlink(missing_ok=True)
+        errors = [f"rank {r}:\n{value}" for r, (status, value) in sorted(results.items()) if status == "error"]
+        if len(results) < world_size and not errors:
+            errors.append(f"timed out after {timeout}s; ranks that reported: {sorted(results)}")
+        if errors:
+            self.close(kill=True)
+            raise RuntimeError("\n".join(errors))
+        return results[0][1]
+
+    def _post(self, job: tuple) -> None:
+        data = pickle.dumps(job)  # first: a job that cannot be pickled takes no number
+        self._jobs += 1
+        path = Path(self._dir) / f"job{self._jobs}.pkl"
+        path.with_suffix(".tmp").write_bytes(data)
+        path.with_suffix(".tmp").rename(path)
+
+    def close(self, kill: bool = False) -> None:
+        """End every rank: a job with no function, then a kill for any still running (at
+        once with `kill`: after a failed job a rank may wait in a collective for ever)."""
+        if self._procs:
+            self._post((None, (), 0, 0, None, {}, None))
+            for proc in self._procs:
+                proc.join(timeout=0 if kill else 5)
+                if proc.is_alive():
+                    proc.kill()
+                    proc.join()
+        if self._dir is not None:
+            import shutil
+
+            shutil.rmtree(self._dir, ignore_errors=True)
+        self._dir, self._procs, self._jobs = None, [], 0
