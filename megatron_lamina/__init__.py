@@ -21,7 +21,7 @@ def __getattr__(name: str):
 
         return LLM
     if name == "SamplingParams":
-        from megatron_lamina.driver.sampling import SamplingParams
+        from megatron_lamina.requests.sampling_params import SamplingParams
 
         return SamplingParams
     raise AttributeError(f"module 'megatron_lamina' has no attribute {name!r}")

@@ -41,9 +41,10 @@ from megatron_lamina.config import LaminaConfig, load_config
 from megatron_lamina.driver.llm_engine import LLMEngine
 from megatron_lamina.requests.prompt import PromptInput
 from megatron_lamina.requests.request_schema import SamplingFields
-from megatron_lamina.driver.request import Request, TokenLogprob
+from megatron_lamina.driver.request import Request
+from megatron_lamina.requests.output import TokenLogprob
 from megatron_lamina.worker.runtime import start_rank
-from megatron_lamina.driver.sampling import SamplingParams
+from megatron_lamina.requests.sampling_params import SamplingParams
 from megatron_lamina.launch.ranks import threads_per_rank
 
 CPU_KV_BLOCKS = 1024  # `num_blocks` default on a CPU, where "auto" would take most of the host's memory

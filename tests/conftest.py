@@ -21,7 +21,7 @@ os.environ.setdefault("USE_HUB_KERNELS", "0")
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from megatron_lamina.driver.sampling import SamplingParams  # noqa: E402
+from megatron_lamina.requests.sampling_params import SamplingParams  # noqa: E402
 from tiny_models import reference_generate, save_tiny_llama  # noqa: E402
 
 from megatron_lamina.checkpoint.default_model import smollm2_gguf_path  # noqa: E402

@@ -24,7 +24,7 @@ from layout_job import generate_on_ranks
 from spawn_ranks import run_ranks
 from tiny_models import make_tokenizer, reference_generate
 
-from megatron_lamina.driver.sampling import SamplingParams
+from megatron_lamina.requests.sampling_params import SamplingParams
 
 LAYOUTS = {"colocated-tp1": (1, 0), "tp1-attn2": (1, 2), "colocated-tp2": (2, 0)}
 

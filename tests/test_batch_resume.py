@@ -17,7 +17,7 @@ from spawn_ranks import free_port
 from tiny_models import make_tokenizer, reference_generate
 from torchrun import ROOT, lamina
 
-from megatron_lamina.driver.sampling import SamplingParams
+from megatron_lamina.requests.sampling_params import SamplingParams
 
 N, MAX_TOKENS = 12, 200
 

@@ -15,7 +15,7 @@ from megatron_lamina.attention.kv_cache import PagedKVCache, padded_block_tables
 from megatron_lamina.driver.block_manager import BlockManager
 from megatron_lamina.worker.block_tables import BlockTables, ChunkTables
 from megatron_lamina.driver.request import Request
-from megatron_lamina.driver.sampling import SamplingParams
+from megatron_lamina.requests.sampling_params import SamplingParams
 from megatron_lamina.driver.scheduler import Scheduler
 from megatron_lamina.host_to_device import HostArrays, to_device
 from megatron_lamina.plan import SequenceChunk

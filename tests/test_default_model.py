@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from spawn_ranks import run_ranks
 
-from megatron_lamina.driver.sampling import SamplingParams
+from megatron_lamina.requests.sampling_params import SamplingParams
 
 CHATS = [
     [{"role": "user", "content": "What is the capital of France?"}],

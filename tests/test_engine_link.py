@@ -23,7 +23,7 @@ from torchrun import ROOT
 from megatron_lamina.requests.engine_link import EngineInfo, StepReport, StepStats, pack_output, unpack_output
 from megatron_lamina.requests.output import RequestOutput
 from megatron_lamina.requests.prompt import Capacity, PromptInput
-from megatron_lamina.driver.request import TokenLogprob
+from megatron_lamina.requests.output import TokenLogprob
 
 
 def test_outputs_cross_the_pipe_unchanged():

@@ -158,7 +158,7 @@ def test_llm_takes_n_a_dict_and_a_hf_directory(hf_dir, tmp_path, monkeypatch):
     import megatron_lamina
     from megatron_lamina import SamplingParams
 
-    assert SamplingParams is megatron_lamina.driver.sampling.SamplingParams
+    assert SamplingParams is megatron_lamina.requests.sampling_params.SamplingParams
     monkeypatch.setenv("LAMINA_CACHE_DIR", str(tmp_path / "cache"))
     with megatron_lamina.LLM(str(hf_dir), num_blocks=64, block_size=4) as llm:
         two = llm.generate(["w5 w9", "w7"], {"max_tokens": 4, "temperature": 0.9, "seed": 7, "n": 2, "ignore_eos": True})

@@ -17,7 +17,7 @@ import pytest
 from tiny_models import make_tokenizer
 from torchrun import lamina, torchrun
 
-from megatron_lamina.driver.sampling import SamplingParams
+from megatron_lamina.requests.sampling_params import SamplingParams
 
 GOOD = [
     {"id": "a", "prompt": "w5 w9 w14 w3", "max_tokens": 5, "temperature": 0, "ignore_eos": True},

@@ -20,7 +20,7 @@ from server_proc import tiny_server_config
 from torchrun import lamina
 
 from megatron_lamina.requests.prompt import PromptInput, prompt_ids
-from megatron_lamina.driver.sampling import SamplingParams
+from megatron_lamina.requests.sampling_params import SamplingParams
 from megatron_lamina.requests.tokenizer import TextCodec
 
 # ---------------------------------------------------------------- user text is text

@@ -28,7 +28,7 @@ from test_server_faults import _wait_running
 from tiny_models import make_tokenizer, reference_generate
 from torchrun import lamina
 
-from megatron_lamina.driver.sampling import SamplingParams
+from megatron_lamina.requests.sampling_params import SamplingParams
 
 STEP_TIMEOUT_S = 2.0
 FAULTS = Path(__file__).resolve().parent / "faults"

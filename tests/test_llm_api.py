@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from tiny_models import make_tokenizer, reference_generate
 
-from megatron_lamina.driver.sampling import SamplingParams
+from megatron_lamina.requests.sampling_params import SamplingParams
 
 
 @pytest.fixture(scope="module")

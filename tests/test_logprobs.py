@@ -14,7 +14,7 @@ import pytest
 import torch
 from spawn_ranks import run_ranks
 
-from megatron_lamina.driver.sampling import SamplingParams
+from megatron_lamina.requests.sampling_params import SamplingParams
 
 PROMPT = [1, 5, 9, 14, 3, 40, 41, 42, 43, 44, 45]
 

@@ -25,7 +25,7 @@ from conftest import PROMPTS
 from tiny_models import reference_generate
 
 from megatron_lamina.bench.machines import Machines, unavailable
-from megatron_lamina.driver.sampling import SamplingParams
+from megatron_lamina.requests.sampling_params import SamplingParams
 
 ROOT = Path(__file__).resolve().parents[1]
 WHY = unavailable()

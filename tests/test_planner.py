@@ -204,7 +204,7 @@ def engine_replay(trace, layout: Layout, num_blocks: int, max_model_len: int, to
     from megatron_lamina.driver.llm_engine import LLMEngine
     from megatron_lamina.requests.prompt import PromptInput
     from megatron_lamina.worker.runtime import RankContext
-    from megatron_lamina.driver.sampling import SamplingParams
+    from megatron_lamina.requests.sampling_params import SamplingParams
     from megatron_lamina.topology import ProcessGroups, Topology
 
     cfg = load_config(None, [f"model.checkpoint={tokenizer_dir}", "scheduler.async_scheduling=false",

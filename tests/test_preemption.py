@@ -11,7 +11,7 @@ from layout_job import generate_on_ranks
 from spawn_ranks import run_ranks
 from tiny_models import reference_generate
 
-from megatron_lamina.driver.sampling import SamplingParams
+from megatron_lamina.requests.sampling_params import SamplingParams
 
 PROMPTS = [[1, 5, 9, 14, 3], [1, 40, 41, 42, 43, 44, 45], [1, 77], [1, 8, 100, 200], [1, 9, 9, 2, 7, 7],
            [1, 60, 61], [1, 33, 34, 35, 36, 37, 38, 39], [1, 120]]

@@ -13,7 +13,7 @@ import pytest
 
 from megatron_lamina.driver.block_manager import BlockManager
 from megatron_lamina.driver.request import Request
-from megatron_lamina.driver.sampling import SamplingParams
+from megatron_lamina.requests.sampling_params import SamplingParams
 from megatron_lamina.driver.scheduler import Scheduler
 
 GREEDY = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)

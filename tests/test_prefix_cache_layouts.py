@@ -21,7 +21,7 @@ import pytest
 from layout_job import generate_on_ranks
 from spawn_ranks import run_ranks
 
-from megatron_lamina.driver.sampling import SamplingParams
+from megatron_lamina.requests.sampling_params import SamplingParams
 
 HEAD = [1, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51, 52]  # 3 full blocks of 4, then 2
 PROMPTS = [HEAD + [7, 8, 9], HEAD + [60], HEAD[:9] + [3, 3, 3, 3, 3], HEAD + [7, 8, 9], [1, 77, 78, 79, 80, 81],

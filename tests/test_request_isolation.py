@@ -30,7 +30,7 @@ from server_proc import ServerProcess, tiny_server_config
 from tiny_models import make_tokenizer, reference_generate
 from torchrun import lamina
 
-from megatron_lamina.driver.sampling import SamplingParams
+from megatron_lamina.requests.sampling_params import SamplingParams
 
 FAULTS = Path(__file__).resolve().parent / "faults"
 DETOKENIZE_FAULT, APPEND_FAULT = 250, 251

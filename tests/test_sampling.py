@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_lamina.driver.sampling import SamplingParams, sample_tokens
+from megatron_lamina.driver.sampling import sample_tokens
+from megatron_lamina.requests.sampling_params import SamplingParams
 
 LOGITS = torch.tensor([1.0, 3.0, 2.5, -1.0, 0.0, 2.9])
 

@@ -18,7 +18,7 @@ import pytest
 from server_proc import running_server, tiny_server_config
 from tiny_models import make_tokenizer, reference_generate
 
-from megatron_lamina.driver.sampling import SamplingParams
+from megatron_lamina.requests.sampling_params import SamplingParams
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import shutil
 from spawn_ranks import run_ranks
 from tiny_models import make_tokenizer, reference_generate
 
-from megatron_lamina.driver.sampling import SamplingParams
+from megatron_lamina.requests.sampling_params import SamplingParams
 
 PROMPT = [1, 5, 9, 14, 3]
 

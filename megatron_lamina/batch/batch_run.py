@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 from megatron_lamina.batch.batch_job import BatchLine
 from megatron_lamina.batch.batch_output import BatchOutput
-from megatron_lamina.driver.request import Request, TokenLogprob
+from megatron_lamina.driver.request import Request
+from megatron_lamina.requests.output import TokenLogprob
 from megatron_lamina.requests.request_schema import check_max_tokens, check_token_ids
 from megatron_lamina.requests.tokenizer import TextCodec
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_lamina.driver.sampling import SamplingParams
+from megatron_lamina.requests.sampling_params import SamplingParams
 
 HELD_OUT_TEXT = (
     "The lighthouse keeper had kept the same routine for thirty years. Every evening he climbed the "

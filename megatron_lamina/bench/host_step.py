@@ -43,7 +43,8 @@ from megatron_lamina.bench.timing import median
 from megatron_lamina.driver.block_manager import BlockManager
 from megatron_lamina.worker.block_tables import BlockTables, ChunkTables
 from megatron_lamina.driver.request import Request
-from megatron_lamina.driver.sampling import SamplingParams, sample_tokens
+from megatron_lamina.driver.sampling import sample_tokens
+from megatron_lamina.requests.sampling_params import SamplingParams
 from megatron_lamina.driver.scheduler import Scheduler
 from megatron_lamina.worker.runtime import quiet_gc
 from megatron_lamina.host_to_device import to_device

@@ -33,7 +33,8 @@ from multiprocessing.connection import Connection
 
 from megatron_lamina.requests.engine_link import EngineInfo, StepReport, pack_output
 from megatron_lamina.driver.llm_engine import LLMEngine
-from megatron_lamina.requests.output import OutputTracker, error_output
+from megatron_lamina.driver.output_tracker import OutputTracker
+from megatron_lamina.requests.output import error_output
 from megatron_lamina.driver.request import Request
 
 IDLE_POLL_S = 0.1  # how often an idle loop looks at the drain flag a signal handler sets

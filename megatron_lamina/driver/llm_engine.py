@@ -43,7 +43,8 @@ from megatron_lamina.driver.logprobs import StepLogprobs, token_logprobs
 from megatron_lamina.requests.prompt import PromptInput, prompt_ids
 from megatron_lamina.driver.request import Request
 from megatron_lamina.worker.runtime import RankContext
-from megatron_lamina.driver.sampling import SamplingParams, sample_tokens_on_device
+from megatron_lamina.driver.sampling import sample_tokens_on_device
+from megatron_lamina.requests.sampling_params import SamplingParams
 from megatron_lamina.driver.scheduler import Scheduler, reaches_length
 from megatron_lamina.driver.token_mask import masked_logits
 from megatron_lamina.requests.tokenizer import TextCodec, find_stop

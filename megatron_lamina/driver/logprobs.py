@@ -17,8 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_lamina.driver.request import Request, TokenLogprob
-from megatron_lamina.driver.sampling import SamplingParams
+from megatron_lamina.driver.request import Request
+from megatron_lamina.requests.output import TokenLogprob
+from megatron_lamina.requests.sampling_params import SamplingParams
 from megatron_lamina.plan import SequenceChunk
 
 

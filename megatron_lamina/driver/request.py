@@ -27,16 +27,8 @@ from typing import Any
 
 import torch
 
-from megatron_lamina.driver.sampling import SamplingParams
-
-
-@dataclass
-class TokenLogprob:
-    """A token's log-probability under the model (raw logits: before temperature, penalties
-    or any cut) and the `top` most likely tokens there, as (token id, log-probability)."""
-
-    logprob: float
-    top: list[tuple[int, float]]
+from megatron_lamina.requests.output import TokenLogprob
+from megatron_lamina.requests.sampling_params import SamplingParams
 
 
 class RequestStatus(enum.Enum):

@@ -56,7 +56,7 @@ import torch
 from megatron_lamina.config import micro_batches_run
 from megatron_lamina.driver.block_manager import BlockManager
 from megatron_lamina.driver.request import Request
-from megatron_lamina.driver.sampling import SamplingParams
+from megatron_lamina.requests.sampling_params import SamplingParams
 from megatron_lamina.driver.scheduler import Scheduler, reaches_length
 from megatron_lamina.plan import StepPlan
 from megatron_lamina.planner.cost_table import CostTable, prefill_pairs

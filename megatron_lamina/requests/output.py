@@ -1,17 +1,20 @@
-"""What a caller sees of a running request: increments of tokens and text.
-
-`OutputTracker` turns the driver's growing `Request` into `RequestOutput` deltas for
-streaming. Text that might still change is held back: characters that could be the start of
-a stop string (the final text ends before the stop string, so they may vanish) and a
-trailing replacement character (half of a multi-byte character whose other bytes come with
-the next token). Concatenating all deltas gives exactly the final text.
+"""What a caller sees of a running request: increments of tokens and text (`RequestOutput`),
+with their log-probabilities (`TokenLogprob`). The driver makes them (driver/output_tracker.py);
+the front end, the batch job and `LLM` read them. Torch-free.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megatron_lamina.driver.request import Request, TokenLogprob
+
+@dataclass
+class TokenLogprob:
+    """A token's log-probability under the model (raw logits: before temperature, penalties
+    or any cut) and the `top` most likely tokens there, as (token id, log-probability)."""
+
+    logprob: float
+    top: list[tuple[int, float]]
 
 
 @dataclass
@@ -45,35 +48,3 @@ def merge_outputs(outputs: list[RequestOutput]) -> RequestOutput:
                          [t for o in outputs for t in o.token_ids], last.finished, last.finish_reason,
                          last.prompt_tokens, last.completion_tokens, last.error, logprobs, prompt_logprobs,
                          last.cached_tokens)
-
-
-class OutputTracker:
-    def __init__(self, request: Request):
-        self.request = request
-        self.sent_text = 0
-        self.sent_tokens = 0
-        self.sent_prompt = request.params.prompt_logprobs is None
-        self.holdback = max((len(s) for s in request.params.stop), default=1) - 1
-
-    def next_output(self, error: str | None = None) -> RequestOutput:
-        r = self.request
-        error = error if error is not None else r.error  # the engine's, or this request's own failure
-        finished = r.finished or error is not None
-        end = len(r.text)
-        if not finished:
-            end = max(self.sent_text, end - self.holdback)
-            while end > self.sent_text and r.text[end - 1] == "\ufffd":
-                end -= 1
-        out = RequestOutput(
-            request_id=r.request_id, text=r.text[self.sent_text:end],
-            token_ids=r.output_token_ids[self.sent_tokens:], finished=finished,
-            finish_reason="error" if error is not None else r.finish_reason,
-            prompt_tokens=len(r.prompt_token_ids), completion_tokens=len(r.output_token_ids), error=error,
-            cached_tokens=max(r.num_cached_tokens, 0),
-        )
-        if r.params.logprobs is not None:
-            out.logprobs = r.output_logprobs[self.sent_tokens:]
-        if not self.sent_prompt and (len(r.prompt_logprobs) >= len(r.prompt_token_ids) or finished):
-            out.prompt_logprobs, self.sent_prompt = list(r.prompt_logprobs), True
-        self.sent_text, self.sent_tokens = end, len(r.output_token_ids)
-        return out

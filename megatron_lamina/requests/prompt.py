@@ -11,9 +11,12 @@ prompt against before admitting it, so both refuse the same prompts with the sam
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from megatron_lamina.driver.sampling import SamplingParams
-from megatron_lamina.requests.tokenizer import TextCodec
+from megatron_lamina.requests.sampling_params import SamplingParams
+
+if TYPE_CHECKING:  # the codec is the caller's: this module stays torch-free
+    from megatron_lamina.requests.tokenizer import TextCodec
 
 
 @dataclass

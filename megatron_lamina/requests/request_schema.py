@@ -29,7 +29,7 @@ from pydantic import (
 )
 
 from megatron_lamina.requests.prompt import PromptInput, is_token_ids
-from megatron_lamina.driver.sampling import SamplingParams
+from megatron_lamina.requests.sampling_params import SamplingParams
 from megatron_lamina.requests.sampling_rules import SEED_RANGE, check_field
 
 SEED_MAX = SEED_RANGE[1]

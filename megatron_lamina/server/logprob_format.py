@@ -13,7 +13,7 @@ text is its decode alone (`TextCodec.token_text`). Values below -9999 are report
 
 from __future__ import annotations
 
-from megatron_lamina.driver.request import TokenLogprob
+from megatron_lamina.requests.output import TokenLogprob
 from megatron_lamina.requests.tokenizer import TextCodec
 
 FLOOR = -9999.0

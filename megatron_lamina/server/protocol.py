@@ -28,7 +28,7 @@ from megatron_lamina.requests.request_schema import (
     SEED_MAX, ChatMessage, LogprobCount, Prompts, RequestError, SamplingFields, StrictModel, decode_json,
     may_hold_surrogates, only_null, parse_request, prompt_input,
 )
-from megatron_lamina.driver.sampling import SamplingParams
+from megatron_lamina.requests.sampling_params import SamplingParams
 from megatron_lamina.requests.structured_fields import StructuredFields
 from megatron_lamina.requests.structured_output import StructuredOutput
 from megatron_lamina.server.tool_calls import NamedToolChoice, Tool, ToolChoice, forced_output

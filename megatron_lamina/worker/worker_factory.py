@@ -36,7 +36,8 @@ from megatron_lamina.worker.block_tables import BlockTables
 from megatron_lamina.worker.host_tier import HostTier, host_blocks
 from megatron_lamina.worker.memory import kv_blocks_that_fit, measure_peak
 from megatron_lamina.worker.model_worker import ModelWorker
-from megatron_lamina.driver.sampling import SamplingParams, sample_tokens_on_device
+from megatron_lamina.driver.sampling import sample_tokens_on_device
+from megatron_lamina.requests.sampling_params import SamplingParams
 from megatron_lamina.worker.token_feed import TokenFeed
 from megatron_lamina.fp8 import FP8_NAME, KV_CAPABILITY, MATMUL_CAPABILITY, require_fp8
 from megatron_lamina.host_to_device import to_device
