@@ -261,17 +261,21 @@ class RankPool:
                 if rank not in results and path.exists():
                     results[rank] = pickle.loads(path.read_bytes())
 
-        while len(results) < world_size and time.monotonic() < deadline:
-            collect()
-            if any(status == "error" for status, _ in results.values()):
-                time.sleep(2)  # let the other ranks report their view of the failure
+        try:
+            while len(results) < world_size and time.monotonic() < deadline:
                 collect()
-                break
-            for rank in range(world_size):
-                if rank not in results and self._procs[rank].exitcode is not None:
+                if any(status == "error" for status, _ in results.values()):
+                    time.sleep(2)  # let the other ranks report their view of the failure
                     collect()
-                    results.setdefault(rank, ("error", f"exited with code {self._procs[rank].exitcode}"))
-            time.sleep(0.02)
+                    break
+                for rank in range(world_size):
+                    if rank not in results and self._procs[rank].exitcode is not None:
+                        collect()
+                        results.setdefault(rank, ("error", f"exited with code {self._procs[rank].exitcode}"))
+                time.sleep(0.02)
+        except BaseException:  # interrupted (a test's timeout): the ranks may still be in the job
+            self.close(kill=True)
+            raise
         for path in results_of.values():
             path.unlink(missing_ok=True)
         errors = [f"rank {r}:\n{value}" for r, (status, value) in sorted(results.items()) if status == "error"]
