@@ -189,7 +189,7 @@ def test_sample_tokens_on_cuda():
     seeded rows repeat with the same seed and do not depend on their batch-mates, cuts hold,
     and draws follow the softmax."""
     from megatron_lamina.driver.sampling import sample_tokens
-from megatron_lamina.requests.sampling_params import SamplingParams
+    from megatron_lamina.requests.sampling_params import SamplingParams
 
     g = torch.Generator(device="cuda").manual_seed(0)
     logits = (torch.randn(7, 32000, device="cuda", generator=g) * 3).bfloat16()
@@ -236,7 +236,7 @@ def test_sampler_returns_before_the_gpu_work_ahead_of_it_finishes():
     and a row with penalties and logit bias is enqueued and the sampler returns while that
     kernel still runs (its event not yet complete); the tokens then come out as sampled alone."""
     from megatron_lamina.driver.sampling import sample_tokens_on_device
-from megatron_lamina.requests.sampling_params import SamplingParams
+    from megatron_lamina.requests.sampling_params import SamplingParams
 
     params = [SamplingParams(temperature=0), SamplingParams(temperature=1.0, top_p=0.95),
               SamplingParams(temperature=1.0, top_p=0.95), SamplingParams(temperature=0.7, top_k=40, min_p=0.05),

@@ -126,7 +126,7 @@ def _measure_model(rank, world, device, tp_group, shape_dict, dtype_name, device
     from megatron_lamina.bench.stand_ins import ZeroAttention
     from megatron_lamina.worker.model_worker import ModelWorker
     from megatron_lamina.driver.sampling import sample_tokens
-from megatron_lamina.requests.sampling_params import SamplingParams
+    from megatron_lamina.requests.sampling_params import SamplingParams
     from megatron_lamina.worker.token_feed import TokenFeed
     from megatron_lamina.model.llama import LlamaModel
     from megatron_lamina.transport.channel import LocalChannel
