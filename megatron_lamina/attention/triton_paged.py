@@ -27,11 +27,13 @@ import math
 
 import torch
 
-from megatron_lamina.attention.triton_softmax import LN2, LOG2E, attend_tiles
+from megatron_lamina.attention.triton_softmax import LOG2E
 
 try:
     import triton
     import triton.language as tl
+
+    from megatron_lamina.attention.triton_softmax import LN2_K, attend_tiles
 except ImportError:  # CPU-only install
     triton = None
 
@@ -84,7 +86,7 @@ if triton is not None:
         out = o_ptr + b * stride_ob + split * stride_os + (h * GROUP + offs_g)[:, None] * stride_oh + offs_d[None, :]
         tl.store(out, acc * (v_scale / tl.where(l_i > 0, l_i, 1.0))[:, None], mask=g_mask[:, None])
         stats = (b * tl.num_programs(2) + split) * tl.num_programs(1) * GROUP + h * GROUP + offs_g
-        tl.store(m_ptr + stats, m_i * LN2, mask=g_mask)  # base 2 (attend_tiles) to natural, as merged
+        tl.store(m_ptr + stats, m_i * LN2_K, mask=g_mask)  # base 2 (attend_tiles) to natural, as merged
         tl.store(l_ptr + stats, l_i, mask=g_mask)
 
     @jit_unspecialized(values=["splits"])

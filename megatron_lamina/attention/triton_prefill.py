@@ -34,11 +34,13 @@ import math
 import torch
 
 from megatron_lamina.attention.triton_paged import jit_unspecialized
-from megatron_lamina.attention.triton_softmax import LOG2E, attend_tiles
+from megatron_lamina.attention.triton_softmax import LOG2E
 
 try:
     import triton
     import triton.language as tl
+
+    from megatron_lamina.attention.triton_softmax import attend_tiles
 except ImportError:  # CPU-only install
     triton = None
 

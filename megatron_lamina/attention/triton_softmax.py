@@ -27,6 +27,9 @@ LN2 = math.log(2.0)         # a base-2 statistic times this is natural again
 
 
 if triton is not None:
+    # A kernel reads only constexpr globals (Triton's interpreter allows any: only a real
+    # compile refuses a plain float).
+    LN2_K = tl.constexpr(LN2)
 
     @triton.jit
     def attend_tiles(acc, m_i, l_i, q, q_pos, k_ptr, v_ptr, table_row_ptr, kv_head_off,

@@ -1,0 +1,88 @@
+"""The Triton kernels compiled for Hopper (sm_90) on a machine without a GPU: Triton's own
+compiler, down to PTX and its bundled ptxas, run as a GPU run would before its first launch.
+
+The interpreter (`TRITON_INTERPRET=1`, the kernels' numerical tests) runs a kernel as Python
+and accepts what a real compile refuses: a plain global read inside a kernel, a type that
+does not lower. This compile is what catches those in CI; a device run found the first one.
+
+The tests' own process runs Triton as its interpreter (conftest), so each compile runs in a
+child without it: this file, as a script, given the case.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+
+HOPPER = ("cuda", 90, 32)  # Triton's GPUTarget: backend, compute capability, warp size
+POINTER_TYPES = {"table_ptr": "*i32", "lens_ptr": "*i32", "q_starts_ptr": "*i32", "q_lens_ptr": "*i32",
+                 "pos0_ptr": "*i32", "m_ptr": "*fp32", "l_ptr": "*fp32", "lse_ptr": "*fp32",
+                 "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32", "part_ptr": "*fp32"}
+
+
+def _compile(kernel_name: str, constants: dict, kv: str = "*bf16", data: str = "*bf16") -> None:
+    """In a child process without the interpreter: `_compile_here`."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    case = json.dumps([kernel_name, constants, kv, data])
+    out = subprocess.run([sys.executable, __file__, case], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and "compiled" in out.stdout, out.stderr[-4000:]
+
+
+def _compile_here(kernel_name: str, constants: dict, kv: str, data: str) -> None:
+    """Compile the kernel `module.name` with `constants` for its constexpr arguments: K/V pointers of type
+    `kv`, the other data pointers `data`, indices int32 and strides int64."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from megatron_lamina.attention import triton_paged, triton_prefill
+
+    module, name = kernel_name.split(".")
+    kernel = getattr({"triton_paged": triton_paged, "triton_prefill": triton_prefill}[module], name)
+    signature = {}
+    for name in kernel.arg_names:
+        if name in constants:
+            signature[name] = "constexpr"
+        elif name in ("k_ptr", "v_ptr"):
+            signature[name] = kv
+        elif name.endswith("_ptr"):
+            signature[name] = POINTER_TYPES.get(name, data)
+        elif name == "qk_scale":
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32" if name in ("splits", "heads") else "i64"
+    source = ASTSource(fn=kernel, signature=signature,
+                       constexprs={(kernel.arg_names.index(n),): v for n, v in constants.items()})
+    compiled = triton.compile(source, target=GPUTarget(*HOPPER))
+    assert compiled.asm["ptx"]  # lowered all the way
+    print("compiled")
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+@pytest.mark.parametrize("block_n", [16, 64])
+def test_decode_kernel_compiles_for_hopper(fp8, block_n):
+    _compile("triton_paged._decode_kernel",
+             {"GROUP": 4, "BLOCK_G": 16, "HEAD_DIM": 128, "BLOCK_N": block_n, "BLOCK_SIZE": 16,
+              "PRECISION": "tf32", "FP8": fp8}, kv="*fp8e4nv" if fp8 else "*bf16")
+
+
+@pytest.mark.parametrize("write_lse", [False, True])
+def test_merge_kernel_compiles_for_hopper(write_lse):
+    _compile("triton_paged._merge_kernel", {"HEAD_DIM": 128, "WRITE_LSE": write_lse}, data="*fp32")
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_prefill_kernel_compiles_for_hopper(fp8):
+    _compile("triton_prefill._prefill_kernel",
+             {"GROUP": 4, "HEAD_DIM": 128, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_SIZE": 16,
+              "PRECISION": "tf32", "FP8": fp8}, kv="*fp8e4nv" if fp8 else "*bf16")
+
+
+if __name__ == "__main__":
+    _compile_here(*json.loads(sys.argv[1]))
