@@ -62,6 +62,7 @@ CONFIG_KEYS = {
     "cuda_graphs": "runtime.cuda_graphs",
     "async_scheduling": "scheduler.async_scheduling",
     "kv_cache_dtype": "kv_cache.dtype",
+    "weight_dtype": "model.weight_dtype",
 }
 # The layout LLM runs, whatever the defaults: one rank, attention colocated, one micro-batch.
 ONE_RANK = {"parallel.tensor_parallel": 1, "parallel.attention_workers": 0, "scheduler.micro_batches": 1}
@@ -89,7 +90,8 @@ class LLM:
                  max_batch_size: int | None = None, num_blocks: int | str | None = None,
                  block_size: int | None = None, max_prefill_tokens: int | None = None,
                  memory_fraction: float | None = None, cuda_graphs: bool | None = None,
-                 async_scheduling: bool | None = None, kv_cache_dtype: str | None = None):
+                 async_scheduling: bool | None = None, kv_cache_dtype: str | None = None,
+                 weight_dtype: str | None = None):
         """`checkpoint`: a canonical checkpoint directory (`lamina convert`), a Hugging Face model
         directory or a GGUF file (converted once and cached). The other arguments are config
         keys (CONFIG_KEYS); None, or left out, is the key's default (`llm_config`). A wrong value
@@ -100,7 +102,7 @@ class LLM:
             canonical_checkpoint(str(checkpoint)), device=device, dtype=dtype, max_batch_size=max_batch_size,
             num_blocks=num_blocks, block_size=block_size, max_prefill_tokens=max_prefill_tokens,
             memory_fraction=memory_fraction, cuda_graphs=cuda_graphs, async_scheduling=async_scheduling,
-            kv_cache_dtype=kv_cache_dtype)
+            kv_cache_dtype=kv_cache_dtype, weight_dtype=weight_dtype)
         self._owns_group = not dist.is_initialized()
         if self._owns_group:
             _init_one_rank(self.cfg)

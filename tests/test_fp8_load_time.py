@@ -4,11 +4,14 @@ checkpoint serves exactly what the FP8-converted copy of it serves.
 The converter (`quantize_checkpoint`, as `lamina convert --weight-dtype fp8_e4m3` writes) and
 the loader share one rule (`fp8.quantize_weight`, per output channel over the whole weight);
 so every TP rank's shard of every tensor, and then the tokens and logits of a 2-rank TP job
-(real gloo ranks), must be EQUAL, not close. Also: the key is checked like every config key,
+(real gloo ranks), must be EQUAL, not close; so must `megatron_lamina.LLM(weight_dtype=...)`'s
+tokens and log-probabilities against the converted checkpoint's through `LLM`. Also: the key is checked like every config key,
 and an FP8 checkpoint asked for bfloat16 weights is one ConfigError.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -57,6 +60,29 @@ def test_load_time_fp8_generates_what_the_converted_checkpoint_does_at_tp2(check
         assert torch.equal(mine, theirs)
     # ... and it is FP8 that ran: the unquantized checkpoint's logits differ.
     assert any(not torch.equal(a, b) for a, b in zip(unquantized_run["logits"], converted_run["logits"]))
+
+
+def test_llm_weight_dtype_generates_what_the_converted_checkpoint_does(checkpoints):
+    """The offline API's `weight_dtype` keyword is the config key: the same tokens and, to the
+    last bit, the same log-probabilities (prompt and generated) as the converted checkpoint;
+    and FP8 is what ran (the unquantized checkpoint's log-probabilities differ)."""
+    from megatron_lamina import LLM
+
+    canonical, converted = checkpoints
+    prompts = [prompt for prompt, _ in REQUESTS]
+    params = [dataclasses.replace(p, logprobs=1, prompt_logprobs=1) for _, p in REQUESTS]
+    runs = []
+    for checkpoint, weight_dtype in [(converted, None), (canonical, "fp8_e4m3"), (canonical, None)]:
+        with LLM(str(checkpoint), weight_dtype=weight_dtype, num_blocks=64, block_size=4, max_prefill_tokens=8) as llm:
+            runs.append(llm.generate(prompts, params))
+
+    def numbers(run):
+        return [[(e.logprob, e.top) for e in [*o.prompt_logprobs[1:], *o.logprobs]] for o in run]
+
+    converted_run, load_time_run, unquantized_run = runs
+    assert [o.token_ids for o in load_time_run] == [o.token_ids for o in converted_run]
+    assert numbers(load_time_run) == numbers(converted_run)
+    assert numbers(unquantized_run) != numbers(converted_run)
 
 
 def test_the_key_and_the_checkpoint_must_agree(checkpoints):

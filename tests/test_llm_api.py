@@ -91,7 +91,7 @@ def test_llm_takes_the_configs_defaults():
     assert on_cuda["kv_cache"] == default["kv_cache"]  # num_blocks "auto", the config's default
     given = {"device": "cuda", "dtype": "bfloat16", "max_batch_size": 3, "num_blocks": 7, "block_size": 4,
              "max_prefill_tokens": 5, "memory_fraction": 0.5, "cuda_graphs": False, "async_scheduling": False,
-             "kv_cache_dtype": "fp8_e4m3"}
+             "kv_cache_dtype": "fp8_e4m3", "weight_dtype": "fp8_e4m3"}
     cfg = llm_config("m", **given).to_dict()
     for name, key in CONFIG_KEYS.items():
         section, field = key.split(".")
