@@ -6,7 +6,8 @@ rule under `model.weight_dtype: fp8_e4m3`.
 
 Checked: the checkpoint is a few small files that `lamina`'s start-up check accepts; the drawn
 model has the values it should (matrices N(0, 0.02), norms 1, e4m3 rows scaled to their
-largest value); a TP 2 job (real gloo ranks) generates from it, the same tokens on a second
+largest value); the model worker's model is built on the device it is drawn on (no host copy:
+LLaMA-3-70B's would take 64 GB of host memory); a TP 2 job (real gloo ranks) generates from it, the same tokens on a second
 start, and with FP8 weights within FP8's rounding of the unquantized logits.
 """
 
@@ -62,6 +63,27 @@ def test_fill_random_draws_the_model_on_its_device():
                     assert abs(weight.std().item() - 0.02) < 0.002, name
                 else:
                     assert abs(p.std().item() - 0.02) < 0.002, name
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_model_is_built_on_its_device():
+    """`new_model` allocates every parameter and buffer on the device asked, FP8 weights and
+    their scales too: on the meta device, which holds no memory, nothing is left on the host."""
+    import torch.distributed as dist
+
+    from megatron_lamina.checkpoint.random_weights import random_architecture
+    from megatron_lamina.worker.worker_factory import new_model
+
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1) \
+        if not dist.is_initialized() else None
+    try:
+        for fp8 in (False, True):
+            model = new_model(random_architecture("tiny"), torch.bfloat16, dist.group.WORLD, torch.device("meta"),
+                              fp8_weights=fp8)
+            tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+            assert {name: t.device.type for name, t in tensors.items()} == dict.fromkeys(tensors, "meta")
+            assert any(t.dtype == FP8 for t in tensors.values()) == fp8
     finally:
         dist.destroy_process_group()
 

@@ -4,7 +4,8 @@ Launchers (through runtime.start_rank), tests and tools all ask `build_worker`. 
 what the rank is from the topology and builds it in the order that sizes the KV cache right
 (memory.py):
   * model worker: the model with its TP shard of the weights (or `weights`, a function that
-    fills a model, for tools), moved to the device; with CUDA graphs, the stage graphs at
+    fills a model, for tools), moved to the device (or, when its weights are drawn there, built
+    on it: `new_model`); with CUDA graphs, the stage graphs at
     every token bucket (stage_graphs.py); colocated, the decode graphs' memory learnt on a
     tiny cache and the eager activations of the largest step measured; then the cache, of the
     block count every rank agrees on, and the decode graphs captured over it;
@@ -95,10 +96,13 @@ def _model_worker(cfg, arch, topology, groups, rank, device, log, weights) -> Bu
         require_fp8(device, MATMUL_CAPABILITY, f"{what} (FP8 weights: torch._scaled_mm)",
                     "serve unquantized weights (model.weight_dtype bfloat16, a checkpoint converted without "
                     "--weight-dtype)")
-    model = LlamaModel(arch, cfg.torch_dtype, groups.tp, padded_vocab_size(arch.vocab_size, topology.tp_size),
-                       fused_elementwise=graphs, fp8_weights=fp8_weights)
     random = generated_at_load(cfg.model.checkpoint) if weights is None else None
-    if weights is None and random is None:
+    # Weights filled on the device (drawn at load, or a tool's) need no host copy of the model:
+    # a 70B shape's parameters would take its whole size in host memory before `.to(device)`.
+    filled_on_device = weights is not None or random is not None
+    model = new_model(arch, cfg.torch_dtype, groups.tp, device if filled_on_device else torch.device("cpu"),
+                      fused_elementwise=graphs, fp8_weights=fp8_weights)
+    if not filled_on_device:
         CheckpointShardLoader(cfg.model.checkpoint, rank, topology.tp_size, cfg.torch_dtype,
                               quantize_fp8=quantize).load_into(model)
     model = model.to(device)
@@ -160,6 +164,16 @@ def _model_worker(cfg, arch, topology, groups, rank, device, log, weights) -> Bu
     host = _host_slots(cfg, arch, kv_heads)
     tier = _host_tier(cache, host, 0, log)
     return BuiltWorker(worker_over(cache, decode, tier), num_blocks, cache, host)
+
+
+def new_model(arch: ModelArchitecture, dtype: torch.dtype, tp_group, device: torch.device,
+              fused_elementwise: bool = False, fp8_weights: bool = False) -> LlamaModel:
+    """This TP rank's model, its parameters and buffers allocated on `device`, unfilled: built
+    under a `torch.device` context, which places every tensor made without a device (Megatron's
+    layers make theirs so, given `use_cpu_initialization`) there."""
+    with device:
+        return LlamaModel(arch, dtype, tp_group, padded_vocab_size(arch.vocab_size, tp_group.size()),
+                          fused_elementwise=fused_elementwise, fp8_weights=fp8_weights)
 
 
 def _attention_worker(cfg, arch, topology, groups, rank, device, log) -> BuiltWorker:
