@@ -48,7 +48,7 @@ def test_default_model_matches_transformers(smollm2):
     for chat, (prompt_ids, tokens, text, reason) in zip(CHATS, results):
         expected_prompt = hf_tok(hf_tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False),
                                  add_special_tokens=False)["input_ids"]
-        assert prompt_ids == expected_prompt
+        assert list(prompt_ids) == expected_prompt  # the engine keeps prompts as tuples
         with torch.no_grad():
             out = hf_model.generate(torch.tensor([prompt_ids]), max_new_tokens=MAX_TOKENS, do_sample=False)
         expected = out[0, len(prompt_ids):].tolist()
