@@ -20,12 +20,11 @@ from megatron_lamina.architecture import ModelArchitecture
 from megatron_lamina.attention.kv_cache import PagedKVCache
 from megatron_lamina.bench.plans import blocks_for, decode_plan
 from megatron_lamina.bench.timing import time_ms
-from megatron_lamina.checkpoint.loader import padded_vocab_size
 from megatron_lamina.worker.cuda_graphs import DecodeGraphs
 from megatron_lamina.worker.model_worker import ModelWorker
 from megatron_lamina.worker.stage_graphs import StageGraphs
 from megatron_lamina.worker.token_feed import TokenFeed
-from megatron_lamina.worker.worker_factory import attention_backend
+from megatron_lamina.worker.worker_factory import attention_backend, new_model
 from megatron_lamina.fp8 import FP8, quantize_rows
 from megatron_lamina.model.llama import LlamaModel
 from megatron_lamina.transport.channel import LocalChannel
@@ -33,12 +32,11 @@ from megatron_lamina.transport.channel import LocalChannel
 
 def random_model(arch: ModelArchitecture, tp_group, dtype: torch.dtype = torch.bfloat16, device="cuda",
                  fused: bool = True, std: float = 0.02, fp8_weights: bool = False) -> LlamaModel:
-    """This TP rank's shard of `arch` on `device`, every parameter N(0, std) (drawn there),
+    """This TP rank's shard of `arch` built on `device`, every parameter N(0, std) (drawn there),
     with the compiled elementwise kernels the engine's graphs use unless `fused` is False.
     `fp8_weights`: the linear layers e4m3 with per-channel scales (model/fp8_linear.py), each
     weight drawn in `dtype` and quantized as the converter quantizes it."""
-    model = LlamaModel(arch, dtype, tp_group, padded_vocab_size(arch.vocab_size, tp_group.size()),
-                       fused_elementwise=fused, fp8_weights=fp8_weights).to(device)
+    model = new_model(arch, dtype, tp_group, torch.device(device), fused_elementwise=fused, fp8_weights=fp8_weights)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith(".weight_scale"):
