@@ -208,6 +208,8 @@ def _pooled_rank(rank: int, pool_dir: str, parent: int) -> None:
             os._exit(1)
         del outcome
         gc.collect()
+        if torch.cuda.is_initialized():
+            torch.cuda.empty_cache()  # an idle rank holds no device memory while smaller jobs run
 
 
 def _unreadable():
