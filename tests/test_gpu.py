@@ -409,3 +409,34 @@ def test_fp8_kv_and_weights_on_cuda(layout, tiny_models, tmp_path):
     for (checkpoint, overrides), result in zip(cases, results):
         check_fp8_run(f"{checkpoint} {overrides[-1]}", result, tokens, logits, FP8_GPU_ATOL)
         assert result["graph_steps"] == result["steps"]
+
+
+# The first step's logits of the tiny random spec (weights N(0, 0.02), |logit| <= 0.6), FP8
+# weights quantized at load against the unquantized ones: at most 0.032 on a CPU (bfloat16 and
+# float32, spec seeds 0-3, 2026-12-07); 0.1 leaves room for the GPU's own draws and rounding,
+# while a weight read without its scale (e4m3 values up to 448 for weights near 0.06) is off by
+# orders of magnitude.
+FP8_AT_LOAD_ATOL = 0.1
+
+
+def test_random_weights_drawn_at_load_on_cuda(tmp_path):
+    """A spec whose weights are drawn at load (write_random_spec, the tiny shape), colocated in
+    bf16 from CUDA graphs, its model built on the GPU (worker_factory.new_model): each start
+    draws the same weights (a second start generates the same tokens), unquantized and with
+    FP8 weights quantized at load (torch._scaled_mm); and the FP8 run's first-step logits are
+    within FP8's rounding of the unquantized ones, and not equal to them."""
+    from megatron_lamina.checkpoint.random_weights import write_random_spec
+
+    spec = str(write_random_spec(tmp_path / "spec", "tiny", seed=5))
+    base = ["runtime.device=cuda", "runtime.cuda_graphs=true", "model.dtype=bfloat16", "parallel.tensor_parallel=1",
+            "parallel.attention_workers=0", "kv_cache.block_size=4", "kv_cache.num_blocks=64",
+            "scheduler.max_prefill_tokens=8"]
+    fp8 = [*base, "model.weight_dtype=fp8_e4m3"]
+    first, again, fp8_first, fp8_again = run_ranks(generate_on_ranks, 1, [(spec, base), (spec, base), (spec, fp8),
+                                                                          (spec, fp8)], REQUESTS)
+    assert [len(t) for t in first["tokens"]] == [params.max_tokens for _, params in REQUESTS]
+    assert again["tokens"] == first["tokens"] and fp8_again["tokens"] == fp8_first["tokens"]
+    assert first["graph_steps"] == first["steps"] and fp8_first["graph_steps"] == fp8_first["steps"]
+    for mine, unquantized in zip(fp8_first["logits"], first["logits"]):
+        assert not torch.equal(mine[0], unquantized[0])
+        assert (mine[0].float() - unquantized[0].float()).abs().max() < FP8_AT_LOAD_ATOL
