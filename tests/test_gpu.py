@@ -317,8 +317,14 @@ def test_prefix_cache_host_tier_copies_run_beside_the_step():
         torch.cuda.synchronize()
         return [layer.clone() for layer in tier.layers], tier.slots.clone()
 
+    def step_after_apply():
+        for layer in tier.layers:  # the step refills block 10, which went out
+            layer[10].fill_(0)
+        return torch.stack([layer[31] for layer in tier.layers])
+
     fill()
-    tier.apply(plan)  # warm-up: the allocators' first buffers
+    tier.apply(plan)  # warm-up: the allocators' first buffers, and every kernel's first launch
+    step_after_apply()  # (a kernel's first launch loads its module, which may wait for the device)
     blocks, slots = fill()
     torch.cuda._sleep(2_000_000_000)  # about a second of one spinning kernel on the compute stream
     ahead = torch.cuda.Event()
@@ -326,12 +332,11 @@ def test_prefix_cache_host_tier_copies_run_beside_the_step():
     torch.cuda.set_sync_debug_mode("error")
     try:
         tier.apply(plan)
-        for layer in tier.layers:  # the step refills block 10, which went out
-            layer[10].fill_(0)
-        read = torch.stack([layer[31] for layer in tier.layers])
+        returned_early = not ahead.query() and not tier.copies.query()  # asked at once: nothing else queued yet
+        read = step_after_apply()
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert not ahead.query() and not tier.copies.query(), "apply waited for the step ahead or its copies"
+    assert returned_early, "apply waited for the step ahead or its copies"
     torch.cuda.synchronize()
     for block, slot in offloads:
         assert torch.equal(tier.slots[slot], torch.stack([layer[block] for layer in blocks]).cpu()), (block, slot)
