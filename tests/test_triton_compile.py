@@ -65,7 +65,7 @@ def _compile_here(kernel_name: str, constants: dict, kv: str, data: str) -> None
 
 
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
-@pytest.mark.parametrize("block_n", [16, 64])
+@pytest.mark.parametrize("block_n", [16, 64, 128])
 def test_decode_kernel_compiles_for_hopper(fp8, block_n):
     _compile("triton_paged._decode_kernel",
              {"GROUP": 4, "BLOCK_G": 16, "HEAD_DIM": 128, "BLOCK_N": block_n, "BLOCK_SIZE": 16,

@@ -32,8 +32,8 @@ MODES = [("bf16", False, None), ("FP8 KV", False, FP8), ("FP8 weights", True, No
 def kernel_rows(batch: int, context: int, copy_bw: float, block_size: int = 16,
                 tiles=((64, 4), (128, 4), (128, 8), (256, 8))) -> list[dict]:
     """The paged decode kernel on a bf16 and an e4m3 cache, at each (BLOCK_N, num_warps) of
-    `tiles` (the first is `paged_decode`'s default): ms, and the fraction of copy bandwidth
-    counting the bytes each reads; `speedup` against bf16 at the default tile."""
+    `tiles` (`paged_decode`'s defaults: (64, 4) for bf16, (128, 4) for e4m3): ms, and the
+    fraction of copy bandwidth counting the bytes each reads; `speedup` against bf16 at the first tile."""
     heads, kv_heads, d = 32, 8, 128
     blocks_each = math.ceil(context / block_size)
     tables = torch.randperm(batch * blocks_each, device="cuda").view(batch, blocks_each).int()
