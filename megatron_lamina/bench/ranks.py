@@ -111,6 +111,41 @@ def _restored_environment():
         torch.set_num_threads(threads)
 
 
+def _await_results(paths: dict[int, Path], exitcode: Callable[[int], int | None], deadline: float,
+                   poll_s: float, world_size: int, results: dict[int, tuple]) -> dict[int, tuple]:
+    """`results` (answers known already) completed with the ranks' (status, value) answers
+    from their result files `paths`: until all `world_size` answered, one failed (then two
+    seconds for the others to report their view of it), a rank exited without answering, or
+    the deadline passed."""
+
+    def collect():
+        for rank, path in paths.items():
+            if rank not in results and path.exists():
+                results[rank] = pickle.loads(path.read_bytes())
+
+    while len(results) < world_size and time.monotonic() < deadline:
+        collect()
+        if any(status == "error" for status, _ in results.values()):
+            time.sleep(2)
+            collect()
+            break
+        for rank in paths:
+            code = exitcode(rank)
+            if rank not in results and code is not None:
+                collect()  # its answer may have landed just before it exited
+                results.setdefault(rank, ("error", f"exited with code {code}"))
+        time.sleep(poll_s)
+    return results
+
+
+def _failures(results: dict[int, tuple], world_size: int, timeout: float) -> list[str]:
+    """Each failed rank's report, or the timeout when some ranks never answered."""
+    errors = [f"rank {r}:\n{value}" for r, (status, value) in sorted(results.items()) if status == "error"]
+    if len(results) < world_size and not errors:
+        errors.append(f"timed out after {timeout}s; ranks that reported: {sorted(results)}")
+    return errors
+
+
 def run_ranks(fn: Callable, world_size: int, *args, timeout: float = 300.0, threads: int | None = 1,
               hang_s: float | None = None, here: bool = False) -> Any:
     """fn(*args) on `world_size` ranks; rank 0's return value (the module's docstring).
@@ -130,13 +165,6 @@ def run_ranks(fn: Callable, world_size: int, *args, timeout: float = 300.0, thre
         deadline = time.monotonic() + timeout
         results: dict[int, tuple] = {}
         error_here = None
-
-        def collect():
-            for rank in procs:
-                path = Path(results_dir) / f"rank{rank}.pkl"
-                if rank not in results and path.exists():
-                    results[rank] = pickle.loads(path.read_bytes())
-
         try:
             if here:
                 with _restored_environment():
@@ -151,16 +179,8 @@ def run_ranks(fn: Callable, world_size: int, *args, timeout: float = 300.0, thre
                     finally:
                         if dist.is_initialized():
                             dist.destroy_process_group()
-            while len(results) < world_size and time.monotonic() < deadline:
-                collect()
-                if any(status == "error" for status, _ in results.values()):
-                    time.sleep(2)  # let the other ranks report their view of the failure
-                    collect()
-                    break
-                dead = [r for r, p in procs.items() if p.exitcode not in (None, 0) and r not in results]
-                if dead:
-                    results.update({r: ("error", f"exited with code {procs[r].exitcode}") for r in dead})
-                time.sleep(0.05)
+            paths = {r: Path(results_dir) / f"rank{r}.pkl" for r in procs}
+            results = _await_results(paths, lambda r: procs[r].exitcode, deadline, 0.05, world_size, results)
         finally:
             for p in procs.values():
                 p.join(timeout=5)
@@ -169,9 +189,7 @@ def run_ranks(fn: Callable, world_size: int, *args, timeout: float = 300.0, thre
                     p.join()
     if error_here is not None:
         raise error_here
-    errors = [f"rank {r}:\n{value}" for r, (status, value) in sorted(results.items()) if status == "error"]
-    if len(results) < world_size and not errors:
-        errors.append(f"timed out after {timeout}s; ranks that reported: {sorted(results)}")
+    errors = _failures(results, world_size, timeout)
     if errors:
         raise RuntimeError("\n".join(errors))
     return results[0][1]
@@ -255,34 +273,15 @@ class RankPool:
             self._procs.append(proc)
         self._post((fn, args, world_size, free_port(), threads, dict(os.environ), os.getcwd()))
         results_of = {r: Path(self._dir) / f"rank{r}-job{self._jobs}.pkl" for r in range(world_size)}
-        deadline = time.monotonic() + timeout
-        results: dict[int, tuple] = {}
-
-        def collect():
-            for rank, path in results_of.items():
-                if rank not in results and path.exists():
-                    results[rank] = pickle.loads(path.read_bytes())
-
         try:
-            while len(results) < world_size and time.monotonic() < deadline:
-                collect()
-                if any(status == "error" for status, _ in results.values()):
-                    time.sleep(2)  # let the other ranks report their view of the failure
-                    collect()
-                    break
-                for rank in range(world_size):
-                    if rank not in results and self._procs[rank].exitcode is not None:
-                        collect()
-                        results.setdefault(rank, ("error", f"exited with code {self._procs[rank].exitcode}"))
-                time.sleep(0.02)
+            results = _await_results(results_of, lambda r: self._procs[r].exitcode, time.monotonic() + timeout,
+                                     0.02, world_size, {})
         except BaseException:  # interrupted (a test's timeout): the ranks may still be in the job
             self.close(kill=True)
             raise
         for path in results_of.values():
             path.unlink(missing_ok=True)
-        errors = [f"rank {r}:\n{value}" for r, (status, value) in sorted(results.items()) if status == "error"]
-        if len(results) < world_size and not errors:
-            errors.append(f"timed out after {timeout}s; ranks that reported: {sorted(results)}")
+        errors = _failures(results, world_size, timeout)
         if errors:
             self.close(kill=True)
             raise RuntimeError("\n".join(errors))
