@@ -1,11 +1,14 @@
-"""tools/bench_host_step.py runs from a checkout and prints its table: every row, every figure
-a number (no threshold on them: timings are not tested). The whole-step benchmark runs the real
-scheduler's decode steps, and its "before" and "after" paths build the same attention index."""
+"""tools/bench_host_step.py prints its table (run in this process, as its `main`): every row
+in order, every figure a number, each whole step's figure the parts its note names, the
+ratios the note states computed from the figures beside them (no threshold on the timings:
+they are not tested). The whole-step benchmark runs the real scheduler's decode steps, and its
+"before" and "after" paths build the same attention index."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
+import gc
+import re
+import runpy
 from pathlib import Path
 
 import numpy as np
@@ -14,20 +17,36 @@ import pytest
 from megatron_lamina.bench.host_step import whole_step_ms
 
 ROOT = Path(__file__).resolve().parents[1]
+NUMBER = r"(\d+\.\d+)"
 
 
-def test_the_host_step_benchmark_prints_its_table():
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_host_step.py"), "--repeats", "2"],
-                          capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr
-    rows = proc.stdout.strip().splitlines()
+def test_the_host_step_benchmark_prints_its_table(capsys):
+    main = runpy.run_path(str(ROOT / "tools" / "bench_host_step.py"))["main"]
+    threshold = gc.get_threshold()
+    try:
+        assert main(["--repeats", "2"]) == 0
+    finally:  # the "after" rows run the collector as a launched rank sets it (runtime.quiet_gc)
+        gc.unfreeze()
+        gc.set_threshold(*threshold)
+    rows = capsys.readouterr().out.strip().splitlines()
     assert rows[0].startswith("| host work |") and len(rows) == 2 + 2 + 4 + 2 + 2 * 4
-    for row in rows[2:]:
-        cells = [c.strip() for c in row.strip("|").split("|")]
-        assert float(cells[2]) > 0 and float(cells[3]) > 0, row
-    whole = [row for row in rows if row.startswith("| whole step,")]
-    assert [row.split("|")[2].strip() for row in whole] == ["256 x 1K", "256 x 8K", "1024 x 1K", "1024 x 8K"] * 2
-    assert all(("8K/1K" in row) == ("x 8K" in row) for row in whole)
+    cells = [[c.strip() for c in row.strip("|").split("|")] for row in rows[2:]]
+    assert [c[0] for c in cells] == ["sampler, temperature 1.0"] * 2 + ["padded block tables"] * 4 + \
+        ["plan encode + decode"] * 2 + ["whole step, colocated"] * 4 + ["whole step, disaggregated"] * 4
+    assert [c[1] for c in cells[-8:]] == ["256 x 1K", "256 x 8K", "1024 x 1K", "1024 x 8K"] * 2
+    for c in cells:
+        float(c[2]), float(c[3])  # before, after: numbers
+    after_1k = {}
+    for c in cells[-8:]:
+        before, after = float(c[2]), float(c[3])
+        after_1k.setdefault((c[0], c[1].split()[0]), after)
+        parts = re.match(rf"schedule {NUMBER} \+ plan {NUMBER} \+ tables/index {NUMBER} \(before {NUMBER} \+ "
+                         rf"{NUMBER} \+ {NUMBER}\); after/before {NUMBER}(; 8K/1K {NUMBER})?$", c[4])
+        assert parts, c[4]
+        assert float(parts[7]) == pytest.approx(after / before, abs=0.006)  # the ratio is the two figures'
+        assert (parts[9] is not None) == c[1].endswith("8K")  # flatness is stated for each 8K row
+        if parts[9] is not None:  # against the same layout and batch at 1K
+            assert float(parts[9]) == pytest.approx(after / after_1k[(c[0], c[1].split()[0])], abs=0.006)
 
 
 @pytest.mark.parametrize("layout", ["colocated", "disaggregated"])
