@@ -20,14 +20,19 @@ ROOT = Path(__file__).resolve().parents[1]
 NUMBER = r"(\d+\.\d+)"
 
 
+@pytest.fixture(autouse=True)
+def collector_put_back():
+    """The "after" figures run Python's collector as a launched rank sets it (runtime.quiet_gc):
+    the test session's own is put back after each test."""
+    threshold = gc.get_threshold()
+    yield
+    gc.unfreeze()
+    gc.set_threshold(*threshold)
+
+
 def test_the_host_step_benchmark_prints_its_table(capsys):
     main = runpy.run_path(str(ROOT / "tools" / "bench_host_step.py"))["main"]
-    threshold = gc.get_threshold()
-    try:
-        assert main(["--repeats", "2"]) == 0
-    finally:  # the "after" rows run the collector as a launched rank sets it (runtime.quiet_gc)
-        gc.unfreeze()
-        gc.set_threshold(*threshold)
+    assert main(["--repeats", "2"]) == 0
     rows = capsys.readouterr().out.strip().splitlines()
     assert rows[0].startswith("| host work |") and len(rows) == 2 + 2 + 4 + 2 + 2 * 4
     cells = [[c.strip() for c in row.strip("|").split("|")] for row in rows[2:]]
