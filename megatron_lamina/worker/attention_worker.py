@@ -40,11 +40,10 @@ class AttentionWorker:
             self.host_tier.apply(plan)
         table_writes = self.tables.apply(plan)  # first in the copy: the indices gather from the mirror
         shard, mbs = self.endpoint.shard, plan.micro_batches
-        mine = [j for j, mb in enumerate(mbs) if mb.shard_chunks(shard)]
-        staged = to_device([table_writes] + [self.attend.host_index(mbs[j].shard_chunks(shard)) for j in mine],
-                           self.device)
-        indices = dict(zip(mine, staged[1:]))
-        decode_only = {j for j in mine if all(len(c.tokens) == 1 for c in mbs[j].shard_chunks(shard))}
+        here = {j: chunks for j, mb in enumerate(mbs) if (chunks := mb.shard_chunks(shard))}  # this shard's rows
+        staged = to_device([table_writes] + [self.attend.host_index(chunks) for chunks in here.values()], self.device)
+        indices = dict(zip(here, staged[1:]))
+        decode_only = {j for j, chunks in here.items() if all(len(c.tokens) == 1 for c in chunks)}
         for layer, j in exchange_order(len(mbs), self.num_layers):
             if j not in indices:
                 continue
