@@ -220,7 +220,7 @@ def _generation(request: Request) -> Generation:
     prompt_logprobs = list(request.prompt_logprobs) if p.prompt_logprobs is not None else None
     return Generation(list(request.prompt_token_ids), request.text, request.output_token_ids, request.finish_reason,
                       list(request.output_logprobs) if p.logprobs is not None else None, prompt_logprobs,
-                      max(request.num_cached_tokens, 0))
+                      request.cached_tokens)
 
 
 def _init_one_rank(cfg: LaminaConfig) -> None:

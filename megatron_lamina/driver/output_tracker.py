@@ -34,7 +34,7 @@ class OutputTracker:
             token_ids=r.output_token_ids[self.sent_tokens:], finished=finished,
             finish_reason="error" if error is not None else r.finish_reason,
             prompt_tokens=len(r.prompt_token_ids), completion_tokens=len(r.output_token_ids), error=error,
-            cached_tokens=max(r.num_cached_tokens, 0),
+            cached_tokens=r.cached_tokens,
         )
         if r.params.logprobs is not None:
             out.logprobs = r.output_logprobs[self.sent_tokens:]

@@ -85,6 +85,11 @@ class Request:
         return [*self.prompt_token_ids[start:], *self.output_token_ids[:end - n]]
 
     @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens its first admission took from the prefix cache (0 before it)."""
+        return max(self.num_cached_tokens, 0)
+
+    @property
     def num_tokens(self) -> int:
         """Tokens known on the host: the prompt and the output read back so far."""
         return len(self.prompt_token_ids) + len(self.output_token_ids)

@@ -332,7 +332,7 @@ class EngineSimulator:
         hit_rate = None
         if self.prefix_caching:
             served = [r for r in done_in_window if r.request is not None]
-            hit_rate = sum(max(r.request.num_cached_tokens, 0) for r in served) / \
+            hit_rate = sum(r.request.cached_tokens for r in served) / \
                 max(sum(r.trace.input_len for r in served), 1)
         tpot = [(r.finish_s - r.first_token_s) / (r.generated - 1) for r in measured if r.generated > 1]
         outcomes = [r.outcome for r in replays]
