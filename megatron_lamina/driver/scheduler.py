@@ -171,12 +171,9 @@ class Scheduler:
         start = request.num_computed
         if start // self.block_size > request.num_registered:  # computed by steps planned before this one
             self.blocks.register(request, start)
-        prompt_len = len(request.prompt_token_ids)
         if request.num_pending:  # the newest token is still on the device: fed from there
             assert n == 1 and start == total - 1, (request.request_id, n, start)
             tokens, feed = [0], request.feed_row
-        elif n == 1 and start >= prompt_len:  # a decode step's one token, known on the host
-            tokens, feed = [request.output_token_ids[start - prompt_len]], -1
         else:
             tokens, feed = request.tokens(start, start + n), -1
         table, sent = request.block_table, request.num_blocks_sent
@@ -187,6 +184,7 @@ class Scheduler:
             new_blocks = []
         request.num_computed = start + n
         # Prompt log-probabilities (echo) come from the logits of every prompt token, once.
+        prompt_len = len(request.prompt_token_ids)
         wants_all = request.params.prompt_logprobs is not None and start < prompt_len \
             and len(request.prompt_logprobs) < prompt_len
         return SequenceChunk(request.request_id, request.shard, start, tokens, new_blocks, start + n == total, feed,
