@@ -3,8 +3,8 @@ the roofline it is compared with.
 
 Built from the engine's public pieces, as the worker factory builds a colocated model worker
 (worker/worker_factory.py), but for one model reused over many caches and batch sizes (the
-factory builds one worker per config): `random_model` (a `LlamaModel` with N(0, std)
-parameters), `local_worker` (a `ModelWorker` over a `LocalChannel` to an attention backend,
+factory builds one worker per config): `random_model` (a `LlamaModel` with random weights,
+drawn as a random checkpoint's are), `local_worker` (a `ModelWorker` over a `LocalChannel` to an attention backend,
 `attention_backend` picking the kernel per device as the factory does), `decode_graphs`
 (the colocated decode graphs, captured), `random_cache` (a paged KV cache of random values).
 `colocated_decode_ms` times the colocated decode step at batch x context, eager and/or
@@ -24,29 +24,20 @@ from megatron_lamina.worker.cuda_graphs import DecodeGraphs
 from megatron_lamina.worker.model_worker import ModelWorker
 from megatron_lamina.worker.stage_graphs import StageGraphs
 from megatron_lamina.worker.token_feed import TokenFeed
+from megatron_lamina.checkpoint.random_weights import fill_random
 from megatron_lamina.worker.worker_factory import attention_backend, new_model
-from megatron_lamina.fp8 import FP8, quantize_rows
 from megatron_lamina.model.llama import LlamaModel
 from megatron_lamina.transport.channel import LocalChannel
 
 
 def random_model(arch: ModelArchitecture, tp_group, dtype: torch.dtype = torch.bfloat16, device="cuda",
                  fused: bool = True, std: float = 0.02, fp8_weights: bool = False) -> LlamaModel:
-    """This TP rank's shard of `arch` built on `device`, every parameter N(0, std) (drawn there),
-    with the compiled elementwise kernels the engine's graphs use unless `fused` is False.
-    `fp8_weights`: the linear layers e4m3 with per-channel scales (model/fp8_linear.py), each
-    weight drawn in `dtype` and quantized as the converter quantizes it."""
+    """This TP rank's shard of `arch` built on `device`, its weights drawn there by the
+    random checkpoint's own rule (checkpoint/random_weights.fill_random: matrices N(0, std),
+    norms 1, e4m3 linears quantized as the converter quantizes them), with the compiled
+    elementwise kernels the engine's graphs use unless `fused` is False."""
     model = new_model(arch, dtype, tp_group, torch.device(device), fused_elementwise=fused, fp8_weights=fp8_weights)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(".weight_scale"):
-                continue  # set with its weight
-            if p.dtype == FP8:
-                weight, scale = quantize_rows(torch.empty(p.shape, dtype=dtype, device=device).normal_(0.0, std))
-                p.copy_(weight)
-                model.get_parameter(name + "_scale").copy_(scale[:, 0])
-            else:
-                p.normal_(0.0, std)
+    fill_random(model, seed=0, std=std, tp_rank=tp_group.rank())
     return model
 
 
