@@ -26,17 +26,18 @@ POINTER_TYPES = {"table_ptr": "*i32", "lens_ptr": "*i32", "q_starts_ptr": "*i32"
                  "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32", "part_ptr": "*fp32"}
 
 
-def _compile(kernel_name: str, constants: dict, kv: str = "*bf16", data: str = "*bf16") -> None:
+def _compile(kernel_name: str, constants: dict, kv: str = "*bf16", data: str = "*bf16", options=None) -> None:
     """In a child process without the interpreter: `_compile_here`."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    case = json.dumps([kernel_name, constants, kv, data])
+    case = json.dumps([kernel_name, constants, kv, data, options or {}])
     out = subprocess.run([sys.executable, __file__, case], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and "compiled" in out.stdout, out.stderr[-4000:]
 
 
-def _compile_here(kernel_name: str, constants: dict, kv: str, data: str) -> None:
+def _compile_here(kernel_name: str, constants: dict, kv: str, data: str, options: dict) -> None:
     """Compile the kernel `module.name` with `constants` for its constexpr arguments: K/V pointers of type
-    `kv`, the other data pointers `data`, indices int32 and strides int64."""
+    `kv`, the other data pointers `data`, indices int32 and strides int64; `options` (num_warps,
+    num_stages) as a launch passes them."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -59,9 +60,12 @@ def _compile_here(kernel_name: str, constants: dict, kv: str, data: str) -> None
             signature[name] = "i32" if name in ("splits", "heads") else "i64"
     source = ASTSource(fn=kernel, signature=signature,
                        constexprs={(kernel.arg_names.index(n),): v for n, v in constants.items()})
-    compiled = triton.compile(source, target=GPUTarget(*HOPPER))
+    compiled = triton.compile(source, target=GPUTarget(*HOPPER), options=options)
     assert compiled.asm["ptx"]  # lowered all the way
     print("compiled")
+
+
+DECODE_DEFAULT = {"FULL_TILES": False, "F16_DOTS": False, "TABLE_PER_BLOCK": False}
 
 
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
@@ -69,7 +73,31 @@ def _compile_here(kernel_name: str, constants: dict, kv: str, data: str) -> None
 def test_decode_kernel_compiles_for_hopper(fp8, block_n):
     _compile("triton_paged._decode_kernel",
              {"GROUP": 4, "BLOCK_G": 16, "HEAD_DIM": 128, "BLOCK_N": block_n, "BLOCK_SIZE": 16,
-              "PRECISION": "tf32", "FP8": fp8}, kv="*fp8e4nv" if fp8 else "*bf16")
+              "PRECISION": "tf32", "FP8": fp8, **DECODE_DEFAULT}, kv="*fp8e4nv" if fp8 else "*bf16")
+
+
+# The decode kernel's variants (paged_decode's full_tiles, fp8_dots, table_per_block) as
+# bench/fp8_speed.py's sweep launches them: tiles of 64 to 256 keys over blocks of 16, 4 and
+# 8 warps, 2 to 5 stages.
+DECODE_VARIANTS = {
+    "bf16-full-64": (False, {"FULL_TILES": True}, 64, {}),
+    "bf16-full-table-128-w8-s4": (False, {"FULL_TILES": True, "TABLE_PER_BLOCK": True}, 128,
+                                  {"num_warps": 8, "num_stages": 4}),
+    "fp8-f16-128": (True, {"F16_DOTS": True}, 128, {}),
+    "fp8-full-f16-128-s5": (True, {"FULL_TILES": True, "F16_DOTS": True}, 128, {"num_stages": 5}),
+    "fp8-full-f16-table-256-w8-s2": (True, {"FULL_TILES": True, "F16_DOTS": True, "TABLE_PER_BLOCK": True}, 256,
+                                     {"num_warps": 8, "num_stages": 2}),
+    "fp8-full-table-64": (True, {"FULL_TILES": True, "TABLE_PER_BLOCK": True}, 64, {}),
+}
+
+
+@pytest.mark.parametrize("variant", DECODE_VARIANTS)
+def test_decode_kernel_variants_compile_for_hopper(variant):
+    fp8, flags, block_n, options = DECODE_VARIANTS[variant]
+    _compile("triton_paged._decode_kernel",
+             {"GROUP": 4, "BLOCK_G": 16, "HEAD_DIM": 128, "BLOCK_N": block_n, "BLOCK_SIZE": 16,
+              "PRECISION": "tf32", "FP8": fp8, **DECODE_DEFAULT, **flags}, kv="*fp8e4nv" if fp8 else "*bf16",
+             options=options)
 
 
 @pytest.mark.parametrize("write_lse", [False, True])

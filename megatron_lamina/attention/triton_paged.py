@@ -52,6 +52,18 @@ def jit_unspecialized(values=(), pointers=()):
 
 if triton is not None:
 
+    @triton.jit
+    def f16_queries(q, qk_scale):
+        """q in float16 for float16 dots over e4m3 tiles, and the score scale to use with it.
+        float16 holds any e4m3 value exactly but overflows past 65504, where bf16 q does not: a
+        program whose largest |q| passes 2**15 divides q by a power of two and multiplies the
+        score scale by it (exact; only elements 2**24 below the largest lose bits, which
+        float16's rounding of the largest term already outweighs)."""
+        q = q.to(tl.float32)
+        q_max = tl.max(tl.max(tl.abs(q), axis=1), axis=0)
+        shift = tl.maximum(tl.ceil(tl.log2(tl.maximum(q_max, 1.0))) - 15.0, 0.0)
+        return (q * tl.exp2(-shift)).to(tl.float16), qk_scale * tl.exp2(shift)
+
     @jit_unspecialized(values=["stride_tb"], pointers=["table_ptr", "lens_ptr"])
     def _decode_kernel(
         q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, o_ptr, m_ptr, l_ptr, k_scale_ptr, v_scale_ptr,
@@ -59,6 +71,7 @@ if triton is not None:
         stride_ob, stride_os, stride_oh, qk_scale,
         GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, PRECISION: tl.constexpr, FP8: tl.constexpr,
+        FULL_TILES: tl.constexpr, F16_DOTS: tl.constexpr, TABLE_PER_BLOCK: tl.constexpr,
     ):
         b, h, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         v_scale = 1.0
@@ -71,6 +84,8 @@ if triton is not None:
         g_mask = offs_g < GROUP
         q = tl.load(q_ptr + b * stride_qb + (h * GROUP + offs_g)[:, None] * stride_qh + offs_d[None, :],
                     mask=g_mask[:, None], other=0.0)
+        if F16_DOTS:
+            q, qk_scale = f16_queries(q, qk_scale)
         m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_G], tl.float32)
         acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
@@ -80,9 +95,16 @@ if triton is not None:
         start = split * per_split
         end = tl.minimum(length, start + per_split)
         q_pos = tl.zeros([BLOCK_G], tl.int32) + (length - 1)  # the query's position: every key < length
-        acc, m_i, l_i = attend_tiles(acc, m_i, l_i, q, q_pos, k_ptr, v_ptr, table_ptr + b * stride_tb, h * stride_kh,
-                                     stride_kblk, stride_ktok, start, end, end, qk_scale,
-                                     True, HEAD_DIM, BLOCK_N, BLOCK_SIZE, PRECISION, FP8)
+        table_row_ptr = table_ptr + b * stride_tb
+        masked_from = start
+        if FULL_TILES:  # whole tiles of the split (all keys < length, seen) unmasked; the tail masked
+            masked_from = tl.maximum(start, end // BLOCK_N * BLOCK_N)
+            acc, m_i, l_i = attend_tiles(acc, m_i, l_i, q, q_pos, k_ptr, v_ptr, table_row_ptr, h * stride_kh,
+                                         stride_kblk, stride_ktok, start, masked_from, end, qk_scale,
+                                         False, HEAD_DIM, BLOCK_N, BLOCK_SIZE, PRECISION, FP8, TABLE_PER_BLOCK)
+        acc, m_i, l_i = attend_tiles(acc, m_i, l_i, q, q_pos, k_ptr, v_ptr, table_row_ptr, h * stride_kh,
+                                     stride_kblk, stride_ktok, masked_from, end, end, qk_scale,
+                                     True, HEAD_DIM, BLOCK_N, BLOCK_SIZE, PRECISION, FP8, TABLE_PER_BLOCK)
         out = o_ptr + b * stride_ob + split * stride_os + (h * GROUP + offs_g)[:, None] * stride_oh + offs_d[None, :]
         tl.store(out, acc * (v_scale / tl.where(l_i > 0, l_i, 1.0))[:, None], mask=g_mask[:, None])
         stats = (b * tl.num_programs(2) + split) * tl.num_programs(1) * GROUP + h * GROUP + offs_g
@@ -111,11 +133,15 @@ if triton is not None:
             tl.store(lse_ptr + b * heads + hq, m_max + tl.log(total))
 
 
+FP8_DOTS = ("q", "fp16")  # an e4m3 cache's dot type: q's dtype, or float16
+
+
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  block_tables: torch.Tensor, context_lens: torch.Tensor, block_n: int | None = None,
                  num_splits: int | None = None, num_warps: int = 4, num_stages: int = 3,
                  waves: float = 2.0, max_context: int | None = None, return_lse: bool = False,
-                 k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None):
+                 k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+                 full_tiles: bool = False, fp8_dots: str = "q", table_per_block: bool = False):
     """q [batch, heads, d]; caches [blocks, kv_heads, block_size, d]; block_tables [batch,
     max_blocks] int32; context_lens [batch] int32 (keys 0..len-1 are attended) -> o like q.
     Without `num_splits`, contexts are split so that there are about `waves` programs per
@@ -126,7 +152,15 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     lse [batch, heads] float32, the natural log-sum-exp of each query head's scaled scores (the
     statistics the splits are merged with); a context of 0 keys gives o = 0 and lse = -inf.
     An e4m3 cache takes its scales, `k_scale` and `v_scale` [kv_heads] float32 (a stored x
-    means x * scale)."""
+    means x * scale).
+    Variants, the same attention (bench/fp8_speed.py times them): `full_tiles` runs a split's
+    whole tiles unmasked and only its last, partial tile masked (else every tile is masked);
+    `fp8_dots` "fp16" runs an e4m3 cache's dots in float16 (q cast once per program, see
+    `f16_queries`) instead of q's dtype ("q"; a bf16 cache ignores it); `table_per_block`
+    reads a tile's block-table entries once per block, not per token (attend_tiles'
+    `tile_rows`; only where blocks are smaller than a tile)."""
+    if fp8_dots not in FP8_DOTS:
+        raise ValueError(f"paged_decode: fp8_dots={fp8_dots!r}; allowed: {', '.join(FP8_DOTS)}")
     batch, heads, head_dim = q.shape
     _, kv_heads, block_size, _ = k_cache.shape
     group = heads // kv_heads
@@ -153,8 +187,9 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         LOG2E / math.sqrt(head_dim),
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_N=block_n, BLOCK_SIZE=block_size,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FP8=fp8, num_warps=num_warps,
-        num_stages=num_stages,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FP8=fp8,
+        FULL_TILES=full_tiles, F16_DOTS=fp8 and fp8_dots == "fp16", TABLE_PER_BLOCK=table_per_block,
+        num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits == 1:
         return (part[:, 0], m[:, 0] + torch.log(l[:, 0])) if return_lse else part[:, 0]

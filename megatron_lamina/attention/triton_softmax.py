@@ -1,9 +1,9 @@
 """The online softmax over paged K/V tiles that both Triton attention kernels run: decode
 (triton_paged.py, one query per request) and prefill (triton_prefill.py, a chunk's queries).
 
-`attend_tiles` gathers each K/V tile through a request's block-table row (one table entry per
-tile when the tile lies inside one block, else one per token, so any block size works and a
-tile may span blocks), dequantizes an FP8 tile in registers, and folds it into the running
+`attend_tiles` gathers each K/V tile through a request's block-table row (`tile_rows`: one
+table entry per tile when the tile lies inside one block, else one per token or per block, so
+any block size works and a tile may span blocks), dequantizes an FP8 tile in registers, and folds it into the running
 max, sum and output (flash attention's update, in float32). Scores are kept in base 2: the
 caller's score scale includes log2(e) (`LOG2E`), so that exp2, the native instruction, does
 the exponentials; the running max is in base 2 too (times `LN2` it is natural again). Written
@@ -32,27 +32,57 @@ if triton is not None:
     LN2_K = tl.constexpr(LN2)
 
     @triton.jit
+    def tile_rows(table_row_ptr, tile, end, stride_kblk, stride_ktok, MASKED: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, TABLE_PER_BLOCK: tl.constexpr):
+        """[BLOCK_N] cache offsets (KV head excluded) of the keys at positions tile .. tile +
+        BLOCK_N - 1 (`tile` a multiple of BLOCK_N), read through a request's block-table row;
+        MASKED: entries of keys at `end` or later are not read (offset 0). A tile inside one
+        block reads one entry. A tile spanning blocks reads an entry per token, or, with
+        TABLE_PER_BLOCK (where the block size divides BLOCK_N), one per block, laid out as a
+        [blocks, BLOCK_SIZE] grid and flattened: fewer loads and address computations for a
+        tile of many small blocks, at the cost of a reshape."""
+        k_pos = tile + tl.arange(0, BLOCK_N)
+        if BLOCK_SIZE % BLOCK_N == 0:  # the tile lies inside one block
+            block = tl.load(table_row_ptr + tile // BLOCK_SIZE).to(tl.int64)
+            rows = block * stride_kblk + (k_pos % BLOCK_SIZE) * stride_ktok
+        elif TABLE_PER_BLOCK and BLOCK_N % BLOCK_SIZE == 0:
+            offs_b = tl.arange(0, BLOCK_N // BLOCK_SIZE)
+            if MASKED:
+                blocks = tl.load(table_row_ptr + tile // BLOCK_SIZE + offs_b, mask=tile + offs_b * BLOCK_SIZE < end,
+                                 other=0)
+            else:
+                blocks = tl.load(table_row_ptr + tile // BLOCK_SIZE + offs_b)
+            grid = blocks.to(tl.int64)[:, None] * stride_kblk + tl.arange(0, BLOCK_SIZE)[None, :] * stride_ktok
+            rows = tl.reshape(grid, [BLOCK_N])
+        else:
+            if MASKED:
+                block = tl.load(table_row_ptr + k_pos // BLOCK_SIZE, mask=k_pos < end, other=0)
+            else:
+                block = tl.load(table_row_ptr + k_pos // BLOCK_SIZE)
+            rows = block.to(tl.int64) * stride_kblk + (k_pos % BLOCK_SIZE) * stride_ktok
+        return rows
+
+    @triton.jit
     def attend_tiles(acc, m_i, l_i, q, q_pos, k_ptr, v_ptr, table_row_ptr, kv_head_off,
                      stride_kblk, stride_ktok, lo, hi, end, qk_scale,
                      MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_SIZE: tl.constexpr, PRECISION: tl.constexpr, FP8: tl.constexpr):
+                     BLOCK_SIZE: tl.constexpr, PRECISION: tl.constexpr, FP8: tl.constexpr,
+                     TABLE_PER_BLOCK: tl.constexpr):
         """Online softmax of the rows of `q` over the key tiles lo, lo + BLOCK_N, ... < hi (lo
         a multiple of BLOCK_N); returns the updated (acc, m_i, l_i). `qk_scale` includes
         log2(e) (and an FP8 cache's K scale). MASKED: a row at position `q_pos` sees keys at
         positions <= it and < `end`; every masked tile holds a key each row sees (a key <=
         q_pos at its start), so no row's max is -inf (no NaN from -inf - -inf). Not MASKED:
         every key of every tile is visible (the caller guarantees it), and the loads are
-        unmasked, so they vectorize fully."""
+        unmasked, so they vectorize fully. An FP8 tile converts to q's dtype: the caller picks
+        the dots' type by the q it passes. TABLE_PER_BLOCK: `tile_rows`."""
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM)
         for tile in range(lo, hi, BLOCK_N):
             k_pos = tile + offs_n
             valid = k_pos < end
-            if BLOCK_SIZE % BLOCK_N == 0:  # the tile lies inside one block: one table entry
-                block = tl.load(table_row_ptr + tile // BLOCK_SIZE).to(tl.int64)
-            else:                          # the tile spans blocks: an entry per token
-                block = tl.load(table_row_ptr + k_pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-            row = block * stride_kblk + (k_pos % BLOCK_SIZE) * stride_ktok + kv_head_off
+            row = tile_rows(table_row_ptr, tile, end, stride_kblk, stride_ktok, MASKED, BLOCK_N, BLOCK_SIZE,
+                            TABLE_PER_BLOCK) + kv_head_off
             if MASKED:
                 k = tl.load(k_ptr + row[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
                 v = tl.load(v_ptr + row[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
