@@ -388,6 +388,51 @@ def test_fp8_kernels_match_float32_on_dequantized_pages():
     assert ((out.float() - ref).norm() / ref.norm()).item() < 1e-2
 
 
+# paged_decode's variants (bench/fp8_speed.py's sweep; test_triton_paged_variants.py on CPU),
+# several at tiles and launch settings the sweep tries.
+DECODE_VARIANTS = {
+    "full-tiles": {"full_tiles": True},
+    "table-per-block-128-w8": {"table_per_block": True, "block_n": 128, "num_warps": 8},
+    "fp16-dots": {"fp8_dots": "fp16"},
+    "all-256-w8-s2": {"full_tiles": True, "fp8_dots": "fp16", "table_per_block": True, "block_n": 256,
+                      "num_warps": 8, "num_stages": 2},
+    "all-64-s5": {"full_tiles": True, "fp8_dots": "fp16", "table_per_block": True, "block_n": 64, "num_stages": 5},
+}
+
+
+@pytest.mark.parametrize("variant", DECODE_VARIANTS)
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "e4m3"])
+@pytest.mark.parametrize("block_size, splits", [(16, None), (32, 3)])
+def test_paged_decode_variants_match_reference(block_size, splits, fp8, variant):
+    """Each variant of the decode kernel, bf16 q over a bf16 or e4m3 cache (scales per KV head
+    unlike 1), mixed lengths not a multiple of any tile, against float32 attention over the
+    cache as stored (dequantized)."""
+    from megatron_lamina.attention.triton_paged import paged_decode
+
+    g = torch.Generator(device="cuda").manual_seed(block_size)
+    heads, kv_heads, d, batch = 32, 8, 128, 9
+    lens = torch.randint(1, 2500, (batch,), device="cuda", generator=g).int()
+    blocks_each = math.ceil(int(lens.max()) / block_size)
+    shape = (batch * blocks_each, kv_heads, block_size, d)
+    if fp8:
+        (kc, ks, kf), (vc, vs, vf) = (_fp8_pages(shape, g) for _ in range(2))
+        scales = {"k_scale": ks, "v_scale": vs}
+    else:
+        kc, vc = (torch.randn(shape, dtype=torch.bfloat16, device="cuda", generator=g) for _ in range(2))
+        (kf, vf), scales = (kc.float(), vc.float()), {}
+    tables = torch.randperm(batch * blocks_each, device="cuda", generator=g).view(batch, blocks_each).int()
+    q = torch.randn(batch, heads, d, dtype=torch.bfloat16, device="cuda", generator=g)
+    out = paged_decode(q, kc, vc, tables, lens, num_splits=splits, **scales, **DECODE_VARIANTS[variant])
+    for i, n in enumerate(lens.tolist()):
+        pos = torch.arange(n, device="cuda")
+        blocks = tables[i].long()[pos // block_size]
+        k = kf[blocks, :, pos % block_size].repeat_interleave(heads // kv_heads, 1)
+        v = vf[blocks, :, pos % block_size].repeat_interleave(heads // kv_heads, 1)
+        p = torch.softmax(torch.einsum("hd,nhd->hn", q[i].float(), k) / math.sqrt(d), -1)
+        ref = torch.einsum("hn,nhd->hd", p, v)
+        assert ((out[i].float() - ref).norm() / ref.norm()).item() < 1e-2, (i, n)
+
+
 FP8_GPU_ATOL = 0.6  # test_fp8_weights.py's bound for the same tiny models on a CPU
 
 

@@ -4,6 +4,7 @@ weights, both), and LLaMA-3-70B's shape with FP8 weights and KV on the one card
 (megatron_lamina/bench/fp8_speed.py says what each figure is).
 
     python tools/bench_fp8.py --out-dir $OUT     # ~3 min on an H200
+    python tools/bench_fp8.py --phases kernel --out-dir $OUT   # the kernel's sweep alone, ~2 min
 
 Prints markdown tables; writes fp8_speed.json into --out-dir.
 """
@@ -16,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from megatron_lamina.bench.fp8_speed import MODES, decode_rows, kernel_rows, markdown
+from megatron_lamina.bench.fp8_speed import (KERNEL_AXES, KERNEL_COLUMNS, MODES, best_kernel_rows, decode_rows,
+                                              kernel_rows, markdown)
 from megatron_lamina.bench.ranks import init_one_rank
 from megatron_lamina.bench.timing import ceilings
 
@@ -26,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-dir", type=Path, default=Path("out/fp8"))
     p.add_argument("--context", type=int, default=4096)
     p.add_argument("--kernel-batch", type=int, default=64)
+    p.add_argument("--kernel-axes", default=",".join(name for name, _ in KERNEL_AXES),
+                   help="the kernel sweep's axes, searched in this order from each cache's default (none: the defaults only)")
     p.add_argument("--decode-batches", default="128,256", help="8B decode step batches (bf16 KV of 256 x 4K "
                    "does not fit one H200: only the FP8 KV modes run there)")
     p.add_argument("--batch-70b", type=int, default=64)
@@ -38,8 +42,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{result['device']}: copy {copy_bw / 1e12:.2f} TB/s, bf16 GEMM {gemm / 1e12:.0f} TFLOP/s", flush=True)
     phases = args.phases.split(",")
     if "kernel" in phases:
-        result["kernel"] = kernel_rows(args.kernel_batch, args.context, copy_bw)
-        print(markdown(result["kernel"]), flush=True)
+        axes = [axis for axis in KERNEL_AXES if axis[0] in args.kernel_axes.split(",")]
+        result["kernel"] = kernel_rows(args.kernel_batch, args.context, copy_bw, axes=axes,
+                                       on_row=lambda row: print(markdown([row], KERNEL_COLUMNS).splitlines()[-1],
+                                                                flush=True))
+        print(markdown(result["kernel"], KERNEL_COLUMNS), flush=True)
+        result["kernel_best"] = best_kernel_rows(result["kernel"])
+        for kv, row in result["kernel_best"].items():
+            print(f"best {kv}: {row['variant']}, BLOCK_N {row['block_n']}, {row['warps']} warps, {row['stages']} stages, "
+                  f"{row['splits']} splits: {row['ms']:.4f} ms, {row['of_copy_bandwidth']:.3f} of copy bandwidth, "
+                  f"{row['speedup']:.2f}x the bf16 default; paged_decode(**{row['config']})", flush=True)
     if "decode" in phases:
         result["decode"] = []
         for batch in map(int, args.decode_batches.split(",")):

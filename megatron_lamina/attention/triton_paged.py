@@ -136,6 +136,19 @@ if triton is not None:
 FP8_DOTS = ("q", "fp16")  # an e4m3 cache's dot type: q's dtype, or float16
 
 
+def default_block_n(fp8: bool) -> int:
+    """Keys a tile by default: an e4m3 tile of 128 moves the bytes of a bf16 tile of 64."""
+    return 128 if fp8 else 64
+
+
+def split_count(batch: int, kv_heads: int, max_len: int, block_n: int, waves: float, device: torch.device) -> int:
+    """Splits of each context: about `waves` programs per multiprocessor, at most one a tile."""
+    tiles = max(1, math.ceil(max_len / block_n))
+    # (Triton's interpreter on a CPU, in the tests: a few "multiprocessors".)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    return max(1, min(tiles, math.ceil(waves * sms / max(1, batch * kv_heads))))
+
+
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  block_tables: torch.Tensor, context_lens: torch.Tensor, block_n: int | None = None,
                  num_splits: int | None = None, num_warps: int = 4, num_stages: int = 3,
@@ -165,14 +178,10 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     _, kv_heads, block_size, _ = k_cache.shape
     group = heads // kv_heads
     fp8 = k_cache.dtype == torch.float8_e4m3fn
-    if block_n is None:  # keys a tile; an e4m3 tile of 128 moves the bytes of a bf16 tile of 64
-        block_n = 128 if fp8 else 64
+    block_n = default_block_n(fp8) if block_n is None else block_n
     max_len = max_context if max_context is not None else (int(context_lens.max()) if batch else 0)
-    tiles = max(1, math.ceil(max_len / block_n))
     if num_splits is None:
-        # (Triton's interpreter on a CPU, in the tests: a few "multiprocessors".)
-        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
-        num_splits = max(1, min(tiles, math.ceil(waves * sms / max(1, batch * kv_heads))))
+        num_splits = split_count(batch, kv_heads, max_len, block_n, waves, q.device)
     # One split writes the output directly (the store casts); several write float32 partials.
     part = torch.empty(batch, num_splits, heads, head_dim, device=q.device,
                        dtype=q.dtype if num_splits == 1 and not return_lse else torch.float32)

@@ -4,7 +4,10 @@ at LLaMA-3-8B's shape and at LLaMA-3-70B's on one card (FP8 weights and KV: 70 G
 
 `kernel_rows` times `paged_decode` replayed from a CUDA graph at LLaMA-3-8B's attention shape
 (32 query / 8 KV heads of 128) and reports each as a fraction of the measured copy bandwidth,
-counting the bytes the kernel must read (K and V once, at their stored width, plus q and o).
+counting the bytes the kernel must read (K and V once, at their stored width, plus q and o):
+on each cache, its default and then a coordinate search over the kernel's variants (full
+tiles unmasked, float16 dots for e4m3, block-table entries per block) and launch settings
+(tile, warps, stages, splits), so that one device call finds each cache's best.
 `decode_rows` times the whole colocated decode step from the engine's decode graphs on random
 weights and a random cache (bench/decode_step.py) for each mode, against its roofline: the
 weights and KV bytes read once over the copy bandwidth, or the FLOPs over the bf16 GEMM rate
@@ -13,12 +16,15 @@ weights and KV bytes read once over the copy bandwidth, or the FLOPs over the bf
 
 from __future__ import annotations
 
+import inspect
 import math
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 
-from megatron_lamina.attention.triton_paged import paged_decode
+from megatron_lamina.attention.triton_paged import default_block_n, paged_decode, split_count
+from megatron_lamina.bench.coordinate_search import coordinate_search
 from megatron_lamina.bench.decode_step import colocated_decode_ms, random_model
 from megatron_lamina.bench.timing import graph_ms
 from megatron_lamina.fp8 import FP8
@@ -29,11 +35,41 @@ MODES = [("bf16", False, None), ("FP8 KV", False, FP8), ("FP8 weights", True, No
          ("FP8 weights + KV", True, FP8)]
 
 
-def kernel_rows(batch: int, context: int, copy_bw: float, block_size: int = 16,
-                tiles=((64, 4), (128, 4), (128, 8), (256, 8))) -> list[dict]:
-    """The paged decode kernel on a bf16 and an e4m3 cache, at each (BLOCK_N, num_warps) of
-    `tiles` (`paged_decode`'s defaults: (64, 4) for bf16, (128, 4) for e4m3): ms, and the
-    fraction of copy bandwidth counting the bytes each reads; `speedup` against bf16 at the first tile."""
+# The decode kernel's sweep (issue 26): paged_decode's variants and launch settings, searched
+# one axis at a time from each cache's default (bench/coordinate_search.py). "dots" only
+# changes an e4m3 cache's kernel; "splits" is `waves`, kept where it changes the split count.
+KERNEL_AXES = [
+    ("loop", [{"full_tiles": True}]),
+    ("dots", [{"fp8_dots": "fp16"}]),
+    ("table", [{"table_per_block": True}]),
+    ("tile", [{"block_n": n, "num_warps": w} for n, w in ((64, 4), (64, 8), (128, 4), (128, 8), (256, 4), (256, 8))]),
+    ("stages", [{"num_stages": s} for s in (2, 3, 4, 5)]),
+    ("splits", [{"waves": w} for w in (1.0, 2.0, 4.0, 8.0)]),
+]
+VARIANT_FLAGS = ("full_tiles", "fp8_dots", "table_per_block")
+
+
+def kernel_default(fp8: bool) -> dict:
+    """paged_decode's own defaults for the swept settings (read off its signature: one rule)."""
+    params = inspect.signature(paged_decode).parameters
+    config = {name: params[name].default for name in ("num_warps", "num_stages", "waves", *VARIANT_FLAGS)}
+    return {**config, "block_n": default_block_n(fp8)}
+
+
+def variant_label(config: dict, fp8: bool) -> str:
+    flags = [name for name, on in (("full tiles", config["full_tiles"]), ("fp16 dots", fp8 and config["fp8_dots"] == "fp16"),
+                                   ("table per block", config["table_per_block"])) if on]
+    return " + ".join(flags) or "masked tiles"
+
+
+def kernel_rows(batch: int, context: int, copy_bw: float, block_size: int = 16, axes=KERNEL_AXES,
+                on_row: Callable[[dict], None] | None = None) -> list[dict]:
+    """The paged decode kernel on a bf16 and an e4m3 cache, each searched over `axes` from its
+    default (the first row of each): ms, the fraction of copy bandwidth counting the bytes
+    each reads (K and V at their stored width, q and o), `speedup` against the bf16 default,
+    and `rel_err`, the output's relative difference from its cache's default (a variant is
+    the same attention: a wrong one shows here, not only in the CPU tests). `on_row` is
+    handed each row as it is measured (so that a crash mid-sweep still leaves the rest)."""
     heads, kv_heads, d = 32, 8, 128
     blocks_each = math.ceil(context / block_size)
     tables = torch.randperm(batch * blocks_each, device="cuda").view(batch, blocks_each).int()
@@ -42,19 +78,59 @@ def kernel_rows(batch: int, context: int, copy_bw: float, block_size: int = 16,
     shape = (batch * blocks_each, kv_heads, block_size, d)
     rows = []
     for label, storage in (("bf16", torch.bfloat16), ("fp8_e4m3", FP8)):
+        fp8 = storage == FP8
         k, v = (torch.randn(shape, device="cuda").to(storage) for _ in range(2))
         scales = {"k_scale": torch.ones(kv_heads, device="cuda"), "v_scale": torch.ones(kv_heads, device="cuda")} \
-            if storage == FP8 else {}
+            if fp8 else {}
         read = 2 * batch * context * kv_heads * d * storage.itemsize + 2 * q.numel() * q.element_size()
-        for block_n, warps in tiles:
-            ms = graph_ms(lambda k, v: paged_decode(q, k, v, tables, lens, max_context=context, block_n=block_n,
-                                                    num_warps=warps, **scales), [(k, v)])
-            rows.append({"kv": label, "batch": batch, "context": context, "block_n": block_n, "warps": warps,
-                         "ms": ms, "TBps": read / (ms / 1e3) / 1e12, "of_copy_bandwidth": read / (ms / 1e3) / copy_bw})
-        del k, v
+        outputs = {}  # launch -> its output, to hold each variant to the default's
+
+        def splits(config: dict) -> int:
+            return split_count(batch, kv_heads, context, config["block_n"], config["waves"], q.device)
+
+        def measure(config: dict) -> float:
+            def call(k, v):
+                return paged_decode(q, k, v, tables, lens, max_context=context, **scales, **config)
+            outputs[launch(config)] = call(k, v).float()
+            return graph_ms(call, [(k, v)])
+
+        def launch(config: dict):  # what makes two configurations the same kernel launch
+            flags = {**config, "fp8_dots": config["fp8_dots"] if fp8 else "q", "waves": splits(config)}
+            return tuple(sorted(flags.items()))
+
+        start = kernel_default(fp8)
+        for found in coordinate_search(measure, start, axes, key=launch):
+            config, ms = found["config"], found["ms"]
+            row = {"kv": label, "axis": found["axis"], "variant": variant_label(config, fp8),
+                   "block_n": config["block_n"], "warps": config["num_warps"], "stages": config["num_stages"],
+                   "waves": config["waves"], "splits": splits(config), "ms": ms,
+                   "of_copy_bandwidth": read / (ms / 1e3) / copy_bw if ms else None,
+                   "TBps": read / (ms / 1e3) / 1e12 if ms else None, "config": config}
+            if launch(config) in outputs and launch(start) in outputs:
+                want = outputs[launch(start)]
+                row["rel_err"] = ((outputs[launch(config)] - want).norm() / want.norm()).item()
+            if found["error"]:
+                row["error"] = found["error"]
+            rows.append(row)
+            if on_row:
+                on_row(row)
     for row in rows:
-        row["speedup"] = rows[0]["ms"] / row["ms"]
+        row["speedup"] = rows[0]["ms"] / row["ms"] if row["ms"] else None
     return rows
+
+
+def best_kernel_rows(rows: list[dict]) -> dict[str, dict]:
+    """The fastest row of each cache type."""
+    best = {}
+    for row in rows:
+        if row["ms"] and (row["kv"] not in best or row["ms"] < best[row["kv"]]["ms"]):
+            best[row["kv"]] = row
+    return best
+
+
+KERNEL_COLUMNS = {"kv": "kv", "axis": "axis", "variant": "variant", "block_n": "BLOCK_N", "warps": "warps",
+                  "stages": "stages", "splits": "splits", "ms": "ms", "of_copy_bandwidth": "of copy BW",
+                  "speedup": "vs bf16 default", "rel_err": "rel. err vs default"}
 
 
 def decode_rows(shape_name: str, batch: int, context: int, copy_bw: float, gemm: float, modes=MODES,
@@ -92,10 +168,11 @@ def decode_rows(shape_name: str, batch: int, context: int, copy_bw: float, gemm:
     return rows
 
 
-def markdown(rows: list[dict]) -> str:
-    keys = list(dict.fromkeys(k for row in rows for k in row))
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+def markdown(rows: list[dict], columns: dict[str, str] | None = None) -> str:
+    """A markdown table of `rows`: `columns` {key: heading} (default: every key, as named)."""
+    columns = columns or {k: k for k in dict.fromkeys(k for row in rows for k in row)}
+    lines = ["| " + " | ".join(columns.values()) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         lines.append("| " + " | ".join(f"{row.get(k):.3g}" if isinstance(row.get(k), float) else str(row.get(k, ""))
-                                       for k in keys) + " |")
+                                       for k in columns) + " |")
     return "\n".join(lines)
