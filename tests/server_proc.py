@@ -86,6 +86,14 @@ class ServerProcess(LaunchedServer):
     def output(self) -> str:
         return self.tail(None)
 
+    def wait_logged(self, text: str, timeout: float = 120.0) -> None:
+        """Until `text` is in the log; TimeoutError (with the log's end) if it is not within `timeout`."""
+        deadline = time.monotonic() + timeout
+        while text not in self.output():
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"{text!r} not logged within {timeout:g} s:\n{self.tail()}")
+            time.sleep(0.05)
+
     def frontend_pid(self) -> int:
         """PID of the HTTP front end (a child of rank 0), from its "serving ..." log line."""
         pid = super().frontend_pid()

@@ -20,6 +20,7 @@ import os
 import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -56,6 +57,10 @@ def test_a_prefill_longer_than_the_timeout_completes_and_a_hung_rank_is_found(tm
 
         victim = server.rank_pid(2)
         os.kill(victim, signal.SIGSTOP)  # idle: no plan goes out, only the heartbeat can find it
+        server.wait_logged("error: the engine failed")
+        # Found. torchrun now closes the job with SIGTERM, which a stopped rank holds until torchrun's
+        # own grace (30 s) ends in SIGKILL: that wait is torchrun's, not ours, so the rank is resumed.
+        os.kill(victim, signal.SIGCONT)
         assert server.proc.wait(timeout=120) != 0
         log = server.output()
         assert "error: the engine failed: RuntimeError: rank 2 (attention worker" in log, log[-3000:]
@@ -97,8 +102,11 @@ def test_a_stopped_front_end_loses_nothing(tmp_path, tiny_models):
     bodies = [{"prompt": f"w{5 + i} w6", "max_tokens": 240, "temperature": 0, "ignore_eos": True,
                "return_token_ids": True} for i in range(12)]
     try:
-        unstalled = [httpx.post(f"{server.url}/v1/completions", json=b, timeout=120).json()["choices"][0]["token_ids"]
-                     for b in bodies]
+        def post(body):
+            return httpx.post(f"{server.url}/v1/completions", json=body, timeout=120).json()["choices"][0]["token_ids"]
+
+        with ThreadPoolExecutor(len(bodies)) as pool:  # all at once, as the streams below run
+            unstalled = list(pool.map(post, bodies))
 
         def stream(body, box):
             with httpx.stream("POST", f"{server.url}/v1/completions", json={**body, "stream": True},
