@@ -94,6 +94,27 @@ def smollm2(tmp_path_factory):
     return model.eval(), out
 
 
+# The shared tiny server's API key and CORS origin (test_openai_client.py checks both).
+API_KEY = "test-key"
+ORIGIN = "https://eval.example"
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tmp_path_factory, tiny_models):
+    """The one server of the tiny model (torchrun, 3 ranks: 1 model worker, 2 attention workers,
+    2 micro-batches; an API key and a CORS origin) for every test that only sends it requests
+    (test_server.py, test_openai_client.py): one start-up, where each rank imports torch,
+    Megatron and transformers, for them all. Idle, it takes next to no CPU. Tests that kill,
+    drain or reconfigure a server start their own."""
+    from server_proc import running_server, tiny_server_config
+
+    tmp = tmp_path_factory.mktemp("tiny-server")
+    config, port = tiny_server_config(tmp, tiny_models["untied"].canonical_dir,
+                                      server={"api_key": API_KEY, "cors_origins": [ORIGIN]})
+    with running_server(config, port, 3, tmp / "server.log") as server:
+        yield server
+
+
 @pytest.fixture(scope="session")
 def frameworks(tmp_path_factory, tiny_models):
     """Megatron and DeepSpeed checkpoints saved by the real libraries, converted and served

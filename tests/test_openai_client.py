@@ -1,7 +1,7 @@
 """The new fields of the API through the official `openai` client, against a real server (issue 15).
 
-torchrun, 3 ranks (1 model worker, 2 attention workers), the tiny model, an API key and a
-CORS origin. Log-probabilities (completions with echo, chat; streamed and not) equal
+The session's shared server (conftest.tiny_server): torchrun, 3 ranks (1 model worker, 2
+attention workers), the tiny model, an API key and a CORS origin. Log-probabilities (completions with echo, chat; streamed and not) equal
 log_softmax of transformers' logits; `n` samples and several prompts per request come back
 indexed prompt-major, each sample the reference's draw with seed `seed + i`, repeatable; the
 penalties, logit_bias and min_p give the tokens of a float32 reference of their definitions
@@ -16,20 +16,14 @@ import httpx
 import openai
 import pytest
 import torch
-from server_proc import running_server, tiny_server_config
+from conftest import API_KEY, ORIGIN
 from tiny_models import continue_with as _continue, make_tokenizer, penalized as _penalized
-
-API_KEY = "test-key"
-ORIGIN = "https://eval.example"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_models):
-    tmp = tmp_path_factory.mktemp("openai")
-    config, port = tiny_server_config(tmp, tiny_models["untied"].canonical_dir,
-                                      server={"api_key": API_KEY, "cors_origins": [ORIGIN]})
-    with running_server(config, port, 3, tmp / "server.log") as server:
-        yield server
+def server(tiny_server):
+    """The session's shared server (conftest.py), whose API key and CORS origin are checked here."""
+    return tiny_server
 
 
 @pytest.fixture(scope="module")

@@ -15,18 +15,25 @@ import time
 
 import httpx
 import pytest
-from server_proc import running_server, tiny_server_config
+from conftest import API_KEY
 from tiny_models import make_tokenizer, reference_generate
 
 from megatron_lamina.requests.sampling_params import SamplingParams
 
 
+AUTH = {"authorization": f"Bearer {API_KEY}"}
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_models):
-    tmp = tmp_path_factory.mktemp("server")
-    config, port = tiny_server_config(tmp, tiny_models["untied"].canonical_dir)
-    with running_server(config, port, 3, tmp / "server.log") as server:
-        yield server
+def server(tiny_server):
+    """The session's shared server (conftest.py); its API key goes with every request here."""
+    return tiny_server
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.url, headers=AUTH, timeout=60) as client:
+        yield client
 
 
 CASES = [  # (prompt words, max_tokens, sampling, stream, delay before sending)
@@ -64,9 +71,13 @@ async def _send(client, url, prompt, max_tokens, sampling, stream, delay):
     return tokens, "".join(text), reason, None
 
 
-def test_concurrent_requests_match_the_reference(server, tiny_models):
+def test_concurrent_requests_match_the_reference(server, http, tiny_models):
+    # The shared server's prefix cache may hold these prompts' first blocks from earlier tests:
+    # forgotten, so that the usage below counts no cached token.
+    assert http.post("/reset_prefix_cache").status_code == 200
+
     async def main():
-        async with httpx.AsyncClient(timeout=120) as client:
+        async with httpx.AsyncClient(timeout=120, headers=AUTH) as client:
             return await asyncio.gather(*(_send(client, server.url, *case) for case in CASES))
 
     results = asyncio.run(main())
@@ -85,14 +96,14 @@ def test_concurrent_requests_match_the_reference(server, tiny_models):
     assert results[2][:3] == results[5][:3]  # same seed, streamed and not
 
 
-def test_chat_completion_and_streaming_agree(server):
+def test_chat_completion_and_streaming_agree(http):
     body = {"messages": [{"role": "user", "content": "w5 w9"}], "max_tokens": 6, "temperature": 0,
             "ignore_eos": True}
-    plain = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60).json()
+    plain = http.post("/v1/chat/completions", json=body, timeout=60).json()
     assert plain["object"] == "chat.completion"
     content = plain["choices"][0]["message"]["content"]
     pieces, usage = [], None
-    with httpx.stream("POST", f"{server.url}/v1/chat/completions", timeout=60,
+    with http.stream("POST", "/v1/chat/completions", timeout=60,
                       json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
         for line in r.iter_lines():
             if line.startswith("data: {"):
@@ -129,20 +140,20 @@ def test_chat_completion_and_streaming_agree(server):
     ({"prompt": [True, False]}, "prompt"),                             # booleans are no token ids
     ({"prompt": "w5", "temperature": True}, "temperature"),
 ])
-def test_bad_input_gets_400_and_serving_goes_on(server, body, param):
-    url = f"{server.url}/v1/{'chat/' if 'messages' in body else ''}completions"
+def test_bad_input_gets_400_and_serving_goes_on(http, body, param):
+    url = f"/v1/{'chat/' if 'messages' in body else ''}completions"
     content = body if isinstance(body, str) else json.dumps(body)  # \u escapes: lone surrogates travel as JSON allows
-    r = httpx.post(url, content=content, headers={"content-type": "application/json"}, timeout=30)
+    r = http.post(url, content=content, headers={"content-type": "application/json"}, timeout=30)
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["type"] == "invalid_request_error" and error["message"]
     assert error["param"] == param
-    ok = httpx.post(f"{server.url}/v1/completions", json={"prompt": "w5", "max_tokens": 2}, timeout=60)
+    ok = http.post("/v1/completions", json={"prompt": "w5", "max_tokens": 2}, timeout=60)
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1
 
 
-def test_unknown_model_is_404(server):
-    r = httpx.post(f"{server.url}/v1/completions", json={"prompt": "w5", "model": "gpt-9"}, timeout=30)
+def test_unknown_model_is_404(http):
+    r = http.post("/v1/completions", json={"prompt": "w5", "model": "gpt-9"}, timeout=30)
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
 
 
@@ -153,26 +164,26 @@ def _openai_error(r: httpx.Response, status: int) -> dict:
     return error
 
 
-def test_http_errors_are_openai_bodies_and_models_by_id(server, tiny_models):
+def test_http_errors_are_openai_bodies_and_models_by_id(http, tiny_models):
     name = tiny_models["untied"].canonical_dir.name
-    assert "GET /v1/nope" in _openai_error(httpx.get(f"{server.url}/v1/nope"), 404)["message"]
-    assert _openai_error(httpx.delete(f"{server.url}/health"), 405)["code"] == "method_not_allowed"
-    assert "use POST" in _openai_error(httpx.get(f"{server.url}/v1/completions"), 405)["message"]
+    assert "GET /v1/nope" in _openai_error(http.get("/v1/nope"), 404)["message"]
+    assert _openai_error(http.delete("/health"), 405)["code"] == "method_not_allowed"
+    assert "use POST" in _openai_error(http.get("/v1/completions"), 405)["message"]
     body = json.dumps({"prompt": "w5", "max_tokens": 2})
-    plain = httpx.post(f"{server.url}/v1/completions", content=body, headers={"content-type": "text/plain"})
+    plain = http.post("/v1/completions", content=body, headers={"content-type": "text/plain"})
     assert "content-type: application/json" in _openai_error(plain, 415)["message"]
-    bare = httpx.post(f"{server.url}/v1/completions", content=body)  # no content-type header
+    bare = http.post("/v1/completions", content=body)  # no content-type header
     assert bare.status_code == 200 and bare.json()["usage"]["completion_tokens"] == 2  # no header: read as JSON
-    card = httpx.get(f"{server.url}/v1/models/{name}").json()
-    assert card == httpx.get(f"{server.url}/v1/models").json()["data"][0] and card["id"] == name
-    assert _openai_error(httpx.get(f"{server.url}/v1/models/org/gpt-9"), 404)["code"] == "model_not_found"
+    card = http.get(f"/v1/models/{name}").json()
+    assert card == http.get("/v1/models").json()["data"][0] and card["id"] == name
+    assert _openai_error(http.get("/v1/models/org/gpt-9"), 404)["code"] == "model_not_found"
 
 
-def test_extreme_sampling_values_are_greedy(server):
+def test_extreme_sampling_values_are_greedy(http):
     """A temperature or top_p that underflows float32 samples the argmax (their limit), never token 0."""
     def tokens(**sampling):
         body = {"prompt": "w5 w9 w14", "max_tokens": 6, "ignore_eos": True, "return_token_ids": True, **sampling}
-        r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)
+        r = http.post("/v1/completions", json=body, timeout=60)
         assert r.status_code == 200, r.text
         return r.json()["choices"][0]["token_ids"]
 
@@ -182,11 +193,11 @@ def test_extreme_sampling_values_are_greedy(server):
     assert tokens(temperature=1.0, top_p=1e-46, seed=2) == greedy
 
 
-def test_models_health_metrics(server, tiny_models):
-    models = httpx.get(f"{server.url}/v1/models").json()
+def test_models_health_metrics(http, tiny_models):
+    models = http.get("/v1/models").json()
     assert [m["id"] for m in models["data"]] == [tiny_models["untied"].canonical_dir.name]
-    assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
-    text = httpx.get(f"{server.url}/metrics").text
+    assert http.get("/health").json()["status"] == "ok"
+    text = http.get("/metrics").text
     for name in ("lamina_requests_running", "lamina_requests_waiting", 'lamina_kv_blocks_used{shard="1"}',
                  "lamina_prompt_tokens_total", "lamina_generation_tokens_total",
                  "lamina_time_to_first_token_seconds_bucket", "lamina_inter_token_latency_seconds_bucket"):
@@ -199,10 +210,10 @@ def _metric(server, name: str) -> float:
             yield float(line.rsplit(" ", 1)[1])
 
 
-def test_client_disconnect_cancels_and_frees_blocks(server):
+def test_client_disconnect_cancels_and_frees_blocks(server, http):
     before = next(_metric(server, "lamina_generation_tokens_total"))
     body = {"prompt": "w5 w6 w7", "max_tokens": 250, "ignore_eos": True, "stream": True}
-    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as r:
+    with http.stream("POST", "/v1/completions", json=body, timeout=60) as r:
         chunks = 0
         for line in r.iter_lines():
             chunks += line.startswith("data: {")
@@ -227,7 +238,7 @@ def test_load_tool_loses_and_duplicates_nothing(server):
     from torchrun import ROOT
 
     result = subprocess.run([sys.executable, str(ROOT / "tools" / "load_test.py"), "--url", server.url,
-                             "--requests", "300", "--concurrency", "300", "--max-tokens", "4", "--timeout", "240"],
+                             "--api-key", API_KEY, "--requests", "300", "--concurrency", "300", "--max-tokens", "4", "--timeout", "240"],
                             capture_output=True, text=True, timeout=300)
     summary = json.loads(result.stdout)
     assert result.returncode == 0, summary
@@ -274,11 +285,11 @@ def hostile_requests(rng: random.Random, count: int):
         yield ("/v1/chat/completions" if chat else "/v1/completions"), raw, content_type
 
 
-def test_fuzzed_bodies_never_get_a_5xx(server):
+def test_fuzzed_bodies_never_get_a_5xx(server, http):
     """Both completion routes, 200 hostile bodies (fixed seed): every answer is a 200 or a 4xx with an
     OpenAI error body, never a 5xx; afterwards the server is healthy and holds no KV block."""
     statuses = []
-    with httpx.Client(base_url=server.url, timeout=60) as client:
+    with httpx.Client(base_url=server.url, headers=AUTH, timeout=60) as client:
         for route, raw, content_type in hostile_requests(random.Random(13), 200):
             headers = {"content-type": content_type} if content_type else {}
             with client.stream("POST", route, content=raw, headers=headers) as r:
@@ -292,7 +303,7 @@ def test_fuzzed_bodies_never_get_a_5xx(server):
             else:
                 assert json.loads(text)["choices"], text[:500]
     assert statuses.count(200) >= 20 and sum(400 <= s < 500 for s in statuses) >= 100, statuses
-    assert httpx.get(f"{server.url}/health").status_code == 200
+    assert http.get("/health").status_code == 200
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and sum(_metric(server, "lamina_kv_blocks_used")) > 0:
         time.sleep(0.05)

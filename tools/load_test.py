@@ -60,7 +60,8 @@ async def run(args) -> dict:
 
     limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=args.concurrency)
     semaphore = asyncio.Semaphore(args.concurrency)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(args.timeout), limits=limits) as client:
+    headers = {"authorization": f"Bearer {args.api_key}"} if args.api_key else None
+    async with httpx.AsyncClient(timeout=httpx.Timeout(args.timeout), limits=limits, headers=headers) as client:
         async def bounded(i):
             async with semaphore:
                 return await one_request(client, args.url, i, args.max_tokens, args.model)
@@ -96,6 +97,7 @@ def main(argv=None) -> int:
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds for the whole test")
     parser.add_argument("--model", default=None)
+    parser.add_argument("--api-key", default=None, help="sent as the bearer token (the server's server.api_key)")
     parser.add_argument("--allow-remote", action="store_true")
     args = parser.parse_args(argv)
     if urlparse(args.url).hostname not in ("127.0.0.1", "localhost", "::1") and not args.allow_remote:
