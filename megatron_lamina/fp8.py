@@ -18,6 +18,7 @@ import torch
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
 FP8_NAME = "fp8_e4m3"  # the name in the config and the checkpoint's config.json
+SCALE_FLOOR = 1e-12  # an all-zero row's amax, so that its scale is not 0
 
 # Compute capability each use needs: e4m3 loads in Triton; row-wise scaled FP8 matmuls.
 KV_CAPABILITY = (8, 9)
@@ -39,8 +40,14 @@ def require_fp8(device: torch.device, capability: tuple[int, int], what: str, in
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [rows, n] -> (e4m3 [rows, n], float32 scales [rows, 1]) with x ~ q * scale: each row's
-    largest magnitude maps to e4m3's largest value (an all-zero row gets a tiny scale, q 0)."""
-    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
+    largest magnitude maps to e4m3's largest value (an all-zero row gets a tiny scale, q 0).
+    Every step rounds once, in float32: scale = max(amax, SCALE_FLOOR) / 448 and x / scale
+    correctly rounded, clamped to +-448, cast to e4m3 to nearest even; the fused CUDA kernel
+    (model/fp8_quant_triton.py) computes these same bits."""
+    amax = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=SCALE_FLOOR)
+    # Divided by a tensor, not the number 448: CUDA torch turns a division by a Python number
+    # into a multiplication by its float32 reciprocal, one bit off the CPU's division at times.
+    scale = amax / torch.full_like(amax, FP8_MAX)
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
