@@ -11,11 +11,13 @@ rows are not split). The layer spec swaps them in for the QKV, output, fc1 and f
 projections (model/layer.py); norms, embeddings, the LM head and attention stay in the model
 dtype.
 
-The matmul quantizes its input per token (`fp8.quantize_rows`, dynamic, as vLLM's FP8 does)
-and computes x_q W_q^T scaled by the token's and the channel's scales: on CUDA in one
-`torch._scaled_mm` with row-wise scales (Hopper; captured by the CUDA graphs like any
-kernel), elsewhere dequantized and multiplied in float32, so that CPU runs (CI) compute the
-same numbers the GPU path rounds to.
+The matmul quantizes its input per token (`fp8.quantize_rows`, dynamic, as vLLM's FP8 does;
+on CUDA its bits in one fused kernel, model/fp8_quant_triton.py) and computes x_q W_q^T scaled
+by the token's and the channel's scales: on CUDA in one `torch._scaled_mm` with row-wise scales
+(Hopper; captured by the CUDA graphs like any kernel), elsewhere dequantized and multiplied in
+float32, so that CPU runs (CI) compute the same numbers the GPU path rounds to: the GPU's
+product is the float32 one rounded to bf16 (within 2^-8 of each value), up to the order of
+its float32 sums.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
 from megatron_lamina.fp8 import FP8, quantize_rows
+from megatron_lamina.model.fp8_quant_triton import quantize_rows_fused
 
 
 def fp8_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
@@ -31,14 +34,21 @@ def fp8_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     rows = x.reshape(-1, x.shape[-1])
     if rows.shape[0] == 0:
         return x.new_empty(*x.shape[:-1], weight.shape[0])
-    xq, x_scale = quantize_rows(rows)
-    if x.is_cuda:
-        # Row-wise scaling: the second operand column-major (W^T of a row-major W), bf16 out.
-        out = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=weight_scale[None, :],
-                               out_dtype=torch.bfloat16)
-    else:
-        out = (xq.float() * x_scale) @ (weight.float() * weight_scale[:, None]).t()
+    # On CUDA the torch rule's eight kernels cost more than FP8 halves of the weights' bytes save.
+    xq, x_scale = (quantize_rows_fused if x.is_cuda else quantize_rows)(rows)
+    out = scaled_matmul(xq, x_scale, weight, weight_scale)
     return out.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+
+
+def scaled_matmul(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor,
+                  weight_scale: torch.Tensor) -> torch.Tensor:
+    """e4m3 x [rows, in] with scales [rows, 1] times e4m3 weight [out, in] with scales [out]:
+    bf16 [rows, out] on CUDA, float32 elsewhere."""
+    if xq.is_cuda:
+        # Row-wise scaling: the second operand column-major (W^T of a row-major W), bf16 out.
+        return torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=weight_scale[None, :],
+                                out_dtype=torch.bfloat16)
+    return (xq.float() * x_scale) @ (weight.float() * weight_scale[:, None]).t()
 
 
 class _Fp8Weight:
