@@ -23,7 +23,8 @@ pytest.importorskip("triton")
 HOPPER = ("cuda", 90, 32)  # Triton's GPUTarget: backend, compute capability, warp size
 POINTER_TYPES = {"table_ptr": "*i32", "lens_ptr": "*i32", "q_starts_ptr": "*i32", "q_lens_ptr": "*i32",
                  "pos0_ptr": "*i32", "m_ptr": "*fp32", "l_ptr": "*fp32", "lse_ptr": "*fp32",
-                 "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32", "part_ptr": "*fp32"}
+                 "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32", "part_ptr": "*fp32",
+                 "values_ptr": "*fp8e4nv", "scales_ptr": "*fp32"}
 
 
 def _compile(kernel_name: str, constants: dict, kv: str = "*bf16", data: str = "*bf16", options=None) -> None:
@@ -43,9 +44,11 @@ def _compile_here(kernel_name: str, constants: dict, kv: str, data: str, options
     from triton.compiler import ASTSource
 
     from megatron_lamina.attention import triton_paged, triton_prefill
+    from megatron_lamina.model import fp8_quant_triton
 
     module, name = kernel_name.split(".")
-    kernel = getattr({"triton_paged": triton_paged, "triton_prefill": triton_prefill}[module], name)
+    kernel = getattr({"triton_paged": triton_paged, "triton_prefill": triton_prefill,
+                      "fp8_quant_triton": fp8_quant_triton}[module], name)
     signature = {}
     for name in kernel.arg_names:
         if name in constants:
@@ -76,7 +79,7 @@ def test_decode_kernel_compiles_for_hopper(fp8, block_n):
               "PRECISION": "tf32", "FP8": fp8, **DECODE_DEFAULT}, kv="*fp8e4nv" if fp8 else "*bf16")
 
 
-# The decode kernel's variants (paged_decode's full_tiles, fp8_dots, table_per_block) as
+# The decode kernel's variants (paged_decode's full_tiles, fp8_dots, table_per_block, query_rows) as
 # bench/fp8_speed.py's sweep launches them: tiles of 64 to 256 keys over blocks of 16, 4 and
 # 8 warps, 2 to 5 stages.
 DECODE_VARIANTS = {
@@ -88,6 +91,8 @@ DECODE_VARIANTS = {
     "fp8-full-f16-table-256-w8-s2": (True, {"FULL_TILES": True, "F16_DOTS": True, "TABLE_PER_BLOCK": True}, 256,
                                      {"num_warps": 8, "num_stages": 2}),
     "fp8-full-table-64": (True, {"FULL_TILES": True, "TABLE_PER_BLOCK": True}, 64, {}),
+    "fp8-full-f16-rows64-128": (True, {"FULL_TILES": True, "F16_DOTS": True, "BLOCK_G": 64}, 128, {}),
+    "bf16-full-rows64-256-w8": (False, {"FULL_TILES": True, "BLOCK_G": 64}, 256, {"num_warps": 8}),
 }
 
 
@@ -110,6 +115,16 @@ def test_prefill_kernel_compiles_for_hopper(fp8):
     _compile("triton_prefill._prefill_kernel",
              {"GROUP": 4, "HEAD_DIM": 128, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_SIZE": 16,
               "PRECISION": "tf32", "FP8": fp8}, kv="*fp8e4nv" if fp8 else "*bf16")
+
+
+# The fused FP8 quantization as quantize_rows_fused launches it at LLaMA-3's linear inputs:
+# 4096 and 14336 (8B) in one tile, 28672 (70B) in two passes; the hardware cast and the bitwise one.
+@pytest.mark.parametrize("data, block, one_tile, emulate", [
+    ("*bf16", 4096, True, False), ("*bf16", 16384, True, False), ("*bf16", 16384, False, False),
+    ("*fp32", 4096, True, False), ("*bf16", 4096, True, True), ("*bf16", 16384, False, True)])
+def test_fp8_quant_kernel_compiles_for_hopper(data, block, one_tile, emulate):
+    _compile("fp8_quant_triton._quantize_rows_kernel", {"BLOCK": block, "ONE_TILE": one_tile, "EMULATE_CAST": emulate},
+             data=data, options={"num_warps": 16})
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """Every variant of the Triton paged decode kernel (attention/triton_paged.py's `full_tiles`,
-`fp8_dots`, `table_per_block`, the tile sizes) equals attention/reference.py on the same
+`fp8_dots`, `table_per_block`, `query_rows`, the tile sizes) equals attention/reference.py on the same
 cache, on CPU through Triton's interpreter: float32, float16 and e4m3 caches (scales per KV
 head unlike 1), GQA groups, block sizes 4, 16 and 32 under and over the tile, contexts that
 are not a multiple of the tile, one split or several.
@@ -98,6 +98,8 @@ VARIANTS = {
     "full-tiles": {"full_tiles": True},
     "table-per-block": {"table_per_block": True},
     "full-tiles+table-per-block": {"full_tiles": True, "table_per_block": True},
+    "64-query-rows": {"query_rows": 64},
+    "all": {"full_tiles": True, "table_per_block": True, "query_rows": 32},
 }
 # (context lengths, block size, kv heads, group, BLOCK_N, splits): block sizes under the tile
 # (a tile spans blocks: per-token or per-block table reads) and over it (one entry), GQA
@@ -135,7 +137,7 @@ def test_fp16_dots_over_e4m3_match_the_reference(q_dtype, full_tiles, case):
     lens, block_size, kv_heads, group, block_n, splits = CASES[case]
     check_variant(lens, block_size, kv_heads, group, "e4m3", q_dtype, 5e-3, seed=block_size + block_n,
                   block_n=block_n, num_splits=splits, fp8_dots="fp16", full_tiles=full_tiles,
-                  table_per_block=full_tiles)
+                  table_per_block=full_tiles, query_rows=64 if full_tiles else None)
 
 
 @pytest.mark.parametrize("q_range", [1e5, 1e20])
@@ -147,9 +149,12 @@ def test_fp16_dots_keep_q_past_the_float16_range(q_range):
                   num_splits=2, fp8_dots="fp16")
 
 
-def test_fp8_dots_names_its_choices():
+@pytest.mark.parametrize("setting, message", [({"fp8_dots": "bf16"}, "fp8_dots='bf16'; allowed: q, fp16"),
+                                              ({"query_rows": 8}, "query_rows=8; allowed: a power of two >= 16"),
+                                              ({"query_rows": 48}, "query_rows=48; allowed: a power of two >= 16")])
+def test_a_variant_setting_names_its_choices(setting, message):
     paged_decode = _kernels("triton_paged").paged_decode
     cache, tables, _ = decode_case([5], 16, 1, 1, "e4m3", 0)
-    with pytest.raises(ValueError, match="fp8_dots='bf16'; allowed: q, fp16"):
+    with pytest.raises(ValueError, match=message):
         paged_decode(torch.zeros(1, 1, D), cache.k[0], cache.v[0], tables, torch.tensor([5], dtype=torch.int32),
-                     k_scale=cache.k_scale[0], v_scale=cache.v_scale[0], fp8_dots="bf16")
+                     k_scale=cache.k_scale[0], v_scale=cache.v_scale[0], **setting)

@@ -154,7 +154,8 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  num_splits: int | None = None, num_warps: int = 4, num_stages: int = 3,
                  waves: float = 2.0, max_context: int | None = None, return_lse: bool = False,
                  k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
-                 full_tiles: bool = False, fp8_dots: str = "q", table_per_block: bool = False):
+                 full_tiles: bool = False, fp8_dots: str = "q", table_per_block: bool = False,
+                 query_rows: int | None = None):
     """q [batch, heads, d]; caches [blocks, kv_heads, block_size, d]; block_tables [batch,
     max_blocks] int32; context_lens [batch] int32 (keys 0..len-1 are attended) -> o like q.
     Without `num_splits`, contexts are split so that there are about `waves` programs per
@@ -171,12 +172,22 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     `fp8_dots` "fp16" runs an e4m3 cache's dots in float16 (q cast once per program, see
     `f16_queries`) instead of q's dtype ("q"; a bf16 cache ignores it); `table_per_block`
     reads a tile's block-table entries once per block, not per token (attend_tiles'
-    `tile_rows`; only where blocks are smaller than a tile)."""
+    `tile_rows`; only where blocks are smaller than a tile); `query_rows`, the rows of the
+    dots (the group's queries padded; default 16, the least `tl.dot` takes): 64 is a Hopper
+    wgmma's tile, which reads its B operand from shared memory, so that an e4m3 V tile is
+    converted before it is stored there instead of read back a byte at a time for the
+    transposed mma.sync operand, at four times the dots' (idle) tensor-core work."""
     if fp8_dots not in FP8_DOTS:
         raise ValueError(f"paged_decode: fp8_dots={fp8_dots!r}; allowed: {', '.join(FP8_DOTS)}")
     batch, heads, head_dim = q.shape
     _, kv_heads, block_size, _ = k_cache.shape
     group = heads // kv_heads
+    least_rows = max(16, triton.next_power_of_2(group))
+    if query_rows is None:
+        query_rows = least_rows
+    elif query_rows < least_rows or query_rows & (query_rows - 1):
+        raise ValueError(f"paged_decode: query_rows={query_rows}; allowed: a power of two >= {least_rows} "
+                         f"(16 and the group of {group} query heads)")
     fp8 = k_cache.dtype == torch.float8_e4m3fn
     block_n = default_block_n(fp8) if block_n is None else block_n
     max_len = max_context if max_context is not None else (int(context_lens.max()) if batch else 0)
@@ -194,7 +205,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), part.stride(0), part.stride(1), part.stride(2),
         LOG2E / math.sqrt(head_dim),
-        GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+        GROUP=group, BLOCK_G=query_rows, HEAD_DIM=head_dim,
         BLOCK_N=block_n, BLOCK_SIZE=block_size,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FP8=fp8,
         FULL_TILES=full_tiles, F16_DOTS=fp8 and fp8_dots == "fp16", TABLE_PER_BLOCK=table_per_block,
