@@ -15,7 +15,10 @@ merges the new token's term afterwards (lse_merge.py).
 An FP8 cache (kv_cache.py: e4m3 with a float32 scale per KV head) is read as e4m3, half the
 bytes, and dequantized in registers: a tile converts to q's dtype exactly (e4m3's 3 mantissa
 bits fit bf16's 7), and the program's one KV head has one scale for K and one for V, which
-multiply the scores and the output once instead of every element.
+multiply the scores and the output once instead of every element. `paged_decode`'s variant
+settings (full tiles unmasked, float16 dots for e4m3, table entries per block, 64 query
+rows) are the same attention, read differently; bench/fp8_speed.py's sweep measures them, and
+the defaults stay as they were until it has.
 
 No Triton on the machine (CPU, CI): importing this module still works; `paged_decode`
 is only called on CUDA tensors.
