@@ -492,3 +492,60 @@ def test_random_weights_drawn_at_load_on_cuda(tmp_path):
     for mine, unquantized in zip(fp8_first["logits"], first["logits"]):
         assert not torch.equal(mine[0], unquantized[0])
         assert (mine[0].float() - unquantized[0].float()).abs().max() < FP8_AT_LOAD_ATOL
+
+
+@pytest.mark.parametrize("emulate_cast", [False, True], ids=["cvt", "bitwise"])
+@pytest.mark.parametrize("n", [4096, 14336, 28672, 1001])
+def test_fused_fp8_quantization_matches_torch_on_cuda(n, emulate_cast):
+    """The fused per-token quantization (model/fp8_quant_triton.py) equals fp8.quantize_rows on
+    CUDA bit for bit, at LLaMA-3's linear inputs (one tile; 28672 in two passes) and an odd
+    length: bf16 rows over six decades, an all-zero row; with the GPU's cast and with the
+    bitwise one the CPU tests run; eagerly and replayed from a CUDA graph on new values."""
+    from megatron_lamina.fp8 import quantize_rows
+    from megatron_lamina.model.fp8_quant_triton import quantize_rows_fused
+
+    g = torch.Generator(device="cuda").manual_seed(n)
+
+    def draw():
+        x = torch.randn(257, n, device="cuda", generator=g) * torch.logspace(-6, 3, 257, device="cuda")[:, None]
+        x[0] = 0
+        return x.to(torch.bfloat16)
+
+    def check(values, scales, x):
+        want_values, want_scales = quantize_rows(x)
+        assert torch.equal(scales, want_scales)
+        assert torch.equal(values.view(torch.uint8), want_values.view(torch.uint8))
+
+    x = draw()
+    check(*quantize_rows_fused(x, emulate_cast=emulate_cast), x)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        values, scales = quantize_rows_fused(x, emulate_cast=emulate_cast)
+    x.copy_(draw())
+    graph.replay()
+    check(values, scales, x)
+
+
+@pytest.mark.parametrize("rows, n_in, n_out", [(255, 4096, 6144), (64, 14336, 4096), (0, 4096, 6144)])
+def test_fp8_matmul_on_cuda(rows, n_in, n_out):
+    """fp8_matmul on CUDA (fused quantization, then torch._scaled_mm) equals the same
+    _scaled_mm of torch's quantization exactly, and the CPU path's float32 product of the
+    dequantized operands within its documented bound: one bf16 rounding (2^-8 of each value),
+    up to the order of float32 sums (1e-4 of the terms' magnitudes, far above it, while a
+    missed scale is off by factors)."""
+    from megatron_lamina.fp8 import quantize_rows, quantize_weight
+    from megatron_lamina.model.fp8_linear import fp8_matmul, scaled_matmul
+
+    g = torch.Generator(device="cuda").manual_seed(n_in + rows)
+    x = torch.randn(1, rows, n_in, device="cuda", generator=g).to(torch.bfloat16)
+    weight, weight_scale = quantize_weight(0.02 * torch.randn(n_out, n_in, device="cuda", generator=g))
+    out = fp8_matmul(x, weight, weight_scale)
+    assert out.shape == (1, rows, n_out) and out.dtype == torch.bfloat16
+    if rows == 0:
+        return
+    xq, x_scale = quantize_rows(x[0])
+    assert torch.equal(out[0], scaled_matmul(xq, x_scale, weight, weight_scale))
+    x_dq, w_dq = xq.float() * x_scale, weight.float() * weight_scale[:, None]
+    want = (x_dq.double() @ w_dq.double().t()).float()
+    bound = 2**-8 * want.abs() + 1e-4 * (x_dq.abs().double() @ w_dq.abs().double().t()).float()
+    assert ((out[0].float() - want).abs() <= bound).all()
