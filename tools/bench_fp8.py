@@ -5,6 +5,7 @@ weights, both), and LLaMA-3-70B's shape with FP8 weights and KV on the one card
 
     python tools/bench_fp8.py --out-dir $OUT     # ~3 min on an H200
     python tools/bench_fp8.py --phases kernel --out-dir $OUT   # the kernel's sweep alone, ~2 min
+    python tools/bench_fp8.py --phases quant --out-dir $OUT    # the FP8 linear's quantization, seconds
 
 Prints markdown tables; writes fp8_speed.json into --out-dir.
 """
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 
 from megatron_lamina.bench.fp8_speed import (KERNEL_AXES, KERNEL_COLUMNS, MODES, best_kernel_rows, decode_rows,
-                                              kernel_rows, markdown)
+                                              kernel_rows, markdown, quant_rows)
 from megatron_lamina.bench.ranks import init_one_rank
 from megatron_lamina.bench.timing import ceilings
 
@@ -52,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"best {kv}: {row['variant']}, BLOCK_N {row['block_n']}, {row['warps']} warps, {row['stages']} stages, "
                   f"{row['splits']} splits: {row['ms']:.4f} ms, {row['of_copy_bandwidth']:.3f} of copy bandwidth, "
                   f"{row['speedup']:.2f}x the bf16 default; paged_decode(**{row['config']})", flush=True)
+    if "quant" in phases:
+        result["quant"] = quant_rows(copy_bw)
+        print(markdown(result["quant"]), flush=True)
     if "decode" in phases:
         result["decode"] = []
         for batch in map(int, args.decode_batches.split(",")):

@@ -11,7 +11,9 @@ tiles unmasked, float16 dots for e4m3, block-table entries per block) and launch
 `decode_rows` times the whole colocated decode step from the engine's decode graphs on random
 weights and a random cache (bench/decode_step.py) for each mode, against its roofline: the
 weights and KV bytes read once over the copy bandwidth, or the FLOPs over the bf16 GEMM rate
-(FP8 matmuls: twice it). tools/bench_fp8.py is the command line.
+(FP8 matmuls: twice it). `quant_rows` times one FP8 linear at LLaMA-3-8B's shapes with torch's
+per-token quantization and with the fused kernel (model/fp8_quant_triton.py) against bf16, and
+the quantization alone. tools/bench_fp8.py is the command line.
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ from megatron_lamina.attention.triton_paged import default_block_n, paged_decode
 from megatron_lamina.bench.coordinate_search import coordinate_search
 from megatron_lamina.bench.decode_step import colocated_decode_ms, random_model
 from megatron_lamina.bench.timing import graph_ms
-from megatron_lamina.fp8 import FP8
+from megatron_lamina.fp8 import FP8, quantize_rows, quantize_weight
+from megatron_lamina.model.fp8_linear import fp8_matmul, scaled_matmul
+from megatron_lamina.model.fp8_quant_triton import MAX_BLOCK, quantize_rows_fused
 from megatron_lamina.planner.shapes import load_shape
 
 # (label, FP8 weights, KV storage); the first is the baseline.
@@ -168,6 +172,45 @@ def decode_rows(shape_name: str, batch: int, context: int, copy_bw: float, gemm:
         for row in rows[1:]:
             row["speedup"] = rows[0]["ms"] / row["ms"] if row["ms"] else None
             row["speedup_over"] = rows[0]["mode"]
+    return rows
+
+
+# LLaMA-3-8B's linears at a decode batch of 256: the QKV projection (the hidden size in) and
+# fc2 (the MLP's intermediate size in), the two input widths a layer quantizes.
+QUANT_SHAPES = (("QKV", 256, 4096, 6144), ("fc2", 256, 14336, 4096))
+
+
+def quant_rows(copy_bw: float, shapes=QUANT_SHAPES, max_blocks=(4096, 8192, MAX_BLOCK)) -> list[dict]:
+    """Per shape, each replayed from CUDA graphs: the bf16 matmul, the FP8 one after torch's
+    quantization (fp8.quantize_rows) and after the fused kernel (fp8_matmul on CUDA), ms and
+    speedup over bf16; then the quantization alone, torch's and the fused kernel's at each tile
+    bound (`max_blocks`; a longer row takes two passes) with the GPU's cast, and with the bitwise
+    cast the CPU tests run, each as a fraction of copy bandwidth counting the bytes it must move
+    (the input read once, the e4m3 values and float32 scales written)."""
+    rows = []
+    for name, batch, n_in, n_out in shapes:
+        x = torch.randn(batch, n_in, dtype=torch.bfloat16, device="cuda")
+        weight = 0.02 * torch.randn(n_out, n_in, dtype=torch.bfloat16, device="cuda")
+        weight_q, weight_scale = quantize_weight(weight)
+        matmuls = {"bf16 matmul": lambda: torch.nn.functional.linear(x, weight),
+                   "fp8, torch quantize": lambda: scaled_matmul(*quantize_rows(x), weight_q, weight_scale),
+                   "fp8, fused quantize": lambda: fp8_matmul(x, weight_q, weight_scale)}
+        quantizers = {"quantize: torch": lambda: quantize_rows(x),
+                      **{f"quantize: fused, tile {b}": (lambda b=b: quantize_rows_fused(x, max_block=b))
+                         for b in max_blocks},
+                      "quantize: fused, bitwise cast": lambda: quantize_rows_fused(x, emulate_cast=True)}
+        moved = batch * n_in * (x.element_size() + 1) + batch * 4
+        shape = {"linear": name, "shape": f"{batch} x {n_in} -> {n_out}"}
+        bf16_ms = None
+        for label, fn in matmuls.items():
+            ms = graph_ms(fn, [()])
+            bf16_ms = bf16_ms or ms
+            rows.append({**shape, "case": label, "ms": ms, "speedup": bf16_ms / ms})
+        for label, fn in quantizers.items():
+            ms = graph_ms(fn, [()])
+            rows.append({**shape, "case": label, "ms": ms, "of_copy_bandwidth": moved / (ms / 1e3) / copy_bw})
+        del x, weight, weight_q, weight_scale
+        torch.cuda.empty_cache()
     return rows
 
 
