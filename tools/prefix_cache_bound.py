@@ -3,7 +3,8 @@
 against. The program is megatron_lamina/bench/prefix_trace.py (`bound_main`).
 
     python tools/prefix_cache_bound.py ../shared/traces/mooncake_conversation_trace.jsonl \\
-        --capacity-tokens 500000 1000000 [--max-requests N] [--max-input-len N]
+        --capacity-tokens 500000 1000000 [--max-requests N] [--max-input-len N] \\
+        [--skip S --warmup W]     # a window of N requests from S, after the W before it
 """
 
 import sys

@@ -156,6 +156,10 @@ class SimResult:
     tpot_s: dict = field(default_factory=dict)
     e2e_s: dict = field(default_factory=dict)
     prefix_hit_rate: float | None = None  # with the prefix cache: prompt tokens served from it
+    # Per trace request, in the trace's order (a replay measuring a part of it, bench/prefix_predict.py):
+    # its first token's time from its arrival (None: no token), the prompt tokens the prefix cache served.
+    ttft_by_request: list[float | None] = field(default_factory=list)
+    cached_by_request: list[int] = field(default_factory=list)
 
     @property
     def output_throughput(self) -> float:
@@ -345,7 +349,9 @@ class EngineSimulator:
             mean_batch=batch_sum / steps if steps else 0.0, max_batch=max_batch, preemptions=preemptions,
             saturated=saturated, ttft_s=summarize([r.first_token_s - r.trace.arrival_s for r in measured]),
             tpot_s=summarize(tpot), e2e_s=summarize([r.finish_s - r.trace.arrival_s for r in measured]),
-            prefix_hit_rate=hit_rate)
+            prefix_hit_rate=hit_rate,
+            ttft_by_request=[None if r.first_token_s is None else r.first_token_s - r.trace.arrival_s for r in replays],
+            cached_by_request=[r.request.cached_tokens if r.request is not None else 0 for r in replays])
 
 
 def simulate(trace: list[TraceRequest], layout: Layout, shape: ModelShape, model_costs: CostTable,
