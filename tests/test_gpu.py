@@ -399,6 +399,9 @@ DECODE_VARIANTS = {
     "all-64-s5": {"full_tiles": True, "fp8_dots": "fp16", "table_per_block": True, "block_n": 64, "num_stages": 5},
     "64-query-rows": {"full_tiles": True, "fp8_dots": "fp16", "query_rows": 64},
     "64-query-rows-256-w8": {"query_rows": 64, "block_n": 256, "num_warps": 8},
+    "keys-as-rows": {"full_tiles": True, "fp8_dots": "fp16", "keys_as_rows": True},
+    "keys-as-rows-256-w8-s4": {"keys_as_rows": True, "table_per_block": True, "block_n": 256, "num_warps": 8,
+                               "num_stages": 4},
 }
 
 

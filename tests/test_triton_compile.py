@@ -61,14 +61,20 @@ def _compile_here(kernel_name: str, constants: dict, kv: str, data: str, options
             signature[name] = "fp32"
         else:
             signature[name] = "i32" if name in ("splits", "heads") else "i64"
+    # As a launch specializes them (the cache's strides are multiples of 16 and its tensors
+    # 16-byte aligned): the loads vectorize and the pipeline and tensor-core paths are the
+    # ones a GPU compiles, not the scalar fallback of unknown alignment.
+    aligned = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(kernel.params)
+               if signature[p.name] not in ("constexpr", "fp32") and not p.do_not_specialize
+               and not getattr(p, "do_not_specialize_on_alignment", False)}
     source = ASTSource(fn=kernel, signature=signature,
-                       constexprs={(kernel.arg_names.index(n),): v for n, v in constants.items()})
+                       constexprs={(kernel.arg_names.index(n),): v for n, v in constants.items()}, attrs=aligned)
     compiled = triton.compile(source, target=GPUTarget(*HOPPER), options=options)
     assert compiled.asm["ptx"]  # lowered all the way
     print("compiled")
 
 
-DECODE_DEFAULT = {"FULL_TILES": False, "F16_DOTS": False, "TABLE_PER_BLOCK": False}
+DECODE_DEFAULT = {"FULL_TILES": False, "F16_DOTS": False, "TABLE_PER_BLOCK": False, "KEYS_AS_ROWS": False}
 
 
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
@@ -79,7 +85,8 @@ def test_decode_kernel_compiles_for_hopper(fp8, block_n):
               "PRECISION": "tf32", "FP8": fp8, **DECODE_DEFAULT}, kv="*fp8e4nv" if fp8 else "*bf16")
 
 
-# The decode kernel's variants (paged_decode's full_tiles, fp8_dots, table_per_block, query_rows) as
+# The decode kernel's variants (paged_decode's full_tiles, fp8_dots, table_per_block, query_rows,
+# keys_as_rows) as
 # bench/fp8_speed.py's sweep launches them: tiles of 64 to 256 keys over blocks of 16, 4 and
 # 8 warps, 2 to 5 stages.
 DECODE_VARIANTS = {
@@ -93,6 +100,8 @@ DECODE_VARIANTS = {
     "fp8-full-table-64": (True, {"FULL_TILES": True, "TABLE_PER_BLOCK": True}, 64, {}),
     "fp8-full-f16-rows64-128": (True, {"FULL_TILES": True, "F16_DOTS": True, "BLOCK_G": 64}, 128, {}),
     "bf16-full-rows64-256-w8": (False, {"FULL_TILES": True, "BLOCK_G": 64}, 256, {"num_warps": 8}),
+    "fp8-full-f16-keys-as-rows-128": (True, {"FULL_TILES": True, "F16_DOTS": True, "KEYS_AS_ROWS": True}, 128, {}),
+    "bf16-keys-as-rows-64-w8-s4": (False, {"KEYS_AS_ROWS": True}, 64, {"num_warps": 8, "num_stages": 4}),
 }
 
 

@@ -1,5 +1,5 @@
 """Every variant of the Triton paged decode kernel (attention/triton_paged.py's `full_tiles`,
-`fp8_dots`, `table_per_block`, `query_rows`, the tile sizes) equals attention/reference.py on the same
+`fp8_dots`, `table_per_block`, `query_rows`, `keys_as_rows`, the tile sizes) equals attention/reference.py on the same
 cache, on CPU through Triton's interpreter: float32, float16 and e4m3 caches (scales per KV
 head unlike 1), GQA groups, block sizes 4, 16 and 32 under and over the tile, contexts that
 are not a multiple of the tile, one split or several.
@@ -99,7 +99,8 @@ VARIANTS = {
     "table-per-block": {"table_per_block": True},
     "full-tiles+table-per-block": {"full_tiles": True, "table_per_block": True},
     "64-query-rows": {"query_rows": 64},
-    "all": {"full_tiles": True, "table_per_block": True, "query_rows": 32},
+    "keys-as-rows": {"keys_as_rows": True},
+    "all": {"full_tiles": True, "table_per_block": True, "query_rows": 32, "keys_as_rows": True},
 }
 # (context lengths, block size, kv heads, group, BLOCK_N, splits): block sizes under the tile
 # (a tile spans blocks: per-token or per-block table reads) and over it (one entry), GQA
@@ -137,7 +138,7 @@ def test_fp16_dots_over_e4m3_match_the_reference(q_dtype, full_tiles, case):
     lens, block_size, kv_heads, group, block_n, splits = CASES[case]
     check_variant(lens, block_size, kv_heads, group, "e4m3", q_dtype, 5e-3, seed=block_size + block_n,
                   block_n=block_n, num_splits=splits, fp8_dots="fp16", full_tiles=full_tiles,
-                  table_per_block=full_tiles, query_rows=64 if full_tiles else None)
+                  table_per_block=full_tiles, query_rows=64 if full_tiles else None, keys_as_rows=not full_tiles)
 
 
 @pytest.mark.parametrize("q_range", [1e5, 1e20])

@@ -17,7 +17,7 @@ bytes, and dequantized in registers: a tile converts to q's dtype exactly (e4m3'
 bits fit bf16's 7), and the program's one KV head has one scale for K and one for V, which
 multiply the scores and the output once instead of every element. `paged_decode`'s variant
 settings (full tiles unmasked, float16 dots for e4m3, table entries per block, 64 query
-rows) are the same attention, read differently; bench/fp8_speed.py's sweep measures them, and
+rows, transposed dots) are the same attention, read differently; bench/fp8_speed.py's sweep measures them, and
 the defaults stay as they were until it has.
 
 No Triton on the machine (CPU, CI): importing this module still works; `paged_decode`
@@ -74,7 +74,7 @@ if triton is not None:
         stride_ob, stride_os, stride_oh, qk_scale,
         GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, PRECISION: tl.constexpr, FP8: tl.constexpr,
-        FULL_TILES: tl.constexpr, F16_DOTS: tl.constexpr, TABLE_PER_BLOCK: tl.constexpr,
+        FULL_TILES: tl.constexpr, F16_DOTS: tl.constexpr, TABLE_PER_BLOCK: tl.constexpr, KEYS_AS_ROWS: tl.constexpr,
     ):
         b, h, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         v_scale = 1.0
@@ -104,10 +104,12 @@ if triton is not None:
             masked_from = tl.maximum(start, end // BLOCK_N * BLOCK_N)
             acc, m_i, l_i = attend_tiles(acc, m_i, l_i, q, q_pos, k_ptr, v_ptr, table_row_ptr, h * stride_kh,
                                          stride_kblk, stride_ktok, start, masked_from, end, qk_scale,
-                                         False, HEAD_DIM, BLOCK_N, BLOCK_SIZE, PRECISION, FP8, TABLE_PER_BLOCK)
+                                         False, HEAD_DIM, BLOCK_N, BLOCK_SIZE, PRECISION, FP8, TABLE_PER_BLOCK,
+                                         KEYS_AS_ROWS)
         acc, m_i, l_i = attend_tiles(acc, m_i, l_i, q, q_pos, k_ptr, v_ptr, table_row_ptr, h * stride_kh,
                                      stride_kblk, stride_ktok, masked_from, end, end, qk_scale,
-                                     True, HEAD_DIM, BLOCK_N, BLOCK_SIZE, PRECISION, FP8, TABLE_PER_BLOCK)
+                                     True, HEAD_DIM, BLOCK_N, BLOCK_SIZE, PRECISION, FP8, TABLE_PER_BLOCK,
+                                     KEYS_AS_ROWS)
         out = o_ptr + b * stride_ob + split * stride_os + (h * GROUP + offs_g)[:, None] * stride_oh + offs_d[None, :]
         tl.store(out, acc * (v_scale / tl.where(l_i > 0, l_i, 1.0))[:, None], mask=g_mask[:, None])
         stats = (b * tl.num_programs(2) + split) * tl.num_programs(1) * GROUP + h * GROUP + offs_g
@@ -158,7 +160,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  waves: float = 2.0, max_context: int | None = None, return_lse: bool = False,
                  k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
                  full_tiles: bool = False, fp8_dots: str = "q", table_per_block: bool = False,
-                 query_rows: int | None = None):
+                 query_rows: int | None = None, keys_as_rows: bool = False):
     """q [batch, heads, d]; caches [blocks, kv_heads, block_size, d]; block_tables [batch,
     max_blocks] int32; context_lens [batch] int32 (keys 0..len-1 are attended) -> o like q.
     Without `num_splits`, contexts are split so that there are about `waves` programs per
@@ -179,7 +181,9 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     dots (the group's queries padded; default 16, the least `tl.dot` takes): 64 is a Hopper
     wgmma's tile, which reads its B operand from shared memory, so that an e4m3 V tile is
     converted before it is stored there instead of read back a byte at a time for the
-    transposed mma.sync operand, at four times the dots' (idle) tensor-core work."""
+    transposed mma.sync operand, at four times the dots' (idle) tensor-core work;
+    `keys_as_rows` computes both dots transposed (attend_tiles' KEYS_AS_ROWS: the tile's keys
+    and the head dimension as the rows, a wgmma tile without padding the queries)."""
     if fp8_dots not in FP8_DOTS:
         raise ValueError(f"paged_decode: fp8_dots={fp8_dots!r}; allowed: {', '.join(FP8_DOTS)}")
     batch, heads, head_dim = q.shape
@@ -212,6 +216,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         BLOCK_N=block_n, BLOCK_SIZE=block_size,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FP8=fp8,
         FULL_TILES=full_tiles, F16_DOTS=fp8 and fp8_dots == "fp16", TABLE_PER_BLOCK=table_per_block,
+        KEYS_AS_ROWS=keys_as_rows,
         num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits == 1:

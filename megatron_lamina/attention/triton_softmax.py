@@ -67,7 +67,7 @@ if triton is not None:
                      stride_kblk, stride_ktok, lo, hi, end, qk_scale,
                      MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_SIZE: tl.constexpr, PRECISION: tl.constexpr, FP8: tl.constexpr,
-                     TABLE_PER_BLOCK: tl.constexpr):
+                     TABLE_PER_BLOCK: tl.constexpr, KEYS_AS_ROWS: tl.constexpr):
         """Online softmax of the rows of `q` over the key tiles lo, lo + BLOCK_N, ... < hi (lo
         a multiple of BLOCK_N); returns the updated (acc, m_i, l_i). `qk_scale` includes
         log2(e) (and an FP8 cache's K scale). MASKED: a row at position `q_pos` sees keys at
@@ -75,7 +75,11 @@ if triton is not None:
         q_pos at its start), so no row's max is -inf (no NaN from -inf - -inf). Not MASKED:
         every key of every tile is visible (the caller guarantees it), and the loads are
         unmasked, so they vectorize fully. An FP8 tile converts to q's dtype: the caller picks
-        the dots' type by the q it passes. TABLE_PER_BLOCK: `tile_rows`."""
+        the dots' type by the q it passes. TABLE_PER_BLOCK: `tile_rows`. KEYS_AS_ROWS: both
+        dots computed transposed (K @ q^T, then V^T @ p^T onto acc^T), so that the tile's keys
+        or the head dimension are the dots' rows: with few queries (decode's group of 4) that
+        is a tile Hopper's wgmma takes (64 rows or more) where q's 16 padded rows are not; the
+        online softmax itself is the same, on the scores transposed back."""
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM)
         for tile in range(lo, hi, BLOCK_N):
@@ -91,13 +95,20 @@ if triton is not None:
                 v = tl.load(v_ptr + row[:, None] + offs_d[None, :])
             if FP8:
                 k, v = k.to(q.dtype), v.to(q.dtype)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            if KEYS_AS_ROWS:
+                s = tl.trans(tl.dot(k, tl.trans(q), input_precision=PRECISION)) * qk_scale
+            else:
+                s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
             if MASKED:
                 s = tl.where((k_pos[None, :] <= q_pos[:, None]) & valid[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            if KEYS_AS_ROWS:
+                acc = tl.trans(tl.dot(tl.trans(v), tl.trans(p.to(v.dtype)), tl.trans(acc * alpha[:, None]),
+                                      input_precision=PRECISION))
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
         return acc, m_i, l_i

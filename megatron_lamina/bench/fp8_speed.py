@@ -41,18 +41,19 @@ MODES = [("bf16", False, None), ("FP8 KV", False, FP8), ("FP8 weights", True, No
 
 # The decode kernel's sweep (issue 26): paged_decode's variants and launch settings, searched
 # one axis at a time from each cache's default (bench/coordinate_search.py). "dots" only
-# changes an e4m3 cache's kernel; "rows" pads the queries to a Hopper wgmma's 64 rows;
+# changes an e4m3 cache's kernel; "rows" makes the dots Hopper wgmma tiles (queries padded
+# to 64 rows, or the dots transposed);
 # "splits" is `waves`, kept where it changes the split count.
 KERNEL_AXES = [
     ("loop", [{"full_tiles": True}]),
     ("dots", [{"fp8_dots": "fp16"}]),
-    ("rows", [{"query_rows": 64}]),
+    ("rows", [{"query_rows": 64, "keys_as_rows": False}, {"query_rows": None, "keys_as_rows": True}]),
     ("table", [{"table_per_block": True}]),
     ("tile", [{"block_n": n, "num_warps": w} for n, w in ((64, 4), (64, 8), (128, 4), (128, 8), (256, 4), (256, 8))]),
     ("stages", [{"num_stages": s} for s in (2, 3, 4, 5)]),
     ("splits", [{"waves": w} for w in (1.0, 2.0, 4.0, 8.0)]),
 ]
-VARIANT_FLAGS = ("full_tiles", "fp8_dots", "table_per_block", "query_rows")
+VARIANT_FLAGS = ("full_tiles", "fp8_dots", "table_per_block", "query_rows", "keys_as_rows")
 
 
 def kernel_default(fp8: bool) -> dict:
@@ -65,7 +66,8 @@ def kernel_default(fp8: bool) -> dict:
 def variant_label(config: dict, fp8: bool) -> str:
     flags = [name for name, on in (("full tiles", config["full_tiles"]), ("fp16 dots", fp8 and config["fp8_dots"] == "fp16"),
                                    ("table per block", config["table_per_block"]),
-                                   (f"{config['query_rows']} query rows", config["query_rows"])) if on]
+                                   (f"{config['query_rows']} query rows", config["query_rows"]),
+                                   ("keys as rows", config["keys_as_rows"])) if on]
     return " + ".join(flags) or "masked tiles"
 
 
