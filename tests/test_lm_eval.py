@@ -5,15 +5,17 @@ worker, prompts prefilled in chunks) with an API key, evaluated by lm-eval's own
 `local-completions` model (token-id prompts, 4 per request; `echo` + `logprobs` +
 `max_tokens: 1` for log-likelihoods; greedy `generate_until` with stop strings) on two tiny
 tasks of tests/lm_eval_tasks/ (local JSONL, no network), and by lm-eval's `hf` model on the
-same weights in transformers: every choice's log-likelihood within 1e-3, the same accuracy,
-the same generated text. The FP8 modes (issue 26: FP8 KV, FP8 weights quantized at load, both)
-are each one colocated server, held to the measured bounds against the same reference.
+same weights in transformers (evaluated once for the module): every choice's log-likelihood
+within 1e-3, the same accuracy, the same generated text. The FP8 modes (issue 26: FP8 KV, FP8
+weights quantized at load, both) are each one colocated server, held to the measured bounds
+against the same reference.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from server_proc import ServerProcess, tiny_server_config
 
 TASKS = Path(__file__).resolve().parent / "lm_eval_tasks"
@@ -33,25 +35,47 @@ def _by_doc(results: dict, task: str) -> dict[int, list]:
     return {s["doc_id"]: s["filtered_resps"] for s in results["samples"][task]}
 
 
-def test_lm_eval_through_the_server_equals_hf(smollm2, tmp_path, monkeypatch):
+def _served(server: ServerProcess, canonical: Path) -> dict:
+    """lm-eval's `local-completions` model against `server`."""
+    return _evaluate("local-completions", {
+        "base_url": f"{server.url}/v1/completions", "model": canonical.name,
+        "tokenizer": str(canonical / "tokenizer"), "tokenizer_backend": "huggingface",
+        "tokenized_requests": True, "num_concurrent": 1, "max_retries": 1, "batch_size": 4})
+
+
+@pytest.fixture(scope="module")
+def hf_results(smollm2):
+    """lm-eval's `hf` model on the unquantized weights in transformers: evaluated once for the
+    module, when a test first asks (each asks while its servers start)."""
+    results: list[dict] = []
+
+    def evaluate() -> dict:
+        if not results:
+            from lm_eval.models.huggingface import HFLM
+            from transformers import AutoTokenizer
+
+            hf_model, canonical = smollm2
+            tokenizer = AutoTokenizer.from_pretrained(str(canonical / "tokenizer"))
+            results.append(_evaluate(HFLM(pretrained=hf_model, tokenizer=tokenizer, batch_size=1)))
+        return results[0]
+    return evaluate
+
+
+@pytest.fixture
+def offline_lm_eval(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # the tasks read local files only
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("OPENAI_API_KEY", API_KEY)  # what local-completions sends as its bearer token
-    from lm_eval.models.huggingface import HFLM
-    from transformers import AutoTokenizer
 
-    hf_model, canonical = smollm2
+
+def test_lm_eval_through_the_server_equals_hf(smollm2, hf_results, offline_lm_eval, tmp_path):
+    _, canonical = smollm2
     config, port = tiny_server_config(tmp_path, canonical, parallel={"attention_workers": 1},
                                       server={"api_key": API_KEY})
     server = ServerProcess(config, port, 2, tmp_path / "server.log")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(canonical / "tokenizer"))
-        reference = _evaluate(HFLM(pretrained=hf_model, tokenizer=tokenizer, batch_size=1))  # while the server starts
-        server.wait_healthy()
-        served = _evaluate("local-completions", {
-            "base_url": f"{server.url}/v1/completions", "model": canonical.name,
-            "tokenizer": str(canonical / "tokenizer"), "tokenizer_backend": "huggingface",
-            "tokenized_requests": True, "num_concurrent": 1, "max_retries": 1, "batch_size": 4})
+        reference = hf_results()  # while the server starts
+        served = _served(server.wait_healthy(), canonical)
         log = server.output()
     finally:
         server.stop()
@@ -110,34 +134,23 @@ def _fp8_measure(served: dict, reference: dict) -> dict:
             "same_text": sum(texts[d] == want_texts[d] for d in want_texts), "texts": len(want_texts)}
 
 
-def test_lm_eval_through_the_server_in_the_fp8_modes(smollm2, tmp_path, monkeypatch):
+def test_lm_eval_through_the_server_in_the_fp8_modes(smollm2, hf_results, offline_lm_eval, tmp_path):
     """One colocated one-rank server per FP8 mode (lm-eval's same requests), against
-    transformers on the unquantized weights."""
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
-    from lm_eval.models.huggingface import HFLM
-    from transformers import AutoTokenizer
-
-    hf_model, canonical = smollm2
-    reference = None
-    measured = {}
-    for mode, sections in FP8_MODES.items():
-        config, port = tiny_server_config(tmp_path, canonical, parallel={"attention_workers": 0},
-                                          scheduler={"micro_batches": 1}, server={"api_key": API_KEY}, **sections)
-        server = ServerProcess(config, port, 1, tmp_path / f"server-{port}.log")
-        try:
-            if reference is None:  # while the first server starts
-                tokenizer = AutoTokenizer.from_pretrained(str(canonical / "tokenizer"))
-                reference = _evaluate(HFLM(pretrained=hf_model, tokenizer=tokenizer, batch_size=1))
-            server.wait_healthy()
-            served = _evaluate("local-completions", {
-                "base_url": f"{server.url}/v1/completions", "model": canonical.name,
-                "tokenizer": str(canonical / "tokenizer"), "tokenizer_backend": "huggingface",
-                "tokenized_requests": True, "num_concurrent": 1, "max_retries": 1, "batch_size": 4})
-        finally:
+    transformers on the unquantized weights. The three start at once: a one-rank start-up is
+    mostly one process importing, so each would leave the other core idle."""
+    _, canonical = smollm2
+    servers = {}
+    try:
+        for mode, sections in FP8_MODES.items():
+            config, port = tiny_server_config(tmp_path, canonical, parallel={"attention_workers": 0},
+                                              scheduler={"micro_batches": 1}, server={"api_key": API_KEY}, **sections)
+            servers[mode] = ServerProcess(config, port, 1, tmp_path / f"server-{port}.log")
+        reference = hf_results()  # while they start
+        measured = {mode: _fp8_measure(_served(server.wait_healthy(), canonical), reference)
+                    for mode, server in servers.items()}
+    finally:
+        for server in servers.values():
             server.stop()
-        measured[mode] = _fp8_measure(served, reference)
     print("FP8 lm-eval against the unquantized model:", measured)
     assert set(FP8_BOUNDS) == set(measured)
     for mode, bound in FP8_BOUNDS.items():
