@@ -43,7 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{result['device']}: copy {copy_bw / 1e12:.2f} TB/s, bf16 GEMM {gemm / 1e12:.0f} TFLOP/s", flush=True)
     phases = args.phases.split(",")
     if "kernel" in phases:
-        axes = [axis for axis in KERNEL_AXES if axis[0] in args.kernel_axes.split(",")]
+        names = [name for name in args.kernel_axes.split(",") if name]
+        known = [name for name, _ in KERNEL_AXES]
+        if set(names) - set(known):
+            p.error(f"--kernel-axes {args.kernel_axes}: allowed {', '.join(known)} (comma-separated; empty: the defaults)")
+        axes = [axis for axis in KERNEL_AXES if axis[0] in names]
         result["kernel"] = kernel_rows(args.kernel_batch, args.context, copy_bw, axes=axes,
                                        on_row=lambda row: print(markdown([row], KERNEL_COLUMNS).splitlines()[-1],
                                                                 flush=True))
