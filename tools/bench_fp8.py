@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-70b", type=int, default=64)
     p.add_argument("--phases", default="kernel,decode,70b")
     args = p.parse_args(argv)
+    names, known = [name for name in args.kernel_axes.split(",") if name], [name for name, _ in KERNEL_AXES]
+    if set(names) - set(known):
+        p.error(f"--kernel-axes {args.kernel_axes}: allowed {', '.join(known)} (comma-separated; empty: the defaults)")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     init_one_rank("nccl")
     copy_bw, gemm = ceilings()
@@ -43,10 +46,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{result['device']}: copy {copy_bw / 1e12:.2f} TB/s, bf16 GEMM {gemm / 1e12:.0f} TFLOP/s", flush=True)
     phases = args.phases.split(",")
     if "kernel" in phases:
-        names = [name for name in args.kernel_axes.split(",") if name]
-        known = [name for name, _ in KERNEL_AXES]
-        if set(names) - set(known):
-            p.error(f"--kernel-axes {args.kernel_axes}: allowed {', '.join(known)} (comma-separated; empty: the defaults)")
         axes = [axis for axis in KERNEL_AXES if axis[0] in names]
         result["kernel"] = kernel_rows(args.kernel_batch, args.context, copy_bw, axes=axes,
                                        on_row=lambda row: print(markdown([row], KERNEL_COLUMNS).splitlines()[-1],
