@@ -5,8 +5,10 @@ attention workers and the colocated attention path all read the same plan, so th
 the same sends and receives in the same order and data-plane messages need no metadata.
 A plan is a list of `MicroBatch`es; a micro-batch is a list of `SequenceChunk`s (one per
 request: a prefill chunk or a single decode token), ordered by request shard so that the
-rows each attention shard owns are one contiguous slice. This is a leaf module shared by
-the engine, the model workers, the transport and the attention workers.
+rows each attention shard owns are one contiguous slice; a rank that receives the plan makes
+a micro-batch's chunk objects from the plan's columns only when asked, a shard's at a time.
+This is a leaf module shared by the engine, the model workers, the transport and the
+attention workers.
 
 Two things keep the plan small and let the driver plan ahead of the GPU:
   * Block tables never travel whole. A chunk carries `new_blocks`, the blocks appended to
@@ -22,7 +24,11 @@ Two things keep the plan small and let the driver plan ahead of the GPU:
 
 from __future__ import annotations
 
+import operator
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
+from itertools import accumulate
+from typing import Callable
 
 
 @dataclass(slots=True)  # a step builds a thousand: no per-chunk __dict__
@@ -64,41 +70,74 @@ class SequenceChunk:
             setattr(self, name, value)
 
 
-@dataclass
-class MicroBatch:
-    chunks: list[SequenceChunk]
+_SHARD = operator.attrgetter("shard")
+_TOKENS = operator.attrgetter("tokens")
 
-    def __post_init__(self):
-        shards = [c.shard for c in self.chunks]
+
+class MicroBatch:
+    """Some chunks of a step, ordered by request shard (so a shard's rows are one slice).
+
+    The driver's scheduler builds one from its chunks. A rank that receives the plan builds it
+    from the plan's integer columns (worker/plan_columns.py): `shards` and `sizes` (each
+    chunk's request shard and token count) and `build(lo, hi)`, which makes the chunk objects
+    lo..hi-1; they are made when first asked for, a shard's at a time, so an attention rank
+    makes only its own shard's (`shard_chunks`), and the rows of the others cost nothing."""
+
+    def __init__(self, chunks: list[SequenceChunk] | None = None, *, shards: list[int] | None = None,
+                 sizes: list[int] | None = None, build: Callable[[int, int], list[SequenceChunk]] | None = None):
+        if chunks is not None:
+            shards = list(map(_SHARD, chunks))
         assert shards == sorted(shards), "chunks of a micro-batch must be ordered by shard"
-        self._ranges = None
+        assert (chunks is None) == (sizes is not None and build is not None), "chunks, or shards, sizes and build"
+        self._chunks, self._shards, self._sizes, self._build = chunks, shards, sizes, build
+        self._made: dict[int, list[SequenceChunk]] = {}  # shard -> its chunks, made from the columns
+        self._row_ends: list[int] | None = None
+
+    @property
+    def chunks(self) -> list[SequenceChunk]:
+        if self._chunks is None:
+            self._chunks = [c for shard in dict.fromkeys(self._shards) for c in self.shard_chunks(shard)]
+        return self._chunks
+
+    def shard_chunks(self, shard: int) -> list[SequenceChunk]:
+        """The chunks of request shard `shard`: one slice, the chunks being ordered by shard."""
+        lo, hi = bisect_left(self._shards, shard), bisect_right(self._shards, shard)
+        if self._chunks is not None:
+            return self._chunks[lo:hi]
+        if shard not in self._made:
+            self._made[shard] = self._build(lo, hi) if hi > lo else []
+        return self._made[shard]
 
     @property
     def num_rows(self) -> int:
         """Token rows of the micro-batch (every chunk's tokens, in chunk order)."""
-        return sum(len(c.tokens) for c in self.chunks)
+        return self._ends()[-1] if self._shards else 0
 
     def shard_rows(self, shard: int) -> tuple[int, int]:
-        """The [lo, hi) token rows that belong to request shard `shard` (computed once: the
-        transport asks for every layer)."""
-        if self._ranges is None:
-            ranges, row = {}, 0
-            for c in self.chunks:
-                lo, _ = ranges.get(c.shard, (row, row))
-                row += len(c.tokens)
-                ranges[c.shard] = (lo, row)
-            self._ranges = ranges
-        if shard in self._ranges:
-            return self._ranges[shard]
-        row = sum(len(c.tokens) for c in self.chunks if c.shard < shard)
-        return row, row
+        """The [lo, hi) token rows that belong to request shard `shard` (the transport asks
+        for every layer: the rows' ends are summed once)."""
+        ends = self._ends()
+        lo, hi = bisect_left(self._shards, shard), bisect_right(self._shards, shard)
+        return ends[lo - 1] if lo else 0, ends[hi - 1] if hi else 0
 
-    def shard_chunks(self, shard: int) -> list[SequenceChunk]:
-        return [c for c in self.chunks if c.shard == shard]
+    def _ends(self) -> list[int]:
+        if self._row_ends is None:
+            sizes = self._sizes if self._sizes is not None else map(len, map(_TOKENS, self._chunks))
+            self._row_ends = list(accumulate(sizes))
+        return self._row_ends
 
     @property
     def decode_only(self) -> bool:
         return all(len(c.tokens) == 1 and c.sample for c in self.chunks)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, MicroBatch) and self.chunks == other.chunks
+
+    def __repr__(self) -> str:
+        return f"MicroBatch({self.chunks!r})"
+
+    def __reduce__(self):
+        return MicroBatch, (self.chunks,)  # pickled as its chunks, as a dataclass of them was
 
 
 @dataclass

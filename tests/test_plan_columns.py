@@ -7,6 +7,7 @@ the shutdown plan), the encoder knows every field of the plan's dataclasses, and
 from __future__ import annotations
 
 import dataclasses
+import inspect
 
 import numpy as np
 import pytest
@@ -50,7 +51,24 @@ def test_the_columns_name_every_field_of_a_plan():
     chunk_fields = {f.name for f in dataclasses.fields(SequenceChunk)}
     assert chunk_fields == set(plan_columns.CHUNK_FIELDS) | set(plan_columns.NOT_SENT)
     assert {f.name for f in dataclasses.fields(StepPlan)} == set(plan_columns.PLAN_FIELDS)
-    assert [f.name for f in dataclasses.fields(MicroBatch)] == ["chunks"]
+    # A micro-batch is its chunks (or, received, the same chunks as columns, made on demand).
+    assert list(inspect.signature(MicroBatch).parameters) == ["chunks", "shards", "sizes", "build"]
+
+
+def test_a_received_micro_batch_makes_only_the_chunks_asked_for():
+    """An attention rank asks for its shard's chunks: the other shard's are never made; rows
+    and chunks are those of the sent micro-batch, and a chunk is made once (one object, whichever
+    way it is asked for: a rank's block tables annotate the objects its index then reads)."""
+    plan = plans()[3]
+    back = plan_columns.decode(plan_columns.encode(plan))
+    for mb_back, mb in zip(back.micro_batches, plan.micro_batches):
+        assert mb_back.num_rows == mb.num_rows
+        assert [mb_back.shard_rows(s) for s in range(3)] == [mb.shard_rows(s) for s in range(3)]
+    first = back.micro_batches[0]
+    ones = first.shard_chunks(1)
+    assert ones == plan.micro_batches[0].shard_chunks(1) and list(first._made) == [1]
+    assert first.shard_chunks(1) is ones and first.shard_chunks(2) == [] and list(first._made) == [1, 2]
+    assert first.chunks == plan.micro_batches[0].chunks and first.chunks[1] is ones[0]
 
 
 def test_another_format_is_refused():

@@ -36,6 +36,7 @@ from megatron_lamina.plan import MicroBatch, SequenceChunk, StepPlan
 
 
 _SHARD = operator.attrgetter("shard")
+_TOKENS = operator.attrgetter("tokens")
 
 
 def reaches_length(outputs: int, tokens: int, max_tokens: int, max_model_len: int) -> bool:
@@ -94,12 +95,25 @@ class Scheduler:
         for request in list(self.running):
             if request.status is not running:
                 continue  # preempted earlier in this loop
-            outputs = len(request.output_token_ids) + request.num_pending
+            in_flight = request.num_pending
+            outputs = len(request.output_token_ids) + in_flight
             total = len(request.prompt_token_ids) + outputs
-            if request.num_pending and reaches_length(outputs, total, request.params.max_tokens, max_model_len):
+            if in_flight and reaches_length(outputs, total, request.params.max_tokens, max_model_len):
                 continue  # the token in flight is its last: it ends when that token is read back
             computed = request.num_computed
             pending = total - computed
+            table = request.block_table
+            if pending == 1 and outputs and computed < len(table) * block_size \
+                    and request.num_blocks_sent == len(table) and computed // block_size <= request.num_registered:
+                # Steady decode, nearly every request of nearly every step: one token past the
+                # prompt (so no prompt log-probabilities), its slot in a block already taken
+                # and announced, no full block to register. `_chunk` plans it the same way;
+                # this is that plan without its checks, which cost more than the chunk itself.
+                request.num_computed = total
+                add(SequenceChunk(request.request_id, request.shard, computed,
+                                  [0] if in_flight else [request.output_token_ids[-1]], [], True,
+                                  request.feed_row if in_flight else -1, False, table))
+                continue
             n = 1 if pending == 1 else min(pending, budget)
             needed = -(-(computed + n) // block_size)
             if needed > limit:
@@ -110,7 +124,7 @@ class Scheduler:
                 self.finish(request, "length")
                 self._ended.append(request)
                 continue
-            if n == 0 or (needed > len(request.block_table) and not self._reserve(request, computed + n)):
+            if n == 0 or (needed > len(table) and not self._reserve(request, computed + n)):
                 continue
             budget -= n if pending > 1 else 0
             add(chunk(request, n, total))
@@ -197,6 +211,9 @@ class Scheduler:
         loads = [0] * len(groups)
         if len(groups) == 1:
             groups[0] = chunks
+        elif sum(map(len, map(_TOKENS, chunks))) == len(chunks):
+            # One token each (a decode step): the fewest-tokens rule deals them in turn.
+            groups = [chunks[i::len(groups)] for i in range(len(groups))]
         elif len(groups) == 2:  # the common case, without a min() per chunk
             for chunk in chunks:
                 i = 0 if loads[0] <= loads[1] else 1

@@ -22,6 +22,8 @@ to a host view of it (the reference attention and prefill slots read it).
 
 from __future__ import annotations
 
+import itertools
+import operator
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,6 +32,10 @@ import torch
 from megatron_lamina.attention.kv_cache import padded_block_tables
 from megatron_lamina.host_to_device import HostArrays
 from megatron_lamina.plan import SequenceChunk, StepPlan
+
+_REQUEST_ID = operator.attrgetter("request_id")
+_NEW_BLOCKS = operator.attrgetter("new_blocks")
+_TABLE_ROW = operator.attrgetter("table_row")
 
 
 class BlockTables:
@@ -47,6 +53,10 @@ class BlockTables:
         self._free = list(range(rows - 1, -1, -1))  # rows no request holds, the lowest last (popped first)
         self.mirror: torch.Tensor | None = None      # [rows, max blocks] int64 on `device`, after the first step
         self._written: list[tuple[int, int, int]] = []  # (row, first, end) entries the mirror lacks
+        # Each row's table as a host view (`chunk.block_table`), made when first asked for
+        # since the row last changed: a decode step's chunks reuse them (a view costs more than
+        # the rest of a chunk's apply).
+        self._views: list[np.ndarray | None] = [None] * rows
 
     def apply(self, plan: StepPlan) -> HostArrays:
         """Write the plan's deltas into the array; returns the entries the device mirror
@@ -55,26 +65,33 @@ class BlockTables:
         for request_id in plan.released:
             row = self.row_of.pop(request_id, None)
             if row is not None:
-                self.lengths[row] = 0
+                self.lengths[row], self._views[row] = 0, None
                 self._free.append(row)
-        served = [c for mb in plan.micro_batches for c in mb.chunks if self.shard is None or c.shard == self.shard]
-        for chunk in served:
-            row = self.row_of.get(chunk.request_id)
-            if row is None:
-                row = self.row_of[chunk.request_id] = self._take_row()
-            if chunk.new_blocks:
-                start = int(self.lengths[row])
-                end = start + len(chunk.new_blocks)
-                if end > self.array.shape[1]:
-                    self._grow(self.array.shape[0], max(end, 2 * self.array.shape[1]))
-                self.array[row, start:end] = chunk.new_blocks
-                self.lengths[row] = end
-                self._written.append((row, start, end))
-            chunk.table_row = (self, row)
+        served = [c for mb in plan.micro_batches
+                  for c in (mb.chunks if self.shard is None else mb.shard_chunks(self.shard))]
+        # A decode step serves hundreds of chunks and announces a block for few of them: the
+        # rows are looked up in one map, and only the chunks with new blocks visit the array.
+        rows = list(map(self.row_of.get, map(_REQUEST_ID, served)))
+        if None in rows:  # requests new to this rank
+            for i, chunk in enumerate(served):
+                if rows[i] is None:
+                    rows[i] = self.row_of[chunk.request_id] = self._take_row()
+        for i in itertools.compress(range(len(rows)), map(_NEW_BLOCKS, served)):
+            row, new_blocks = rows[i], served[i].new_blocks
+            start = int(self.lengths[row])
+            end = start + len(new_blocks)
+            if end > self.array.shape[1]:
+                self._grow(self.array.shape[0], max(end, 2 * self.array.shape[1]))
+            self.array[row, start:end] = new_blocks
+            self.lengths[row], self._views[row] = end, None
+            self._written.append((row, start, end))
         # Views only once every row is written: a growth above moved the array.
-        for chunk in served:
-            row = chunk.table_row[1]
-            chunk.block_table = self.array[row, :self.lengths[row]]
+        views = self._views
+        for chunk, row in zip(served, rows):
+            view = views[row]
+            if view is None:
+                view = views[row] = self.array[row, :self.lengths[row]]
+            chunk.table_row, chunk.block_table = (self, row), view
         return self._mirror_writes()
 
     def _mirror_writes(self) -> HostArrays:
@@ -110,6 +127,7 @@ class BlockTables:
         array[:old_rows, :old_blocks] = self.array
         self.array = array
         self.lengths = np.concatenate([self.lengths, np.zeros(rows - old_rows, np.int64)])
+        self._views = [None] * rows  # views of the old array
 
 
 @dataclass
@@ -126,12 +144,15 @@ class ChunkTables:
 
     @classmethod
     def of(cls, chunks: list[SequenceChunk], fill: int = 0) -> ChunkTables:
-        owner = chunks[0].table_row[0] if chunks and chunks[0].table_row is not None else None
-        if owner is None or not all(c.table_row is not None and c.table_row[0] is owner for c in chunks):
-            padded = padded_block_tables([c.block_table for c in chunks], fill)
-            return cls(padded.shape[1], padded=padded)
-        rows = np.fromiter((c.table_row[1] for c in chunks), np.int64, len(chunks))
-        return cls(max(int(owner.lengths[rows].max(initial=0)), 1), owner, rows)
+        table_rows = list(map(_TABLE_ROW, chunks))
+        if chunks and None not in table_rows:
+            owners, rows = zip(*table_rows)
+            owner = owners[0]
+            if owners.count(owner) == len(owners):  # all rows of one BlockTables (compared by identity)
+                rows = np.array(rows, np.int64)
+                return cls(max(int(owner.lengths[rows].max(initial=0)), 1), owner, rows)
+        padded = padded_block_tables([c.block_table for c in chunks], fill)
+        return cls(padded.shape[1], padded=padded)
 
     def blocks_at(self, index: np.ndarray) -> np.ndarray:
         """Each chunk's block number `index[i]` (within its table), on the host."""

@@ -3,8 +3,10 @@
 Every field a plan sends is an integer (or a flag), so the plan travels as one flat int64
 array instead of a pickled tree of dataclasses: a header, then one column per chunk field,
 the chunk count of each micro-batch, the released request ids, the host tier's copies
-(offloads, loads), and every chunk's tokens and new blocks end to end. Encoding is one pass over the chunks (`np.fromiter`); decoding slices
-the columns and builds the chunks back. Fields that are never sent (`block_table`,
+(offloads, loads), and every chunk's tokens and new blocks end to end. Encoding is one pass
+over the chunks (`np.fromiter`); decoding slices the columns, and the received micro-batches
+build their chunks back from them when asked, one request shard at a time (an attention rank
+builds only its own shard's: plan.MicroBatch). Fields that are never sent (`block_table`,
 `table_row`: each rank's own, worker/block_tables.py) are left out, as pickling left them.
 A field added to `SequenceChunk` or `StepPlan` must be added here: the round-trip test
 (tests/test_plan_columns.py) compares the fields to this module's lists.
@@ -12,6 +14,7 @@ A field added to `SequenceChunk` or `StepPlan` must be added here: the round-tri
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import numpy as np
@@ -47,15 +50,16 @@ def encode(plan: StepPlan) -> np.ndarray:
 
 
 def decode(flat: np.ndarray) -> StepPlan:
-    """`encode`'s plan back (without the fields that are never sent)."""
+    """`encode`'s plan back (without the fields that are never sent). Its micro-batches make
+    their chunk objects from the columns when first asked for (plan.MicroBatch), so they keep
+    views of `flat`: a buffer the caller does not reuse."""
     fmt, shutdown, num_mbs, n, num_released, num_tokens, num_offloads, num_loads = flat[:HEADER].tolist()
     if fmt != FORMAT:
         raise ValueError(f"a step plan in format {fmt}, this rank reads format {FORMAT}: "
                          "every rank must run the same version of megatron-lamina")
     at = HEADER
-    columns = flat[at:at + n * len(CHUNK_FIELDS)].reshape(len(CHUNK_FIELDS), n)
-    at += columns.size
-    request_ids, shards, starts, token_counts, block_counts, samples, feeds, all_logits = columns.tolist()
+    columns = _Columns(flat[at:at + n * len(CHUNK_FIELDS)].reshape(len(CHUNK_FIELDS), n))
+    at += n * len(CHUNK_FIELDS)
     per_mb = flat[at:at + num_mbs].tolist()
     at += num_mbs
     released = flat[at:at + num_released].tolist()
@@ -64,22 +68,39 @@ def decode(flat: np.ndarray) -> StepPlan:
     at += num_offloads
     loads = flat[at:at + num_loads].tolist()
     at += num_loads
-    tokens = flat[at:at + num_tokens].tolist()
-    new_blocks = flat[at + num_tokens:].tolist()
-    assert len(new_blocks) == sum(block_counts), "a step plan's columns do not add up"
-    # Each chunk's tokens and new blocks cut from the flat lists in order (a decode-only plan:
-    # one token each); the chunks built by one map over the columns (a step has a thousand).
-    if num_tokens == n:
-        chunk_tokens = [[t] for t in tokens]
-    else:
-        rest = iter(tokens)
-        chunk_tokens = [list(itertools.islice(rest, c)) for c in token_counts]
-    rest = iter(new_blocks)
-    chunk_blocks = [list(itertools.islice(rest, c)) if c else [] for c in block_counts]
-    chunks = list(map(SequenceChunk, request_ids, shards, starts, chunk_tokens, chunk_blocks, map(bool, samples),
-                      feeds, map(bool, all_logits)))
+    columns.tokens, columns.new_blocks = flat[at:at + num_tokens], flat[at + num_tokens:]
+    assert len(columns.new_blocks) == columns.block_ends[-1], "a step plan's columns do not add up"
+    shards, sizes = columns.table[1].tolist(), columns.table[3].tolist()
     mbs, first = [], 0
     for count in per_mb:
-        mbs.append(MicroBatch(chunks[first:first + count]))
+        mbs.append(MicroBatch(shards=shards[first:first + count], sizes=sizes[first:first + count],
+                              build=functools.partial(columns.chunks, first)))
         first += count
     return StepPlan(mbs, released, bool(shutdown), offloads, loads)
+
+
+class _Columns:
+    """A received plan's chunk columns, and the chunk objects of any range of them."""
+
+    def __init__(self, table: np.ndarray):
+        self.table = table  # [len(CHUNK_FIELDS), chunks]
+        self.token_ends = np.concatenate([[0], np.cumsum(table[3])]).tolist()
+        self.block_ends = np.concatenate([[0], np.cumsum(table[4])]).tolist()
+        self.tokens = self.new_blocks = np.zeros(0, np.int64)  # every chunk's, end to end (set by decode)
+
+    def chunks(self, first: int, lo: int, hi: int) -> list[SequenceChunk]:
+        """Chunks first+lo .. first+hi-1: their tokens and new blocks cut from the flat lists in
+        order (a decode chunk: one token, mostly no block), built by one map over the columns."""
+        a, b = first + lo, first + hi
+        request_ids, shards, starts, token_counts, block_counts, samples, feeds, all_logits = \
+            self.table[:, a:b].tolist()
+        tokens = self.tokens[self.token_ends[a]:self.token_ends[b]].tolist()
+        if len(tokens) == b - a:
+            chunk_tokens = [[t] for t in tokens]
+        else:
+            rest = iter(tokens)
+            chunk_tokens = [list(itertools.islice(rest, c)) for c in token_counts]
+        rest = iter(self.new_blocks[self.block_ends[a]:self.block_ends[b]].tolist())
+        chunk_blocks = [list(itertools.islice(rest, c)) if c else [] for c in block_counts]
+        return list(map(SequenceChunk, request_ids, shards, starts, chunk_tokens, chunk_blocks, map(bool, samples),
+                        feeds, map(bool, all_logits)))
