@@ -125,10 +125,28 @@ def test_tokens_across_machines_equal_one_machine_and_transformers(tmp_path, tin
     expected, _ = reference_generate(model.hf_dir, prompts, [SamplingParams(max_tokens=MAX_TOKENS, temperature=0,
                                                                              ignore_eos=True)] * len(prompts))
     config = _config(tmp_path, model.canonical_dir, nodes, parallel=parallel)
-    with Machines(len(nodes)) as machines:
-        codes, logs = _generate(machines, config, tmp_path, lines, tmp_path / "out.jsonl")
-        assert codes == {n: 0 for n in codes}, logs
-        _no_process_left(machines)
+    # The same config on one machine (no deployment section), run meanwhile: its records must be the same.
+    one = dict(yaml.safe_load(config.read_text()))
+    del one["deployment"]
+    one["parallel"].update(tensor_parallel=nodes[0][1], attention_workers=sum(k for _, k in nodes[1:]))
+    single = tmp_path / "single.yaml"
+    single.write_text(yaml.safe_dump(one))
+    single_log = tmp_path / "single.log"
+    with open(single_log, "w") as log:
+        single_job = subprocess.Popen([sys.executable, "-m", "megatron_lamina.cli", "generate", "--config", str(single),
+                                       "--input", str(lines), "--output", str(tmp_path / "single.jsonl"), "--quiet"],
+                                      cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                      env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        with Machines(len(nodes)) as machines:
+            codes, logs = _generate(machines, config, tmp_path, lines, tmp_path / "out.jsonl")
+            assert codes == {n: 0 for n in codes}, logs
+            _no_process_left(machines)
+        single_code = single_job.wait(timeout=600)
+    finally:
+        if single_job.poll() is None:
+            single_job.kill()
+            single_job.wait()
     records = _records(tmp_path / "out.jsonl")
     assert [records[f"r{i}"]["token_ids"] for i in range(len(prompts))] == expected
     # Roles come from the node ranks, not the join order (node 0 joined last): the start-up
@@ -140,17 +158,8 @@ def test_tokens_across_machines_equal_one_machine_and_transformers(tmp_path, tin
         node = 0 if rank < tp else 1 + (rank - tp) // nodes[1][1]
         assert f"node {node}, " in line and machines.addresses[node] in line, line
         assert ("model worker" in line) == (rank < tp), line
-    # The same config on one machine (no deployment section) gives the same records.
-    one = dict(yaml.safe_load(config.read_text()))
-    del one["deployment"]
-    one["parallel"].update(tensor_parallel=tp, attention_workers=sum(k for _, k in nodes[1:]))
-    single = tmp_path / "single.yaml"
-    single.write_text(yaml.safe_dump(one))
-    result = subprocess.run([sys.executable, "-m", "megatron_lamina.cli", "generate", "--config", str(single),
-                             "--input", str(lines), "--output", str(tmp_path / "single.jsonl"), "--quiet"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=600,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert result.returncode == 0, result.stderr[-3000:]
+    # The same config on one machine gives the same records.
+    assert single_code == 0, single_log.read_text()[-3000:]
     assert {k: r["token_ids"] for k, r in _records(tmp_path / "single.jsonl").items()} == \
         {k: r["token_ids"] for k, r in records.items()}
 
