@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     check_window_arguments(p, args)
     try:
         costs, blocks, host = cost_model(args)
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         p.error(str(e))
     rows = []
     for name in args.traces:

@@ -35,7 +35,7 @@ import urllib.request
 from pathlib import Path
 
 from megatron_lamina.bench import serving_replay
-from megatron_lamina.bench.prefix_trace import WARMUP_OUTPUT_LEN, replay_window, window_bounds
+from megatron_lamina.bench.prefix_trace import WARMUP_OUTPUT_LEN, check_warmup, replay_window, window_bounds
 from megatron_lamina.bench.server_job import ServerJob, free_port, read_metrics
 from megatron_lamina.checkpoint.random_weights import write_random_spec
 from megatron_lamina.config import load_config
@@ -166,8 +166,10 @@ def check_window_arguments(p: argparse.ArgumentParser, args) -> None:
     unknown = [t for t in args.traces if t not in TRACE_FILES]
     if unknown:
         p.error(f"--traces: unknown {unknown}; known: {', '.join(TRACE_FILES)}")
-    if not 0 <= args.warmup <= args.skip:
-        p.error(f"--warmup {args.warmup}: the warm-up is the requests before --skip {args.skip}, so 0 .. {args.skip}")
+    try:
+        check_warmup(args.skip, args.warmup)
+    except ValueError as e:
+        p.error(str(e))
     if args.traces_dir is None:
         beside = ROOT.parent / "shared" / "traces"
         args.traces_dir = beside if beside.is_dir() else ROOT / "shared" / "traces"

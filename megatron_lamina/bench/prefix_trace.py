@@ -50,14 +50,19 @@ def hash_prompt(hash_ids: list[int], length: int, token_range: tuple[int, int], 
     return tokens
 
 
+def check_warmup(skip: int, warmup: int) -> None:
+    """A warm-up is some of the requests before the window: 0 .. `skip` of them."""
+    if not 0 <= warmup <= skip:
+        raise ValueError(f"--warmup {warmup}: the warm-up is the requests before --skip {skip}, so 0 .. {skip}")
+
+
 def replay_window(path: str | Path, skip: int, warmup: int, requests: int, rate: float, seed: int = 0,
                   max_input_len: int | None = None, max_output_len: int | None = None
                   ) -> tuple[list[TraceRequest], list[TraceRequest]]:
     """(warm-up, window) as a prefix-cache replay sends them (module docstring): the window's
     Poisson arrivals are bench/serving_replay.py's for the same --skip, --rate and --seed; the
     warm-up's all at 0."""
-    if not 0 <= warmup <= skip:
-        raise ValueError(f"--warmup {warmup}: the warm-up is the requests before --skip {skip}, so 0 .. {skip}")
+    check_warmup(skip, warmup)
     window, _ = select(read_trace(path, limit=requests, skip=skip), poisson_rate=rate, seed=seed,
                        max_input_len=max_input_len, max_output_len=max_output_len)
     if not warmup:
@@ -124,8 +129,7 @@ def bound_main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-input-len", type=int, default=None, help="prompts clipped, as a replay clips them")
     args = p.parse_args(argv)
     try:
-        if not 0 <= args.warmup <= args.skip:
-            raise ValueError(f"--warmup {args.warmup}: the requests before --skip {args.skip}, so 0 .. {args.skip}")
+        check_warmup(args.skip, args.warmup)
         limit = None if args.max_requests is None else args.warmup + args.max_requests
         trace = read_trace(args.trace, limit=limit, skip=args.skip - args.warmup)
     except (ValueError, OSError) as e:
