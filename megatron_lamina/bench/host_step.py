@@ -11,12 +11,14 @@ same inputs:
     reads each row's newest block for its cache slot, with the per-step `apply` of a plan
     that adds no block timed on its own;
   * a plan of `batch` decode requests through the control plane, without the transport:
-    pickled and unpickled as `broadcast_object_list` does (before); encoded to integer columns
-    and decoded (now);
+    pickled and unpickled as `broadcast_object_list` does (before); encoded to integer columns,
+    decoded, and every chunk made back from the columns, as a model worker that receives it
+    reads them all (now);
   * a whole decode step's host work in a layout (`whole_step_ms`): the real `Scheduler` and
     `BlockManager` run `batch` requests at `context` tokens, decode steps only; the driver
-    schedules and sends the plan, a receiving cache-holding rank receives it, applies it to
-    its block tables and builds its attention index (`PagedAttention.host_index`'s numpy
+    schedules and sends the plan, a receiving cache-holding rank receives it (the columns
+    sliced: "plan"), makes the chunks it serves, applies them to its block tables and builds
+    its attention index (`PagedAttention.host_index`'s numpy
     work: no model, no copy to a device; the device's part, the mirror's writes and the
     tables' gather, runs untimed on the CPU so that the test can compare the tables). Before: the plan pickled and unpickled, the tables
     kept as Python lists and the index built as it was at 8dfc72f^ (`_host_index_before`).
@@ -101,7 +103,8 @@ def plan_ms(batch: int, context: int, repeats: int) -> dict[str, float]:
     for c in plan.micro_batches[0].chunks[::16]:
         c.new_blocks = [c.block_table[-1]]  # about one request in 16 crosses a block boundary
     return {"before": _ms(lambda: pickle.loads(pickle.dumps(plan)), repeats),
-            "after": _ms(lambda: plan_columns.decode(plan_columns.encode(plan)), repeats)}
+            "after": _ms(lambda: [mb.chunks for mb in plan_columns.decode(plan_columns.encode(plan)).micro_batches],
+                         repeats)}
 
 
 # A layout's control plane and cache-holding receiver: (request shards, micro-batches), as the
