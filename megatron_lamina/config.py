@@ -103,7 +103,7 @@ class KVCacheConfig(_Section):
     prefix_caching: bool = True
     # The prefix cache's host tier: GiB of pinned host memory per rank that holds KV, where
     # cached blocks evicted from the device are kept and copied back on a hit; 0: none.
-    host_cache_gib: float = Field(0.0, ge=0.0)
+    host_cache_gib: float = Field(0.0, ge=0.0, allow_inf_nan=False)
     # What the cache stores: auto, the model's dtype; fp8_e4m3, float8 e4m3 with a float32
     # scale per layer and KV head (half of bf16's bytes: twice the tokens; attention/kv_cache.py).
     dtype: Literal["auto", "fp8_e4m3"] = "auto"
@@ -306,6 +306,8 @@ def _one_line(error: ValidationError) -> str:
         return f"{dotted} = {value!r}: allowed values are {', '.join(map(str, typing.get_args(field.annotation)))}"
     if e["type"] in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
         return f"{dotted} = {value!r}: must be {_allowed(field.annotation, field.metadata)}"
+    if e["type"] == "finite_number":  # allow_inf_nan=False
+        return f"{dotted} = {value!r}: must be a finite {_allowed(field.annotation, field.metadata).removeprefix('a ')}"
     return f"{dotted} = {value!r}: expected {_allowed(field.annotation)}"
 
 

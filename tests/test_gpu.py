@@ -348,6 +348,81 @@ def test_prefix_cache_host_tier_copies_run_beside_the_step():
     assert all(torch.equal(layer[50], before[50]) for layer, before in zip(tier.layers, blocks))
 
 
+def test_prefix_cache_host_tier_pins_exactly_its_size():
+    """A 3 GiB host tier (issue 25; no power of two) is pinned at exactly its bytes, outside
+    PyTorch's pinned allocator, whose stats show the rounding for a `pin_memory=True` tensor of
+    an odd size (96 MiB + 1 takes 128 MiB) and nothing for the tier. Its copies, at both ends of
+    the range, run on the copy stream behind a long kernel, `apply` returning before them with no
+    synchronizing call (a copy from pages that were not locked would make the host wait), and
+    land as planned. Pinning the same pages again is an error naming kv_cache.host_cache_gib
+    (in a thread of its own: the runtime's last error is per thread); `close` unpins them."""
+    import threading
+
+    from megatron_lamina.attention.kv_cache import PagedKVCache
+    from megatron_lamina.plan import StepPlan
+    from megatron_lamina.worker.host_memory import GIB, pin
+    from megatron_lamina.worker.host_tier import HostTier, host_blocks
+
+    def pinned_bytes():
+        stats = torch.cuda.host_memory_stats()
+        return stats["allocated_bytes.current"], stats["active_bytes.current"]
+
+    cache = PagedKVCache(4, 64, 16, 2, 64, torch.bfloat16, "cuda")
+    slots = host_blocks(3.0, PagedKVCache.bytes_per_block(4, 16, 2, 64, torch.bfloat16))
+    before = pinned_bytes()
+    tier = HostTier(cache, slots, shard=0)
+    assert pinned_bytes() == before, "the tier went through PyTorch's pinned allocator"
+    assert tier.nbytes == tier.pinned_bytes == 3 * GIB and tier.slots.is_pinned()
+    control = torch.empty((96 << 20) + 1, dtype=torch.uint8, pin_memory=True)
+    assert pinned_bytes()[1] - before[1] == 128 << 20, "pin_memory=True did not round up: this test sees no rounding"
+    del control
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    ends = [0, slots // 2, slots - 2, slots - 1]
+    offloads = [(3, slots - 1), (4, 0)]                    # (device block, host slot)
+    loads = [(30, slots - 2), (31, slots // 2)]
+    plan = StepPlan(offloads=[x for b, s in offloads for x in (0, b, s)],
+                    loads=[x for b, s in loads for x in (0, b, s)])
+    tier.apply(plan)  # warm-up: every kernel's first launch (which may wait for the device)
+    torch.cuda.synchronize()
+    for layer in tier.layers:
+        layer.copy_(torch.randint(0, 256, layer.shape, dtype=torch.uint8, device="cuda", generator=g))
+    tier.slots[ends] = torch.randint(0, 256, (4, *tier.slots.shape[1:]), dtype=torch.uint8)
+    blocks, held = [layer.clone() for layer in tier.layers], tier.slots[ends].clone()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)  # about a second of one spinning kernel on the compute stream
+    ahead = torch.cuda.Event()
+    ahead.record()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        tier.apply(plan)
+        returned_early = not ahead.query() and not tier.copies.query()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert returned_early, "apply waited for the step ahead or its copies"
+    torch.cuda.synchronize()
+    for block, slot in offloads:
+        assert torch.equal(tier.slots[slot], torch.stack([layer[block] for layer in blocks]).cpu()), (block, slot)
+    for block, slot in loads:
+        want = held[ends.index(slot)]
+        assert all(torch.equal(layer[block].cpu(), want[i]) for i, layer in enumerate(tier.layers)), block
+
+    refused = []
+
+    def pin_again():
+        try:
+            pin(tier.slots, cache.k[0].device)
+        except RuntimeError as e:
+            refused.append(str(e))
+
+    again = threading.Thread(target=pin_again)
+    again.start()
+    again.join()
+    assert refused and "kv_cache.host_cache_gib" in refused[0] and "cudaHostRegister" in refused[0], refused
+    tier.close()
+    assert not tier.slots.is_pinned()
+
+
 def _fp8_pages(shape, g):
     """An e4m3 pool of `shape` with per-KV-head scales unlike 1, and its float32 dequantized copy."""
     scale = 0.02 + torch.rand(shape[1], device="cuda", generator=g) * 0.05

@@ -24,23 +24,42 @@ A host slot holds every layer's K and V of one block side by side (slot-major), 
 consecutive slots is one contiguous transfer each way. On a CPU the same calls run in the
 same order, with no streams or events. The host tensors hold the cache's bytes as they are
 stored (FP8 included).
+
+The slots are whole blocks, and on CUDA exactly their bytes are pinned (host_memory.py: not
+PyTorch's pinned allocator, which rounds a size up to a power of two); the start-up line
+(`sizing_line`) states those blocks and bytes. `close` unpins them once their copies are done
+(the tier's collection does too).
 """
 
 from __future__ import annotations
 
+import weakref
 from contextlib import nullcontext
 
 import numpy as np
 import torch
 
 from megatron_lamina.attention.kv_cache import PagedKVCache
+from megatron_lamina.config import ConfigError
 from megatron_lamina.host_to_device import HostArrays, to_device
 from megatron_lamina.plan import StepPlan
+from megatron_lamina.worker.host_memory import GIB, host_buffer, release
 
 
 def host_blocks(gib: float, bytes_per_block: int) -> int:
-    """The host tier's slots per cache-holding rank for `kv_cache.host_cache_gib`."""
-    return int(gib * (1 << 30)) // bytes_per_block
+    """The host tier's slots per cache-holding rank for `kv_cache.host_cache_gib`: the whole
+    blocks that fit (a tier asked for that holds none is a mistake, not no tier)."""
+    slots = int(gib * GIB) // bytes_per_block
+    if gib > 0 and slots == 0:
+        raise ConfigError(f"kv_cache.host_cache_gib = {gib:g} holds no whole KV block ({bytes_per_block:,} bytes "
+                          f"on this rank); set at least {bytes_per_block / GIB:.3g}, or 0 for no host tier")
+    return slots
+
+
+def sizing_line(slots: int, block_size: int, nbytes: int, pinned: bool, holder: str) -> str:
+    """The start-up line that sizes a tier: its blocks and their bytes, which is what it pins."""
+    return (f"prefix cache host tier: {slots} blocks of {block_size} tokens ({slots * block_size:,} tokens), "
+            f"{nbytes / GIB:.2f} GiB of {'pinned ' if pinned else ''}host memory {holder}")
 
 
 def slot_runs(slots: list[int]) -> list[tuple[int, int, int]]:
@@ -61,13 +80,21 @@ class HostTier:
         # Every layer's K then V, as [blocks, bytes of one block]: views of the cache itself.
         self.layers = [t.view(torch.uint8).view(t.shape[0], -1) for t in cache.k + cache.v]
         cuda = self.device.type == "cuda"
-        self.slots = torch.zeros((num_slots, len(self.layers), self.layers[0].shape[1]), dtype=torch.uint8,
-                                 pin_memory=cuda)
         self.copies = torch.cuda.Stream(self.device) if cuda else None  # this rank's copy stream
+        self.slots = host_buffer((num_slots, len(self.layers), self.layers[0].shape[1]), self.device)
+        self.pinned_bytes = self.slots.nbytes if cuda else 0
+        # Unpinned by `close` or when the tier is collected; at interpreter exit the process's
+        # end frees the pages, and CUDA may be torn down already.
+        self._release = weakref.finalize(self, release, self.slots, self.device, self.copies)
+        self._release.atexit = False
 
     @property
     def nbytes(self) -> int:
-        return self.slots.numel()
+        return self.slots.nbytes
+
+    def close(self) -> None:
+        """Unpin the slots once their copies are done; the tier copies nothing after this."""
+        self._release()
 
     def apply(self, plan: StepPlan) -> None:
         """Issue this step's copies (module docstring); returns without waiting for them."""

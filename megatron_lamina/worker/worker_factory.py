@@ -34,7 +34,7 @@ from megatron_lamina.checkpoint.random_weights import fill_random, generated_at_
 from megatron_lamina.config import LaminaConfig
 from megatron_lamina.worker.attention_worker import AttentionWorker
 from megatron_lamina.worker.block_tables import BlockTables
-from megatron_lamina.worker.host_tier import HostTier, host_blocks
+from megatron_lamina.worker.host_tier import HostTier, host_blocks, sizing_line
 from megatron_lamina.worker.memory import kv_blocks_that_fit, measure_peak
 from megatron_lamina.worker.model_worker import ModelWorker
 from megatron_lamina.driver.sampling import sample_tokens_on_device
@@ -130,11 +130,12 @@ def _model_worker(cfg, arch, topology, groups, rank, device, log, weights) -> Bu
         host_staging = device.type == "cuda" and dist.get_backend() == "gloo"
         channel = P2PChannel(topology.routes_from_tp(rank), kv_lo, arch.queries_per_kv_head, host_staging,
                              groups.to_attention, groups.to_model, q_first=cfg.runtime.q_first)
-        host = _host_slots(cfg, arch, arch.num_kv_heads // topology.head_groups)
-        if host:
-            log(f"prefix cache host tier: {host} blocks of {cfg.kv_cache.block_size} tokens "
-                f"({host * cfg.kv_cache.block_size:,} tokens, kv_cache.host_cache_gib = {cfg.kv_cache.host_cache_gib:g}) "
-                "of host memory per attention worker")
+        kv_heads = arch.num_kv_heads // topology.head_groups
+        host = _host_slots(cfg, arch, kv_heads)
+        if host:  # what each attention worker's tier holds (their own lines are not printed)
+            log(sizing_line(host, cfg.kv_cache.block_size, host * _bytes_per_block(cfg, arch, kv_heads),
+                            device.type == "cuda", f"per attention worker (kv_cache.host_cache_gib = "
+                            f"{cfg.kv_cache.host_cache_gib:g}, whole blocks)"))
         return BuiltWorker(ModelWorker(model, channel, feed, stage_graphs=stage_graphs), num_blocks, None, host)
 
     kv_heads = arch.num_kv_heads // topology.tp_size
@@ -209,8 +210,7 @@ def _host_tier(cache: PagedKVCache, slots: int, shard: int, log: Log) -> HostTie
     if slots == 0:
         return None
     tier = HostTier(cache, slots, shard)
-    log(f"prefix cache host tier: {slots} blocks of {cache.block_size} tokens ({slots * cache.block_size:,} tokens), "
-        f"{tier.nbytes / (1 << 30):.2f} GiB of {'pinned ' if cache.k[0].is_cuda else ''}host memory per cache")
+    log(sizing_line(slots, cache.block_size, tier.nbytes, tier.pinned_bytes > 0, "per cache"))
     return tier
 
 
