@@ -24,7 +24,9 @@ same inputs:
     kept as Python lists and the index built as it was at 8dfc72f^ (`_host_index_before`).
     Python's garbage collector runs as the engine sets it once started (`runtime.quiet_gc`),
     before with Python's defaults.
-Every figure is the median wall time of one call (one step) in ms.
+Every figure is the median time of one call (one step) in ms: wall time, except the whole
+step's, which is the thread's CPU time (`time.thread_time`): the dev box is shared, and wall
+time also counts the turns other processes take on its cores (nothing in a step waits).
 """
 
 from __future__ import annotations
@@ -202,18 +204,18 @@ def whole_step_ms(layout: str, batch: int, context: int, block_size: int, repeat
     _read_back(scheduler)
     times: dict[str, list[float]] = {"schedule": [], "plan": [], "index": [], "step": []}
     for _ in range(warmup + repeats):
-        t0 = time.perf_counter()
+        t0 = time.thread_time()
         plan = scheduler.schedule()
-        t1 = time.perf_counter()
+        t1 = time.thread_time()
         got = plan_columns.decode(plan_columns.encode(plan)) if new else pickle.loads(pickle.dumps(plan))
-        t2 = time.perf_counter()
+        t2 = time.thread_time()
         writes = tables.apply(got)
         mine = [mb.chunks if shard is None else mb.shard_chunks(shard) for mb in got.micro_batches]
         if new:
             indices = [attention.host_index(chunks) for chunks in mine if chunks]
         else:
             arrays = [_host_index_before(chunks, block_size) for chunks in mine if chunks]
-        t3 = time.perf_counter()
+        t3 = time.thread_time()
         for key, value in zip(times, (t1 - t0, t2 - t1, t3 - t2, t3 - t0)):
             times[key].append(1e3 * value)
         if new:  # the device's part, untimed (the CPU stands in): the mirror's writes, the gathers
