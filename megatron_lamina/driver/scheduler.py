@@ -103,12 +103,14 @@ class Scheduler:
             computed = request.num_computed
             pending = total - computed
             table = request.block_table
-            if pending == 1 and outputs and computed < len(table) * block_size \
-                    and request.num_blocks_sent == len(table) and computed // block_size <= request.num_registered:
+            num_blocks = len(table)
+            if pending == 1 and outputs and computed < num_blocks * block_size \
+                    and request.num_blocks_sent == num_blocks and computed // block_size <= request.num_registered:
                 # Steady decode, nearly every request of nearly every step: one token past the
                 # prompt (so no prompt log-probabilities), its slot in a block already taken
                 # and announced, no full block to register. `_chunk` plans it the same way;
-                # this is that plan without its checks, which cost more than the chunk itself.
+                # this is that plan without the checks that only the other chunks need
+                # (tests/test_scheduler_decode.py holds both to the request's state).
                 request.num_computed = total
                 add(SequenceChunk(request.request_id, request.shard, computed,
                                   [0] if in_flight else [request.output_token_ids[-1]], [], True,
@@ -124,7 +126,7 @@ class Scheduler:
                 self.finish(request, "length")
                 self._ended.append(request)
                 continue
-            if n == 0 or (needed > len(table) and not self._reserve(request, computed + n)):
+            if n == 0 or (needed > num_blocks and not self._reserve(request, computed + n)):
                 continue
             budget -= n if pending > 1 else 0
             add(chunk(request, n, total))
@@ -181,7 +183,8 @@ class Scheduler:
         self._released.append(request.request_id)
 
     def _chunk(self, request: Request, n: int, total: int) -> SequenceChunk:
-        """The next `n` tokens of `request` (`total`: its tokens, those in flight included)."""
+        """The next `n` tokens of `request` (`total`: its tokens, those in flight included).
+        A steady decode chunk is planned by `schedule` itself, by this rule's decode case."""
         start = request.num_computed
         if start // self.block_size > request.num_registered:  # computed by steps planned before this one
             self.blocks.register(request, start)
