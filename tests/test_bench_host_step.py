@@ -54,6 +54,15 @@ def test_the_host_step_benchmark_prints_its_table(capsys):
             assert float(parts[9]) == pytest.approx(after / after_1k[(c[0], c[1].split()[0])], abs=0.006)
 
 
+def test_the_benchmark_runs_only_the_parts_asked_for(capsys):
+    main = runpy.run_path(str(ROOT / "tools" / "bench_host_step.py"))["main"]
+    assert main(["--repeats", "2", "--only", "plan", "whole", "--layout", "disaggregated"]) == 0
+    rows = capsys.readouterr().out.strip().splitlines()
+    assert [[c.strip() for c in row.strip("|").split("|")][:2] for row in rows[2:]] == \
+        [["plan encode + decode", "256 requests"], ["plan encode + decode", "1024 requests"]] + \
+        [["whole step, disaggregated", size] for size in ("256 x 1K", "256 x 8K", "1024 x 1K", "1024 x 8K")]
+
+
 @pytest.mark.parametrize("layout", ["colocated", "disaggregated"])
 def test_before_and_after_build_the_same_index_of_the_schedulers_decode_step(layout):
     batch, context, block_size = 40, 100, 16

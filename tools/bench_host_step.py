@@ -5,6 +5,7 @@ plan, block tables and index) in a colocated and a disaggregated layout
 
     python tools/bench_host_step.py                 # the table recorded in docs/BENCHMARKS.md
     python tools/bench_host_step.py --repeats 20    # quicker, noisier
+    python tools/bench_host_step.py --only whole --layout disaggregated   # one part's rows
 
 Prints one markdown table, ms per step (median wall time on this host, one thread).
 """
@@ -18,6 +19,7 @@ import torch
 from megatron_lamina.bench.host_step import LAYOUTS, block_tables_ms, plan_ms, sampler_ms, whole_step_ms
 
 SIZES = ((256, 1024), (256, 8192), (1024, 1024), (1024, 8192))  # (batch, context) of a whole step
+PARTS = ["sampler", "tables", "plan", "whole"]  # the table's row groups, in order
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,22 +29,26 @@ def main(argv: list[str] | None = None) -> int:
                         "per-row overhead is what is timed)")
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--only", choices=PARTS, nargs="+", default=PARTS,
+                        help="the rows to run (default: all; while iterating on one part, that part's)")
+    parser.add_argument("--layout", choices=list(LAYOUTS), nargs="+", default=list(LAYOUTS),
+                        help="the whole step's layouts")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = ["| host work | size | before (ms) | after (ms) | note |", "|---|---|---:|---:|---|"]
-    for batch in (256, 1024):
+    for batch in (256, 1024) if "sampler" in args.only else ():
         t = sampler_ms(batch, args.vocab, args.repeats)
         rows.append(f"| sampler, temperature 1.0 | {batch} rows x {args.vocab} | {t['before']:.3f} | "
                     f"{t['after']:.3f} | greedy {t['greedy']:.3f} |")
-    for batch, context in ((256, 1024), (256, 4096), (1024, 1024), (1024, 8192)):
+    for batch, context in ((256, 1024), (256, 4096), (1024, 1024), (1024, 8192)) if "tables" in args.only else ():
         t = block_tables_ms(batch, context, args.block_size, args.repeats)
         rows.append(f"| padded block tables | {batch} x {context // 1024}K | {t['before']:.3f} | {t['after']:.3f} | "
                     f"+ apply (no new block) {t['apply']:.3f} |")
-    for batch in (256, 1024):
+    for batch in (256, 1024) if "plan" in args.only else ():
         t = plan_ms(batch, 1024, args.repeats)
         rows.append(f"| plan encode + decode | {batch} requests | {t['before']:.3f} | {t['after']:.3f} | "
                     "before: pickle |")
-    for layout in LAYOUTS:
+    for layout in args.layout if "whole" in args.only else ():
         after_1k = {}
         for batch, context in SIZES:
             before, after = (whole_step_ms(layout, batch, context, args.block_size, args.repeats, new)
