@@ -7,7 +7,8 @@ plan, block tables and index) in a colocated and a disaggregated layout
     python tools/bench_host_step.py --repeats 20    # quicker, noisier
     python tools/bench_host_step.py --only whole --layout disaggregated   # one part's rows
 
-Prints one markdown table, ms per step (median wall time on this host, one thread).
+Prints one markdown table, ms per step (medians on this host, one thread: wall time, the whole
+step's in the thread's CPU time).
 """
 
 from __future__ import annotations
