@@ -115,29 +115,6 @@ def tiny_server(tmp_path_factory, tiny_models):
         yield server
 
 
-# The shared default-model server's grammar limits (test_structured_outputs.py tests both).
-COMPILE_TIMEOUT_S = 1.5
-MAX_GRAMMAR_CHARS = 4000
-
-
-@pytest.fixture(scope="session")
-def smollm2_server(tmp_path_factory):
-    """The one server of the default model, SmolLM2-135M-Instruct as tools/setup.sh converts it
-    (torchrun, 3 ranks: 1 model worker, 2 attention workers), for every test that only sends it
-    requests (test_structured_outputs.py, test_tool_calls.py)."""
-    from server_proc import running_server, tiny_server_config
-
-    checkpoint = ROOT / "checkpoints" / "smollm2-135m-instruct"
-    assert checkpoint.is_dir(), "run tools/setup.sh first: it converts the default model"
-    tmp = tmp_path_factory.mktemp("smollm2-server")
-    config, port = tiny_server_config(
-        tmp, checkpoint, scheduler={"micro_batches": 2, "max_batch_size": 64, "max_prefill_tokens": 2048},
-        kv_cache={"block_size": 16, "num_blocks": 512},
-        server={"grammar_compile_timeout_s": COMPILE_TIMEOUT_S, "max_grammar_chars": MAX_GRAMMAR_CHARS})
-    with running_server(config, port, 3, tmp / "server.log") as server:
-        yield server
-
-
 @pytest.fixture(scope="session")
 def frameworks(tmp_path_factory, tiny_models):
     """Megatron and DeepSpeed checkpoints saved by the real libraries, converted and served
@@ -161,3 +138,4 @@ def pytest_runtest_makereport(item, call):
                 report.sections.append((f"server log {log.name}", log.read_text(errors="replace")[-4000:]))
     if report.when == "teardown":
         LOGS_OF_THIS_TEST.clear()
+

@@ -129,7 +129,7 @@ def test_drain_deadline_fails_what_is_left_and_exits_zero(tmp_path, tiny_models)
 
 @pytest.mark.parametrize("fault", ["kill", "hang"])
 def test_attention_worker_fault_fails_requests_and_exits(tmp_path, tiny_models, fault):
-    server = _start(tmp_path, tiny_models, runtime={"step_timeout_s": 5})
+    server = _start(tmp_path, tiny_models, runtime={"step_timeout_s": 2})  # a hang is found this long after it
     try:
         plain = _in_background(_post(server, LONG))
         streamed = _in_background(_stream_events(server, LONG))

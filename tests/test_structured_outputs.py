@@ -1,17 +1,16 @@
 """Structured outputs (issue 27) on the default model, SmolLM2-135M-Instruct, for real.
 
-The session's shared default-model server (conftest.smollm2_server), disaggregated (1 model
-worker, 2 attention workers): 32 JSON schemas (tests/json_schemas.py), each greedy and
-sampled in one batch, every output validated with `jsonschema`; the `openai` client's
-`beta.chat.completions.parse` with pydantic models; regex, choice, EBNF grammar and
-json_object in both APIs and in every spelling (OpenAI's response_format, vLLM's guided_*
-and structured_outputs); streaming, n > 1, log-probabilities of the constrained
-distribution, stop strings and penalties under a schema; the 400s (an invalid schema, an
-unsupported keyword, a regex or grammar that does not compile, one beyond
-server.max_grammar_chars, a hostile schema past server.grammar_compile_timeout_s, two
-constraints) after which the server serves on. The colocated layout: `megatron_lamina.LLM`
-with every schema, greedy and sampled, and the batch job (`lamina generate`) with a schema,
-a regex, a choice and a refused line.
+One server for the module, disaggregated (1 model worker, 2 attention workers): 32 JSON
+schemas (tests/json_schemas.py), each greedy and sampled in one batch, every output
+validated with `jsonschema`; the `openai` client's `beta.chat.completions.parse` with pydantic
+models; regex, choice, EBNF grammar and json_object in both APIs and in every spelling
+(OpenAI's response_format, vLLM's guided_* and structured_outputs); streaming, n > 1,
+log-probabilities of the constrained distribution, stop strings and penalties under a
+schema; the 400s (an invalid schema, an unsupported keyword, a regex or grammar that does
+not compile, one beyond server.max_grammar_chars, a hostile schema past
+server.grammar_compile_timeout_s, two constraints) after which the server serves on. The
+colocated layout: `megatron_lamina.LLM` with every schema, greedy and sampled, and the
+batch job (`lamina generate`) with a schema, a regex, a choice and a refused line.
 """
 
 from __future__ import annotations
@@ -28,17 +27,17 @@ import jsonschema
 import openai
 import pytest
 import torch
-from conftest import MAX_GRAMMAR_CHARS
 from json_schemas import SCHEMAS
 from pydantic import BaseModel, Field
-from server_proc import ROOT, tiny_server_config
+from server_proc import ROOT, running_server, tiny_server_config
 from torchrun import lamina
 
 CHECKPOINT = ROOT / "checkpoints" / "smollm2-135m-instruct"
 MODEL = CHECKPOINT.name
+COMPILE_TIMEOUT_S = 1.5
+MAX_GRAMMAR_CHARS = 4000
 # Six distinct patterns whose token masks take xgrammar about a second each on a CI core:
-# past the server's grammar_compile_timeout_s (conftest.COMPILE_TIMEOUT_S), well under
-# MAX_GRAMMAR_CHARS.
+# past COMPILE_TIMEOUT_S, well under MAX_GRAMMAR_CHARS.
 HOSTILE = {"type": "object", "properties": {
     f"p{i}": {"type": "string", "pattern": f"^([a-z]{{1,20}}{c}){{1,50}}$"} for i, c in enumerate("uvwxyz")}}
 
@@ -52,9 +51,15 @@ def _valid(text: str, schema: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def server(smollm2_server):
-    """The session's shared default-model server (conftest.py), with the grammar limits above."""
-    return smollm2_server
+def server(tmp_path_factory):
+    assert CHECKPOINT.is_dir(), "run tools/setup.sh first: it converts the default model"
+    tmp = tmp_path_factory.mktemp("structured")
+    config, port = tiny_server_config(
+        tmp, CHECKPOINT, scheduler={"micro_batches": 2, "max_batch_size": 64, "max_prefill_tokens": 2048},
+        kv_cache={"block_size": 16, "num_blocks": 512},
+        server={"grammar_compile_timeout_s": COMPILE_TIMEOUT_S, "max_grammar_chars": MAX_GRAMMAR_CHARS})
+    with running_server(config, port, 3, tmp / "server.log") as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

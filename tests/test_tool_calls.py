@@ -1,6 +1,6 @@
 """Tool calling (issue 27) on the default model, SmolLM2-135M-Instruct, through a real server.
 
-The session's shared default-model server (conftest.smollm2_server). Forced calls (`tool_choice: required` and a named
+One colocated server for the module. Forced calls (`tool_choice: required` and a named
 function, greedy and sampled) come back as `message.tool_calls` whose arguments parse and
 validate against the tool's schema, with `finish_reason: "tool_calls"`; `parallel_tool_calls:
 false` gives one call. `auto` reads the Hermes format from an output crafted with a regex
@@ -19,7 +19,7 @@ import re
 import jsonschema
 import openai
 import pytest
-from server_proc import ROOT
+from server_proc import ROOT, running_server, tiny_server_config
 
 from megatron_lamina.server.tool_calls import Tool, hermes_messages
 from megatron_lamina.server.tool_parsers import ToolCallStream, parse, parser_for
@@ -40,9 +40,15 @@ ASK = [{"role": "user", "content": "What is the weather in Paris, and what is 2 
 
 
 @pytest.fixture(scope="module")
-def server(smollm2_server):
-    """The session's shared default-model server (conftest.py)."""
-    return smollm2_server
+def server(tmp_path_factory):
+    assert CHECKPOINT.is_dir(), "run tools/setup.sh first: it converts the default model"
+    tmp = tmp_path_factory.mktemp("tools")
+    config, port = tiny_server_config(
+        tmp, CHECKPOINT, parallel={"attention_workers": 0},
+        scheduler={"micro_batches": 1, "max_batch_size": 16, "max_prefill_tokens": 2048},
+        kv_cache={"block_size": 16, "num_blocks": 256})
+    with running_server(config, port, 1, tmp / "server.log") as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
