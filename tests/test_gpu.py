@@ -288,6 +288,32 @@ def test_prefix_cache_survives_graph_replays(layout, tiny_models):
     assert off["graph_steps"] == off["steps"]
 
 
+def _apply_behind_a_long_kernel(tier, plan, then=lambda: None):
+    """`tier.apply(plan)` with about a second of one spinning kernel queued ahead on the compute
+    stream, under sync debug mode (a synchronizing call raises); asserts that it returned before
+    that kernel and its copies finished (asked at once: nothing else queued yet), runs `then`
+    (the step's own work after apply) in the same mode, waits for the device, returns `then`'s."""
+    torch.cuda._sleep(2_000_000_000)
+    ahead = torch.cuda.Event()
+    ahead.record()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        tier.apply(plan)
+        returned_early = not ahead.query() and not tier.copies.query()
+        result = then()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert returned_early, "apply waited for the step ahead or its copies"
+    torch.cuda.synchronize()
+    return result
+
+
+def _assert_offloaded(tier, offloads, blocks):
+    """Each (device block, host slot) of `offloads` holds the block's bytes of `blocks` (every layer's, before the step)."""
+    for block, slot in offloads:
+        assert torch.equal(tier.slots[slot], torch.stack([layer[block] for layer in blocks]).cpu()), (block, slot)
+
+
 def test_prefix_cache_host_tier_copies_run_beside_the_step():
     """The host tier's copies (issue 25: the copy engine, not the step, pays for them): with a
     long kernel queued on the compute stream, a step's offloads and loads are issued and
@@ -326,20 +352,8 @@ def test_prefix_cache_host_tier_copies_run_beside_the_step():
     tier.apply(plan)  # warm-up: the allocators' first buffers, and every kernel's first launch
     step_after_apply()  # (a kernel's first launch loads its module, which may wait for the device)
     blocks, slots = fill()
-    torch.cuda._sleep(2_000_000_000)  # about a second of one spinning kernel on the compute stream
-    ahead = torch.cuda.Event()
-    ahead.record()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        tier.apply(plan)
-        returned_early = not ahead.query() and not tier.copies.query()  # asked at once: nothing else queued yet
-        read = step_after_apply()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    assert returned_early, "apply waited for the step ahead or its copies"
-    torch.cuda.synchronize()
-    for block, slot in offloads:
-        assert torch.equal(tier.slots[slot], torch.stack([layer[block] for layer in blocks]).cpu()), (block, slot)
+    read = _apply_behind_a_long_kernel(tier, plan, step_after_apply)
+    _assert_offloaded(tier, offloads, blocks)
     for block, slot in loads:
         assert all(torch.equal(layer[block].cpu(), slots[slot, i]) for i, layer in enumerate(tier.layers)), block
     assert torch.equal(read.cpu(), slots[1]) and all(bool((layer[10] == 0).all()) for layer in tier.layers)
@@ -390,19 +404,8 @@ def test_prefix_cache_host_tier_pins_exactly_its_size():
     tier.slots[ends] = torch.randint(0, 256, (4, *tier.slots.shape[1:]), dtype=torch.uint8)
     blocks, held = [layer.clone() for layer in tier.layers], tier.slots[ends].clone()
     torch.cuda.synchronize()
-    torch.cuda._sleep(2_000_000_000)  # about a second of one spinning kernel on the compute stream
-    ahead = torch.cuda.Event()
-    ahead.record()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        tier.apply(plan)
-        returned_early = not ahead.query() and not tier.copies.query()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    assert returned_early, "apply waited for the step ahead or its copies"
-    torch.cuda.synchronize()
-    for block, slot in offloads:
-        assert torch.equal(tier.slots[slot], torch.stack([layer[block] for layer in blocks]).cpu()), (block, slot)
+    _apply_behind_a_long_kernel(tier, plan)
+    _assert_offloaded(tier, offloads, blocks)
     for block, slot in loads:
         want = held[ends.index(slot)]
         assert all(torch.equal(layer[block].cpu(), want[i]) for i, layer in enumerate(tier.layers)), block
