@@ -136,8 +136,8 @@ def _fp8_measure(served: dict, reference: dict) -> dict:
 
 def test_lm_eval_through_the_server_in_the_fp8_modes(smollm2, hf_results, offline_lm_eval, tmp_path):
     """One colocated one-rank server per FP8 mode (lm-eval's same requests), against
-    transformers on the unquantized weights. The three start at once: a one-rank start-up is
-    mostly one process importing, so each would leave the other core idle."""
+    transformers on the unquantized weights. The three start at once, beside the reference's
+    evaluation where no test before asked for it."""
     _, canonical = smollm2
     servers = {}
     try:
