@@ -471,12 +471,13 @@ def test_fp8_kernels_match_float32_on_dequantized_pages():
 DECODE_VARIANTS = {
     "full-tiles": {"full_tiles": True},
     "table-per-block-128-w8": {"table_per_block": True, "block_n": 128, "num_warps": 8},
-    "fp16-dots": {"fp8_dots": "fp16"},
+    "q-dots": {"fp8_dots": "q"},  # (float16 dots are the default)
     "all-256-w8-s2": {"full_tiles": True, "fp8_dots": "fp16", "table_per_block": True, "block_n": 256,
                       "num_warps": 8, "num_stages": 2},
     "all-64-s5": {"full_tiles": True, "fp8_dots": "fp16", "table_per_block": True, "block_n": 64, "num_stages": 5},
     "64-query-rows": {"full_tiles": True, "fp8_dots": "fp16", "query_rows": 64},
-    "64-query-rows-256-w8": {"query_rows": 64, "block_n": 256, "num_warps": 8},
+    # (two stages: three of a bf16 tile of 256 keys by 64 rows exceed an SM's shared memory)
+    "64-query-rows-256-w8-s2": {"query_rows": 64, "block_n": 256, "num_warps": 8, "num_stages": 2},
     "keys-as-rows": {"full_tiles": True, "fp8_dots": "fp16", "keys_as_rows": True},
     "keys-as-rows-256-w8-s4": {"keys_as_rows": True, "table_per_block": True, "block_n": 256, "num_warps": 8,
                                "num_stages": 4},

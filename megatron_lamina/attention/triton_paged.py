@@ -13,12 +13,12 @@ second small kernel merges the splits with their log-sum-exp, exactly. That log-
 also returned on request (`return_lse`): q-first attends the cached tokens with it and
 merges the new token's term afterwards (lse_merge.py).
 An FP8 cache (kv_cache.py: e4m3 with a float32 scale per KV head) is read as e4m3, half the
-bytes, and dequantized in registers: a tile converts to q's dtype exactly (e4m3's 3 mantissa
-bits fit bf16's 7), and the program's one KV head has one scale for K and one for V, which
-multiply the scores and the output once instead of every element. `paged_decode`'s variant
-settings (full tiles unmasked, float16 dots for e4m3, table entries per block, 64 query
-rows, transposed dots) are the same attention, read differently; bench/fp8_speed.py's sweep measures them, and
-the defaults stay as they were until it has.
+bytes, and dequantized in registers: a tile converts to float16 exactly (e4m3's 3 mantissa
+bits and its exponents fit) and the dots run in float16, and the program's one KV head has one
+scale for K and one for V, which multiply the scores and the output once instead of every
+element. `paged_decode`'s variant settings (full tiles unmasked, the dots' type for e4m3,
+table entries per block, 64 query rows, transposed dots) are the same attention, read
+differently; bench/fp8_speed.py's sweep measures them, and the defaults are its best rows.
 
 No Triton on the machine (CPU, CI): importing this module still works; `paged_decode`
 is only called on CUDA tensors.
@@ -146,6 +146,20 @@ def default_block_n(fp8: bool) -> int:
     return 128 if fp8 else 64
 
 
+def default_dots(q_dtype: torch.dtype) -> str:
+    """The dots' type over an e4m3 cache by default: float16 for a 16-bit q, since Hopper
+    converts a pair of e4m3 values to float16 in one instruction and to bfloat16 only through
+    float16; a float32 q (CPU runs, tests) keeps its full-precision dots."""
+    return "q" if q_dtype == torch.float32 else "fp16"
+
+
+def default_stages(fp8: bool, block_n: int) -> int:
+    """Pipeline stages by default: an e4m3 tile moves half the bytes of a bf16 one, so it keeps
+    more tiles in flight to hide the same memory latency; a tile larger than the default's
+    keeps three, as five of them would not fit a Hopper SM's shared memory."""
+    return 5 if fp8 and block_n <= default_block_n(True) else 3
+
+
 def split_count(batch: int, kv_heads: int, max_len: int, block_n: int, waves: float, device: torch.device) -> int:
     """Splits of each context: about `waves` programs per multiprocessor, at most one a tile."""
     tiles = max(1, math.ceil(max_len / block_n))
@@ -156,10 +170,10 @@ def split_count(batch: int, kv_heads: int, max_len: int, block_n: int, waves: fl
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  block_tables: torch.Tensor, context_lens: torch.Tensor, block_n: int | None = None,
-                 num_splits: int | None = None, num_warps: int = 4, num_stages: int = 3,
+                 num_splits: int | None = None, num_warps: int = 4, num_stages: int | None = None,
                  waves: float = 2.0, max_context: int | None = None, return_lse: bool = False,
                  k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
-                 full_tiles: bool = False, fp8_dots: str = "q", table_per_block: bool = False,
+                 full_tiles: bool = False, fp8_dots: str | None = None, table_per_block: bool = False,
                  query_rows: int | None = None, keys_as_rows: bool = False):
     """q [batch, heads, d]; caches [blocks, kv_heads, block_size, d]; block_tables [batch,
     max_blocks] int32; context_lens [batch] int32 (keys 0..len-1 are attended) -> o like q.
@@ -175,7 +189,8 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     Variants, the same attention (bench/fp8_speed.py times them): `full_tiles` runs a split's
     whole tiles unmasked and only its last, partial tile masked (else every tile is masked);
     `fp8_dots` "fp16" runs an e4m3 cache's dots in float16 (q cast once per program, see
-    `f16_queries`) instead of q's dtype ("q"; a bf16 cache ignores it); `table_per_block`
+    `f16_queries`), "q" in q's dtype (a bf16 cache ignores it; the default is `default_dots`);
+    `num_stages` defaults to `default_stages`; `table_per_block`
     reads a tile's block-table entries once per block, not per token (attend_tiles'
     `tile_rows`; only where blocks are smaller than a tile); `query_rows`, the rows of the
     dots (the group's queries padded; default 16, the least `tl.dot` takes): 64 is a Hopper
@@ -184,6 +199,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     transposed mma.sync operand, at four times the dots' (idle) tensor-core work;
     `keys_as_rows` computes both dots transposed (attend_tiles' KEYS_AS_ROWS: the tile's keys
     and the head dimension as the rows, a wgmma tile without padding the queries)."""
+    fp8_dots = default_dots(q.dtype) if fp8_dots is None else fp8_dots
     if fp8_dots not in FP8_DOTS:
         raise ValueError(f"paged_decode: fp8_dots={fp8_dots!r}; allowed: {', '.join(FP8_DOTS)}")
     batch, heads, head_dim = q.shape
@@ -217,7 +233,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FP8=fp8,
         FULL_TILES=full_tiles, F16_DOTS=fp8 and fp8_dots == "fp16", TABLE_PER_BLOCK=table_per_block,
         KEYS_AS_ROWS=keys_as_rows,
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages if num_stages is not None else default_stages(fp8, block_n),
     )
     if num_splits == 1:
         return (part[:, 0], m[:, 0] + torch.log(l[:, 0])) if return_lse else part[:, 0]

@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from megatron_lamina.attention.triton_paged import default_block_n, paged_decode, split_count
+from megatron_lamina.attention.triton_paged import default_block_n, default_dots, default_stages, paged_decode, split_count
 from megatron_lamina.bench.coordinate_search import coordinate_search
 from megatron_lamina.bench.decode_step import colocated_decode_ms, random_model
 from megatron_lamina.bench.timing import graph_ms
@@ -46,7 +46,7 @@ MODES = [("bf16", False, None), ("FP8 KV", False, FP8), ("FP8 weights", True, No
 # "splits" is `waves`, kept where it changes the split count.
 KERNEL_AXES = [
     ("loop", [{"full_tiles": True}]),
-    ("dots", [{"fp8_dots": "fp16"}]),
+    ("dots", [{"fp8_dots": "q"}, {"fp8_dots": "fp16"}]),
     ("rows", [{"query_rows": 64, "keys_as_rows": False}, {"query_rows": None, "keys_as_rows": True}]),
     ("table", [{"table_per_block": True}]),
     ("tile", [{"block_n": n, "num_warps": w} for n, w in ((64, 4), (64, 8), (128, 4), (128, 8), (256, 4), (256, 8))]),
@@ -60,7 +60,8 @@ def kernel_default(fp8: bool) -> dict:
     """paged_decode's own defaults for the swept settings (read off its signature: one rule)."""
     params = inspect.signature(paged_decode).parameters
     config = {name: params[name].default for name in ("num_warps", "num_stages", "waves", *VARIANT_FLAGS)}
-    return {**config, "block_n": default_block_n(fp8)}
+    return {**config, "block_n": default_block_n(fp8), "num_stages": default_stages(fp8, default_block_n(fp8)),
+            "fp8_dots": default_dots(torch.bfloat16)}  # (the sweep's q is bf16)
 
 
 def variant_label(config: dict, fp8: bool) -> str:
