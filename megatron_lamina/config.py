@@ -228,6 +228,7 @@ class LaminaConfig(_Section):
             cfg = cls.model_validate(sections)
         except ValidationError as e:
             raise ConfigError(_one_line(e)) from None
+        _check_host_tier(cfg.kv_cache)
         return _with_deployment(cfg)
 
     @property
@@ -241,6 +242,15 @@ class LaminaConfig(_Section):
 
 
 _SECTIONS: dict[str, type[_Section]] = {name: f.annotation for name, f in LaminaConfig.model_fields.items()}
+
+
+def _check_host_tier(kv: KVCacheConfig) -> None:
+    """The host tier keeps the prefix cache's blocks evicted from the device: asked for with
+    the cache off it would hold nothing, so it is refused rather than silently left out."""
+    if kv.host_cache_gib > 0 and not kv.prefix_caching:
+        raise ConfigError(f"kv_cache.host_cache_gib = {kv.host_cache_gib:g} needs kv_cache.prefix_caching: true "
+                          f"(the host tier keeps the prefix cache's evicted blocks); set one of them "
+                          f"(kv_cache.host_cache_gib: 0 for no tier)")
 
 
 def _with_deployment(cfg: LaminaConfig) -> LaminaConfig:

@@ -52,6 +52,12 @@ def test_a_tier_past_the_hosts_memory_is_refused_before_it_is_allocated():
         HostTier(cache, twice_the_host // PagedKVCache.bytes_per_block(4, 16, 2, 64, torch.bfloat16), shard=0)
 
 
+def test_a_host_tier_without_the_prefix_cache_is_refused():
+    with pytest.raises(ConfigError, match=r"kv_cache.host_cache_gib = 2 needs kv_cache.prefix_caching: true"):
+        load_config(None, ["model.checkpoint=x", "kv_cache.host_cache_gib=2", "kv_cache.prefix_caching=false"])
+    load_config(None, ["model.checkpoint=x", "kv_cache.host_cache_gib=0", "kv_cache.prefix_caching=false"])
+
+
 @pytest.mark.parametrize("value", [".inf", ".nan"])
 def test_host_cache_gib_is_a_finite_number(value):
     with pytest.raises(ConfigError, match=r"kv_cache.host_cache_gib = (inf|nan): must be a finite number >= 0"):
