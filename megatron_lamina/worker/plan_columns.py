@@ -58,8 +58,8 @@ def decode(flat: np.ndarray) -> StepPlan:
         raise ValueError(f"a step plan in format {fmt}, this rank reads format {FORMAT}: "
                          "every rank must run the same version of megatron-lamina")
     at = HEADER
-    columns = _Columns(flat[at:at + n * len(CHUNK_FIELDS)].reshape(len(CHUNK_FIELDS), n))
-    at += n * len(CHUNK_FIELDS)
+    table = flat[at:at + n * len(CHUNK_FIELDS)].reshape(len(CHUNK_FIELDS), n)
+    at += table.size
     per_mb = flat[at:at + num_mbs].tolist()
     at += num_mbs
     released = flat[at:at + num_released].tolist()
@@ -68,9 +68,9 @@ def decode(flat: np.ndarray) -> StepPlan:
     at += num_offloads
     loads = flat[at:at + num_loads].tolist()
     at += num_loads
-    columns.tokens, columns.new_blocks = flat[at:at + num_tokens], flat[at + num_tokens:]
+    columns = _Columns(table, flat[at:at + num_tokens], flat[at + num_tokens:])
     assert len(columns.new_blocks) == columns.block_ends[-1], "a step plan's columns do not add up"
-    shards, sizes = columns.table[1].tolist(), columns.table[3].tolist()
+    shards, sizes = table[1].tolist(), table[3].tolist()
     mbs, first = [], 0
     for count in per_mb:
         mbs.append(MicroBatch(shards=shards[first:first + count], sizes=sizes[first:first + count],
@@ -82,11 +82,11 @@ def decode(flat: np.ndarray) -> StepPlan:
 class _Columns:
     """A received plan's chunk columns, and the chunk objects of any range of them."""
 
-    def __init__(self, table: np.ndarray):
+    def __init__(self, table: np.ndarray, tokens: np.ndarray, new_blocks: np.ndarray):
         self.table = table  # [len(CHUNK_FIELDS), chunks]
+        self.tokens, self.new_blocks = tokens, new_blocks  # every chunk's, end to end
         self.token_ends = np.concatenate([[0], np.cumsum(table[3])]).tolist()
         self.block_ends = np.concatenate([[0], np.cumsum(table[4])]).tolist()
-        self.tokens = self.new_blocks = np.zeros(0, np.int64)  # every chunk's, end to end (set by decode)
 
     def chunks(self, first: int, lo: int, hi: int) -> list[SequenceChunk]:
         """Chunks first+lo .. first+hi-1: their tokens and new blocks cut from the flat lists in
