@@ -212,8 +212,6 @@ def quant_rows(copy_bw: float, shapes=QUANT_SHAPES, max_blocks=(4096, 8192, MAX_
         for label, fn in quantizers.items():
             ms = graph_ms(fn, [()])
             rows.append({**shape, "case": label, "ms": ms, "of_copy_bandwidth": moved / (ms / 1e3) / copy_bw})
-        del x, weight, weight_q, weight_scale
-        torch.cuda.empty_cache()
     return rows
 
 
