@@ -6,6 +6,7 @@ weights, both), and LLaMA-3-70B's shape with FP8 weights and KV on the one card
     python tools/bench_fp8.py --out-dir $OUT     # ~3 min on an H200
     python tools/bench_fp8.py --phases kernel --out-dir $OUT   # the kernel's sweep alone, ~2 min
     python tools/bench_fp8.py --phases quant --out-dir $OUT    # the FP8 linear's quantization, seconds
+    python tools/bench_fp8.py --phases profile --out-dir $OUT  # the server-shaped step by kernel kind
 
 Prints markdown tables; writes fp8_speed.json into --out-dir.
 """
@@ -34,7 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decode-batches", default="128,256", help="8B decode step batches (bf16 KV of 256 x 4K "
                    "does not fit one H200: only the FP8 KV modes run there)")
     p.add_argument("--batch-70b", type=int, default=64)
-    p.add_argument("--phases", default="kernel,decode,70b")
+    p.add_argument("--profile-shape", default="256x1152", help="profile phase: batch x context of the 8B decode "
+                   "step profiled by kernel kind in bf16 and with FP8 weights + KV (default: the server's closed batch)")
+    p.add_argument("--phases", default="kernel,decode,70b", help="comma-separated: kernel, quant, decode, 70b, profile")
     args = p.parse_args(argv)
     names, known = [name for name in args.kernel_axes.split(",") if name], [name for name, _ in KERNEL_AXES]
     if set(names) - set(known):
@@ -68,6 +71,14 @@ def main(argv: list[str] | None = None) -> int:
             modes = MODES if fits_bf16 else [m for m in MODES if m[2] is not None]
             result["decode"] += decode_rows("llama3-8b", batch, args.context, copy_bw, gemm, modes)
         print(markdown(result["decode"]), flush=True)
+    if "profile" in phases:
+        batch, context = map(int, args.profile_shape.split("x"))
+        result["profile"] = decode_rows("llama3-8b", batch, context, copy_bw, gemm, [MODES[0], MODES[-1]], kernels=True)
+        for row in result["profile"]:
+            print(f"{row['mode']} {batch} x {context}: {row['ms']} ms; by kind (ms): "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in row.get("kernels", {}).get("kinds", {}).items()), flush=True)
+            for name, ms in row.get("kernels", {}).get("top", {}).items():
+                print(f"    {ms:8.3f} ms  {name[:120]}", flush=True)
     if "70b" in phases:
         result["70b"] = decode_rows("llama3-70b", args.batch_70b, args.context, copy_bw, gemm, [MODES[-1]])
         print(markdown(result["70b"]), flush=True)

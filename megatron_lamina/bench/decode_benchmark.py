@@ -42,45 +42,8 @@ from megatron_lamina.bench.decode_step import (
 from megatron_lamina.bench.plans import decode_plan
 from megatron_lamina.bench.ranks import init_one_rank, init_torchrun_tp
 from megatron_lamina.bench.stand_ins import ZeroAttention
-from megatron_lamina.bench.timing import ceilings, time_ms
+from megatron_lamina.bench.timing import ceilings, kernel_ms, time_ms
 from megatron_lamina.planner.shapes import PRESETS
-
-
-def kernel_kind(name: str) -> str:
-    lowered = name.lower()
-    if any(k in lowered for k in ("gemm", "nvjet", "xmma", "cutlass", "cublas")):
-        return "GEMM"
-    if "decode_kernel" in lowered or "merge_kernel" in lowered:
-        return "attention"
-    if "nccl" in lowered:
-        return "communication"
-    return "other (norms, activations, RoPE, copies, sampling inputs)"
-
-
-def _kernel_ms(step) -> tuple[dict[str, float], dict[str, float]]:
-    """GPU time of the kernels one call of `step` runs, by kind and by kernel name; kind
-    "span" is first kernel start to last kernel end, "count" the number of kernels."""
-    from torch.profiler import ProfilerActivity, profile
-
-    step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        step()
-        torch.cuda.synchronize()
-    kinds: dict[str, float] = {}
-    names: dict[str, float] = {}
-    ranges = []
-    for event in prof.events():  # the GPU-side activities: kernels and copies
-        if event.device_type != torch.autograd.DeviceType.CUDA:
-            continue
-        ms = event.time_range.elapsed_us() / 1e3
-        kinds[kernel_kind(event.name)] = kinds.get(kernel_kind(event.name), 0.0) + ms
-        names[event.name] = names.get(event.name, 0.0) + ms
-        ranges.append((event.time_range.start, event.time_range.end))
-    if ranges:
-        kinds["span"] = (max(end for _, end in ranges) - min(start for start, _ in ranges)) / 1e3
-        kinds["count"] = len(ranges)
-    return kinds, names
 
 
 def kernel_breakdown(model, arch: ModelArchitecture, batch: int, block_size: int) -> dict:
@@ -92,8 +55,8 @@ def kernel_breakdown(model, arch: ModelArchitecture, batch: int, block_size: int
     cache = PagedKVCache(arch.num_layers, 2, block_size, arch.num_kv_heads, arch.head_dim, torch.bfloat16, "cuda")
     zero = ZeroAttention(cache)
     eager = local_worker(model, zero)
-    eager_kinds, eager_names = _kernel_ms(lambda: eager.run(plan))
-    graph_kinds, graph_names = _kernel_ms(functools.partial(
+    eager_kinds, eager_names = kernel_ms(lambda: eager.run(plan))
+    graph_kinds, graph_names = kernel_ms(functools.partial(
         local_worker(model, zero, decode_graphs(model, zero, batch, 1, 1)).run, plan))
     h, d = arch.hidden_size, arch.head_dim
     qkv = (arch.num_attention_heads + 2 * arch.num_kv_heads) * d

@@ -19,7 +19,7 @@ import torch
 from megatron_lamina.architecture import ModelArchitecture
 from megatron_lamina.attention.kv_cache import PagedKVCache
 from megatron_lamina.bench.plans import blocks_for, decode_plan
-from megatron_lamina.bench.timing import time_ms
+from megatron_lamina.bench.timing import kernel_ms, time_ms
 from megatron_lamina.worker.cuda_graphs import DecodeGraphs
 from megatron_lamina.worker.model_worker import ModelWorker
 from megatron_lamina.worker.stage_graphs import StageGraphs
@@ -66,10 +66,11 @@ def random_cache(arch: ModelArchitecture, blocks: int, block_size: int, kv_heads
 
 def colocated_decode_ms(model: LlamaModel, arch: ModelArchitecture, batch: int, context: int, block_size: int,
                         graph_modes: list[bool], repeat: int = 5,
-                        kv_storage: torch.dtype | None = None) -> dict[bool, float]:
+                        kv_storage: torch.dtype | None = None, kernels: dict | None = None) -> dict[bool, float]:
     """Median ms of our colocated decode step (every request at `context` cached tokens, a
     random paged cache of this rank's KV heads, the engine's attention kernel), eager (False)
-    and/or replayed from CUDA graphs (True)."""
+    and/or replayed from CUDA graphs (True). A `kernels` dict is filled with one graph step's
+    GPU time by kernel kind ("kinds") and its ten costliest kernels ("top"), from the profiler."""
     per_request = blocks_for(context + 1, block_size)
     blocks = batch * per_request
     kv_heads = arch.num_kv_heads // model.tp_group.size()
@@ -80,7 +81,11 @@ def colocated_decode_ms(model: LlamaModel, arch: ModelArchitecture, batch: int, 
     result = {}
     for graphs in graph_modes:
         decode = decode_graphs(model, attention, batch, per_request, blocks) if graphs else None
-        result[graphs] = time_ms(local_worker(model, attention, decode).run, repeat=repeat, inputs=[(plan,)])
+        worker = local_worker(model, attention, decode)
+        result[graphs] = time_ms(worker.run, repeat=repeat, inputs=[(plan,)])
+        if graphs and kernels is not None:
+            kinds, names = kernel_ms(lambda: worker.run(plan))
+            kernels.update(kinds=kinds, top=dict(sorted(names.items(), key=lambda kv: -kv[1])[:10]))
         del decode
     del cache, attention
     torch.cuda.empty_cache()

@@ -50,7 +50,7 @@ KERNEL_AXES = [
     ("rows", [{"query_rows": 64, "keys_as_rows": False}, {"query_rows": None, "keys_as_rows": True}]),
     ("table", [{"table_per_block": True}]),
     ("tile", [{"block_n": n, "num_warps": w} for n, w in ((64, 4), (64, 8), (128, 4), (128, 8), (256, 4), (256, 8))]),
-    ("stages", [{"num_stages": s} for s in (2, 3, 4, 5)]),
+    ("stages", [{"num_stages": s} for s in (2, 3, 4, 5, 6, 7)]),  # 6-7: e4m3 tiles of 128 keys still fit
     ("splits", [{"waves": w} for w in (1.0, 2.0, 4.0, 8.0)]),
 ]
 VARIANT_FLAGS = ("full_tiles", "fp8_dots", "table_per_block", "query_rows", "keys_as_rows")
@@ -144,8 +144,10 @@ KERNEL_COLUMNS = {"kv": "kv", "axis": "axis", "variant": "variant", "block_n": "
 
 
 def decode_rows(shape_name: str, batch: int, context: int, copy_bw: float, gemm: float, modes=MODES,
-                block_size: int = 16) -> list[dict]:
-    """The colocated decode step from graphs, per mode; needs a one-rank process group."""
+                block_size: int = 16, kernels: bool = False) -> list[dict]:
+    """The colocated decode step from graphs, per mode; needs a one-rank process group. With
+    `kernels`, each row also holds one step's GPU time by kernel kind and its costliest
+    kernels (bench/decode_step.colocated_decode_ms)."""
     shape = load_shape(shape_name)
     arch = shape.to_architecture()
     rows, model, model_fp8 = [], None, None
@@ -154,9 +156,10 @@ def decode_rows(shape_name: str, batch: int, context: int, copy_bw: float, gemm:
             del model
             torch.cuda.empty_cache()
             model, model_fp8 = random_model(arch, dist.group.WORLD, fp8_weights=fp8_weights), fp8_weights
+        profile = {} if kernels else None
         try:
             ms = colocated_decode_ms(model, arch, batch, context, block_size, [True], repeat=5,
-                                     kv_storage=kv_storage)[True]
+                                     kv_storage=kv_storage, kernels=profile)[True]
         except torch.OutOfMemoryError:
             ms = None
         torch.cuda.empty_cache()
@@ -168,7 +171,7 @@ def decode_rows(shape_name: str, batch: int, context: int, copy_bw: float, gemm:
         roofline_ms = 1e3 * max((weight_bytes + kv_bytes) / copy_bw, flops / (gemm * (2 if fp8_weights else 1)))
         rows.append({"shape": shape_name, "mode": label, "batch": batch, "context": context, "ms": ms,
                      "roofline_ms": roofline_ms, "of_roofline": roofline_ms / ms if ms else None,
-                     "tokens_per_s": batch / (ms / 1e3) if ms else None})
+                     "tokens_per_s": batch / (ms / 1e3) if ms else None, **({"kernels": profile} if profile else {})})
     del model
     torch.cuda.empty_cache()
     if rows[0]["ms"]:

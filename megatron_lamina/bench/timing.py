@@ -101,3 +101,43 @@ def gemm_rate() -> float:
 def ceilings() -> tuple[float, float]:
     """(copy bandwidth in bytes/s, bf16 GEMM rate in FLOP/s) of this GPU."""
     return copy_bandwidth(), gemm_rate()
+
+
+def kernel_kind(name: str) -> str:
+    """The kind of a GPU kernel by its name, for the profiles' tables."""
+    lowered = name.lower()
+    if any(k in lowered for k in ("gemm", "nvjet", "xmma", "cutlass", "cublas")):
+        return "GEMM"
+    if "decode_kernel" in lowered or "merge_kernel" in lowered:
+        return "attention"
+    if "quantize_rows" in lowered:
+        return "FP8 activation quantization"
+    if "nccl" in lowered:
+        return "communication"
+    return "other (norms, activations, RoPE, copies, sampling inputs)"
+
+
+def kernel_ms(step) -> tuple[dict[str, float], dict[str, float]]:
+    """GPU time of the kernels one call of `step` runs, by kind and by kernel name; kind
+    "span" is first kernel start to last kernel end, "count" the number of kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    kinds: dict[str, float] = {}
+    names: dict[str, float] = {}
+    ranges = []
+    for event in prof.events():  # the GPU-side activities: kernels and copies
+        if event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        ms = event.time_range.elapsed_us() / 1e3
+        kinds[kernel_kind(event.name)] = kinds.get(kernel_kind(event.name), 0.0) + ms
+        names[event.name] = names.get(event.name, 0.0) + ms
+        ranges.append((event.time_range.start, event.time_range.end))
+    if ranges:
+        kinds["span"] = (max(end for _, end in ranges) - min(start for start, _ in ranges)) / 1e3
+        kinds["count"] = len(ranges)
+    return kinds, names
