@@ -105,7 +105,9 @@ def _generate(machines, config, tmp_path, lines, out, *extra, tag=""):
     procs = _start_all(machines, ["generate"], config, tmp_path, "--input", str(lines), "--output", str(out),
                        "--quiet", *extra, tag=tag)
     codes = _wait(procs, timeout=600)
-    return codes, {n: _log(tmp_path, n, tag) for n in procs}
+    logs = {n: _log(tmp_path, n, tag) for n in procs}
+    assert "had not left" not in logs[0], logs[0]  # every machine left before node 0's store closed
+    return codes, logs
 
 
 LAYOUTS = {  # name: (machines' roles and workers, extra parallel keys)
@@ -245,7 +247,8 @@ def test_an_attention_machine_killed_mid_stream(tmp_path, tiny_models):
         procs[1].wait(timeout=10)
         _no_process_left(machines)
 
-        # The same commands again serve again; SIGTERM to node 0 drains the job and both exit 0.
+        # The same commands again serve again; SIGTERM to node 0 drains the job and both exit 0,
+        # node 1 first: node 0's launcher, which serves the rendezvous store, waits for it to leave.
         procs = _start_all(machines, ["serve"], config, tmp_path, tag="-again")
         client = _stream_in(machines, 0, dict(LONG_STREAM, max_tokens=5))
         out = [json.loads(line) for line in client.stdout]
@@ -256,6 +259,7 @@ def test_an_attention_machine_killed_mid_stream(tmp_path, tiny_models):
         codes = _wait(procs, timeout=120)
         assert codes[1] == 0, _log(tmp_path, 1, "-again")
         assert codes[0] in (0, 128 + signal.SIGTERM), _log(tmp_path, 0, "-again")
+        assert "had not left" not in _log(tmp_path, 0, "-again"), _log(tmp_path, 0, "-again")
         _no_process_left(machines)
 
 

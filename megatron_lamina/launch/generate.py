@@ -22,7 +22,6 @@ execute the step plans rank 0 broadcasts.
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 import threading
@@ -30,7 +29,7 @@ from pathlib import Path
 
 from megatron_lamina.config import add_config_arguments
 from megatron_lamina.launch.nodes import add_node_arguments
-from megatron_lamina.launch.ranks import exit_with_parent, require_launcher
+from megatron_lamina.launch.ranks import end_rank, exit_with_parent, require_launcher
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -112,10 +111,9 @@ def main(argv: list[str] | None = None) -> int:
         code = 128 + stop.signal if stop.signal else summary.exit_code
     else:
         if serve_worker(ctx):
-            sys.stderr.flush()
-            os._exit(1)  # never wait on a collective with a dead peer
+            end_rank(1)
     dist.destroy_process_group()
-    return code
+    end_rank(code)
 
 
 class Stop:

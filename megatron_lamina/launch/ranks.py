@@ -1,16 +1,17 @@
 """Starting a job's ranks, and tying each rank's life to its launcher's.
 
 `start_ranks` is what `lamina serve|generate` run once the config is checked: one process per
-rank (`python -m megatron_lamina.launch.<program>`), started by torch's own launcher API
-(`torch.distributed.launcher.elastic_launch`, what `torchrun --standalone` runs: a c10d
-rendezvous on a free loopback port, no restarts), and the exit status of the job: 0, or the
-status of the rank that failed first. torch's launcher logs nothing here; a rank that fails
-has printed its own error, so the launcher adds one line at most.
+rank (`python -m megatron_lamina.launch.<program>`), started by torch elastic's agent as
+`torchrun --standalone` starts them (a c10d rendezvous on a free loopback port, no restarts;
+`agent.py`, which only shortens the agents' exit barrier), and the exit status of the job: 0,
+or the status of the rank that failed first. torch's launcher logs nothing here; a rank that
+fails has printed its own error, so the launcher adds one line at most.
 
 `exit_with_parent` is the first thing every rank does (under `lamina` or `torchrun`): the
 launcher starts each rank in a session of its own, so a launcher killed with SIGKILL (or its
 process group) would leave the ranks running under PID 1, a server still answering and a
-batch job still writing. With it the kernel kills the rank when its parent dies.
+batch job still writing. With it the kernel kills the rank when its parent dies. `end_rank`
+is the last: the rank's exit status, its output flushed, without Python's teardown.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import sys
 import threading
 import time
 import uuid
+from typing import NoReturn
 
 from megatron_lamina.launch.roll_call import STALL_S
 
@@ -45,6 +47,16 @@ def _watch_parent(parent: int) -> None:
     while os.getppid() == parent:
         time.sleep(0.5)
     os._exit(1)
+
+
+def end_rank(code: int) -> NoReturn:
+    """End this rank now with `code`. Python's teardown of torch and Megatron takes seconds,
+    which the launcher (and every other machine, at the job's end) would wait for, and a rank
+    has nothing to tear down once its work is closed (the driver's output file included); a
+    rank whose peer failed must not wait on a collective either."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def require_launcher(program: str, args) -> bool:
@@ -80,7 +92,9 @@ def start_ranks(nproc: int, program: str, argv: list[str], shutdown_timeout_s: f
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous.api import RendezvousError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+    from torch.distributed.launcher.api import LaunchConfig
+
+    from megatron_lamina.launch.agent import run_agent
 
     for name in list(logging.root.manager.loggerDict):  # each sets its own level at import
         if name.startswith("torch.distributed.elastic"):
@@ -107,7 +121,7 @@ def start_ranks(nproc: int, program: str, argv: list[str], shutdown_timeout_s: f
                               shutdown_timeout=int(shutdown_timeout_s) + 1)
     code, reason = 0, "done"
     try:
-        elastic_launch(config, sys.executable)("-m", f"megatron_lamina.launch.{program}", *argv)
+        run_agent(config, sys.executable, ["-m", f"megatron_lamina.launch.{program}", *argv])
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
         code, reason = (1 if failure.exitcode < 0 else failure.exitcode), "its ranks failed"
@@ -132,7 +146,13 @@ def start_ranks(nproc: int, program: str, argv: list[str], shutdown_timeout_s: f
         if several:
             roll.leave(reason)
             if store is not None:
-                roll.wait_others(timeout_s=shutdown_timeout_s)
+                staying = roll.wait_others(timeout_s=shutdown_timeout_s)
+                if staying:  # their agents lose the store under them, and stop
+                    from megatron_lamina.launch.nodes import node_name
+
+                    print(f"lamina: {', '.join(node_name(cfg, n) for n in staying)} had not left "
+                          f"{shutdown_timeout_s:g} s after this machine's ranks ended; the rendezvous closes",
+                          file=sys.stderr, flush=True)
     return code
 
 

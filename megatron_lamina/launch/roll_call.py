@@ -85,19 +85,21 @@ class RollCall:
             self._said = True
         print(line, file=sys.stderr, flush=True)
 
-    def wait_others(self, timeout_s: float) -> None:
-        """Node 0, before its store goes: wait until every other machine left or was lost."""
+    def wait_others(self, timeout_s: float) -> list[int]:
+        """Node 0, before its store goes: wait until every other machine left or was lost, for
+        `timeout_s` at most; the machines still there then."""
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                store = self._connect(timeout_s=BEAT_S)
+        try:
+            store = self._connect(timeout_s=BEAT_S)
+            while True:
                 self._read(store)
-            except Exception:
-                return
-            gone = set(self._left) | set(self.lost()) | {self.node}
-            if all(n in gone or n not in self.entries for n in range(self.nnodes)):
-                return
-            time.sleep(BEAT_S / 4)
+                gone = set(self._left) | set(self.lost()) | {self.node}
+                staying = [n for n in sorted(self.entries) if n not in gone]
+                if not staying or time.monotonic() >= deadline:
+                    return staying
+                time.sleep(BEAT_S / 4)
+        except Exception:  # the store itself is gone: nobody is left to wait for
+            return []
 
     def leave(self, reason: str) -> None:
         """Say this node ends by itself (never reported lost), and stop beating."""

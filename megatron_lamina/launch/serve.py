@@ -28,13 +28,12 @@ broadcasts. Shutdown and faults:
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 
 from megatron_lamina.config import add_config_arguments
 from megatron_lamina.launch.nodes import add_node_arguments
-from megatron_lamina.launch.ranks import exit_with_parent, require_launcher
+from megatron_lamina.launch.ranks import end_rank, exit_with_parent, require_launcher
 
 FRONT_END_EXIT_S = 30.0  # the front end answers what is left (10 s at most) and stops uvicorn (5 s)
 
@@ -101,16 +100,13 @@ def main(argv: list[str] | None = None) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_IGN)
         if serve_worker(ctx):
-            sys.stderr.flush()
-            os._exit(1)  # never wait on a collective with a dead peer
+            end_rank(1)
         dist.destroy_process_group()
-        return 0
+        end_rank(0)
     code = serve_driver(ctx, frontend, conn)
     if code == 0:
         dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)  # never wait on a collective with a dead peer
+    end_rank(code)
 
 
 if __name__ == "__main__":
