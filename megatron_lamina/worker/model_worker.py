@@ -18,10 +18,11 @@ step's fed rows; every colocated one keeps its own copy of the block tables (`Bl
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from megatron_lamina.worker.block_tables import BlockTables
-from megatron_lamina.worker.cuda_graphs import DecodeGraphs
 from megatron_lamina.worker.host_tier import HostTier
 from megatron_lamina.worker.pipeline import EagerStages, run_pipeline
 from megatron_lamina.worker.stage_graphs import StageGraphs
@@ -31,6 +32,9 @@ from megatron_lamina.host_to_device import HostArrays, to_device
 from megatron_lamina.model.llama import LlamaModel
 from megatron_lamina.plan import StepPlan
 from megatron_lamina.transport.channel import AttentionChannel
+
+if TYPE_CHECKING:  # the decode graphs' module brings Triton's kernels, which only a GPU rank imports
+    from megatron_lamina.worker.cuda_graphs import DecodeGraphs
 
 
 class ModelWorker:

@@ -20,18 +20,21 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
 from megatron_lamina.architecture import ModelArchitecture, read_architecture
 from megatron_lamina.config import LaminaConfig, validate_layout
-from megatron_lamina.worker.attention_worker import AttentionWorker
 from megatron_lamina.worker.control_plane import Heartbeat, Watchdog, start_liveness
-from megatron_lamina.worker.model_worker import ModelWorker
 from megatron_lamina.worker.worker_factory import build_worker
 from megatron_lamina.placement import Placement, placement_lines
 from megatron_lamina.topology import ProcessGroups, Topology, init_process_groups
+
+if TYPE_CHECKING:  # a model worker's modules bring Megatron-core, which an attention rank never imports
+    from megatron_lamina.worker.attention_worker import AttentionWorker
+    from megatron_lamina.worker.model_worker import ModelWorker
 
 
 @dataclass

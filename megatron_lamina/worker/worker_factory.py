@@ -22,31 +22,28 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.distributed as dist
 
 from megatron_lamina.architecture import ModelArchitecture
 from megatron_lamina.attention.kv_cache import PagedKVCache, storage_dtype
-from megatron_lamina.checkpoint.loader import CheckpointShardLoader, padded_vocab_size, weight_format
-from megatron_lamina.checkpoint.random_weights import fill_random, generated_at_load
 from megatron_lamina.config import LaminaConfig
 from megatron_lamina.worker.attention_worker import AttentionWorker
 from megatron_lamina.worker.block_tables import BlockTables
 from megatron_lamina.worker.host_tier import HostTier, host_blocks, sizing_line
 from megatron_lamina.worker.memory import kv_blocks_that_fit, measure_peak
-from megatron_lamina.worker.model_worker import ModelWorker
-from megatron_lamina.driver.sampling import sample_tokens_on_device
-from megatron_lamina.requests.sampling_params import SamplingParams
-from megatron_lamina.worker.token_feed import TokenFeed
 from megatron_lamina.fp8 import FP8_NAME, KV_CAPABILITY, MATMUL_CAPABILITY, require_fp8
 from megatron_lamina.host_to_device import to_device
-from megatron_lamina.model.llama import LlamaModel
 from megatron_lamina.plan import MicroBatch, SequenceChunk, StepPlan
 from megatron_lamina.topology import ProcessGroups, Topology
 from megatron_lamina.transport.channel import LocalChannel
 from megatron_lamina.transport.p2p import AttentionEndpoint, P2PChannel
+
+if TYPE_CHECKING:
+    from megatron_lamina.model.llama import LlamaModel
+    from megatron_lamina.worker.model_worker import ModelWorker
 
 Log = Callable[[str], None]
 
@@ -89,6 +86,13 @@ def build_worker(cfg: LaminaConfig, arch: ModelArchitecture, topology: Topology,
 
 
 def _model_worker(cfg, arch, topology, groups, rank, device, log, weights) -> BuiltWorker:
+    # Here, not at the top: an attention worker's rank never imports Megatron-core, whose import
+    # is most of a model rank's start-up.
+    from megatron_lamina.checkpoint.loader import CheckpointShardLoader, weight_format
+    from megatron_lamina.checkpoint.random_weights import fill_random, generated_at_load
+    from megatron_lamina.worker.model_worker import ModelWorker
+    from megatron_lamina.worker.token_feed import TokenFeed
+
     graphs = use_cuda_graphs(cfg, topology, device)
     fp8_weights, quantize = weight_format(cfg.model.weight_dtype, cfg.model.checkpoint)
     if fp8_weights:
@@ -172,6 +176,9 @@ def new_model(arch: ModelArchitecture, dtype: torch.dtype, tp_group, device: tor
     """This TP rank's model, its parameters and buffers allocated on `device`, unfilled: built
     under a `torch.device` context, which places every tensor made without a device (Megatron's
     layers make theirs so, given `use_cpu_initialization`) there."""
+    from megatron_lamina.checkpoint.loader import padded_vocab_size
+    from megatron_lamina.model.llama import LlamaModel
+
     with device:
         return LlamaModel(arch, dtype, tp_group, padded_vocab_size(arch.vocab_size, tp_group.size()),
                           fused_elementwise=fused_elementwise, fp8_weights=fp8_weights)
@@ -265,6 +272,9 @@ def _longest_decode(cfg: LaminaConfig, arch: ModelArchitecture) -> StepPlan:
 def _profile_largest_step(cfg, arch, worker: ModelWorker, device) -> int:
     """Peak memory of the largest step and its sampling (top-p sorts the vocabulary); with the
     longest decode after it, every kernel an eager step can launch is compiled here."""
+    from megatron_lamina.driver.sampling import sample_tokens_on_device
+    from megatron_lamina.requests.sampling_params import SamplingParams
+
     plan = _largest_step(cfg, arch)
     params = [SamplingParams(temperature=1.0, top_p=0.9, top_k=50)] * plan.num_sampled
     with measure_peak(device) as peak:
