@@ -31,14 +31,13 @@ import time
 import traceback
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from megatron_lamina.driver.block_manager import BlockManager
 from megatron_lamina.worker.control_plane import PlanSender
 from megatron_lamina.requests.engine_link import StepStats
-from megatron_lamina.requests.grammar import GrammarCompiler, fill_bitmask
 from megatron_lamina.driver.logprobs import StepLogprobs, token_logprobs
 from megatron_lamina.requests.prompt import PromptInput, prompt_ids
 from megatron_lamina.driver.request import Request
@@ -49,6 +48,9 @@ from megatron_lamina.driver.scheduler import Scheduler, reaches_length
 from megatron_lamina.driver.token_mask import masked_logits
 from megatron_lamina.requests.tokenizer import TextCodec, find_stop
 from megatron_lamina.plan import StepPlan
+
+if TYPE_CHECKING:  # xgrammar is imported by the first constrained request, not by every start
+    from megatron_lamina.requests.grammar import GrammarCompiler
 
 
 @dataclass
@@ -107,6 +109,8 @@ class LLMEngine:
     @property
     def grammars(self) -> GrammarCompiler:
         if self._grammars is None:
+            from megatron_lamina.requests.grammar import GrammarCompiler
+
             server, arch = self.ctx.cfg.server, self.ctx.arch
             self._grammars = GrammarCompiler(self.codec.tokenizer, arch.vocab_size, arch.eos_token_ids,
                                              server.grammar_cache_size, server.max_grammar_chars)
@@ -221,6 +225,8 @@ class LLMEngine:
         rows = [row for row in rows if not requests[row].finished]  # ended at the read-back just done
         if not rows:
             return sampled
+        from megatron_lamina.requests.grammar import fill_bitmask
+
         bitmask = self.grammars.new_bitmask(len(rows))
         fill_bitmask(self.grammars, [requests[row].grammar for row in rows], bitmask)
         return masked_logits(sampled, rows, bitmask)

@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from typing import TYPE_CHECKING
 
 from megatron_lamina.config import ServerConfig
-from megatron_lamina.requests.grammar import GrammarCompiler
 from megatron_lamina.requests.structured_output import StructuredOutput
 from megatron_lamina.requests.tokenizer import TextCodec
 from megatron_lamina.server.protocol import ApiError
+
+if TYPE_CHECKING:  # xgrammar is imported by the first constrained request, not by every start
+    from megatron_lamina.requests.grammar import GrammarCompiler
 
 
 class GrammarCheck:
@@ -31,6 +34,8 @@ class GrammarCheck:
     def compiler(self, vocab_size: int) -> GrammarCompiler:
         with self._lock:  # the first constrained request: the vocabulary's tables, once
             if self._compiler is None:
+                from megatron_lamina.requests.grammar import GrammarCompiler
+
                 self._compiler = GrammarCompiler(self.codec.tokenizer, vocab_size, None, self.config.grammar_cache_size,
                                                  self.config.max_grammar_chars)
         return self._compiler
