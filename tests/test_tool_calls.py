@@ -19,6 +19,7 @@ import re
 import jsonschema
 import openai
 import pytest
+from at_once import at_once
 from server_proc import ROOT, running_server, tiny_server_config
 
 from megatron_lamina.server.tool_calls import Tool, hermes_messages
@@ -67,10 +68,12 @@ def _check_calls(calls, names=None) -> None:
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_forced_calls_validate(client, temperature):
     named = {"type": "function", "function": {"name": "add"}}
-    for choice, parallel, names in (("required", None, None), ("required", False, None), (named, None, ["add"])):
-        answer = client.chat.completions.create(
-            model=MODEL, messages=ASK, tools=TOOLS, tool_choice=choice, max_tokens=120, temperature=temperature,
-            seed=5, **({"parallel_tool_calls": parallel} if parallel is not None else {}))
+    cases = (("required", None, None), ("required", False, None), (named, None, ["add"]))
+    answers = at_once(*(lambda choice=choice, parallel=parallel: client.chat.completions.create(
+        model=MODEL, messages=ASK, tools=TOOLS, tool_choice=choice, max_tokens=120, temperature=temperature,
+        seed=5, **({"parallel_tool_calls": parallel} if parallel is not None else {}))
+        for choice, parallel, _ in cases))
+    for (_, parallel, names), answer in zip(cases, answers):
         [c] = answer.choices
         assert c.finish_reason == "tool_calls" and c.message.content is None
         _check_calls(c.message.tool_calls, names)
@@ -81,18 +84,19 @@ def test_forced_calls_validate(client, temperature):
 def test_auto_reads_the_models_calls_and_leaves_text_as_content(client):
     call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}\n</tool_call>'
     crafted = {"guided_regex": re.escape(call)}
-    answer = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="auto",
-                                            max_tokens=60, temperature=0, extra_body=crafted)
+    answer, plain, none = at_once(
+        lambda: client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="auto",
+                                               max_tokens=60, temperature=0, extra_body=crafted),
+        lambda: client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="auto",
+                                               max_tokens=8, temperature=0, extra_body={"guided_regex": "It is sunny"}),
+        lambda: client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="none",
+                                               max_tokens=60, temperature=0, extra_body=crafted))
     [c] = answer.choices
     assert c.finish_reason == "tool_calls" and c.message.content is None
     [got] = c.message.tool_calls
     assert got.function.name == "get_weather"
     assert json.loads(got.function.arguments) == {"city": "Paris", "unit": "celsius"}
-    plain = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="auto",
-                                           max_tokens=8, temperature=0, extra_body={"guided_regex": "It is sunny"})
     assert plain.choices[0].message.content == "It is sunny" and not plain.choices[0].message.tool_calls
-    none = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="none",
-                                          max_tokens=60, temperature=0, extra_body=crafted)
     assert none.choices[0].message.content == call and not none.choices[0].message.tool_calls
 
 
@@ -117,8 +121,8 @@ def test_streamed_deltas_concatenate_to_the_answer(client, choice):
     call = '<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call>'
     extra = {"extra_body": {"guided_regex": re.escape("Sure. " + call)}} if choice == "auto" else {}
     kwargs = dict(model=MODEL, messages=ASK, tools=TOOLS, tool_choice=choice, max_tokens=120, temperature=0, **extra)
-    whole = client.chat.completions.create(**kwargs).choices[0]
-    content, calls, finish = _streamed(client, **kwargs)
+    whole, (content, calls, finish) = at_once(lambda: client.chat.completions.create(**kwargs).choices[0],
+                                              lambda: _streamed(client, **kwargs))
     assert finish == whole.finish_reason == "tool_calls"
     assert content == (whole.message.content or "")
     assert [(c["name"], c["arguments"]) for _, c in sorted(calls.items())] == \
@@ -128,18 +132,19 @@ def test_streamed_deltas_concatenate_to_the_answer(client, choice):
 
 
 def test_tools_reach_the_prompt_and_tool_messages_are_accepted(client):
-    bare = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=1)
-    shown = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, max_tokens=1)
-    assert shown.usage.prompt_tokens > bare.usage.prompt_tokens + 50  # the Hermes tool prompt
     turn = [*ASK, {"role": "assistant", "content": None, "tool_calls": [
                 {"id": "call_1", "type": "function",
                  "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'}}]},
             {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature": 21}'}]
-    answer = client.chat.completions.create(model=MODEL, messages=turn, tools=TOOLS, max_tokens=20, temperature=0)
+    bare, shown, answer, first = at_once(
+        lambda: client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=1),
+        lambda: client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, max_tokens=1),
+        lambda: client.chat.completions.create(model=MODEL, messages=turn, tools=TOOLS, max_tokens=20, temperature=0),
+        lambda: client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required",
+                                               max_tokens=80, temperature=0).choices[0].message)
+    assert shown.usage.prompt_tokens > bare.usage.prompt_tokens + 50  # the Hermes tool prompt
     assert answer.choices[0].finish_reason in ("stop", "length", "tool_calls")
     # The README's round trip: the client's own message object sent back, then the tool's result.
-    first = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required",
-                                           max_tokens=80, temperature=0).choices[0].message
     messages = [*ASK, first.model_dump(exclude_none=True),
                 {"role": "tool", "tool_call_id": first.tool_calls[0].id, "content": '{"result": 5}'}]
     final = client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS, max_tokens=20)
