@@ -191,9 +191,11 @@ def _roll_call(node, cfg):
 def _watch(roll, node, cfg) -> None:
     """While torch elastic runs this machine's part. Before the job assembles: at --rdzv-timeout,
     a machine still missing is named in one `error:` line, and this launcher exits (nothing has
-    started here yet). After: a machine other than node 0 that loses the store for
-    STORE_LOST_S (node 0 gone, or this machine cut off) names it and exits, its ranks with it
-    (torch's agent would wait on the store for minutes)."""
+    started here yet). After: a machine other than node 0 that loses the store (node 0 gone,
+    or this machine cut off) names it and exits, its ranks with it (torch's agent would wait on
+    the store for minutes). The store gets the time the job gives a silent peer
+    (runtime.step_timeout_s, after which this machine's ranks stop on the driver's silence and
+    say so) and STALL_S more, so that their lines come before this one; STORE_LOST_S at most."""
     deadline = time.monotonic() + node.rdzv_timeout_s
     while roll.missing():
         if time.monotonic() >= deadline:
@@ -204,7 +206,8 @@ def _watch(roll, node, cfg) -> None:
         time.sleep(0.5)
     if node.hosts_store:
         return
-    while roll.silent_for() < STORE_LOST_S:
+    lost_after = min(STORE_LOST_S, cfg.runtime.step_timeout_s + STALL_S)
+    while roll.silent_for() < lost_after:
         time.sleep(0.5)
     code = _lost_node(roll, node, cfg)
     sys.stderr.flush()
