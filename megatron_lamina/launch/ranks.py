@@ -157,7 +157,7 @@ def start_ranks(nproc: int, program: str, argv: list[str], shutdown_timeout_s: f
 
 
 # ---- several machines ------------------------------------------------------------------------
-STORE_LOST_S = 20  # a store silent this long under an assembled job: node 0 is gone, or this machine is cut off
+STORE_LOST_S = 20  # the longest a store may be silent under an assembled job before node 0 is called lost (_watch)
 STORE_READ_TIMEOUT_S = 10  # torch elastic's default (60 s) kept a cut-off machine's agent a minute per read
 LOST_NODE_EXIT = 10  # a multi-machine job that lost node R exits with LOST_NODE_EXIT + R
 
