@@ -30,6 +30,7 @@ from pathlib import Path
 from megatron_lamina.config import add_config_arguments
 from megatron_lamina.launch.nodes import add_node_arguments
 from megatron_lamina.launch.ranks import end_rank, exit_with_parent, require_launcher
+from megatron_lamina.worker.collector import collect_rarely
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -56,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     if not require_launcher("generate", args):
         return 2
     exit_with_parent()
+    collect_rarely()  # before torch and Megatron-core are imported (worker/collector.py)
     # Ctrl-C or SIGTERM (the launcher passes either to every rank): the driver stops at the
     # next step and releases the others, which wait for it (a rank leaving in the middle of
     # a collective would leave the rest stuck in theirs).

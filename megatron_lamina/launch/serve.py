@@ -34,6 +34,7 @@ import sys
 from megatron_lamina.config import add_config_arguments
 from megatron_lamina.launch.nodes import add_node_arguments
 from megatron_lamina.launch.ranks import end_rank, exit_with_parent, require_launcher
+from megatron_lamina.worker.collector import collect_rarely
 
 FRONT_END_EXIT_S = 30.0  # the front end answers what is left (10 s at most) and stops uvicorn (5 s)
 
@@ -71,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     if not require_launcher("serve", args):
         return 2
     exit_with_parent()
+    collect_rarely()  # before torch and Megatron-core are imported (worker/collector.py)
     import torch.distributed as dist
 
     from megatron_lamina.worker.runtime import is_driver, job_from_args, join, serve_worker, start_from_placement

@@ -38,6 +38,7 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 ANSWER_GRACE_S = 10.0  # after the engine's exit, how long callers get to receive their last answer
+GC_THRESHOLDS = (50_000, 20, 10)  # from the process's start: its imports are not walked every 700 allocations
 
 
 def model_name(cfg) -> str:
@@ -68,7 +69,7 @@ def quiet_garbage_collector() -> None:
     in flight (docs/BENCHMARKS.md; vLLM's API server freezes too)."""
     gc.collect()
     gc.freeze()
-    gc.set_threshold(50_000, 20, 10)
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def listen_socket(host: str, port: int) -> socket.socket:
@@ -160,6 +161,7 @@ def start_frontend(args) -> tuple[BaseProcess, Connection]:
 
 
 def run(conn: Connection, args, sock: socket.socket) -> None:
+    gc.set_threshold(*GC_THRESHOLDS)  # before transformers, torch and FastAPI are imported
     exit_after_parent(ANSWER_GRACE_S + 5.0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # until uvicorn's own handlers take over (below)
     import uvicorn

@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from megatron_lamina.architecture import ModelArchitecture, read_architecture
 from megatron_lamina.config import LaminaConfig, validate_layout
+from megatron_lamina.worker.collector import collect_rarely
 from megatron_lamina.worker.control_plane import Heartbeat, Watchdog, start_liveness
 from megatron_lamina.worker.worker_factory import build_worker
 from megatron_lamina.placement import Placement, placement_lines
@@ -176,7 +177,7 @@ def quiet_gc() -> None:
     such as Triton's report what is still alive then as leaks)."""
     gc.collect()
     gc.freeze()
-    gc.set_threshold(10_000, 10, 10)
+    collect_rarely()
     atexit.register(gc.unfreeze)
 
 
