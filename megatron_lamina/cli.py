@@ -109,7 +109,6 @@ def check_job(command: str, args):
     """The config of a serve / generate job, checked as far as it can be without the ranks."""
     from megatron_lamina.architecture import read_architecture
     from megatron_lamina.checkpoint.errors import open_safetensors
-    from megatron_lamina.checkpoint.writer import MODEL_FILE
     from megatron_lamina.checkpoint.auto_convert import with_canonical_checkpoint
     from megatron_lamina.config import check_device, config_from_args, validate_layout
 
@@ -123,6 +122,8 @@ def check_job(command: str, args):
                                                                                  flush=True))
         arch = read_architecture(cfg.model.checkpoint)
         if model_node:
+            from megatron_lamina.checkpoint.writer import MODEL_FILE  # brings torch: not before a config mistake
+
             open_safetensors(Path(cfg.model.checkpoint) / MODEL_FILE)  # reads the header: truncated, corrupt?
     except (OSError, ValueError) as e:  # CheckpointInputError is a ValueError
         raise ValueError(f"model.checkpoint: {e}") from None
