@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import re
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
 
@@ -27,6 +26,7 @@ import jsonschema
 import openai
 import pytest
 import torch
+from at_once import at_once
 from json_schemas import SCHEMAS
 from pydantic import BaseModel, Field
 from server_proc import ROOT, running_server, tiny_server_config
@@ -76,8 +76,7 @@ def test_every_schema_validates_greedy_and_sampled(client):
         return response.choices[0]
 
     cases = [(s, 0.0, None) for s in SCHEMAS] + [(s, 1.0, i) for i, s in enumerate(SCHEMAS)]
-    with ThreadPoolExecutor(len(cases)) as pool:  # one batch: constrained rows side by side
-        answers = list(pool.map(one, cases))
+    answers = at_once(*(lambda case=case: one(case) for case in cases))  # one batch: constrained rows side by side
     for (schema, temperature, _), choice in zip(cases, answers):
         assert choice.finish_reason == "stop", (temperature, schema, choice.message.content)
         _valid(choice.message.content, schema)
@@ -112,31 +111,31 @@ def test_regex_choice_grammar_and_json_object_in_every_spelling(client):
     phone = r"[0-9]{3}-[0-9]{3}-[0-9]{4}"
     colors = ["red", "green", "blue"]
     ebnf = 'root ::= "The answer is " ("yes" | "no") "."'
-    outputs = []
+    requests = []  # (kind, a call that returns the text), all sent at once
     for extra in ({"guided_regex": phone}, {"structured_outputs": {"regex": phone}}):
-        outputs.append(("regex", client.completions.create(
+        requests.append(("regex", lambda extra=extra: client.completions.create(
             model=MODEL, prompt="Call me at", max_tokens=20, temperature=0, extra_body=extra).choices[0].text))
-        outputs.append(("regex", client.chat.completions.create(
+        requests.append(("regex", lambda extra=extra: client.chat.completions.create(
             model=MODEL, messages=chat, max_tokens=20, temperature=0.8, seed=1,
             extra_body=extra).choices[0].message.content))
     for extra in ({"guided_choice": colors}, {"structured_outputs": {"choice": colors}}):
-        outputs.append(("choice", client.chat.completions.create(
+        requests.append(("choice", lambda extra=extra: client.chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": "Your favourite colour?"}], max_tokens=8,
             temperature=1.0, seed=3, extra_body=extra).choices[0].message.content))
     for extra in ({"guided_grammar": ebnf}, {"structured_outputs": {"grammar": ebnf}}):
-        outputs.append(("grammar", client.completions.create(
+        requests.append(("grammar", lambda extra=extra: client.completions.create(
             model=MODEL, prompt="Is the sky blue?", max_tokens=12, temperature=0, extra_body=extra).choices[0].text))
     for extra in ({"response_format": {"type": "json_object"}}, {"structured_outputs": {"json_object": True}}):
-        outputs.append(("object", client.chat.completions.create(
+        requests.append(("object", lambda extra=extra: client.chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": 'Reply with exactly this JSON: {"ok": true}'}],
             max_tokens=60,
             temperature=0, **({"response_format": extra["response_format"]} if "response_format" in extra else
                               {"extra_body": extra})).choices[0].message.content))
     schema = SCHEMAS[6]
-    outputs.append(("schema", client.completions.create(
+    requests.append(("schema", lambda: client.completions.create(
         model=MODEL, prompt="A person as JSON:", max_tokens=60, temperature=0,
         extra_body={"guided_json": schema}).choices[0].text))
-    for kind, text in outputs:
+    for (kind, _), text in zip(requests, at_once(*(call for _, call in requests))):
         if kind == "regex":
             assert re.fullmatch(phone, text), text
         elif kind == "choice":
@@ -152,18 +151,31 @@ def test_regex_choice_grammar_and_json_object_in_every_spelling(client):
 def test_streaming_n_logprobs_stop_strings_and_penalties(client):
     schema = SCHEMAS[13]  # nested objects with a patterned string
     fmt = {"type": "json_schema", "json_schema": {"name": "user", "schema": schema}}
-    whole = client.chat.completions.create(model=MODEL, messages=_ask(schema), max_tokens=120, temperature=0,
-                                           response_format=fmt)
-    stream = client.chat.completions.create(model=MODEL, messages=_ask(schema), max_tokens=120, temperature=0,
-                                            response_format=fmt, stream=True)
-    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+
+    def stream_text() -> str:
+        stream = client.chat.completions.create(model=MODEL, messages=_ask(schema), max_tokens=120, temperature=0,
+                                                response_format=fmt, stream=True)
+        return "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+
+    whole, streamed, several, answer, cut, short = at_once(
+        lambda: client.chat.completions.create(model=MODEL, messages=_ask(schema), max_tokens=120, temperature=0,
+                                               response_format=fmt),
+        stream_text,
+        lambda: client.chat.completions.create(model=MODEL, messages=_ask(schema), max_tokens=120, temperature=1.0,
+                                               seed=11, n=3, response_format=fmt,
+                                               presence_penalty=1.0, frequency_penalty=0.5,
+                                               extra_body={"repetition_penalty": 1.2}),
+        lambda: client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Is water wet?"}], max_tokens=4, temperature=0,
+            logprobs=True, top_logprobs=20, extra_body={"guided_choice": ["yes", "no"]}),
+        lambda: client.chat.completions.create(model=MODEL, messages=_ask(SCHEMAS[6]), max_tokens=60, temperature=0,
+                                               response_format={"type": "json_schema", "json_schema": {
+                                                   "name": "p", "schema": SCHEMAS[6]}}, stop=['"age"']),
+        lambda: client.chat.completions.create(model=MODEL, messages=_ask(SCHEMAS[13]), max_tokens=5, temperature=0,
+                                               response_format=fmt))
     assert streamed == whole.choices[0].message.content
     _valid(streamed, schema)
 
-    several = client.chat.completions.create(model=MODEL, messages=_ask(schema), max_tokens=120, temperature=1.0,
-                                             seed=11, n=3, response_format=fmt,
-                                             presence_penalty=1.0, frequency_penalty=0.5,
-                                             extra_body={"repetition_penalty": 1.2})
     assert [c.index for c in several.choices] == [0, 1, 2]
     for choice in several.choices:
         assert choice.finish_reason == "stop"
@@ -171,20 +183,12 @@ def test_streaming_n_logprobs_stop_strings_and_penalties(client):
 
     # The log-probabilities are those of the constrained distribution: the tokens the grammar
     # allows at the first position ("y", "n", ... prefixes of the two choices) hold all of it.
-    answer = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Is water wet?"}], max_tokens=4, temperature=0,
-        logprobs=True, top_logprobs=20, extra_body={"guided_choice": ["yes", "no"]})
     first = answer.choices[0].logprobs.content[0]
     assert first.logprob == first.top_logprobs[0].logprob
     assert math.isclose(sum(math.exp(t.logprob) for t in first.top_logprobs), 1.0, abs_tol=1e-3)
     assert answer.choices[0].message.content in ("yes", "no")
 
-    cut = client.chat.completions.create(model=MODEL, messages=_ask(SCHEMAS[6]), max_tokens=60, temperature=0,
-                                         response_format={"type": "json_schema", "json_schema": {
-                                             "name": "p", "schema": SCHEMAS[6]}}, stop=['"age"'])
     assert cut.choices[0].finish_reason == "stop" and '"age"' not in cut.choices[0].message.content
-    short = client.chat.completions.create(model=MODEL, messages=_ask(SCHEMAS[13]), max_tokens=5, temperature=0,
-                                           response_format=fmt)
     assert short.choices[0].finish_reason == "length"  # the grammar cannot complete: the partial output
     assert whole.choices[0].message.content.startswith(short.choices[0].message.content)
 
@@ -215,12 +219,13 @@ def test_bad_constraints_get_400_and_the_server_serves_on(server, client, body, 
 
 
 def test_openai_fields_that_change_nothing_are_accepted(client):
-    plain = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=6,
-                                           temperature=0)
-    sent = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=6, temperature=0, store=False,
-        metadata={"team": "eval"}, service_tier="auto", reasoning_effort="low", modalities=["text"],
-        parallel_tool_calls=True, user="u-1", prediction={"type": "content", "content": "Hello"})
+    plain, sent = at_once(
+        lambda: client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}],
+                                               max_tokens=6, temperature=0),
+        lambda: client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=6, temperature=0, store=False,
+            metadata={"team": "eval"}, service_tier="auto", reasoning_effort="low", modalities=["text"],
+            parallel_tool_calls=True, user="u-1", prediction={"type": "content", "content": "Hello"}))
     assert sent.choices[0].message.content == plain.choices[0].message.content
 
 
