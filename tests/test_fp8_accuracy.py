@@ -7,6 +7,7 @@ LLM per mode. docs/BENCHMARKS.md ("FP8: what it costs in accuracy") has the full
 from __future__ import annotations
 
 import pytest
+from server_proc import ROOT
 
 from megatron_lamina.bench.fp8_accuracy import CHATS, measure
 
@@ -26,10 +27,13 @@ BOUNDS = {  # mode: (mean abs diff <=, p99 abs diff <=)
 
 
 @pytest.fixture(scope="module")
-def accuracy(smollm2, tmp_path_factory):
+def accuracy(tmp_path_factory):
+    """On tools/setup.sh's conversion of the default model (the float32 one the `smollm2`
+    fixture converts again; its transformers model is not needed here)."""
     from megatron_lamina.checkpoint.convert import quantize_checkpoint
 
-    _, checkpoint = smollm2
+    checkpoint = ROOT / "checkpoints" / "smollm2-135m-instruct"
+    assert checkpoint.is_dir(), "run tools/setup.sh first: it converts the default model"
     fp8 = quantize_checkpoint(checkpoint, tmp_path_factory.mktemp("fp8") / "canonical")
     return {r.mode: r for r in measure(checkpoint, fp8, chats=CHATS[:2], max_tokens=8, num_blocks=64)}
 
