@@ -23,11 +23,14 @@ API_KEY = "lm-eval-key"
 
 
 def _evaluate(model, model_args=None) -> dict:
+    """The two local tasks only: indexing lm-eval's thousands of bundled task files besides
+    them (include_defaults) would be most of an evaluation's cost."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
     return lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=["lamina_mc", "lamina_gen"],
-                                   task_manager=TaskManager(include_path=str(TASKS)), log_samples=True,
+                                   task_manager=TaskManager(include_path=str(TASKS), include_defaults=False),
+                                   log_samples=True,
                                    random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
 
 
