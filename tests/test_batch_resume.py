@@ -48,12 +48,16 @@ def test_killed_job_resumes_without_loss_or_duplicates(tmp_path, tiny_models):
         if out.exists() and out.read_text().count("\n") >= 4:  # the error record and 3 results
             break
         time.sleep(0.01)
-    assert first.poll() is None, "the job finished before it could be killed"
     ranks = child_pids(first.pid)
+    for pid in ranks:  # held mid-way while the second job is tried, however fast the first one runs
+        os.kill(pid, signal.SIGSTOP)
+    assert first.poll() is None, "the job finished before it could be killed"
     assert len(ranks) == 2, ranks
     beside = lamina("generate", "--config", str(config), "--input", str(job), "--output", str(out), "--resume")
     assert beside.returncode == 2 and beside.stderr.startswith(f"error: {out}: another job (pid "), beside.stderr
     assert "is writing it" in beside.stderr and len(beside.stderr.splitlines()) == 1
+    for pid in ranks:  # running again when torchrun dies
+        os.kill(pid, signal.SIGCONT)
     os.kill(first.pid, signal.SIGKILL)
     first.wait()
     left = wait_gone(ranks, timeout=5)
@@ -65,7 +69,10 @@ def test_killed_job_resumes_without_loss_or_duplicates(tmp_path, tiny_models):
     with open(out, "a") as f:  # as if the kill had cut a record in half
         f.write('{"id": "r11", "text": "w1')
 
-    second = subprocess.run(_cmd(config, job, out, "--resume"), cwd=ROOT, env=env, capture_output=True,
+    # The first job ran one request at a time, so that it is killed mid-way; the resumed one
+    # batches what is left, with the blocks for it (greedy tokens do not depend on the batch).
+    batched = ["--set", f"scheduler.max_batch_size={N}", "--set", "kv_cache.num_blocks=1024"]
+    second = subprocess.run(_cmd(config, job, out, "--resume", *batched), cwd=ROOT, env=env, capture_output=True,
                             text=True, timeout=300)
     assert second.returncode == 1, second.stderr[-3000:]  # the broken line has an error record
     summary = (f"summary: {N + 1 - written} ok, 0 failed, {written} skipped by --resume (1 of them failed earlier); "

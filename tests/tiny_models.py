@@ -10,6 +10,7 @@ and each step's logits.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -42,6 +43,19 @@ def save_tiny_llama(directory: Path, tied: bool, seed: int = 0, **overrides) -> 
     return directory
 
 
+@contextlib.contextmanager
+def one_thread():
+    """One intra-op thread for a tiny model's forward passes, in this (the test) process: they are
+    too small to split, and two threads' OpenMP spin-waits on a shared 2-core machine made every
+    step wait for a descheduled sibling (the launched jobs run with OMP_NUM_THREADS=1 already)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def reference_generate(hf_dir: Path, prompts: list[list[int]], params: list, device: str = "cpu"):
     """Continue each prompt with the HF model, choosing each token from the HF logits with
     our sampler (greedy for temperature 0) and a generator seeded as the engine seeds it, on
@@ -55,7 +69,7 @@ def reference_generate(hf_dir: Path, prompts: list[list[int]], params: list, dev
     tokens, logits = [], []
     for prompt, p in zip(prompts, params):
         ids, steps, generator = list(prompt), [], p.make_generator(device)
-        with torch.no_grad():
+        with torch.no_grad(), one_thread():
             for _ in range(p.max_tokens):
                 row = model(torch.tensor([ids])).logits[0, -1]
                 steps.append(row)
@@ -69,10 +83,10 @@ def continue_with(model, prompt: list[int], steps: int, choose) -> list[int]:
     """A reference loop on a loaded HF model: `choose(raw float32 logits row, prompt, output so
     far)` picks each next token (full forward each step, no cache)."""
     output = []
-    for _ in range(steps):
-        with torch.no_grad():
+    with torch.no_grad(), one_thread():
+        for _ in range(steps):
             row = model(torch.tensor([prompt + output])).logits[0, -1].float()
-        output.append(choose(row, prompt, output))
+            output.append(choose(row, prompt, output))
     return output
 
 
