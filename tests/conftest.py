@@ -8,7 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+
+# Idle OpenMP threads sleep instead of spinning: on the 2 shared cores an in-process model's
+# second thread otherwise burns a core while it waits for the other, busy with a server rank
+# or another job. The thread count, so the arithmetic, is unchanged. Read when torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch  # noqa: E402
 
 # Without a GPU, Triton kernels run in Triton's interpreter (test_triton_prefill.py). It must
 # be switched on before anything imports triton, which collecting other tests does (through
