@@ -1,5 +1,5 @@
-"""Readiness and liveness, on real torchrun jobs (tiny model, 1 model worker and 2 attention
-workers, HTTP on 127.0.0.1): what an orchestrator's probes see.
+"""Readiness and liveness, on real torchrun jobs (tiny model, 1 model worker and 1 attention
+worker, HTTP on 127.0.0.1): what an orchestrator's probes see.
 
 * Loading: the front end answers as soon as it listens, before the model is loaded: `/health`
   (liveness) is 200 and says `loading`, `/ready` (readiness) is 503, every route that needs
@@ -27,6 +27,9 @@ from test_server_faults import LONG, _in_background, _post, _stream_events, _wai
 
 KEY = "health-test-key"
 STALL_S = 2
+# One attention worker (every rank is a start-up of torch), with the 1024 tokens of cache that
+# the shared server's two hold.
+ONE_WORKER = {"parallel": {"attention_workers": 1}, "kv_cache": {"num_blocks": 256}}
 
 
 def _poll(probe, timeout: float = 120.0, every: float = 0.01):
@@ -75,13 +78,13 @@ def _resume(pid: int | None) -> None:
 
 
 def test_loading_is_alive_but_not_ready(tmp_path: Path, tiny_models):
-    config, port = tiny_server_config(tmp_path, tiny_models["untied"].canonical_dir,
+    config, port = tiny_server_config(tmp_path, tiny_models["untied"].canonical_dir, **ONE_WORKER,
                                       runtime={"step_timeout_s": 120}, server={"api_key": KEY})
-    server = ServerProcess(config, port, 3, tmp_path / "server.log")
+    server = ServerProcess(config, port, 2, tmp_path / "server.log")
     late = None
     try:
         _poll(lambda: _front_end_spawned(server))
-        late = server.rank_pid(2)
+        late = server.rank_pid(1)  # the attention worker
         os.kill(late, signal.SIGSTOP)  # the start-up barrier waits for it
         health = _poll(lambda: _answer(f"{server.url}/health"))
         assert health.status_code == 200, health.text
@@ -127,9 +130,9 @@ def _stalled_for(server: ServerProcess) -> int | None:
 
 
 def test_a_stalled_engine_fails_liveness_until_it_steps_again(tmp_path: Path, tiny_models):
-    config, port = tiny_server_config(tmp_path, tiny_models["untied"].canonical_dir,
+    config, port = tiny_server_config(tmp_path, tiny_models["untied"].canonical_dir, **ONE_WORKER,
                                       runtime={"step_timeout_s": 120}, server={"stall_timeout_s": STALL_S})
-    server = ServerProcess(config, port, 3, tmp_path / "server.log").wait_healthy()
+    server = ServerProcess(config, port, 2, tmp_path / "server.log").wait_healthy()
     engine = None
     try:
         engine = server.rank_pid(0)  # rank 0's main process runs the engine loop; the front end is its child

@@ -1,5 +1,5 @@
-"""What the server does under faults, on real torchrun jobs (tiny model, 1 model worker and 2
-attention workers):
+"""What the server does under faults, on real torchrun jobs (tiny model, 1 model worker and 1
+attention worker; 2 where an attention worker is the victim, so that one survives it):
 
 * queue bound reached: 503 with an OpenAI error body;
 * SIGTERM to the driver: /health and new requests 503 (draining), in-flight requests finish,
@@ -31,9 +31,14 @@ from server_proc import ServerProcess, tiny_server_config, wait_gone
 LONG = {"prompt": "w5 w6 w7", "max_tokens": 250, "ignore_eos": True}
 
 
-def _start(tmp_path, tiny_models, **sections) -> ServerProcess:
-    config, port = tiny_server_config(tmp_path, tiny_models["untied"].canonical_dir, **sections)
-    return ServerProcess(config, port, 3, tmp_path / "server.log").wait_healthy()
+def _start(tmp_path, tiny_models, attention_workers: int = 1, **sections) -> ServerProcess:
+    """A server of its own (each test here ends it); a rank fewer than the shared server's where
+    the layout is not the subject: every rank is a start-up of torch."""
+    parallel = {"attention_workers": attention_workers}
+    kv_cache = {"num_blocks": 256 // attention_workers}  # the shared server's 1024 tokens, however many hold them
+    config, port = tiny_server_config(tmp_path, tiny_models["untied"].canonical_dir, parallel=parallel,
+                                      kv_cache=kv_cache, **sections)
+    return ServerProcess(config, port, 1 + attention_workers, tmp_path / "server.log").wait_healthy()
 
 
 def _in_background(fn) -> tuple[threading.Thread, dict]:
@@ -129,7 +134,8 @@ def test_drain_deadline_fails_what_is_left_and_exits_zero(tmp_path, tiny_models)
 
 @pytest.mark.parametrize("fault", ["kill", "hang"])
 def test_attention_worker_fault_fails_requests_and_exits(tmp_path, tiny_models, fault):
-    server = _start(tmp_path, tiny_models, runtime={"step_timeout_s": 2})  # a hang is found this long after it
+    server = _start(tmp_path, tiny_models, attention_workers=2,
+                    runtime={"step_timeout_s": 2})  # a hang is found this long after it
     try:
         plain = _in_background(_post(server, LONG))
         streamed = _in_background(_stream_events(server, LONG))
