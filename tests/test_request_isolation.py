@@ -1,5 +1,5 @@
 """One request's failure is its own (issue 23), in a real server (torchrun, 1 model worker and
-2 attention workers) and a real batch job (`lamina generate`), on the tiny model:
+1 attention worker) and a real batch job (`lamina generate`), on the tiny model:
 
 * messages the checkpoint's chat template refuses (a Llama-2 style template that raises
   "Conversation roles must alternate", a jinja2 TemplateError): a 400 naming `messages` from
@@ -93,8 +93,8 @@ def _streamed_tokens(events: list[str]) -> list[int]:
 
 def test_server_fails_the_faulty_request_alone(tmp_path, job, faulty_env):
     checkpoint, expected = job
-    config, port = tiny_server_config(tmp_path, checkpoint)
-    server = ServerProcess(config, port, 3, tmp_path / "server.log").wait_healthy()
+    config, port = tiny_server_config(tmp_path, checkpoint, parallel={"attention_workers": 1})
+    server = ServerProcess(config, port, 2, tmp_path / "server.log").wait_healthy()
     try:
         url = server.url
         calls = {  # all at once, so that the faulty requests share steps with the good ones
