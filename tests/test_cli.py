@@ -82,12 +82,12 @@ def test_torchrun_serve_on_a_port_in_use_fails_before_the_model_loads(tmp_path, 
     """Under torchrun (no `lamina` check first) rank 0 binds the port before anything loads and
     hands the socket to the front end: a port in use is one error line naming the keys, exit 2,
     and no rank builds a model (it used to load, then the front end died at uvicorn's bind)."""
-    config, _ = tiny_server_config(tmp_path, tiny_models["untied"].canonical_dir)
+    config, _ = tiny_server_config(tmp_path, tiny_models["untied"].canonical_dir, parallel={"attention_workers": 1})
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        result = torchrun("launcher/serve.py", 3, "--config", str(config), "--set", f"server.port={port}",
+        result = torchrun("launcher/serve.py", 2, "--config", str(config), "--set", f"server.port={port}",
                           timeout=120)
     assert result.returncode != 0, result.stderr
     assert f"error: config: server.host:server.port = 127.0.0.1:{port}: cannot listen there" in result.stderr, \
@@ -106,17 +106,17 @@ def test_launcher_script_without_a_launcher_names_the_command(tmp_path):
 
 
 def test_lamina_serve_counts_the_ranks_and_they_die_with_it(tmp_path, tiny_models):
-    config, port = tiny_server_config(tmp_path, tiny_models["untied"].canonical_dir)
-    server = ServerProcess(config, port, 3, tmp_path / "server.log", launcher="lamina")
+    config, port = tiny_server_config(tmp_path, tiny_models["untied"].canonical_dir, parallel={"attention_workers": 1})
+    server = ServerProcess(config, port, 2, tmp_path / "server.log", launcher="lamina")
     ranks: list[int] = []
     try:
         server.wait_healthy()
         ranks = server.worker_pids()
-        assert len(ranks) == 3, ranks  # tensor_parallel 1 + attention_workers 2
+        assert len(ranks) == 2, ranks  # tensor_parallel 1 + attention_workers 1
         ranks.append(server.frontend_pid())  # rank 0's child: it goes too
         r = httpx.post(f"{server.url}/v1/completions", json={"prompt": "w5 w9", "max_tokens": 3}, timeout=60)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
-        assert "lamina: starting 3 ranks" in server.output()
+        assert "lamina: starting 2 ranks" in server.output()
         os.kill(server.proc.pid, signal.SIGKILL)  # the launcher alone: each rank is in a session of its own
         server.proc.wait(timeout=10)
         assert wait_gone(ranks, timeout=5) == [], "ranks (or the front end) outlived their launcher"
