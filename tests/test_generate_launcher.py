@@ -130,8 +130,8 @@ def _check_new_fields(model, penalized_record, scored):
 
 
 @pytest.mark.parametrize("nproc, overrides, message", [
-    (2, ["parallel.attention_workers=2"],
-     "parallel.tensor_parallel (1) + parallel.attention_workers (2) = 3 but the job has 2 ranks"),
+    (1, ["parallel.attention_workers=1"],
+     "parallel.tensor_parallel (1) + parallel.attention_workers (1) = 2 but the job has 1 ranks"),
     (3, ["parallel.tensor_parallel=3", "parallel.attention_workers=0"], "parallel.tensor_parallel = 3"),
     (1, ["scheduler.micro_batchez=2"], "unknown key 'scheduler.micro_batchez'"),
     (1, ["runtime.device=tpu"], "runtime.device = 'tpu': allowed values are cpu, cuda"),
