@@ -83,7 +83,7 @@ def test_loading_is_alive_but_not_ready(tmp_path: Path, tiny_models):
     server = ServerProcess(config, port, 2, tmp_path / "server.log")
     late = None
     try:
-        _poll(lambda: _front_end_spawned(server))
+        _poll(lambda: _front_end_spawned(server), every=0.05)  # each look reads every process's /proc entry
         late = server.rank_pid(1)  # the attention worker
         os.kill(late, signal.SIGSTOP)  # the start-up barrier waits for it
         health = _poll(lambda: _answer(f"{server.url}/health"))
