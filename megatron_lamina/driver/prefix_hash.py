@@ -33,10 +33,15 @@ def extend_block_hashes(hashes: list[bytes], tokens: Callable[[int, int], list[i
     """Append to `hashes` (the keys of a request's first len(hashes) full blocks) the key of
     every further block that `num_tokens` known tokens fill; `tokens(start, end)` reads them."""
     parent = hashes[-1] if hashes else ROOT_HASH
-    for i in range(len(hashes), num_tokens // block_size):
+    first, end = len(hashes), num_tokens // block_size
+    # The new blocks' tokens read and made bytes at once, each block a slice: a long prompt's
+    # admission is one read and one array, not one of each per block.
+    data = np.asarray(tokens(first * block_size, end * block_size), np.int64).tobytes()
+    width = 8 * block_size
+    for i in range(first, end):
         h = hashlib.sha256(parent)
         if i == 0:
             h.update(_salt_bytes(salt))
-        h.update(np.asarray(tokens(i * block_size, (i + 1) * block_size), np.int64).tobytes())
+        h.update(data[(i - first) * width:(i - first + 1) * width])
         parent = h.digest()
         hashes.append(parent)
