@@ -3,7 +3,8 @@ accounted for.
 
 torchrun, 2 ranks (1 model worker, 1 attention worker, 2 micro-batches), the tiny model, the
 first 20 requests of the Azure conversation trace with lengths clipped to the tiny model's
-256-token context, replayed twice as fast as the trace's arrival times (about 7 s). The traces live
+256-token context, replayed six times as fast as the trace's arrival times (about 2 s of arrivals,
+13 s in the trace: the server queues and batches them). The traces live
 in the project's shared folder: ../shared/traces relative to the repository root (CI copies
 shared/ beside the clone).
 """
@@ -51,7 +52,7 @@ def test_trace_slice_against_the_real_server(tmp_path, tiny_models):
         ranks = [server.rank_pid(rank) for rank in range(2)]
         code = load_tool("bench_serving").main([
             "--url", server.url, "--trace", str(AZURE_CONV), "--max-requests", "20",
-            "--max-input-len", "160", "--max-output-len", "48", "--rate-scale", "2",
+            "--max-input-len", "160", "--max-output-len", "48", "--rate-scale", "6",
             "--slo-ttft", "5", "--slo-tpot", "1", "--timeout", "120", "--out", str(out)])
         # A closed batch on the same server, no trace file: every request at once.
         closed_code = load_tool("bench_serving").main([
