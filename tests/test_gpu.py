@@ -469,18 +469,13 @@ def test_fp8_kernels_match_float32_on_dequantized_pages():
 # paged_decode's variants (bench/fp8_speed.py's sweep; test_triton_paged_variants.py on CPU),
 # several at tiles and launch settings the sweep tries.
 DECODE_VARIANTS = {
-    "full-tiles": {"full_tiles": True},
-    "table-per-block-128-w8": {"table_per_block": True, "block_n": 128, "num_warps": 8},
+    "default": {},
     "q-dots": {"fp8_dots": "q"},  # (float16 dots are the default)
-    "all-256-w8-s2": {"full_tiles": True, "fp8_dots": "fp16", "table_per_block": True, "block_n": 256,
-                      "num_warps": 8, "num_stages": 2},
-    "all-64-s5": {"full_tiles": True, "fp8_dots": "fp16", "table_per_block": True, "block_n": 64, "num_stages": 5},
-    "64-query-rows": {"full_tiles": True, "fp8_dots": "fp16", "query_rows": 64},
-    # (two stages: three of a bf16 tile of 256 keys by 64 rows exceed an SM's shared memory)
-    "64-query-rows-256-w8-s2": {"query_rows": 64, "block_n": 256, "num_warps": 8, "num_stages": 2},
-    "keys-as-rows": {"full_tiles": True, "fp8_dots": "fp16", "keys_as_rows": True},
-    "keys-as-rows-256-w8-s4": {"keys_as_rows": True, "table_per_block": True, "block_n": 256, "num_warps": 8,
-                               "num_stages": 4},
+    "128-w8": {"block_n": 128, "num_warps": 8},
+    "fp16-dots-256-w8-s2": {"fp8_dots": "fp16", "block_n": 256, "num_warps": 8, "num_stages": 2},
+    "fp16-dots-64-s5": {"fp8_dots": "fp16", "block_n": 64, "num_stages": 5},
+    "s6": {"num_stages": 6},  # (at each cache's default tile: six of a bf16 tile of 128 would not fit)
+    "waves-8": {"waves": 8.0},
 }
 
 

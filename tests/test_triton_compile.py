@@ -74,7 +74,7 @@ def _compile_here(kernel_name: str, constants: dict, kv: str, data: str, options
     print("compiled")
 
 
-DECODE_DEFAULT = {"FULL_TILES": False, "F16_DOTS": False, "TABLE_PER_BLOCK": False, "KEYS_AS_ROWS": False}
+DECODE_DEFAULT = {"F16_DOTS": False}
 
 
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
@@ -85,23 +85,17 @@ def test_decode_kernel_compiles_for_hopper(fp8, block_n):
               "PRECISION": "tf32", "FP8": fp8, **DECODE_DEFAULT}, kv="*fp8e4nv" if fp8 else "*bf16")
 
 
-# The decode kernel's variants (paged_decode's full_tiles, fp8_dots, table_per_block, query_rows,
-# keys_as_rows) as
+# The decode kernel's variants (paged_decode's fp8_dots and launch settings) as
 # bench/fp8_speed.py's sweep launches them: tiles of 64 to 256 keys over blocks of 16, 4 and
-# 8 warps, 2 to 5 stages.
+# 8 warps, 2 to 7 stages (each cache's defaults: bf16 64 keys, 3 stages; e4m3 float16 dots,
+# 128 keys, 5 stages).
 DECODE_VARIANTS = {
-    "bf16-full-64": (False, {"FULL_TILES": True}, 64, {}),
-    "bf16-full-table-128-w8-s4": (False, {"FULL_TILES": True, "TABLE_PER_BLOCK": True}, 128,
-                                  {"num_warps": 8, "num_stages": 4}),
-    "fp8-f16-128": (True, {"F16_DOTS": True}, 128, {}),
-    "fp8-full-f16-128-s5": (True, {"FULL_TILES": True, "F16_DOTS": True}, 128, {"num_stages": 5}),
-    "fp8-full-f16-table-256-w8-s2": (True, {"FULL_TILES": True, "F16_DOTS": True, "TABLE_PER_BLOCK": True}, 256,
-                                     {"num_warps": 8, "num_stages": 2}),
-    "fp8-full-table-64": (True, {"FULL_TILES": True, "TABLE_PER_BLOCK": True}, 64, {}),
-    "fp8-full-f16-rows64-128": (True, {"FULL_TILES": True, "F16_DOTS": True, "BLOCK_G": 64}, 128, {}),
-    "bf16-full-rows64-256-w8": (False, {"FULL_TILES": True, "BLOCK_G": 64}, 256, {"num_warps": 8}),
-    "fp8-full-f16-keys-as-rows-128": (True, {"FULL_TILES": True, "F16_DOTS": True, "KEYS_AS_ROWS": True}, 128, {}),
-    "bf16-keys-as-rows-64-w8-s4": (False, {"KEYS_AS_ROWS": True}, 64, {"num_warps": 8, "num_stages": 4}),
+    "bf16-64-s3": (False, {}, 64, {"num_stages": 3}),
+    "bf16-128-w8-s4": (False, {}, 128, {"num_warps": 8, "num_stages": 4}),
+    "fp8-f16-128-s5": (True, {"F16_DOTS": True}, 128, {"num_stages": 5}),
+    "fp8-f16-128-s7": (True, {"F16_DOTS": True}, 128, {"num_stages": 7}),
+    "fp8-f16-256-w8-s2": (True, {"F16_DOTS": True}, 256, {"num_warps": 8, "num_stages": 2}),
+    "fp8-q-dots-64": (True, {}, 64, {}),
 }
 
 

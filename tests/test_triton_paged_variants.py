@@ -1,8 +1,9 @@
-"""Every variant of the Triton paged decode kernel (attention/triton_paged.py's `full_tiles`,
-`fp8_dots`, `table_per_block`, `query_rows`, `keys_as_rows`, the tile sizes) equals attention/reference.py on the same
+"""Every variant of the Triton paged decode kernel (attention/triton_paged.py's `fp8_dots`,
+"q" and "fp16", the tile sizes, the split counts) equals attention/reference.py on the same
 cache, on CPU through Triton's interpreter: float32, float16 and e4m3 caches (scales per KV
 head unlike 1), GQA groups, block sizes 4, 16 and 32 under and over the tile, contexts that
-are not a multiple of the tile, one split or several.
+are not a multiple of the tile, one split or several. (Warps and stages change only the
+compiled code, which the interpreter does not run: test_triton_compile.py compiles them.)
 
 Every cache slot a request must not read (past its context in its last block, and the
 block its table is padded with) holds NaN: a variant that reads a key it should not, or
@@ -93,17 +94,8 @@ def check_variant(lens, block_size, kv_heads, group, kv, q_dtype, tol, seed=0, q
         assert err < tol, (i, lens[i], err)
 
 
-VARIANTS = {
-    "default": {},
-    "full-tiles": {"full_tiles": True},
-    "table-per-block": {"table_per_block": True},
-    "full-tiles+table-per-block": {"full_tiles": True, "table_per_block": True},
-    "64-query-rows": {"query_rows": 64},
-    "keys-as-rows": {"keys_as_rows": True},
-    "all": {"full_tiles": True, "table_per_block": True, "query_rows": 32, "keys_as_rows": True},
-}
 # (context lengths, block size, kv heads, group, BLOCK_N, splits): block sizes under the tile
-# (a tile spans blocks: per-token or per-block table reads) and over it (one entry), GQA
+# (a tile spans blocks: an entry per token) and over it (one entry), GQA
 # groups of 1, 3 and 4, contexts a tile and not, a context of one key, splits some of which
 # hold only a partial tile or nothing.
 CASES = {
@@ -122,25 +114,30 @@ KV_TYPES = {"float32": ("float32", torch.float32, 1e-5, {}), "float16": ("float1
 
 
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("kv_type", KV_TYPES)
-def test_decode_variant_matches_the_reference(kv_type, variant, case):
+def test_decode_variant_matches_the_reference(kv_type, case):
     lens, block_size, kv_heads, group, block_n, splits = CASES[case]
     kv, q_dtype, tol, settings = KV_TYPES[kv_type]
     check_variant(lens, block_size, kv_heads, group, kv, q_dtype, tol, seed=block_size + block_n,
-                  block_n=block_n, num_splits=splits, **settings, **VARIANTS[variant])
+                  block_n=block_n, num_splits=splits, **settings)
 
 
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("full_tiles", [False, True], ids=["masked", "full-tiles"])
 @pytest.mark.parametrize("q_dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_fp16_dots_over_e4m3_match_the_reference(q_dtype, full_tiles, case):
+def test_fp16_dots_over_e4m3_match_the_reference(q_dtype, case):
     """`fp8_dots="fp16"`: q cast to float16 once, e4m3 tiles converted to float16, for q of
     every type the engine passes."""
     lens, block_size, kv_heads, group, block_n, splits = CASES[case]
     check_variant(lens, block_size, kv_heads, group, "e4m3", q_dtype, 5e-3, seed=block_size + block_n,
-                  block_n=block_n, num_splits=splits, fp8_dots="fp16", full_tiles=full_tiles,
-                  table_per_block=full_tiles, query_rows=64 if full_tiles else None, keys_as_rows=not full_tiles)
+                  block_n=block_n, num_splits=splits, fp8_dots="fp16")
+
+
+def test_waves_split_the_context_as_the_sweep_does():
+    """Without `num_splits`, `waves` sets the split count (bench/fp8_speed.py's "splits" axis):
+    here five splits of a tile each, the last two contexts' tails in partial tiles."""
+    triton_paged = _kernels("triton_paged")
+    assert triton_paged.split_count(2, 2, 70, 16, 8.0, torch.device(DEVICE)) == 5
+    check_variant([40, 70], 16, 2, 4, "e4m3", torch.float32, 1e-5, block_n=16, waves=8.0, fp8_dots="q")
 
 
 @pytest.mark.parametrize("q_range", [1e5, 1e20])
@@ -152,9 +149,7 @@ def test_fp16_dots_keep_q_past_the_float16_range(q_range):
                   num_splits=2, fp8_dots="fp16")
 
 
-@pytest.mark.parametrize("setting, message", [({"fp8_dots": "bf16"}, "fp8_dots='bf16'; allowed: q, fp16"),
-                                              ({"query_rows": 8}, "query_rows=8; allowed: a power of two >= 16"),
-                                              ({"query_rows": 48}, "query_rows=48; allowed: a power of two >= 16")])
+@pytest.mark.parametrize("setting, message", [({"fp8_dots": "bf16"}, "fp8_dots='bf16'; allowed: q, fp16")])
 def test_a_variant_setting_names_its_choices(setting, message):
     paged_decode = _kernels("triton_paged").paged_decode
     cache, tables, _ = decode_case([5], 16, 1, 1, "e4m3", 0)

@@ -16,9 +16,10 @@ An FP8 cache (kv_cache.py: e4m3 with a float32 scale per KV head) is read as e4m
 bytes, and dequantized in registers: a tile converts to float16 exactly (e4m3's 3 mantissa
 bits and its exponents fit) and the dots run in float16, and the program's one KV head has one
 scale for K and one for V, which multiply the scores and the output once instead of every
-element. `paged_decode`'s variant settings (full tiles unmasked, the dots' type for e4m3,
-table entries per block, 64 query rows, transposed dots) are the same attention, read
-differently; bench/fp8_speed.py's sweep measures them, and the defaults are its best rows.
+element. `paged_decode`'s settings (the dots' type for e4m3, the tile, warps, stages and
+splits) are the same attention, run differently; bench/fp8_speed.py's sweep measures them,
+and the defaults are its best rows. (Full tiles unmasked, 64 query rows, keys as the dots'
+rows and block-table entries per block were measured slower and removed: docs/BENCHMARKS.md.)
 
 No Triton on the machine (CPU, CI): importing this module still works; `paged_decode`
 is only called on CUDA tensors.
@@ -74,7 +75,7 @@ if triton is not None:
         stride_ob, stride_os, stride_oh, qk_scale,
         GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, PRECISION: tl.constexpr, FP8: tl.constexpr,
-        FULL_TILES: tl.constexpr, F16_DOTS: tl.constexpr, TABLE_PER_BLOCK: tl.constexpr, KEYS_AS_ROWS: tl.constexpr,
+        F16_DOTS: tl.constexpr,
     ):
         b, h, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         v_scale = 1.0
@@ -99,17 +100,9 @@ if triton is not None:
         end = tl.minimum(length, start + per_split)
         q_pos = tl.zeros([BLOCK_G], tl.int32) + (length - 1)  # the query's position: every key < length
         table_row_ptr = table_ptr + b * stride_tb
-        masked_from = start
-        if FULL_TILES:  # whole tiles of the split (all keys < length, seen) unmasked; the tail masked
-            masked_from = tl.maximum(start, end // BLOCK_N * BLOCK_N)
-            acc, m_i, l_i = attend_tiles(acc, m_i, l_i, q, q_pos, k_ptr, v_ptr, table_row_ptr, h * stride_kh,
-                                         stride_kblk, stride_ktok, start, masked_from, end, qk_scale,
-                                         False, HEAD_DIM, BLOCK_N, BLOCK_SIZE, PRECISION, FP8, TABLE_PER_BLOCK,
-                                         KEYS_AS_ROWS)
         acc, m_i, l_i = attend_tiles(acc, m_i, l_i, q, q_pos, k_ptr, v_ptr, table_row_ptr, h * stride_kh,
-                                     stride_kblk, stride_ktok, masked_from, end, end, qk_scale,
-                                     True, HEAD_DIM, BLOCK_N, BLOCK_SIZE, PRECISION, FP8, TABLE_PER_BLOCK,
-                                     KEYS_AS_ROWS)
+                                     stride_kblk, stride_ktok, start, end, end, qk_scale,
+                                     True, HEAD_DIM, BLOCK_N, BLOCK_SIZE, PRECISION, FP8)
         out = o_ptr + b * stride_ob + split * stride_os + (h * GROUP + offs_g)[:, None] * stride_oh + offs_d[None, :]
         tl.store(out, acc * (v_scale / tl.where(l_i > 0, l_i, 1.0))[:, None], mask=g_mask[:, None])
         stats = (b * tl.num_programs(2) + split) * tl.num_programs(1) * GROUP + h * GROUP + offs_g
@@ -173,8 +166,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  num_splits: int | None = None, num_warps: int = 4, num_stages: int | None = None,
                  waves: float = 2.0, max_context: int | None = None, return_lse: bool = False,
                  k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
-                 full_tiles: bool = False, fp8_dots: str | None = None, table_per_block: bool = False,
-                 query_rows: int | None = None, keys_as_rows: bool = False):
+                 fp8_dots: str | None = None):
     """q [batch, heads, d]; caches [blocks, kv_heads, block_size, d]; block_tables [batch,
     max_blocks] int32; context_lens [batch] int32 (keys 0..len-1 are attended) -> o like q.
     Without `num_splits`, contexts are split so that there are about `waves` programs per
@@ -186,31 +178,17 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     statistics the splits are merged with); a context of 0 keys gives o = 0 and lse = -inf.
     An e4m3 cache takes its scales, `k_scale` and `v_scale` [kv_heads] float32 (a stored x
     means x * scale).
-    Variants, the same attention (bench/fp8_speed.py times them): `full_tiles` runs a split's
-    whole tiles unmasked and only its last, partial tile masked (else every tile is masked);
-    `fp8_dots` "fp16" runs an e4m3 cache's dots in float16 (q cast once per program, see
-    `f16_queries`), "q" in q's dtype (a bf16 cache ignores it; the default is `default_dots`);
-    `num_stages` defaults to `default_stages`; `table_per_block`
-    reads a tile's block-table entries once per block, not per token (attend_tiles'
-    `tile_rows`; only where blocks are smaller than a tile); `query_rows`, the rows of the
-    dots (the group's queries padded; default 16, the least `tl.dot` takes): 64 is a Hopper
-    wgmma's tile, which reads its B operand from shared memory, so that an e4m3 V tile is
-    converted before it is stored there instead of read back a byte at a time for the
-    transposed mma.sync operand, at four times the dots' (idle) tensor-core work;
-    `keys_as_rows` computes both dots transposed (attend_tiles' KEYS_AS_ROWS: the tile's keys
-    and the head dimension as the rows, a wgmma tile without padding the queries)."""
+    Settings, the same attention (bench/fp8_speed.py times them): `fp8_dots` "fp16" runs an
+    e4m3 cache's dots in float16 (q cast once per program, see `f16_queries`), "q" in q's
+    dtype (a bf16 cache ignores it; the default is `default_dots`); `num_stages` defaults to
+    `default_stages`. The dots' rows are the group's queries, padded to a power of two of
+    at least 16 (the least `tl.dot` takes)."""
     fp8_dots = default_dots(q.dtype) if fp8_dots is None else fp8_dots
     if fp8_dots not in FP8_DOTS:
         raise ValueError(f"paged_decode: fp8_dots={fp8_dots!r}; allowed: {', '.join(FP8_DOTS)}")
     batch, heads, head_dim = q.shape
     _, kv_heads, block_size, _ = k_cache.shape
     group = heads // kv_heads
-    least_rows = max(16, triton.next_power_of_2(group))
-    if query_rows is None:
-        query_rows = least_rows
-    elif query_rows < least_rows or query_rows & (query_rows - 1):
-        raise ValueError(f"paged_decode: query_rows={query_rows}; allowed: a power of two >= {least_rows} "
-                         f"(16 and the group of {group} query heads)")
     fp8 = k_cache.dtype == torch.float8_e4m3fn
     block_n = default_block_n(fp8) if block_n is None else block_n
     max_len = max_context if max_context is not None else (int(context_lens.max()) if batch else 0)
@@ -228,11 +206,10 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), part.stride(0), part.stride(1), part.stride(2),
         LOG2E / math.sqrt(head_dim),
-        GROUP=group, BLOCK_G=query_rows, HEAD_DIM=head_dim,
+        GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_N=block_n, BLOCK_SIZE=block_size,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FP8=fp8,
-        FULL_TILES=full_tiles, F16_DOTS=fp8 and fp8_dots == "fp16", TABLE_PER_BLOCK=table_per_block,
-        KEYS_AS_ROWS=keys_as_rows,
+        F16_DOTS=fp8 and fp8_dots == "fp16",
         num_warps=num_warps, num_stages=num_stages if num_stages is not None else default_stages(fp8, block_n),
     )
     if num_splits == 1:

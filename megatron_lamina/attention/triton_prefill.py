@@ -88,10 +88,10 @@ if triton is not None:
         full = (pos0 + m_start + 1) // BLOCK_N * BLOCK_N
         acc, m_i, l_i = attend_tiles(acc, m_i, l_i, q, q_pos, k_ptr, v_ptr, table_row_ptr, kv_head_off,
                                      stride_kblk, stride_ktok, 0, full, end, qk_scale,
-                                     False, HEAD_DIM, BLOCK_N, BLOCK_SIZE, PRECISION, FP8, False, False)
+                                     False, HEAD_DIM, BLOCK_N, BLOCK_SIZE, PRECISION, FP8)
         acc, m_i, l_i = attend_tiles(acc, m_i, l_i, q, q_pos, k_ptr, v_ptr, table_row_ptr, kv_head_off,
                                      stride_kblk, stride_ktok, full, end, end, qk_scale,
-                                     True, HEAD_DIM, BLOCK_N, BLOCK_SIZE, PRECISION, FP8, False, False)
+                                     True, HEAD_DIM, BLOCK_N, BLOCK_SIZE, PRECISION, FP8)
         out = o_ptr + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :]
         tl.store(out, (acc * (v_scale / l_i)[:, None]).to(o_ptr.dtype.element_ty), mask=m_mask[:, None])
 

@@ -2,8 +2,8 @@
 (triton_paged.py, one query per request) and prefill (triton_prefill.py, a chunk's queries).
 
 `attend_tiles` gathers each K/V tile through a request's block-table row (`tile_rows`: one
-table entry per tile when the tile lies inside one block, else one per token or per block, so
-any block size works and a tile may span blocks), dequantizes an FP8 tile in registers, and folds it into the running
+table entry per tile when the tile lies inside one block, else one per token, so any block
+size works and a tile may span blocks), dequantizes an FP8 tile in registers, and folds it into the running
 max, sum and output (flash attention's update, in float32). Scores are kept in base 2: the
 caller's score scale includes log2(e) (`LOG2E`), so that exp2, the native instruction, does
 the exponentials; the running max is in base 2 too (times `LN2` it is natural again). Written
@@ -33,27 +33,15 @@ if triton is not None:
 
     @triton.jit
     def tile_rows(table_row_ptr, tile, end, stride_kblk, stride_ktok, MASKED: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, TABLE_PER_BLOCK: tl.constexpr):
+                  BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr):
         """[BLOCK_N] cache offsets (KV head excluded) of the keys at positions tile .. tile +
         BLOCK_N - 1 (`tile` a multiple of BLOCK_N), read through a request's block-table row;
         MASKED: entries of keys at `end` or later are not read (offset 0). A tile inside one
-        block reads one entry. A tile spanning blocks reads an entry per token, or, with
-        TABLE_PER_BLOCK (where the block size divides BLOCK_N), one per block, laid out as a
-        [blocks, BLOCK_SIZE] grid and flattened: fewer loads and address computations for a
-        tile of many small blocks, at the cost of a reshape."""
+        block reads one entry; a tile spanning blocks reads an entry per token."""
         k_pos = tile + tl.arange(0, BLOCK_N)
         if BLOCK_SIZE % BLOCK_N == 0:  # the tile lies inside one block
             block = tl.load(table_row_ptr + tile // BLOCK_SIZE).to(tl.int64)
             rows = block * stride_kblk + (k_pos % BLOCK_SIZE) * stride_ktok
-        elif TABLE_PER_BLOCK and BLOCK_N % BLOCK_SIZE == 0:
-            offs_b = tl.arange(0, BLOCK_N // BLOCK_SIZE)
-            if MASKED:
-                blocks = tl.load(table_row_ptr + tile // BLOCK_SIZE + offs_b, mask=tile + offs_b * BLOCK_SIZE < end,
-                                 other=0)
-            else:
-                blocks = tl.load(table_row_ptr + tile // BLOCK_SIZE + offs_b)
-            grid = blocks.to(tl.int64)[:, None] * stride_kblk + tl.arange(0, BLOCK_SIZE)[None, :] * stride_ktok
-            rows = tl.reshape(grid, [BLOCK_N])
         else:
             if MASKED:
                 block = tl.load(table_row_ptr + k_pos // BLOCK_SIZE, mask=k_pos < end, other=0)
@@ -66,8 +54,7 @@ if triton is not None:
     def attend_tiles(acc, m_i, l_i, q, q_pos, k_ptr, v_ptr, table_row_ptr, kv_head_off,
                      stride_kblk, stride_ktok, lo, hi, end, qk_scale,
                      MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_SIZE: tl.constexpr, PRECISION: tl.constexpr, FP8: tl.constexpr,
-                     TABLE_PER_BLOCK: tl.constexpr, KEYS_AS_ROWS: tl.constexpr):
+                     BLOCK_SIZE: tl.constexpr, PRECISION: tl.constexpr, FP8: tl.constexpr):
         """Online softmax of the rows of `q` over the key tiles lo, lo + BLOCK_N, ... < hi (lo
         a multiple of BLOCK_N); returns the updated (acc, m_i, l_i). `qk_scale` includes
         log2(e) (and an FP8 cache's K scale). MASKED: a row at position `q_pos` sees keys at
@@ -75,18 +62,14 @@ if triton is not None:
         q_pos at its start), so no row's max is -inf (no NaN from -inf - -inf). Not MASKED:
         every key of every tile is visible (the caller guarantees it), and the loads are
         unmasked, so they vectorize fully. An FP8 tile converts to q's dtype: the caller picks
-        the dots' type by the q it passes. TABLE_PER_BLOCK: `tile_rows`. KEYS_AS_ROWS: both
-        dots computed transposed (K @ q^T, then V^T @ p^T onto acc^T), so that the tile's keys
-        or the head dimension are the dots' rows: with few queries (decode's group of 4) that
-        is a tile Hopper's wgmma takes (64 rows or more) where q's 16 padded rows are not; the
-        online softmax itself is the same, on the scores transposed back."""
+        the dots' type by the q it passes."""
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM)
         for tile in range(lo, hi, BLOCK_N):
             k_pos = tile + offs_n
             valid = k_pos < end
-            row = tile_rows(table_row_ptr, tile, end, stride_kblk, stride_ktok, MASKED, BLOCK_N, BLOCK_SIZE,
-                            TABLE_PER_BLOCK) + kv_head_off
+            row = tile_rows(table_row_ptr, tile, end, stride_kblk, stride_ktok, MASKED, BLOCK_N,
+                            BLOCK_SIZE) + kv_head_off
             if MASKED:
                 k = tl.load(k_ptr + row[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
                 v = tl.load(v_ptr + row[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
@@ -95,20 +78,13 @@ if triton is not None:
                 v = tl.load(v_ptr + row[:, None] + offs_d[None, :])
             if FP8:
                 k, v = k.to(q.dtype), v.to(q.dtype)
-            if KEYS_AS_ROWS:
-                s = tl.trans(tl.dot(k, tl.trans(q), input_precision=PRECISION)) * qk_scale
-            else:
-                s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
             if MASKED:
                 s = tl.where((k_pos[None, :] <= q_pos[:, None]) & valid[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            if KEYS_AS_ROWS:
-                acc = tl.trans(tl.dot(tl.trans(v), tl.trans(p.to(v.dtype)), tl.trans(acc * alpha[:, None]),
-                                      input_precision=PRECISION))
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
         return acc, m_i, l_i

@@ -5,9 +5,9 @@ at LLaMA-3-8B's shape and at LLaMA-3-70B's on one card (FP8 weights and KV: 70 G
 `kernel_rows` times `paged_decode` replayed from a CUDA graph at LLaMA-3-8B's attention shape
 (32 query / 8 KV heads of 128) and reports each as a fraction of the measured copy bandwidth,
 counting the bytes the kernel must read (K and V once, at their stored width, plus q and o):
-on each cache, its default and then a coordinate search over the kernel's variants (full
-tiles unmasked, float16 dots for e4m3, block-table entries per block) and launch settings
-(tile, warps, stages, splits), so that one device call finds each cache's best.
+on each cache, its default and then a coordinate search over the dots' type for e4m3 and
+the launch settings (tile, warps, stages, splits), so that one device call finds each
+cache's best.
 `decode_rows` times the whole colocated decode step from the engine's decode graphs on random
 weights and a random cache (bench/decode_step.py) for each mode, against its roofline: the
 weights and KV bytes read once over the copy bandwidth, or the FLOPs over the bf16 GEMM rate
@@ -39,21 +39,16 @@ MODES = [("bf16", False, None), ("FP8 KV", False, FP8), ("FP8 weights", True, No
          ("FP8 weights + KV", True, FP8)]
 
 
-# The decode kernel's sweep (issue 26): paged_decode's variants and launch settings, searched
+# The decode kernel's sweep (issue 26): paged_decode's dots and launch settings, searched
 # one axis at a time from each cache's default (bench/coordinate_search.py). "dots" only
-# changes an e4m3 cache's kernel; "rows" makes the dots Hopper wgmma tiles (queries padded
-# to 64 rows, or the dots transposed);
-# "splits" is `waves`, kept where it changes the split count.
+# changes an e4m3 cache's kernel; "splits" is `waves`, kept where it changes the split count.
 KERNEL_AXES = [
-    ("loop", [{"full_tiles": True}]),
     ("dots", [{"fp8_dots": "q"}, {"fp8_dots": "fp16"}]),
-    ("rows", [{"query_rows": 64, "keys_as_rows": False}, {"query_rows": None, "keys_as_rows": True}]),
-    ("table", [{"table_per_block": True}]),
     ("tile", [{"block_n": n, "num_warps": w} for n, w in ((64, 4), (64, 8), (128, 4), (128, 8), (256, 4), (256, 8))]),
     ("stages", [{"num_stages": s} for s in (2, 3, 4, 5, 6, 7)]),  # 6-7: e4m3 tiles of 128 keys still fit
     ("splits", [{"waves": w} for w in (1.0, 2.0, 4.0, 8.0)]),
 ]
-VARIANT_FLAGS = ("full_tiles", "fp8_dots", "table_per_block", "query_rows", "keys_as_rows")
+VARIANT_FLAGS = ("fp8_dots",)
 
 
 def kernel_default(fp8: bool) -> dict:
@@ -65,11 +60,8 @@ def kernel_default(fp8: bool) -> dict:
 
 
 def variant_label(config: dict, fp8: bool) -> str:
-    flags = [name for name, on in (("full tiles", config["full_tiles"]), ("fp16 dots", fp8 and config["fp8_dots"] == "fp16"),
-                                   ("table per block", config["table_per_block"]),
-                                   (f"{config['query_rows']} query rows", config["query_rows"]),
-                                   ("keys as rows", config["keys_as_rows"])) if on]
-    return " + ".join(flags) or "masked tiles"
+    """The dots' type of a sweep row (its q is bf16; a bf16 cache ignores `fp8_dots`)."""
+    return "fp16 dots" if fp8 and config["fp8_dots"] == "fp16" else "bf16 dots"
 
 
 def kernel_rows(batch: int, context: int, copy_bw: float, block_size: int = 16, axes=KERNEL_AXES,
