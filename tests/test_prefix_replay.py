@@ -123,7 +123,7 @@ def test_the_benchmark_on_the_cpu(tmp_path, tiny_models):
     main(["--out-dir", str(tmp_path), "--work-dir", str(tmp_path), "--device", "cpu", "--checkpoint", str(tiny_models["untied"].canonical_dir),
           "--config", str(ROOT / "configs" / "colocated-cpu.yaml"), "--set", "kv_cache.block_size=4",
           "--set", "kv_cache.num_blocks=256", "--traces", "conversation", "--skip", "3", "--warmup", "3",
-          "--requests", "4", "--rate", "2", "--max-input-len", "40", "--max-output-len", "3", "--token-ids", "3", "250",
+          "--requests", "4", "--rate", "8", "--max-input-len", "40", "--max-output-len", "3", "--token-ids", "3", "250",
           "--modes", "off,host", "--host-cache-gib", "0.001"])
     results = json.loads((tmp_path / "prefix_cache.json").read_text())
     off, on = results["conversation/off"], results["conversation/host"]
