@@ -13,6 +13,7 @@ against the same reference.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -140,7 +141,7 @@ def _fp8_measure(served: dict, reference: dict) -> dict:
 def test_lm_eval_through_the_server_in_the_fp8_modes(smollm2, hf_results, offline_lm_eval, tmp_path):
     """One colocated one-rank server per FP8 mode (lm-eval's same requests), against
     transformers on the unquantized weights. The three start at once, beside the reference's
-    evaluation where no test before asked for it."""
+    evaluation where no test before asked for it, and are evaluated at once."""
     _, canonical = smollm2
     servers = {}
     try:
@@ -149,8 +150,12 @@ def test_lm_eval_through_the_server_in_the_fp8_modes(smollm2, hf_results, offlin
                                               scheduler={"micro_batches": 1}, server={"api_key": API_KEY}, **sections)
             servers[mode] = ServerProcess(config, port, 1, tmp_path / f"server-{port}.log")
         reference = hf_results()  # while they start
-        measured = {mode: _fp8_measure(_served(server.wait_healthy(), canonical), reference)
-                    for mode, server in servers.items()}
+        # Each server has one client, as before; the three evaluations run at once, since each
+        # one-rank server computes on one core and lm-eval's client waits on it.
+        with ThreadPoolExecutor(len(servers)) as pool:
+            served = dict(zip(servers, pool.map(lambda server: _served(server.wait_healthy(), canonical),
+                                                servers.values())))
+        measured = {mode: _fp8_measure(served[mode], reference) for mode in servers}
     finally:
         for server in servers.values():
             server.stop()
