@@ -27,7 +27,7 @@ os.environ.setdefault("USE_HUB_KERNELS", "0")
 ROOT = Path(__file__).resolve().parents[1]
 
 from megatron_lamina.requests.sampling_params import SamplingParams  # noqa: E402
-from tiny_models import reference_generate, save_tiny_llama  # noqa: E402
+from tiny_models import one_thread, reference_generate, save_tiny_llama  # noqa: E402
 
 from megatron_lamina.checkpoint.default_model import smollm2_gguf_path  # noqa: E402
 
@@ -88,12 +88,10 @@ def smollm2(tmp_path_factory):
             stderr=subprocess.STDOUT,
             env=dict(os.environ, OMP_NUM_THREADS="1"),
         )
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
         try:
-            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+            with one_thread():
+                model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         finally:
-            torch.set_num_threads(threads)
             conversion.wait(timeout=300)
     assert conversion.returncode == 0, log.read_text()[-2000:]
     return model.eval(), out

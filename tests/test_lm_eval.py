@@ -13,10 +13,10 @@ against the same reference.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from at_once import at_once
 from server_proc import ServerProcess, tiny_server_config
 
 TASKS = Path(__file__).resolve().parent / "lm_eval_tasks"
@@ -152,9 +152,8 @@ def test_lm_eval_through_the_server_in_the_fp8_modes(smollm2, hf_results, offlin
         reference = hf_results()  # while they start
         # Each server has one client, as before; the three evaluations run at once, since each
         # one-rank server computes on one core and lm-eval's client waits on it.
-        with ThreadPoolExecutor(len(servers)) as pool:
-            served = dict(zip(servers, pool.map(lambda server: _served(server.wait_healthy(), canonical),
-                                                servers.values())))
+        served = dict(zip(servers, at_once(*(lambda server=server: _served(server.wait_healthy(), canonical)
+                                             for server in servers.values()))))
         measured = {mode: _fp8_measure(served[mode], reference) for mode in servers}
     finally:
         for server in servers.values():
