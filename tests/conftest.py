@@ -127,6 +127,29 @@ def frameworks(tmp_path_factory, tiny_models):
     return FrameworkCheckpoints(tmp_path_factory.mktemp("frameworks"), tiny_models)
 
 
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto` (pyproject's addopts): a worker per core, at most 4. Two on CI's 2 cores: about
+    a third of a test's time is spent waiting (a server starting, a timeout running out), which
+    the other worker's test fills; more than 4 would hold that many servers' ranks in memory."""
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadgroup` with whole files as the unit: a test file runs on one worker (its
+    module-scoped server starts once), and files marked `pytest.mark.xdist_group(name)` run on
+    the same worker as each other, since they share a costly session fixture (`smollm2`,
+    `frameworks`, `tiny_server`) that each worker would otherwise build again."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadGroupScheduling
+
+    class FilesAndGroups(LoadGroupScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return nodeid.rsplit("@", 1)[-1] if "@" in nodeid else nodeid.split("::", 1)[0]
+
+    return FilesAndGroups(config, log)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """A failed test shows the end of the log of every server it started or used (a module's

@@ -20,6 +20,8 @@ from safetensors.torch import load_file
 
 from megatron_lamina.architecture import read_architecture
 
+pytestmark = pytest.mark.xdist_group("frameworks")  # the `frameworks` session fixture: built once, on one worker (conftest)
+
 DEEPSPEED = ["zero1", "zero2", "zero3", "megatron_deepspeed"]
 
 

@@ -23,6 +23,8 @@ from safetensors.torch import load_file
 
 from megatron_lamina.architecture import read_architecture
 
+pytestmark = pytest.mark.xdist_group("frameworks")  # the `frameworks` session fixture: built once, on one worker (conftest)
+
 MEGATRON = ["torch_dist", "torch_dist_per_layer", "legacy_tp2", "legacy_tp2_pp2", "mcore_no_args",
             "torch_dist_wrapped"]
 SERVED = ["torch_dist", "legacy_tp2", "legacy_tp2_pp2"]

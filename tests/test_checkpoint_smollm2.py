@@ -4,13 +4,15 @@ with transformers' own GGUF loading of the same file (the independent reference;
 
 from __future__ import annotations
 
-
+import pytest
 import torch
 from safetensors import safe_open
 
 from megatron_lamina.architecture import read_architecture
 from megatron_lamina.checkpoint.loader import CheckpointShardLoader
 from megatron_lamina.checkpoint.layout import split_qkv
+
+pytestmark = pytest.mark.xdist_group("smollm2")  # the `smollm2` session fixture: built once, on one worker (conftest)
 
 # canonical name (layer part after decoder.layers.{i}.) -> transformers name(s)
 LAYER_NAMES = {

@@ -4,10 +4,13 @@ exactly the greedy tokens of `transformers` loading the same GGUF file."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from spawn_ranks import run_ranks
 
 from megatron_lamina.requests.sampling_params import SamplingParams
+
+pytestmark = pytest.mark.xdist_group("smollm2")  # the `smollm2` session fixture: built once, on one worker (conftest)
 
 CHATS = [
     [{"role": "user", "content": "What is the capital of France?"}],

@@ -1,7 +1,7 @@
 """Incremental detokenization (requests/tokenizer.py) against decoding the whole output at once.
 
-On the default model's tokenizer (SmolLM2's byte-level BPE, converted from the GGUF the
-project ships) and on the tests' word-level one: random token streams (byte tokens that split
+On the default model's tokenizer (SmolLM2's byte-level BPE, in tools/setup.sh's conversion of
+the GGUF the project ships) and on the tests' word-level one: random token streams (byte tokens that split
 multi-byte characters, special tokens, anything of the vocabulary), and the tokens of text
 full of multi-byte characters. The pieces `push` returns, plus `flush` at the end, must be
 exactly `TextCodec.decode` of all tokens, and no piece may end inside a character. The
@@ -13,6 +13,7 @@ from __future__ import annotations
 import random
 
 import pytest
+from server_proc import ROOT
 
 from megatron_lamina.requests.tokenizer import TextCodec, find_stop
 
@@ -31,8 +32,9 @@ def _check(codec: TextCodec, ids: list[int], python_fallback: bool = False) -> N
 
 
 @pytest.fixture(scope="module")
-def smollm2_codec(smollm2) -> TextCodec:
-    _, checkpoint = smollm2
+def smollm2_codec() -> TextCodec:
+    checkpoint = ROOT / "checkpoints" / "smollm2-135m-instruct"
+    assert checkpoint.is_dir(), "run tools/setup.sh first: it converts the default model"
     return TextCodec(checkpoint)
 
 

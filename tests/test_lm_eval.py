@@ -19,6 +19,8 @@ import pytest
 from at_once import at_once
 from server_proc import ServerProcess, tiny_server_config
 
+pytestmark = pytest.mark.xdist_group("smollm2")  # the `smollm2` session fixture: built once, on one worker (conftest)
+
 TASKS = Path(__file__).resolve().parent / "lm_eval_tasks"
 API_KEY = "lm-eval-key"
 

@@ -19,6 +19,8 @@ import torch
 from conftest import API_KEY, ORIGIN
 from tiny_models import continue_with as _continue, make_tokenizer, penalized as _penalized
 
+pytestmark = pytest.mark.xdist_group("tiny_server")  # the `tiny_server` session fixture: built once, on one worker (conftest)
+
 
 @pytest.fixture(scope="module")
 def server(tiny_server):

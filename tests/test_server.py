@@ -20,6 +20,8 @@ from tiny_models import make_tokenizer, reference_generate
 
 from megatron_lamina.requests.sampling_params import SamplingParams
 
+pytestmark = pytest.mark.xdist_group("tiny_server")  # the `tiny_server` session fixture: built once, on one worker (conftest)
+
 
 AUTH = {"authorization": f"Bearer {API_KEY}"}
 

@@ -5,8 +5,9 @@ The interpreter (`TRITON_INTERPRET=1`, the kernels' numerical tests) runs a kern
 and accepts what a real compile refuses: a plain global read inside a kernel, a type that
 does not lower. This compile is what catches those in CI; a device run found the first one.
 
-The tests' own process runs Triton as its interpreter (conftest), so each compile runs in a
-child without it: this file, as a script, given the case.
+The tests' own process runs Triton as its interpreter (conftest), so the compiles run in a
+child without it: this file, as a script, given every case at once (one import of torch and
+Triton for all of them); each case is still a test of its own.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import json
 import os
 import subprocess
 import sys
+import traceback
+from pathlib import Path
 
 import pytest
 
@@ -27,12 +30,15 @@ POINTER_TYPES = {"table_ptr": "*i32", "lens_ptr": "*i32", "q_starts_ptr": "*i32"
                  "values_ptr": "*fp8e4nv", "scales_ptr": "*fp32"}
 
 
-def _compile(kernel_name: str, constants: dict, kv: str = "*bf16", data: str = "*bf16", options=None) -> None:
-    """In a child process without the interpreter: `_compile_here`."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    case = json.dumps([kernel_name, constants, kv, data, options or {}])
-    out = subprocess.run([sys.executable, __file__, case], env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0 and "compiled" in out.stdout, out.stderr[-4000:]
+def _compile_all(cases: dict, cache: Path) -> dict[str, str]:
+    """Every case compiled in one child without the interpreter (one torch and Triton import for
+    them all), into the empty Triton cache `cache` (a kernel found in the user's cache would not
+    be compiled): case name -> "" where it compiled, else the end of its error."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_CACHE_DIR": str(cache)}
+    out = subprocess.run([sys.executable, __file__, json.dumps(cases)], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0 and out.stdout.strip(), out.stderr[-4000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def _compile_here(kernel_name: str, constants: dict, kv: str, data: str, options: dict) -> None:
@@ -71,18 +77,16 @@ def _compile_here(kernel_name: str, constants: dict, kv: str, data: str, options
                        constexprs={(kernel.arg_names.index(n),): v for n, v in constants.items()}, attrs=aligned)
     compiled = triton.compile(source, target=GPUTarget(*HOPPER), options=options)
     assert compiled.asm["ptx"]  # lowered all the way
-    print("compiled")
 
 
 DECODE_DEFAULT = {"F16_DOTS": False}
 
 
-@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
-@pytest.mark.parametrize("block_n", [16, 64, 128])
-def test_decode_kernel_compiles_for_hopper(fp8, block_n):
-    _compile("triton_paged._decode_kernel",
-             {"GROUP": 4, "BLOCK_G": 16, "HEAD_DIM": 128, "BLOCK_N": block_n, "BLOCK_SIZE": 16,
-              "PRECISION": "tf32", "FP8": fp8, **DECODE_DEFAULT}, kv="*fp8e4nv" if fp8 else "*bf16")
+def _decode(fp8: bool, block_n: int, flags: dict | None = None, options: dict | None = None) -> list:
+    return ["triton_paged._decode_kernel",
+            {"GROUP": 4, "BLOCK_G": 16, "HEAD_DIM": 128, "BLOCK_N": block_n, "BLOCK_SIZE": 16,
+             "PRECISION": "tf32", "FP8": fp8, **DECODE_DEFAULT, **(flags or {})},
+            "*fp8e4nv" if fp8 else "*bf16", "*bf16", options or {}]
 
 
 # The decode kernel's variants (paged_decode's fp8_dots and launch settings) as
@@ -98,37 +102,47 @@ DECODE_VARIANTS = {
     "fp8-q-dots-64": (True, {}, 64, {}),
 }
 
+# name -> [kernel, constexpr values, K/V pointer type, other data pointers' type, launch options]
+CASES = {
+    # the decode kernel at its tile sizes, on each cache
+    **{f"decode-{block_n}-{'fp8' if fp8 else 'bf16'}": _decode(fp8, block_n)
+       for block_n in (16, 64, 128) for fp8 in (False, True)},
+    **{f"decode-variant-{name}": _decode(fp8, block_n, flags, options)
+       for name, (fp8, flags, block_n, options) in DECODE_VARIANTS.items()},
+    # the splits' merge, with and without the log-sum-exp q-first needs
+    **{f"merge-lse-{write_lse}": ["triton_paged._merge_kernel", {"HEAD_DIM": 128, "WRITE_LSE": write_lse},
+                                  "*bf16", "*fp32", {}] for write_lse in (False, True)},
+    **{f"prefill-{'fp8' if fp8 else 'bf16'}": [
+        "triton_prefill._prefill_kernel", {"GROUP": 4, "HEAD_DIM": 128, "BLOCK_M": 64, "BLOCK_N": 64,
+                                           "BLOCK_SIZE": 16, "PRECISION": "tf32", "FP8": fp8},
+        "*fp8e4nv" if fp8 else "*bf16", "*bf16", {}] for fp8 in (False, True)},
+    # The fused FP8 quantization as quantize_rows_fused launches it at LLaMA-3's linear inputs:
+    # 4096 and 14336 (8B) in one tile, 28672 (70B) in two passes; the hardware cast and the bitwise one.
+    **{f"fp8-quant-{data[1:]}-{block}-{'one-tile' if one_tile else 'two-pass'}{'-emulated' if emulate else ''}": [
+        "fp8_quant_triton._quantize_rows_kernel", {"BLOCK": block, "ONE_TILE": one_tile, "EMULATE_CAST": emulate},
+        "*bf16", data, {"num_warps": 16}]
+       for data, block, one_tile, emulate in (("*bf16", 4096, True, False), ("*bf16", 16384, True, False),
+                                              ("*bf16", 16384, False, False), ("*fp32", 4096, True, False),
+                                              ("*bf16", 4096, True, True), ("*bf16", 16384, False, True))},
+}
 
-@pytest.mark.parametrize("variant", DECODE_VARIANTS)
-def test_decode_kernel_variants_compile_for_hopper(variant):
-    fp8, flags, block_n, options = DECODE_VARIANTS[variant]
-    _compile("triton_paged._decode_kernel",
-             {"GROUP": 4, "BLOCK_G": 16, "HEAD_DIM": 128, "BLOCK_N": block_n, "BLOCK_SIZE": 16,
-              "PRECISION": "tf32", "FP8": fp8, **DECODE_DEFAULT, **flags}, kv="*fp8e4nv" if fp8 else "*bf16",
-             options=options)
+
+@pytest.fixture(scope="module")
+def compile_errors(tmp_path_factory) -> dict[str, str]:
+    return _compile_all(CASES, tmp_path_factory.mktemp("triton-cache"))
 
 
-@pytest.mark.parametrize("write_lse", [False, True])
-def test_merge_kernel_compiles_for_hopper(write_lse):
-    _compile("triton_paged._merge_kernel", {"HEAD_DIM": 128, "WRITE_LSE": write_lse}, data="*fp32")
-
-
-@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
-def test_prefill_kernel_compiles_for_hopper(fp8):
-    _compile("triton_prefill._prefill_kernel",
-             {"GROUP": 4, "HEAD_DIM": 128, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_SIZE": 16,
-              "PRECISION": "tf32", "FP8": fp8}, kv="*fp8e4nv" if fp8 else "*bf16")
-
-
-# The fused FP8 quantization as quantize_rows_fused launches it at LLaMA-3's linear inputs:
-# 4096 and 14336 (8B) in one tile, 28672 (70B) in two passes; the hardware cast and the bitwise one.
-@pytest.mark.parametrize("data, block, one_tile, emulate", [
-    ("*bf16", 4096, True, False), ("*bf16", 16384, True, False), ("*bf16", 16384, False, False),
-    ("*fp32", 4096, True, False), ("*bf16", 4096, True, True), ("*bf16", 16384, False, True)])
-def test_fp8_quant_kernel_compiles_for_hopper(data, block, one_tile, emulate):
-    _compile("fp8_quant_triton._quantize_rows_kernel", {"BLOCK": block, "ONE_TILE": one_tile, "EMULATE_CAST": emulate},
-             data=data, options={"num_warps": 16})
+@pytest.mark.parametrize("case", CASES)
+def test_kernel_compiles_for_hopper(case, compile_errors):
+    assert compile_errors[case] == "", compile_errors[case]
 
 
 if __name__ == "__main__":
-    _compile_here(*json.loads(sys.argv[1]))
+    errors = {}
+    for name, case in json.loads(sys.argv[1]).items():
+        try:
+            _compile_here(*case)
+            errors[name] = ""
+        except Exception:  # noqa: BLE001  (the case's test shows it)
+            errors[name] = traceback.format_exc()[-4000:]
+    print(json.dumps(errors))
