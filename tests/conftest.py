@@ -130,7 +130,10 @@ def frameworks(tmp_path_factory, tiny_models):
 def pytest_xdist_auto_num_workers(config) -> int:
     """`-n auto` (pyproject's addopts): a worker per core, at most 4. Two on CI's 2 cores: about
     a third of a test's time is spent waiting (a server starting, a timeout running out), which
-    the other worker's test fills; more than 4 would hold that many servers' ranks in memory."""
+    the other worker's test fills; more than 4 would hold that many servers' ranks in memory.
+    On a machine with a GPU, none (the tests in this process): they would share the one GPU."""
+    if torch.cuda.is_available():
+        return 0
     return max(1, min(4, os.cpu_count() or 1))
 
 
