@@ -109,6 +109,24 @@ def test_decode_steps_only_overhead_skips_the_steps_that_carry_prefill():
     assert fit([(b, 0, -1e-3) for b in (1, 8)], decode_steps_only=True).decode_steps_only
 
 
+def test_a_negative_overhead_never_takes_a_step_below_the_models_own_layers():
+    """A fit from a noisy calibration can give a per-step constant larger than a small step
+    (seen: -2.2 ms); the step then costs the model worker's layers, never zero or less."""
+    layer_s = 1e-3
+    table = constant_table(layer_s=layer_s, attention_s=1e-4)
+    trace = [TraceRequest(0.0, 8, 5)]
+    costs = serving_simulator(LAYOUT, PRESETS["tiny"], table, 64, ServingOverhead(-1.0, 0.0, 0.0)).costs
+    gemms = PRESETS["tiny"].num_layers * layer_s
+    assert costs.step_time([[(0, 9, 1)]], 1) == gemms
+    assert costs.step_time([[(0, 9, 1)], [(0, 9, 1)]], 2) == 2 * gemms  # two micro-batches, two passes
+    result = serving_simulator(LAYOUT, PRESETS["tiny"], table, 64, ServingOverhead(-1.0, 0.0, 0.0)).run(trace)
+    assert result.steps == 5 and math.isclose(result.duration_s, 5 * gemms, rel_tol=1e-9)
+    # a constant the step can pay is still paid in full
+    small = serving_simulator(LAYOUT, PRESETS["tiny"], table, 64, ServingOverhead(-1e-3, 0.0, 0.0)).costs
+    plain = serving_simulator(LAYOUT, PRESETS["tiny"], table, 64, None).costs
+    assert math.isclose(small.step_time([[(0, 9, 1)]], 1), plain.step_time([[(0, 9, 1)]], 1) - 1e-3, rel_tol=1e-9)
+
+
 def test_validation_runs_end_to_end_and_its_verdict_follows_its_numbers(tmp_path):
     out = tmp_path / "out"
     slices = [("azure", TRACES / "azure-conv-slice.csv", 6, 8.0), ("mooncake", TRACES / "mooncake-conv-slice.jsonl", 5, 20.0)]

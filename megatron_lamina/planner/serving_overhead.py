@@ -57,9 +57,16 @@ class ServingStepCostModel(StepCostModel):
     overhead: ServingOverhead | None = None
 
     def step_time(self, micro_batches: list[list[ChunkWork]], sampled_rows: int, decoded_tokens: int = 0) -> float:
+        """The profiled step plus the overhead; at least the model worker's own layers. A negative
+        per-step term (the profile's pieces overlapping in a real step) can hide host work,
+        attention and the exchange, never the model's GEMMs, which run one after another on its
+        device: without that floor, a fit from a noisy calibration (a large negative constant)
+        predicted small steps of no time or less."""
         prefill = any(tokens > 1 for chunks in micro_batches for _, _, tokens in chunks)
-        return (super().step_time(micro_batches, sampled_rows)
-                + self.overhead.time(sampled_rows, decoded_tokens, prefill))
+        step = super().step_time(micro_batches, sampled_rows) + self.overhead.time(sampled_rows, decoded_tokens, prefill)
+        model = self.shape.num_layers * sum(self.model_costs.model_time(self.layout.tp, sum(n for _, _, n in chunks))
+                                            for chunks in micro_batches)
+        return max(step, model)
 
 
 def serving_simulator(layout: Layout, shape: ModelShape, costs: CostTable, num_blocks: int,
