@@ -7,7 +7,8 @@ streams (with asynchronous scheduling much of it while the GPU runs the next ste
 
     extra step time = per_step + per_row * sampled rows + per_token * sum(output length after the step)
 
-(per_step may come out negative: see `fit`). With `decode_steps_only` the per_step term is
+(per_step may come out negative: see `fit`; a step still costs at least the model worker's
+layers, `ServingStepCostModel`). With `decode_steps_only` the per_step term is
 paid by pure-decode steps alone: a server with CUDA graphs replays those as one whole-step graph
 (worker/cuda_graphs.py), which launches faster than the stage-by-stage graphs and eager
 attention the profile times, while a step that carries a prefill chunk runs exactly those
