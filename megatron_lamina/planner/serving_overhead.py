@@ -64,10 +64,9 @@ class ServingStepCostModel(StepCostModel):
         device: without that floor, a fit from a noisy calibration (a large negative constant)
         predicted small steps of no time or less."""
         prefill = any(tokens > 1 for chunks in micro_batches for _, _, tokens in chunks)
-        step = super().step_time(micro_batches, sampled_rows) + self.overhead.time(sampled_rows, decoded_tokens, prefill)
-        model = self.shape.num_layers * sum(self.model_costs.model_time(self.layout.tp, sum(n for _, _, n in chunks))
-                                            for chunks in micro_batches)
-        return max(step, model)
+        costs = self.micro_batch_costs(micro_batches)
+        step = self.pipelined_time(costs, sampled_rows) + self.overhead.time(sampled_rows, decoded_tokens, prefill)
+        return max(step, self.shape.num_layers * sum(mb.model_s for mb in costs))
 
 
 def serving_simulator(layout: Layout, shape: ModelShape, costs: CostTable, num_blocks: int,

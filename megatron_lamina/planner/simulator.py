@@ -106,6 +106,10 @@ class StepCostModel:
     def step_time(self, micro_batches: list[list[ChunkWork]], sampled_rows: int, decoded_tokens: int = 0) -> float:
         """`decoded_tokens`: the output tokens the sampled rows hold after the step (only a
         serving overhead's per-token term reads it, serving_overhead.py)."""
+        return self.pipelined_time(self.micro_batch_costs(micro_batches), sampled_rows)
+
+    def micro_batch_costs(self, micro_batches: list[list[ChunkWork]]) -> list[MicroBatchCost]:
+        """Each micro-batch's model time per layer, and its shards' attention and exchange times."""
         lay, model, att = self.layout, self.model_costs, self.attention_costs
         costs = []
         for chunks in micro_batches:
@@ -130,8 +134,13 @@ class StepCostModel:
                     shards.append(ShardWork(shard, attention, self.exchange_time(rows * self.send_bytes_per_row),
                                             self.exchange_time(rows * self.reply_bytes_per_row)))
             costs.append(MicroBatchCost(model.model_time(lay.tp, tokens), shards))
+        return costs
+
+    def pipelined_time(self, costs: list[MicroBatchCost], sampled_rows: int) -> float:
+        """The step's layers through the colocated or the staggered pipeline, and the step overhead."""
+        lay = self.layout
         step = (colocated_step_time if lay.colocated else disaggregated_step_time)(self.shape.num_layers, costs)
-        return step + model.overhead_time(lay.tp, sampled_rows)
+        return step + self.model_costs.overhead_time(lay.tp, sampled_rows)
 
 
 @dataclass
