@@ -14,7 +14,16 @@ from megatron_lamina.bench.ranks import free_port
 from megatron_lamina.bench.server_job import LaunchedServer, child_pids, proc_stat
 
 ROOT = Path(__file__).resolve().parents[1]
-__all__ = ["ServerProcess", "child_pids", "running_server", "tiny_server_config", "wait_gone"]
+# tools/setup.sh's conversion of the default model (SmolLM2-135M-Instruct): what the tests that
+# need its real weights or tokenizer, but not a conversion of their own, read.
+SETUP_CHECKPOINT = ROOT / "checkpoints" / "smollm2-135m-instruct"
+__all__ = ["SETUP_CHECKPOINT", "ServerProcess", "attention_workers", "child_pids", "running_server",
+           "setup_checkpoint", "tiny_server_config", "wait_gone"]
+
+
+def setup_checkpoint() -> Path:
+    assert SETUP_CHECKPOINT.is_dir(), "run tools/setup.sh first: it converts the default model"
+    return SETUP_CHECKPOINT
 
 
 def tiny_server_config(tmp_path: Path, checkpoint, **sections) -> tuple[Path, int]:
@@ -32,6 +41,13 @@ def tiny_server_config(tmp_path: Path, checkpoint, **sections) -> tuple[Path, in
     path.write_text("".join(f"{s}:\n" + "".join(f"  {k}: {v}\n" for k, v in keys.items())
                             for s, keys in values.items()))
     return path, port
+
+
+def attention_workers(n: int) -> dict:
+    """`tiny_server_config` sections for `n` attention workers holding the default two's 1024
+    tokens of cache between them: where the layout is not the subject, a server of fewer ranks
+    (every rank is a start-up of torch) with the same cache."""
+    return {"parallel": {"attention_workers": n}, "kv_cache": {"num_blocks": 256 // n}}
 
 
 def wait_gone(pids: list[int], timeout: float) -> list[int]:

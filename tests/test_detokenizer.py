@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from server_proc import ROOT
+from server_proc import setup_checkpoint
 
 from megatron_lamina.requests.tokenizer import TextCodec, find_stop
 
@@ -33,8 +33,7 @@ def _check(codec: TextCodec, ids: list[int], python_fallback: bool = False) -> N
 
 @pytest.fixture(scope="module")
 def smollm2_codec() -> TextCodec:
-    checkpoint = ROOT / "checkpoints" / "smollm2-135m-instruct"
-    assert checkpoint.is_dir(), "run tools/setup.sh first: it converts the default model"
+    checkpoint = setup_checkpoint()
     return TextCodec(checkpoint)
 
 

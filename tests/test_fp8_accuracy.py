@@ -7,7 +7,7 @@ LLM per mode. docs/BENCHMARKS.md ("FP8: what it costs in accuracy") has the full
 from __future__ import annotations
 
 import pytest
-from server_proc import ROOT
+from server_proc import setup_checkpoint
 
 from megatron_lamina.bench.fp8_accuracy import CHATS, measure
 
@@ -32,8 +32,7 @@ def accuracy(tmp_path_factory):
     fixture converts again; its transformers model is not needed here)."""
     from megatron_lamina.checkpoint.convert import quantize_checkpoint
 
-    checkpoint = ROOT / "checkpoints" / "smollm2-135m-instruct"
-    assert checkpoint.is_dir(), "run tools/setup.sh first: it converts the default model"
+    checkpoint = setup_checkpoint()
     fp8 = quantize_checkpoint(checkpoint, tmp_path_factory.mktemp("fp8") / "canonical")
     return {r.mode: r for r in measure(checkpoint, fp8, chats=CHATS[:2], max_tokens=8, num_blocks=64)}
 

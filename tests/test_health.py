@@ -22,14 +22,11 @@ import time
 from pathlib import Path
 
 import httpx
-from server_proc import ServerProcess, child_pids, tiny_server_config
+from server_proc import ServerProcess, attention_workers, child_pids, tiny_server_config
 from test_server_faults import LONG, _in_background, _post, _stream_events, _wait_running
 
 KEY = "health-test-key"
 STALL_S = 2
-# One attention worker (every rank is a start-up of torch), with the 1024 tokens of cache that
-# the shared server's two hold.
-ONE_WORKER = {"parallel": {"attention_workers": 1}, "kv_cache": {"num_blocks": 256}}
 
 
 def _poll(probe, timeout: float = 120.0, every: float = 0.01):
@@ -78,7 +75,7 @@ def _resume(pid: int | None) -> None:
 
 
 def test_loading_is_alive_but_not_ready(tmp_path: Path, tiny_models):
-    config, port = tiny_server_config(tmp_path, tiny_models["untied"].canonical_dir, **ONE_WORKER,
+    config, port = tiny_server_config(tmp_path, tiny_models["untied"].canonical_dir, **attention_workers(1),
                                       runtime={"step_timeout_s": 120}, server={"api_key": KEY})
     server = ServerProcess(config, port, 2, tmp_path / "server.log")
     late = None
@@ -130,7 +127,7 @@ def _stalled_for(server: ServerProcess) -> int | None:
 
 
 def test_a_stalled_engine_fails_liveness_until_it_steps_again(tmp_path: Path, tiny_models):
-    config, port = tiny_server_config(tmp_path, tiny_models["untied"].canonical_dir, **ONE_WORKER,
+    config, port = tiny_server_config(tmp_path, tiny_models["untied"].canonical_dir, **attention_workers(1),
                                       runtime={"step_timeout_s": 120}, server={"stall_timeout_s": STALL_S})
     server = ServerProcess(config, port, 2, tmp_path / "server.log").wait_healthy()
     engine = None

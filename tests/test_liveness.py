@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-from server_proc import ServerProcess, tiny_server_config
+from server_proc import ServerProcess, attention_workers, tiny_server_config
 from test_server_faults import _wait_running
 from tiny_models import make_tokenizer, reference_generate
 from torchrun import lamina
@@ -32,9 +32,6 @@ from torchrun import lamina
 from megatron_lamina.requests.sampling_params import SamplingParams
 
 STEP_TIMEOUT_S = 2.0
-# One attention worker (every rank is a start-up of torch), with the 1024 tokens of cache that
-# the shared server's two hold.
-ONE_WORKER = {"parallel": {"attention_workers": 1}, "kv_cache": {"num_blocks": 256}}
 FAULTS = Path(__file__).resolve().parent / "faults"
 
 
@@ -47,7 +44,7 @@ def test_a_prefill_longer_than_the_timeout_completes_and_a_hung_rank_is_found(tm
     greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     expected = reference_generate(model.hf_dir, [ids], [greedy])[0][0]
     config = tiny_server_config(tmp_path, model.canonical_dir, runtime={"step_timeout_s": STEP_TIMEOUT_S},
-                                scheduler={"micro_batches": 1, "max_prefill_tokens": 256}, **ONE_WORKER)
+                                scheduler={"micro_batches": 1, "max_prefill_tokens": 256}, **attention_workers(1))
     server = ServerProcess(*config, 2, tmp_path / "server.log").wait_healthy()
     victim = None
     try:
@@ -99,7 +96,7 @@ def test_a_large_batch_job_with_a_short_timeout_writes_every_record(tmp_path, ti
 
 
 def test_a_stopped_front_end_loses_nothing(tmp_path, tiny_models):
-    server = ServerProcess(*tiny_server_config(tmp_path, tiny_models["untied"].canonical_dir, **ONE_WORKER,
+    server = ServerProcess(*tiny_server_config(tmp_path, tiny_models["untied"].canonical_dir, **attention_workers(1),
                                                runtime={"step_timeout_s": STEP_TIMEOUT_S}),
                            2, tmp_path / "server.log").wait_healthy()
     bodies = [{"prompt": f"w{5 + i} w6", "max_tokens": 240, "temperature": 0, "ignore_eos": True,

@@ -27,6 +27,7 @@ import time
 import httpx
 import pytest
 from server_proc import ServerProcess, tiny_server_config, wait_gone
+from server_proc import attention_workers as workers  # (_start's argument has its name)
 
 LONG = {"prompt": "w5 w6 w7", "max_tokens": 250, "ignore_eos": True}
 
@@ -34,10 +35,8 @@ LONG = {"prompt": "w5 w6 w7", "max_tokens": 250, "ignore_eos": True}
 def _start(tmp_path, tiny_models, attention_workers: int = 1, **sections) -> ServerProcess:
     """A server of its own (each test here ends it); a rank fewer than the shared server's where
     the layout is not the subject: every rank is a start-up of torch."""
-    parallel = {"attention_workers": attention_workers}
-    kv_cache = {"num_blocks": 256 // attention_workers}  # the shared server's 1024 tokens, however many hold them
-    config, port = tiny_server_config(tmp_path, tiny_models["untied"].canonical_dir, parallel=parallel,
-                                      kv_cache=kv_cache, **sections)
+    config, port = tiny_server_config(tmp_path, tiny_models["untied"].canonical_dir, **workers(attention_workers),
+                                      **sections)
     return ServerProcess(config, port, 1 + attention_workers, tmp_path / "server.log").wait_healthy()
 
 

@@ -29,10 +29,10 @@ import torch
 from at_once import at_once
 from json_schemas import SCHEMAS
 from pydantic import BaseModel, Field
-from server_proc import ROOT, running_server, tiny_server_config
+from server_proc import SETUP_CHECKPOINT, running_server, setup_checkpoint, tiny_server_config
 from torchrun import lamina
 
-CHECKPOINT = ROOT / "checkpoints" / "smollm2-135m-instruct"
+CHECKPOINT = SETUP_CHECKPOINT
 MODEL = CHECKPOINT.name
 COMPILE_TIMEOUT_S = 1.5
 MAX_GRAMMAR_CHARS = 4000
@@ -52,7 +52,7 @@ def _valid(text: str, schema: dict) -> None:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    assert CHECKPOINT.is_dir(), "run tools/setup.sh first: it converts the default model"
+    setup_checkpoint()
     tmp = tmp_path_factory.mktemp("structured")
     config, port = tiny_server_config(
         tmp, CHECKPOINT, scheduler={"micro_batches": 2, "max_batch_size": 64, "max_prefill_tokens": 2048},

@@ -20,12 +20,12 @@ import jsonschema
 import openai
 import pytest
 from at_once import at_once
-from server_proc import ROOT, running_server, tiny_server_config
+from server_proc import SETUP_CHECKPOINT, running_server, setup_checkpoint, tiny_server_config
 
 from megatron_lamina.server.tool_calls import Tool, hermes_messages
 from megatron_lamina.server.tool_parsers import ToolCallStream, parse, parser_for
 
-CHECKPOINT = ROOT / "checkpoints" / "smollm2-135m-instruct"
+CHECKPOINT = SETUP_CHECKPOINT
 MODEL = CHECKPOINT.name
 WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
                                             "unit": {"enum": ["celsius", "fahrenheit"]}},
@@ -42,7 +42,7 @@ ASK = [{"role": "user", "content": "What is the weather in Paris, and what is 2 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    assert CHECKPOINT.is_dir(), "run tools/setup.sh first: it converts the default model"
+    setup_checkpoint()
     tmp = tmp_path_factory.mktemp("tools")
     config, port = tiny_server_config(
         tmp, CHECKPOINT, parallel={"attention_workers": 0},
