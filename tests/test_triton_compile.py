@@ -79,13 +79,10 @@ def _compile_here(kernel_name: str, constants: dict, kv: str, data: str, options
     assert compiled.asm["ptx"]  # lowered all the way
 
 
-DECODE_DEFAULT = {"F16_DOTS": False}
-
-
 def _decode(fp8: bool, block_n: int, flags: dict | None = None, options: dict | None = None) -> list:
     return ["triton_paged._decode_kernel",
             {"GROUP": 4, "BLOCK_G": 16, "HEAD_DIM": 128, "BLOCK_N": block_n, "BLOCK_SIZE": 16,
-             "PRECISION": "tf32", "FP8": fp8, **DECODE_DEFAULT, **(flags or {})},
+             "PRECISION": "tf32", "FP8": fp8, "F16_DOTS": False, **(flags or {})},
             "*fp8e4nv" if fp8 else "*bf16", "*bf16", options or {}]
 
 

@@ -48,14 +48,14 @@ KERNEL_AXES = [
     ("stages", [{"num_stages": s} for s in (2, 3, 4, 5, 6, 7)]),  # 6-7: e4m3 tiles of 128 keys still fit
     ("splits", [{"waves": w} for w in (1.0, 2.0, 4.0, 8.0)]),
 ]
-VARIANT_FLAGS = ("fp8_dots",)
 
 
 def kernel_default(fp8: bool) -> dict:
-    """paged_decode's own defaults for the swept settings (read off its signature: one rule)."""
+    """paged_decode's own defaults for the swept settings (read off its signature and its
+    default_* rules: one rule)."""
     params = inspect.signature(paged_decode).parameters
-    config = {name: params[name].default for name in ("num_warps", "num_stages", "waves", *VARIANT_FLAGS)}
-    return {**config, "block_n": default_block_n(fp8), "num_stages": default_stages(fp8, default_block_n(fp8)),
+    return {"num_warps": params["num_warps"].default, "waves": params["waves"].default,
+            "block_n": default_block_n(fp8), "num_stages": default_stages(fp8, default_block_n(fp8)),
             "fp8_dots": default_dots(torch.bfloat16)}  # (the sweep's q is bf16)
 
 
